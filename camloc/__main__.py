@@ -1,0 +1,3 @@
+from camloc.cli.app import main
+
+main()

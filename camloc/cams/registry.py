@@ -1,0 +1,80 @@
+"""The method registry: `@register_method("name", ...)` fills it once; everything else reads it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from camloc.errors import CamlocError
+
+if TYPE_CHECKING:
+    from camloc.cams.context import CamContext
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    compute: Callable[["CamContext"], torch.Tensor]
+    """Returns the map for every prompt, (P, h, w) on the model's device, before post-processing."""
+    families: frozenset[str] = frozenset({"rn", "vit"})
+    uses_gradients: bool = False
+    """Needs d s_p / d A (shared by every gradient method: one batched backward per image)."""
+    masked_forwards: bool = False
+    """Scores masked copies of the image (the score family)."""
+    postprocess: str = "grid"
+    """`grid`: the spec's two-stage relu/min-max around the resize to raw size (spec §3)."""
+    description: str = ""
+    options: dict = field(default_factory=dict)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, **spec_fields) -> Callable:
+    """Decorator: register `fn(ctx) -> (P, h, w)` as method `name`."""
+
+    def decorate(fn: Callable) -> Callable:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        description = spec_fields.pop("description", None) or (fn.__doc__ or "").strip().splitlines()[0]
+        METHODS[name] = MethodSpec(name=name, compute=fn, description=description, **spec_fields)
+        return fn
+
+    return decorate
+
+
+def list_methods(pattern: str = "*", family: str | None = None) -> list[str]:
+    _load_builtin_methods()
+    return [n for n, s in METHODS.items() if fnmatch(n, pattern) and (family is None or family in s.families)]
+
+
+def resolve_methods(names: str | list[str], family: str, model_name: str = "the model") -> list[MethodSpec]:
+    """`"gradcam,layercam"`, a list, or `"all"` (every method valid for `family`) -> specs, in order."""
+    _load_builtin_methods()
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise CamlocError(f"--method is empty; valid methods: {', '.join(METHODS)}")
+    if names == ["all"]:
+        return [s for s in METHODS.values() if family in s.families]
+    specs = []
+    for name in dict.fromkeys(names):
+        spec = METHODS.get(name.lower())
+        if spec is None:
+            raise CamlocError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}, or all")
+        if family not in spec.families:
+            kinds = {"rn": "ResNet", "vit": "ViT"}
+            only = " and ".join(kinds[f] for f in sorted(spec.families))
+            raise CamlocError(
+                f"method {spec.name!r} works only on {only} CLIP models, and {model_name} is a {kinds[family]}; "
+                f"pick a {only} model or another method"
+            )
+        specs.append(spec)
+    return specs
+
+
+def _load_builtin_methods() -> None:
+    # Importing the method modules runs their @register_method decorators.
+    import camloc.cams.gradient  # noqa: F401

@@ -1,0 +1,66 @@
+"""The `camloc` command line (typer). Commands parse options and call the library; no math here."""
+from __future__ import annotations
+
+from enum import Enum
+
+import camloc.cli.common  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
+import typer
+
+from camloc import __version__
+
+app = typer.Typer(
+    name="camloc",
+    help="Where is CLIP looking? Zero-shot localization benchmarks for CAM methods on OpenAI CLIP.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"camloc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Where is CLIP looking? Zero-shot localization benchmarks for CAM methods on OpenAI CLIP."""
+
+
+class Listable(str, Enum):
+    models = "models"
+    methods = "methods"
+    datasets = "datasets"
+
+
+@app.command("list")
+def list_cmd(what: Listable = typer.Argument(..., help="models, methods or datasets")) -> None:
+    """List the models, methods or datasets camloc knows."""
+    if what is Listable.models:
+        from camloc.models.specs import ALL_SPECS
+
+        for name, spec in ALL_SPECS.items():
+            kind = "official (download)" if spec.official else f"random init, seed {spec.seed}"
+            typer.echo(f"{name:22s} {spec.family:4s} input {spec.input_size:4d}  {kind}")
+    elif what is Listable.methods:
+        from camloc.cams.registry import METHODS, list_methods
+
+        for name in list_methods():
+            spec = METHODS[name]
+            typer.echo(f"{name:14s} {','.join(sorted(spec.families)):7s} {spec.description}")
+    else:
+        from camloc.datasets import DATASETS
+
+        for name, spec in DATASETS.items():
+            typer.echo(f"{name:22s} {spec.description}")
+
+
+from camloc.cli import eval as _eval_cmd  # noqa: E402,F401  (registers `eval`)
+from camloc.cli import explain as _explain_cmd  # noqa: E402,F401  (registers `explain`)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,50 @@
+"""Shared CLI pieces: error reporting and options used by several commands."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: busy-waiting threads crawl on small machines
+
+import typer
+from rich.console import Console
+
+from camloc.errors import CamlocError
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ModelOption = typer.Option(..., "--model", "-m", help="CLIP name (see `camloc list models`), tiny-rn/tiny-vit, random-<name>, or a checkpoint path.")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+PrecisionOption = typer.Option("auto", "--precision", help="Encoder precision: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16. Scores are always fp32.")
+CacheOption = typer.Option(None, "--cache-dir", help="Folder for downloaded CLIP weights [default: $CAMLOC_CACHE_DIR or ~/.cache/clip].")
+ThresholdOption = typer.Option("otsu", "--threshold", help="Binarisation for boxes: otsu, or a single value in [0, 1].")
+
+
+def parse_threshold(value: str) -> str | float:
+    if value == "otsu":
+        return value
+    try:
+        t = float(value)
+    except ValueError:
+        raise CamlocError(f"--threshold {value!r} is neither 'otsu' nor a number in [0, 1]") from None
+    if not 0 <= t <= 1:
+        raise CamlocError(f"--threshold {value} is outside [0, 1]")
+    return t
+
+
+def reports_errors(fn):
+    """Turn `CamlocError` into one red line on stderr and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CamlocError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: results written so far are kept; run the same command again to resume")
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,56 @@
+"""`camloc eval`: evaluate methods on a dataset into a resumable run folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from camloc.cli.app import app
+from camloc.cli.common import (CacheOption, DeviceOption, ModelOption, PrecisionOption, ThresholdOption,
+                               parse_threshold, reports_errors)
+
+
+@app.command("eval")
+@reports_errors
+def eval_cmd(
+    method: str = typer.Option(..., "--method", help="Method, comma list, or all (see `camloc list methods`)."),
+    model: str = ModelOption,
+    dataset: str = typer.Option("demo", "--dataset", "-d", help="Dataset (see `camloc list datasets`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder; an existing one with the same config is resumed."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma list of class names to keep."),
+    prompt_template: str = typer.Option("{}", "--prompt-template", help="Prompt with {} for the class name, e.g. 'a photo of a {}.'"),
+    threshold: str = ThresholdOption,
+    iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam (+1 pixels, as the original) or coco."),
+    seed: int = typer.Option(0, "--seed", help="Random seed, recorded in the results."),
+    force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    cache_dir: Optional[str] = CacheOption,
+) -> None:
+    """Evaluate CAM methods on a dataset: pairs.jsonl, summary.json, table.csv, table.md in --out."""
+    from camloc.errors import CamlocError
+    from camloc.evaluators.iou import CONVENTIONS
+    from camloc.runner import EvalConfig, run_eval
+
+    if iou not in CONVENTIONS:
+        raise CamlocError(f"--iou {iou!r} is not one of {', '.join(CONVENTIONS)}")
+    config = EvalConfig(
+        model=model,
+        methods=[m.strip() for m in method.split(",") if m.strip()],
+        dataset=dataset,
+        limit=limit,
+        classes=[c.strip() for c in classes.split(",")] if classes else None,
+        prompt_template=prompt_template,
+        threshold=parse_threshold(threshold),
+        iou_convention=iou,
+        precision=precision,
+        seed=seed,
+    )
+    summary = run_eval(config, out, device=device, cache_dir=cache_dir, force_new=force_new, progress=progress)
+    typer.echo((out / "table.md").read_text().rstrip())
+    t = summary["timings"]
+    typer.echo(f"{summary['n_pairs']} pairs x {len(config.methods)} methods; {t['records_this_invocation']} new records, "
+               f"{t['resumed_records']} resumed; wrote {out}/pairs.jsonl, summary.json, table.csv, table.md")

@@ -1,0 +1,101 @@
+"""`camloc explain`: one image's heatmaps, boxes and scores; optional raw heatmaps and a figure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from camloc.cli.app import app
+from camloc.cli.common import (CacheOption, DeviceOption, ModelOption, PrecisionOption, ThresholdOption,
+                               parse_threshold, reports_errors)
+from camloc.errors import CamlocError
+
+
+def _parse_box(text: str) -> list[float]:
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise CamlocError(f"--gt-box {text!r} must be four numbers x1,y1,x2,y2")
+    return box
+
+
+@app.command()
+@reports_errors
+def explain(
+    image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several."),
+    method: str = typer.Option("gradcam", "--method", help="Method, comma list, or all (see `camloc list methods`)."),
+    model: str = ModelOption,
+    save_heatmap: Optional[Path] = typer.Option(None, "--save-heatmap", help="Write raw-size float32 heatmaps: FILE.npy (one method) or FILE.npz (keyed by method)."),
+    json_output: bool = typer.Option(False, "--json", help="Print boxes and scores as JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write a Fig. S1-style picture (PNG)."),
+    gt_box: list[str] = typer.Option([], "--gt-box", help="Ground-truth box x1,y1,x2,y2 to draw; repeatable."),
+    threshold: str = ThresholdOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    cache_dir: Optional[str] = CacheOption,
+) -> None:
+    """Compute CAM heatmaps of one image for one or more prompts, and their boxes (Algorithm 1)."""
+    from camloc.cams import compute_heatmaps, resolve_methods
+    from camloc.evaluators import box_from_heatmap
+    from camloc.models import ClipModel, load_image
+    from camloc.models.specs import ALL_SPECS
+
+    thr = parse_threshold(threshold)
+    gt_boxes = [_parse_box(b) for b in gt_box]
+    if model in ALL_SPECS:  # fail on a bad method before any weights are fetched
+        resolve_methods(method, ALL_SPECS[model].family, model)
+    pil = load_image(image)
+    clip_model = ClipModel.load(model, device=device, precision=precision, cache_dir=cache_dir)
+    specs = resolve_methods(method, clip_model.family.name, clip_model.name)
+    if save_heatmap is not None and save_heatmap.suffix not in (".npy", ".npz"):
+        raise CamlocError(f"--save-heatmap {save_heatmap} must end in .npy or .npz")
+    if save_heatmap is not None and save_heatmap.suffix == ".npy" and len(specs) > 1:
+        raise CamlocError(f"--save-heatmap {save_heatmap}: several methods need an .npz file (keyed by method)")
+
+    from camloc.cams import CamContext
+
+    ctx = CamContext(clip_model, pil, prompt)
+    heatmaps = compute_heatmaps(clip_model, pil, prompt, specs, context=ctx)
+    scores = ctx.image_scores.tolist()
+
+    if save_heatmap is not None:
+        import numpy as np
+
+        save_heatmap.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {m: (h[0] if len(prompt) == 1 else h) for m, h in heatmaps.items()}
+        if save_heatmap.suffix == ".npy":
+            np.save(save_heatmap, next(iter(arrays.values())))
+        else:
+            np.savez_compressed(save_heatmap, **arrays)
+
+    results = []
+    for i, text in enumerate(prompt):
+        results.append({
+            "prompt": text,
+            "score": scores[i],
+            "methods": {m: {"box": box_from_heatmap(h[i], thr)} for m, h in heatmaps.items()},
+        })
+    if out is not None:
+        from camloc.viz import pipeline_figure
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = [(f"{m}\n'{text}'", heatmaps[m][i]) for i, text in enumerate(prompt) for m in heatmaps]
+        pipeline_figure(pil, rows, out, threshold=thr, gt_boxes=gt_boxes)
+
+    report = {"image": str(image), "size": list(pil.size), "model": clip_model.name, "threshold": thr,
+              "device": str(clip_model.device), "precision": clip_model.precision, "results": results}
+    if json_output:
+        typer.echo(json.dumps(report, indent=1))
+    else:
+        for r in results:
+            typer.echo(f"'{r['prompt']}' score {r['score']:.4f}")
+            for m, v in r["methods"].items():
+                typer.echo(f"  {m:12s} box {v['box']}")
+        for path in (save_heatmap, out):
+            if path is not None:
+                typer.echo(f"wrote {path}")

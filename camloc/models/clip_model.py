@@ -1,0 +1,91 @@
+"""`ClipModel`: a loaded CLIP on a device, with its family adapter, preprocessing and a text cache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from camloc.errors import CamlocError
+from camloc.models.families import Family, family_of
+from camloc.models.loading import import_clip, load_clip
+from camloc.models.preprocess import preprocess
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise CamlocError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CamlocError(f"--device {device} asked for CUDA, but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise CamlocError(f"--precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+    if device.type == "cpu" and precision != "fp32":
+        raise CamlocError(f"--precision {precision} is for CUDA; on the CPU camloc runs fp32")
+    return precision
+
+
+class ClipModel:
+    """A CLIP model ready for CAMs: encoders on `device` in `precision`, scores always in fp32.
+
+    Score of image x for prompt p (spec §1): `s_p(x) = exp(logit_scale) * cos(f(x), t_p)`.
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str, device: torch.device, precision: str = "fp32"):
+        self.name = name
+        self.device = device
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        self.model = model.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
+        self.family: Family = family_of(model)
+        self.input_size: int = int(model.visual.input_resolution)
+        self.logit_scale = self.model.logit_scale.detach().float().exp()
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        device: str = "auto",
+        precision: str = "auto",
+        cache_dir: str | Path | None = None,
+    ) -> "ClipModel":
+        dev = resolve_device(device)
+        prec = resolve_precision(precision, dev)
+        model, name = load_clip(name_or_path, cache_dir)
+        return cls(model, name, dev, prec)
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return preprocess(image, self.input_size).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        """L2-normalised fp32 text embeddings (P, E); each (model, prompt) is encoded once."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if new:
+            tokens = import_clip().tokenize(new, truncate=True).to(self.device)
+            feats = self.model.encode_text(tokens).float()
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+            self._text_cache.update(zip(new, feats))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def scores(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """(B, E) image embeddings x (P, E) normalised text -> (B, P) fp32 scaled cosines, NaN -> 0."""
+        img = image_features.float()
+        img = img / img.norm(dim=-1, keepdim=True)
+        return torch.nan_to_num(self.logit_scale * img @ text_features.T, nan=0.0)

@@ -1,0 +1,240 @@
+"""`camloc eval`: run methods over a dataset's pairs and write the run folder.
+
+Run folder: `config.json` (the resolved config), `pairs.jsonl` (one record per (pair, method),
+appended and flushed as each image finishes), `summary.json`, `table.csv`, `table.md`.
+A rerun with the same config resumes: finished (pair, method) records are skipped, a torn last line
+is dropped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from camloc.cams import compute_heatmaps, resolve_methods
+from camloc.datasets import ImagePairs, count_pairs, load_dataset
+from camloc.errors import CamlocError
+from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap
+from camloc.models import ClipModel, load_image
+from camloc.provenance import device_description, git_commit, package_versions
+from camloc.runfiles import append_jsonl, atomic_write_text, read_jsonl
+
+RECORDS = "pairs.jsonl"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+TABLE_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3", "acc@0.5", "acc@0.7"]
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    methods: list[str]
+    dataset: str = "demo"
+    limit: int | None = None
+    classes: list[str] | None = None
+    prompt_template: str = "{}"
+    threshold: str | float = "otsu"
+    iou_convention: str = "gscorecam"
+    precision: str = "auto"
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """The fields that make two runs comparable; a run folder holds one identity only."""
+        return asdict(self)
+
+
+def record_key(record: dict) -> tuple[str, int, str]:
+    return (str(record["image_id"]), int(record["category_id"]), record["method"])
+
+
+def _check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
+    path = run_dir / CONFIG
+    if path.exists() and not force_new:
+        old = json.loads(path.read_text())
+        new = json.loads(json.dumps(config.identity()))
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise CamlocError(
+                f"run folder {run_dir} was written by a different config (differs in: {', '.join(diff)}); "
+                "use another --out, or --force-new to discard its results"
+            )
+    if force_new:
+        for name in (RECORDS, SUMMARY, "table.csv", "table.md", CONFIG):
+            (run_dir / name).unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(config.identity(), indent=1) + "\n")
+
+
+def _pending(images: list[ImagePairs], methods: list[str], done: set) -> list[tuple[ImagePairs, dict]]:
+    """Per image, the methods still to run for each of its pairs."""
+    work = []
+    for item in images:
+        todo = {}
+        for pair in item.pairs:
+            missing = [m for m in methods if (str(pair.image_id), pair.category_id, m) not in done]
+            if missing:
+                todo[pair.key] = missing
+        if todo:
+            work.append((item, todo))
+    return work
+
+
+def evaluate_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig) -> list[dict]:
+    """Heatmaps, boxes and IoUs for one image's pending (pair, method) combinations."""
+    pairs = [p for p in item.pairs if p.key in todo]
+    methods = [m for m in config.methods if any(m in todo[p.key] for p in pairs)]
+    prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    image = load_image(item.path)
+    heatmaps = compute_heatmaps(model, image, prompts, methods, config.options)
+    records = []
+    for pair in pairs:
+        row = prompts.index(pair.prompt)
+        for method in todo[pair.key]:
+            box = box_from_heatmap(heatmaps[method][row], config.threshold)
+            records.append(
+                {
+                    "image_id": pair.image_id,
+                    "file_name": pair.file_name,
+                    "image_size": list(image.size),
+                    "category_id": pair.category_id,
+                    "category": pair.category,
+                    "prompt": pair.prompt,
+                    "model": model.name,
+                    "method": method,
+                    "threshold": config.threshold,
+                    "box": [int(v) for v in box],
+                    "gt_boxes": pair.gt_boxes,
+                    "iou": best_iou(box, pair.gt_boxes, config.iou_convention),
+                }
+            )
+    return records
+
+
+def summarize(records: list[dict]) -> dict[str, LocalizationMeter]:
+    """One meter per method, over unique (pair, method) records."""
+    meters: dict[str, LocalizationMeter] = {}
+    seen = set()
+    for r in records:
+        key = record_key(r)
+        if key in seen:
+            continue
+        seen.add(key)
+        meters.setdefault(r["method"], LocalizationMeter()).update(r["iou"], r["category"])
+    return meters
+
+
+def write_tables(run_dir: Path, rows: list[dict]) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    atomic_write_text(run_dir / "table.csv", table.to_csv(index=False, float_format="%.6f"))
+    atomic_write_text(run_dir / "table.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
+
+
+def run_eval(
+    config: EvalConfig,
+    run_dir: str | Path,
+    *,
+    device: str = "auto",
+    cache_dir: str | None = None,
+    force_new: bool = False,
+    data_options: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `config` into `run_dir`, resuming what is there. Returns the summary dict."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
+    config.precision = model.precision
+    config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
+    images = load_dataset(config.dataset, limit=config.limit, classes=config.classes,
+                          prompt_template=config.prompt_template, **(data_options or {}))
+    _check_config(run_dir, config, force_new)
+    load_seconds = time.perf_counter() - started
+
+    records_path = run_dir / RECORDS
+    done = {record_key(r) for r in read_jsonl(records_path, repair=True)}
+    work = _pending(images, config.methods, done)
+    n_new = sum(len(ms) for _, todo in work for ms in todo.values())
+    compute_started = time.perf_counter()
+    with open(records_path, "a") as handle, _progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
+        for item, todo in work:
+            append_jsonl(handle, evaluate_image(model, item, todo, config))
+            bar.advance(len(todo))
+    compute_seconds = time.perf_counter() - compute_started
+
+    records = read_jsonl(records_path)
+    meters = summarize(records)
+    rows, per_method = [], {}
+    for method in config.methods:
+        meter = meters.get(method, LocalizationMeter())
+        result = meter.compute()
+        per_method[method] = {**result, "per_class": meter.compute_per_class()}
+        rows.append({"model": model.name, "dataset": config.dataset, "method": method, **result})
+    summary = {
+        "config": config.identity(),
+        "model": model.name,
+        "dataset": config.dataset,
+        "n_images": len(images),
+        "n_pairs": count_pairs(images),
+        "seed": config.seed,
+        "device": device_description(model.device),
+        "precision": model.precision,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "timings": {
+            "load_seconds": round(load_seconds, 3),
+            "compute_seconds": round(compute_seconds, 3),
+            "records_this_invocation": n_new,
+            "resumed_records": len(done),
+            "pairs_per_second": round(n_new / len(config.methods) / compute_seconds, 3) if n_new else None,
+        },
+        "methods": per_method,
+    }
+    atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=1) + "\n")
+    write_tables(run_dir, rows)
+    return summary
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class _RichBar:
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
+            TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task("eval", total=total, rate="- pairs/s")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+        speed = self.progress.tasks[0].speed
+        self.progress.update(self.task, rate=f"{speed:.2f} pairs/s" if speed else "- pairs/s")
+
+
+def _progress_bar(enabled: bool, total: int):
+    return _RichBar(total) if enabled and total else _NoBar()

@@ -1,0 +1,60 @@
+"""Pictures: the appendix Fig. S1 pipeline strip (input, heatmap overlay, Otsu binary map, contours,
+chosen box), one row per (prompt, method)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from camloc.evaluators import binarize, heatmap_to_uint8, largest_box
+
+STAGES = ("input", "heatmap", "binary map", "contours", "box")
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB uint8 image blended with the jet-coloured heatmap."""
+    colored = cv2.applyColorMap(heatmap_to_uint8(heatmap), cv2.COLORMAP_JET)[..., ::-1]
+    return (alpha * colored + (1 - alpha) * image).astype(np.uint8)
+
+
+def pipeline_figure(
+    image: Image.Image,
+    rows: list[tuple[str, np.ndarray]],
+    path: str | Path,
+    threshold="otsu",
+    gt_boxes: list[list[float]] | None = None,
+) -> None:
+    """Write a PNG with one row per (label, raw-size heatmap) and the five stages as columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    rgb = np.asarray(image.convert("RGB"))
+    fig, axes = plt.subplots(len(rows), len(STAGES), figsize=(3 * len(STAGES), 2.6 * len(rows)), squeeze=False)
+    for r, (label, heatmap) in enumerate(rows):
+        gray = heatmap_to_uint8(heatmap)
+        binary = binarize(gray, threshold)
+        contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in map(cv2.boundingRect, contours)]
+        box = largest_box(boxes)
+        drawn = rgb.copy()
+        cv2.drawContours(drawn, contours, -1, (0, 255, 0), 2)
+        panels = [rgb, overlay(rgb, heatmap), binary, drawn, overlay(rgb, heatmap)]
+        for c, (ax, panel) in enumerate(zip(axes[r], panels)):
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(STAGES[c] if c != 2 else f"binary ({threshold})")
+        axes[r][0].set_ylabel(label, fontsize=9)
+        ax = axes[r][-1]
+        for gt in gt_boxes or []:
+            ax.add_patch(Rectangle((gt[0], gt[1]), gt[2] - gt[0], gt[3] - gt[1], fill=False, ec="white", lw=2, ls="--"))
+        ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=2))
+        ax.set_xlabel(f"box {box}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
