@@ -1,0 +1,95 @@
+"""The command line: --help everywhere, version, list, explain outputs, and clear errors."""
+import json
+
+import numpy as np
+import pytest
+from conftest import GOLDEN, golden
+from PIL import Image
+from typer.testing import CliRunner
+
+from camloc import __version__
+from camloc.cli.app import app
+
+runner = CliRunner()
+IMAGE = str(GOLDEN / "chelsea_small.png")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_version_and_help_on_every_command():
+    assert invoke("--version").stdout.strip() == f"camloc {__version__}"
+    for cmd in ([], ["list"], ["explain"], ["eval"]):
+        result = invoke(*cmd, "--help")
+        assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_list():
+    assert "RN50x16" in invoke("list", "models").stdout
+    methods = invoke("list", "methods").stdout
+    assert all(m in methods for m in ["gradcam", "gradcam++", "xgradcam", "layercam"])
+    assert "demo" in invoke("list", "datasets").stdout
+
+
+@pytest.mark.parametrize("model,prefix", [("tiny-rn", "tiny_rn"), ("tiny-vit", "tiny_vit")])
+def test_explain_reproduces_golden_heatmaps(model, prefix, tmp_path):
+    out = tmp_path / "maps.npz"
+    methods = "gradcam,gradcam++,xgradcam,layercam"
+    result = invoke("explain", IMAGE, "--prompt", "cat", "--method", methods, "--model", model,
+                    "--save-heatmap", out, "--device", "cpu")
+    assert result.exit_code == 0, result.stdout
+    maps = np.load(out)
+    assert sorted(maps.files) == sorted(methods.split(","))
+    for method in methods.split(","):
+        assert maps[method].shape == (100, 150) and maps[method].dtype == np.float32
+        if (model, method) != ("tiny-vit", "layercam"):  # see test_vit_layercam_uses_class_token_gradient
+            np.testing.assert_allclose(maps[method], golden(f"{prefix}_{method}.npy"), atol=1e-4, rtol=0)
+
+
+def test_explain_json_npy_and_figure(tmp_path):
+    npy, fig = tmp_path / "m.npy", tmp_path / "fig.png"
+    result = invoke("explain", IMAGE, "-p", "cat", "-p", "dog", "--method", "gradcam", "--model", "tiny-rn",
+                    "--json", "--save-heatmap", npy, "--out", fig, "--gt-box", "10,10,100,90")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert [r["prompt"] for r in report["results"]] == ["cat", "dog"]
+    assert report["results"][0]["score"] == pytest.approx(1.37218, abs=1e-4)  # golden logit
+    # the golden Otsu box of tiny_rn gradcam (golden README §6)
+    assert report["results"][0]["methods"]["gradcam"]["box"] == [105, 41, 150, 100]
+    assert np.load(npy).shape == (2, 100, 150)  # several prompts: (P, H, W)
+    with Image.open(fig) as im:
+        assert im.format == "PNG" and im.width > 300 and im.height > 100
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["explain", "missing.png", "-p", "cat", "--model", "tiny-rn"], "image file missing.png does not exist"),
+        (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--method", "gradcan"],
+         "unknown method 'gradcan'; valid methods: gradcam, gradcam++"),
+        (["explain", IMAGE, "-p", "cat", "--model", "RN49"], "unknown model 'RN49'; valid names: RN50"),
+        (["explain", IMAGE, "-p", "cat", "--model", "nowhere/ckpt.pt"], "checkpoint file nowhere/ckpt.pt does not exist"),
+        (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--threshold", "high"], "--threshold 'high'"),
+        (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--method", "gradcam,layercam", "--save-heatmap", "x.npy"],
+         "several methods need an .npz file"),
+        (["eval", "--method", "gradcam", "--model", "tiny-rn", "--dataset", "imagenet", "--out", "r"],
+         "unknown dataset 'imagenet'; valid datasets: demo"),
+        (["eval", "--method", "gradcam", "--model", "tiny-rn", "--out", "r", "--classes", "zebra"],
+         "--classes: zebra not in dataset demo"),
+        (["eval", "--method", "gradcam", "--model", "tiny-rn", "--out", "r", "--iou", "voc"], "--iou 'voc'"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_nonzero_exit(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unreadable_image(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    result = runner.invoke(app, ["explain", str(bad), "-p", "cat", "--model", "tiny-rn"])
+    assert result.exit_code == 2 and f"image file {bad} could not be read as an image" in result.output

@@ -1,0 +1,145 @@
+"""`camloc eval` on the shipped demo set: the run folder, resume after a crash, config guard."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from camloc.datasets import count_pairs, load_dataset
+from camloc.errors import CamlocError
+from camloc.runner import EvalConfig, run_eval
+
+METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam"]
+
+
+def _config(**kw):
+    return EvalConfig(model=kw.pop("model", "tiny-rn"), methods=list(METHODS), dataset="demo", **kw)
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "pairs.jsonl").read_text().splitlines()]
+
+
+def _keys(records):
+    return sorted((r["image_id"], r["category_id"], r["method"]) for r in records)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    summary = run_eval(_config(), run_dir, device="cpu", progress=False)
+    return run_dir, summary
+
+
+def test_demo_set_is_shipped():
+    images = load_dataset("demo")
+    assert len(images) >= 6
+    assert count_pairs(images) == 9
+    assert all(os.path.exists(item.path) for item in images)
+    coffee = next(i for i in images if i.path.endswith("coffee.jpg"))
+    assert [p.category for p in coffee.pairs] == ["cup", "spoon", "dining table"]
+    assert coffee.pairs[0].gt_boxes == [[92, 8, 218, 164]]
+
+
+def test_run_folder_contents(reference_run):
+    run_dir, summary = reference_run
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "pairs.jsonl", "summary.json", "table.csv",
+                                                          "table.md"]
+    records = _records(run_dir)
+    assert len(records) == 9 * len(METHODS) and len(set(map(tuple, _keys(records)))) == len(records)
+    for key in ["image_id", "file_name", "category", "prompt", "model", "method", "box", "gt_boxes", "iou"]:
+        assert key in records[0]
+    saved = json.loads((run_dir / "summary.json").read_text())
+    for key in ["config", "versions", "git_commit", "seed", "device", "timings", "methods"]:
+        assert key in saved
+    table = pd.read_csv(run_dir / "table.csv")
+    assert list(table["method"]) == METHODS
+    for method in METHODS:
+        mine = [r["iou"] for r in records if r["method"] == method]
+        row = table[table["method"] == method].iloc[0]
+        assert row["n_pairs"] == 9 == saved["methods"][method]["n_pairs"]
+        assert row["mean_iou"] == pytest.approx(sum(mine) / 9, abs=1e-6)
+        assert row["acc@0.5"] == pytest.approx(sum(i >= 0.5 for i in mine) / 9)
+    assert "| gradcam " in (run_dir / "table.md").read_text()
+
+
+def test_records_are_recomputable(reference_run):
+    """Each record's box and IoU are what the library computes for that pair."""
+    from camloc.cams import compute_heatmaps
+    from camloc.datasets.registry import DEMO_DIR
+    from camloc.evaluators import best_iou, box_from_heatmap
+    from camloc.models import ClipModel, load_image
+
+    run_dir, _ = reference_run
+    record = next(r for r in _records(run_dir) if r["category"] == "spoon" and r["method"] == "gradcam++")
+    model = ClipModel.load("tiny-rn", device="cpu")
+    heatmap = compute_heatmaps(model, load_image(DEMO_DIR / "images" / record["file_name"]), ["spoon"],
+                               ["gradcam++"])["gradcam++"][0]
+    assert record["box"] == box_from_heatmap(heatmap)
+    assert record["iou"] == best_iou(record["box"], record["gt_boxes"])
+
+
+def test_resume_after_torn_write_equals_uninterrupted(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    lines = (ref_dir / "pairs.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "config.json").write_text((ref_dir / "config.json").read_text())
+    # a crash after 13 records, in the middle of writing the 14th
+    (tmp_path / "pairs.jsonl").write_text("".join(lines[:13]) + lines[13][:40])
+    summary = run_eval(_config(), tmp_path, device="cpu", progress=False)
+    assert summary["timings"]["resumed_records"] == 13
+    assert summary["timings"]["records_this_invocation"] == len(lines) - 13
+    assert _keys(_records(tmp_path)) == _keys(_records(ref_dir))
+    assert (tmp_path / "table.csv").read_text() == (ref_dir / "table.csv").read_text()
+
+
+def test_killed_run_resumes_to_the_same_table(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    cmd = [sys.executable, "-m", "camloc", "eval", "--method", ",".join(METHODS), "--model", "tiny-rn",
+           "--out", str(tmp_path), "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    records = tmp_path / "pairs.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if records.exists() and records.stat().st_size > 0:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    partial = len(records.read_text().splitlines())
+    assert 0 < partial <= 36
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{partial} resumed" in done.stdout or partial == 36
+    final = _records(tmp_path)
+    assert _keys(final) == _keys(_records(ref_dir))  # every pair once: none lost, none duplicated
+    assert (tmp_path / "table.csv").read_text() == (ref_dir / "table.csv").read_text()
+
+
+def test_rerun_of_finished_run_computes_nothing(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    for name in ("config.json", "pairs.jsonl"):
+        (tmp_path / name).write_text((ref_dir / name).read_text())
+    summary = run_eval(_config(), tmp_path, device="cpu", progress=False)
+    assert summary["timings"]["records_this_invocation"] == 0
+    assert (tmp_path / "table.csv").read_text() == (ref_dir / "table.csv").read_text()
+
+
+def test_run_folder_of_another_config_is_refused(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    for name in ("config.json", "pairs.jsonl"):
+        (tmp_path / name).write_text((ref_dir / name).read_text())
+    with pytest.raises(CamlocError, match=r"different config \(differs in: threshold\).*--force-new"):
+        run_eval(_config(threshold=0.5), tmp_path, device="cpu", progress=False)
+    summary = run_eval(_config(threshold=0.5), tmp_path, device="cpu", progress=False, force_new=True)
+    assert summary["timings"]["resumed_records"] == 0
+    assert all(r["threshold"] == 0.5 for r in _records(tmp_path))
+
+
+def test_limit_and_classes(tmp_path):
+    summary = run_eval(_config(limit=2, classes=["person"]), tmp_path, device="cpu", progress=False)
+    assert summary["n_images"] == 2 and summary["n_pairs"] == 2
+    assert {r["category"] for r in _records(tmp_path)} == {"person"}

@@ -1,0 +1,165 @@
+"""Model layer: tiny models equal the golden weights, squash preprocessing, text cache, errors."""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import PREFIX, SHARED_GOLDEN, golden
+
+from camloc.errors import CamlocError
+from camloc.models import ClipModel, load_clip
+from camloc.models.families import RESNET, VIT, _vit_tokens_to_grid
+from camloc.models.loading import random_state_dict, state_dict_from_file
+from camloc.models.specs import TINY_SPECS
+
+# sha256 over (key, tensor bytes) in sorted key order; equal to ../shared/golden/tiny_*.pt (checked below
+# when that folder is present).
+TINY_HASHES = {
+    "tiny-rn": "6009fa1aa1f8d9e56f9d2542e1a29f28dbc1433e2895949ee282d183f58c3892",
+    "tiny-vit": "15501676d6f779a1ac10c1ae5652c446a42f9a7a0bb118c6ed255541ca92c3cf",
+}
+
+
+def _hash(sd):
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name", list(TINY_SPECS))
+def test_tiny_models_are_the_golden_weights(name, tiny_models):
+    assert _hash(random_state_dict(TINY_SPECS[name])) == TINY_HASHES[name]
+    built = tiny_models[name].model.state_dict()
+    assert _hash({k: v for k, v in built.items()}) == TINY_HASHES[name]
+    shared = SHARED_GOLDEN / f"{PREFIX[name]}.pt"
+    if shared.exists():
+        ref = torch.load(shared, map_location="cpu")
+        assert set(ref) == set(built)
+        for k, v in ref.items():
+            assert torch.equal(built[k], v.float() if v.is_floating_point() else v), k
+
+
+@pytest.mark.parametrize("name", list(TINY_SPECS))
+def test_squash_preprocessing_matches_golden_input(name, tiny_models, chelsea):
+    x = tiny_models[name].preprocess(chelsea)
+    np.testing.assert_array_equal(x.numpy(), golden(f"{PREFIX[name]}_input.npy"))
+
+
+@pytest.mark.parametrize("name", list(TINY_SPECS))
+def test_embeddings_match_golden(name, tiny_models):
+    model = tiny_models[name]
+    x = torch.from_numpy(golden(f"{PREFIX[name]}_input.npy"))
+    img = model.model.encode_image(x)
+    np.testing.assert_allclose(img.numpy(), golden(f"{PREFIX[name]}_image_features.npy"), atol=1e-5)
+    txt = golden(f"{PREFIX[name]}_text_features.npy")
+    np.testing.assert_allclose(model.text_features(["cat"]).numpy(), txt / np.linalg.norm(txt), atol=1e-6)
+
+
+def test_text_features_are_cached_per_prompt(tiny_rn):
+    calls = []
+    handle = tiny_rn.model.token_embedding.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        tiny_rn._text_cache.clear()
+        first = tiny_rn.text_features(["a cat", "a dog"])
+        second = tiny_rn.text_features(["a dog", "a cat", "a bird"])
+    finally:
+        handle.remove()
+    assert calls == [2, 1]  # the second call encodes only the new prompt
+    torch.testing.assert_close(second[0], first[1])
+
+
+def test_vit_reshape_any_batch_any_square_grid():
+    for batch, grid, dim in [(1, 4, 8), (3, 7, 5), (2, 14, 3)]:
+        tokens = torch.randn(grid * grid + 1, batch, dim)
+        out = _vit_tokens_to_grid(tokens)
+        assert out.shape == (batch, dim, grid, grid)
+        # patch token i sits at row i // g, column i % g
+        i = grid + 2
+        torch.testing.assert_close(out[:, :, i // grid, i % grid], tokens[1 + i])
+    with pytest.raises(ValueError, match="square"):
+        _vit_tokens_to_grid(torch.randn(11, 1, 4))
+
+
+def test_families(tiny_rn, tiny_vit):
+    assert tiny_rn.family is RESNET and tiny_rn.input_size == 128
+    assert tiny_vit.family is VIT and tiny_vit.input_size == 64
+
+
+def test_plain_state_dict_and_torchscript_checkpoints(tmp_path, tiny_rn):
+    sd_path = tmp_path / "tiny.pt"
+    torch.save({k: v.half() if k != "logit_scale" and v.is_floating_point() else v
+                for k, v in random_state_dict(TINY_SPECS["tiny-rn"]).items()}, sd_path)
+    model, name = load_clip(str(sd_path))
+    assert name == str(sd_path.resolve())
+    assert _hash(model.state_dict()) == TINY_HASHES["tiny-rn"]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_torchscript_archive_like_the_published_ones(tmp_path, tiny_rn):
+    """OpenAI publishes whole CLIP models as TorchScript archives; their state_dict rebuilds the model."""
+    from camloc.models.loading import import_clip
+
+    tokens = import_clip().tokenize(["cat"])
+    traced = torch.jit.trace(tiny_rn.model, (torch.zeros(1, 3, 128, 128), tokens), check_trace=False)
+    path = tmp_path / "RN-script.pt"
+    torch.jit.save(traced, str(path))
+    model, _ = load_clip(str(path))
+    assert _hash(model.state_dict()) == TINY_HASHES["tiny-rn"]
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(CamlocError, match=r"checkpoint file .*nope\.pt does not exist"):
+        load_clip(str(tmp_path / "nope.pt"))
+
+
+def test_checkpoint_that_is_not_clip(tmp_path):
+    path = tmp_path / "resnet.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(CamlocError, match="is not a CLIP checkpoint"):
+        load_clip(str(path))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CamlocError, match="could not be read"):
+        load_clip(str(garbage))
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(CamlocError, match=r"unknown model 'RN51'.*RN50x16.*ViT-B/32.*tiny-rn"):
+        load_clip("RN51")
+
+
+def test_official_name_without_network_says_where_it_looked(tmp_path, monkeypatch):
+    from camloc.models.loading import import_clip
+
+    clip = import_clip()
+
+    def offline(url, root):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(clip.clip, "_download", offline)
+    monkeypatch.setenv("CAMLOC_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(CamlocError) as info:
+        ClipModel.load("RN50x16", device="cpu")
+    msg = str(info.value)
+    assert str(tmp_path / "cache" / "RN50x16.pt") in msg
+    assert "network is unreachable" in msg and "--model" in msg and "\n" not in msg
+
+
+def test_official_name_uses_cached_file(tmp_path, monkeypatch):
+    """A file already in the cache folder is used by the clip package's download-and-cache."""
+    from camloc.models.loading import import_clip
+
+    clip = import_clip()
+    seen = {}
+
+    def cached(url, root):
+        seen["root"] = root
+        path = tmp_path / "RN50.pt"
+        torch.save(random_state_dict(TINY_SPECS["tiny-rn"]), path)
+        return str(path)
+
+    monkeypatch.setattr(clip.clip, "_download", cached)
+    model = ClipModel.load("RN50", device="cpu", cache_dir=tmp_path)
+    assert seen["root"] == str(tmp_path) and model.name == "RN50" and model.input_size == 128
