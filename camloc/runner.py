@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from camloc.cams import compute_heatmaps, resolve_methods
+from camloc.cams.registry import DEFAULT_OPTIONS
 from camloc.datasets import ImagePairs, count_pairs, load_dataset
 from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap
 from camloc.models import ClipModel, load_image
+from camloc.models.specs import family_hint
 from camloc.provenance import device_description, git_commit, package_versions
 from camloc.runfiles import append_jsonl, atomic_write_text, read_jsonl
 
@@ -40,7 +42,7 @@ class EvalConfig:
     iou_convention: str = "gscorecam"
     precision: str = "auto"
     seed: int = 0
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
 
     def identity(self) -> dict:
         """The fields that make two runs comparable; a run folder holds one identity only."""
@@ -82,13 +84,14 @@ def _pending(images: list[ImagePairs], methods: list[str], done: set) -> list[tu
     return work
 
 
-def evaluate_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig) -> list[dict]:
+def evaluate_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig,
+                   runtime: dict | None = None) -> list[dict]:
     """Heatmaps, boxes and IoUs for one image's pending (pair, method) combinations."""
     pairs = [p for p in item.pairs if p.key in todo]
     methods = [m for m in config.methods if any(m in todo[p.key] for p in pairs)]
     prompts = list(dict.fromkeys(p.prompt for p in pairs))
     image = load_image(item.path)
-    heatmaps = compute_heatmaps(model, image, prompts, methods, config.options)
+    heatmaps = compute_heatmaps(model, image, prompts, methods, {**config.options, **(runtime or {})})
     records = []
     for pair in pairs:
         row = prompts.index(pair.prompt)
@@ -143,13 +146,15 @@ def run_eval(
     force_new: bool = False,
     data_options: dict | None = None,
     progress: bool = True,
+    chunk_size: int | str = "auto",
 ) -> dict:
     """Evaluate `config` into `run_dir`, resuming what is there. Returns the summary dict."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-
+    if family_hint(config.model):  # fail on a bad method before any weights are fetched
+        resolve_methods(config.methods, family_hint(config.model), config.model)
     model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
     config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
@@ -165,7 +170,7 @@ def run_eval(
     compute_started = time.perf_counter()
     with open(records_path, "a") as handle, _progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
         for item, todo in work:
-            append_jsonl(handle, evaluate_image(model, item, todo, config))
+            append_jsonl(handle, evaluate_image(model, item, todo, config, {"chunk_size": chunk_size}))
             bar.advance(len(todo))
     compute_seconds = time.perf_counter() - compute_started
 

@@ -58,3 +58,47 @@ def pipeline_figure(
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def comparison_figure(
+    image: Image.Image,
+    prompts: list[str],
+    heatmaps: dict[str, np.ndarray],
+    path: str | Path,
+    threshold="otsu",
+    gt_boxes: list[list[float]] | None = None,
+) -> None:
+    """Methods side by side (appendix Figs. S4-S10): rows = prompts, columns = input then one
+    heatmap overlay per method with its box (green) and the ground truth (white, dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from camloc.evaluators import box_from_heatmap
+
+    rgb = np.asarray(image.convert("RGB"))
+    methods = list(heatmaps)
+    cols = 1 + len(methods)
+    fig, axes = plt.subplots(len(prompts), cols, figsize=(2.6 * cols, 2.4 * len(prompts)), squeeze=False)
+    for r, prompt in enumerate(prompts):
+        axes[r][0].imshow(rgb)
+        axes[r][0].set_ylabel(f"'{prompt}'", fontsize=9)
+        for c, method in enumerate(methods, start=1):
+            heatmap = heatmaps[method][r]
+            box = box_from_heatmap(heatmap, threshold)
+            ax = axes[r][c]
+            ax.imshow(overlay(rgb, heatmap))
+            for gt in gt_boxes or []:
+                ax.add_patch(Rectangle((gt[0], gt[1]), gt[2] - gt[0], gt[3] - gt[1], fill=False, ec="white", lw=1.5,
+                                       ls="--"))
+            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=2))
+            if r == 0:
+                ax.set_title(method, fontsize=10)
+        for ax in axes[r]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0][0].set_title("input", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -28,7 +28,8 @@ def test_version_and_help_on_every_command():
 def test_list():
     assert "RN50x16" in invoke("list", "models").stdout
     methods = invoke("list", "methods").stdout
-    assert all(m in methods for m in ["gradcam", "gradcam++", "xgradcam", "layercam"])
+    assert all(m in methods for m in ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam",
+                                      "gscorecam-abs", "groupcam", "hilacam"])
     assert "demo" in invoke("list", "datasets").stdout
 
 
@@ -69,6 +70,13 @@ def test_explain_json_npy_and_figure(tmp_path):
         (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--method", "gradcan"],
          "unknown method 'gradcan'; valid methods: gradcam, gradcam++"),
         (["explain", IMAGE, "-p", "cat", "--model", "RN49"], "unknown model 'RN49'; valid names: RN50"),
+        (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--method", "gradcam,hilacam"],
+         "method 'hilacam' works only on ViT CLIP models, and tiny-rn is a ResNet"),
+        (["eval", "--method", "hilacam", "--model", "RN50", "--out", "r"],
+         "method 'hilacam' works only on ViT CLIP models, and RN50 is a ResNet"),
+        (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--topk", "0"], "--topk must be at least 1"),
+        (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--grouping", "spectral"], "--grouping 'spectral'"),
+        (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--chunk-size", "-3"], "--chunk-size '-3'"),
         (["explain", IMAGE, "-p", "cat", "--model", "nowhere/ckpt.pt"], "checkpoint file nowhere/ckpt.pt does not exist"),
         (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--threshold", "high"], "--threshold 'high'"),
         (["explain", IMAGE, "-p", "cat", "--model", "tiny-rn", "--method", "gradcam,layercam", "--save-heatmap", "x.npy"],
@@ -86,6 +94,20 @@ def test_bad_input_gives_one_clear_line_and_nonzero_exit(args, message, tmp_path
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_explain_all_methods_on_vit_side_by_side(tmp_path):
+    fig = tmp_path / "fig.png"
+    result = invoke("explain", IMAGE, "--prompt", "cat", "--method", "all", "--model", "tiny-vit", "--out", fig,
+                    "--topk", 30, "--json")
+    assert result.exit_code == 0
+    methods = json.loads(result.stdout)["results"][0]["methods"]
+    assert list(methods) == ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam",
+                             "gscorecam-abs", "groupcam", "hilacam"]
+    assert methods["hilacam"]["box"] == [0, 23, 150, 100]  # golden README §6
+    assert methods["gscorecam"]["box"] == [0, 0, 117, 100]
+    with Image.open(fig) as im:
+        assert im.width > 4 * im.height  # one row, input + 9 method columns
 
 
 def test_unreadable_image(tmp_path):

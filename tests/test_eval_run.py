@@ -143,3 +143,14 @@ def test_limit_and_classes(tmp_path):
     summary = run_eval(_config(limit=2, classes=["person"]), tmp_path, device="cpu", progress=False)
     assert summary["n_images"] == 2 and summary["n_pairs"] == 2
     assert {r["category"] for r in _records(tmp_path)} == {"person"}
+
+
+def test_score_methods_in_eval_record_precision_and_options(tmp_path):
+    config = EvalConfig(model="tiny-vit", methods=["all"], dataset="demo", limit=2, options={"topk": 20,
+                        "grouping": "kmeans", "start_layer": 0})
+    summary = run_eval(config, tmp_path, device="cpu", progress=False)
+    assert summary["precision"] == "fp32" and summary["config"]["precision"] == "fp32"
+    assert summary["config"]["options"]["topk"] == 20
+    assert set(summary["methods"]) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam",
+                                       "gscorecam-abs", "groupcam", "hilacam"}
+    assert len(_records(tmp_path)) == 2 * 9

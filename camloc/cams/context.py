@@ -11,11 +11,51 @@ from functools import cached_property
 import torch
 from PIL import Image
 
+from camloc.cams.masked import MaskedEmbeddings
 from camloc.models.clip_model import ClipModel
+
+CPU_CHUNK = 32
+
+
+def resolve_chunk_size(value: int | str, model: ClipModel) -> int:
+    """Masked images per encoder batch: an int, or `auto` (CPU: 32; CUDA: from free memory)."""
+    if value != "auto":
+        size = int(value)
+        if size < 1:
+            raise ValueError(f"chunk size must be at least 1, got {size}")
+        return size
+    if model.device.type != "cuda":
+        return CPU_CHUNK
+    return _cuda_auto_chunk(model)
+
+
+def _cuda_auto_chunk(model: ClipModel) -> int:
+    """Probe one batch of 8 to measure memory per image, then use half of the free memory (8..512)."""
+    if model.auto_chunk_size is not None:
+        return model.auto_chunk_size
+    device = model.device
+    n = model.input_size
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        model.visual(torch.zeros(8, 3, n, n, device=device, dtype=model.dtype))
+    per_image = max((torch.cuda.max_memory_allocated(device) - base) / 8, 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    chunk = int(min(512, max(8, 0.5 * free / per_image)))
+    model.auto_chunk_size = chunk
+    return chunk
 
 
 class CamContext:
-    def __init__(self, model: ClipModel, image: Image.Image, prompts: list[str], options: dict | None = None):
+    def __init__(
+        self,
+        model: ClipModel,
+        image: Image.Image,
+        prompts: list[str],
+        options: dict | None = None,
+        methods: list[str] | None = None,
+    ):
         if not prompts:
             raise ValueError("at least one prompt is needed")
         self.model = model
@@ -23,6 +63,20 @@ class CamContext:
         self.raw_size = image.size  # (W, H)
         self.input = model.preprocess(image)  # (1, 3, n, n)
         self.options = dict(options or {})
+        self.methods = set(methods or [])  # the methods sharing this context (lets them reuse each other's work)
+        self.chunk_size = resolve_chunk_size(self.options.get("chunk_size", "auto"), model)
+        self._masked: dict[float | None, MaskedEmbeddings] = {}
+
+    def masked(self, eps: float | None) -> MaskedEmbeddings:
+        """The masked-embedding store of this image for one mask variant (ScoreCAM: None, gScoreCAM: 1e-6)."""
+        if eps not in self._masked:
+            self._masked[eps] = MaskedEmbeddings(self, eps)
+        return self._masked[eps]
+
+    @property
+    def masked_forwards(self) -> int:
+        """Masked images encoded so far for this image."""
+        return sum(store.forwards for store in self._masked.values())
 
     @cached_property
     def text_features(self) -> torch.Tensor:

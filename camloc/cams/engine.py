@@ -5,11 +5,11 @@ import numpy as np
 from PIL import Image
 
 from camloc.cams.context import CamContext
-from camloc.cams.postprocess import grid_maps_to_raw
+from camloc.cams.postprocess import grid_maps_to_raw, input_maps_to_raw, normalized_maps_to_raw
 from camloc.cams.registry import MethodSpec, resolve_methods
 from camloc.models.clip_model import ClipModel
 
-POSTPROCESSORS = {"grid": grid_maps_to_raw}
+POSTPROCESSORS = {"grid": grid_maps_to_raw, "resize_minmax": input_maps_to_raw, "resize": normalized_maps_to_raw}
 
 
 def compute_heatmaps(
@@ -29,5 +29,5 @@ def compute_heatmaps(
         specs = methods
     else:
         specs = resolve_methods(methods, model.family.name, model.name)
-    ctx = context or CamContext(model, image, prompts, options)
+    ctx = context or CamContext(model, image, prompts, options, methods=[s.name for s in specs])
     return {spec.name: POSTPROCESSORS[spec.postprocess](spec.compute(ctx), ctx.raw_size) for spec in specs}

@@ -31,6 +31,9 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {}
 
+# Method parameters that change results, with their defaults (spec §3).
+DEFAULT_OPTIONS = {"topk": 300, "grouping": "kmeans", "start_layer": 0}
+
 
 def register_method(name: str, **spec_fields) -> Callable:
     """Decorator: register `fn(ctx) -> (P, h, w)` as method `name`."""
@@ -78,3 +81,5 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
 def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register_method decorators.
     import camloc.cams.gradient  # noqa: F401
+    import camloc.cams.score  # noqa: F401
+    import camloc.cams.hila  # noqa: F401

@@ -19,6 +19,31 @@ DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.
 PrecisionOption = typer.Option("auto", "--precision", help="Encoder precision: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16. Scores are always fp32.")
 CacheOption = typer.Option(None, "--cache-dir", help="Folder for downloaded CLIP weights [default: $CAMLOC_CACHE_DIR or ~/.cache/clip].")
 ThresholdOption = typer.Option("otsu", "--threshold", help="Binarisation for boxes: otsu, or a single value in [0, 1].")
+TopkOption = typer.Option(300, "--topk", help="gScoreCAM: channels kept (capped at the layer's channel count, with a warning).")
+GroupingOption = typer.Option("kmeans", "--grouping", help="GroupCAM channel groups: kmeans (the original CLIP port) or chunk (the GroupCAM paper).")
+StartLayerOption = typer.Option(0, "--start-layer", help="HilaCAM: first block used (0 = all blocks, -1 = the last only).")
+ChunkOption = typer.Option("auto", "--chunk-size", help="Masked images per encoder batch: a number, or auto (32 on CPU; from free memory on CUDA).")
+
+
+def method_options(topk: int, grouping: str, start_layer: int) -> dict:
+    """The method parameters that change results (recorded in configs and summaries)."""
+    if topk < 1:
+        raise CamlocError(f"--topk must be at least 1, got {topk}")
+    if grouping not in ("kmeans", "chunk"):
+        raise CamlocError(f"--grouping {grouping!r} is not one of kmeans, chunk")
+    return {"topk": topk, "grouping": grouping, "start_layer": start_layer}
+
+
+def parse_chunk_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise CamlocError(f"--chunk-size {value!r} must be a positive number or auto")
+    return size
 
 
 def parse_threshold(value: str) -> str | float:

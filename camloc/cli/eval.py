@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, DeviceOption, ModelOption, PrecisionOption, ThresholdOption,
+from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GroupingOption, ModelOption, PrecisionOption,
+                               StartLayerOption, ThresholdOption, TopkOption, method_options, parse_chunk_size,
                                parse_threshold, reports_errors)
 
 
@@ -24,6 +25,10 @@ def eval_cmd(
     threshold: str = ThresholdOption,
     iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam (+1 pixels, as the original) or coco."),
     seed: int = typer.Option(0, "--seed", help="Random seed, recorded in the results."),
+    topk: int = TopkOption,
+    grouping: str = GroupingOption,
+    start_layer: int = StartLayerOption,
+    chunk_size: str = ChunkOption,
     force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     device: str = DeviceOption,
@@ -48,8 +53,10 @@ def eval_cmd(
         iou_convention=iou,
         precision=precision,
         seed=seed,
+        options=method_options(topk, grouping, start_layer),
     )
-    summary = run_eval(config, out, device=device, cache_dir=cache_dir, force_new=force_new, progress=progress)
+    summary = run_eval(config, out, device=device, cache_dir=cache_dir, force_new=force_new, progress=progress,
+                       chunk_size=parse_chunk_size(chunk_size))
     typer.echo((out / "table.md").read_text().rstrip())
     t = summary["timings"]
     typer.echo(f"{summary['n_pairs']} pairs x {len(config.methods)} methods; {t['records_this_invocation']} new records, "

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, DeviceOption, ModelOption, PrecisionOption, ThresholdOption,
+from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GroupingOption, ModelOption, PrecisionOption,
+                               StartLayerOption, ThresholdOption, TopkOption, method_options, parse_chunk_size,
                                parse_threshold, reports_errors)
 from camloc.errors import CamlocError
 
@@ -28,13 +29,18 @@ def _parse_box(text: str) -> list[float]:
 def explain(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several."),
-    method: str = typer.Option("gradcam", "--method", help="Method, comma list, or all (see `camloc list methods`)."),
+    method: str = typer.Option("gscorecam", "--method", help="Method, comma list, or all (see `camloc list methods`)."),
     model: str = ModelOption,
     save_heatmap: Optional[Path] = typer.Option(None, "--save-heatmap", help="Write raw-size float32 heatmaps: FILE.npy (one method) or FILE.npz (keyed by method)."),
     json_output: bool = typer.Option(False, "--json", help="Print boxes and scores as JSON."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write a Fig. S1-style picture (PNG)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write a picture (PNG): the Fig. S1 pipeline for one method, a side-by-side method comparison (Fig. S4) for several."),
+    figure: Optional[str] = typer.Option(None, "--figure", help="Picture kind: pipeline or compare [default: by the number of methods]."),
     gt_box: list[str] = typer.Option([], "--gt-box", help="Ground-truth box x1,y1,x2,y2 to draw; repeatable."),
     threshold: str = ThresholdOption,
+    topk: int = TopkOption,
+    grouping: str = GroupingOption,
+    start_layer: int = StartLayerOption,
+    chunk_size: str = ChunkOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
@@ -43,12 +49,15 @@ def explain(
     from camloc.cams import compute_heatmaps, resolve_methods
     from camloc.evaluators import box_from_heatmap
     from camloc.models import ClipModel, load_image
-    from camloc.models.specs import ALL_SPECS
+    from camloc.models.specs import family_hint
 
     thr = parse_threshold(threshold)
+    options = {**method_options(topk, grouping, start_layer), "chunk_size": parse_chunk_size(chunk_size)}
+    if figure not in (None, "pipeline", "compare"):
+        raise CamlocError(f"--figure {figure!r} is not one of pipeline, compare")
     gt_boxes = [_parse_box(b) for b in gt_box]
-    if model in ALL_SPECS:  # fail on a bad method before any weights are fetched
-        resolve_methods(method, ALL_SPECS[model].family, model)
+    if family_hint(model):  # fail on a bad method before any weights are fetched
+        resolve_methods(method, family_hint(model), model)
     pil = load_image(image)
     clip_model = ClipModel.load(model, device=device, precision=precision, cache_dir=cache_dir)
     specs = resolve_methods(method, clip_model.family.name, clip_model.name)
@@ -59,7 +68,7 @@ def explain(
 
     from camloc.cams import CamContext
 
-    ctx = CamContext(clip_model, pil, prompt)
+    ctx = CamContext(clip_model, pil, prompt, options, methods=[s.name for s in specs])
     heatmaps = compute_heatmaps(clip_model, pil, prompt, specs, context=ctx)
     scores = ctx.image_scores.tolist()
 
@@ -81,11 +90,14 @@ def explain(
             "methods": {m: {"box": box_from_heatmap(h[i], thr)} for m, h in heatmaps.items()},
         })
     if out is not None:
-        from camloc.viz import pipeline_figure
+        from camloc.viz import comparison_figure, pipeline_figure
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        rows = [(f"{m}\n'{text}'", heatmaps[m][i]) for i, text in enumerate(prompt) for m in heatmaps]
-        pipeline_figure(pil, rows, out, threshold=thr, gt_boxes=gt_boxes)
+        if (figure or ("pipeline" if len(heatmaps) == 1 else "compare")) == "pipeline":
+            rows = [(f"{m}\n'{text}'", heatmaps[m][i]) for i, text in enumerate(prompt) for m in heatmaps]
+            pipeline_figure(pil, rows, out, threshold=thr, gt_boxes=gt_boxes)
+        else:
+            comparison_figure(pil, prompt, heatmaps, out, threshold=thr, gt_boxes=gt_boxes)
 
     report = {"image": str(image), "size": list(pil.size), "model": clip_model.name, "threshold": thr,
               "device": str(clip_model.device), "precision": clip_model.precision, "results": results}
@@ -95,7 +107,7 @@ def explain(
         for r in results:
             typer.echo(f"'{r['prompt']}' score {r['score']:.4f}")
             for m, v in r["methods"].items():
-                typer.echo(f"  {m:12s} box {v['box']}")
+                typer.echo(f"  {m:14s} box {v['box']}")
         for path in (save_heatmap, out):
             if path is not None:
                 typer.echo(f"wrote {path}")

@@ -52,6 +52,7 @@ class ClipModel:
         self.input_size: int = int(model.visual.input_resolution)
         self.logit_scale = self.model.logit_scale.detach().float().exp()
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.auto_chunk_size: int | None = None  # measured once on CUDA (camloc.cams.context)
 
     @classmethod
     def load(

@@ -53,3 +53,9 @@ RANDOM_SPECS: dict[str, ModelSpec] = {
 }
 
 ALL_SPECS: dict[str, ModelSpec] = {**OFFICIAL_SPECS, **TINY_SPECS, **RANDOM_SPECS}
+
+
+def family_hint(name: str) -> str | None:
+    """The family of a known model name without building it (None for checkpoint paths)."""
+    spec = ALL_SPECS.get(name)
+    return spec.family if spec else None

@@ -1,0 +1,87 @@
+"""Masked scoring shared by the score family: embeddings of masked copies of one image, computed
+once per (image, mask variant) in chunks on the model's device, scored against every prompt with one
+matrix product (the image encoder does not depend on the prompt)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from camloc.cams.context import CamContext
+
+# gScoreCAM's masks divide by (range + 1e-6), ScoreCAM's by the range. For a channel whose activation
+# range is at least this, the two masks differ by at most 1e-6 relative (fp32 rounding level), so when
+# both methods run on one image gScoreCAM reuses ScoreCAM's embedding for that channel.
+REUSE_MIN_RANGE = 1.0
+
+
+def channel_masks(acts: torch.Tensor, size: int, eps: float | None) -> torch.Tensor:
+    """ScoreCAM-style masks for channels (B, h, w) -> (B, n, n): bilinear upsampling with
+    align_corners=True, then per-channel min-max; `eps=None` divides by the bare range (a constant
+    channel gives NaN, as in the original), else by range + eps."""
+    up = F.interpolate(acts[None].float(), size=(size, size), mode="bilinear", align_corners=True)[0]
+    flat = up.flatten(1)
+    low = flat.amin(dim=1)[:, None, None]
+    span = flat.amax(dim=1)[:, None, None] - low
+    return (up - low) / (span if eps is None else span + eps)
+
+
+class MaskedEmbeddings:
+    """Image embeddings of `x * mask_c` for channels c of one image (one mask variant), filled lazily.
+
+    Rows are L2-normalised fp32; a NaN mask (constant channel under ScoreCAM) gives a NaN row without
+    running the encoder, and its score becomes 0 (spec §3).
+    """
+
+    def __init__(self, ctx: "CamContext", eps: float | None):
+        self.ctx = ctx
+        self.eps = eps
+        channels = ctx.activations.shape[0]
+        self.rows = torch.full((channels, ctx.text_features.shape[1]), float("nan"), device=ctx.model.device)
+        self.have = torch.zeros(channels, dtype=torch.bool, device=ctx.model.device)
+        self.forwards = 0  # masked images encoded, for tests and benchmarks
+
+    def adopt(self, other: "MaskedEmbeddings", where: torch.Tensor) -> None:
+        """Take `other`'s rows for the channels in the boolean mask `where` (where it has them)."""
+        take = where & other.have & ~self.have
+        self.rows[take] = other.rows[take]
+        self.have |= take
+
+    def get(self, channels: torch.Tensor) -> torch.Tensor:
+        """(len(channels), E) embeddings, encoding only the channels not seen before."""
+        missing = channels[~self.have[channels]].unique()
+        if missing.numel():
+            self._encode(missing)
+        return self.rows[channels]
+
+    def scores(self, channels: torch.Tensor) -> torch.Tensor:
+        """(len(channels), P) fp32 scores s_p(x * mask_c), NaN -> 0."""
+        return self.ctx.model.scores(self.get(channels), self.ctx.text_features)
+
+    def _encode(self, channels: torch.Tensor) -> None:
+        ctx = self.ctx
+        size = ctx.model.input_size
+        x = ctx.input.float()
+        for start in range(0, channels.numel(), ctx.chunk_size):
+            idx = channels[start : start + ctx.chunk_size]
+            masks = channel_masks(ctx.activations[idx], size, self.eps)
+            valid = ~torch.isnan(masks.flatten(1)).any(dim=1)
+            if valid.any():
+                batch = (x * masks[valid][:, None]).to(ctx.model.dtype)
+                with torch.no_grad():
+                    feats = ctx.model.visual(batch).float()
+                self.rows[idx[valid]] = feats / feats.norm(dim=-1, keepdim=True)
+                self.forwards += int(valid.sum())
+            self.have[idx] = True
+
+
+def encode_in_chunks(ctx: "CamContext", n: int, make_batch: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """Embeddings (n, E) of n images built chunk by chunk by `make_batch(slice)` (never all at once)."""
+    out = []
+    for start in range(0, n, ctx.chunk_size):
+        batch = make_batch(slice(start, min(start + ctx.chunk_size, n))).to(ctx.model.dtype)
+        with torch.no_grad():
+            out.append(ctx.model.visual(batch).float())
+    return torch.cat(out)
