@@ -39,7 +39,7 @@ def _cuda_auto_chunk(model: ClipModel) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     with torch.no_grad():
-        model.visual(torch.zeros(8, 3, n, n, device=device, dtype=model.dtype))
+        model.visual(model.as_input(torch.zeros(8, 3, n, n)))
     per_image = max((torch.cuda.max_memory_allocated(device) - base) / 8, 1)
     free, _ = torch.cuda.mem_get_info(device)
     chunk = int(min(512, max(8, 0.5 * free / per_image)))

@@ -69,7 +69,7 @@ class MaskedEmbeddings:
             masks = channel_masks(ctx.activations[idx], size, self.eps)
             valid = ~torch.isnan(masks.flatten(1)).any(dim=1)
             if valid.any():
-                batch = (x * masks[valid][:, None]).to(ctx.model.dtype)
+                batch = ctx.model.as_input(x * masks[valid][:, None])
                 with torch.no_grad():
                     feats = ctx.model.visual(batch).float()
                 self.rows[idx[valid]] = feats / feats.norm(dim=-1, keepdim=True)
@@ -81,7 +81,7 @@ def encode_in_chunks(ctx: "CamContext", n: int, make_batch: Callable[[slice], to
     """Embeddings (n, E) of n images built chunk by chunk by `make_batch(slice)` (never all at once)."""
     out = []
     for start in range(0, n, ctx.chunk_size):
-        batch = make_batch(slice(start, min(start + ctx.chunk_size, n))).to(ctx.model.dtype)
+        batch = ctx.model.as_input(make_batch(slice(start, min(start + ctx.chunk_size, n))))
         with torch.no_grad():
             out.append(ctx.model.visual(batch).float())
     return torch.cat(out)

@@ -36,6 +36,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def to_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Reduced precision the way the `clip` package runs released weights on CUDA
+    (`clip.model.convert_weights`): convolutions, linear layers, attention and projections in
+    `dtype`; LayerNorm and BatchNorm stay fp32 (CLIP's LayerNorm computes in fp32)."""
+    if dtype == torch.float32:
+        return model.float()
+    import_clip().model.convert_weights(model)  # -> fp16
+    if dtype != torch.float16:
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.dtype == torch.float16:
+                tensor.data = tensor.data.to(dtype)
+    return model
+
+
 class ClipModel:
     """A CLIP model ready for CAMs: encoders on `device` in `precision`, scores always in fp32.
 
@@ -47,8 +61,16 @@ class ClipModel:
         self.device = device
         self.precision = precision
         self.dtype = PRECISIONS[precision]
-        self.model = model.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
+        self.model = to_precision(model.to(device), self.dtype).eval().requires_grad_(False)
+        if device.type == "cuda" and precision == "fp32":
+            # fp32 means fp32: TF32 convolutions move heatmaps by ~5e-4 (measured on an H200)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.family: Family = family_of(model)
+        # ResNets on CUDA run channels_last (faster convolutions on tensor cores)
+        self.memory_format = (torch.channels_last if device.type == "cuda" and self.family.name == "rn"
+                              else torch.contiguous_format)
+        self.model.visual.to(memory_format=self.memory_format)
         self.input_size: int = int(model.visual.input_resolution)
         self.logit_scale = self.model.logit_scale.detach().float().exp()
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -71,8 +93,12 @@ class ClipModel:
     def visual(self) -> torch.nn.Module:
         return self.model.visual
 
+    def as_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch (B, 3, n, n) on the model's device in its dtype and memory format."""
+        return images.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return preprocess(image, self.input_size).to(self.device, self.dtype)
+        return self.as_input(preprocess(image, self.input_size))
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
