@@ -37,6 +37,9 @@ class EvalConfig:
     dataset: str = "demo"
     limit: int | None = None
     classes: list[str] | None = None
+    subset_seed: int | None = None
+    split: str | None = None
+    per_class: int = 100
     prompt_template: str = "{}"
     threshold: str | float = "otsu"
     iou_convention: str = "gscorecam"
@@ -111,9 +114,16 @@ def evaluate_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalC
                     "box": [int(v) for v in box],
                     "gt_boxes": pair.gt_boxes,
                     "iou": best_iou(box, pair.gt_boxes, config.iou_convention),
+                    "coverage": pair.coverage,
                 }
             )
     return records
+
+
+def mean_coverage(images: list[ImagePairs]) -> float | None:
+    """Mean fraction of the image the pair's class covers (spec §6), over pairs that have masks."""
+    values = [p.coverage for item in images for p in item.pairs if p.coverage is not None]
+    return sum(values) / len(values) if values else None
 
 
 def summarize(records: list[dict]) -> dict[str, LocalizationMeter]:
@@ -159,7 +169,8 @@ def run_eval(
     config.precision = model.precision
     config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
     images = load_dataset(config.dataset, limit=config.limit, classes=config.classes,
-                          prompt_template=config.prompt_template, **(data_options or {}))
+                          prompt_template=config.prompt_template, subset_seed=config.subset_seed, split=config.split,
+                          per_class=config.per_class, **(data_options or {}))
     _check_config(run_dir, config, force_new)
     load_seconds = time.perf_counter() - started
 
@@ -188,6 +199,7 @@ def run_eval(
         "dataset": config.dataset,
         "n_images": len(images),
         "n_pairs": count_pairs(images),
+        "mean_coverage": mean_coverage(images),
         "seed": config.seed,
         "device": device_description(model.device),
         "precision": model.precision,

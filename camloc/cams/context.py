@@ -14,11 +14,11 @@ from PIL import Image
 from camloc.cams.masked import MaskedEmbeddings
 from camloc.models.clip_model import ClipModel
 
-CPU_CHUNK = 32
+CPU_CHUNK = 16
 
 
 def resolve_chunk_size(value: int | str, model: ClipModel) -> int:
-    """Masked images per encoder batch: an int, or `auto` (CPU: 32; CUDA: from free memory)."""
+    """Masked images per encoder batch: an int, or `auto` (CPU: 16, the fastest per image on 2 cores and light on memory; CUDA: from free memory)."""
     if value != "auto":
         size = int(value)
         if size < 1:

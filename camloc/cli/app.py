@@ -52,12 +52,13 @@ def list_cmd(what: Listable = typer.Argument(..., help="models, methods or datas
             spec = METHODS[name]
             typer.echo(f"{name:14s} {','.join(sorted(spec.families)):7s} {spec.description}")
     else:
-        from camloc.datasets import DATASETS
+        from camloc.datasets import DATASETS, list_datasets
 
-        for name, spec in DATASETS.items():
-            typer.echo(f"{name:22s} {spec.description}")
+        for name in list_datasets():
+            typer.echo(f"{name:22s} {DATASETS[name].description}")
 
 
+from camloc.cli import data as _data_cmd  # noqa: E402,F401  (registers `data`)
 from camloc.cli import eval as _eval_cmd  # noqa: E402,F401  (registers `eval`)
 from camloc.cli import explain as _explain_cmd  # noqa: E402,F401  (registers `explain`)
 

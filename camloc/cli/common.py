@@ -22,7 +22,13 @@ ThresholdOption = typer.Option("otsu", "--threshold", help="Binarisation for box
 TopkOption = typer.Option(300, "--topk", help="gScoreCAM: channels kept (capped at the layer's channel count, with a warning).")
 GroupingOption = typer.Option("kmeans", "--grouping", help="GroupCAM channel groups: kmeans (the original CLIP port) or chunk (the GroupCAM paper).")
 StartLayerOption = typer.Option(0, "--start-layer", help="HilaCAM: first block used (0 = all blocks, -1 = the last only).")
-ChunkOption = typer.Option("auto", "--chunk-size", help="Masked images per encoder batch: a number, or auto (32 on CPU; from free memory on CUDA).")
+ChunkOption = typer.Option("auto", "--chunk-size", help="Masked images per encoder batch: a number, or auto (16 on CPU; from free memory on CUDA).")
+DataRootOption = typer.Option(None, "--data-root", help="Folder holding the datasets as their archives extract [default: $CAMLOC_DATA or ./data].")
+SplitOption = typer.Option(None, "--split", help="Dataset split [default: val2017 (coco), train2017 (coco-train-balanced), test (partimagenet), validation (ade20k-scenes)].")
+AnnFileOption = typer.Option(None, "--ann-file", help="Annotation file, overriding the data-root layout.")
+ImageDirOption = typer.Option(None, "--image-dir", help="Image folder, overriding the data-root layout.")
+PerClassOption = typer.Option(100, "--per-class", help="coco-train-balanced: images drawn per class.")
+SubsetSeedOption = typer.Option(None, "--subset-seed", help="Seed of the random --limit subset and of coco-train-balanced's draw (default 0 there).")
 
 
 def method_options(topk: int, grouping: str, start_layer: int) -> dict:

@@ -7,9 +7,10 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GroupingOption, ModelOption, PrecisionOption,
-                               StartLayerOption, ThresholdOption, TopkOption, method_options, parse_chunk_size,
-                               parse_threshold, reports_errors)
+from camloc.cli.common import (AnnFileOption, CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption,
+                               ImageDirOption, ModelOption, PerClassOption, PrecisionOption, SplitOption,
+                               StartLayerOption, SubsetSeedOption, ThresholdOption, TopkOption, method_options,
+                               parse_chunk_size, parse_threshold, reports_errors)
 
 
 @app.command("eval")
@@ -21,6 +22,12 @@ def eval_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder; an existing one with the same config is resumed."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma list of class names to keep."),
+    subset_seed: Optional[int] = SubsetSeedOption,
+    split: Optional[str] = SplitOption,
+    per_class: int = PerClassOption,
+    data_root: Optional[Path] = DataRootOption,
+    ann_file: Optional[Path] = AnnFileOption,
+    image_dir: Optional[Path] = ImageDirOption,
     prompt_template: str = typer.Option("{}", "--prompt-template", help="Prompt with {} for the class name, e.g. 'a photo of a {}.'"),
     threshold: str = ThresholdOption,
     iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam (+1 pixels, as the original) or coco."),
@@ -48,6 +55,9 @@ def eval_cmd(
         dataset=dataset,
         limit=limit,
         classes=[c.strip() for c in classes.split(",")] if classes else None,
+        subset_seed=subset_seed,
+        split=split,
+        per_class=per_class,
         prompt_template=prompt_template,
         threshold=parse_threshold(threshold),
         iou_convention=iou,
@@ -56,7 +66,8 @@ def eval_cmd(
         options=method_options(topk, grouping, start_layer),
     )
     summary = run_eval(config, out, device=device, cache_dir=cache_dir, force_new=force_new, progress=progress,
-                       chunk_size=parse_chunk_size(chunk_size))
+                       chunk_size=parse_chunk_size(chunk_size),
+                       data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir})
     typer.echo((out / "table.md").read_text().rstrip())
     t = summary["timings"]
     typer.echo(f"{summary['n_pairs']} pairs x {len(config.methods)} methods; {t['records_this_invocation']} new records, "

@@ -17,6 +17,8 @@ class Pair:
     prompt: str
     gt_boxes: list[list[float]] = field(default_factory=list)
     """Ground-truth boxes [x1, y1, x2, y2] of this class in this image."""
+    coverage: float | None = None
+    """Fraction of the image the class covers (union of its instances), when the dataset has masks."""
 
     @property
     def key(self) -> tuple[str, int]:

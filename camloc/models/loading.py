@@ -92,15 +92,13 @@ def random_state_dict(spec: ModelSpec) -> dict[str, torch.Tensor]:
     finally:
         torch.random.set_rng_state(state)
     sd = model.state_dict()
-    out = {}
+    del model  # the state_dict keeps the tensors; round them in place (no second copy of a large model)
     for key, value in sd.items():
         if key == "logit_scale":
-            out[key] = torch.tensor(math.log(100.0), dtype=torch.float32)
+            sd[key] = torch.tensor(math.log(100.0), dtype=torch.float32)
         elif value.is_floating_point():
-            out[key] = value.half().float()
-        else:
-            out[key] = value
-    return out
+            value.copy_(value.half())
+    return sd
 
 
 def _download_official(name: str, cache_dir: Path) -> Path:
@@ -118,12 +116,30 @@ def _download_official(name: str, cache_dir: Path) -> Path:
         ) from exc
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed while building a model back to the OS (glibc keeps large freed blocks on its
+    heap otherwise: building a real-size model would leave ~1 GB of dead RSS behind)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def load_clip(name_or_path: str, cache_dir: str | Path | None = None) -> tuple[torch.nn.Module, str]:
     """Build a CLIP model on the CPU in fp32. Returns (model, canonical name).
 
     `name_or_path` is an official name (`RN50`, `ViT-B/32`, ...), `tiny-rn` / `tiny-vit`,
     `random-<official name>`, or a path to a checkpoint file.
     """
+    try:
+        return _load_clip(name_or_path, cache_dir)
+    finally:
+        release_freed_memory()
+
+
+def _load_clip(name_or_path: str, cache_dir: str | Path | None) -> tuple[torch.nn.Module, str]:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     spec = ALL_SPECS.get(name_or_path)
     if spec is not None and spec.official:

@@ -1,0 +1,139 @@
+"""ADE20K scenes (spec §6, appendix Table S3): the ten scene classes, from either release.
+
+- Full ADE20K (ADE20K_2021_17_01): per-image JSON with object polygons; ground truth = the bounding
+  boxes of the class's whole-object instances (part level 0); coverage = the union of their polygons.
+- SceneParsing (ADEChallengeData2016): label PNGs (0 = unlabelled, 1..150 = objectInfo150 classes);
+  ground truth = the bounding boxes of the class's connected regions (8-connectivity); coverage =
+  the class's pixels. It has no "snow": a warning says so and the other nine are used.
+
+Validation images; one pair per (image, scene class present). Category ids are 1..10 in SCENES order.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from camloc.datasets.records import ImagePairs, Pair
+from camloc.datasets.registry import DataOptions, register_dataset
+from camloc.errors import CamlocError
+
+SCENES = ["field", "hill", "river", "grass", "sky", "sand", "sea", "snow", "water", "road"]
+FULL_ROOT = "ADE20K_2021_17_01"
+SCENE_PARSING_ROOT = "ADEChallengeData2016"
+
+
+def _names(raw: str, sep: str) -> list[str]:
+    return [n.strip() for n in raw.split(sep) if n.strip()]
+
+
+def _pair(image_id: str, path: Path, size: tuple[int, int], scene: str, boxes, coverage, template) -> Pair:
+    return Pair(image_id=image_id, file_name=path.name, image_size=size, category_id=SCENES.index(scene) + 1,
+                category=scene, prompt=template.format(scene), gt_boxes=boxes, coverage=coverage)
+
+
+def full_release_pairs(folder: Path, template: str) -> list[ImagePairs]:
+    """Pairs from the full release's per-image JSON files found under `folder`."""
+    images = []
+    for json_path in sorted(folder.rglob("ADE_*.json")):
+        try:
+            annotation = json.loads(json_path.read_text(encoding="utf-8", errors="replace"))["annotation"]
+            height, width = int(annotation["imsize"][0]), int(annotation["imsize"][1])
+            objects = annotation["object"]
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
+            raise CamlocError(f"ADE20K annotation {json_path} is not in the full release's format ({exc})") from exc
+        polygons: dict[str, list[np.ndarray]] = {}
+        for obj in objects:
+            if obj.get("parts", {}).get("part_level", 0) != 0:
+                continue
+            scene = next((n for n in _names(obj.get("name", ""), ",") if n in SCENES), None)
+            poly = obj.get("polygon", {})
+            if scene is None or not poly.get("x"):
+                continue
+            polygons.setdefault(scene, []).append(np.stack([poly["x"], poly["y"]], axis=1).astype(np.float64))
+        image_path = json_path.parent / annotation.get("filename", json_path.with_suffix(".jpg").name)
+        pairs = []
+        for scene in sorted(polygons, key=SCENES.index):
+            boxes = [[float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
+                     for p in polygons[scene]]
+            mask = np.zeros((height, width), np.uint8)
+            cv2.fillPoly(mask, [np.round(p).astype(np.int32) for p in polygons[scene]], 1)
+            pairs.append(_pair(json_path.stem, image_path, (width, height), scene, boxes,
+                               float(mask.mean()), template))
+        if pairs:
+            images.append(ImagePairs(str(image_path), json_path.stem, pairs))
+    return images
+
+
+def read_object_info(path: Path) -> dict[str, int]:
+    """objectInfo150.txt (tab-separated Idx, Ratio, Train, Val, Name; names joined by ';') -> scene -> label."""
+    if not path.is_file():
+        raise CamlocError(f"{path} does not exist; pass --ann-file or fix --data-root (see `camloc data verify "
+                          "ade20k-scenes`)")
+    labels = {}
+    for line in path.read_text().splitlines()[1:]:
+        fields = line.split("\t")
+        if len(fields) < 5 or not fields[0].strip().isdigit():
+            continue
+        for name in _names(fields[4], ";"):
+            if name in SCENES:
+                labels.setdefault(name, int(fields[0]))
+    return labels
+
+
+def scene_parsing_pairs(image_dir: Path, label_dir: Path, info_file: Path, template: str) -> list[ImagePairs]:
+    labels = read_object_info(info_file)
+    missing = [s for s in SCENES if s not in labels]
+    if missing:
+        warnings.warn(f"ADEChallengeData2016 has no {', '.join(missing)} class: ade20k-scenes uses the other "
+                      f"{len(labels)} scene classes there", stacklevel=2)
+    if not image_dir.is_dir():
+        raise CamlocError(f"image folder {image_dir} does not exist; pass --image-dir or fix --data-root")
+    images = []
+    for image_path in sorted(image_dir.glob("*.jpg")):
+        label_path = label_dir / f"{image_path.stem}.png"
+        if not label_path.is_file():
+            raise CamlocError(f"label PNG {label_path} for {image_path.name} does not exist")
+        label = np.asarray(Image.open(label_path))
+        height, width = label.shape[:2]
+        pairs = []
+        for scene in sorted(labels, key=SCENES.index):
+            mask = (label == labels[scene]).astype(np.uint8)
+            if not mask.any():
+                continue
+            count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            boxes = [[int(x), int(y), int(x + w), int(y + h)] for x, y, w, h, _ in stats[1:count]]
+            pairs.append(_pair(image_path.stem, image_path, (width, height), scene, boxes, float(mask.mean()), template))
+        if pairs:
+            images.append(ImagePairs(str(image_path), image_path.stem, pairs))
+    return images
+
+
+@register_dataset(
+    "ade20k-scenes", "ADE20K validation, the 10 scene classes of Table S3 (full release or ADEChallengeData2016)",
+    layout=f"<data-root>/{FULL_ROOT}/images/ADE/validation/**/ADE_val_*.jpg + .json (full release), or "
+           f"<data-root>/{SCENE_PARSING_ROOT}/images/validation/, annotations/validation/, objectInfo150.txt",
+    obtain="SceneParsing: `camloc data download ade20k-sceneparsing`; the full release (needed for 'snow') is not "
+           "downloadable automatically: register at https://ade20k.csail.mit.edu and extract "
+           f"{FULL_ROOT}.zip into the data root",
+)
+def ade20k_scenes(opts: DataOptions) -> list[ImagePairs]:
+    full = opts.root / FULL_ROOT
+    parsing = opts.root / SCENE_PARSING_ROOT
+    split = opts.split or "validation"
+    if opts.ann_file is not None and opts.ann_file.name.startswith("objectInfo150"):
+        parsing = opts.ann_file.parent
+    elif opts.image_dir is not None and any(opts.image_dir.rglob("ADE_*.json")):
+        return full_release_pairs(opts.image_dir, opts.prompt_template)
+    elif full.is_dir():
+        return full_release_pairs(full / "images" / "ADE" / split, opts.prompt_template)
+    if parsing.is_dir() or opts.ann_file is not None:
+        image_dir = opts.image_dir or parsing / "images" / split
+        return scene_parsing_pairs(image_dir, image_dir.parent.parent / "annotations" / image_dir.name,
+                                   opts.ann_file or parsing / "objectInfo150.txt", opts.prompt_template)
+    raise CamlocError(f"no ADE20K under {opts.root}: expected {full} (full release) or {parsing} (SceneParsing); "
+                      "pass --data-root, or get the data with `camloc data download ade20k-sceneparsing`")

@@ -1,0 +1,153 @@
+"""`camloc data download`: streamed downloads with resume, size and checksum checks, extraction.
+
+Only datasets with public direct URLs are listed. Checksums: SHA-1 values as published in GluonCV's
+dataset scripts (`mscoco.py`, `ade20k.py`); camloc also writes the SHA-256 of every file it fetched
+next to it (`<file>.sha256`). Sizes are the servers' published byte counts where known.
+"""
+from __future__ import annotations
+
+import hashlib
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from camloc.errors import CamlocError
+
+
+@dataclass(frozen=True)
+class Archive:
+    url: str
+    size: int | None = None
+    sha1: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+SOURCES: dict[str, dict[str, list[Archive]]] = {
+    "coco": {
+        "val2017": [
+            Archive("http://images.cocodataset.org/annotations/annotations_trainval2017.zip", 252907541,
+                    "8551ee4bb5860311e79dace7e79cb91e432e78b3"),
+            Archive("http://images.cocodataset.org/zips/val2017.zip", 815585330,
+                    "4950dc9d00dbe1c933ee0170f5797584351d2a41"),
+        ],
+        "train2017": [
+            Archive("http://images.cocodataset.org/annotations/annotations_trainval2017.zip", 252907541,
+                    "8551ee4bb5860311e79dace7e79cb91e432e78b3"),
+            Archive("http://images.cocodataset.org/zips/train2017.zip", 19336861798,
+                    "10ad623668ab00c62c096f0ed636d6aff41faca5"),
+        ],
+    },
+    "ade20k-sceneparsing": {
+        "validation": [
+            Archive("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip", None,
+                    "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7"),
+        ],
+    },
+}
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(sha1, sha256) of a file, read once."""
+    sha1, sha256 = hashlib.sha1(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha1.update(block)
+            sha256.update(block)
+    return sha1.hexdigest(), sha256.hexdigest()
+
+
+def download(archive: Archive, folder: Path, verify: bool = True, progress: bool = True, timeout: float = 60) -> Path:
+    """Fetch `archive` into `folder`, resuming a `.part` file left by an interrupted run (HTTP Range)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / archive.file_name
+    if dest.exists():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={start}-"} if start else {}
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(archive.url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and archive.size and start == archive.size:  # the .part is already complete
+            response = None
+        else:
+            raise CamlocError(f"downloading {archive.url} failed: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise CamlocError(f"downloading {archive.url} failed ({exc}); check the network and run the same command "
+                          f"again to resume ({start} bytes kept in {part})") from exc
+    if response is not None:
+        with response:
+            if start and response.status != 206:  # the server ignored the Range header: start over
+                start = 0
+            length = response.headers.get("Content-Length")
+            total = start + int(length) if length is not None else archive.size
+            _stream(response, part, start, total, archive.file_name, progress)
+    size = part.stat().st_size
+    if archive.size is not None and size != archive.size:
+        raise CamlocError(f"{part} has {size} bytes, expected {archive.size}; run the same command again to resume, "
+                          "or delete the file to start over")
+    sha1, sha256 = file_digests(part)
+    if verify and archive.sha1 and sha1 != archive.sha1:
+        bad = part.with_name(part.name + ".corrupt")
+        part.rename(bad)
+        raise CamlocError(f"{archive.file_name}: SHA-1 {sha1} differs from the published {archive.sha1}; moved it to "
+                          f"{bad}; run again to download afresh (or pass --no-verify if the server's file changed)")
+    part.rename(dest)
+    dest.with_name(dest.name + ".sha256").write_text(f"{sha256}  {dest.name}\n")
+    return dest
+
+
+def _stream(response, part: Path, start: int, total: int | None, label: str, progress: bool) -> None:
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    with open(part, "ab" if start else "wb") as f, Progress(
+        TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        disable=not progress,
+    ) as bar:
+        task = bar.add_task(label, total=total, completed=start)
+        for block in iter(lambda: response.read(1 << 20), b""):
+            f.write(block)
+            bar.advance(task, len(block))
+
+
+def extract(archive_path: Path, root: Path) -> None:
+    """Unzip into the data root once (a marker file records that it was done)."""
+    marker = root / f".{archive_path.name}.extracted"
+    if marker.exists():
+        return
+    try:
+        with zipfile.ZipFile(archive_path) as zf:
+            for member in zf.namelist():
+                target = (root / member).resolve()
+                if not str(target).startswith(str(root.resolve())):
+                    raise CamlocError(f"{archive_path} holds a path outside the data root: {member}")
+            zf.extractall(root)
+    except zipfile.BadZipFile as exc:
+        raise CamlocError(f"{archive_path} is not a valid zip file ({exc}); delete it and download again") from exc
+    marker.write_text("ok\n")
+
+
+def fetch_dataset(name: str, root: Path, split: str | None = None, verify: bool = True, progress: bool = True,
+                  sources: dict | None = None) -> list[Path]:
+    """Download and extract every archive of `name` (and `split`) into `root`; returns the archives."""
+    sources = sources or SOURCES
+    if name not in sources:
+        raise CamlocError(f"`camloc data download` knows {', '.join(sources)}; {name!r} has no public direct URL "
+                          f"(see `camloc data verify {name}` for how to obtain it)")
+    splits = sources[name]
+    split = split or next(iter(splits))
+    if split not in splits:
+        raise CamlocError(f"--split {split!r} is not one of {', '.join(splits)} for {name}")
+    downloads = root / "downloads"
+    archives = []
+    for archive in splits[split]:
+        path = download(archive, downloads, verify=verify, progress=progress)
+        extract(path, root)
+        archives.append(path)
+    return archives

@@ -1,0 +1,41 @@
+"""PartImageNet (spec §6): the official COCO-style split JSON (category ids start at 0, part names
+such as "Quadruped Head" as prompts), images under images/<split>/<wnid>/<file>."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from camloc.datasets.coco_format import load_coco_pairs
+from camloc.datasets.records import ImagePairs
+from camloc.datasets.registry import DataOptions, register_dataset
+
+ROOT = "PartImageNet"
+
+
+def _ann_file(opts: DataOptions, split: str) -> Path:
+    if opts.ann_file:
+        return opts.ann_file
+    base = opts.root / ROOT / "annotations"
+    nested = base / split / f"{split}.json"
+    return nested if nested.is_file() else base / f"{split}.json"
+
+
+def _locate(folder: Path, info: dict) -> Path:
+    """<folder>/<wnid>/<file> (the release's layout), or <folder>/<file> when that is where it is."""
+    name = info["file_name"]
+    if "/" in name:
+        return folder / name
+    nested = folder / name.split("_")[0] / name
+    return nested if nested.exists() or not (folder / name).exists() else folder / name
+
+
+@register_dataset(
+    "partimagenet", "PartImageNet parts (test split by default, --split): every (image, part class) with a box",
+    layout="<data-root>/PartImageNet/annotations/<split>.json (or annotations/<split>/<split>.json) and "
+           "<data-root>/PartImageNet/images/<split>/<wnid>/<file>.JPEG",
+    obtain="not downloadable automatically: get PartImageNet from https://github.com/TACJu/PartImageNet "
+           "(its README links the archive) and extract it into the data root",
+)
+def partimagenet(opts: DataOptions) -> list[ImagePairs]:
+    split = opts.split or "test"
+    images = opts.image_dir or opts.root / ROOT / "images" / split
+    return load_coco_pairs(_ann_file(opts, split), images, opts.prompt_template, image_path=_locate)

@@ -1,0 +1,339 @@
+"""Dataset loaders on small fixtures written here in the official formats, `camloc data verify`,
+and `camloc data download` against a local HTTP server (resume, checksums, extraction)."""
+import hashlib
+import io
+import json
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from typer.testing import CliRunner
+
+from camloc.cli.app import app
+from camloc.datasets import count_pairs, load_dataset
+from camloc.datasets.coco import balanced_draw
+from camloc.datasets.download import Archive, fetch_dataset
+from camloc.errors import CamlocError
+
+runner = CliRunner()
+
+
+def _image(path, w, h, color=(120, 80, 40)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (w, h), color).save(path)
+
+
+def _rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def write_coco(root, split="val2017"):
+    """3 images; polygon, compressed-RLE and crowd (uncompressed RLE) annotations."""
+    images = [{"id": 7, "file_name": "000000000007.jpg", "width": 20, "height": 10},
+              {"id": 3, "file_name": "000000000003.jpg", "width": 16, "height": 16},
+              {"id": 9, "file_name": "000000000009.jpg", "width": 8, "height": 8}]
+    cats = [{"id": 1, "name": "person", "supercategory": "person"}, {"id": 18, "name": "dog", "supercategory": "animal"},
+            {"id": 67, "name": "dining table", "supercategory": "furniture"}]
+    m1 = np.zeros((10, 20), np.uint8)
+    m1[2:6, 3:11] = 1  # 32 px
+    m2 = np.zeros((10, 20), np.uint8)
+    m2[4:8, 8:14] = 1  # 24 px, overlapping m1 in rows 4-5 x cols 8-10 = 6 px -> union 50 px
+    crowd = np.zeros((16, 16), np.uint8)
+    crowd[:4, :4] = 1
+    anns = [
+        {"id": 1, "image_id": 7, "category_id": 1, "bbox": [3, 2, 8, 4], "area": 32, "iscrowd": 0, "segmentation": _rle(m1)},
+        {"id": 2, "image_id": 7, "category_id": 1, "bbox": [8, 4, 6, 4], "area": 24, "iscrowd": 0, "segmentation": _rle(m2)},
+        {"id": 3, "image_id": 7, "category_id": 18, "bbox": [0.5, 0.5, 4, 3], "area": 12, "iscrowd": 0,
+         "segmentation": [[0.5, 0.5, 4.5, 0.5, 4.5, 3.5, 0.5, 3.5]]},
+        {"id": 4, "image_id": 3, "category_id": 67, "bbox": [2, 2, 10, 12], "area": 120, "iscrowd": 0,
+         "segmentation": [[2, 2, 12, 2, 12, 14, 2, 14]]},
+        # a crowd region in uncompressed RLE: not a pair, and not ground truth
+        {"id": 5, "image_id": 3, "category_id": 1, "bbox": [0, 0, 4, 4], "area": 16, "iscrowd": 1,
+         "segmentation": {"counts": _uncompressed(crowd), "size": [16, 16]}},
+        # image 9 has only a crowd annotation: no pair at all
+        {"id": 6, "image_id": 9, "category_id": 18, "bbox": [0, 0, 8, 8], "area": 64, "iscrowd": 1,
+         "segmentation": {"counts": [0, 64], "size": [8, 8]}},
+    ]
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns, "categories": cats}))
+    for info in images:
+        _image(root / split / info["file_name"], info["width"], info["height"])
+
+
+def _uncompressed(mask):
+    """COCO's uncompressed RLE counts (column-major runs, starting with zeros)."""
+    flat = mask.flatten(order="F")
+    counts, current, run = [], 0, 0
+    for v in flat:
+        if v != current:
+            counts.append(run)
+            current, run = v, 0
+        run += 1
+    counts.append(run)
+    return counts
+
+
+def test_coco_pairs_boxes_and_coverage(tmp_path):
+    write_coco(tmp_path)
+    images = load_dataset("coco", data_root_dir=tmp_path)
+    assert [i.image_id for i in images] == [3, 7]  # image 9 has only a crowd box
+    by_key = {(p.image_id, p.category): p for i in images for p in i.pairs}
+    assert set(by_key) == {(3, "dining table"), (7, "person"), (7, "dog")}
+    person = by_key[(7, "person")]
+    assert person.category_id == 1 and person.prompt == "person"
+    assert person.gt_boxes == [[3, 2, 11, 6], [8, 4, 14, 8]]  # xywh -> xyxy
+    assert person.coverage == pytest.approx(50 / 200)  # union of the two instance masks
+    assert by_key[(7, "dog")].gt_boxes == [[0.5, 0.5, 4.5, 3.5]]
+    assert by_key[(3, "dining table")].gt_boxes == [[2, 2, 12, 14]]  # the crowd person is not a pair
+    assert images[0].path == str(tmp_path / "val2017" / "000000000003.jpg")
+    templated = load_dataset("coco", data_root_dir=tmp_path, prompt_template="a photo of a {}.")
+    assert templated[1].pairs[0].prompt == "a photo of a person."
+
+
+def test_coco_overrides_limit_subset_and_env(tmp_path, monkeypatch):
+    write_coco(tmp_path / "elsewhere", split="val2017")
+    ann = tmp_path / "elsewhere" / "annotations" / "instances_val2017.json"
+    images = load_dataset("coco", ann_file=ann, image_dir=tmp_path / "elsewhere" / "val2017")
+    assert count_pairs(images) == 3
+    monkeypatch.setenv("CAMLOC_DATA", str(tmp_path / "elsewhere"))
+    assert count_pairs(load_dataset("coco")) == 3
+    assert [i.image_id for i in load_dataset("coco", limit=1)] == [3]
+    seeded = [i.image_id for i in load_dataset("coco", limit=1, subset_seed=5)]
+    assert seeded == [i.image_id for i in load_dataset("coco", limit=1, subset_seed=5)]
+    assert [p.category for i in load_dataset("coco", classes=["dog"]) for p in i.pairs] == ["dog"]
+    with pytest.raises(CamlocError, match="annotation file .*instances_val2017.json does not exist"):
+        load_dataset("coco", data_root_dir=tmp_path / "nothing")
+
+
+def test_balanced_draw_is_seeded_and_per_category():
+    ids = {1: list(range(100, 400)), 2: list(range(50)), 3: list(range(380, 600))}
+    a = balanced_draw(ids, per_class=100, seed=0)
+    assert sum(len(c) for c in a.values()) == 250  # 100 + all 50 + 100 pairs
+    assert sum(1 for cats in a.values() if 2 in cats) == 50
+    assert a == balanced_draw(ids, per_class=100, seed=0)
+    assert a != balanced_draw(ids, per_class=100, seed=1)
+    # each category has its own generator: dropping category 3 leaves category 1's draw unchanged
+    b = balanced_draw({1: ids[1], 2: ids[2]}, per_class=100, seed=0)
+    assert {i for i, c in a.items() if 1 in c} == {i for i, c in b.items() if 1 in c}
+
+
+def test_coco_train_balanced(tmp_path):
+    write_coco(tmp_path, split="train2017")
+    images = load_dataset("coco-train-balanced", data_root_dir=tmp_path, per_class=1, subset_seed=0)
+    pairs = [p for i in images for p in i.pairs]
+    assert sorted(p.category for p in pairs) == ["dining table", "dog", "person"]  # one image per class
+    assert all(i.path.startswith(str(tmp_path / "train2017")) for i in images)
+
+
+def write_partimagenet(root):
+    base = root / "PartImageNet"
+    images = [{"id": 0, "file_name": "n02085620_123.JPEG", "width": 12, "height": 10},
+              {"id": 1, "file_name": "n04285008_77.JPEG", "width": 10, "height": 10}]
+    cats = [{"id": 0, "name": "Quadruped Head", "supercategory": "Quadruped"},
+            {"id": 1, "name": "Quadruped Body", "supercategory": "Quadruped"},
+            {"id": 2, "name": "Car Tier", "supercategory": "Car"}]
+    anns = [{"id": 1, "image_id": 0, "category_id": 0, "bbox": [1, 1, 4, 3], "area": 12, "iscrowd": 0,
+             "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]]},
+            {"id": 2, "image_id": 0, "category_id": 1, "bbox": [4, 3, 7, 6], "area": 42, "iscrowd": 0,
+             "segmentation": [[4, 3, 11, 3, 11, 9, 4, 9]]},
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [0, 6, 3, 3], "area": 9, "iscrowd": 0,
+             "segmentation": [[0, 6, 3, 6, 3, 9, 0, 9]]},
+            {"id": 4, "image_id": 1, "category_id": 2, "bbox": [6, 6, 3, 3], "area": 9, "iscrowd": 0,
+             "segmentation": [[6, 6, 9, 6, 9, 9, 6, 9]]}]
+    (base / "annotations").mkdir(parents=True)
+    (base / "annotations" / "test.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                                "categories": cats}))
+    for info in images:
+        _image(base / "images" / "test" / info["file_name"].split("_")[0] / info["file_name"], info["width"],
+               info["height"])
+
+
+def test_partimagenet_category_zero_and_wnid_folders(tmp_path):
+    write_partimagenet(tmp_path)
+    images = load_dataset("partimagenet", data_root_dir=tmp_path)
+    pairs = {(p.image_id, p.category_id): p for i in images for p in i.pairs}
+    assert set(pairs) == {(0, 0), (0, 1), (1, 2)}
+    head = pairs[(0, 0)]
+    assert head.category == "Quadruped Head" and head.prompt == "Quadruped Head" and head.gt_boxes == [[1, 1, 5, 4]]
+    assert pairs[(1, 2)].gt_boxes == [[0, 6, 3, 9], [6, 6, 9, 9]]
+    assert images[0].path == str(tmp_path / "PartImageNet" / "images" / "test" / "n02085620" / "n02085620_123.JPEG")
+
+
+def write_ade_full(root):
+    folder = root / "ADE20K_2021_17_01" / "images" / "ADE" / "validation" / "natural" / "coast"
+    folder.mkdir(parents=True)
+
+    def obj(i, name, xs, ys, part_level=0):
+        return {"id": i, "name": name, "name_ndx": 1, "hypernym": [], "raw_name": name, "attributes": [],
+                "depth_ordering_rank": i, "occluded": "no", "crop": "0",
+                "parts": {"is_part_of": [], "part_level": part_level, "has_parts": []},
+                "polygon": {"x": xs, "y": ys, "click_date": []}, "saved_date": "2020-01-01",
+                "instance_mask": f"ADE_val_00000001/instance_{i:03d}_ADE_val_00000001.png"}
+
+    objects = [obj(0, "sky", [0, 9, 9, 0], [0, 0, 3, 3]),                # 10 x 4 = 40 px
+               obj(1, "grass", [0, 4, 4, 0], [6, 6, 9, 9]),              # 5 x 4 = 20 px
+               obj(2, "grass", [12, 19, 19, 12], [7, 7, 9, 9]),          # 8 x 3 = 24 px
+               obj(3, "road, route", [10, 14, 14, 10], [4, 4, 5, 5]),    # 5 x 2 = 10 px
+               obj(4, "sky", [2, 3, 3, 2], [1, 1, 2, 2], part_level=1),  # a part: ignored
+               obj(5, "wall", [15, 19, 19, 15], [0, 0, 3, 3])]           # not a scene class
+    (folder / "ADE_val_00000001.json").write_text(json.dumps({"annotation": {
+        "filename": "ADE_val_00000001.jpg", "folder": "ADE20K_2021_17_01/images/ADE/validation/natural/coast",
+        "imsize": [10, 20, 3], "source": {}, "scene": ["outdoor", "coast"], "object": objects}}))
+    _image(folder / "ADE_val_00000001.jpg", 20, 10)
+
+
+def test_ade20k_full_release(tmp_path):
+    write_ade_full(tmp_path)
+    images = load_dataset("ade20k-scenes", data_root_dir=tmp_path)
+    assert len(images) == 1 and images[0].image_id == "ADE_val_00000001"
+    pairs = {p.category: p for p in images[0].pairs}
+    assert list(pairs) == ["grass", "sky", "road"]  # in SCENES order
+    assert pairs["sky"].gt_boxes == [[0, 0, 9, 3]] and pairs["sky"].coverage == pytest.approx(40 / 200)
+    assert pairs["grass"].gt_boxes == [[0, 6, 4, 9], [12, 7, 19, 9]]
+    assert pairs["grass"].coverage == pytest.approx(44 / 200)
+    assert pairs["road"].coverage == pytest.approx(10 / 200) and pairs["road"].category_id == 10
+
+
+def write_scene_parsing(root):
+    base = root / "ADEChallengeData2016"
+    (base / "annotations" / "validation").mkdir(parents=True)
+    info = ["Idx\tRatio\tTrain\tVal\tName", "1\t0.1576\t11664\t1172\twall", "3\t0.0878\t8811\t852\tsky",
+            "7\t0.0569\t4733\t449\troad;route", "10\t0.0192\t1859\t177\tgrass", "22\t0.0092\t1082\t106\twater",
+            "27\t0.0082\t498\t54\tsea", "30\t0.0056\t664\t61\tfield", "47\t0.0033\t369\t35\tsand",
+            "49\t0.0027\t245\t25\triver", "69\t0.0018\t256\t31\thill"]
+    (base / "objectInfo150.txt").write_text("\n".join(info) + "\n")
+    label = np.zeros((10, 20), np.uint8)
+    label[0:3, :] = 3          # sky: 60 px, one region
+    label[5:7, 0:4] = 10       # grass: two regions, 8 + 6 px
+    label[8:10, 10:13] = 10
+    label[4, 15:20] = 1        # wall
+    Image.fromarray(label).save(base / "annotations" / "validation" / "ADE_val_00000001.png")
+    _image(base / "images" / "validation" / "ADE_val_00000001.jpg", 20, 10)
+    Image.fromarray(np.ones((4, 4), np.uint8)).save(base / "annotations" / "validation" / "ADE_val_00000002.png")
+    _image(base / "images" / "validation" / "ADE_val_00000002.jpg", 4, 4)  # only wall: no pair
+
+
+def test_ade20k_scene_parsing_warns_about_snow(tmp_path):
+    write_scene_parsing(tmp_path)
+    with pytest.warns(UserWarning, match="no snow class"):
+        images = load_dataset("ade20k-scenes", data_root_dir=tmp_path)
+    assert len(images) == 1
+    pairs = {p.category: p for p in images[0].pairs}
+    assert list(pairs) == ["grass", "sky"]
+    assert pairs["sky"].gt_boxes == [[0, 0, 20, 3]] and pairs["sky"].coverage == pytest.approx(60 / 200)
+    assert pairs["grass"].gt_boxes == [[0, 5, 4, 7], [10, 8, 13, 10]]  # connected regions
+    assert pairs["grass"].coverage == pytest.approx(14 / 200)
+
+
+def test_ade20k_missing_says_where_it_looked(tmp_path):
+    with pytest.raises(CamlocError, match="no ADE20K under .*ADE20K_2021_17_01.*ADEChallengeData2016"):
+        load_dataset("ade20k-scenes", data_root_dir=tmp_path)
+
+
+def test_data_verify_counts_and_missing_files(tmp_path):
+    write_coco(tmp_path)
+    ok = runner.invoke(app, ["data", "verify", "coco", "--data-root", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    assert "images 2, pairs 3, missing image files 0, mean class coverage" in ok.output
+    (tmp_path / "val2017" / "000000000003.jpg").unlink()
+    bad = runner.invoke(app, ["data", "verify", "coco", "--data-root", str(tmp_path)])
+    assert bad.exit_code == 2 and "missing image files 1" in bad.output and "camloc data download coco" in bad.output
+    absent = runner.invoke(app, ["data", "verify", "partimagenet", "--data-root", str(tmp_path)])
+    assert absent.exit_code == 2 and "github.com/TACJu/PartImageNet" in absent.output
+
+
+class _RangeHandler(BaseHTTPRequestHandler):
+    files: dict = {}
+    ranges: list = []
+
+    def do_GET(self):
+        data = self.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        header = self.headers.get("Range")
+        self.ranges.append(header)
+        if header:
+            start = int(header.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _RangeHandler
+    server.shutdown()
+
+
+def _zip_bytes(files):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, content in files.items():
+            zf.writestr(name, content)
+    return buf.getvalue()
+
+
+def test_download_resumes_checks_and_extracts(tmp_path, http_server):
+    base, handler = http_server
+    payload = _zip_bytes({"val2017/a.jpg": b"x" * 5000, "annotations/instances_val2017.json": b"{}"})
+    handler.files = {"/val.zip": payload}
+    handler.ranges = []
+    archive = Archive(f"{base}/val.zip", len(payload), hashlib.sha1(payload).hexdigest())
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "val.zip.part").write_bytes(payload[:1000])  # an interrupted earlier run
+    paths = fetch_dataset("toy", tmp_path, sources={"toy": {"val2017": [archive]}}, progress=False)
+    assert handler.ranges == ["bytes=1000-"]  # resumed, not restarted
+    assert paths[0].read_bytes() == payload
+    assert (tmp_path / "val2017" / "a.jpg").read_bytes() == b"x" * 5000
+    assert (downloads / "val.zip.sha256").read_text().split()[0] == hashlib.sha256(payload).hexdigest()
+    fetch_dataset("toy", tmp_path, sources={"toy": {"val2017": [archive]}}, progress=False)
+    assert len(handler.ranges) == 1  # already there: nothing fetched again
+
+
+def test_download_checksum_mismatch_and_unknown(tmp_path, http_server):
+    base, handler = http_server
+    handler.files = {"/x.zip": _zip_bytes({"a": b"1"})}
+    wrong = Archive(f"{base}/x.zip", None, "0" * 40)
+    with pytest.raises(CamlocError, match="SHA-1 .* differs from the published 0000"):
+        fetch_dataset("toy", tmp_path, sources={"toy": {"s": [wrong]}}, progress=False)
+    assert (tmp_path / "downloads" / "x.zip.part.corrupt").exists()
+    with pytest.raises(CamlocError, match="no public direct URL"):
+        fetch_dataset("partimagenet", tmp_path)
+    with pytest.raises(CamlocError, match="--split 'test2017' is not one of val2017, train2017"):
+        fetch_dataset("coco", tmp_path, split="test2017")
+    missing = Archive(f"{base}/nothing.zip")
+    with pytest.raises(CamlocError, match="HTTP 404"):
+        fetch_dataset("toy", tmp_path, sources={"toy": {"s": [missing]}}, progress=False)
+
+
+def test_eval_on_a_coco_layout_from_the_cli(tmp_path):
+    write_coco(tmp_path / "data")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["eval", "--method", "gradcam", "--model", "tiny-rn", "--dataset", "coco",
+                                 "--data-root", str(tmp_path / "data"), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert sorted((r["image_id"], r["category"]) for r in records) == [(3, "dining table"), (7, "dog"), (7, "person")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mean_coverage"] == pytest.approx(np.mean([r["coverage"] for r in records]))
+    assert json.loads((out / "config.json").read_text())["dataset"] == "coco"
