@@ -14,13 +14,17 @@ from pathlib import Path
 
 import torch
 
-from camloc.cams import compute_heatmaps, resolve_methods
+from camloc.cams import resolve_methods
+from camloc.cams.engine import compute_native
+from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import DEFAULT_OPTIONS
 from camloc.datasets import ImagePairs, count_pairs, load_dataset
 from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap
+from camloc.heatmap_cache import HeatmapCache, dataset_key
 from camloc.models import ClipModel, load_image
 from camloc.models.specs import family_hint
+from camloc.progress import progress_bar
 from camloc.provenance import device_description, git_commit, package_versions
 from camloc.runfiles import append_jsonl, atomic_write_text, read_jsonl
 
@@ -88,13 +92,19 @@ def _pending(images: list[ImagePairs], methods: list[str], done: set) -> list[tu
 
 
 def evaluate_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig,
-                   runtime: dict | None = None) -> list[dict]:
-    """Heatmaps, boxes and IoUs for one image's pending (pair, method) combinations."""
+                   runtime: dict | None = None, cache: HeatmapCache | None = None) -> list[dict]:
+    """Heatmaps, boxes and IoUs for one image's pending (pair, method) combinations; with a `cache`,
+    the native maps are stored too."""
     pairs = [p for p in item.pairs if p.key in todo]
     methods = [m for m in config.methods if any(m in todo[p.key] for p in pairs)]
     prompts = list(dict.fromkeys(p.prompt for p in pairs))
     image = load_image(item.path)
-    heatmaps = compute_heatmaps(model, image, prompts, methods, {**config.options, **(runtime or {})})
+    native = compute_native(model, image, prompts, methods, {**config.options, **(runtime or {})})
+    heatmaps = {m: native_to_raw(kind, maps, image.size) for m, (kind, maps) in native.items()}
+    if cache is not None:
+        for method, (kind, maps) in native.items():
+            cache.put(method, item.image_id, kind, {p.category_id: maps[prompts.index(p.prompt)] for p in pairs},
+                      image.size)
     records = []
     for pair in pairs:
         row = prompts.index(pair.prompt)
@@ -157,6 +167,7 @@ def run_eval(
     data_options: dict | None = None,
     progress: bool = True,
     chunk_size: int | str = "auto",
+    save_heatmaps: str | Path | None = None,
 ) -> dict:
     """Evaluate `config` into `run_dir`, resuming what is there. Returns the summary dict."""
     started = time.perf_counter()
@@ -174,14 +185,18 @@ def run_eval(
     _check_config(run_dir, config, force_new)
     load_seconds = time.perf_counter() - started
 
+    cache = None
+    if save_heatmaps is not None:
+        cache = HeatmapCache(save_heatmaps, model.name, dataset_key(config.dataset, config.split, config.prompt_template),
+                             config.options, model.precision)
     records_path = run_dir / RECORDS
     done = {record_key(r) for r in read_jsonl(records_path, repair=True)}
     work = _pending(images, config.methods, done)
     n_new = sum(len(ms) for _, todo in work for ms in todo.values())
     compute_started = time.perf_counter()
-    with open(records_path, "a") as handle, _progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
+    with open(records_path, "a") as handle, progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
         for item, todo in work:
-            append_jsonl(handle, evaluate_image(model, item, todo, config, {"chunk_size": chunk_size}))
+            append_jsonl(handle, evaluate_image(model, item, todo, config, {"chunk_size": chunk_size}, cache))
             bar.advance(len(todo))
     compute_seconds = time.perf_counter() - compute_started
 
@@ -217,41 +232,3 @@ def run_eval(
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=1) + "\n")
     write_tables(run_dir, rows)
     return summary
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def advance(self, n: int) -> None:
-        pass
-
-
-class _RichBar:
-    def __init__(self, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("pairs"),
-            TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
-        )
-        self.task = self.progress.add_task("eval", total=total, rate="- pairs/s")
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def advance(self, n: int) -> None:
-        self.progress.advance(self.task, n)
-        speed = self.progress.tasks[0].speed
-        self.progress.update(self.task, rate=f"{speed:.2f} pairs/s" if speed else "- pairs/s")
-
-
-def _progress_bar(enabled: bool, total: int):
-    return _RichBar(total) if enabled and total else _NoBar()

@@ -49,7 +49,8 @@ def attention_probs_and_scores(ctx: CamContext) -> tuple[list[torch.Tensor], tor
     return probs, scores
 
 
-@register_method("hilacam", families=frozenset({"vit"}), uses_gradients=True, postprocess="resize")
+@register_method("hilacam", families=frozenset({"vit"}), uses_gradients=True, postprocess="resize",
+                 params=("start_layer",))
 def hilacam(ctx: CamContext) -> torch.Tensor:
     """HilaCAM: R = I; for each block from --start-layer, R += mean_heads(relu(dP * P)) R; map = R[0, 1:]."""
     start = int(ctx.options.get("start_layer", DEFAULT_OPTIONS["start_layer"]))

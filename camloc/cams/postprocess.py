@@ -32,22 +32,35 @@ def resize_maps(maps: np.ndarray, raw_size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def to_native(kind: str, maps: torch.Tensor) -> np.ndarray:
+    """A method's maps (P, h, w) at its native resolution, normalised to [0, 1] on the device, then
+    moved to the host: the form the heatmap cache stores. `kind` is the method's `postprocess`:
+    `grid` (relu, min-max eps 1e-8), `resize_minmax` (GroupCAM: min-max without eps; min-max commutes
+    with the linear resize), `resize` (HilaCAM: already normalised by the method)."""
+    maps = maps.float()
+    if kind == "grid":
+        maps = minmax_(maps.clamp_min(0))
+    elif kind == "resize_minmax":
+        maps = minmax_(maps, eps=0)
+    elif kind != "resize":
+        raise ValueError(f"unknown post-processing kind {kind!r}")
+    return maps.cpu().numpy()
+
+
+def native_to_raw(kind: str, native: np.ndarray, raw_size: tuple[int, int]) -> np.ndarray:
+    """Native maps (P, h, w) -> raw-size heatmaps (P, H, W) float32 (spec §3): OpenCV INTER_LINEAR
+    resize to (W, H), then `grid`: relu and min-max (eps 1e-8); `resize_minmax`: min-max without eps;
+    `resize`: nothing more. Deterministic, so cached native maps re-derive the same raw maps."""
+    raw = resize_maps(np.asarray(native, dtype=np.float32), raw_size)
+    if kind == "grid":
+        raw = minmax_(np.maximum(raw, 0))
+    elif kind == "resize_minmax":
+        raw = minmax_(raw, eps=0)
+    return raw.astype(np.float32, copy=False)
+
+
 def grid_maps_to_raw(maps: torch.Tensor, raw_size: tuple[int, int]) -> np.ndarray:
-    """(P, h, w) grid maps -> (P, H, W) float32 raw-size heatmaps in [0, 1]:
-    relu, min-max (eps 1e-8), OpenCV INTER_LINEAR resize to (W, H), relu, min-max again.
-
-    The first stage runs on the maps' device; only the small grid maps travel to the host, where
-    OpenCV does the resize exactly as the original implementation did.
-    """
-    grid = minmax_(maps.float().clamp_min(0)).cpu().numpy()
-    return minmax_(np.maximum(resize_maps(grid, raw_size), 0)).astype(np.float32, copy=False)
-
-
-def input_maps_to_raw(maps: torch.Tensor, raw_size: tuple[int, int]) -> np.ndarray:
-    """GroupCAM: (P, n, n) un-normalised maps -> resize to (W, H), then min-max without eps (spec §3)."""
-    return minmax_(resize_maps(maps.float().cpu().numpy(), raw_size), eps=0).astype(np.float32, copy=False)
-
-
-def normalized_maps_to_raw(maps: torch.Tensor, raw_size: tuple[int, int]) -> np.ndarray:
-    """HilaCAM: maps already min-max normalised by the method -> resize to (W, H) only (spec §3)."""
-    return resize_maps(maps.float().cpu().numpy(), raw_size)
+    """(P, h, w) grid maps -> (P, H, W) float32 raw-size heatmaps in [0, 1]: relu, min-max (eps 1e-8)
+    on the device, OpenCV INTER_LINEAR resize to (W, H) on the host, relu, min-max again. Only the
+    small grid maps travel to the host."""
+    return native_to_raw("grid", to_native("grid", maps), raw_size)

@@ -1,7 +1,7 @@
 """The method registry: `@register_method("name", ...)` fills it once; everything else reads it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Callable
 
@@ -26,7 +26,8 @@ class MethodSpec:
     postprocess: str = "grid"
     """`grid`: the spec's two-stage relu/min-max around the resize to raw size (spec §3)."""
     description: str = ""
-    options: dict = field(default_factory=dict)
+    params: tuple[str, ...] = ()
+    """The options (keys of DEFAULT_OPTIONS) that change this method's maps: part of cache keys."""
 
 
 METHODS: dict[str, MethodSpec] = {}

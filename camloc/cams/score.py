@@ -55,13 +55,13 @@ def _gscorecam(ctx: CamContext, importance: torch.Tensor) -> torch.Tensor:
     return weighted_sum(torch.softmax(scores, dim=1), ctx.activations)
 
 
-@register_method("gscorecam", masked_forwards=True, uses_gradients=True)
+@register_method("gscorecam", masked_forwards=True, uses_gradients=True, params=("topk",))
 def gscorecam(ctx: CamContext) -> torch.Tensor:
     """gScoreCAM: ScoreCAM over the top-k channels by signed mean gradient (k = --topk, 300)."""
     return _gscorecam(ctx, ctx.gradients.mean(dim=(2, 3)))
 
 
-@register_method("gscorecam-abs", masked_forwards=True, uses_gradients=True)
+@register_method("gscorecam-abs", masked_forwards=True, uses_gradients=True, params=("topk",))
 def gscorecam_abs(ctx: CamContext) -> torch.Tensor:
     """gScoreCAM variant: top-k channels by mean absolute gradient."""
     return _gscorecam(ctx, ctx.gradients.abs().mean(dim=(2, 3)))
@@ -87,7 +87,8 @@ def gaussian_blur(x: torch.Tensor, kernel: int = 51, sigma: float = 50.0) -> tor
     return tv_blur(x, [kernel, kernel], [sigma, sigma])
 
 
-@register_method("groupcam", masked_forwards=True, uses_gradients=True, postprocess="resize_minmax")
+@register_method("groupcam", masked_forwards=True, uses_gradients=True, postprocess="resize_minmax",
+                 params=("grouping",))
 def groupcam(ctx: CamContext) -> torch.Tensor:
     """GroupCAM: 32 channel groups of A' = mean_hw(G) A; d_g = relu(s(x m_g + b (1 - m_g)) - s(b)) with b
     a blurred x; M = sum_g (d_g + 1e-6) S_g at the input size (S_g = upsampled relu(group sum))."""

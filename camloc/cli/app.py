@@ -61,6 +61,8 @@ def list_cmd(what: Listable = typer.Argument(..., help="models, methods or datas
 from camloc.cli import data as _data_cmd  # noqa: E402,F401  (registers `data`)
 from camloc.cli import eval as _eval_cmd  # noqa: E402,F401  (registers `eval`)
 from camloc.cli import explain as _explain_cmd  # noqa: E402,F401  (registers `explain`)
+from camloc.cli import report as _report_cmd  # noqa: E402,F401  (registers `report`)
+from camloc.cli import search as _search_cmd  # noqa: E402,F401  (registers `threshold-search`)
 
 
 def main() -> None:

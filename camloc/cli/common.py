@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: busy
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from camloc.errors import CamlocError
 
@@ -72,7 +73,7 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CamlocError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}")
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: results written so far are kept; run the same command again to resume")

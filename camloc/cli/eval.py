@@ -8,19 +8,27 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (AnnFileOption, CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption,
-                               ImageDirOption, ModelOption, PerClassOption, PrecisionOption, SplitOption,
+                               ImageDirOption, PerClassOption, PrecisionOption, SplitOption,
                                StartLayerOption, SubsetSeedOption, ThresholdOption, TopkOption, method_options,
                                parse_chunk_size, parse_threshold, reports_errors)
+
+
+def _split(value):
+    if value is None or isinstance(value, list):
+        return value
+    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 @app.command("eval")
 @reports_errors
 def eval_cmd(
-    method: str = typer.Option(..., "--method", help="Method, comma list, or all (see `camloc list methods`)."),
-    model: str = ModelOption,
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with an [eval] table (see configs/); options given here override it."),
+    method: Optional[str] = typer.Option(None, "--method", help="Method, comma list, or all (see `camloc list methods`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="CLIP name (see `camloc list models`), tiny-rn/tiny-vit, random-<name>, or a checkpoint path."),
     dataset: str = typer.Option("demo", "--dataset", "-d", help="Dataset (see `camloc list datasets`)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder; an existing one with the same config is resumed."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder; an existing one with the same config is resumed. With several models in a config: one subfolder per model."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (a random N with --subset-seed)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma list of class names to keep."),
     subset_seed: Optional[int] = SubsetSeedOption,
     split: Optional[str] = SplitOption,
@@ -38,37 +46,64 @@ def eval_cmd(
     chunk_size: str = ChunkOption,
     force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    save_heatmaps: bool = typer.Option(False, "--save-heatmaps", help="Also store each pair's native-resolution heatmap (float16) under OUT/heatmaps, for re-scoring without the model."),
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
 ) -> None:
     """Evaluate CAM methods on a dataset: pairs.jsonl, summary.json, table.csv, table.md in --out."""
+    from camloc.config import explicit_options, load_config
     from camloc.errors import CamlocError
     from camloc.evaluators.iou import CONVENTIONS
+    from camloc.heatmap_cache import model_key
     from camloc.runner import EvalConfig, run_eval
 
-    if iou not in CONVENTIONS:
-        raise CamlocError(f"--iou {iou!r} is not one of {', '.join(CONVENTIONS)}")
-    config = EvalConfig(
-        model=model,
-        methods=[m.strip() for m in method.split(",") if m.strip()],
-        dataset=dataset,
-        limit=limit,
-        classes=[c.strip() for c in classes.split(",")] if classes else None,
-        subset_seed=subset_seed,
-        split=split,
-        per_class=per_class,
-        prompt_template=prompt_template,
-        threshold=parse_threshold(threshold),
-        iou_convention=iou,
-        precision=precision,
-        seed=seed,
-        options=method_options(topk, grouping, start_layer),
-    )
-    summary = run_eval(config, out, device=device, cache_dir=cache_dir, force_new=force_new, progress=progress,
-                       chunk_size=parse_chunk_size(chunk_size),
-                       data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir})
-    typer.echo((out / "table.md").read_text().rstrip())
-    t = summary["timings"]
-    typer.echo(f"{summary['n_pairs']} pairs x {len(config.methods)} methods; {t['records_this_invocation']} new records, "
-               f"{t['resumed_records']} resumed; wrote {out}/pairs.jsonl, summary.json, table.csv, table.md")
+    file = load_config(config, "eval") if config else {}
+    given = explicit_options(ctx)
+    values = dict(ctx.params)
+
+    def setting(param: str, key: str | None = None):
+        key = key or param
+        return values[param] if param in given or key not in file else file[key]
+
+    models = [model] if model and ("model" in given or "models" not in file) else file.get("models")
+    methods = _split(method) if method and ("method" in given or "methods" not in file) else _split(file.get("methods"))
+    out_dir = setting("out")
+    for name, value in (("--model", models), ("--method", methods), ("--out", out_dir)):
+        if not value:
+            raise CamlocError(f"{name} is required (on the command line or in the --config file)")
+    iou_name = setting("iou")
+    if iou_name not in CONVENTIONS:
+        raise CamlocError(f"--iou {iou_name!r} is not one of {', '.join(CONVENTIONS)}")
+    file_options = file.get("options", {})
+    options = method_options(*(values[k] if k in given or k not in file_options else file_options[k]
+                               for k in ("topk", "grouping", "start_layer")))
+    out_dir = Path(out_dir)
+    for name in models:
+        run_config = EvalConfig(
+            model=name,
+            methods=list(methods),
+            dataset=setting("dataset"),
+            limit=setting("limit"),
+            classes=_split(setting("classes")),
+            subset_seed=setting("subset_seed"),
+            split=setting("split"),
+            per_class=setting("per_class"),
+            prompt_template=setting("prompt_template"),
+            threshold=parse_threshold(str(setting("threshold"))),
+            iou_convention=iou_name,
+            precision=setting("precision"),
+            seed=setting("seed"),
+            options=options,
+        )
+        run_dir = out_dir / model_key(name) if len(models) > 1 else out_dir
+        summary = run_eval(run_config, run_dir, device=setting("device"), cache_dir=cache_dir, force_new=force_new,
+                           progress=progress, chunk_size=parse_chunk_size(str(setting("chunk_size"))),
+                           data_options={"data_root_dir": setting("data_root"), "ann_file": setting("ann_file"),
+                                         "image_dir": setting("image_dir")},
+                           save_heatmaps=run_dir / "heatmaps" if setting("save_heatmaps") else None)
+        typer.echo((run_dir / "table.md").read_text().rstrip())
+        t = summary["timings"]
+        typer.echo(f"{summary['n_pairs']} pairs x {len(run_config.methods)} methods; {t['records_this_invocation']} "
+                   f"new records, {t['resumed_records']} resumed; wrote {run_dir}/pairs.jsonl, summary.json, "
+                   "table.csv, table.md")

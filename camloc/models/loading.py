@@ -83,7 +83,8 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> t
 def random_state_dict(spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Seeded random-init weights, the golden fixtures' recipe (golden README §2):
     `torch.manual_seed(seed)`, `clip.model.CLIP(*clip_args)`, `logit_scale = ln(100)`, every other
-    floating tensor rounded to fp16 (so fp16 and fp32 runs share the same weights)."""
+    floating tensor rounded to fp16 and stored as fp16, like the released checkpoints (so fp16 and
+    fp32 runs share the same weights, and a real-size model needs half the memory while it is built)."""
     clip = import_clip()
     state = torch.random.get_rng_state()
     try:
@@ -92,12 +93,12 @@ def random_state_dict(spec: ModelSpec) -> dict[str, torch.Tensor]:
     finally:
         torch.random.set_rng_state(state)
     sd = model.state_dict()
-    del model  # the state_dict keeps the tensors; round them in place (no second copy of a large model)
+    del model  # each fp32 tensor is freed as its fp16 copy replaces it
     for key, value in sd.items():
         if key == "logit_scale":
             sd[key] = torch.tensor(math.log(100.0), dtype=torch.float32)
         elif value.is_floating_point():
-            value.copy_(value.half())
+            sd[key] = value.half()
     return sd
 
 
@@ -114,6 +115,11 @@ def _download_official(name: str, cache_dir: Path) -> Path:
             f"download that file on a machine with internet access and put it at {target}, "
             f"or pass its path to --model"
         ) from exc
+
+
+def canonical_model_name(name_or_path: str) -> str:
+    """The name `load_clip` gives a model: the spec name, or the resolved checkpoint path."""
+    return name_or_path if name_or_path in ALL_SPECS else str(Path(name_or_path).resolve())
 
 
 def release_freed_memory() -> None:
@@ -150,7 +156,7 @@ def _load_clip(name_or_path: str, cache_dir: str | Path | None) -> tuple[torch.n
     looks_like_path = any(sep in name_or_path for sep in ("/", "\\")) or name_or_path.endswith((".pt", ".pth"))
     if looks_like_path or Path(name_or_path).exists():
         sd = state_dict_from_file(name_or_path)
-        return build_from_state_dict(sd, name_or_path), str(Path(name_or_path).resolve())
+        return build_from_state_dict(sd, name_or_path), canonical_model_name(name_or_path)
     raise CamlocError(
         f"unknown model {name_or_path!r}; valid names: {', '.join(ALL_SPECS)}; or pass a path to a checkpoint file"
     )

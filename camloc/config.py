@@ -1,0 +1,58 @@
+"""Experiment configs as TOML files (`configs/*.toml`): `[eval]` sweeps and `[threshold_search]`.
+
+Unknown keys are refused with the file and key named. CLI options given explicitly override the file.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from camloc.errors import CamlocError
+
+DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_class", "subset_seed", "data_root",
+                "ann_file", "image_dir"}
+OPTION_KEYS = {"topk", "grouping", "start_layer"}
+EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
+                            "chunk_size", "save_heatmaps", "options"}
+SEARCH_KEYS = {"runs", "train", "val", "grid", "out", "options", "iou", "precision", "seed", "device", "chunk_size",
+               "workers"}
+RUN_KEYS = {"model", "methods"}
+GRID_KEYS = {"start", "stop", "step"}
+
+
+def _check(table: dict, allowed: set, where: str, path: Path) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise CamlocError(f"config {path}: unknown key(s) {', '.join(unknown)} in {where}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+
+
+def load_config(path: str | Path, section: str) -> dict:
+    """The `[section]` table of a TOML config, with its keys checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise CamlocError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise CamlocError(f"config file {path} is not valid TOML ({exc})") from exc
+    _check(data, {"eval", "threshold_search", "description"}, "the top level", path)
+    if section not in data:
+        raise CamlocError(f"config file {path} has no [{section}] table")
+    table = data[section]
+    if section == "eval":
+        _check(table, EVAL_KEYS, "[eval]", path)
+    else:
+        _check(table, SEARCH_KEYS, "[threshold_search]", path)
+        for i, run in enumerate(table.get("runs", [])):
+            _check(run, RUN_KEYS, f"[[threshold_search.runs]] #{i + 1}", path)
+        for part in ("train", "val"):
+            _check(table.get(part, {}), DATASET_KEYS, f"[threshold_search.{part}]", path)
+        _check(table.get("grid", {}), GRID_KEYS, "[threshold_search.grid]", path)
+    _check(table.get("options", {}), OPTION_KEYS, f"[{section}.options]", path)
+    return table
+
+
+def explicit_options(ctx) -> set[str]:
+    """Names of the CLI parameters the user gave on the command line (not defaults)."""
+    return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}

@@ -1,0 +1,96 @@
+"""The heatmap cache: each pair's map at the method's native resolution (float16, compressed), so box
+protocols can be re-scored later without the model (`camloc eval --save-heatmaps`,
+`camloc threshold-search`).
+
+Layout: `<root>/<model>/<method>[-<param>=<value>...]-<precision>/<dataset>/<image_id>.npz`, one
+array per category id (`c<id>`), plus the post-processing kind and the raw image size. Raw-size maps
+are re-derived deterministically with `native_to_raw`. Files are written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from camloc.cams.postprocess import native_to_raw
+from camloc.cams.registry import METHODS, list_methods
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
+
+
+def dataset_key(dataset: str, split: str | None, prompt_template: str) -> str:
+    """Maps depend on the images and the prompts: dataset, split and prompt template."""
+    key = dataset + (f"-{split}" if split else "")
+    if prompt_template != "{}":
+        key += "-t" + hashlib.sha1(prompt_template.encode()).hexdigest()[:10]
+    return _safe(key)
+
+
+def method_key(method: str, options: dict, precision: str) -> str:
+    list_methods()  # make sure the registry is filled
+    params = "".join(f"-{p}={options[p]}" for p in METHODS[method].params if p in options)
+    return _safe(f"{method}{params}-{precision}")
+
+
+def model_key(name: str) -> str:
+    """Official and test model names as they are; checkpoint paths as <stem>-<hash of the path>."""
+    from camloc.models.specs import ALL_SPECS
+
+    if name in ALL_SPECS:
+        return _safe(name)
+    return _safe(f"{Path(name).stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}")
+
+
+class HeatmapCache:
+    def __init__(self, root: str | Path, model: str, dataset: str, options: dict, precision: str):
+        self.root = Path(root)
+        self.model = model_key(model)
+        self.dataset = dataset
+        self.options = options
+        self.precision = precision
+
+    def path(self, method: str, image_id) -> Path:
+        return (self.root / self.model / method_key(method, self.options, self.precision) / self.dataset
+                / f"{_safe(str(image_id))}.npz")
+
+    def has(self, method: str, image_id, category_ids) -> bool:
+        path = self.path(method, image_id)
+        if not path.exists():
+            return False
+        with np.load(path) as data:
+            return all(f"c{c}" in data.files for c in category_ids)
+
+    def put(self, method: str, image_id, kind: str, maps: dict[int, np.ndarray], raw_size: tuple[int, int]) -> None:
+        """Store (merging with what is there) the native maps of some categories of one image."""
+        path = self.path(method, image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {}
+        if path.exists():
+            with np.load(path) as old:
+                arrays = {k: old[k] for k in old.files}
+        arrays.update({f"c{c}": m.astype(np.float16) for c, m in maps.items()})
+        arrays["kind"] = np.array(kind)
+        arrays["raw_size"] = np.array(raw_size, dtype=np.int64)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, path)
+
+    def get(self, method: str, image_id, category_id: int) -> tuple[str, np.ndarray, tuple[int, int]]:
+        """(kind, native float16 map, raw size (W, H)) of one pair."""
+        with np.load(self.path(method, image_id)) as data:
+            return str(data["kind"]), data[f"c{category_id}"], tuple(int(v) for v in data["raw_size"])
+
+    def raw(self, method: str, image_id, category_id: int) -> np.ndarray:
+        """The raw-size heatmap, re-derived from the cached native map."""
+        kind, native, size = self.get(method, image_id, category_id)
+        return native_to_raw(kind, native[None].astype(np.float32), size)[0]

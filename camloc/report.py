@@ -1,0 +1,126 @@
+"""`camloc report`: merge run folders (and shards) into tables with pandas.
+
+Eval runs are merged from their per-pair records (`pairs.jsonl`), so shards from any number of
+workers combine exactly; threshold-search runs from their `table_s1.csv`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from camloc.errors import CamlocError
+from camloc.evaluators import LocalizationMeter
+from camloc.runfiles import read_jsonl
+from camloc.threshold_search import DEFAULT_MODEL, row_label, table_s1
+
+METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
+                "gscorecam-abs", "hilacam"]
+# Appendix values as printed (spec §7). Table S1: (single value, Otsu), mean IoU as fractions.
+PAPER_S1 = {
+    ("RN50x16", "gradcam"): (0.1195, 0.1156), ("RN50x16", "gradcam++"): (0.0903, 0.0968),
+    ("RN50x16", "xgradcam"): (0.0685, 0.0560), ("RN50x16", "groupcam"): (0.0558, 0.0452),
+    ("RN50x16", "layercam"): (0.0999, 0.0919), ("RN50x16", "scorecam"): (0.2074, 0.2043),
+    ("RN50x16", "gscorecam"): (0.2027, 0.2083), ("ViT-B/32", "hilacam"): (0.1333, 0.1282),
+    ("ViT-B/32", "scorecam"): (0.0960, 0.1021), ("ViT-B/32", "gscorecam"): (0.0940, 0.1010),
+}
+PAPER_S3 = {
+    "RN50x4": {"gradcam": 0.073, "gradcam++": 0.105, "xgradcam": 0.112, "groupcam": 0.161, "layercam": 0.068,
+               "gscorecam": 0.211, "scorecam": 0.198},
+    "RN50x16": {"gradcam": 0.141, "gradcam++": 0.102, "xgradcam": 0.078, "groupcam": 0.168, "layercam": 0.061,
+                "gscorecam": 0.216, "scorecam": 0.190},
+}
+LONG_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3", "acc@0.5", "acc@0.7"]
+
+
+def _kind(run_dir: Path) -> str:
+    if (run_dir / "table_s1.csv").is_file():
+        return "threshold-search"
+    if (run_dir / "pairs.jsonl").is_file() and (run_dir / "config.json").is_file():
+        return "eval"
+    raise CamlocError(f"{run_dir} is not a camloc run folder (no pairs.jsonl + config.json, no table_s1.csv)")
+
+
+def long_table(run_dirs: list[Path]) -> pd.DataFrame:
+    """One row per (model, dataset, method) over every eval run given; each (pair, method) once."""
+    meters: dict[tuple, LocalizationMeter] = {}
+    seen = set()
+    for run_dir in run_dirs:
+        if _kind(run_dir) != "eval":
+            continue
+        dataset = json.loads((run_dir / "config.json").read_text())["dataset"]
+        for r in read_jsonl(run_dir / "pairs.jsonl"):
+            key = (r["model"], dataset, str(r["image_id"]), int(r["category_id"]), r["method"])
+            if key in seen:
+                continue
+            seen.add(key)
+            meters.setdefault((r["model"], dataset, r["method"]), LocalizationMeter()).update(r["iou"], r["category"])
+    rows = [{"model": m, "dataset": d, "method": x, **meter.compute()} for (m, d, x), meter in meters.items()]
+    order = {name: i for i, name in enumerate(METHOD_ORDER)}
+    rows.sort(key=lambda r: (r["model"], r["dataset"], order.get(r["method"], 99), r["method"]))
+    return pd.DataFrame(rows, columns=LONG_COLUMNS)
+
+
+def s3_table(long: pd.DataFrame, compare_paper: bool = False) -> pd.DataFrame:
+    """Rows = models, columns = methods, average IoU (Table S3). With `compare_paper`: one row per
+    (model, method) with ours, the paper's value and the difference."""
+    if long.empty:
+        raise CamlocError("no eval runs to report (give camloc eval run folders)")
+    if compare_paper:
+        rows = []
+        for _, r in long.iterrows():
+            paper = PAPER_S3.get(r["model"], {}).get(r["method"])
+            rows.append({"model": r["model"], "method": r["method"], "ours": r["mean_iou"], "paper": paper,
+                         "difference": r["mean_iou"] - paper if paper is not None else None})
+        return pd.DataFrame(rows)
+    table = long.pivot_table(index="model", columns="method", values="mean_iou", aggfunc="first")
+    ordered = [m for m in METHOD_ORDER if m in table.columns] + [m for m in table.columns if m not in METHOD_ORDER]
+    return table[ordered].reset_index()
+
+
+def s1_table(run_dirs: list[Path], compare_paper: bool = False) -> pd.DataFrame:
+    parts = [pd.read_csv(d / "table_s1.csv") for d in run_dirs if _kind(d) == "threshold-search"]
+    if not parts:
+        raise CamlocError("no threshold-search runs to report (give camloc threshold-search output folders)")
+    rows = pd.concat(parts, ignore_index=True)
+    rows = rows[rows["label"] != "Mean"].drop_duplicates(subset=["model", "method"], keep="last")
+    table = table_s1(rows.to_dict("records"))
+    if compare_paper:
+        paper = [PAPER_S1.get((r["model"], r["method"]), (None, None)) for _, r in table.iterrows()]
+        table["paper_single"] = [p[0] for p in paper]
+        table["paper_otsu"] = [p[1] for p in paper]
+        table["paper_difference"] = [p[1] - p[0] if p[0] is not None else None for p in paper]
+        known = table["paper_single"].notna()
+        if known.any():
+            table.loc[table["label"] == "Mean", ["paper_single", "paper_otsu", "paper_difference"]] = [
+                0.1167, 0.1149, -0.0018]  # the paper's printed Mean row
+    return table
+
+
+def render(table: pd.DataFrame, fmt: str) -> str:
+    if fmt == "csv":
+        return table.to_csv(index=False, float_format="%.6f")
+    if fmt == "md":
+        return table.to_markdown(index=False, floatfmt=".4f") + "\n"
+    if fmt == "latex":
+        return table.to_latex(index=False, float_format="%.4f", na_rep="--")
+    raise CamlocError(f"--format {fmt!r} is not one of md, csv, latex")
+
+
+def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper: bool = False) -> pd.DataFrame:
+    dirs = [Path(d) for d in run_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise CamlocError(f"run folder {d} does not exist")
+        _kind(d)
+    if layout == "long":
+        return long_table(dirs)
+    if layout == "s3":
+        return s3_table(long_table(dirs), compare_paper)
+    if layout == "s1":
+        return s1_table(dirs, compare_paper)
+    raise CamlocError(f"--layout {layout!r} is not one of s1, s3, long")
+
+
+__all__ = ["build_report", "render", "row_label", "DEFAULT_MODEL"]

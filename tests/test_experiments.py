@@ -1,0 +1,187 @@
+"""Heatmap cache, threshold search (Table S1), configs and `camloc report`."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from camloc.cli.app import app
+from camloc.errors import CamlocError
+from camloc.evaluators import best_iou, box_from_heatmap
+from camloc.evaluators.threshold import Item, score_items, threshold_grid
+from camloc.heatmap_cache import HeatmapCache
+from camloc.threshold_search import search_and_score
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_threshold_grid():
+    grid = threshold_grid()
+    assert len(grid) == 20 and grid[0] == 0.0 and grid[-1] == 0.95 and grid[9] == 0.45
+    assert threshold_grid(0.2, 0.4, 0.1) == [0.2, 0.3, 0.4]
+    with pytest.raises(ValueError, match="grid"):
+        threshold_grid(0.5, 0.2, 0.1)
+
+
+def _rings(outer: float, inner: float, size=(40, 30)):
+    """A heatmap (H, W) = 30 x 40: background 0, a ring at `outer`, a core at `inner`, a 2x2 peak at 1.
+    Foreground under threshold t: the ring's box when t < outer, the core's box when outer <= t < inner,
+    the peak's box above. The ground truth is the core's box, so the optimal thresholds are those with
+    round(255 outer) <= round(255 t) < round(255 inner)."""
+    w, h = size
+    m = np.zeros((h, w), np.float32)
+    m[3:27, 4:36] = outer
+    m[8:22, 10:30] = inner
+    m[14:16, 19:21] = 1.0
+    return m, [[10, 8, 30, 22]]
+
+
+def test_search_selects_the_threshold_known_by_construction():
+    # item A is right for t in 0.35..0.60; item B only for t = 0.45 (its ring at 0.42, core at 0.47):
+    # 0.45 is the one grid value that is optimal for both
+    a, gt_a = _rings(0.32, 0.62)
+    b, gt_b = _rings(0.42, 0.47)
+    train = [Item("resize", a, (40, 30), gt_a), Item("resize", b, (40, 30), gt_b)]
+    c, gt_c = _rings(0.2, 0.5)  # val: core box for 0.2 <= t < 0.5
+    d, gt_d = _rings(0.5, 0.9)  # val: ring box (IoU < 1) for t < 0.5
+    val = [Item("resize", c, (40, 30), gt_c), Item("resize", d, (40, 30), gt_d)]
+    grid = threshold_grid()
+    result = search_and_score(train, val, grid, workers=1)
+    assert result["threshold"] == 0.45
+    curve = np.array(result["curve"])
+    assert curve[grid.index(0.45)] == pytest.approx(1.0, abs=1e-5) and (curve[:9] < 0.99).all()
+    # the columns as specified: val mean IoU of Algorithm 1 with t = 0.45, and with Otsu
+    single = np.mean([best_iou(box_from_heatmap(m, 0.45), gt) for m, gt in ((c, gt_c), (d, gt_d))])
+    otsu = np.mean([best_iou(box_from_heatmap(m, "otsu"), gt) for m, gt in ((c, gt_c), (d, gt_d))])
+    assert result["single"] == pytest.approx(single) and result["otsu"] == pytest.approx(otsu)
+    assert result["difference"] == pytest.approx(otsu - single)
+    assert result["single"] < 1.0  # item d's core starts at 0.5: t = 0.45 gives its ring
+
+
+def test_parallel_scoring_equals_serial():
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(80):
+        m = rng.random((6, 6)).astype(np.float32)
+        items.append(Item("grid", m, (50 + i % 7, 40), [[5, 5, 30, 30]]))
+    grid = threshold_grid(0, 0.9, 0.1)
+    np.testing.assert_array_equal(score_items(items, grid, workers=1), score_items(items, grid, workers=2))
+
+
+def test_eval_save_heatmaps_rederives_the_maps(tmp_path):
+    from camloc.cams import compute_heatmaps
+    from camloc.datasets.registry import DEMO_DIR
+    from camloc.models import ClipModel, load_image
+    from camloc.runner import EvalConfig, run_eval
+
+    config = EvalConfig(model="tiny-rn", methods=["gradcam", "groupcam"], dataset="demo", limit=2)
+    run_eval(config, tmp_path, device="cpu", progress=False, save_heatmaps=tmp_path / "heatmaps")
+    cache = HeatmapCache(tmp_path / "heatmaps", "tiny-rn", "demo", config.options, "fp32")
+    model = ClipModel.load("tiny-rn", device="cpu")
+    live = compute_heatmaps(model, load_image(DEMO_DIR / "images" / "astronaut.jpg"), ["person"],
+                            ["gradcam", "groupcam"])
+    for method in ("gradcam", "groupcam"):
+        kind, native, size = cache.get(method, 1, 1)
+        assert native.dtype == np.float16 and size == (320, 320)
+        assert native.shape == ((4, 4) if method == "gradcam" else (128, 128))
+        raw = cache.raw(method, 1, 1)
+        np.testing.assert_allclose(raw, live[method][0], atol=2e-3)  # float16 storage
+        np.testing.assert_array_equal(raw, cache.raw(method, 1, 1))  # deterministic
+    assert "groupcam-grouping=kmeans-fp32" in str(cache.path("groupcam", 1))
+
+
+def test_smoke_threshold_search_and_rerun_without_the_model(tmp_path, monkeypatch):
+    out = tmp_path / "s1"
+    result = runner.invoke(app, ["threshold-search", "--config", str(REPO / "configs" / "smoke.toml"), "--out",
+                                 str(out), "--no-progress", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "table_s1.csv")
+    assert list(table.columns) == ["label", "model", "method", "threshold", "single", "otsu", "difference"]
+    assert list(table["label"]) == ["GradCAM (tiny-rn)", "GradCAM++ (tiny-rn)", "xGradCAM (tiny-rn)",
+                                    "GroupCAM (tiny-rn)", "LayerCAM (tiny-rn)", "ScoreCAM (tiny-rn)",
+                                    "gScoreCAM (tiny-rn)", "Hila's method (tiny-vit)", "ScoreCAM (tiny-vit)",
+                                    "gScoreCAM (tiny-vit)", "Mean"]
+    body = table.iloc[:-1]
+    np.testing.assert_allclose(body["difference"], body["otsu"] - body["single"], atol=1e-6)
+    assert table.iloc[-1]["single"] == pytest.approx(body["single"].mean(), abs=1e-6)
+    assert "| method " in (out / "table_s1.md").read_text() and "%" in (out / "table_s1.md").read_text()
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 10 * 20
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    first = json.loads((out / "summary.json").read_text())
+    assert first["models_loaded"] == 2 and first["pairs_computed"] == 18
+
+    from camloc.models import ClipModel
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although every heatmap is cached")
+
+    monkeypatch.setattr(ClipModel, "load", no_model)
+    again = runner.invoke(app, ["threshold-search", "--config", str(REPO / "configs" / "smoke.toml"), "--out",
+                                str(out), "--no-progress", "--workers", "1"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "summary.json").read_text())["models_loaded"] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "table_s1.csv"), table)
+
+
+def test_config_unknown_key_and_cli_override(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[eval]\nmodels = ["tiny-rn"]\nmethods = ["gradcam"]\nout = "x"\nlimt = 2\n')
+    result = runner.invoke(app, ["eval", "--config", str(bad)])
+    assert result.exit_code == 2 and "unknown key(s) limt in [eval]" in result.output
+    good = tmp_path / "good.toml"
+    good.write_text(f'[eval]\nmodels = ["tiny-rn"]\nmethods = ["gradcam"]\nout = "{tmp_path / "run"}"\nlimit = 3\n'
+                    'device = "cpu"\n')
+    result = runner.invoke(app, ["eval", "--config", str(good), "--limit", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert written["limit"] == 1 and written["methods"] == ["gradcam"]  # the CLI wins over the file
+    with pytest.raises(CamlocError, match="no \\[threshold_search\\] table"):
+        from camloc.config import load_config
+
+        load_config(good, "threshold_search")
+
+
+def test_report_merges_shards_exactly_and_formats(tmp_path):
+    from camloc.report import build_report, render
+    from camloc.runner import EvalConfig, run_eval
+
+    whole = tmp_path / "whole"
+    run_eval(EvalConfig(model="tiny-rn", methods=["gradcam", "layercam"], dataset="demo"), whole, device="cpu",
+             progress=False)
+    lines = (whole / "pairs.jsonl").read_text().splitlines(keepends=True)
+    for i, part in enumerate((lines[::2], lines[1::2])):  # two "shards" of the same run
+        shard = tmp_path / f"shard{i}"
+        shard.mkdir()
+        shutil.copy(whole / "config.json", shard / "config.json")
+        (shard / "pairs.jsonl").write_text("".join(part))
+    merged = build_report([tmp_path / "shard0", tmp_path / "shard1"], "long")
+    single = pd.read_csv(whole / "table.csv")
+    assert list(merged["method"]) == ["gradcam", "layercam"]
+    np.testing.assert_allclose(merged["mean_iou"], single["mean_iou"], atol=1e-6)
+    assert list(merged["n_pairs"]) == [9, 9]
+    both = build_report([whole, tmp_path / "shard0"], "long")  # overlapping folders: each pair counted once
+    assert list(both["n_pairs"]) == [9, 9]
+    s3 = build_report([whole], "s3")
+    assert list(s3.columns) == ["model", "gradcam", "layercam"]
+    assert "\\begin{tabular}" in render(s3, "latex") and render(s3, "csv").startswith("model,gradcam")
+    with pytest.raises(CamlocError, match="not a camloc run folder"):
+        build_report([tmp_path], "long")
+
+
+def test_report_compare_paper_s1(tmp_path):
+    from camloc.report import build_report
+
+    out = tmp_path / "s1"
+    out.mkdir()
+    pd.DataFrame([{"label": "gScoreCAM", "model": "RN50x16", "method": "gscorecam", "threshold": 0.5, "single": 0.2,
+                   "otsu": 0.21, "difference": 0.01}]).to_csv(out / "table_s1.csv", index=False)
+    table = build_report([out], "s1", compare_paper=True)
+    row = table.iloc[0]
+    assert (row["paper_single"], row["paper_otsu"]) == (0.2027, 0.2083)
+    assert row["paper_difference"] == pytest.approx(0.0056)
+    assert table.iloc[-1]["label"] == "Mean"
