@@ -206,13 +206,36 @@ def section_fusion(model, image, args, device, report):
     report[f"fusion/{model.name}"] = {"one_s": t_one, "four_s": t_all, "ratio": t_all / t_one, "peak_bytes": mem}
 
 
+def section_threshold_search(args, report, n=10_000):
+    """Re-scoring n cached heatmaps over the 20-value grid + Otsu, as `camloc threshold-search` does:
+    7x7 grid maps (RN50's native resolution) re-derived at COCO-like raw sizes, in parallel workers."""
+    from camloc.evaluators.threshold import Item, score_items, threshold_grid
+
+    print(f"\n## threshold search: {n} cached heatmaps x 20 thresholds + Otsu")
+    rng = np.random.default_rng(0)
+    sizes = [(640, 480), (480, 640), (640, 427), (500, 375)]
+    items = []
+    for i in range(n):
+        native = rng.random((7, 7)).astype(np.float16)
+        w, h = sizes[i % len(sizes)]
+        x, y = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        items.append(Item("grid", native, (w, h), [[x, y, x + w // 3, y + h // 3]]))
+    grid = threshold_grid()
+    workers = os.cpu_count() or 1
+    start = time.perf_counter()
+    ious = score_items(items, grid, workers=workers)
+    seconds = time.perf_counter() - start
+    print(f"{seconds:.1f} s on {workers} workers ({ious.shape[0] * ious.shape[1]} boxes)   (target < 60 s on 2 cores)")
+    report["threshold_search"] = {"maps": n, "thresholds": len(grid) + 1, "workers": workers, "seconds": seconds}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the < 10 minute CPU subset")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per timing (median)")
-    ap.add_argument("--only", default=None, help="comma list of sections: gscorecam,prompts,fusion,memory")
+    ap.add_argument("--only", default=None, help="comma list of sections: gscorecam,prompts,fusion,memory,threshold")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -221,7 +244,7 @@ def main():
     args.batches = [32, 64, 128, 256] if cuda else ([16, 32] if args.quick else [8, 16, 32, 64])
     args.prompt_counts = [1, 8] if args.quick else [1, 3, 8]
     args.sharing_methods = ["scorecam", "gscorecam"]
-    sections = set((args.only or "gscorecam,prompts,fusion,memory").split(","))
+    sections = set((args.only or "gscorecam,prompts,fusion,memory,threshold").split(","))
     image = load_image(IMAGE)
     report = {"machine": device_description(device), "platform": platform.platform(), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "torch": torch.__version__}
@@ -231,7 +254,9 @@ def main():
     def load(name):
         return ClipModel.load(name, device=args.device, precision=args.precision)
 
-    rn50 = load("random-RN50")
+    if "threshold" in sections:
+        section_threshold_search(args, report)
+    rn50 = load("random-RN50") if sections & {"gscorecam", "fusion", "prompts"} else None
     ref_rn50 = None
     if "gscorecam" in sections:
         ref_rn50 = section_gscorecam(rn50, image, 300, args, device, report)["straightforward_s"]

@@ -14,18 +14,20 @@ from PIL import Image
 from camloc.cams.masked import MaskedEmbeddings
 from camloc.models.clip_model import ClipModel
 
-CPU_CHUNK = 16
+CPU_CHUNK = 16  # the fastest per image on 2 cores for 224-288 px inputs
+CPU_CHUNK_LARGE = 8  # 336-448 px inputs (RN50x16, RN50x64, ViT-L/14@336px): keeps a CAM's extra memory < 1 GB
 
 
 def resolve_chunk_size(value: int | str, model: ClipModel) -> int:
-    """Masked images per encoder batch: an int, or `auto` (CPU: 16, the fastest per image on 2 cores and light on memory; CUDA: from free memory)."""
+    """Masked images per encoder batch: an int, or `auto` (CPU: 16, or 8 for inputs above 288 px;
+    CUDA: from free memory)."""
     if value != "auto":
         size = int(value)
         if size < 1:
             raise ValueError(f"chunk size must be at least 1, got {size}")
         return size
     if model.device.type != "cuda":
-        return CPU_CHUNK
+        return CPU_CHUNK if model.input_size <= 288 else CPU_CHUNK_LARGE
     return _cuda_auto_chunk(model)
 
 

@@ -23,7 +23,7 @@ ThresholdOption = typer.Option("otsu", "--threshold", help="Binarisation for box
 TopkOption = typer.Option(300, "--topk", help="gScoreCAM: channels kept (capped at the layer's channel count, with a warning).")
 GroupingOption = typer.Option("kmeans", "--grouping", help="GroupCAM channel groups: kmeans (the original CLIP port) or chunk (the GroupCAM paper).")
 StartLayerOption = typer.Option(0, "--start-layer", help="HilaCAM: first block used (0 = all blocks, -1 = the last only).")
-ChunkOption = typer.Option("auto", "--chunk-size", help="Masked images per encoder batch: a number, or auto (16 on CPU; from free memory on CUDA).")
+ChunkOption = typer.Option("auto", "--chunk-size", help="Masked images per encoder batch: a number, or auto (16 on CPU, 8 above 288 px inputs; from free memory on CUDA).")
 DataRootOption = typer.Option(None, "--data-root", help="Folder holding the datasets as their archives extract [default: $CAMLOC_DATA or ./data].")
 SplitOption = typer.Option(None, "--split", help="Dataset split [default: val2017 (coco), train2017 (coco-train-balanced), test (partimagenet), validation (ade20k-scenes)].")
 AnnFileOption = typer.Option(None, "--ann-file", help="Annotation file, overriding the data-root layout.")
