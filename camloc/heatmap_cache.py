@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import METHODS, list_methods
+from camloc.runfiles import atomic_write_bytes
 
 
 def _safe(text: str) -> str:
@@ -80,10 +79,7 @@ class HeatmapCache:
         arrays["raw_size"] = np.array(raw_size, dtype=np.int64)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buffer.getvalue())
 
     def get(self, method: str, image_id, category_id: int) -> tuple[str, np.ndarray, tuple[int, int]]:
         """(kind, native float16 map, raw size (W, H)) of one pair."""
