@@ -13,6 +13,7 @@ import pandas as pd
 from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter
 from camloc.runfiles import read_jsonl
+from camloc.sharding import record_files
 from camloc.threshold_search import DEFAULT_MODEL, row_label, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
@@ -37,7 +38,7 @@ LONG_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3", 
 def _kind(run_dir: Path) -> str:
     if (run_dir / "table_s1.csv").is_file():
         return "threshold-search"
-    if (run_dir / "pairs.jsonl").is_file() and (run_dir / "config.json").is_file():
+    if record_files(run_dir) and (run_dir / "config.json").is_file():
         return "eval"
     raise CamlocError(f"{run_dir} is not a camloc run folder (no pairs.jsonl + config.json, no table_s1.csv)")
 
@@ -50,7 +51,7 @@ def long_table(run_dirs: list[Path]) -> pd.DataFrame:
         if _kind(run_dir) != "eval":
             continue
         dataset = json.loads((run_dir / "config.json").read_text())["dataset"]
-        for r in read_jsonl(run_dir / "pairs.jsonl"):
+        for r in (r for path in record_files(run_dir) for r in read_jsonl(path)):
             key = (r["model"], dataset, str(r["image_id"]), int(r["category_id"]), r["method"])
             if key in seen:
                 continue

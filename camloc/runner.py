@@ -27,8 +27,8 @@ from camloc.models.specs import family_hint
 from camloc.progress import progress_bar
 from camloc.provenance import device_description, git_commit, package_versions
 from camloc.runfiles import append_jsonl, atomic_write_text, read_jsonl
+from camloc.sharding import assign_images, local_rank, record_files, records_name
 
-RECORDS = "pairs.jsonl"
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 TABLE_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3", "acc@0.5", "acc@0.7"]
@@ -72,7 +72,9 @@ def _check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
                 "use another --out, or --force-new to discard its results"
             )
     if force_new:
-        for name in (RECORDS, SUMMARY, "table.csv", "table.md", CONFIG):
+        for path in record_files(run_dir):
+            path.unlink()
+        for name in (SUMMARY, "table.csv", "table.md", CONFIG):
             (run_dir / name).unlink(missing_ok=True)
     atomic_write_text(path, json.dumps(config.identity(), indent=1) + "\n")
 
@@ -130,6 +132,12 @@ def evaluate_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalC
     return records
 
 
+def _process_group_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def mean_coverage(images: list[ImagePairs]) -> float | None:
     """Mean fraction of the image the pair's class covers (spec §6), over pairs that have masks."""
     values = [p.coverage for item in images for p in item.pairs if p.coverage is not None]
@@ -168,9 +176,18 @@ def run_eval(
     progress: bool = True,
     chunk_size: int | str = "auto",
     save_heatmaps: str | Path | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict:
-    """Evaluate `config` into `run_dir`, resuming what is there. Returns the summary dict."""
+    """Evaluate `config` into `run_dir`, resuming what is there. Returns the summary dict.
+
+    With `shard=(rank, world)` this process takes its share of the images and appends its own records
+    file; every rank's summary and tables cover all records present when it ends (the last rank to
+    finish writes the complete ones; under an initialised process group rank 0 writes them after a
+    barrier)."""
     started = time.perf_counter()
+    rank, world = shard
+    if device == "auto" and torch.cuda.is_available() and local_rank() is not None:
+        device = f"cuda:{local_rank()}"
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -182,6 +199,7 @@ def run_eval(
     images = load_dataset(config.dataset, limit=config.limit, classes=config.classes,
                           prompt_template=config.prompt_template, subset_seed=config.subset_seed, split=config.split,
                           per_class=config.per_class, **(data_options or {}))
+    mine = assign_images(images, rank, world)
     _check_config(run_dir, config, force_new)
     load_seconds = time.perf_counter() - started
 
@@ -189,9 +207,12 @@ def run_eval(
     if save_heatmaps is not None:
         cache = HeatmapCache(save_heatmaps, model.name, dataset_key(config.dataset, config.split, config.prompt_template),
                              config.options, model.precision)
-    records_path = run_dir / RECORDS
-    done = {record_key(r) for r in read_jsonl(records_path, repair=True)}
-    work = _pending(images, config.methods, done)
+    records_path = run_dir / records_name(rank, world)
+    done = {record_key(r) for r in read_jsonl(records_path, repair=True)}  # repair only this rank's own file
+    for other in record_files(run_dir):
+        if other != records_path:
+            done |= {record_key(r) for r in read_jsonl(other)}
+    work = _pending(mine, config.methods, done)
     n_new = sum(len(ms) for _, todo in work for ms in todo.values())
     compute_started = time.perf_counter()
     with open(records_path, "a") as handle, progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
@@ -200,7 +221,13 @@ def run_eval(
             bar.advance(len(todo))
     compute_seconds = time.perf_counter() - compute_started
 
-    records = read_jsonl(records_path)
+    if _process_group_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank != 0:
+            return {"shard": [rank, world], "complete": False, "records_this_invocation": n_new}
+    records = [r for path in record_files(run_dir) for r in read_jsonl(path)]
     meters = summarize(records)
     rows, per_method = [], {}
     for method in config.methods:
@@ -214,6 +241,8 @@ def run_eval(
         "dataset": config.dataset,
         "n_images": len(images),
         "n_pairs": count_pairs(images),
+        "complete": len({record_key(r) for r in records}) == count_pairs(images) * len(config.methods),
+        "shard": [rank, world],
         "mean_coverage": mean_coverage(images),
         "seed": config.seed,
         "device": device_description(model.device),
@@ -229,6 +258,11 @@ def run_eval(
         },
         "methods": per_method,
     }
+    if world > 1 and not summary["complete"]:
+        # other shards are still running: keep this rank's view aside; a rank that sees every record
+        # writes summary.json and the tables, so an incomplete view never replaces a complete one
+        atomic_write_text(run_dir / f"summary.rank{rank:03d}-of-{world:03d}.json", json.dumps(summary, indent=1) + "\n")
+        return summary
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=1) + "\n")
     write_tables(run_dir, rows)
     return summary

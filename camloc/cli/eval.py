@@ -45,6 +45,7 @@ def eval_cmd(
     start_layer: int = StartLayerOption,
     chunk_size: str = ChunkOption,
     force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: evaluate this share of the images [default: from RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS, else 0/1]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     save_heatmaps: bool = typer.Option(False, "--save-heatmaps", help="Also store each pair's native-resolution heatmap (float16) under OUT/heatmaps, for re-scoring without the model."),
     device: str = DeviceOption,
@@ -57,6 +58,7 @@ def eval_cmd(
     from camloc.evaluators.iou import CONVENTIONS
     from camloc.heatmap_cache import model_key
     from camloc.runner import EvalConfig, run_eval
+    from camloc.sharding import resolve_shard
 
     file = load_config(config, "eval") if config else {}
     given = explicit_options(ctx)
@@ -79,6 +81,7 @@ def eval_cmd(
     options = method_options(*(values[k] if k in given or k not in file_options else file_options[k]
                                for k in ("topk", "grouping", "start_layer")))
     out_dir = Path(out_dir)
+    rank_world = resolve_shard(shard)
     for name in models:
         run_config = EvalConfig(
             model=name,
@@ -101,7 +104,12 @@ def eval_cmd(
                            progress=progress, chunk_size=parse_chunk_size(str(setting("chunk_size"))),
                            data_options={"data_root_dir": setting("data_root"), "ann_file": setting("ann_file"),
                                          "image_dir": setting("image_dir")},
-                           save_heatmaps=run_dir / "heatmaps" if setting("save_heatmaps") else None)
+                           save_heatmaps=run_dir / "heatmaps" if setting("save_heatmaps") else None,
+                           shard=rank_world)
+        if rank_world[1] > 1 and not summary.get("complete"):
+            typer.echo(f"shard {rank_world[0]}/{rank_world[1]} done; the tables are written by the rank that "
+                       f"finishes last (or `camloc report {run_dir}`)")
+            continue
         typer.echo((run_dir / "table.md").read_text().rstrip())
         t = summary["timings"]
         typer.echo(f"{summary['n_pairs']} pairs x {len(run_config.methods)} methods; {t['records_this_invocation']} "
