@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from camloc.cams import resolve_methods
+from camloc.cams import CamContext, resolve_methods
 from camloc.cams.engine import compute_native
 from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import DEFAULT_OPTIONS
@@ -93,15 +93,23 @@ def _pending(images: list[ImagePairs], methods: list[str], done: set) -> list[tu
     return work
 
 
+class UnreadableImage(CamlocError):
+    """An image file of the dataset could not be read: the run skips it and reports it."""
+
+
 def evaluate_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig,
-                   runtime: dict | None = None, cache: HeatmapCache | None = None) -> list[dict]:
-    """Heatmaps, boxes and IoUs for one image's pending (pair, method) combinations; with a `cache`,
-    the native maps are stored too."""
+                   runtime: dict | None = None, cache: HeatmapCache | None = None) -> tuple[list[dict], int]:
+    """Records (heatmap, box, IoU) of one image's pending (pair, method) combinations, and the CUDA
+    out-of-memory retries it needed; with a `cache`, the native maps are stored too."""
     pairs = [p for p in item.pairs if p.key in todo]
     methods = [m for m in config.methods if any(m in todo[p.key] for p in pairs)]
     prompts = list(dict.fromkeys(p.prompt for p in pairs))
-    image = load_image(item.path)
-    native = compute_native(model, image, prompts, methods, {**config.options, **(runtime or {})})
+    try:
+        image = load_image(item.path)
+    except CamlocError as exc:
+        raise UnreadableImage(str(exc)) from exc
+    ctx = CamContext(model, image, prompts, {**config.options, **(runtime or {})}, methods=methods)
+    native = compute_native(model, image, prompts, methods, context=ctx)
     heatmaps = {m: native_to_raw(kind, maps, image.size) for m, (kind, maps) in native.items()}
     if cache is not None:
         for method, (kind, maps) in native.items():
@@ -129,7 +137,7 @@ def evaluate_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalC
                     "coverage": pair.coverage,
                 }
             )
-    return records
+    return records, ctx.oom_retries
 
 
 def _process_group_ready() -> bool:
@@ -196,9 +204,10 @@ def run_eval(
     model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
     config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
+    issues: dict = {}
     images = load_dataset(config.dataset, limit=config.limit, classes=config.classes,
                           prompt_template=config.prompt_template, subset_seed=config.subset_seed, split=config.split,
-                          per_class=config.per_class, **(data_options or {}))
+                          per_class=config.per_class, issues=issues, **(data_options or {}))
     mine = assign_images(images, rank, world)
     _check_config(run_dir, config, force_new)
     load_seconds = time.perf_counter() - started
@@ -213,11 +222,18 @@ def run_eval(
         if other != records_path:
             done |= {record_key(r) for r in read_jsonl(other)}
     work = _pending(mine, config.methods, done)
-    n_new = sum(len(ms) for _, todo in work for ms in todo.values())
     compute_started = time.perf_counter()
+    skipped, oom_retries, n_new = [], 0, 0
     with open(records_path, "a") as handle, progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
         for item, todo in work:
-            append_jsonl(handle, evaluate_image(model, item, todo, config, {"chunk_size": chunk_size}, cache))
+            try:
+                records, retries = evaluate_image(model, item, todo, config, {"chunk_size": chunk_size}, cache)
+            except UnreadableImage as exc:  # a corrupt or missing file: counted and reported, not fatal
+                skipped.append({"image_id": item.image_id, "path": item.path, "pairs": len(todo), "reason": str(exc)})
+            else:
+                append_jsonl(handle, records)
+                n_new += len(records)
+                oom_retries += retries
             bar.advance(len(todo))
     compute_seconds = time.perf_counter() - compute_started
 
@@ -256,6 +272,7 @@ def run_eval(
             "resumed_records": len(done),
             "pairs_per_second": round(n_new / len(config.methods) / compute_seconds, 3) if n_new else None,
         },
+        "faults": {"skipped_images": skipped, "oom_retries": oom_retries, **issues},
         "methods": per_method,
     }
     if world > 1 and not summary["complete"]:

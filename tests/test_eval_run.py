@@ -154,3 +154,30 @@ def test_score_methods_in_eval_record_precision_and_options(tmp_path):
     assert set(summary["methods"]) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam",
                                        "gscorecam-abs", "groupcam", "hilacam"}
     assert len(_records(tmp_path)) == 2 * 9
+
+
+def test_killed_several_times_at_random_points(reference_run, tmp_path):
+    """SIGKILL at random moments, three times, then a final run: same records and table, no pair lost
+    or duplicated."""
+    import random
+
+    ref_dir, _ = reference_run
+    cmd = [sys.executable, "-m", "camloc", "eval", "--method", ",".join(METHODS), "--model", "tiny-rn",
+           "--out", str(tmp_path), "--device", "cpu", "--no-progress"]
+    rng = random.Random(7)
+    records = tmp_path / "pairs.jsonl"
+    for _ in range(3):
+        before = len(records.read_text().splitlines()) if records.exists() else 0
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # wait until this run has written something
+            if records.exists() and len(records.read_text().splitlines()) > before:
+                break
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert _keys(_records(tmp_path)) == _keys(_records(ref_dir))
+    assert (tmp_path / "table.csv").read_text() == (ref_dir / "table.csv").read_text()

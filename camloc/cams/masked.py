@@ -64,24 +64,45 @@ class MaskedEmbeddings:
         ctx = self.ctx
         size = ctx.model.input_size
         x = ctx.input.float()
-        for start in range(0, channels.numel(), ctx.chunk_size):
+        start = 0
+        while start < channels.numel():
             idx = channels[start : start + ctx.chunk_size]
+            start += idx.numel()
             masks = channel_masks(ctx.activations[idx], size, self.eps)
             valid = ~torch.isnan(masks.flatten(1)).any(dim=1)
             if valid.any():
-                batch = ctx.model.as_input(x * masks[valid][:, None])
-                with torch.no_grad():
-                    feats = ctx.model.visual(batch).float()
+                feats = encode_images(ctx, x * masks[valid][:, None])
                 self.rows[idx[valid]] = feats / feats.norm(dim=-1, keepdim=True)
                 self.forwards += int(valid.sum())
             self.have[idx] = True
 
 
+def encode_images(ctx: "CamContext", batch: torch.Tensor) -> torch.Tensor:
+    """Image embeddings (B, E) fp32 of a batch. On CUDA out-of-memory the batch is split in half and
+    retried; the context's chunk size shrinks for the rest of the image (and `auto` for the model),
+    and `ctx.oom_retries` counts it."""
+    try:
+        with torch.no_grad():
+            return ctx.model.visual(ctx.model.as_input(batch)).float()
+    except torch.cuda.OutOfMemoryError:
+        if batch.shape[0] == 1:
+            raise
+        if ctx.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = batch.shape[0] // 2
+        ctx.chunk_size = min(ctx.chunk_size, half)
+        if ctx.model.auto_chunk_size is not None:
+            ctx.model.auto_chunk_size = min(ctx.model.auto_chunk_size, half)
+        ctx.oom_retries += 1
+        return torch.cat([encode_images(ctx, batch[:half]), encode_images(ctx, batch[half:])])
+
+
 def encode_in_chunks(ctx: "CamContext", n: int, make_batch: Callable[[slice], torch.Tensor]) -> torch.Tensor:
     """Embeddings (n, E) of n images built chunk by chunk by `make_batch(slice)` (never all at once)."""
     out = []
-    for start in range(0, n, ctx.chunk_size):
-        batch = ctx.model.as_input(make_batch(slice(start, min(start + ctx.chunk_size, n))))
-        with torch.no_grad():
-            out.append(ctx.model.visual(batch).float())
+    start = 0
+    while start < n:
+        stop = min(start + ctx.chunk_size, n)
+        out.append(encode_images(ctx, make_batch(slice(start, stop))))
+        start = stop
     return torch.cat(out)

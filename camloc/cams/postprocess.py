@@ -37,7 +37,7 @@ def to_native(kind: str, maps: torch.Tensor) -> np.ndarray:
     moved to the host: the form the heatmap cache stores. `kind` is the method's `postprocess`:
     `grid` (relu, min-max eps 1e-8), `resize_minmax` (GroupCAM: min-max without eps; min-max commutes
     with the linear resize), `resize` (HilaCAM: already normalised by the method)."""
-    maps = maps.float()
+    maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0)  # a NaN map never reaches a table
     if kind == "grid":
         maps = minmax_(maps.clamp_min(0))
     elif kind == "resize_minmax":

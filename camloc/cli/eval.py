@@ -111,7 +111,26 @@ def eval_cmd(
                        f"finishes last (or `camloc report {run_dir}`)")
             continue
         typer.echo((run_dir / "table.md").read_text().rstrip())
+        _report_faults(summary["faults"])
         t = summary["timings"]
         typer.echo(f"{summary['n_pairs']} pairs x {len(run_config.methods)} methods; {t['records_this_invocation']} "
                    f"new records, {t['resumed_records']} resumed; wrote {run_dir}/pairs.jsonl, summary.json, "
                    "table.csv, table.md")
+
+
+def _report_faults(faults: dict) -> None:
+    from rich.markup import escape
+
+    from camloc.cli.common import err_console
+
+    for item in faults["skipped_images"][:10]:
+        err_console.print(f"[yellow]skipped[/] image {escape(str(item['image_id']))} ({item['pairs']} pairs): "
+                          f"{escape(item['reason'])}")
+    notes = [f"{len(faults['skipped_images'])} unreadable images skipped (rerun to retry them)"
+             if faults["skipped_images"] else "",
+             f"{faults['oom_retries']} CUDA out-of-memory batches split and retried" if faults["oom_retries"] else "",
+             f"{faults.get('clipped_boxes', 0)} ground-truth boxes clipped to the image, "
+             f"{faults.get('dropped_boxes', 0)} empty boxes dropped, {faults.get('skipped_pairs', 0)} pairs without "
+             "boxes skipped" if any(faults.get(k) for k in ("clipped_boxes", "dropped_boxes", "skipped_pairs")) else ""]
+    for note in filter(None, notes):
+        err_console.print(f"[yellow]note:[/] {note}")

@@ -46,3 +46,32 @@ def count_pairs(images: list[ImagePairs]) -> int:
 def iter_pairs(images: list[ImagePairs]) -> Iterator[Pair]:
     for item in images:
         yield from item.pairs
+
+
+def sanitize_boxes(images: list[ImagePairs]) -> tuple[list[ImagePairs], dict[str, int]]:
+    """Ground truth that cannot be scored, handled deterministically: boxes reaching outside the image
+    are clipped to it, empty boxes (after clipping) are dropped, and a pair left without boxes is
+    skipped. Returns the clean images and the counts of each."""
+    from dataclasses import replace
+
+    counts = {"clipped_boxes": 0, "dropped_boxes": 0, "skipped_pairs": 0}
+    clean = []
+    for item in images:
+        pairs = []
+        for pair in item.pairs:
+            w, h = pair.image_size
+            boxes = []
+            for box in pair.gt_boxes:
+                clipped = [min(max(box[0], 0), w), min(max(box[1], 0), h), min(max(box[2], 0), w), min(max(box[3], 0), h)]
+                if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+                    counts["dropped_boxes"] += 1
+                    continue
+                counts["clipped_boxes"] += clipped != list(box)
+                boxes.append(clipped)
+            if not boxes:
+                counts["skipped_pairs"] += 1
+                continue
+            pairs.append(pair if boxes == pair.gt_boxes else replace(pair, gt_boxes=boxes))
+        if pairs:
+            clean.append(ImagePairs(item.path, item.image_id, pairs))
+    return clean, counts

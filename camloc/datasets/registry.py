@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from camloc.datasets.records import ImagePairs
+from camloc.datasets.records import ImagePairs, sanitize_boxes
 from camloc.errors import CamlocError
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -82,9 +82,12 @@ def load_dataset(
     ann_file: str | Path | None = None,
     image_dir: str | Path | None = None,
     per_class: int = 100,
+    issues: dict | None = None,
 ) -> list[ImagePairs]:
     """A dataset's image-grouped pairs. `classes` keeps those category names; `limit` keeps N images:
-    the first N in the dataset's stable order, or a random N drawn with `subset_seed`."""
+    the first N in the dataset's stable order, or a random N drawn with `subset_seed`. Ground truth
+    outside the image is clipped or dropped (`sanitize_boxes`); pass a dict as `issues` to get the
+    counts."""
     _load_builtin_datasets()
     spec = DATASETS.get(name)
     if spec is None:
@@ -96,7 +99,9 @@ def load_dataset(
     opts = DataOptions(root=data_root(data_root_dir), split=split, ann_file=Path(ann_file) if ann_file else None,
                        image_dir=Path(image_dir) if image_dir else None, prompt_template=prompt_template,
                        per_class=per_class, subset_seed=subset_seed)
-    images = spec.build(opts)
+    images, counts = sanitize_boxes(spec.build(opts))
+    if issues is not None:
+        issues.update(counts)
     if classes:
         known = {p.category for item in images for p in item.pairs}
         unknown = [c for c in classes if c not in known]
