@@ -73,3 +73,22 @@ def records_name(rank: int, world: int) -> str:
 def record_files(run_dir: Path) -> list[Path]:
     """Every records file of a run folder: a 1-process run's and every shard's."""
     return sorted(Path(run_dir).glob("pairs*.jsonl"))
+
+
+def join_process_group(env=None) -> bool:
+    """Under torchrun (MASTER_ADDR set, WORLD_SIZE > 1) join a gloo process group, so rank 0 can wait
+    for the other ranks and write the merged summary. Returns whether a group is in use."""
+    import datetime
+
+    import torch.distributed as dist
+
+    env = os.environ if env is None else env
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    if "MASTER_ADDR" not in env or (_env_int(env, "WORLD_SIZE") or 1) < 2:
+        return False
+    # long, uneven shards: rank 0 may wait for hours at the final barrier
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return True

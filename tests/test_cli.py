@@ -115,3 +115,20 @@ def test_unreadable_image(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     result = runner.invoke(app, ["explain", str(bad), "-p", "cat", "--model", "tiny-rn"])
     assert result.exit_code == 2 and f"image file {bad} could not be read as an image" in result.output
+
+
+def test_refused_inputs_on_the_command_line(tmp_path):
+    import torch
+
+    not_clip = tmp_path / "resnet18.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)}, not_clip)
+    result = runner.invoke(app, ["eval", "--method", "gradcam", "--model", str(not_clip), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "is not a CLIP checkpoint (missing visual.conv1.weight" in result.output
+    run = tmp_path / "run"
+    args = ["eval", "--method", "gradcam", "--model", "tiny-rn", "--out", str(run), "--limit", "1", "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    other = runner.invoke(app, args[:-2] + ["2", "--no-progress"])
+    assert other.exit_code == 2
+    assert f"run folder {run} was written by a different config (differs in: limit)" in other.output
+    assert "--force-new" in other.output
+    assert runner.invoke(app, args[:-2] + ["2", "--no-progress", "--force-new"]).exit_code == 0

@@ -74,3 +74,20 @@ def test_two_workers_merge_to_the_single_process_result(tmp_path):
     summary = json.loads((shared / "summary.json").read_text())
     assert summary["complete"] is True
     pd.testing.assert_frame_equal(pd.read_csv(shared / "table.csv"), pd.read_csv(tmp_path / "single" / "table.csv"))
+
+
+def test_torchrun_with_a_gloo_group_rank0_writes_the_merged_table(tmp_path):
+    """torchrun on the CPU: the ranks join a gloo group, rank 0 waits for the other and writes the tables."""
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "camloc", "eval",
+           "--method", "gradcam,layercam", "--model", "tiny-rn", "--out", str(out), "--device", "cpu", "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "shard 1/2 done; rank 0 writes the merged tables" in result.stdout
+    assert len(record_files(out)) == 2
+    single = tmp_path / "single"
+    from camloc.runner import EvalConfig, run_eval
+
+    run_eval(EvalConfig(model="tiny-rn", methods=["gradcam", "layercam"]), single, device="cpu", progress=False)
+    assert (out / "table.csv").read_text() == (single / "table.csv").read_text()
+    assert json.loads((out / "summary.json").read_text())["complete"] is True

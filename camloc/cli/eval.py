@@ -58,7 +58,7 @@ def eval_cmd(
     from camloc.evaluators.iou import CONVENTIONS
     from camloc.heatmap_cache import model_key
     from camloc.runner import EvalConfig, run_eval
-    from camloc.sharding import resolve_shard
+    from camloc.sharding import join_process_group, resolve_shard
 
     file = load_config(config, "eval") if config else {}
     given = explicit_options(ctx)
@@ -82,6 +82,8 @@ def eval_cmd(
                                for k in ("topk", "grouping", "start_layer")))
     out_dir = Path(out_dir)
     rank_world = resolve_shard(shard)
+    if shard is None:
+        join_process_group()
     for name in models:
         run_config = EvalConfig(
             model=name,
@@ -107,14 +109,15 @@ def eval_cmd(
                            save_heatmaps=run_dir / "heatmaps" if setting("save_heatmaps") else None,
                            shard=rank_world)
         if rank_world[1] > 1 and not summary.get("complete"):
-            typer.echo(f"shard {rank_world[0]}/{rank_world[1]} done; the tables are written by the rank that "
-                       f"finishes last (or `camloc report {run_dir}`)")
+            writer = "rank 0 writes" if "methods" not in summary else "the rank that finishes last writes"
+            typer.echo(f"shard {rank_world[0]}/{rank_world[1]} done; {writer} the merged tables "
+                       f"(or run `camloc report {run_dir}`)")
             continue
         typer.echo((run_dir / "table.md").read_text().rstrip())
         _report_faults(summary["faults"])
         t = summary["timings"]
         typer.echo(f"{summary['n_pairs']} pairs x {len(run_config.methods)} methods; {t['records_this_invocation']} "
-                   f"new records, {t['resumed_records']} resumed; wrote {run_dir}/pairs.jsonl, summary.json, "
+                   f"new records, {t['resumed_records']} resumed; wrote {run_dir}/ pairs records, summary.json, "
                    "table.csv, table.md")
 
 
