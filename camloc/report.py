@@ -71,9 +71,9 @@ def s3_table(long: pd.DataFrame, compare_paper: bool = False) -> pd.DataFrame:
     if compare_paper:
         rows = []
         for _, r in long.iterrows():
-            paper = PAPER_S3.get(r["model"], {}).get(r["method"])
+            paper = PAPER_S3.get(r["model"], {}).get(r["method"], float("nan"))
             rows.append({"model": r["model"], "method": r["method"], "ours": r["mean_iou"], "paper": paper,
-                         "difference": r["mean_iou"] - paper if paper is not None else None})
+                         "difference": r["mean_iou"] - paper})
         return pd.DataFrame(rows)
     table = long.pivot_table(index="model", columns="method", values="mean_iou", aggfunc="first")
     ordered = [m for m in METHOD_ORDER if m in table.columns] + [m for m in table.columns if m not in METHOD_ORDER]
@@ -88,10 +88,11 @@ def s1_table(run_dirs: list[Path], compare_paper: bool = False) -> pd.DataFrame:
     rows = rows[rows["label"] != "Mean"].drop_duplicates(subset=["model", "method"], keep="last")
     table = table_s1(rows.to_dict("records"))
     if compare_paper:
-        paper = [PAPER_S1.get((r["model"], r["method"]), (None, None)) for _, r in table.iterrows()]
+        nan = float("nan")
+        paper = [PAPER_S1.get((r["model"], r["method"]), (nan, nan)) for _, r in table.iterrows()]
         table["paper_single"] = [p[0] for p in paper]
         table["paper_otsu"] = [p[1] for p in paper]
-        table["paper_difference"] = [p[1] - p[0] if p[0] is not None else None for p in paper]
+        table["paper_difference"] = [p[1] - p[0] for p in paper]
         known = table["paper_single"].notna()
         if known.any():
             table.loc[table["label"] == "Mean", ["paper_single", "paper_otsu", "paper_difference"]] = [

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from camloc.cams import CamContext, resolve_methods
+from camloc.cams import CamContext, compute_heatmaps, resolve_methods
 from camloc.cams.engine import compute_native
 from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import DEFAULT_OPTIONS
@@ -185,6 +185,7 @@ def run_eval(
     chunk_size: int | str = "auto",
     save_heatmaps: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
+    save_vis: int = 0,
 ) -> dict:
     """Evaluate `config` into `run_dir`, resuming what is there. Returns the summary dict.
 
@@ -282,4 +283,37 @@ def run_eval(
         return summary
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=1) + "\n")
     write_tables(run_dir, rows)
+    if save_vis:
+        save_visualizations(model, images, records, config, run_dir / "vis", save_vis)
     return summary
+
+
+def pick_for_vis(records: list[dict], n: int, seed: int = 0) -> dict[str, list[dict]]:
+    """The n best, n worst and n random (seeded) records by IoU; best and worst exclude each other."""
+    import random
+
+    ranked = sorted(records, key=lambda r: (-r["iou"], str(r["image_id"]), r["category_id"]))
+    best = ranked[:n]
+    worst = [r for r in reversed(ranked) if r not in best][:n]
+    chosen = random.Random(seed).sample(ranked, min(n, len(ranked)))
+    return {"best": best, "worst": worst, "random": chosen}
+
+
+def save_visualizations(model: ClipModel, images: list[ImagePairs], records: list[dict], config: EvalConfig,
+                        out: Path, n: int) -> None:
+    """`--save-vis N`: overlays of the N best, N worst and N random pairs per method, IoU in the caption."""
+    from camloc.viz import pair_overlay
+
+    paths = {str(item.image_id): item.path for item in images}
+    unique = {record_key(r): r for r in records}
+    for method in config.methods:
+        picks = pick_for_vis([r for r in unique.values() if r["method"] == method], n, config.seed)
+        folder = out / method.replace("+", "p")
+        folder.mkdir(parents=True, exist_ok=True)
+        for group, chosen in picks.items():
+            for rank, r in enumerate(chosen):
+                image = load_image(paths[str(r["image_id"])])
+                heatmap = compute_heatmaps(model, image, [r["prompt"]], [method], config.options)[method][0]
+                name = f"{group}_{rank:02d}_{r['image_id']}_{r['category_id']}.jpg"
+                pair_overlay(image, heatmap, r["box"], r["gt_boxes"], f"{method} '{r['prompt']}' IoU {r['iou']:.3f}",
+                             folder / name)

@@ -18,10 +18,16 @@ def report_cmd(
     fmt: str = typer.Option("md", "--format", help="md, csv or latex."),
     compare_paper: bool = typer.Option(False, "--compare-paper", help="Put the appendix's printed values beside ours."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the table to this file instead of printing it."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page (plots and saved pairs embedded) to this file."),
 ) -> None:
     """Merge run folders into one table (records are merged, so shards combine exactly)."""
     from camloc.report import build_report, render
     from camloc.runfiles import atomic_write_text
+
+    if html_out is not None:
+        from camloc.html_report import write_html_report
+
+        typer.echo(f"wrote {write_html_report(run_dirs, html_out, compare_paper)}")
 
     text = render(build_report(run_dirs, layout, compare_paper), fmt)
     if out is None:
@@ -29,3 +35,20 @@ def report_cmd(
     else:
         atomic_write_text(out, text)
         typer.echo(f"wrote {out}")
+
+
+@app.command("compare")
+@reports_errors
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="Run folder A."),
+    run_b: Optional[Path] = typer.Argument(None, help="Run folder B [default: A, comparing two of its methods]."),
+    method_a: Optional[str] = typer.Option(None, "--method-a", help="Method of A (needed when A has several)."),
+    method_b: Optional[str] = typer.Option(None, "--method-b", help="Method of B (needed when B has several)."),
+    top: int = typer.Option(10, "--top", help="How many pairs to list."),
+    fmt: str = typer.Option("md", "--format", help="md, csv or latex."),
+) -> None:
+    """List the pairs where A beats B by the largest IoU margin (appendix Figs. S5-S10)."""
+    from camloc.compare import compare_runs
+    from camloc.report import render
+
+    typer.echo(render(compare_runs(run_a, run_b, method_a, method_b, top), fmt).rstrip())

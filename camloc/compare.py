@@ -1,0 +1,40 @@
+"""`camloc compare`: the pairs where two runs (or two methods) differ most, like the appendix's
+Figs. S5-S10 ("pairs where gScoreCAM beats GradCAM")."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from camloc.errors import CamlocError
+from camloc.runfiles import read_jsonl
+from camloc.sharding import record_files
+
+
+def _records(run_dir: Path, method: str | None) -> tuple[dict, str]:
+    records = [r for p in record_files(run_dir) for r in read_jsonl(p)]
+    if not records:
+        raise CamlocError(f"{run_dir} holds no camloc eval records (pairs*.jsonl)")
+    methods = sorted({r["method"] for r in records})
+    if method is None:
+        if len(methods) != 1:
+            raise CamlocError(f"{run_dir} has several methods ({', '.join(methods)}); choose one with --method-a/-b")
+        method = methods[0]
+    if method not in methods:
+        raise CamlocError(f"{run_dir} has no method {method!r}; it has {', '.join(methods)}")
+    return {(str(r["image_id"]), int(r["category_id"])): r for r in records if r["method"] == method}, method
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path | None = None, method_a: str | None = None,
+                 method_b: str | None = None, top: int = 10) -> pd.DataFrame:
+    """Pairs present in both, sorted by IoU(a) - IoU(b), largest first; `top` rows."""
+    a, name_a = _records(Path(run_a), method_a)
+    b, name_b = _records(Path(run_b or run_a), method_b)
+    rows = [{"image_id": ra["image_id"], "file_name": ra["file_name"], "category": ra["category"],
+             f"iou_{name_a}": ra["iou"], f"iou_{name_b}" if name_b != name_a else "iou_b": b[key]["iou"],
+             "difference": ra["iou"] - b[key]["iou"]}
+            for key, ra in a.items() if key in b]
+    if not rows:
+        raise CamlocError("the two runs share no (image, category) pairs")
+    table = pd.DataFrame(rows).sort_values(["difference", "image_id"], ascending=[False, True], kind="stable")
+    return table.head(top).reset_index(drop=True)

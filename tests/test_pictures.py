@@ -1,0 +1,103 @@
+"""Pictures: --save-vis overlays, the self-contained HTML report (parsed; rendered in headless
+Chromium with a screenshot when Chromium is installed), and `camloc compare`."""
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from camloc.cli.app import app
+from camloc.runner import EvalConfig, run_eval
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def vis_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("vis")
+    run_eval(EvalConfig(model="tiny-rn", methods=["gradcam", "scorecam"]), run_dir, device="cpu", progress=False,
+             save_vis=2)
+    return run_dir
+
+
+def test_save_vis_writes_best_worst_random(vis_run):
+    import json
+
+    records = [json.loads(line) for line in (vis_run / "pairs.jsonl").read_text().splitlines()]
+    for method in ("gradcam", "scorecam"):
+        files = sorted(p.name for p in (vis_run / "vis" / method).iterdir())
+        assert [f.split("_")[0] for f in files].count("best") == 2 and len(files) == 6
+        ious = sorted((r["iou"], r["image_id"], r["category_id"]) for r in records if r["method"] == method)
+        best = ious[-1]
+        name = f"best_00_{best[1]}_{best[2]}.jpg"
+        assert name in files
+        with Image.open(vis_run / "vis" / method / name) as im:
+            raw = {r["image_id"]: r["image_size"] for r in records}[best[1]]
+            scale = min(1, 320 / max(raw))
+            assert im.size == (round(raw[0] * scale), round(raw[1] * scale) + 22)  # + the caption strip
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources, self.tables, self.text = [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables += 1
+        for key in ("src", "href"):
+            if key in attrs:
+                self.sources.append(attrs[key])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_html_report_is_self_contained_and_has_the_tables(vis_run, tmp_path):
+    out = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", str(vis_run), "--html", str(out), "--compare-paper"])
+    assert result.exit_code == 0, result.output
+    parser = _Collector()
+    parser.feed(out.read_text())
+    text = " ".join(parser.text)
+    assert parser.tables >= 2 and "gradcam" in text and "scorecam" in text
+    assert "config and provenance" in text and "saved pairs" in text
+    assert len(parser.sources) >= 2 + 12  # histogram and per-class plots, 12 saved pairs
+    for src in parser.sources:  # only embedded data or files that exist next to the page
+        assert src.startswith("data:image/") or (out.parent / src).exists(), src
+
+
+def test_compare_lists_pairs_where_a_beats_b(vis_run):
+    result = runner.invoke(app, ["compare", str(vis_run), "--method-a", "scorecam", "--method-b", "gradcam",
+                                 "--top", "3", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "image_id,file_name,category,iou_scorecam,iou_gradcam,difference" and len(lines) == 4
+    diffs = [float(line.split(",")[-1]) for line in lines[1:]]
+    assert diffs == sorted(diffs, reverse=True)
+    ambiguous = runner.invoke(app, ["compare", str(vis_run)])
+    assert ambiguous.exit_code == 2 and "several methods (gradcam, scorecam)" in ambiguous.output
+
+
+def test_html_report_renders_in_headless_chromium(vis_run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    out = tmp_path / "report.html"
+    assert runner.invoke(app, ["report", str(vis_run), "--html", str(out)]).exit_code == 0
+    shot = tmp_path / "report.png"
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+                             f"--screenshot={shot}", "--window-size=1200,2000", out.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert shot.exists(), result.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2000)
+        colors = im.convert("L").getextrema()
+        assert colors[0] < 100 and colors[1] > 200  # something was drawn, not a blank page
