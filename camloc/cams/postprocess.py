@@ -20,7 +20,8 @@ def minmax_(maps: torch.Tensor | np.ndarray, eps: float = 1e-8):
     top = maps.max(axis=(-2, -1), keepdims=True)
     if eps == 0:
         top = np.where(top > 0, top, 1)
-    return maps / (top + eps)
+    maps /= top + eps  # in place: maps is already a fresh array
+    return maps
 
 
 def resize_maps(maps: np.ndarray, raw_size: tuple[int, int]) -> np.ndarray:
@@ -53,7 +54,7 @@ def native_to_raw(kind: str, native: np.ndarray, raw_size: tuple[int, int]) -> n
     `resize`: nothing more. Deterministic, so cached native maps re-derive the same raw maps."""
     raw = resize_maps(np.asarray(native, dtype=np.float32), raw_size)
     if kind == "grid":
-        raw = minmax_(np.maximum(raw, 0))
+        raw = minmax_(np.maximum(raw, 0, out=raw))
     elif kind == "resize_minmax":
         raw = minmax_(raw, eps=0)
     return raw.astype(np.float32, copy=False)

@@ -30,7 +30,9 @@ def binarize(gray: np.ndarray, threshold: Threshold = "otsu") -> np.ndarray:
     t = float(threshold)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {t}")
-    return np.where(gray > round(t * 255), 255, 0).astype(np.uint8)
+    # THRESH_BINARY sets 255 where gray > thresh: exactly `gray > round(t * 255)`, vectorised by OpenCV
+    _, binary = cv2.threshold(gray, round(t * 255), 255, cv2.THRESH_BINARY)
+    return binary
 
 
 def candidate_boxes(binary: np.ndarray) -> list[list[int]]:
