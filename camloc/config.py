@@ -56,3 +56,25 @@ def load_config(path: str | Path, section: str) -> dict:
 def explicit_options(ctx) -> set[str]:
     """Names of the CLI parameters the user gave on the command line (not defaults)."""
     return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+
+
+class Settings:
+    """Command-line values over a config table: an option given on the command line wins, then the
+    file's key, then the option's default."""
+
+    def __init__(self, ctx, file: dict):
+        self.values = dict(ctx.params)
+        self.given = explicit_options(ctx)
+        self.file = file
+
+    def __call__(self, param: str, key: str | None = None):
+        key = key or param
+        return self.values[param] if param in self.given or key not in self.file else self.file[key]
+
+    def method_options(self) -> dict:
+        """topk, grouping and start_layer from the command line or the file's `options` table."""
+        from camloc.cli.common import method_options
+
+        table = self.file.get("options", {})
+        return method_options(*(self.values[k] if k in self.given or k not in table else table[k]
+                                for k in ("topk", "grouping", "start_layer")))

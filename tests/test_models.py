@@ -9,7 +9,7 @@ from conftest import PREFIX, SHARED_GOLDEN, golden
 from camloc.errors import CamlocError
 from camloc.models import ClipModel, load_clip
 from camloc.models.families import RESNET, VIT, _vit_tokens_to_grid
-from camloc.models.loading import random_state_dict, state_dict_from_file
+from camloc.models.loading import random_state_dict
 from camloc.models.specs import TINY_SPECS
 
 # sha256 over (key, tensor bytes) in sorted key order; equal to ../shared/golden/tiny_*.pt (checked below

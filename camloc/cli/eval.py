@@ -9,7 +9,7 @@ import typer
 from camloc.cli.app import app
 from camloc.cli.common import (AnnFileOption, CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption,
                                ImageDirOption, PerClassOption, PrecisionOption, SplitOption,
-                               StartLayerOption, SubsetSeedOption, ThresholdOption, TopkOption, method_options,
+                               StartLayerOption, SubsetSeedOption, ThresholdOption, TopkOption,
                                parse_chunk_size, parse_threshold, reports_errors)
 
 
@@ -54,7 +54,7 @@ def eval_cmd(
     cache_dir: Optional[str] = CacheOption,
 ) -> None:
     """Evaluate CAM methods on a dataset: pairs.jsonl, summary.json, table.csv, table.md in --out."""
-    from camloc.config import explicit_options, load_config
+    from camloc.config import Settings, load_config
     from camloc.errors import CamlocError
     from camloc.evaluators.iou import CONVENTIONS
     from camloc.heatmap_cache import model_key
@@ -62,12 +62,8 @@ def eval_cmd(
     from camloc.sharding import join_process_group, resolve_shard
 
     file = load_config(config, "eval") if config else {}
-    given = explicit_options(ctx)
-    values = dict(ctx.params)
-
-    def setting(param: str, key: str | None = None):
-        key = key or param
-        return values[param] if param in given or key not in file else file[key]
+    setting = Settings(ctx, file)
+    given = setting.given
 
     models = [model] if model and ("model" in given or "models" not in file) else file.get("models")
     methods = _split(method) if method and ("method" in given or "methods" not in file) else _split(file.get("methods"))
@@ -78,9 +74,7 @@ def eval_cmd(
     iou_name = setting("iou")
     if iou_name not in CONVENTIONS:
         raise CamlocError(f"--iou {iou_name!r} is not one of {', '.join(CONVENTIONS)}")
-    file_options = file.get("options", {})
-    options = method_options(*(values[k] if k in given or k not in file_options else file_options[k]
-                               for k in ("topk", "grouping", "start_layer")))
+    options = setting.method_options()
     out_dir = Path(out_dir)
     rank_world = resolve_shard(shard)
     if shard is None:

@@ -8,7 +8,7 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption, PerClassOption,
-                               PrecisionOption, StartLayerOption, SubsetSeedOption, TopkOption, method_options,
+                               PrecisionOption, StartLayerOption, SubsetSeedOption, TopkOption,
                                parse_chunk_size, reports_errors)
 
 
@@ -41,13 +41,13 @@ def threshold_search_cmd(
     cache_dir: Optional[str] = CacheOption,
 ) -> None:
     """Grid-search one binarisation threshold on the train subset, compare it with Otsu on val (Table S1)."""
-    from camloc.config import explicit_options, load_config
+    from camloc.config import Settings, load_config
     from camloc.errors import CamlocError
     from camloc.threshold_search import SearchConfig, run_threshold_search
 
     file = load_config(config, "threshold_search") if config else {}
-    given = explicit_options(ctx)
-    values = dict(ctx.params)
+    setting = Settings(ctx, file)
+    given, values = setting.given, setting.values
     if model:
         runs = [{"model": model, "methods": [m.strip() for m in (method or "all").split(",")]}]
     else:
@@ -73,14 +73,7 @@ def threshold_search_cmd(
     for param, key in (("grid_start", "start"), ("grid_stop", "stop"), ("grid_step", "step")):
         if param in given or key not in grid:
             grid[key] = values[param]
-    file_options = file.get("options", {})
-    options = method_options(*(values[k] if k in given or k not in file_options else file_options[k]
-                               for k in ("topk", "grouping", "start_layer")))
-
-    def setting(param: str, key: str | None = None):
-        key = key or param
-        return values[param] if param in given or key not in file else file[key]
-
+    options = setting.method_options()
     search = SearchConfig(runs=runs, train=train, val=val, grid=grid, options=options, iou=setting("iou"),
                           precision=setting("precision"))
     try:
