@@ -186,6 +186,7 @@ def run_eval(
     save_heatmaps: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
     save_vis: int = 0,
+    skip_missing: bool = False,
 ) -> dict:
     """Evaluate `config` into `run_dir`, resuming what is there. Returns the summary dict.
 
@@ -210,6 +211,12 @@ def run_eval(
                           prompt_template=config.prompt_template, subset_seed=config.subset_seed, split=config.split,
                           per_class=config.per_class, issues=issues, **(data_options or {}))
     mine = assign_images(images, rank, world)
+    missing = [item for item in mine if not Path(item.path).is_file()]
+    if missing and not skip_missing:
+        folder = Path(missing[0].path).parent
+        where = f"the image folder {folder} does not exist" if not folder.is_dir() else f"{missing[0].path} does not exist"
+        raise CamlocError(f"{len(missing)} of {len(mine)} images are missing ({where}); check --data-root "
+                          f"(`camloc data verify {config.dataset}`) or pass --skip-missing to skip and report them")
     _check_config(run_dir, config, force_new)
     load_seconds = time.perf_counter() - started
 

@@ -337,3 +337,96 @@ def test_eval_on_a_coco_layout_from_the_cli(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mean_coverage"] == pytest.approx(np.mean([r["coverage"] for r in records]))
     assert json.loads((out / "config.json").read_text())["dataset"] == "coco"
+
+
+@pytest.mark.parametrize("dataset,writer", [("partimagenet", write_partimagenet), ("ade20k-scenes", write_ade_full),
+                                            ("ade20k-scenes", write_scene_parsing)])
+def test_eval_end_to_end_on_each_layout(dataset, writer, tmp_path):
+    writer(tmp_path / "data")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["eval", "--method", "gradcam", "--model", "tiny-rn", "--dataset", dataset,
+                                 "--data-root", str(tmp_path / "data"), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["methods"]["gradcam"]["n_pairs"] == summary["n_pairs"] > 0
+    if dataset == "ade20k-scenes":
+        assert 0 < summary["mean_coverage"] < 1
+
+
+def test_missing_images_stop_the_run_or_are_skipped_and_reported(tmp_path):
+    write_coco(tmp_path / "data")
+    (tmp_path / "data" / "val2017" / "000000000007.jpg").unlink()
+    args = ["eval", "--method", "gradcam", "--model", "tiny-rn", "--dataset", "coco", "--data-root",
+            str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--no-progress"]
+    stop = runner.invoke(app, args)
+    assert stop.exit_code == 2
+    assert "1 of 2 images are missing" in stop.output and "000000000007.jpg does not exist" in stop.output
+    skip = runner.invoke(app, args + ["--skip-missing"])
+    assert skip.exit_code == 0, skip.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [s["image_id"] for s in summary["faults"]["skipped_images"]] == [7]
+    shutil_dir = tmp_path / "data" / "val2017"
+    for f in shutil_dir.iterdir():
+        f.unlink()
+    shutil_dir.rmdir()
+    gone = runner.invoke(app, args[:-1] + ["--no-progress", "--force-new"])
+    assert gone.exit_code == 2 and f"the image folder {shutil_dir} does not exist" in gone.output
+
+
+def test_file_name_escaping_the_image_folder_is_refused(tmp_path):
+    write_coco(tmp_path)
+    ann = tmp_path / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["images"][0]["file_name"] = "../../etc/passwd"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(CamlocError, match="points outside the image folder"):
+        load_dataset("coco", data_root_dir=tmp_path)
+
+
+class _CutHandler(_RangeHandler):
+    """Sends the headers for the whole file, then only half of it and hangs up, on the first request."""
+
+    cuts: list = []
+
+    def do_GET(self):
+        data = self.files[self.path]
+        if not self.cuts:
+            self.cuts.append(1)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+def test_download_resumes_after_a_cut_connection(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CutHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        payload = _zip_bytes({"val2017/b.jpg": b"y" * 20000})
+        _CutHandler.files, _CutHandler.ranges, _CutHandler.cuts = {"/cut.zip": payload}, [], []
+        archive = Archive(f"http://127.0.0.1:{server.server_address[1]}/cut.zip", len(payload),
+                          hashlib.sha1(payload).hexdigest())
+        sources = {"toy": {"val2017": [archive]}}
+        with pytest.raises(CamlocError, match="connection was cut .* run the same command again to resume"):
+            fetch_dataset("toy", tmp_path, sources=sources, progress=False)
+        assert (tmp_path / "downloads" / "cut.zip.part").stat().st_size == len(payload) // 2
+        fetch_dataset("toy", tmp_path, sources=sources, progress=False)
+        assert _CutHandler.ranges == [f"bytes={len(payload) // 2}-"]
+        assert (tmp_path / "val2017" / "b.jpg").read_bytes() == b"y" * 20000
+    finally:
+        server.shutdown()
+
+
+def test_download_without_network_says_so(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    archive = Archive(f"http://127.0.0.1:{port}/val2017.zip", 10)
+    with pytest.raises(CamlocError, match="downloading .* failed .*check the network and run the same command again"):
+        fetch_dataset("toy", tmp_path, sources={"toy": {"val2017": [archive]}}, progress=False)

@@ -45,6 +45,7 @@ def eval_cmd(
     start_layer: int = StartLayerOption,
     chunk_size: str = ChunkOption,
     force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
+    skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip (and report) pairs whose image file is missing instead of stopping."),
     save_vis: int = typer.Option(0, "--save-vis", help="Save overlays of the N best, N worst and N random pairs per method under OUT/vis."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: evaluate this share of the images [default: from RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS, else 0/1]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -102,7 +103,7 @@ def eval_cmd(
                            data_options={"data_root_dir": setting("data_root"), "ann_file": setting("ann_file"),
                                          "image_dir": setting("image_dir")},
                            save_heatmaps=run_dir / "heatmaps" if setting("save_heatmaps") else None,
-                           shard=rank_world, save_vis=save_vis)
+                           shard=rank_world, save_vis=save_vis, skip_missing=skip_missing)
         if rank_world[1] > 1 and not summary.get("complete"):
             writer = "rank 0 writes" if "methods" not in summary else "the rank that finishes last writes"
             typer.echo(f"shard {rank_world[0]}/{rank_world[1]} done; {writer} the merged tables "

@@ -83,11 +83,16 @@ def coco_pairs(
     image_dir = Path(image_dir)
     names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
     locate = image_path or (lambda folder, info: folder / info["file_name"])
+    root = image_dir.resolve()
     images = []
     for image_id in image_ids if image_ids is not None else sorted(coco.getImgIds()):
         cats = categories_per_image.get(image_id) if categories_per_image is not None else None
         pairs = pairs_of_image(coco, image_id, names, prompt_template, cats)
         if pairs:
-            path = locate(image_dir, coco.loadImgs(image_id)[0])
+            info = coco.loadImgs(image_id)[0]
+            path = locate(image_dir, info)
+            if not path.resolve().is_relative_to(root):
+                raise CamlocError(f"annotation file_name {info['file_name']!r} (image {image_id}) points outside the "
+                                  f"image folder {image_dir}; refusing it")
             images.append(ImagePairs(path=str(path), image_id=image_id, pairs=pairs))
     return images

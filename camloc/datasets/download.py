@@ -7,6 +7,7 @@ next to it (`<file>.sha256`). Sizes are the servers' published byte counts where
 from __future__ import annotations
 
 import hashlib
+import http.client
 import urllib.error
 import urllib.request
 import zipfile
@@ -86,7 +87,15 @@ def download(archive: Archive, folder: Path, verify: bool = True, progress: bool
                 start = 0
             length = response.headers.get("Content-Length")
             total = start + int(length) if length is not None else archive.size
-            _stream(response, part, start, total, archive.file_name, progress)
+            try:
+                _stream(response, part, start, total, archive.file_name, progress)
+            except (http.client.IncompleteRead, OSError) as exc:
+                raise CamlocError(f"the connection was cut while downloading {archive.url} ({type(exc).__name__}); "
+                                  f"{part.stat().st_size} bytes are kept in {part}: run the same command again to "
+                                  "resume") from exc
+            if total is not None and part.stat().st_size < total:
+                raise CamlocError(f"the connection was cut while downloading {archive.url}: {part.stat().st_size} of "
+                                  f"{total} bytes are kept in {part}; run the same command again to resume")
     size = part.stat().st_size
     if archive.size is not None and size != archive.size:
         raise CamlocError(f"{part} has {size} bytes, expected {archive.size}; run the same command again to resume, "
