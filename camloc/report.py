@@ -14,7 +14,7 @@ from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter
 from camloc.runfiles import read_jsonl
 from camloc.sharding import record_files
-from camloc.threshold_search import DEFAULT_MODEL, row_label, table_s1
+from camloc.threshold_search import DEFAULT_MODEL, DISPLAY, row_label, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
                 "gscorecam-abs", "hilacam"]
@@ -63,40 +63,51 @@ def long_table(run_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LONG_COLUMNS)
 
 
+def _model_order(name: str) -> tuple:
+    from camloc.models.specs import OFFICIAL_SPECS
+
+    names = list(OFFICIAL_SPECS)
+    return (names.index(name), "") if name in names else (len(names), name)
+
+
 def s3_table(long: pd.DataFrame, compare_paper: bool = False) -> pd.DataFrame:
-    """Rows = models, columns = methods, average IoU (Table S3). With `compare_paper`: one row per
-    (model, method) with ours, the paper's value and the difference."""
+    """Table S3's layout: rows = models, columns = methods (appendix names and order), average IoU.
+    With `compare_paper` every model row is followed by its "(paper)" and "(difference)" rows."""
     if long.empty:
         raise CamlocError("no eval runs to report (give camloc eval run folders)")
-    if compare_paper:
-        rows = []
-        for _, r in long.iterrows():
-            paper = PAPER_S3.get(r["model"], {}).get(r["method"], float("nan"))
-            rows.append({"model": r["model"], "method": r["method"], "ours": r["mean_iou"], "paper": paper,
-                         "difference": r["mean_iou"] - paper})
-        return pd.DataFrame(rows)
     table = long.pivot_table(index="model", columns="method", values="mean_iou", aggfunc="first")
-    ordered = [m for m in METHOD_ORDER if m in table.columns] + [m for m in table.columns if m not in METHOD_ORDER]
-    return table[ordered].reset_index()
+    methods = [m for m in METHOD_ORDER if m in table.columns] + sorted(m for m in table.columns if m not in METHOD_ORDER)
+    rows = []
+    for model in sorted(table.index, key=_model_order):
+        ours = {m: table.loc[model, m] for m in methods}
+        rows.append({"model": model, **ours})
+        if compare_paper:
+            paper = {m: PAPER_S3.get(model, {}).get(m, float("nan")) for m in methods}
+            rows.append({"model": f"{model} (paper)", **paper})
+            rows.append({"model": f"{model} (difference)", **{m: ours[m] - paper[m] for m in methods}})
+    return pd.DataFrame(rows).rename(columns={m: DISPLAY.get(m, m) for m in methods})
 
 
 def s1_table(run_dirs: list[Path], compare_paper: bool = False) -> pd.DataFrame:
+    """Table S1's layout: rows = methods (the model in the label where it is not RN50x16) and a Mean
+    row; columns single value, Otsu, difference (Otsu - single), in percent as the appendix prints
+    them; with `compare_paper` the paper's three columns beside them."""
     parts = [pd.read_csv(d / "table_s1.csv") for d in run_dirs if _kind(d) == "threshold-search"]
     if not parts:
         raise CamlocError("no threshold-search runs to report (give camloc threshold-search output folders)")
     rows = pd.concat(parts, ignore_index=True)
     rows = rows[rows["label"] != "Mean"].drop_duplicates(subset=["model", "method"], keep="last")
-    table = table_s1(rows.to_dict("records"))
+    full = table_s1(rows.to_dict("records"))
+    table = pd.DataFrame({"method": full["label"], "single value": 100 * full["single"], "Otsu": 100 * full["otsu"],
+                          "difference": 100 * full["difference"]})
     if compare_paper:
         nan = float("nan")
-        paper = [PAPER_S1.get((r["model"], r["method"]), (nan, nan)) for _, r in table.iterrows()]
-        table["paper_single"] = [p[0] for p in paper]
-        table["paper_otsu"] = [p[1] for p in paper]
-        table["paper_difference"] = [p[1] - p[0] for p in paper]
-        known = table["paper_single"].notna()
-        if known.any():
-            table.loc[table["label"] == "Mean", ["paper_single", "paper_otsu", "paper_difference"]] = [
-                0.1167, 0.1149, -0.0018]  # the paper's printed Mean row
+        paper = [PAPER_S1.get((m, x), (nan, nan)) for m, x in zip(full["model"], full["method"])]
+        table["paper single value"] = [100 * p[0] for p in paper]
+        table["paper Otsu"] = [100 * p[1] for p in paper]
+        table["paper difference"] = [100 * (p[1] - p[0]) for p in paper]
+        table.loc[table["method"] == "Mean", ["paper single value", "paper Otsu", "paper difference"]] = [
+            11.67, 11.49, -0.18]  # the paper's printed Mean row
     return table
 
 
@@ -104,7 +115,8 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     if fmt == "csv":
         return table.to_csv(index=False, float_format="%.6f")
     if fmt == "md":
-        return table.to_markdown(index=False, floatfmt=".4f") + "\n"
+        shown = table.astype(object).where(pd.notna(table), None)  # blank cells, not "nan"
+        return shown.to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
     if fmt == "latex":
         return table.to_latex(index=False, float_format="%.4f", na_rep="--")
     raise CamlocError(f"--format {fmt!r} is not one of md, csv, latex")

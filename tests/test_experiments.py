@@ -167,21 +167,58 @@ def test_report_merges_shards_exactly_and_formats(tmp_path):
     both = build_report([whole, tmp_path / "shard0"], "long")  # overlapping folders: each pair counted once
     assert list(both["n_pairs"]) == [9, 9]
     s3 = build_report([whole], "s3")
-    assert list(s3.columns) == ["model", "gradcam", "layercam"]
-    assert "\\begin{tabular}" in render(s3, "latex") and render(s3, "csv").startswith("model,gradcam")
+    assert list(s3.columns) == ["model", "GradCAM", "LayerCAM"]
+    assert "\\begin{tabular}" in render(s3, "latex") and render(s3, "csv").startswith("model,GradCAM")
     with pytest.raises(CamlocError, match="not a camloc run folder"):
         build_report([tmp_path], "long")
 
 
-def test_report_compare_paper_s1(tmp_path):
+S1_ROWS = [("RN50x16", m) for m in ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "scorecam",
+                                    "gscorecam"]] + [("ViT-B/32", m) for m in ["hilacam", "scorecam", "gscorecam"]]
+
+
+def test_report_s1_has_exactly_the_appendix_rows_and_columns(tmp_path):
     from camloc.report import build_report
+    from camloc.threshold_search import row_label, table_s1
 
     out = tmp_path / "s1"
     out.mkdir()
-    pd.DataFrame([{"label": "gScoreCAM", "model": "RN50x16", "method": "gscorecam", "threshold": 0.5, "single": 0.2,
-                   "otsu": 0.21, "difference": 0.01}]).to_csv(out / "table_s1.csv", index=False)
+    rows = [{"label": row_label(x, m), "model": m, "method": x, "threshold": 0.5, "single": 0.1 + i / 100,
+             "otsu": 0.11 + i / 100, "difference": 0.01} for i, (m, x) in enumerate(S1_ROWS)]
+    table_s1(rows).to_csv(out / "table_s1.csv", index=False)
     table = build_report([out], "s1", compare_paper=True)
-    row = table.iloc[0]
-    assert (row["paper_single"], row["paper_otsu"]) == (0.2027, 0.2083)
-    assert row["paper_difference"] == pytest.approx(0.0056)
-    assert table.iloc[-1]["label"] == "Mean"
+    assert list(table["method"]) == ["GradCAM", "GradCAM++", "xGradCAM", "GroupCAM", "LayerCAM", "ScoreCAM",
+                                     "gScoreCAM", "Hila's method (ViT-B/32)", "ScoreCAM (ViT-B/32)",
+                                     "gScoreCAM (ViT-B/32)", "Mean"]
+    assert list(table.columns) == ["method", "single value", "Otsu", "difference", "paper single value",
+                                   "paper Otsu", "paper difference"]
+    gscore = table[table["method"] == "gScoreCAM"].iloc[0]
+    assert (gscore["paper single value"], gscore["paper Otsu"]) == pytest.approx((20.27, 20.83))
+    assert gscore["paper difference"] == pytest.approx(0.56)
+    assert gscore["single value"] == pytest.approx(16.0) and gscore["difference"] == pytest.approx(1.0)
+    assert table.iloc[-1][["paper single value", "paper Otsu", "paper difference"]].tolist() == [11.67, 11.49, -0.18]
+
+
+def test_report_s3_has_exactly_the_appendix_rows_and_columns(tmp_path):
+    from camloc.report import build_report
+
+    methods = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam"]
+    dirs = []
+    for model in ("RN50x16", "RN50x4"):
+        run = tmp_path / model
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"dataset": "ade20k-scenes"}))
+        records = [{"model": model, "method": m, "image_id": f"ADE_val_{i}", "category_id": 5, "category": "sky",
+                    "iou": 0.1 * (j + 1) if i == 0 else 0.0} for j, m in enumerate(methods) for i in range(2)]
+        (run / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        dirs.append(run)
+    table = build_report(dirs, "s3")
+    assert list(table.columns) == ["model", "GradCAM", "GradCAM++", "xGradCAM", "GroupCAM", "LayerCAM", "gScoreCAM",
+                                   "ScoreCAM"]
+    assert list(table["model"]) == ["RN50x4", "RN50x16"]  # the appendix's order
+    assert table.iloc[0]["ScoreCAM"] == pytest.approx(0.35)
+    compared = build_report(dirs, "s3", compare_paper=True)
+    assert list(compared["model"]) == ["RN50x4", "RN50x4 (paper)", "RN50x4 (difference)", "RN50x16",
+                                       "RN50x16 (paper)", "RN50x16 (difference)"]
+    assert compared.iloc[1]["gScoreCAM"] == 0.211 and compared.iloc[4]["GradCAM"] == 0.141
+    assert compared.iloc[2]["ScoreCAM"] == pytest.approx(0.35 - 0.198)
