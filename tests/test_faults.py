@@ -77,3 +77,34 @@ def test_nan_and_constant_heatmaps_give_deterministic_finite_results():
     constant = native_to_raw("grid", to_native("grid", torch.ones(1, 4, 4)), (30, 20))[0]
     assert not constant.any() and box_from_heatmap(constant) == [0, 0, 1, 1]
     assert best_iou([0, 0, 1, 1], [[0, 0, 30, 20]]) == pytest.approx(4 / (31 * 21 + 1e-6))
+
+
+def test_faults_are_reported_on_the_command_line(tmp_path, monkeypatch):
+    """Out-of-image ground truth and CUDA out-of-memory: exit code 0 and a note saying what happened."""
+    from clip.model import ModifiedResNet
+
+    write_coco(tmp_path / "data")
+    ann = tmp_path / "data" / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][3]["bbox"] = [2, 2, 30, 12]  # the dining table reaches past the 16 px image
+    ann.write_text(json.dumps(data))
+    original = ModifiedResNet.forward
+
+    def small_memory(self, x):
+        if x.shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, x)
+
+    monkeypatch.setattr(ModifiedResNet, "forward", small_memory)
+    result = runner.invoke(app, ["eval", "--method", "scorecam", "--model", "tiny-rn", "--dataset", "coco",
+                                 "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                                 "--no-progress", "--chunk-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "1 ground-truth boxes clipped to the image, 0 empty boxes dropped, 0 pairs without boxes skipped" in \
+        result.output
+    assert "CUDA out-of-memory batches split and retried" in result.output
+    faults = json.loads((tmp_path / "run" / "summary.json").read_text())["faults"]
+    assert faults["clipped_boxes"] == 1 and faults["oom_retries"] >= 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "pairs.jsonl").read_text().splitlines()]
+    table = next(r for r in records if r["category"] == "dining table")
+    assert table["gt_boxes"] == [[2, 2, 16, 14]]
