@@ -97,47 +97,96 @@ class UnreadableImage(CamlocError):
     """An image file of the dataset could not be read: the run skips it and reports it."""
 
 
-def evaluate_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig,
-                   runtime: dict | None = None, cache: HeatmapCache | None = None) -> tuple[list[dict], int]:
-    """Records (heatmap, box, IoU) of one image's pending (pair, method) combinations, and the CUDA
-    out-of-memory retries it needed; with a `cache`, the native maps are stored too."""
+def compute_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig, image,
+                  runtime: dict | None = None, cache: HeatmapCache | None = None) -> tuple[dict, int]:
+    """The device stage of one image: native maps of its pending (pair, method) combinations (stored in
+    `cache` when given) and the CUDA out-of-memory retries it needed."""
     pairs = [p for p in item.pairs if p.key in todo]
     methods = [m for m in config.methods if any(m in todo[p.key] for p in pairs)]
     prompts = list(dict.fromkeys(p.prompt for p in pairs))
-    try:
-        image = load_image(item.path)
-    except CamlocError as exc:
-        raise UnreadableImage(str(exc)) from exc
     ctx = CamContext(model, image, prompts, {**config.options, **(runtime or {})}, methods=methods)
     native = compute_native(model, image, prompts, methods, context=ctx)
-    heatmaps = {m: native_to_raw(kind, maps, image.size) for m, (kind, maps) in native.items()}
     if cache is not None:
         for method, (kind, maps) in native.items():
             cache.put(method, item.image_id, kind, {p.category_id: maps[prompts.index(p.prompt)] for p in pairs},
                       image.size)
+    return native, ctx.oom_retries
+
+
+def image_records(model_name: str, item: ImagePairs, todo: dict, config: EvalConfig, native: dict,
+                  size: tuple[int, int]) -> list[dict]:
+    """The host stage of one image: raw-size heatmaps, Algorithm 1 boxes and IoUs -> records."""
+    pairs = [p for p in item.pairs if p.key in todo]
+    prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    heatmaps = {m: native_to_raw(kind, maps, size) for m, (kind, maps) in native.items()}
     records = []
     for pair in pairs:
         row = prompts.index(pair.prompt)
         for method in todo[pair.key]:
             box = box_from_heatmap(heatmaps[method][row], config.threshold)
-            records.append(
-                {
-                    "image_id": pair.image_id,
-                    "file_name": pair.file_name,
-                    "image_size": list(image.size),
-                    "category_id": pair.category_id,
-                    "category": pair.category,
-                    "prompt": pair.prompt,
-                    "model": model.name,
-                    "method": method,
-                    "threshold": config.threshold,
-                    "box": [int(v) for v in box],
-                    "gt_boxes": pair.gt_boxes,
-                    "iou": best_iou(box, pair.gt_boxes, config.iou_convention),
-                    "coverage": pair.coverage,
-                }
-            )
-    return records, ctx.oom_retries
+            records.append({
+                "image_id": pair.image_id, "file_name": pair.file_name, "image_size": list(size),
+                "category_id": pair.category_id, "category": pair.category, "prompt": pair.prompt,
+                "model": model_name, "method": method, "threshold": config.threshold,
+                "box": [int(v) for v in box], "gt_boxes": pair.gt_boxes,
+                "iou": best_iou(box, pair.gt_boxes, config.iou_convention), "coverage": pair.coverage,
+            })
+    return records
+
+
+def _read_image(path: str):
+    try:
+        return load_image(path)
+    except CamlocError as exc:
+        raise UnreadableImage(str(exc)) from exc
+
+
+def run_pipeline(model: ClipModel, work: list, config: EvalConfig, handle, bar, runtime: dict,
+                 cache: HeatmapCache | None, prefetch: int = 2, host_workers: int | None = None) -> tuple:
+    """Evaluate `work` with the image decoding of the next images and the box derivation of the previous
+    ones overlapped with the model (threads: PIL and OpenCV release the GIL). Records are appended in
+    image order as each image completes. Returns (records written, skipped images, OOM retries)."""
+    import os
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    host_workers = host_workers or min(4, os.cpu_count() or 1)
+    written, skipped, retries = 0, [], 0
+    queue = iter(work)
+    loads: deque = deque()
+    boxes: deque = deque()
+
+    def flush(block_until: int) -> None:
+        nonlocal written
+        while boxes and (len(boxes) > block_until or boxes[0][2].done()):
+            _, todo, future = boxes.popleft()
+            records = future.result()
+            append_jsonl(handle, records)
+            written += len(records)
+            bar.advance(len(todo))
+
+    with ThreadPoolExecutor(prefetch) as loader, ThreadPoolExecutor(host_workers) as boxer:
+        for item, todo in queue:
+            loads.append((item, todo, loader.submit(_read_image, item.path)))
+            if len(loads) > prefetch:
+                break
+        while loads:
+            item, todo, future = loads.popleft()
+            nxt = next(queue, None)
+            if nxt is not None:
+                loads.append((*nxt, loader.submit(_read_image, nxt[0].path)))
+            try:
+                image = future.result()
+            except UnreadableImage as exc:  # a corrupt or missing file: counted and reported, not fatal
+                skipped.append({"image_id": item.image_id, "path": item.path, "pairs": len(todo), "reason": str(exc)})
+                bar.advance(len(todo))
+                continue
+            native, oom = compute_image(model, item, todo, config, image, runtime, cache)
+            retries += oom
+            boxes.append((item, todo, boxer.submit(image_records, model.name, item, todo, config, native, image.size)))
+            flush(block_until=host_workers)
+        flush(block_until=0)
+    return written, skipped, retries
 
 
 def _process_group_ready() -> bool:
@@ -231,18 +280,8 @@ def run_eval(
             done |= {record_key(r) for r in read_jsonl(other)}
     work = _pending(mine, config.methods, done)
     compute_started = time.perf_counter()
-    skipped, oom_retries, n_new = [], 0, 0
     with open(records_path, "a") as handle, progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
-        for item, todo in work:
-            try:
-                records, retries = evaluate_image(model, item, todo, config, {"chunk_size": chunk_size}, cache)
-            except UnreadableImage as exc:  # a corrupt or missing file: counted and reported, not fatal
-                skipped.append({"image_id": item.image_id, "path": item.path, "pairs": len(todo), "reason": str(exc)})
-            else:
-                append_jsonl(handle, records)
-                n_new += len(records)
-                oom_retries += retries
-            bar.advance(len(todo))
+        n_new, skipped, oom_retries = run_pipeline(model, work, config, handle, bar, {"chunk_size": chunk_size}, cache)
     compute_seconds = time.perf_counter() - compute_started
 
     if _process_group_ready():
