@@ -14,7 +14,7 @@ from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter
 from camloc.runfiles import read_jsonl
 from camloc.sharding import record_files
-from camloc.threshold_search import DEFAULT_MODEL, DISPLAY, row_label, table_s1
+from camloc.threshold_search import DISPLAY, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
                 "gscorecam-abs", "hilacam"]
@@ -137,4 +137,4 @@ def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper
     raise CamlocError(f"--layout {layout!r} is not one of s1, s3, long")
 
 
-__all__ = ["build_report", "render", "row_label", "DEFAULT_MODEL"]
+__all__ = ["build_report", "render", "long_table", "s1_table", "s3_table"]
