@@ -84,12 +84,20 @@ def test_compare_lists_pairs_where_a_beats_b(vis_run):
     assert ambiguous.exit_code == 2 and "several methods (gradcam, scorecam)" in ambiguous.output
 
 
-def test_html_report_renders_in_headless_chromium(vis_run, tmp_path):
+def test_html_report_of_the_smoke_sweep_renders_in_headless_chromium(vis_run, tmp_path):
+    """The committed smoke sweep (results/smoke: eval runs + the Table S1 search) plus a run with saved
+    pairs, as one page, rendered by Debian's chromium to a screenshot."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     out = tmp_path / "report.html"
-    assert runner.invoke(app, ["report", str(vis_run), "--html", str(out)]).exit_code == 0
+    smoke = REPO / "results" / "smoke"
+    result = runner.invoke(app, ["report", str(smoke / "eval" / "tiny-rn"), str(smoke / "eval" / "tiny-vit"),
+                                 str(smoke), str(vis_run), "--html", str(out), "--compare-paper"])
+    assert result.exit_code == 0, result.output
+    parser = _Collector()
+    parser.feed(out.read_text())
+    assert "GradCAM (tiny-rn)" in " ".join(parser.text)  # the Table S1 rows are on the page
     shot = tmp_path / "report.png"
     result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                              "--no-first-run", "--disable-background-networking", "--disable-component-update",
