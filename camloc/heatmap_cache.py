@@ -81,6 +81,11 @@ class HeatmapCache:
         np.savez_compressed(buffer, **arrays)
         atomic_write_bytes(path, buffer.getvalue())
 
+    def put_native(self, image_id, pairs: list, prompts: list[str], native: dict, raw_size: tuple[int, int]) -> None:
+        """Store `compute_native`'s output for one image: each pair's row, under its category id."""
+        for method, (kind, maps) in native.items():
+            self.put(method, image_id, kind, {p.category_id: maps[prompts.index(p.prompt)] for p in pairs}, raw_size)
+
     def get(self, method: str, image_id, category_id: int) -> tuple[str, np.ndarray, tuple[int, int]]:
         """(kind, native float16 map, raw size (W, H)) of one pair."""
         with np.load(self.path(method, image_id)) as data:

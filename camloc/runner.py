@@ -107,9 +107,7 @@ def compute_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalCo
     ctx = CamContext(model, image, prompts, {**config.options, **(runtime or {})}, methods=methods)
     native = compute_native(model, image, prompts, methods, context=ctx)
     if cache is not None:
-        for method, (kind, maps) in native.items():
-            cache.put(method, item.image_id, kind, {p.category_id: maps[prompts.index(p.prompt)] for p in pairs},
-                      image.size)
+        cache.put_native(item.image_id, pairs, prompts, native, image.size)
     return native, ctx.oom_retries
 
 

@@ -94,9 +94,7 @@ def fill_cache(model: LazyModel, cache: HeatmapCache, images: list[ImagePairs], 
             image = load_image(item.path)
             prompts = list(dict.fromkeys(p.prompt for p in item.pairs))
             native = compute_native(model.get(), image, prompts, missing, options)
-            for method, (kind, maps) in native.items():
-                cache.put(method, item.image_id, kind,
-                          {p.category_id: maps[prompts.index(p.prompt)] for p in item.pairs}, image.size)
+            cache.put_native(item.image_id, item.pairs, prompts, native, image.size)
             bar.advance(len(item.pairs))
     return sum(len(i.pairs) for i, _ in todo)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -41,11 +40,6 @@ class ImagePairs:
 
 def count_pairs(images: list[ImagePairs]) -> int:
     return sum(len(item.pairs) for item in images)
-
-
-def iter_pairs(images: list[ImagePairs]) -> Iterator[Pair]:
-    for item in images:
-        yield from item.pairs
 
 
 def sanitize_boxes(images: list[ImagePairs]) -> tuple[list[ImagePairs], dict[str, int]]:
