@@ -25,9 +25,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from camloc.cams import CamContext, compute_heatmaps  # noqa: E402
+from camloc.datasets import load_dataset  # noqa: E402
 from camloc.models import ClipModel, load_image  # noqa: E402
 from camloc.provenance import device_description, git_commit  # noqa: E402
-from straightforward import straightforward_cam, trainable_copy  # noqa: E402
+from straightforward import plain_encoder, straightforward_cam, trainable_copy  # noqa: E402
 
 IMAGE = Path(__file__).resolve().parent.parent / "camloc" / "datasets" / "demo" / "images" / "chelsea.jpg"
 PROMPTS = ["cat", "dog", "a photo of a cat", "tabby cat", "kitten", "animal face", "whiskers", "pet"]
@@ -92,36 +93,38 @@ def gib(n):
     return f"{n / 2**30:.2f} GiB"
 
 
-def best_batch(model: ClipModel, candidates, device) -> tuple[int, float]:
-    """The batch size with the least time per image for plain forwards."""
+def best_batch(model: ClipModel, encoder, memory_format, candidates, device) -> tuple[int, float]:
+    """The batch size with the least time per image for forwards of `encoder`."""
     n = model.input_size
     best = None
     for b in candidates:
-        x = model.as_input(torch.randn(b, 3, n, n))
+        x = model.as_input(torch.randn(b, 3, n, n)).contiguous(memory_format=memory_format)
         with torch.no_grad():
-            model.visual(x)  # warm-up
-            t, _, _ = timed(lambda: model.visual(x), device)
+            encoder(x)  # warm-up
+            t, _, _ = timed(lambda: encoder(x), device)
         if best is None or t / b < best[1]:
             best = (b, t / b)
     return best
 
 
-def floor_seconds(model, image, k, batch, device):
-    """k plain forwards at the best batch size + one forward and backward to the target layer.
-    Inputs are prepared on the device beforehand and every batch shape is warmed up."""
+def forwards_seconds(model, encoder, memory_format, k, batch, device, images=None):
+    """Time of k forwards of `encoder` at batch size `batch`, inputs prepared on the device beforehand
+    and every batch shape warmed up on CUDA. `images` < k: time that many and scale to k (the quick
+    CPU run, where every forward costs ~0.1-0.2 s)."""
     n = model.input_size
-    batches = [model.as_input(torch.randn(min(batch, k - start), 3, n, n)) for start in range(0, k, batch)]
+    timed_k = min(k, images or k)
+    batches = [model.as_input(torch.randn(min(batch, timed_k - start), 3, n, n)).contiguous(memory_format=memory_format)
+               for start in range(0, timed_k, batch)]
 
-    def k_forwards():
+    def forwards():
         with torch.no_grad():
             for x in batches:
-                model.visual(x)
+                encoder(x)
 
     if device.type == "cuda":
-        k_forwards()
-    t_fwd, _, _ = timed(k_forwards, device, reps=3 if device.type == "cuda" else 1)
-    t_grad, _, _ = timed(lambda: CamContext(model, image, ["cat"]).gradients, device, reps=3)
-    return t_fwd + t_grad, t_fwd, t_grad
+        forwards()
+    t, _, _ = timed(forwards, device, reps=3 if device.type == "cuda" else 1)
+    return t * k / timed_k
 
 
 def overlap_of_topk(model, image, prompts, k):
@@ -132,10 +135,22 @@ def overlap_of_topk(model, image, prompts, k):
 
 
 def section_gscorecam(model, image, k, args, device, report):
+    """The floor twice: with the encoder as the clip package builds it (the issue's "plain" forwards)
+    and with camloc's own encoder (BatchNorm folded on the CPU, channels_last ResNets), so both
+    camloc's gain from a faster encoder and its overhead over its own encoder are visible."""
     print(f"\n## gScoreCAM per image-prompt: {model.name}, k={k}, {model.precision} on {device.type}")
-    batch, per_image = best_batch(model, args.batches, device)
-    floor, t_fwd, t_grad = floor_seconds(model, image, k, batch, device)
-    opts = {"topk": k, "chunk_size": batch}
+    plain = plain_encoder(model)
+    scaled = f" (timed on {args.floor_images} of them, scaled)" if args.floor_images and args.floor_images < k else ""
+    floors = {}
+    for label, encoder, fmt in (("plain", plain, torch.contiguous_format),
+                                ("camloc's encoder", model.visual, model.memory_format)):
+        batch, per_image = best_batch(model, encoder, fmt, args.batches, device)
+        floors[label] = (batch, per_image, forwards_seconds(model, encoder, fmt, k, batch, device, args.floor_images))
+    del plain
+    t_grad, _, _ = timed(lambda: CamContext(model, image, ["cat"]).gradients, device, reps=3)
+    floor = floors["plain"][2] + t_grad
+    own_floor = floors["camloc's encoder"][2] + t_grad
+    opts = {"topk": k}  # camloc as a user runs it: the default chunk size
     compute_heatmaps(model, image, ["cat"], ["gradcam"], opts)  # warm-up
     t_cam, mem_cam, maps = timed(lambda: compute_heatmaps(model, image, ["cat"], ["gscorecam"], opts), device, args.reps)
     net = trainable_copy(model)
@@ -144,25 +159,34 @@ def section_gscorecam(model, image, k, args, device, report):
     del net
     diff = float(np.abs(maps["gscorecam"][0] - ref).max())
     rows = {
-        "best_batch": batch, "forward_s_per_image": per_image, "floor_s": floor, "floor_forwards_s": t_fwd,
-        "floor_grad_s": t_grad, "camloc_s": t_cam, "straightforward_s": t_ref, "camloc_peak_bytes": mem_cam,
-        "straightforward_peak_bytes": mem_ref, "camloc_over_floor": t_cam / floor,
+        "best_batch": floors["plain"][0], "forward_s_per_image": floors["plain"][1],
+        "own_best_batch": floors["camloc's encoder"][0], "own_forward_s_per_image": floors["camloc's encoder"][1],
+        "floor_s": floor, "floor_forwards_s": floors["plain"][2], "floor_grad_s": t_grad,
+        "own_floor_s": own_floor, "floor_images_timed": min(k, args.floor_images or k),
+        "camloc_s": t_cam, "straightforward_s": t_ref, "camloc_peak_bytes": mem_cam,
+        "straightforward_peak_bytes": mem_ref, "camloc_over_floor": t_cam / floor, "camloc_over_own_floor": t_cam / own_floor,
         "straightforward_over_camloc": t_ref / t_cam, "max_abs_diff_vs_straightforward": diff,
+        "masked_forwards": k,
     }
-    print(f"best batch {batch} ({per_image * 1e3:.1f} ms/image); floor {floor:.2f} s "
-          f"({k} forwards {t_fwd:.2f} s + forward/backward {t_grad:.3f} s)")
+    for label, (batch, per_image, t_fwd) in floors.items():
+        print(f"floor, {label}: best batch {batch} ({per_image * 1e3:.1f} ms/image); {k} forwards {t_fwd:.2f} s{scaled} "
+              f"+ forward/backward {t_grad:.3f} s = {t_fwd + t_grad:.2f} s")
     print(f"camloc {t_cam:.2f} s (peak {gib(mem_cam)}); straightforward {t_ref:.2f} s (peak {gib(mem_ref)}); "
           f"maps differ by {diff:.1e}")
     print(f"camloc / floor = {t_cam / floor:.3f}   (target <= 1.15)")
+    print(f"camloc / floor with camloc's encoder = {t_cam / own_floor:.3f}   (camloc's overhead over its own forwards)")
     print(f"straightforward / camloc = {t_ref / t_cam:.2f}   (target >= 2)")
     report[f"gscorecam/{model.name}"] = rows
     return rows
 
 
-def section_prompts(model, image, k, args, device, report, per_prompt_ref=None):
+def section_prompts(model, image, k, args, device, report, methods, per_prompt_ref=None, known=None):
+    """`known`: {method: (seconds, masked forwards, peak bytes)} of a P = 1 run already measured the same
+    way (the gScoreCAM section's camloc run), reused instead of timed again."""
     print(f"\n## prompt sharing: {model.name} ({model.precision}, {device.type})")
-    out = {}
-    for method in args.sharing_methods:
+    out = report.setdefault(f"prompts/{model.name}", {})
+    known = known or {}
+    for method in methods:
         base = None
         if device.type == "cuda":  # warm up every batch shape this method uses
             for p in args.prompt_counts:
@@ -176,24 +200,30 @@ def section_prompts(model, image, k, args, device, report, per_prompt_ref=None):
                 ctx_holder["ctx"] = ctx
                 return compute_heatmaps(model, image, prompts, [method], context=ctx)
 
-            t, mem, _ = timed(run, device, args.reps)
-            forwards = ctx_holder["ctx"].masked_forwards
+            if p == 1 and method in known:
+                t, forwards, mem = known[method]
+                note = " (the gScoreCAM section's run)"
+            else:
+                t, mem, _ = timed(run, device, args.reps)
+                forwards, note = ctx_holder["ctx"].masked_forwards, ""
             base = base or t
             out[f"{method}/P={p}"] = {"seconds": t, "per_prompt_s": t / p, "masked_forwards": forwards,
                                       "peak_bytes": mem, "total_over_P1": t / base, "per_prompt_over_P1": t / p / base}
             print(f"{method:10s} P={p}: total {t:.2f} s, per prompt {t / p:.2f} s, {forwards} masked forwards, "
-                  f"total/P1 {t / base:.2f}, per-prompt/P1 {t / p / base:.2f}, peak {gib(mem)}")
-    overlap, union = overlap_of_topk(model, image, PROMPTS[:8], k)
-    out["topk_overlap_P8"] = {"mean_pairwise_overlap": overlap, "union": union, "k": k}
-    print(f"top-{k} sets of the 8 prompts: mean pairwise overlap {overlap:.2f}, union {union} channels")
-    print("targets: scorecam total P=8 / P=1 <= 1.3; gscorecam per-prompt P=8 / P=1 <= 0.5 when overlap >= 0.5")
+                  f"total/P1 {t / base:.2f}, per-prompt/P1 {t / p / base:.2f}, peak {gib(mem)}{note}")
+    if "gscorecam" in methods:
+        overlap, union = overlap_of_topk(model, image, PROMPTS[:8], k)
+        out["topk_overlap_P8"] = {"mean_pairwise_overlap": overlap, "union": union, "k": k}
+        print(f"top-{k} sets of the 8 prompts: mean pairwise overlap {overlap:.2f}, union {union} channels")
+        print("target: gscorecam per-prompt P=8 / P=1 <= 0.5 when overlap >= 0.5")
+    if "scorecam" in methods:
+        print("target: scorecam total P=8 / P=1 <= 1.3")
     if per_prompt_ref is not None and "gscorecam/P=8" in out:
         total_ref = 8 * per_prompt_ref
         ratio = total_ref / out["gscorecam/P=8"]["seconds"]
         out["gscorecam_P8_straightforward_over_camloc"] = ratio
-        print(f"gscorecam P=8: straightforward 8 x {per_prompt_ref:.2f} s = {total_ref:.1f} s vs camloc "
-              f"{out['gscorecam/P=8']['seconds']:.1f} s -> {ratio:.2f}x   (target >= 5)")
-    report[f"prompts/{model.name}"] = out
+        print(f"gscorecam P=8: straightforward 8 x {per_prompt_ref:.2f} s = {total_ref:.1f} s (it runs one prompt at "
+              f"a time) vs camloc {out['gscorecam/P=8']['seconds']:.1f} s -> {ratio:.2f}x   (target >= 5)")
 
 
 def section_fusion(model, image, args, device, report):
@@ -204,6 +234,63 @@ def section_fusion(model, image, args, device, report):
     print(f"gradcam alone {t_one * 1e3:.1f} ms; all four {t_all * 1e3:.1f} ms -> {t_all / t_one:.2f}x   "
           f"(target <= 1.3); peak {gib(mem)}")
     report[f"fusion/{model.name}"] = {"one_s": t_one, "four_s": t_all, "ratio": t_all / t_one, "peak_bytes": mem}
+
+
+def section_pipeline(model, args, device, report):
+    """`camloc eval`'s pipeline (`runner.run_pipeline`: the next images decoded and preprocessed in
+    threads, pinned for an asynchronous copy on CUDA, the previous images' boxes derived in threads)
+    against the same steps one after another, and against the model stage alone (images preloaded)."""
+    import tempfile
+    from dataclasses import replace
+
+    from camloc.progress import NoBar
+    from camloc.runner import EvalConfig, _pending, compute_image, image_records, run_pipeline
+    from camloc.runfiles import append_jsonl
+
+    n = 24 if args.quick else 120
+    demo = load_dataset("demo")
+    images = []
+    for i in range(n):  # the demo images over and over, as distinct images
+        item = demo[i % len(demo)]
+        iid = f"{item.image_id}#{i}"
+        images.append(replace(item, image_id=iid, pairs=[replace(p, image_id=iid) for p in item.pairs]))
+    methods = ["gradcam"] if args.quick else ["gradcam", "gscorecam"]
+    print(f"\n## eval pipeline: {model.name}, {n} demo images ({sum(len(i.pairs) for i in images)} pairs), "
+          f"{model.precision} on {device.type}")
+    out = report.setdefault(f"pipeline/{model.name}", {})
+    for method in methods:
+        config = EvalConfig(model=model.name, methods=[method])
+        work = _pending(images, [method], set())
+        pairs = sum(len(todo) for _, todo in work)
+        runtime = {"chunk_size": "auto"}
+        with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "pairs.jsonl", "a") as handle:
+            run_pipeline(model, work[:4], config, handle, NoBar(), runtime, None)  # warm-up
+
+            def pipeline():
+                run_pipeline(model, work, config, handle, NoBar(), runtime, None)
+
+            def serial():
+                for item, todo in work:
+                    image = load_image(item.path)
+                    native, _ = compute_image(model, item, todo, config, image, runtime)
+                    append_jsonl(handle, image_records(model.name, item, todo, config, native, image.size))
+
+            loaded = [(item, todo, load_image(item.path)) for item, todo in work]
+            prepared = [(item, todo, image, model.host_input(image)) for item, todo, image in loaded]
+
+            def model_only():
+                for item, todo, image, host in prepared:
+                    compute_image(model, item, todo, config, image, runtime, None, host)
+
+            t_pipe = timed(pipeline, device)[0]
+            t_serial = timed(serial, device)[0]
+            t_model = timed(model_only, device)[0]
+        out[method] = {"pairs": pairs, "pipeline_s": t_pipe, "serial_s": t_serial, "model_only_s": t_model,
+                       "pipeline_pairs_per_s": pairs / t_pipe, "serial_pairs_per_s": pairs / t_serial,
+                       "model_only_pairs_per_s": pairs / t_model, "pipeline_over_model_only": t_pipe / t_model}
+        print(f"{method:10s}: pipeline {pairs / t_pipe:.2f} pairs/s, one step after another {pairs / t_serial:.2f} "
+              f"pairs/s, model stage alone {pairs / t_model:.2f} pairs/s -> pipeline / model alone "
+              f"{t_pipe / t_model:.2f} (1.00 = loading and boxes fully hidden)")
 
 
 def section_threshold_search(args, report, n=10_000):
@@ -235,7 +322,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per timing (median)")
-    ap.add_argument("--only", default=None, help="comma list of sections: gscorecam,prompts,fusion,memory,threshold")
+    ap.add_argument("--only", default=None,
+                    help="comma list of sections: gscorecam,prompts,fusion,pipeline,memory,threshold")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -243,8 +331,8 @@ def main():
     args.reps = args.reps or (1 if args.quick else 3)
     args.batches = [32, 64, 128, 256] if cuda else ([16, 32] if args.quick else [8, 16, 32, 64])
     args.prompt_counts = [1, 8] if args.quick else [1, 3, 8]
-    args.sharing_methods = ["scorecam", "gscorecam"]
-    sections = set((args.only or "gscorecam,prompts,fusion,memory,threshold").split(","))
+    args.floor_images = 96 if args.quick else None  # quick: time 96 of the k floor forwards and scale
+    sections = set((args.only or "gscorecam,prompts,fusion,pipeline,memory,threshold").split(","))
     image = load_image(IMAGE)
     report = {"machine": device_description(device), "platform": platform.platform(), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "torch": torch.__version__}
@@ -256,23 +344,28 @@ def main():
 
     if "threshold" in sections:
         section_threshold_search(args, report)
-    rn50 = load("random-RN50") if sections & {"gscorecam", "fusion", "prompts"} else None
-    ref_rn50 = None
+    rn50 = load("random-RN50") if sections & {"gscorecam", "fusion", "prompts", "pipeline"} else None
+    g = None
     if "gscorecam" in sections:
-        ref_rn50 = section_gscorecam(rn50, image, 300, args, device, report)["straightforward_s"]
+        g = section_gscorecam(rn50, image, 300, args, device, report)
     if "fusion" in sections:
         section_fusion(rn50, image, args, device, report)
+    if "pipeline" in sections:
+        section_pipeline(rn50, args, device, report)
     if "prompts" in sections:
-        if args.quick:  # ScoreCAM on RN50 is 2048 forwards per run: the quick run uses ViT-B/32 (768 channels)
-            del rn50
-            vit = load("random-ViT-B/32")
-            ref_vit = section_gscorecam(vit, image, 100, args, device, report)["straightforward_s"]
-            section_prompts(vit, image, 100, args, device, report, per_prompt_ref=ref_vit)
+        known = {"gscorecam": (g["camloc_s"], g["masked_forwards"], g["camloc_peak_bytes"])} if g else None
+        ref = g["straightforward_s"] if g else None
+        if args.quick:  # ScoreCAM on RN50 is 2048 forwards per run: the quick run measures it on ViT-B/32 (768)
+            section_prompts(rn50, image, 300, args, device, report, ["gscorecam"], ref, known)
         else:
-            section_prompts(rn50, image, 300, args, device, report, per_prompt_ref=ref_rn50)
-            del rn50
-            vit = load("random-ViT-B/32")
+            section_prompts(rn50, image, 300, args, device, report, ["scorecam", "gscorecam"], ref, known)
+    del rn50
+    if sections & {"gscorecam", "prompts"}:
+        vit = load("random-ViT-B/32")
+        if "gscorecam" in sections and not args.quick:
             section_gscorecam(vit, image, 100, args, device, report)
+        if "prompts" in sections and args.quick:
+            section_prompts(vit, image, 100, args, device, report, ["scorecam"])
         del vit
     if "memory" in sections and not args.quick:
         big = load("random-RN50x16")

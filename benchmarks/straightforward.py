@@ -34,7 +34,7 @@ def straightforward_cam(model: ClipModel, net: torch.nn.Module, image, prompt: s
     """`net`: a separate copy of the CLIP model with trainable parameters (as the original has)."""
     clip = import_clip()
     device = model.device
-    x = model.preprocess(image)
+    x = model.preprocess(image).contiguous()  # NCHW, as the clip package's preprocessing gives
     tokens = clip.tokenize([prompt]).to(device)
     acts, grads = _hooked_grad(model, net, x.clone().requires_grad_(True), tokens)
     channels = acts.shape[0]
@@ -61,8 +61,16 @@ def straightforward_cam(model: ClipModel, net: torch.nn.Module, image, prompt: s
 
 
 def trainable_copy(model: ClipModel) -> torch.nn.Module:
-    """The same weights as `model`, with requires_grad on, as the original's model is."""
-    import copy
+    """The model's weights as the clip package builds them (BatchNorm not folded, NCHW), on the same
+    device and precision, with requires_grad on, as the original's model is."""
+    from camloc.models.clip_model import to_precision
+    from camloc.models.loading import load_clip
 
-    net = copy.deepcopy(model.model)
+    net = to_precision(load_clip(model.name)[0].to(model.device), model.dtype).eval()
     return net.requires_grad_(True)
+
+
+def plain_encoder(model: ClipModel) -> torch.nn.Module:
+    """The image encoder as the clip package builds it, for the floor: no gradients, BatchNorm not
+    folded, NCHW (camloc's own encoder folds BatchNorm on the CPU and runs ResNets channels_last)."""
+    return trainable_copy(model).requires_grad_(False).visual

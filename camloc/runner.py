@@ -98,13 +98,16 @@ class UnreadableImage(CamlocError):
 
 
 def compute_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig, image,
-                  runtime: dict | None = None, cache: HeatmapCache | None = None) -> tuple[dict, int]:
+                  runtime: dict | None = None, cache: HeatmapCache | None = None,
+                  host_input=None) -> tuple[dict, int]:
     """The device stage of one image: native maps of its pending (pair, method) combinations (stored in
-    `cache` when given) and the CUDA out-of-memory retries it needed."""
+    `cache` when given) and the CUDA out-of-memory retries it needed. `host_input`: the image already
+    preprocessed (`model.host_input`)."""
     pairs = [p for p in item.pairs if p.key in todo]
     methods = [m for m in config.methods if any(m in todo[p.key] for p in pairs)]
     prompts = list(dict.fromkeys(p.prompt for p in pairs))
-    ctx = CamContext(model, image, prompts, {**config.options, **(runtime or {})}, methods=methods)
+    ctx = CamContext(model, image, prompts, {**config.options, **(runtime or {})}, methods=methods,
+                     host_input=host_input)
     native = compute_native(model, image, prompts, methods, context=ctx)
     if cache is not None:
         cache.put_native(item.image_id, pairs, prompts, native, image.size)
@@ -132,11 +135,13 @@ def image_records(model_name: str, item: ImagePairs, todo: dict, config: EvalCon
     return records
 
 
-def _read_image(path: str):
+def _read_image(path: str, model: ClipModel):
+    """Loader thread: the decoded image and its model input (pinned on CUDA, for an asynchronous copy)."""
     try:
-        return load_image(path)
+        image = load_image(path)
     except CamlocError as exc:
         raise UnreadableImage(str(exc)) from exc
+    return image, model.host_input(image)
 
 
 def run_pipeline(model: ClipModel, work: list, config: EvalConfig, handle, bar, runtime: dict,
@@ -165,21 +170,21 @@ def run_pipeline(model: ClipModel, work: list, config: EvalConfig, handle, bar, 
 
     with ThreadPoolExecutor(prefetch) as loader, ThreadPoolExecutor(host_workers) as boxer:
         for item, todo in queue:
-            loads.append((item, todo, loader.submit(_read_image, item.path)))
+            loads.append((item, todo, loader.submit(_read_image, item.path, model)))
             if len(loads) > prefetch:
                 break
         while loads:
             item, todo, future = loads.popleft()
             nxt = next(queue, None)
             if nxt is not None:
-                loads.append((*nxt, loader.submit(_read_image, nxt[0].path)))
+                loads.append((*nxt, loader.submit(_read_image, nxt[0].path, model)))
             try:
-                image = future.result()
+                image, host_input = future.result()
             except UnreadableImage as exc:  # a corrupt or missing file: counted and reported, not fatal
                 skipped.append({"image_id": item.image_id, "path": item.path, "pairs": len(todo), "reason": str(exc)})
                 bar.advance(len(todo))
                 continue
-            native, oom = compute_image(model, item, todo, config, image, runtime, cache)
+            native, oom = compute_image(model, item, todo, config, image, runtime, cache, host_input)
             retries += oom
             boxes.append((item, todo, boxer.submit(image_records, model.name, item, todo, config, native, image.size)))
             flush(block_until=host_workers)

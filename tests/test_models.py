@@ -31,9 +31,9 @@ def _hash(sd):
 
 
 @pytest.mark.parametrize("name", list(TINY_SPECS))
-def test_tiny_models_are_the_golden_weights(name, tiny_models):
+def test_tiny_models_are_the_golden_weights(name):
     assert _hash(random_state_dict(TINY_SPECS[name])) == TINY_HASHES[name]
-    built = tiny_models[name].model.state_dict()
+    built = load_clip(name)[0].state_dict()  # as built; ClipModel then folds tiny-rn's BatchNorms on the CPU
     assert _hash({k: v for k, v in built.items()}) == TINY_HASHES[name]
     shared = SHARED_GOLDEN / f"{PREFIX[name]}.pt"
     if shared.exists():
@@ -98,12 +98,12 @@ def test_plain_state_dict_and_torchscript_checkpoints(tmp_path, tiny_rn):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
-def test_torchscript_archive_like_the_published_ones(tmp_path, tiny_rn):
+def test_torchscript_archive_like_the_published_ones(tmp_path):
     """OpenAI publishes whole CLIP models as TorchScript archives; their state_dict rebuilds the model."""
     from camloc.models.loading import import_clip
 
     tokens = import_clip().tokenize(["cat"])
-    traced = torch.jit.trace(tiny_rn.model, (torch.zeros(1, 3, 128, 128), tokens), check_trace=False)
+    traced = torch.jit.trace(load_clip("tiny-rn")[0].eval(), (torch.zeros(1, 3, 128, 128), tokens), check_trace=False)
     path = tmp_path / "RN-script.pt"
     torch.jit.save(traced, str(path))
     model, _ = load_clip(str(path))
@@ -164,3 +164,18 @@ def test_official_name_uses_cached_file(tmp_path, monkeypatch):
     monkeypatch.setattr(clip.clip, "_download", cached)
     model = ClipModel.load("RN50", device="cpu", cache_dir=tmp_path)
     assert seen["root"] == str(tmp_path) and model.name == "RN50" and model.input_size == 128
+
+
+def test_cpu_resnet_has_its_batchnorms_folded_with_the_same_outputs(chelsea):
+    """On the CPU a ResNet runs with every BatchNorm folded into its convolution (and channels_last):
+    all 19 of tiny-rn's, and the embedding equals the unfolded model's to fp32 rounding."""
+    folded = ClipModel.load("tiny-rn", device="cpu")
+    assert folded.batchnorms_folded == 19
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    plain = load_clip("tiny-rn")[0].eval()
+    x = folded.preprocess(chelsea)
+    with torch.no_grad():
+        ref = plain.visual(x.contiguous())
+        got = folded.visual(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert ClipModel.load("tiny-vit", device="cpu").batchnorms_folded == 0

@@ -151,8 +151,8 @@ def test_topk_above_channel_count_is_capped_with_a_warning(tiny_vit, chelsea):
 def test_chunk_size_does_not_change_results(tiny_rn, chelsea):
     a = compute_heatmaps(tiny_rn, chelsea, ["cat"], ["scorecam", "groupcam"], {"chunk_size": 7})
     b = compute_heatmaps(tiny_rn, chelsea, ["cat"], ["scorecam", "groupcam"], {"chunk_size": 64})
-    for m in a:
-        np.testing.assert_allclose(a[m], b[m], atol=1e-6)
+    for m in a:  # oneDNN picks kernels by batch size: fp32 rounding only, on maps scaled to [0, 1]
+        np.testing.assert_allclose(a[m], b[m], atol=5e-6)
 
 
 def test_groupcam_internals_and_chunk_grouping(tiny_rn, chelsea):

@@ -57,13 +57,15 @@ class CamContext:
         prompts: list[str],
         options: dict | None = None,
         methods: list[str] | None = None,
+        host_input: torch.Tensor | None = None,
     ):
+        """`host_input`: `model.host_input(image)` when already made (eval prepares it in a thread)."""
         if not prompts:
             raise ValueError("at least one prompt is needed")
         self.model = model
         self.prompts = list(prompts)
         self.raw_size = image.size  # (W, H)
-        self.input = model.preprocess(image)  # (1, 3, n, n)
+        self.input = model.as_input(model.host_input(image) if host_input is None else host_input)  # (1, 3, n, n)
         self.options = dict(options or {})
         self.methods = set(methods or [])  # the methods sharing this context (lets them reuse each other's work)
         self.chunk_size = resolve_chunk_size(self.options.get("chunk_size", "auto"), model)
