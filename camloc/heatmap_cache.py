@@ -25,7 +25,12 @@ def _safe(text: str) -> str:
 
 
 def dataset_key(dataset: str, split: str | None, prompt_template: str) -> str:
-    """Maps depend on the images and the prompts: dataset, split and prompt template."""
+    """Maps depend on the images and the prompts: dataset, split (the dataset's default when none is
+    given, so `eval --dataset coco` and a threshold search naming split val2017 share one cache) and
+    prompt template."""
+    from camloc.datasets.registry import resolved_split
+
+    split = resolved_split(dataset, split)
     key = dataset + (f"-{split}" if split else "")
     if prompt_template != "{}":
         key += "-t" + hashlib.sha1(prompt_template.encode()).hexdigest()[:10]

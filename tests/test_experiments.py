@@ -222,3 +222,15 @@ def test_report_s3_has_exactly_the_appendix_rows_and_columns(tmp_path):
                                        "RN50x16 (paper)", "RN50x16 (difference)"]
     assert compared.iloc[1]["gScoreCAM"] == 0.211 and compared.iloc[4]["GradCAM"] == 0.141
     assert compared.iloc[2]["ScoreCAM"] == pytest.approx(0.35 - 0.198)
+
+
+def test_cache_keys_name_the_default_split_so_eval_and_threshold_search_share_them():
+    from camloc.heatmap_cache import dataset_key
+
+    assert dataset_key("coco", None, "{}") == dataset_key("coco", "val2017", "{}") == "coco-val2017"
+    assert dataset_key("coco-train-balanced", None, "{}") == "coco-train-balanced-train2017"
+    assert dataset_key("ade20k-scenes", None, "{}") == "ade20k-scenes-validation"
+    assert dataset_key("partimagenet", None, "{}") == "partimagenet-test"
+    assert dataset_key("demo", None, "{}") == "demo"
+    assert dataset_key("coco", "train2017", "{}") != dataset_key("coco", None, "{}")
+    assert dataset_key("coco", None, "a photo of a {}").startswith("coco-val2017-t")

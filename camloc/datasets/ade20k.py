@@ -120,11 +120,12 @@ def scene_parsing_pairs(image_dir: Path, label_dir: Path, info_file: Path, templ
     obtain="SceneParsing: `camloc data download ade20k-sceneparsing`; the full release (needed for 'snow') is not "
            "downloadable automatically: register at https://ade20k.csail.mit.edu and extract "
            f"{FULL_ROOT}.zip into the data root",
+    default_split="validation",
 )
 def ade20k_scenes(opts: DataOptions) -> list[ImagePairs]:
     full = opts.root / FULL_ROOT
     parsing = opts.root / SCENE_PARSING_ROOT
-    split = opts.split or "validation"
+    split = opts.split
     if opts.ann_file is not None and opts.ann_file.name.startswith("objectInfo150"):
         parsing = opts.ann_file.parent
     elif opts.image_dir is not None and any(opts.image_dir.rglob("ADE_*.json")):

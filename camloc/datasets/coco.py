@@ -15,16 +15,16 @@ COCO_LAYOUT = ("<data-root>/annotations/instances_<split>.json beside <data-root
 COCO_OBTAIN = "`camloc data download coco [--split val2017|train2017]`, or http://images.cocodataset.org"
 
 
-def _paths(opts: DataOptions, default_split: str):
-    split = opts.split or default_split
+def _paths(opts: DataOptions):
+    split = opts.split
     ann = opts.ann_file or opts.root / "annotations" / f"instances_{split}.json"
     return ann, opts.image_dir or opts.root / split
 
 
 @register_dataset("coco", "COCO 2017 instances (val2017 by default, --split): every (image, class) with a "
-                  "non-crowd box", layout=COCO_LAYOUT, obtain=COCO_OBTAIN)
+                  "non-crowd box", layout=COCO_LAYOUT, obtain=COCO_OBTAIN, default_split="val2017")
 def coco(opts: DataOptions) -> list[ImagePairs]:
-    ann, images = _paths(opts, "val2017")
+    ann, images = _paths(opts)
     return load_coco_pairs(ann, images, opts.prompt_template)
 
 
@@ -43,9 +43,10 @@ def balanced_draw(image_ids_per_category: dict[int, list[int]], per_class: int, 
 
 @register_dataset("coco-train-balanced", "class-balanced COCO train2017 subset (--per-class images per class, "
                   "--subset-seed, default 0): one pair per (drawn image, its class)", layout=COCO_LAYOUT,
-                  obtain=COCO_OBTAIN.replace("[--split val2017|train2017]", "--split train2017"))
+                  obtain=COCO_OBTAIN.replace("[--split val2017|train2017]", "--split train2017"),
+                  default_split="train2017")
 def coco_train_balanced(opts: DataOptions) -> list[ImagePairs]:
-    ann, images = _paths(opts, "train2017")
+    ann, images = _paths(opts)
     coco_api = open_coco(ann)
     per_category = defaultdict(set)
     for a in coco_api.dataset["annotations"]:

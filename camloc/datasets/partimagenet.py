@@ -34,8 +34,9 @@ def _locate(folder: Path, info: dict) -> Path:
            "<data-root>/PartImageNet/images/<split>/<wnid>/<file>.JPEG",
     obtain="not downloadable automatically: get PartImageNet from https://github.com/TACJu/PartImageNet "
            "(its README links the archive) and extract it into the data root",
+    default_split="test",
 )
 def partimagenet(opts: DataOptions) -> list[ImagePairs]:
-    split = opts.split or "test"
+    split = opts.split
     images = opts.image_dir or opts.root / ROOT / "images" / split
     return load_coco_pairs(_ann_file(opts, split), images, opts.prompt_template, image_path=_locate)

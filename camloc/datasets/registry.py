@@ -39,17 +39,27 @@ class DatasetSpec:
     """The expected files under the data root (README and `camloc data verify`)."""
     obtain: str
     """How to get the data."""
+    default_split: str | None = None
+    """The split read when none is given (also what a heatmap cache keys it by)."""
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name: str, description: str, layout: str = "", obtain: str = "") -> Callable:
+def register_dataset(name: str, description: str, layout: str = "", obtain: str = "",
+                     default_split: str | None = None) -> Callable:
     def decorate(fn: Callable) -> Callable:
-        DATASETS[name] = DatasetSpec(name, fn, description, layout, obtain)
+        DATASETS[name] = DatasetSpec(name, fn, description, layout, obtain, default_split)
         return fn
 
     return decorate
+
+
+def resolved_split(name: str, split: str | None) -> str | None:
+    """`split`, or the dataset's default when none is given (`coco` -> val2017)."""
+    _load_builtin_datasets()
+    spec = DATASETS.get(name)
+    return split or (spec.default_split if spec else None)
 
 
 def data_root(value: str | Path | None = None) -> Path:
@@ -96,7 +106,7 @@ def load_dataset(
         raise CamlocError(f"--prompt-template {prompt_template!r} must contain {{}} where the class name goes")
     if per_class < 1:
         raise CamlocError(f"--per-class must be at least 1, got {per_class}")
-    opts = DataOptions(root=data_root(data_root_dir), split=split, ann_file=Path(ann_file) if ann_file else None,
+    opts = DataOptions(root=data_root(data_root_dir), split=split or spec.default_split, ann_file=Path(ann_file) if ann_file else None,
                        image_dir=Path(image_dir) if image_dir else None, prompt_template=prompt_template,
                        per_class=per_class, subset_seed=subset_seed)
     images, counts = sanitize_boxes(spec.build(opts))
