@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from camloc.errors import CamlocError
-from camloc.evaluators import LocalizationMeter
+from camloc.evaluators import meters_by
 from camloc.runfiles import read_jsonl
 from camloc.sharding import record_files
 from camloc.threshold_search import DISPLAY, table_s1
@@ -45,18 +45,13 @@ def _kind(run_dir: Path) -> str:
 
 def long_table(run_dirs: list[Path]) -> pd.DataFrame:
     """One row per (model, dataset, method) over every eval run given; each (pair, method) once."""
-    meters: dict[tuple, LocalizationMeter] = {}
-    seen = set()
+    records = []
     for run_dir in run_dirs:
         if _kind(run_dir) != "eval":
             continue
         dataset = json.loads((run_dir / "config.json").read_text())["dataset"]
-        for r in (r for path in record_files(run_dir) for r in read_jsonl(path)):
-            key = (r["model"], dataset, str(r["image_id"]), int(r["category_id"]), r["method"])
-            if key in seen:
-                continue
-            seen.add(key)
-            meters.setdefault((r["model"], dataset, r["method"]), LocalizationMeter()).update(r["iou"], r["category"])
+        records += [{**r, "dataset": dataset} for path in record_files(run_dir) for r in read_jsonl(path)]
+    meters = meters_by(records, group=lambda r: (r["model"], r["dataset"], r["method"]))
     rows = [{"model": m, "dataset": d, "method": x, **meter.compute()} for (m, d, x), meter in meters.items()]
     order = {name: i for i, name in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (r["model"], r["dataset"], order.get(r["method"], 99), r["method"]))

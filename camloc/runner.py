@@ -20,7 +20,7 @@ from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import DEFAULT_OPTIONS
 from camloc.datasets import ImagePairs, count_pairs, load_dataset
 from camloc.errors import CamlocError
-from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap
+from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap, meters_by
 from camloc.heatmap_cache import HeatmapCache, dataset_key
 from camloc.models import ClipModel, load_image
 from camloc.models.specs import family_hint
@@ -204,19 +204,6 @@ def mean_coverage(images: list[ImagePairs]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(records: list[dict]) -> dict[str, LocalizationMeter]:
-    """One meter per method, over unique (pair, method) records."""
-    meters: dict[str, LocalizationMeter] = {}
-    seen = set()
-    for r in records:
-        key = record_key(r)
-        if key in seen:
-            continue
-        seen.add(key)
-        meters.setdefault(r["method"], LocalizationMeter()).update(r["iou"], r["category"])
-    return meters
-
-
 def write_tables(run_dir: Path, rows: list[dict]) -> None:
     import pandas as pd
 
@@ -294,7 +281,7 @@ def run_eval(
         if rank != 0:
             return {"shard": [rank, world], "complete": False, "records_this_invocation": n_new}
     records = [r for path in record_files(run_dir) for r in read_jsonl(path)]
-    meters = summarize(records)
+    meters = meters_by(records)
     rows, per_method = [], {}
     for method in config.methods:
         meter = meters.get(method, LocalizationMeter())

@@ -63,3 +63,18 @@ class LocalizationMeter:
 
     def compute_per_class(self) -> dict[str, dict[str, float]]:
         return {name: self.per_class[name].result() for name in sorted(self.per_class)}
+
+
+def meters_by(records, group=lambda r: r["method"]) -> dict:
+    """One `LocalizationMeter` per group of eval records (default: per method), each (pair, method) of
+    a group counted once however often it appears (resumed or merged record files)."""
+    meters: dict = {}
+    seen = set()
+    for r in records:
+        g = group(r)
+        key = (g, str(r["image_id"]), int(r["category_id"]), r["method"])
+        if key in seen:
+            continue
+        seen.add(key)
+        meters.setdefault(g, LocalizationMeter()).update(r["iou"], r["category"])
+    return meters
