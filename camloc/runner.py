@@ -27,7 +27,7 @@ from camloc.models.specs import family_hint
 from camloc.progress import progress_bar
 from camloc.provenance import device_description, git_commit, package_versions
 from camloc.runfiles import append_jsonl, atomic_write_text, read_jsonl
-from camloc.sharding import assign_images, local_rank, record_files, records_name
+from camloc.sharding import assign_images, local_rank, process_group_ready, record_files, records_name
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -192,12 +192,6 @@ def run_pipeline(model: ClipModel, work: list, config: EvalConfig, handle, bar, 
     return written, skipped, retries
 
 
-def _process_group_ready() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 def mean_coverage(images: list[ImagePairs]) -> float | None:
     """Mean fraction of the image the pair's class covers (spec §6), over pairs that have masks."""
     values = [p.coverage for item in images for p in item.pairs if p.coverage is not None]
@@ -274,7 +268,7 @@ def run_eval(
         n_new, skipped, oom_retries = run_pipeline(model, work, config, handle, bar, {"chunk_size": chunk_size}, cache)
     compute_seconds = time.perf_counter() - compute_started
 
-    if _process_group_ready():
+    if process_group_ready():
         import torch.distributed as dist
 
         dist.barrier()

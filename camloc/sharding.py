@@ -92,3 +92,10 @@ def join_process_group(env=None) -> bool:
     # long, uneven shards: rank 0 may wait for hours at the final barrier
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     return True
+
+
+def process_group_ready() -> bool:
+    """Whether this process is in an initialised torch.distributed group (`join_process_group`)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()

@@ -27,6 +27,7 @@ from camloc.models.specs import family_hint
 from camloc.progress import progress_bar
 from camloc.provenance import git_commit, package_versions
 from camloc.runfiles import atomic_write_text
+from camloc.sharding import assign_images, local_rank, process_group_ready
 
 DEFAULT_MODEL = "RN50x16"  # rows without a model name in Table S1
 DISPLAY = {"gradcam": "GradCAM", "gradcam++": "GradCAM++", "xgradcam": "xGradCAM", "groupcam": "GroupCAM",
@@ -119,8 +120,18 @@ def _load(spec: dict) -> tuple[list[ImagePairs], str]:
 
 
 def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str = "auto", cache_dir: str | None = None,
-                         chunk_size: int | str = "auto", workers: int | None = None, progress: bool = True) -> dict:
+                         chunk_size: int | str = "auto", workers: int | None = None, progress: bool = True,
+                         shard: tuple[int, int] = (0, 1)) -> dict:
+    """Fill the heatmap cache, search and score; write the tables. Returns the summary dict.
+
+    With `shard=(rank, world)` this process computes the maps of its share of the images only (into
+    the shared cache, one file per image and method, so ranks never write the same file). Under an
+    initialised process group rank 0 then waits for the others and searches; otherwise the rank that
+    finds every map cached searches (the last to finish), and the others return `complete: False`."""
     started = time.perf_counter()
+    rank, world = shard
+    if device == "auto" and local_rank() is not None and resolve_device("auto").type == "cuda":
+        device = f"cuda:{local_rank()}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=1) + "\n")
@@ -129,7 +140,7 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
     train_images, train_key = _load(config.train)
     val_images, val_key = _load(config.val)
     options = {**DEFAULT_OPTIONS, **config.options}
-    rows, computed, models_loaded = [], 0, 0
+    plans, computed, models_loaded = [], 0, 0
     for run in config.runs:
         name = canonical_model_name(run["model"])
         lazy = LazyModel(run["model"], device, precision, cache_dir)
@@ -138,15 +149,32 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
         caches = {}
         for images, key in ((train_images, train_key), (val_images, val_key)):
             caches[key] = HeatmapCache(out / "heatmaps", name, key, options, precision)
-            computed += fill_cache(lazy, caches[key], images, methods, {**options, "chunk_size": chunk_size}, progress)
+            computed += fill_cache(lazy, caches[key], assign_images(images, rank, world), methods,
+                                   {**options, "chunk_size": chunk_size}, progress)
         models_loaded += lazy.model is not None
+        plans.append((run, methods, caches))
+    partial = {"kind": "threshold-search", "complete": False, "shard": [rank, world], "pairs_computed": computed}
+    if world > 1:
+        if process_group_ready():
+            import torch.distributed as dist
+
+            dist.barrier()
+            if rank != 0:
+                return partial
+        elif not all(caches[key].has(m, item.image_id, [p.category_id for p in item.pairs])
+                     for _, methods, caches in plans for images, key in ((train_images, train_key), (val_images, val_key))
+                     for item in images for m in methods):
+            return partial
+    rows = []
+    for run, methods, caches in plans:
         for method in methods:
             result = search_and_score(cached_items(caches[train_key], train_images, method),
                                       cached_items(caches[val_key], val_images, method),
                                       thresholds, config.iou, workers)
             rows.append({"label": row_label(method, run["model"]), "model": run["model"], "method": method, **result})
     summary = {
-        "kind": "threshold-search", "config": asdict(config), "thresholds": thresholds, "precision": precision,
+        "kind": "threshold-search", "complete": True, "shard": [rank, world], "config": asdict(config),
+        "thresholds": thresholds, "precision": precision,
         "train_pairs": count_pairs(train_images), "val_pairs": count_pairs(val_images),
         "pairs_computed": computed, "models_loaded": models_loaded, "versions": package_versions(),
         "git_commit": git_commit(), "seconds": round(time.perf_counter() - started, 3), "rows": rows,

@@ -1,5 +1,6 @@
 """Heatmap cache, threshold search (Table S1), configs and `camloc report`."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -234,3 +235,22 @@ def test_cache_keys_name_the_default_split_so_eval_and_threshold_search_share_th
     assert dataset_key("demo", None, "{}") == "demo"
     assert dataset_key("coco", "train2017", "{}") != dataset_key("coco", None, "{}")
     assert dataset_key("coco", None, "a photo of a {}").startswith("coco-val2017-t")
+
+
+def test_sharded_threshold_search_splits_the_maps_and_the_last_shard_searches(tmp_path):
+    """Two shards fill one cache with disjoint shares; the first to finish reports that it waits, the
+    second finds every map cached and writes the same table as one unsharded run."""
+    args = ["threshold-search", "--config", str(REPO / "configs" / "smoke.toml"), "--no-progress", "--workers", "1"]
+    whole = runner.invoke(app, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    out = tmp_path / "sharded"
+    first = runner.invoke(app, [*args, "--out", str(out), "--shard", "0/2"])
+    assert first.exit_code == 0, first.output
+    assert "shard 0/2:" in first.output and "other shards are still missing maps" in first.output
+    assert not (out / "table_s1.csv").exists()
+    second = runner.invoke(app, [*args, "--out", str(out), "--shard", "1/2"])
+    assert second.exit_code == 0, second.output
+    computed = [int(re.search(r"(\d+) heatmaps computed", r.output).group(1)) for r in (first, second)]
+    assert 0 < computed[0] < 18 and sum(computed) == 18  # each pair's maps computed once, by one shard
+    pd.testing.assert_frame_equal(pd.read_csv(out / "table_s1.csv"), pd.read_csv(tmp_path / "whole" / "table_s1.csv"))
+    assert json.loads((out / "summary.json").read_text())["complete"] is True

@@ -36,6 +36,7 @@ def threshold_search_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for box derivation [default: all cores]."),
     chunk_size: str = ChunkOption,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: compute the heatmaps of this share of the images [default: from RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS, else 0/1]; the search runs once every share is cached."),
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
@@ -43,6 +44,7 @@ def threshold_search_cmd(
     """Grid-search one binarisation threshold on the train subset, compare it with Otsu on val (Table S1)."""
     from camloc.config import Settings, load_config
     from camloc.errors import CamlocError
+    from camloc.sharding import join_process_group, resolve_shard
     from camloc.threshold_search import SearchConfig, run_threshold_search
 
     file = load_config(config, "threshold_search") if config else {}
@@ -76,13 +78,21 @@ def threshold_search_cmd(
     options = setting.method_options()
     search = SearchConfig(runs=runs, train=train, val=val, grid=grid, options=options, iou=setting("iou"),
                           precision=setting("precision"))
+    rank_world = resolve_shard(shard)
+    if shard is None:
+        join_process_group()
     try:
         summary = run_threshold_search(search, out_dir, device=setting("device"), cache_dir=cache_dir,
                                        chunk_size=parse_chunk_size(str(setting("chunk_size"))),
-                                       workers=setting("workers"), progress=progress)
+                                       workers=setting("workers"), progress=progress, shard=rank_world)
     except ValueError as exc:
         raise CamlocError(str(exc)) from exc
     out_dir = Path(out_dir)
+    if not summary["complete"]:
+        typer.echo(f"shard {rank_world[0]}/{rank_world[1]}: {summary['pairs_computed']} heatmaps computed into "
+                   f"{out_dir}/heatmaps; other shards are still missing maps, so the search runs in the shard that "
+                   "finishes last (or run the same command without --shard once all are done)")
+        return
     typer.echo((out_dir / "table_s1.md").read_text().rstrip())
     typer.echo(f"{summary['train_pairs']} train and {summary['val_pairs']} val pairs; {summary['pairs_computed']} "
                f"heatmaps computed, the rest from the cache; wrote {out_dir}/table_s1.csv, table_s1.md, curves.csv, "
