@@ -229,6 +229,10 @@ def run_eval(
     barrier)."""
     started = time.perf_counter()
     rank, world = shard
+    if force_new and world > 1 and not process_group_ready():
+        raise CamlocError(f"--force-new with a sharded run ({rank}/{world}) would let the shards delete each other's "
+                          f"new records; delete the run folder {run_dir} first, or launch with torchrun (its ranks "
+                          "coordinate the reset)")
     if device == "auto" and torch.cuda.is_available() and local_rank() is not None:
         device = f"cuda:{local_rank()}"
     run_dir = Path(run_dir)
@@ -250,7 +254,16 @@ def run_eval(
         where = f"the image folder {folder} does not exist" if not folder.is_dir() else f"{missing[0].path} does not exist"
         raise CamlocError(f"{len(missing)} of {len(mine)} images are missing ({where}); check --data-root "
                           f"(`camloc data verify {config.dataset}`) or pass --skip-missing to skip and report them")
-    _check_config(run_dir, config, force_new)
+    if force_new and world > 1:  # under a process group: rank 0 resets the folder while the others wait
+        import torch.distributed as dist
+
+        if rank == 0:
+            _check_config(run_dir, config, True)
+        dist.barrier()
+        if rank != 0:
+            _check_config(run_dir, config, False)
+    else:
+        _check_config(run_dir, config, force_new)
     load_seconds = time.perf_counter() - started
 
     cache = None

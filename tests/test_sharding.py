@@ -91,3 +91,13 @@ def test_torchrun_with_a_gloo_group_rank0_writes_the_merged_table(tmp_path):
     run_eval(EvalConfig(model="tiny-rn", methods=["gradcam", "layercam"]), single, device="cpu", progress=False)
     assert (out / "table.csv").read_text() == (single / "table.csv").read_text()
     assert json.loads((out / "summary.json").read_text())["complete"] is True
+
+
+def test_force_new_on_a_shard_without_a_process_group_is_refused(tmp_path):
+    """Independent shards cannot coordinate a reset: one would delete the others' new records."""
+    (tmp_path / "pairs.rank001-of-002.jsonl").write_text('{"kept": true}\n')
+    result = CliRunner().invoke(app, ["eval", "--model", "tiny-rn", "--method", "gradcam", "--out", str(tmp_path),
+                                      "--shard", "0/2", "--force-new", "--no-progress"])
+    assert result.exit_code == 2
+    assert "--force-new with a sharded run (0/2)" in result.output and "torchrun" in result.output
+    assert (tmp_path / "pairs.rank001-of-002.jsonl").read_text() == '{"kept": true}\n'  # nothing deleted
