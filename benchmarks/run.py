@@ -163,7 +163,7 @@ def section_gscorecam(model, image, k, args, device, report):
     net = trainable_copy(model)
     t_ref, mem_ref, ref = timed(lambda: straightforward_cam(model, net, image, "cat", "gscorecam", k), device,
                                 args.reps)
-    del net
+    net = None  # free the copy before the next section
     diff = float(np.abs(maps["gscorecam"][0] - ref).max())
     rows = {
         "best_batch": floors["plain"][0], "forward_s_per_image": floors["plain"][1],
