@@ -24,16 +24,20 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
 
 
-def dataset_key(dataset: str, split: str | None, prompt_template: str) -> str:
+def dataset_key(dataset: str, split: str | None, prompt_template: str, ann_file=None, image_dir=None) -> str:
     """Maps depend on the images and the prompts: dataset, split (the dataset's default when none is
-    given, so `eval --dataset coco` and a threshold search naming split val2017 share one cache) and
-    prompt template."""
+    given, so `eval --dataset coco` and a threshold search naming split val2017 share one cache),
+    prompt template, and `--ann-file` / `--image-dir` overrides (another annotation file may reuse
+    the same image ids for other images)."""
     from camloc.datasets.registry import resolved_split
 
     split = resolved_split(dataset, split)
     key = dataset + (f"-{split}" if split else "")
     if prompt_template != "{}":
         key += "-t" + hashlib.sha1(prompt_template.encode()).hexdigest()[:10]
+    overrides = [str(Path(v).resolve()) for v in (ann_file, image_dir) if v]
+    if overrides:
+        key += "-f" + hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:10]
     return _safe(key)
 
 

@@ -268,8 +268,9 @@ def run_eval(
 
     cache = None
     if save_heatmaps is not None:
-        cache = HeatmapCache(save_heatmaps, model.name, dataset_key(config.dataset, config.split, config.prompt_template),
-                             config.options, model.precision)
+        opts = data_options or {}
+        key = dataset_key(config.dataset, config.split, config.prompt_template, opts.get("ann_file"), opts.get("image_dir"))
+        cache = HeatmapCache(save_heatmaps, model.name, key, config.options, model.precision)
     records_path = run_dir / records_name(rank, world)
     done = {record_key(r) for r in read_jsonl(records_path, repair=True)}  # repair only this rank's own file
     for other in record_files(run_dir):

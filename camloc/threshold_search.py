@@ -116,7 +116,8 @@ def _load(spec: dict) -> tuple[list[ImagePairs], str]:
                           prompt_template=spec.get("prompt_template", "{}"), subset_seed=spec.get("subset_seed"),
                           data_root_dir=spec.get("data_root"), split=spec.get("split"), ann_file=spec.get("ann_file"),
                           image_dir=spec.get("image_dir"), per_class=spec.get("per_class", 100))
-    return images, dataset_key(name, spec.get("split"), spec.get("prompt_template", "{}"))
+    return images, dataset_key(name, spec.get("split"), spec.get("prompt_template", "{}"), spec.get("ann_file"),
+                               spec.get("image_dir"))
 
 
 def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str = "auto", cache_dir: str | None = None,

@@ -235,6 +235,10 @@ def test_cache_keys_name_the_default_split_so_eval_and_threshold_search_share_th
     assert dataset_key("demo", None, "{}") == "demo"
     assert dataset_key("coco", "train2017", "{}") != dataset_key("coco", None, "{}")
     assert dataset_key("coco", None, "a photo of a {}").startswith("coco-val2017-t")
+    # another annotation file or image folder may reuse image ids for other images: its own key
+    custom = dataset_key("coco", None, "{}", ann_file="/data/mine.json")
+    assert custom.startswith("coco-val2017-f") and custom != dataset_key("coco", None, "{}", ann_file="/data/other.json")
+    assert dataset_key("coco", None, "{}", image_dir="/x") != dataset_key("coco", None, "{}")
 
 
 def test_sharded_threshold_search_splits_the_maps_and_the_last_shard_searches(tmp_path):
