@@ -65,7 +65,8 @@ class CamContext:
         self.model = model
         self.prompts = list(prompts)
         self.raw_size = image.size  # (W, H)
-        self.input = model.as_input(model.host_input(image) if host_input is None else host_input)  # (1, 3, n, n)
+        # (1, 3, n, n); pinning pays only when the copy overlaps other work, as in eval's loader threads
+        self.input = model.preprocess(image) if host_input is None else model.as_input(host_input)
         self.options = dict(options or {})
         self.methods = set(methods or [])  # the methods sharing this context (lets them reuse each other's work)
         self.chunk_size = resolve_chunk_size(self.options.get("chunk_size", "auto"), model)
