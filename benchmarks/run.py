@@ -28,7 +28,7 @@ from camloc.cams import CamContext, compute_heatmaps  # noqa: E402
 from camloc.datasets import load_dataset  # noqa: E402
 from camloc.models import ClipModel, load_image  # noqa: E402
 from camloc.provenance import device_description, git_commit  # noqa: E402
-from straightforward import plain_encoder, straightforward_cam, trainable_copy  # noqa: E402
+from straightforward import straightforward_cam, trainable_copy  # noqa: E402
 
 IMAGE = Path(__file__).resolve().parent.parent / "camloc" / "datasets" / "demo" / "images" / "chelsea.jpg"
 PROMPTS = ["cat", "dog", "a photo of a cat", "tabby cat", "kitten", "animal face", "whiskers", "pet"]
@@ -140,14 +140,13 @@ def section_gscorecam(model, image, k, args, device, report):
     and with camloc's own encoder (BatchNorm folded on the CPU, channels_last ResNets), so both
     camloc's gain from a faster encoder and its overhead over its own encoder are visible."""
     print(f"\n## gScoreCAM per image-prompt: {model.name}, k={k}, {model.precision} on {device.type}")
-    plain = plain_encoder(model)
+    net = trainable_copy(model)  # the model as the clip package builds it: the floor's and straightforward's
     scaled = f" (timed on {args.floor_images} of them, scaled)" if args.floor_images and args.floor_images < k else ""
     floors = {}
-    for label, encoder, fmt in (("plain", plain, torch.contiguous_format),
+    for label, encoder, fmt in (("plain", net.visual, torch.contiguous_format),
                                 ("camloc's encoder", model.visual, model.memory_format)):
         batch, per_image = best_batch(model, encoder, fmt, args.batches, device)
         floors[label] = (batch, per_image, forwards_seconds(model, encoder, fmt, k, batch, device, args.floor_images))
-    del plain
     t_grad, _, _ = timed(lambda: CamContext(model, image, ["cat"]).gradients, device, reps=3)
     floor = floors["plain"][2] + t_grad
     own_floor = floors["camloc's encoder"][2] + t_grad
@@ -160,7 +159,6 @@ def section_gscorecam(model, image, k, args, device, report):
         return compute_heatmaps(model, image, ["cat"], ["gscorecam"], context=held["ctx"])
 
     t_cam, mem_cam, maps = timed(camloc, device, args.reps)
-    net = trainable_copy(model)
     t_ref, mem_ref, ref = timed(lambda: straightforward_cam(model, net, image, "cat", "gscorecam", k), device,
                                 args.reps)
     net = None  # free the copy before the next section

@@ -68,9 +68,3 @@ def trainable_copy(model: ClipModel) -> torch.nn.Module:
 
     net = to_precision(load_clip(model.name)[0].to(model.device), model.dtype).eval()
     return net.requires_grad_(True)
-
-
-def plain_encoder(model: ClipModel) -> torch.nn.Module:
-    """The image encoder as the clip package builds it, for the floor: no gradients, BatchNorm not
-    folded, NCHW (camloc's own encoder folds BatchNorm on the CPU and runs ResNets channels_last)."""
-    return trainable_copy(model).requires_grad_(False).visual
