@@ -21,13 +21,14 @@ from camloc.cams.registry import DEFAULT_OPTIONS
 from camloc.datasets import ImagePairs, count_pairs, load_dataset
 from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap, meters_by
+from camloc.evaluators.meter import record_key
 from camloc.heatmap_cache import HeatmapCache, dataset_key
 from camloc.models import ClipModel, load_image
 from camloc.models.specs import family_hint
 from camloc.progress import progress_bar
 from camloc.provenance import device_description, git_commit, package_versions
 from camloc.runfiles import append_jsonl, atomic_write_text, read_jsonl
-from camloc.sharding import assign_images, local_rank, process_group_ready, record_files, records_name
+from camloc.sharding import assign_images, process_group_ready, rank_device, record_files, records_name
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -54,10 +55,6 @@ class EvalConfig:
     def identity(self) -> dict:
         """The fields that make two runs comparable; a run folder holds one identity only."""
         return asdict(self)
-
-
-def record_key(record: dict) -> tuple[str, int, str]:
-    return (str(record["image_id"]), int(record["category_id"]), record["method"])
 
 
 def _check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
@@ -233,8 +230,7 @@ def run_eval(
         raise CamlocError(f"--force-new with a sharded run ({rank}/{world}) would let the shards delete each other's "
                           f"new records; delete the run folder {run_dir} first, or launch with torchrun (its ranks "
                           "coordinate the reset)")
-    if device == "auto" and torch.cuda.is_available() and local_rank() is not None:
-        device = f"cuda:{local_rank()}"
+    device = rank_device(device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

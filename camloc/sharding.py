@@ -40,6 +40,15 @@ def resolve_shard(option: str | None = None, env=None) -> tuple[int, int]:
     return rank, world
 
 
+def start_shard(option: str | None) -> tuple[int, int]:
+    """The CLI's shard: `resolve_shard(option)`; without `--shard`, join torchrun's process group when
+    launched by it (`join_process_group`)."""
+    rank_world = resolve_shard(option)
+    if option is None:
+        join_process_group()
+    return rank_world
+
+
 def local_rank(env=None) -> int | None:
     """The GPU index of this process on its machine (LOCAL_RANK or SLURM_LOCALID), if launched so."""
     env = os.environ if env is None else env
@@ -48,6 +57,15 @@ def local_rank(env=None) -> int | None:
         if value is not None:
             return value
     return None
+
+
+def rank_device(device: str) -> str:
+    """`auto` under a launcher that sets a local rank, on a CUDA machine: that rank's GPU."""
+    import torch
+
+    if device == "auto" and torch.cuda.is_available() and local_rank() is not None:
+        return f"cuda:{local_rank()}"
+    return device
 
 
 def assign_images(images: list[ImagePairs], rank: int, world: int) -> list[ImagePairs]:

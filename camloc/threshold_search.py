@@ -27,7 +27,7 @@ from camloc.models.specs import family_hint
 from camloc.progress import progress_bar
 from camloc.provenance import git_commit, package_versions
 from camloc.runfiles import atomic_write_text
-from camloc.sharding import assign_images, local_rank, process_group_ready
+from camloc.sharding import assign_images, process_group_ready, rank_device
 
 DEFAULT_MODEL = "RN50x16"  # rows without a model name in Table S1
 DISPLAY = {"gradcam": "GradCAM", "gradcam++": "GradCAM++", "xgradcam": "xGradCAM", "groupcam": "GroupCAM",
@@ -81,15 +81,16 @@ class LazyModel:
         return self.model
 
 
+def uncached(cache: HeatmapCache, item: ImagePairs, methods: list[str]) -> list[str]:
+    """The methods whose maps of this image's pairs are not all in the cache."""
+    cats = [p.category_id for p in item.pairs]
+    return [m for m in methods if not cache.has(m, item.image_id, cats)]
+
+
 def fill_cache(model: LazyModel, cache: HeatmapCache, images: list[ImagePairs], methods: list[str],
                options: dict, progress: bool) -> int:
     """Compute and store the native maps that are not cached yet; returns the pairs computed."""
-    todo = []
-    for item in images:
-        cats = [p.category_id for p in item.pairs]
-        missing = [m for m in methods if not cache.has(m, item.image_id, cats)]
-        if missing:
-            todo.append((item, missing))
+    todo = [(item, missing) for item in images if (missing := uncached(cache, item, methods))]
     with progress_bar(progress, sum(len(i.pairs) for i, _ in todo), "heatmaps") as bar:
         for item, missing in todo:
             image = load_image(item.path)
@@ -131,8 +132,7 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
     finds every map cached searches (the last to finish), and the others return `complete: False`."""
     started = time.perf_counter()
     rank, world = shard
-    if device == "auto" and local_rank() is not None and resolve_device("auto").type == "cuda":
-        device = f"cuda:{local_rank()}"
+    device = rank_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=1) + "\n")
@@ -140,6 +140,7 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
     precision = resolve_precision(config.precision, resolve_device(device))
     train_images, train_key = _load(config.train)
     val_images, val_key = _load(config.val)
+    datasets = ((train_images, train_key), (val_images, val_key))
     options = {**DEFAULT_OPTIONS, **config.options}
     plans, computed, models_loaded = [], 0, 0
     for run in config.runs:
@@ -148,7 +149,7 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
         family = family_hint(run["model"]) or lazy.get().family.name
         methods = [s.name for s in resolve_methods(run["methods"], family, run["model"])]
         caches = {}
-        for images, key in ((train_images, train_key), (val_images, val_key)):
+        for images, key in datasets:
             caches[key] = HeatmapCache(out / "heatmaps", name, key, options, precision)
             computed += fill_cache(lazy, caches[key], assign_images(images, rank, world), methods,
                                    {**options, "chunk_size": chunk_size}, progress)
@@ -162,9 +163,8 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
             dist.barrier()
             if rank != 0:
                 return partial
-        elif not all(caches[key].has(m, item.image_id, [p.category_id for p in item.pairs])
-                     for _, methods, caches in plans for images, key in ((train_images, train_key), (val_images, val_key))
-                     for item in images for m in methods):
+        elif any(uncached(caches[key], item, methods) for _, methods, caches in plans for images, key in datasets
+                 for item in images):
             return partial
     rows = []
     for run, methods, caches in plans:

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from camloc.evaluators import binarize, heatmap_to_uint8, largest_box
+from camloc.evaluators import binarize, candidate_boxes, heatmap_to_uint8, largest_box
+from camloc.evaluators.boxes import outer_contours
 
 STAGES = ("input", "heatmap", "binary map", "contours", "box")
 
@@ -17,6 +18,15 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np.nd
     """RGB uint8 image blended with the jet-coloured heatmap."""
     colored = cv2.applyColorMap(heatmap_to_uint8(heatmap), cv2.COLORMAP_JET)[..., ::-1]
     return (alpha * colored + (1 - alpha) * image).astype(np.uint8)
+
+
+def draw_boxes(ax, box: list[int], gt_boxes: list[list[float]] | None, gt_lw: float) -> None:
+    """On a matplotlib axis: the ground truth (white, dashed) and the predicted box (green)."""
+    from matplotlib.patches import Rectangle
+
+    for gt in gt_boxes or []:
+        ax.add_patch(Rectangle((gt[0], gt[1]), gt[2] - gt[0], gt[3] - gt[1], fill=False, ec="white", lw=gt_lw, ls="--"))
+    ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=2))
 
 
 def pipeline_figure(
@@ -31,16 +41,14 @@ def pipeline_figure(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     rgb = np.asarray(image.convert("RGB"))
     fig, axes = plt.subplots(len(rows), len(STAGES), figsize=(3 * len(STAGES), 2.6 * len(rows)), squeeze=False)
     for r, (label, heatmap) in enumerate(rows):
         gray = heatmap_to_uint8(heatmap)
         binary = binarize(gray, threshold)
-        contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        boxes = [[x, y, x + w, y + h] for x, y, w, h in map(cv2.boundingRect, contours)]
-        box = largest_box(boxes)
+        contours = outer_contours(binary)  # drawn in the fourth panel; the box is Algorithm 1's own
+        box = largest_box(candidate_boxes(binary))
         drawn = rgb.copy()
         cv2.drawContours(drawn, contours, -1, (0, 255, 0), 2)
         panels = [rgb, overlay(rgb, heatmap), binary, drawn, overlay(rgb, heatmap)]
@@ -51,9 +59,7 @@ def pipeline_figure(
                 ax.set_title(STAGES[c] if c != 2 else f"binary ({threshold})")
         axes[r][0].set_ylabel(label, fontsize=9)
         ax = axes[r][-1]
-        for gt in gt_boxes or []:
-            ax.add_patch(Rectangle((gt[0], gt[1]), gt[2] - gt[0], gt[3] - gt[1], fill=False, ec="white", lw=2, ls="--"))
-        ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=2))
+        draw_boxes(ax, box, gt_boxes, gt_lw=2)
         ax.set_xlabel(f"box {box}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -74,7 +80,6 @@ def comparison_figure(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     from camloc.evaluators import box_from_heatmap
 
@@ -90,10 +95,7 @@ def comparison_figure(
             box = box_from_heatmap(heatmap, threshold)
             ax = axes[r][c]
             ax.imshow(overlay(rgb, heatmap))
-            for gt in gt_boxes or []:
-                ax.add_patch(Rectangle((gt[0], gt[1]), gt[2] - gt[0], gt[3] - gt[1], fill=False, ec="white", lw=1.5,
-                                       ls="--"))
-            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=2))
+            draw_boxes(ax, box, gt_boxes, gt_lw=1.5)
             if r == 0:
                 ax.set_title(method, fontsize=10)
         for ax in axes[r]:

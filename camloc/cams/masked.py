@@ -67,20 +67,18 @@ class MaskedEmbeddings:
         todo = channels
         if self.eps is None:
             # ScoreCAM divides by the bare range: a constant channel's mask is NaN and skips the
-            # encoder (its row stays NaN, score 0). Decided for all channels first, so the chunk loop
-            # below never waits on the device (one host sync per image, not one per chunk), and the
-            # chunks it encodes are full.
+            # encoder (its row stays NaN, score 0). Decided for all channels first, so the chunked
+            # encoding below never waits on the device (one host sync per image, not one per chunk),
+            # and the chunks it encodes are full.
             valid = torch.cat([~torch.isnan(channel_masks(ctx.activations[channels[i : i + ctx.chunk_size]],
                                                           size, None).flatten(1)).any(dim=1)
                                for i in range(0, channels.numel(), ctx.chunk_size)])
             todo = channels[valid]
-        start = 0
-        while start < todo.numel():  # not range(): an out-of-memory retry shrinks ctx.chunk_size mid-loop
-            idx = todo[start : start + ctx.chunk_size]
-            start += idx.numel()
-            feats = encode_images(ctx, x * channel_masks(ctx.activations[idx], size, self.eps)[:, None])
-            self.rows[idx] = feats / feats.norm(dim=-1, keepdim=True)
-            self.forwards += idx.numel()
+        if todo.numel():
+            feats = encode_in_chunks(ctx, todo.numel(), lambda rows: x * channel_masks(
+                ctx.activations[todo[rows]], size, self.eps)[:, None])
+            self.rows[todo] = feats / feats.norm(dim=-1, keepdim=True)
+            self.forwards += todo.numel()
         self.have[channels] = True
 
 

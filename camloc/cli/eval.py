@@ -60,7 +60,7 @@ def eval_cmd(
     from camloc.evaluators.iou import CONVENTIONS
     from camloc.heatmap_cache import model_key
     from camloc.runner import EvalConfig, run_eval
-    from camloc.sharding import join_process_group, resolve_shard
+    from camloc.sharding import start_shard
 
     file = load_config(config, "eval") if config else {}
     setting = Settings(ctx, file)
@@ -77,9 +77,7 @@ def eval_cmd(
         raise CamlocError(f"--iou {iou_name!r} is not one of {', '.join(CONVENTIONS)}")
     options = setting.method_options()
     out_dir = Path(out_dir)
-    rank_world = resolve_shard(shard)
-    if shard is None:
-        join_process_group()
+    rank_world = start_shard(shard)
     for name in models:
         run_config = EvalConfig(
             model=name,

@@ -44,7 +44,7 @@ def threshold_search_cmd(
     """Grid-search one binarisation threshold on the train subset, compare it with Otsu on val (Table S1)."""
     from camloc.config import Settings, load_config
     from camloc.errors import CamlocError
-    from camloc.sharding import join_process_group, resolve_shard
+    from camloc.sharding import start_shard
     from camloc.threshold_search import SearchConfig, run_threshold_search
 
     file = load_config(config, "threshold_search") if config else {}
@@ -78,9 +78,7 @@ def threshold_search_cmd(
     options = setting.method_options()
     search = SearchConfig(runs=runs, train=train, val=val, grid=grid, options=options, iou=setting("iou"),
                           precision=setting("precision"))
-    rank_world = resolve_shard(shard)
-    if shard is None:
-        join_process_group()
+    rank_world = start_shard(shard)
     try:
         summary = run_threshold_search(search, out_dir, device=setting("device"), cache_dir=cache_dir,
                                        chunk_size=parse_chunk_size(str(setting("chunk_size"))),

@@ -35,11 +35,16 @@ def binarize(gray: np.ndarray, threshold: Threshold = "otsu") -> np.ndarray:
     return binary
 
 
+def outer_contours(binary: np.ndarray) -> tuple:
+    """The outer contours of a 0/255 mask (Algorithm 1's `RETR_EXTERNAL`, simple chains)."""
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return contours
+
+
 def candidate_boxes(binary: np.ndarray) -> list[list[int]]:
     """Bounding rectangles [x, y, x + w, y + h] of the outer contours, in OpenCV's contour order."""
-    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     boxes = []
-    for contour in contours:
+    for contour in outer_contours(binary):
         x, y, w, h = cv2.boundingRect(contour)
         boxes.append([x, y, x + w, y + h])
     return boxes

@@ -65,6 +65,11 @@ class LocalizationMeter:
         return {name: self.per_class[name].result() for name in sorted(self.per_class)}
 
 
+def record_key(record: dict) -> tuple[str, int, str]:
+    """The (pair, method) an eval record is about: a run holds at most one record per key."""
+    return (str(record["image_id"]), int(record["category_id"]), record["method"])
+
+
 def meters_by(records, group=lambda r: r["method"]) -> dict:
     """One `LocalizationMeter` per group of eval records (default: per method), each (pair, method) of
     a group counted once however often it appears (resumed or merged record files)."""
@@ -72,7 +77,7 @@ def meters_by(records, group=lambda r: r["method"]) -> dict:
     seen = set()
     for r in records:
         g = group(r)
-        key = (g, str(r["image_id"]), int(r["category_id"]), r["method"])
+        key = (g, *record_key(r))
         if key in seen:
             continue
         seen.add(key)
