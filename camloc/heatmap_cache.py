@@ -20,24 +20,32 @@ from camloc.cams.registry import METHODS, list_methods
 from camloc.runfiles import atomic_write_bytes
 
 
+def _where(path: str) -> str:
+    """An image's location as recorded in cache entries (absolute, links not followed)."""
+    import os
+
+    return os.path.abspath(path)
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
 
 
-def dataset_key(dataset: str, split: str | None, prompt_template: str, ann_file=None, image_dir=None) -> str:
+def dataset_key(dataset: str, split: str | None, prompt_template: str, images=None) -> str:
     """Maps depend on the images and the prompts: dataset, split (the dataset's default when none is
     given, so `eval --dataset coco` and a threshold search naming split val2017 share one cache),
-    prompt template, and `--ann-file` / `--image-dir` overrides (another annotation file may reuse
-    the same image ids for other images)."""
+    prompt template, and where the images are (a short hash of their folder: another data root or
+    `--image-dir` never reuses these maps). Each entry also records its image file and prompts, which
+    are checked on every read (`HeatmapCache.has`)."""
+    from camloc.datasets.records import data_identity
     from camloc.datasets.registry import resolved_split
 
     split = resolved_split(dataset, split)
     key = dataset + (f"-{split}" if split else "")
     if prompt_template != "{}":
         key += "-t" + hashlib.sha1(prompt_template.encode()).hexdigest()[:10]
-    overrides = [str(Path(v).resolve()) for v in (ann_file, image_dir) if v]
-    if overrides:
-        key += "-f" + hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:10]
+    if images:
+        key += "-d" + hashlib.sha1(data_identity(images)["image_root"].encode()).hexdigest()[:8]
     return _safe(key)
 
 
@@ -68,36 +76,67 @@ class HeatmapCache:
         return (self.root / self.model / method_key(method, self.options, self.precision) / self.dataset
                 / f"{_safe(str(image_id))}.npz")
 
-    def has(self, method: str, image_id, category_ids) -> bool:
+    def has(self, method: str, image_id, category_ids, image_path: str | None = None,
+            prompts: dict | None = None) -> bool:
+        """Whether every category's map of this image is cached, for this image file and these prompts
+        ({category id: prompt}); an entry made from another file or prompt does not count (it is
+        recomputed and replaced)."""
         path = self.path(method, image_id)
         if not path.exists():
             return False
         with np.load(path) as data:
+            if not self._matches(data, image_path, prompts):
+                return False
             return all(f"c{c}" in data.files for c in category_ids)
 
-    def put(self, method: str, image_id, kind: str, maps: dict[int, np.ndarray], raw_size: tuple[int, int]) -> None:
-        """Store (merging with what is there) the native maps of some categories of one image."""
+    @staticmethod
+    def _matches(data, image_path: str | None, prompts: dict | None) -> bool:
+        if image_path is not None and ("image" not in data.files or str(data["image"]) != _where(image_path)):
+            return False
+        for c, prompt in (prompts or {}).items():
+            if f"c{c}" in data.files and (f"p{c}" not in data.files or str(data[f"p{c}"]) != prompt):
+                return False
+        return True
+
+    def put(self, method: str, image_id, kind: str, maps: dict[int, np.ndarray], raw_size: tuple[int, int],
+            image_path: str | None = None, prompts: dict | None = None) -> None:
+        """Store (merging with what is there for the same file and prompts) the native maps of some
+        categories of one image."""
         path = self.path(method, image_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {}
         if path.exists():
             with np.load(path) as old:
-                arrays = {k: old[k] for k in old.files}
+                if self._matches(old, image_path, prompts):
+                    arrays = {k: old[k] for k in old.files}
         arrays.update({f"c{c}": m.astype(np.float16) for c, m in maps.items()})
+        arrays.update({f"p{c}": np.array(p) for c, p in (prompts or {}).items()})
+        if image_path is not None:
+            arrays["image"] = np.array(_where(image_path))
         arrays["kind"] = np.array(kind)
         arrays["raw_size"] = np.array(raw_size, dtype=np.int64)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
         atomic_write_bytes(path, buffer.getvalue())
 
-    def put_native(self, image_id, pairs: list, prompts: list[str], native: dict, raw_size: tuple[int, int]) -> None:
-        """Store `compute_native`'s output for one image: each pair's row, under its category id."""
+    def put_native(self, item, pairs: list, prompts: list[str], native: dict, raw_size: tuple[int, int]) -> None:
+        """Store `compute_native`'s output for one image (`ImagePairs`): each pair's row, under its
+        category id, with the image file and prompts it was computed from."""
         for method, (kind, maps) in native.items():
-            self.put(method, image_id, kind, {p.category_id: maps[prompts.index(p.prompt)] for p in pairs}, raw_size)
+            self.put(method, item.image_id, kind, {p.category_id: maps[prompts.index(p.prompt)] for p in pairs},
+                     raw_size, item.path, {p.category_id: p.prompt for p in pairs})
 
-    def get(self, method: str, image_id, category_id: int) -> tuple[str, np.ndarray, tuple[int, int]]:
-        """(kind, native float16 map, raw size (W, H)) of one pair."""
-        with np.load(self.path(method, image_id)) as data:
+    def get(self, method: str, image_id, category_id: int, image_path: str | None = None,
+            prompt: str | None = None) -> tuple[str, np.ndarray, tuple[int, int]]:
+        """(kind, native float16 map, raw size (W, H)) of one pair; with `image_path`/`prompt`, an entry
+        made from another file or prompt is an error rather than a wrong map."""
+        from camloc.errors import CamlocError
+
+        path = self.path(method, image_id)
+        with np.load(path) as data:
+            if not self._matches(data, image_path, {category_id: prompt} if prompt is not None else None):
+                raise CamlocError(f"heatmap cache entry {path} was made from another image file or prompt than "
+                                  f"image {image_id} / category {category_id} of this run; delete it to recompute")
             return str(data["kind"]), data[f"c{category_id}"], tuple(int(v) for v in data["raw_size"])
 
     def raw(self, method: str, image_id, category_id: int) -> np.ndarray:

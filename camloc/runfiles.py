@@ -1,11 +1,15 @@
 """Crash-safe run-folder files: append-and-flush JSON lines, atomic whole-file writes."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from camloc.errors import CamlocError
 
 
 def _umask() -> int:
@@ -35,29 +39,66 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
-    """Records of a JSON-lines file. A torn last line (a crash mid-write) is dropped; with `repair`
-    the file is truncated to its last complete line so appends continue cleanly."""
+RECORD_FIELDS = ("image_id", "category_id", "category", "method", "iou")
+"""The fields every eval record must have to be counted."""
+SKIP_HINT = "pass --skip-bad-records to skip (and count) such lines"
+
+
+def read_jsonl(path: str | Path, repair: bool = False, required: tuple[str, ...] = (),
+               skipped: list | None = None) -> list[dict]:
+    """Records of a JSON-lines file.
+
+    Appends are whole lines, so the only damage a crash can leave is a torn LAST line (no newline at
+    the end): it is dropped, and with `repair` the file is truncated to its last complete line so
+    appends continue cleanly. Any other line that is not a JSON object with the `required` fields is
+    an error naming the file and line; with a list as `skipped` such lines are skipped instead and
+    their (path, line number, reason) appended to it. Nothing valid is ever dropped or truncated."""
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
-    records, good_end = [], 0
-    pos = 0
+    records, good_end, pos, line_no = [], 0, 0, 0
     while pos < len(data):
         newline = data.find(b"\n", pos)
-        if newline < 0:  # no newline: the last line was torn
+        if newline < 0:  # no newline: the last line was torn by a crash mid-write
             break
+        line_no += 1
         line = data[pos:newline]
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn line followed by later writes cannot happen: appends are whole lines
         pos = good_end = newline + 1
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            problem = None if isinstance(record, dict) else "not a JSON object"
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            record, problem = None, f"not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+        if problem is None:
+            missing = [k for k in required if k not in record]
+            problem = f"missing field(s) {', '.join(missing)}" if missing else None
+        if problem is None:
+            records.append(record)
+        elif skipped is not None:
+            skipped.append((str(path), line_no, problem))
+        else:
+            raise CamlocError(f"{path} line {line_no} is {problem}; fix or delete that line, or {SKIP_HINT}")
     if repair and good_end < len(data):
         with open(path, "r+b") as f:
             f.truncate(good_end)
+    return records
+
+
+def record_files(run_dir: Path) -> list[Path]:
+    """Every records file of a run folder: a 1-process run's and every shard's."""
+    return sorted(Path(run_dir).glob("pairs*.jsonl"))
+
+
+def read_run_records(run_dir: str | Path, skip_bad: bool = False, skipped: list | None = None) -> list[dict]:
+    """Every eval record of a run folder (all shards' files). A line that is not a valid record is an
+    error, or with `skip_bad` is skipped and listed in `skipped`."""
+    bad = [] if skip_bad else None
+    records = [r for path in record_files(Path(run_dir)) for r in read_jsonl(path, required=RECORD_FIELDS, skipped=bad)]
+    if skipped is not None and bad:
+        skipped.extend(bad)
     return records
 
 
@@ -68,3 +109,78 @@ def append_jsonl(handle, records: Iterable[dict]) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def prepare_out_dir(path: str | Path, option: str = "--out") -> Path:
+    """Create an output folder, refusing the filesystem root, a file, and folders that cannot be
+    created or written, each with one line naming the option."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CamlocError(f"{option} {path} is a file; give a folder for the results")
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor):
+        raise CamlocError(f"{option} {path} is the filesystem root; give a folder of its own for the results")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".camloc-write-test.", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise CamlocError(f"{option} {path} cannot be written ({exc.strerror or exc}); choose a writable folder") from None
+    return path
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def write_error_line(exc: OSError) -> str | None:
+    """The one-line message for an output that could not be written (full disk, read-only folder, no
+    permission), or None for other OS errors."""
+    if exc.errno not in WRITE_ERRNOS:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (f"could not write{where}: {exc.strerror or exc}; free space or choose another output folder "
+            "(what was written before is kept, and the same command resumes)")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str = ".lock", what: str = "run folder"):
+    """Hold an exclusive lock on `folder/name` (flock, released when the process ends however it ends);
+    a second process asking for it gets one clear error instead of duplicating the work."""
+    import fcntl
+
+    path = Path(folder) / name
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CamlocError(f"{what} {folder} is in use by {holder} (lock {path}); wait for it to finish, or use "
+                          "another output folder") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"camloc pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def json_safe(value):
+    """NaN and infinities -> None, recursively, so the result is valid JSON (`allow_nan=False`)."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value) -> None:
+    """Atomically write valid JSON (NaN -> null)."""
+    atomic_write_text(path, json.dumps(json_safe(value), indent=1, allow_nan=False) + "\n")

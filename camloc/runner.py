@@ -17,8 +17,9 @@ import torch
 from camloc.cams import CamContext, compute_heatmaps, resolve_methods
 from camloc.cams.engine import compute_native
 from camloc.cams.postprocess import native_to_raw
-from camloc.cams.registry import DEFAULT_OPTIONS
+from camloc.cams.registry import DEFAULT_OPTIONS, check_method_options
 from camloc.datasets import ImagePairs, count_pairs, load_dataset
+from camloc.datasets.records import data_identity
 from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap, meters_by
 from camloc.evaluators.meter import record_key
@@ -27,8 +28,9 @@ from camloc.models import ClipModel, load_image
 from camloc.models.specs import family_hint
 from camloc.progress import progress_bar
 from camloc.provenance import device_description, git_commit, package_versions
-from camloc.runfiles import append_jsonl, atomic_write_text, read_jsonl
-from camloc.sharding import assign_images, process_group_ready, rank_device, record_files, records_name
+from camloc.runfiles import (RECORD_FIELDS, append_jsonl, atomic_write_text, folder_lock, prepare_out_dir, read_jsonl,
+                             read_run_records, record_files, write_json)
+from camloc.sharding import assign_images, process_group_ready, rank_device, records_name
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -51,29 +53,62 @@ class EvalConfig:
     precision: str = "auto"
     seed: int = 0
     options: dict = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+    include_stuff: bool = False
+    ade_extent: str | None = None
+    """ade20k-scenes: visible (default there) or amodal ground truth; None for other datasets."""
+    data: dict | None = None
+    """`data_identity` of the pairs (image folder, pairs' SHA-256, counts), filled when the data is read."""
 
     def identity(self) -> dict:
         """The fields that make two runs comparable; a run folder holds one identity only."""
         return asdict(self)
 
 
+def _describe(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def describe_difference(key: str, old, new) -> str:
+    """One field of two run identities, as a user can act on it."""
+    if key == "data" and isinstance(old, dict) and isinstance(new, dict):
+        parts = [f"{k} {_describe(old.get(k))} there, {_describe(new.get(k))} now"
+                 for k in ("image_root", "n_images", "n_pairs") if old.get(k) != new.get(k)]
+        return "data: " + (", ".join(parts) if parts else "same images and counts, other ground truth or prompts "
+                           "(another annotation file?)")
+    return f"{key}: {_describe(old)} there, {_describe(new)} now"
+
+
 def _check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
-    path = run_dir / CONFIG
-    if path.exists() and not force_new:
-        old = json.loads(path.read_text())
+    """Refuse a folder written by another config (naming what differs); with `force_new` discard its
+    results (records, summaries, tables, saved pictures) first. Then write this config."""
+    import shutil
+
+    config_path = run_dir / CONFIG
+    if config_path.exists() and not force_new:
+        try:
+            old = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CamlocError(f"{config_path} is not valid JSON ({exc}); use another --out, or --force-new to "
+                              "discard the folder's results") from None
         new = json.loads(json.dumps(config.identity()))
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            shown = "; ".join(describe_difference(k, old.get(k), new.get(k)) for k in diff[:3])
             raise CamlocError(
-                f"run folder {run_dir} was written by a different config (differs in: {', '.join(diff)}); "
+                f"run folder {run_dir} was written by a different config (differs in: {', '.join(diff)}; {shown}); "
                 "use another --out, or --force-new to discard its results"
             )
+    elif not config_path.exists() and record_files(run_dir) and not force_new:
+        raise CamlocError(f"run folder {run_dir} holds records but no {CONFIG}, so they cannot be matched to this "
+                          "config; use another --out, or --force-new to discard them")
     if force_new:
-        for path in record_files(run_dir):
-            path.unlink()
-        for name in (SUMMARY, "table.csv", "table.md", CONFIG):
-            (run_dir / name).unlink(missing_ok=True)
-    atomic_write_text(path, json.dumps(config.identity(), indent=1) + "\n")
+        for records in record_files(run_dir):
+            records.unlink()
+        for stale in [SUMMARY, "table.csv", "table.md", CONFIG, *[p.name for p in run_dir.glob("summary.rank*.json")]]:
+            (run_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "vis", ignore_errors=True)
+    atomic_write_text(config_path, json.dumps(config.identity(), indent=1) + "\n")
 
 
 def _pending(images: list[ImagePairs], methods: list[str], done: set) -> list[tuple[ImagePairs, dict]]:
@@ -107,7 +142,7 @@ def compute_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalCo
                      host_input=host_input)
     native = compute_native(model, image, prompts, methods, context=ctx)
     if cache is not None:
-        cache.put_native(item.image_id, pairs, prompts, native, image.size)
+        cache.put_native(item, pairs, prompts, native, image.size)
     return native, ctx.oom_retries
 
 
@@ -203,6 +238,38 @@ def write_tables(run_dir: Path, rows: list[dict]) -> None:
     atomic_write_text(run_dir / "table.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
 
 
+def check_images(images: list[ImagePairs], skip_missing: bool, dataset: str) -> list[ImagePairs]:
+    """Before any work: every image file exists (or, with `skip_missing`, the missing ones are dropped
+    and reported later), is within Pillow's pixel limit, and has the size its annotation says (boxes
+    in one frame scored against a map in another would be silently wrong). Reads headers only.
+    Unreadable files are left to the run, which skips and reports them."""
+    from camloc.models.preprocess import image_size
+
+    missing = []
+    for item in images:
+        path = Path(item.path)
+        if not path.is_file():
+            missing.append(item)
+            continue
+        try:
+            size = image_size(path)
+        except CamlocError as exc:
+            if "decompression-bomb" in str(exc):
+                raise
+            continue  # corrupt: the loader skips and reports it
+        expected = tuple(item.pairs[0].image_size)
+        if size != expected:
+            raise CamlocError(f"image {item.image_id} ({path}) is {size[0]}x{size[1]} pixels, but its annotation says "
+                              f"{expected[0]}x{expected[1]}: its boxes would be scored in another frame; fix the "
+                              "annotation's width/height or use the image it was made for")
+    if missing and not skip_missing:
+        folder = Path(missing[0].path).parent
+        where = f"the image folder {folder} does not exist" if not folder.is_dir() else f"{missing[0].path} does not exist"
+        raise CamlocError(f"{len(missing)} of {len(images)} images are missing ({where}); check --data-root "
+                          f"(`camloc data verify {dataset}`) or pass --skip-missing to skip and report them")
+    return images
+
+
 def run_eval(
     config: EvalConfig,
     run_dir: str | Path,
@@ -217,39 +284,56 @@ def run_eval(
     shard: tuple[int, int] = (0, 1),
     save_vis: int = 0,
     skip_missing: bool = False,
+    skip_bad_records: bool = False,
 ) -> dict:
     """Evaluate `config` into `run_dir`, resuming what is there. Returns the summary dict.
 
     With `shard=(rank, world)` this process takes its share of the images and appends its own records
     file; every rank's summary and tables cover all records present when it ends (the last rank to
     finish writes the complete ones; under an initialised process group rank 0 writes them after a
-    barrier)."""
+    barrier). The folder (or this shard's share of it) is locked while the run works in it."""
     started = time.perf_counter()
     rank, world = shard
+    if save_vis < 0:
+        raise CamlocError(f"--save-vis must be 0 or more pairs per group, got {save_vis}")
     if force_new and world > 1 and not process_group_ready():
         raise CamlocError(f"--force-new with a sharded run ({rank}/{world}) would let the shards delete each other's "
                           f"new records; delete the run folder {run_dir} first, or launch with torchrun (its ranks "
                           "coordinate the reset)")
     device = rank_device(device)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_out_dir(run_dir)
     torch.manual_seed(config.seed)
     if family_hint(config.model):  # fail on a bad method before any weights are fetched
         resolve_methods(config.methods, family_hint(config.model), config.model)
-    model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
-    config.precision = model.precision
-    config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
+    if config.dataset == "ade20k-scenes":
+        config.ade_extent = config.ade_extent or "visible"
+    elif config.ade_extent is not None:
+        raise CamlocError(f"--ade-extent applies to ade20k-scenes only, not to {config.dataset}")
     issues: dict = {}
     images = load_dataset(config.dataset, limit=config.limit, classes=config.classes,
                           prompt_template=config.prompt_template, subset_seed=config.subset_seed, split=config.split,
-                          per_class=config.per_class, issues=issues, **(data_options or {}))
-    mine = assign_images(images, rank, world)
-    missing = [item for item in mine if not Path(item.path).is_file()]
-    if missing and not skip_missing:
-        folder = Path(missing[0].path).parent
-        where = f"the image folder {folder} does not exist" if not folder.is_dir() else f"{missing[0].path} does not exist"
-        raise CamlocError(f"{len(missing)} of {len(mine)} images are missing ({where}); check --data-root "
-                          f"(`camloc data verify {config.dataset}`) or pass --skip-missing to skip and report them")
+                          per_class=config.per_class, include_stuff=config.include_stuff,
+                          ade_extent=config.ade_extent or "visible", issues=issues, **(data_options or {}))
+    config.data = data_identity(images)
+    mine = check_images(assign_images(images, rank, world), skip_missing, config.dataset)
+    model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
+    config.precision = model.precision
+    config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
+    check_method_options(model, config.methods, config.options)
+    prompts = model.prompt_problems(sorted({p.prompt for item in images for p in item.pairs}))
+    issues.update({k: v for k, v in prompts.items() if v})
+    lock_name = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
+    with folder_lock(run_dir, lock_name):
+        return _run_locked(config, run_dir, model, images, mine, issues, started, device=device, force_new=force_new,
+                           data_options=data_options, progress=progress, chunk_size=chunk_size,
+                           save_heatmaps=save_heatmaps, shard=shard, save_vis=save_vis,
+                           skip_bad_records=skip_bad_records)
+
+
+def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: list[ImagePairs], mine: list[ImagePairs],
+                issues: dict, started: float, *, device, force_new, data_options, progress, chunk_size, save_heatmaps,
+                shard, save_vis, skip_bad_records) -> dict:
+    rank, world = shard
     if force_new and world > 1:  # under a process group: rank 0 resets the folder while the others wait
         import torch.distributed as dist
 
@@ -264,14 +348,16 @@ def run_eval(
 
     cache = None
     if save_heatmaps is not None:
-        opts = data_options or {}
-        key = dataset_key(config.dataset, config.split, config.prompt_template, opts.get("ann_file"), opts.get("image_dir"))
+        key = dataset_key(config.dataset, config.split, config.prompt_template, images)
         cache = HeatmapCache(save_heatmaps, model.name, key, config.options, model.precision)
     records_path = run_dir / records_name(rank, world)
-    done = {record_key(r) for r in read_jsonl(records_path, repair=True)}  # repair only this rank's own file
+    bad: list = []
+    skipped_lines = bad if skip_bad_records else None
+    # repair (a torn last line) only this rank's own file
+    done = {record_key(r) for r in read_jsonl(records_path, repair=True, required=RECORD_FIELDS, skipped=skipped_lines)}
     for other in record_files(run_dir):
         if other != records_path:
-            done |= {record_key(r) for r in read_jsonl(other)}
+            done |= {record_key(r) for r in read_jsonl(other, required=RECORD_FIELDS, skipped=skipped_lines)}
     work = _pending(mine, config.methods, done)
     compute_started = time.perf_counter()
     with open(records_path, "a") as handle, progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
@@ -284,7 +370,8 @@ def run_eval(
         dist.barrier()
         if rank != 0:
             return {"shard": [rank, world], "complete": False, "records_this_invocation": n_new}
-    records = [r for path in record_files(run_dir) for r in read_jsonl(path)]
+    bad.clear()
+    records = read_run_records(run_dir, skip_bad_records, bad)
     meters = meters_by(records)
     rows, per_method = [], {}
     for method in config.methods:
@@ -313,15 +400,23 @@ def run_eval(
             "resumed_records": len(done),
             "pairs_per_second": round(n_new / len(config.methods) / compute_seconds, 3) if n_new else None,
         },
-        "faults": {"skipped_images": skipped, "oom_retries": oom_retries, **issues},
+        "faults": {"skipped_images": skipped, "oom_retries": oom_retries,
+                   "bad_record_lines": [{"file": f, "line": n, "problem": why} for f, n, why in bad], **issues},
         "methods": per_method,
     }
     if world > 1 and not summary["complete"]:
         # other shards are still running: keep this rank's view aside; a rank that sees every record
         # writes summary.json and the tables, so an incomplete view never replaces a complete one
-        atomic_write_text(run_dir / f"summary.rank{rank:03d}-of-{world:03d}.json", json.dumps(summary, indent=1) + "\n")
+        write_json(run_dir / f"summary.rank{rank:03d}-of-{world:03d}.json", summary)
         return summary
-    atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=1) + "\n")
+    write_json(run_dir / SUMMARY, summary)
+    empty = [m for m in config.methods if not per_method[m]["n_pairs"]]
+    if empty:
+        (run_dir / "table.csv").unlink(missing_ok=True)
+        (run_dir / "table.md").unlink(missing_ok=True)
+        why = (f"all {len(skipped)} images with pending pairs were unreadable (listed in summary.json's faults)"
+               if skipped else "no records were written")
+        raise CamlocError(f"no pair was scored for {', '.join(empty)}: {why}; no table written")
     write_tables(run_dir, rows)
     if save_vis:
         save_visualizations(model, images, records, config, run_dir / "vis", save_vis)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from camloc.datasets import ImagePairs
 from camloc.errors import CamlocError
+from camloc.runfiles import record_files  # noqa: F401  (re-exported: shard record files)
 
 
 def _env_int(env, name: str) -> int | None:
@@ -86,11 +87,6 @@ def assign_images(images: list[ImagePairs], rank: int, world: int) -> list[Image
 
 def records_name(rank: int, world: int) -> str:
     return "pairs.jsonl" if world == 1 else f"pairs.rank{rank:03d}-of-{world:03d}.jsonl"
-
-
-def record_files(run_dir: Path) -> list[Path]:
-    """Every records file of a run folder: a 1-process run's and every shard's."""
-    return sorted(Path(run_dir).glob("pairs*.jsonl"))
 
 
 def join_process_group(env=None) -> bool:

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from camloc.cams.engine import compute_native
-from camloc.cams.registry import DEFAULT_OPTIONS, resolve_methods
+from camloc.cams.registry import DEFAULT_OPTIONS, check_method_options, resolve_methods
 from camloc.datasets import ImagePairs, count_pairs, load_dataset
+from camloc.datasets.records import data_identity
 from camloc.errors import CamlocError
 from camloc.evaluators.threshold import Item, best_threshold, score_items, threshold_grid
 from camloc.heatmap_cache import HeatmapCache, dataset_key
@@ -26,7 +27,8 @@ from camloc.models.loading import canonical_model_name
 from camloc.models.specs import family_hint
 from camloc.progress import progress_bar
 from camloc.provenance import git_commit, package_versions
-from camloc.runfiles import atomic_write_text
+from camloc.runfiles import atomic_write_text, folder_lock, prepare_out_dir, write_json
+from camloc.runner import check_images
 from camloc.sharding import assign_images, process_group_ready, rank_device
 
 DEFAULT_MODEL = "RN50x16"  # rows without a model name in Table S1
@@ -80,11 +82,18 @@ class LazyModel:
             self.model = ClipModel.load(name, device=device, precision=precision, cache_dir=cache_dir)
         return self.model
 
+    def checked(self, methods: list[str], options: dict) -> ClipModel:
+        """The model, once its method options are checked against it."""
+        model = self.get()
+        check_method_options(model, methods, options)
+        return model
+
 
 def uncached(cache: HeatmapCache, item: ImagePairs, methods: list[str]) -> list[str]:
     """The methods whose maps of this image's pairs are not all in the cache."""
     cats = [p.category_id for p in item.pairs]
-    return [m for m in methods if not cache.has(m, item.image_id, cats)]
+    prompts = {p.category_id: p.prompt for p in item.pairs}
+    return [m for m in methods if not cache.has(m, item.image_id, cats, item.path, prompts)]
 
 
 def fill_cache(model: LazyModel, cache: HeatmapCache, images: list[ImagePairs], methods: list[str],
@@ -95,8 +104,8 @@ def fill_cache(model: LazyModel, cache: HeatmapCache, images: list[ImagePairs], 
         for item, missing in todo:
             image = load_image(item.path)
             prompts = list(dict.fromkeys(p.prompt for p in item.pairs))
-            native = compute_native(model.get(), image, prompts, missing, options)
-            cache.put_native(item.image_id, item.pairs, prompts, native, image.size)
+            native = compute_native(model.checked(missing, options), image, prompts, missing, options)
+            cache.put_native(item, item.pairs, prompts, native, image.size)
             bar.advance(len(item.pairs))
     return sum(len(i.pairs) for i, _ in todo)
 
@@ -105,7 +114,7 @@ def cached_items(cache: HeatmapCache, images: list[ImagePairs], method: str) -> 
     items = []
     for item in images:
         for pair in item.pairs:
-            kind, native, size = cache.get(method, item.image_id, pair.category_id)
+            kind, native, size = cache.get(method, item.image_id, pair.category_id, item.path, pair.prompt)
             items.append(Item(kind, native, size, pair.gt_boxes))
     return items
 
@@ -116,9 +125,9 @@ def _load(spec: dict) -> tuple[list[ImagePairs], str]:
     images = load_dataset(name, limit=spec.get("limit"), classes=spec.get("classes"),
                           prompt_template=spec.get("prompt_template", "{}"), subset_seed=spec.get("subset_seed"),
                           data_root_dir=spec.get("data_root"), split=spec.get("split"), ann_file=spec.get("ann_file"),
-                          image_dir=spec.get("image_dir"), per_class=spec.get("per_class", 100))
-    return images, dataset_key(name, spec.get("split"), spec.get("prompt_template", "{}"), spec.get("ann_file"),
-                               spec.get("image_dir"))
+                          image_dir=spec.get("image_dir"), per_class=spec.get("per_class", 100),
+                          include_stuff=spec.get("include_stuff", False), ade_extent=spec.get("ade_extent", "visible"))
+    return images, dataset_key(name, spec.get("split"), spec.get("prompt_template", "{}"), images)
 
 
 def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str = "auto", cache_dir: str | None = None,
@@ -133,14 +142,27 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
     started = time.perf_counter()
     rank, world = shard
     device = rank_device(device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=1) + "\n")
+    out = prepare_out_dir(out)
     thresholds = threshold_grid(**config.grid)
     precision = resolve_precision(config.precision, resolve_device(device))
     train_images, train_key = _load(config.train)
     val_images, val_key = _load(config.val)
+    for images, spec in ((train_images, config.train), (val_images, config.val)):
+        check_images(assign_images(images, rank, world), False, spec["dataset"])
     datasets = ((train_images, train_key), (val_images, val_key))
+    data = {"train": data_identity(train_images), "val": data_identity(val_images)}
+    with folder_lock(out, ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}", "output folder"):
+        if rank == 0:
+            atomic_write_text(out / "config.json", json.dumps({**asdict(config), "data": data}, indent=1) + "\n")
+        return _search_locked(config, out, datasets, thresholds, precision, started, device=device,
+                              cache_dir=cache_dir, chunk_size=chunk_size, workers=workers, progress=progress,
+                              shard=shard, data=data)
+
+
+def _search_locked(config: SearchConfig, out: Path, datasets, thresholds, precision, started, *, device, cache_dir,
+                   chunk_size, workers, progress, shard, data) -> dict:
+    rank, world = shard
+    (train_images, train_key), (val_images, val_key) = datasets
     options = {**DEFAULT_OPTIONS, **config.options}
     plans, computed, models_loaded = [], 0, 0
     for run in config.runs:
@@ -174,14 +196,14 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
                                       thresholds, config.iou, workers)
             rows.append({"label": row_label(method, run["model"]), "model": run["model"], "method": method, **result})
     summary = {
-        "kind": "threshold-search", "complete": True, "shard": [rank, world], "config": asdict(config),
+        "kind": "threshold-search", "complete": True, "shard": [rank, world], "config": {**asdict(config), "data": data},
         "thresholds": thresholds, "precision": precision,
         "train_pairs": count_pairs(train_images), "val_pairs": count_pairs(val_images),
         "pairs_computed": computed, "models_loaded": models_loaded, "versions": package_versions(),
         "git_commit": git_commit(), "seconds": round(time.perf_counter() - started, 3), "rows": rows,
     }
     write_outputs(out, rows, thresholds)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -129,6 +129,7 @@ def test_refused_inputs_on_the_command_line(tmp_path):
     assert runner.invoke(app, args).exit_code == 0
     other = runner.invoke(app, args[:-2] + ["2", "--no-progress"])
     assert other.exit_code == 2
-    assert f"run folder {run} was written by a different config (differs in: limit)" in other.output
+    assert f"run folder {run} was written by a different config (differs in: data, limit; data: n_images 1 there, " \
+           "2 now, n_pairs 1 there, 2 now; limit: 1 there, 2 now)" in other.output
     assert "--force-new" in other.output
     assert runner.invoke(app, args[:-2] + ["2", "--no-progress", "--force-new"]).exit_code == 0

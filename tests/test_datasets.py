@@ -3,9 +3,11 @@ and `camloc data download` against a local HTTP server (resume, checksums, extra
 import hashlib
 import io
 import json
+import shutil
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,8 +172,10 @@ def write_ade_full(root):
     folder = root / "ADE20K_2021_17_01" / "images" / "ADE" / "validation" / "natural" / "coast"
     folder.mkdir(parents=True)
 
+    ndx = {"sky": 2420, "grass": 1125, "road, route": 2131, "wall": 2977}  # sky and road as in the real release
+
     def obj(i, name, xs, ys, part_level=0):
-        return {"id": i, "name": name, "name_ndx": 1, "hypernym": [], "raw_name": name, "attributes": [],
+        return {"id": i, "name": name, "name_ndx": ndx[name], "hypernym": [], "raw_name": name, "attributes": [],
                 "depth_ordering_rank": i, "occluded": "no", "crop": "0",
                 "parts": {"is_part_of": [], "part_level": part_level, "has_parts": []},
                 "polygon": {"x": xs, "y": ys, "click_date": []}, "saved_date": "2020-01-01",
@@ -187,11 +191,46 @@ def write_ade_full(root):
         "filename": "ADE_val_00000001.jpg", "folder": "ADE20K_2021_17_01/images/ADE/validation/natural/coast",
         "imsize": [10, 20, 3], "source": {}, "scene": ["outdoor", "coast"], "object": objects}}))
     _image(folder / "ADE_val_00000001.jpg", 20, 10)
+    # _seg.png, the visible pixels: class code (R // 10) * 256 + G = name_ndx + 1, instance in B. A second
+    # wall (instance 9) stands in front of the sky's right half.
+    seg = np.zeros((10, 20, 3), np.uint8)
+
+    def paint(name, instance, rows, cols):
+        code = ndx[name] + 1
+        seg[rows, cols] = [(code // 256) * 10, code % 256, instance]
+
+    paint("sky", 1, slice(0, 4), slice(0, 10))
+    paint("wall", 9, slice(0, 4), slice(5, 10))
+    paint("grass", 2, slice(6, 10), slice(0, 5))
+    paint("grass", 3, slice(7, 10), slice(12, 20))
+    paint("road, route", 4, slice(4, 6), slice(10, 15))
+    paint("wall", 6, slice(0, 4), slice(15, 20))
+    Image.fromarray(seg).save(folder / "ADE_val_00000001_seg.png")
 
 
-def test_ade20k_full_release(tmp_path):
+def test_ade20k_full_release_visible_extent_by_default(tmp_path):
     write_ade_full(tmp_path)
     images = load_dataset("ade20k-scenes", data_root_dir=tmp_path)
+    pairs = {p.category: p for p in images[0].pairs}
+    assert list(pairs) == ["grass", "sky", "road"]
+    # the sky's polygon is 10 x 4, but the wall in front hides its right half
+    assert pairs["sky"].gt_boxes == [[0, 0, 5, 4]] and pairs["sky"].coverage == pytest.approx(20 / 200)
+    assert pairs["grass"].gt_boxes == [[0, 6, 5, 10], [12, 7, 20, 10]]
+    assert pairs["grass"].coverage == pytest.approx(44 / 200)
+    assert pairs["road"].gt_boxes == [[10, 4, 15, 6]] and pairs["road"].category_id == 10
+
+
+def test_ade20k_full_release_seg_not_matching_its_json_is_refused(tmp_path):
+    write_ade_full(tmp_path)
+    seg = next(tmp_path.rglob("*_seg.png"))
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(seg)
+    with pytest.raises(CamlocError, match="has no pixel of the class codes .*--ade-extent amodal"):
+        load_dataset("ade20k-scenes", data_root_dir=tmp_path)
+
+
+def test_ade20k_full_release_amodal_polygons(tmp_path):
+    write_ade_full(tmp_path)
+    images = load_dataset("ade20k-scenes", data_root_dir=tmp_path, ade_extent="amodal")
     assert len(images) == 1 and images[0].image_id == "ADE_val_00000001"
     pairs = {p.category: p for p in images[0].pairs}
     assert list(pairs) == ["grass", "sky", "road"]  # in SCENES order
@@ -201,32 +240,37 @@ def test_ade20k_full_release(tmp_path):
     assert pairs["road"].coverage == pytest.approx(10 / 200) and pairs["road"].category_id == 10
 
 
-def write_scene_parsing(root):
+REAL = Path(__file__).parent / "real-formats"
+
+
+def write_scene_parsing(root, info_file="objectInfo150.txt"):
+    """The real objectInfo150 file (tests/real-formats, copied from the ADEChallengeData2016 devkit)
+    beside small label PNGs using its labels: 1 wall, 3 sky, 7 road, 10 grass."""
     base = root / "ADEChallengeData2016"
     (base / "annotations" / "validation").mkdir(parents=True)
-    info = ["Idx\tRatio\tTrain\tVal\tName", "1\t0.1576\t11664\t1172\twall", "3\t0.0878\t8811\t852\tsky",
-            "7\t0.0569\t4733\t449\troad;route", "10\t0.0192\t1859\t177\tgrass", "22\t0.0092\t1082\t106\twater",
-            "27\t0.0082\t498\t54\tsea", "30\t0.0056\t664\t61\tfield", "47\t0.0033\t369\t35\tsand",
-            "49\t0.0027\t245\t25\triver", "69\t0.0018\t256\t31\thill"]
-    (base / "objectInfo150.txt").write_text("\n".join(info) + "\n")
+    shutil.copy(REAL / "ade20k-sceneparsing" / info_file, base / info_file)
     label = np.zeros((10, 20), np.uint8)
     label[0:3, :] = 3          # sky: 60 px, one region
     label[5:7, 0:4] = 10       # grass: two regions, 8 + 6 px
     label[8:10, 10:13] = 10
     label[4, 15:20] = 1        # wall
+    label[6:8, 15:19] = 7      # road ("road, route" in the real file): 8 px
     Image.fromarray(label).save(base / "annotations" / "validation" / "ADE_val_00000001.png")
     _image(base / "images" / "validation" / "ADE_val_00000001.jpg", 20, 10)
     Image.fromarray(np.ones((4, 4), np.uint8)).save(base / "annotations" / "validation" / "ADE_val_00000002.png")
     _image(base / "images" / "validation" / "ADE_val_00000002.jpg", 4, 4)  # only wall: no pair
 
 
-def test_ade20k_scene_parsing_warns_about_snow(tmp_path):
-    write_scene_parsing(tmp_path)
-    with pytest.warns(UserWarning, match="no snow class"):
-        images = load_dataset("ade20k-scenes", data_root_dir=tmp_path)
+@pytest.mark.parametrize("info_file", ["objectInfo150.txt", "objectInfo150.csv"])
+def test_ade20k_scene_parsing_warns_about_snow(tmp_path, info_file):
+    write_scene_parsing(tmp_path, info_file)
+    with pytest.warns(UserWarning, match="has no snow class: ade20k-scenes uses the other 9"):
+        images = load_dataset("ade20k-scenes", data_root_dir=tmp_path,
+                              ann_file=tmp_path / "ADEChallengeData2016" / info_file)
     assert len(images) == 1
     pairs = {p.category: p for p in images[0].pairs}
-    assert list(pairs) == ["grass", "sky"]
+    assert list(pairs) == ["grass", "sky", "road"]
+    assert pairs["road"].gt_boxes == [[15, 6, 19, 8]] and pairs["road"].coverage == pytest.approx(8 / 200)
     assert pairs["sky"].gt_boxes == [[0, 0, 20, 3]] and pairs["sky"].coverage == pytest.approx(60 / 200)
     assert pairs["grass"].gt_boxes == [[0, 5, 4, 7], [10, 8, 13, 10]]  # connected regions
     assert pairs["grass"].coverage == pytest.approx(14 / 200)

@@ -47,7 +47,7 @@ def test_demo_set_is_shipped():
 
 def test_run_folder_contents(reference_run):
     run_dir, summary = reference_run
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "pairs.jsonl", "summary.json", "table.csv",
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "pairs.jsonl", "summary.json", "table.csv",
                                                           "table.md"]
     records = _records(run_dir)
     assert len(records) == 9 * len(METHODS) and len(set(map(tuple, _keys(records)))) == len(records)
@@ -132,11 +132,23 @@ def test_run_folder_of_another_config_is_refused(reference_run, tmp_path):
     ref_dir, _ = reference_run
     for name in ("config.json", "pairs.jsonl"):
         (tmp_path / name).write_text((ref_dir / name).read_text())
-    with pytest.raises(CamlocError, match=r"different config \(differs in: threshold\).*--force-new"):
+    with pytest.raises(CamlocError, match=r"different config \(differs in: threshold; threshold: \"otsu\" there, "
+                                          r"0.5 now\).*--force-new"):
         run_eval(_config(threshold=0.5), tmp_path, device="cpu", progress=False)
+    (tmp_path / "vis" / "gradcam").mkdir(parents=True)
+    (tmp_path / "vis" / "gradcam" / "best_00_1_1.jpg").write_bytes(b"stale picture")
     summary = run_eval(_config(threshold=0.5), tmp_path, device="cpu", progress=False, force_new=True)
     assert summary["timings"]["resumed_records"] == 0
-    assert all(r["threshold"] == 0.5 for r in _records(tmp_path))
+    # --force-new once wrote config.json into pairs.jsonl (a reused loop variable): the folder lost its
+    # config, and a later run with another threshold resumed the old records
+    assert json.loads((tmp_path / "config.json").read_text())["threshold"] == 0.5
+    records = _records(tmp_path)
+    assert len(records) == 9 * len(METHODS) and all(r["threshold"] == 0.5 for r in records)
+    assert not (tmp_path / "vis").exists()  # pictures of the discarded results go too
+    again = run_eval(_config(threshold=0.5), tmp_path, device="cpu", progress=False)
+    assert again["timings"]["resumed_records"] == 9 * len(METHODS)
+    with pytest.raises(CamlocError, match="differs in: threshold"):
+        run_eval(_config(threshold=0.3), tmp_path, device="cpu", progress=False)
 
 
 def test_limit_and_classes(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from camloc.cli.app import app
+from camloc.datasets import ImagePairs
 from camloc.errors import CamlocError
 from camloc.evaluators import best_iou, box_from_heatmap
 from camloc.evaluators.threshold import Item, score_items, threshold_grid
@@ -80,8 +81,13 @@ def test_eval_save_heatmaps_rederives_the_maps(tmp_path):
     from camloc.runner import EvalConfig, run_eval
 
     config = EvalConfig(model="tiny-rn", methods=["gradcam", "groupcam"], dataset="demo", limit=2)
+    from camloc.datasets import load_dataset
+    from camloc.heatmap_cache import dataset_key
+
     run_eval(config, tmp_path, device="cpu", progress=False, save_heatmaps=tmp_path / "heatmaps")
-    cache = HeatmapCache(tmp_path / "heatmaps", "tiny-rn", "demo", config.options, "fp32")
+    key = dataset_key("demo", None, "{}", load_dataset("demo", limit=2))
+    assert key.startswith("demo-d")
+    cache = HeatmapCache(tmp_path / "heatmaps", "tiny-rn", key, config.options, "fp32")
     model = ClipModel.load("tiny-rn", device="cpu")
     live = compute_heatmaps(model, load_image(DEMO_DIR / "images" / "astronaut.jpg"), ["person"],
                             ["gradcam", "groupcam"])
@@ -235,10 +241,32 @@ def test_cache_keys_name_the_default_split_so_eval_and_threshold_search_share_th
     assert dataset_key("demo", None, "{}") == "demo"
     assert dataset_key("coco", "train2017", "{}") != dataset_key("coco", None, "{}")
     assert dataset_key("coco", None, "a photo of a {}").startswith("coco-val2017-t")
-    # another annotation file or image folder may reuse image ids for other images: its own key
-    custom = dataset_key("coco", None, "{}", ann_file="/data/mine.json")
-    assert custom.startswith("coco-val2017-f") and custom != dataset_key("coco", None, "{}", ann_file="/data/other.json")
-    assert dataset_key("coco", None, "{}", image_dir="/x") != dataset_key("coco", None, "{}")
+    # another data root or image folder: its own key (the folder of the images, hashed)
+    here = [ImagePairs("/data/a/val2017/1.jpg", 1, []), ImagePairs("/data/a/val2017/2.jpg", 2, [])]
+    there = [ImagePairs("/data/b/val2017/1.jpg", 1, [])]
+    assert dataset_key("coco", None, "{}", here).startswith("coco-val2017-d")
+    assert dataset_key("coco", None, "{}", here) == dataset_key("coco", None, "{}", here[:1])
+    assert dataset_key("coco", None, "{}", here) != dataset_key("coco", None, "{}", there)
+
+
+def test_cache_entries_know_their_image_and_prompts(tmp_path):
+    """An entry made from another image file or prompt (another annotation file reusing the image
+    ids) is not taken as cached, is replaced when recomputed, and is an error if read."""
+    from camloc.datasets import Pair
+
+    cache = HeatmapCache(tmp_path, "tiny-rn", "demo", {}, "fp32")
+    pair = Pair(1, "a.jpg", (8, 8), 3, "dog", "dog")
+    item = ImagePairs(str(tmp_path / "a.jpg"), 1, [pair])
+    cache.put_native(item, [pair], ["dog"], {"gradcam": ("upsample", np.ones((1, 2, 2), np.float32))}, (8, 8))
+    assert cache.has("gradcam", 1, [3], item.path, {3: "dog"})
+    assert not cache.has("gradcam", 1, [3], str(tmp_path / "b.jpg"), {3: "dog"})
+    assert not cache.has("gradcam", 1, [3], item.path, {3: "a photo of a dog"})
+    with pytest.raises(CamlocError, match="made from another image file or prompt"):
+        cache.get("gradcam", 1, 3, str(tmp_path / "b.jpg"), "dog")
+    other = ImagePairs(str(tmp_path / "b.jpg"), 1, [pair])
+    cache.put_native(other, [pair], ["dog"], {"gradcam": ("upsample", np.zeros((1, 2, 2), np.float32))}, (8, 8))
+    assert cache.get("gradcam", 1, 3, other.path, "dog")[1].max() == 0
+    assert not cache.has("gradcam", 1, [3], item.path, {3: "dog"})
 
 
 def test_sharded_threshold_search_splits_the_maps_and_the_last_shard_searches(tmp_path):

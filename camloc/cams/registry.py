@@ -79,6 +79,17 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
     return specs
 
 
+def check_method_options(model, methods: list[str], options: dict) -> None:
+    """Options that depend on the loaded model, checked before any work: HilaCAM's --start-layer must
+    name one of the encoder's blocks (negative values count from the last)."""
+    if "hilacam" in methods:
+        depth = len(model.visual.transformer.resblocks)
+        start = int(options.get("start_layer", DEFAULT_OPTIONS["start_layer"]))
+        if not -depth <= start < depth:
+            raise CamlocError(f"--start-layer {start} is outside {model.name}'s {depth} blocks: use 0..{depth - 1}, "
+                              f"or -1..-{depth} to count from the last block")
+
+
 def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register_method decorators.
     import camloc.cams.gradient  # noqa: F401

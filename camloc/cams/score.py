@@ -26,12 +26,17 @@ def scorecam(ctx: CamContext) -> torch.Tensor:
     return weighted_sum(torch.softmax(scores.T, dim=1), ctx.activations)
 
 
+_CAPPED: set[tuple[int, int]] = set()
+
+
 def topk_channels(importance: torch.Tensor, k: int) -> torch.Tensor:
     """(P, C) importance -> (P, k) channel indices, largest first; k capped at C with a warning."""
     channels = importance.shape[1]
     if k > channels:
-        warnings.warn(f"--topk {k} exceeds the {channels} channels of the target layer; using k = {channels}",
-                      stacklevel=2)
+        if (k, channels) not in _CAPPED:  # once per process: a run caps every image the same way
+            _CAPPED.add((k, channels))
+            warnings.warn(f"--topk {k} exceeds the {channels} channels of the target layer; using k = {channels}",
+                          stacklevel=2)
         k = channels
     if k < 1:
         raise ValueError(f"topk must be at least 1, got {k}")

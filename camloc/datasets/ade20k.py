@@ -1,7 +1,12 @@
 """ADE20K scenes (spec §6, appendix Table S3): the ten scene classes, from either release.
 
-- Full ADE20K (ADE20K_2021_17_01): per-image JSON with object polygons; ground truth = the bounding
-  boxes of the class's whole-object instances (part level 0); coverage = the union of their polygons.
+Ground truth is the class's VISIBLE extent in both releases by default, so the two agree:
+- Full ADE20K (ADE20K_2021_17_01): per-image JSON (`annotation.imsize` = [H, W, C], `object[].name`
+  comma-separated synonyms, `parts.part_level` 0 = whole object, `name_ndx`) and `<image>_seg.png`,
+  whose pixels encode the object class as (R // 10) * 256 + G = name_ndx + 1 and the instance in B
+  (the ADE20K toolkit's `loadAde20K`). Visible (default): the bounding box of each instance's pixels of
+  the class, coverage = the class's pixels. Amodal (`--ade-extent amodal`): the JSON polygons, which
+  include occluded parts (the ADE20K README), boxes of the polygons, coverage = their filled union.
 - SceneParsing (ADEChallengeData2016): label PNGs (0 = unlabelled, 1..150 = objectInfo150 classes);
   ground truth = the bounding boxes of the class's connected regions (8-connectivity); coverage =
   the class's pixels. It has no "snow": a warning says so and the other nine are used.
@@ -10,6 +15,7 @@ Validation images; one pair per (image, scene class present). Category ids are 1
 """
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from pathlib import Path
@@ -23,8 +29,10 @@ from camloc.datasets.registry import DataOptions, register_dataset
 from camloc.errors import CamlocError
 
 SCENES = ["field", "hill", "river", "grass", "sky", "sand", "sea", "snow", "water", "road"]
+NOT_IN_SCENE_PARSING = {"snow"}  # ADEChallengeData2016's 150 classes have no snow (documented above)
 FULL_ROOT = "ADE20K_2021_17_01"
 SCENE_PARSING_ROOT = "ADEChallengeData2016"
+EXTENTS = ("visible", "amodal")
 
 
 def _names(raw: str, sep: str) -> list[str]:
@@ -36,7 +44,28 @@ def _pair(image_id: str, path: Path, size: tuple[int, int], scene: str, boxes, c
                 category=scene, prompt=template.format(scene), gt_boxes=boxes, coverage=coverage)
 
 
-def full_release_pairs(folder: Path, template: str) -> list[ImagePairs]:
+def seg_classes(seg_path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(class code, instance code) per pixel of a full-release `_seg.png` (see the module docstring)."""
+    if not seg_path.is_file():
+        raise CamlocError(f"{seg_path} does not exist: the visible extent needs the release's _seg.png beside each "
+                          "image (or pass --ade-extent amodal to use the JSON polygons)")
+    seg = np.asarray(Image.open(seg_path).convert("RGB")).astype(np.int32)
+    if seg.shape[:2] != (size[1], size[0]):
+        raise CamlocError(f"{seg_path} is {seg.shape[1]}x{seg.shape[0]}, but its JSON's imsize says {size[0]}x{size[1]}")
+    return (seg[..., 0] // 10) * 256 + seg[..., 1], seg[..., 2]
+
+
+def visible_boxes(classes: np.ndarray, instances: np.ndarray, codes: set[int]) -> tuple[list, float]:
+    """Boxes of each instance's visible pixels of these class codes, and their coverage."""
+    mask = np.isin(classes, sorted(codes))
+    boxes = []
+    for value in np.unique(instances[mask]):
+        ys, xs = np.nonzero(mask & (instances == value))
+        boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
+    return boxes, float(mask.mean())
+
+
+def full_release_pairs(folder: Path, template: str, extent: str = "visible", stats: dict | None = None) -> list[ImagePairs]:
     """Pairs from the full release's per-image JSON files found under `folder`."""
     images = []
     for json_path in sorted(folder.rglob("ADE_*.json")):
@@ -47,6 +76,7 @@ def full_release_pairs(folder: Path, template: str) -> list[ImagePairs]:
         except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
             raise CamlocError(f"ADE20K annotation {json_path} is not in the full release's format ({exc})") from exc
         polygons: dict[str, list[np.ndarray]] = {}
+        codes: dict[str, set[int]] = {}
         for obj in objects:
             if obj.get("parts", {}).get("part_level", 0) != 0:
                 continue
@@ -55,39 +85,77 @@ def full_release_pairs(folder: Path, template: str) -> list[ImagePairs]:
             if scene is None or not poly.get("x"):
                 continue
             polygons.setdefault(scene, []).append(np.stack([poly["x"], poly["y"]], axis=1).astype(np.float64))
+            if "name_ndx" in obj:
+                codes.setdefault(scene, set()).add(int(obj["name_ndx"]) + 1)
         image_path = json_path.parent / annotation.get("filename", json_path.with_suffix(".jpg").name)
         pairs = []
-        for scene in sorted(polygons, key=SCENES.index):
-            boxes = [[float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
-                     for p in polygons[scene]]
-            mask = np.zeros((height, width), np.uint8)
-            cv2.fillPoly(mask, [np.round(p).astype(np.int32) for p in polygons[scene]], 1)
-            pairs.append(_pair(json_path.stem, image_path, (width, height), scene, boxes,
-                               float(mask.mean()), template))
+        if extent == "visible" and polygons:
+            classes, instances = seg_classes(json_path.with_name(json_path.stem + "_seg.png"), (width, height))
+            found = 0
+            for scene in sorted(polygons, key=SCENES.index):
+                boxes, coverage = visible_boxes(classes, instances, codes.get(scene, set()))
+                if not boxes:  # every instance of the class is hidden behind others
+                    if stats is not None:
+                        stats["occluded_instances"] = stats.get("occluded_instances", 0) + len(polygons[scene])
+                    continue
+                found += 1
+                pairs.append(_pair(json_path.stem, image_path, (width, height), scene, boxes, coverage, template))
+            if not found:
+                raise CamlocError(f"{json_path.with_name(json_path.stem + '_seg.png')} has no pixel of the class codes "
+                                  f"(name_ndx + 1) of its JSON's scene objects ({', '.join(sorted(polygons))}): it is "
+                                  "not encoded as camloc expects; pass --ade-extent amodal to use the polygons")
+        else:
+            for scene in sorted(polygons, key=SCENES.index):
+                boxes = [[float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
+                         for p in polygons[scene]]
+                mask = np.zeros((height, width), np.uint8)
+                cv2.fillPoly(mask, [np.round(p).astype(np.int32) for p in polygons[scene]], 1)
+                pairs.append(_pair(json_path.stem, image_path, (width, height), scene, boxes,
+                                   float(mask.mean()), template))
         if pairs:
             images.append(ImagePairs(str(image_path), json_path.stem, pairs))
     return images
 
 
 def read_object_info(path: Path) -> dict[str, int]:
-    """objectInfo150.txt (tab-separated Idx, Ratio, Train, Val, Name; names joined by ';') -> scene -> label."""
+    """The SceneParsing class list -> {scene: label}. Reads both official files: objectInfo150.txt
+    (tab-separated Idx, Ratio, Train, Val, Name; synonyms joined by ", "; some Idx fields carry a
+    trailing space) and objectInfo150.csv (comma-separated with a Stuff column; synonyms joined by
+    ";"). A scene class that matches no class is an error, except "snow" (not among the 150)."""
     if not path.is_file():
         raise CamlocError(f"{path} does not exist; pass --ann-file or fix --data-root (see `camloc data verify "
                           "ade20k-scenes`)")
-    labels = {}
-    for line in path.read_text().splitlines()[1:]:
-        fields = line.split("\t")
-        if len(fields) < 5 or not fields[0].strip().isdigit():
+    text = path.read_text(encoding="utf-8-sig")
+    delimiter = "\t" if "\t" in text.splitlines()[0] else ","
+    rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
+    header = [h.strip() for h in rows[0]] if rows else []
+    if "Idx" not in header or "Name" not in header:
+        raise CamlocError(f"{path} is not an objectInfo150 file (expected a header with Idx and Name, got "
+                          f"{', '.join(header) or 'nothing'})")
+    idx, name = header.index("Idx"), header.index("Name")
+    synonym_sep = ";" if delimiter == "," else ","
+    labels: dict[str, int] = {}
+    for line, fields in enumerate(rows[1:], start=2):
+        if not any(f.strip() for f in fields):
             continue
-        for name in _names(fields[4], ";"):
-            if name in SCENES:
-                labels.setdefault(name, int(fields[0]))
+        try:
+            label = int(fields[idx].strip())
+            names = _names(fields[name], synonym_sep)
+        except (ValueError, IndexError):
+            raise CamlocError(f"{path} line {line} is not an objectInfo150 row: {delimiter.join(fields)!r}") from None
+        for n in names:
+            if n in SCENES:
+                labels.setdefault(n, label)
+    unmatched = [s for s in SCENES if s not in labels and s not in NOT_IN_SCENE_PARSING]
+    if unmatched:
+        raise CamlocError(f"{path}: scene class(es) {', '.join(unmatched)} match no class name; the file is not the "
+                          "official objectInfo150 list")
     return labels
 
 
 def scene_parsing_pairs(image_dir: Path, label_dir: Path, info_file: Path, template: str) -> list[ImagePairs]:
     labels = read_object_info(info_file)
-    missing = [s for s in SCENES if s not in labels]
+    missing = [s for s in SCENES if s not in labels]  # only "snow" (read_object_info refuses others)
     if missing:
         warnings.warn(f"ADEChallengeData2016 has no {', '.join(missing)} class: ade20k-scenes uses the other "
                       f"{len(labels)} scene classes there", stacklevel=2)
@@ -121,6 +189,7 @@ def scene_parsing_pairs(image_dir: Path, label_dir: Path, info_file: Path, templ
            "downloadable automatically: register at https://ade20k.csail.mit.edu and extract "
            f"{FULL_ROOT}.zip into the data root",
     default_split="validation",
+    folders=(FULL_ROOT, SCENE_PARSING_ROOT),
 )
 def ade20k_scenes(opts: DataOptions) -> list[ImagePairs]:
     full = opts.root / FULL_ROOT
@@ -129,9 +198,9 @@ def ade20k_scenes(opts: DataOptions) -> list[ImagePairs]:
     if opts.ann_file is not None and opts.ann_file.name.startswith("objectInfo150"):
         parsing = opts.ann_file.parent
     elif opts.image_dir is not None and any(opts.image_dir.rglob("ADE_*.json")):
-        return full_release_pairs(opts.image_dir, opts.prompt_template)
+        return full_release_pairs(opts.image_dir, opts.prompt_template, opts.ade_extent, opts.stats)
     elif full.is_dir():
-        return full_release_pairs(full / "images" / "ADE" / split, opts.prompt_template)
+        return full_release_pairs(full / "images" / "ADE" / split, opts.prompt_template, opts.ade_extent, opts.stats)
     if parsing.is_dir() or opts.ann_file is not None:
         image_dir = opts.image_dir or parsing / "images" / split
         return scene_parsing_pairs(image_dir, image_dir.parent.parent / "annotations" / image_dir.name,

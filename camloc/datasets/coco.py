@@ -25,7 +25,7 @@ def _paths(opts: DataOptions):
                   "non-crowd box", layout=COCO_LAYOUT, obtain=COCO_OBTAIN, default_split="val2017")
 def coco(opts: DataOptions) -> list[ImagePairs]:
     ann, images = _paths(opts)
-    return load_coco_pairs(ann, images, opts.prompt_template)
+    return load_coco_pairs(ann, images, opts.prompt_template, refuse_stuff=not opts.include_stuff, stats=opts.stats)
 
 
 def balanced_draw(image_ids_per_category: dict[int, list[int]], per_class: int, seed: int) -> dict[int, set[int]]:
@@ -47,10 +47,11 @@ def balanced_draw(image_ids_per_category: dict[int, list[int]], per_class: int, 
                   default_split="train2017")
 def coco_train_balanced(opts: DataOptions) -> list[ImagePairs]:
     ann, images = _paths(opts)
-    coco_api = open_coco(ann)
+    coco_api = open_coco(ann, refuse_stuff=not opts.include_stuff, stats=opts.stats)
     per_category = defaultdict(set)
     for a in coco_api.dataset["annotations"]:
         if not a.get("iscrowd", 0):
             per_category[a["category_id"]].add(a["image_id"])
     drawn = balanced_draw({c: list(v) for c, v in per_category.items()}, opts.per_class, opts.subset_seed or 0)
-    return coco_pairs(coco_api, images, opts.prompt_template, image_ids=sorted(drawn), categories_per_image=drawn)
+    return coco_pairs(coco_api, images, opts.prompt_template, image_ids=sorted(drawn), categories_per_image=drawn,
+                      stats=opts.stats)

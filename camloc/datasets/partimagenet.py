@@ -39,4 +39,4 @@ def _locate(folder: Path, info: dict) -> Path:
 def partimagenet(opts: DataOptions) -> list[ImagePairs]:
     split = opts.split
     images = opts.image_dir or opts.root / ROOT / "images" / split
-    return load_coco_pairs(_ann_file(opts, split), images, opts.prompt_template, image_path=_locate)
+    return load_coco_pairs(_ann_file(opts, split), images, opts.prompt_template, image_path=_locate, stats=opts.stats)

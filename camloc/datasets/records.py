@@ -38,6 +38,28 @@ class ImagePairs:
     pairs: list[Pair]
 
 
+FAULT_COUNTS = ("degenerate_polygons", "occluded_instances")
+"""Counts a dataset builder may report (besides `sanitize_boxes`'), shown in the run's faults."""
+
+
+def data_identity(images: list[ImagePairs]) -> dict:
+    """What a run's pairs are, for its identity: the folder holding the images (absolute, links not
+    followed), a SHA-256 over every pair's image, size, class, prompt and ground truth (so another
+    annotation file, data root or filter can never resume or merge with these records), and counts."""
+    import hashlib
+    import json
+    import os
+
+    digest = hashlib.sha256()
+    for item in images:
+        for p in item.pairs:
+            digest.update(json.dumps([str(p.image_id), p.file_name, list(p.image_size), p.category_id, p.category,
+                                      p.prompt, p.gt_boxes, p.coverage]).encode() + b"\n")
+    folders = [os.path.dirname(os.path.abspath(item.path)) for item in images]
+    return {"image_root": os.path.commonpath(folders) if folders else None, "pairs_sha256": digest.hexdigest(),
+            "n_images": len(images), "n_pairs": count_pairs(images)}
+
+
 def count_pairs(images: list[ImagePairs]) -> int:
     return sum(len(item.pairs) for item in images)
 

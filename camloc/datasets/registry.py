@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from camloc.datasets.records import ImagePairs, sanitize_boxes
+from camloc.datasets.records import FAULT_COUNTS, ImagePairs, sanitize_boxes
 from camloc.errors import CamlocError
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -28,6 +28,12 @@ class DataOptions:
     prompt_template: str = "{}"
     per_class: int = 100
     subset_seed: int | None = None
+    include_stuff: bool = False
+    """COCO: keep stuff categories (panoptic files' ids > 90 / isthing 0), refused by default."""
+    ade_extent: str = "visible"
+    """ADE20K full release: ground truth from the visible pixels (`_seg.png`) or the amodal polygons."""
+    stats: dict | None = None
+    """Filled by the builder with what it read (annotations, crowd, ...), to explain an empty result."""
 
 
 @dataclass(frozen=True)
@@ -41,15 +47,17 @@ class DatasetSpec:
     """How to get the data."""
     default_split: str | None = None
     """The split read when none is given (also what a heatmap cache keys it by)."""
+    folders: tuple[str, ...] = ()
+    """The dataset's own top folders under the data root: a --data-root naming one is taken as its parent."""
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(name: str, description: str, layout: str = "", obtain: str = "",
-                     default_split: str | None = None) -> Callable:
+                     default_split: str | None = None, folders: tuple[str, ...] = ()) -> Callable:
     def decorate(fn: Callable) -> Callable:
-        DATASETS[name] = DatasetSpec(name, fn, description, layout, obtain, default_split)
+        DATASETS[name] = DatasetSpec(name, fn, description, layout, obtain, default_split, folders)
         return fn
 
     return decorate
@@ -66,13 +74,55 @@ def data_root(value: str | Path | None = None) -> Path:
     return Path(value or os.environ.get(DATA_ENV) or "data")
 
 
+def check_prompt_template(template: str) -> None:
+    """A template takes the class name exactly once, in a bare `{}` (no other format fields)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise CamlocError(f"--prompt-template {template!r} is not a valid template ({exc}); write {{{{ and }}}} "
+                          "for literal braces") from None
+    if fields != [""]:
+        raise CamlocError(f"--prompt-template {template!r} must contain exactly one {{}} where the class name goes "
+                          f"(found {len(fields)} field(s){': ' + ', '.join(repr('{' + f + '}') for f in fields if f) if any(fields) else ''}); "
+                          "write {{ and }} for literal braces")
+
+
+def check_unique_images(images: list[ImagePairs], name: str) -> None:
+    """Two images with one id would be scored against each other's boxes: refuse."""
+    seen: dict[str, str] = {}
+    for item in images:
+        key = str(item.image_id)
+        if key in seen:
+            raise CamlocError(f"dataset {name}: image id {item.image_id!r} is used by two images ({seen[key]} and "
+                              f"{item.path}); image ids must be unique")
+        seen[key] = item.path
+
+
+def _empty_reason(name: str, stats: dict, counts: dict, classes) -> str:
+    """Why a dataset gave no pairs, from what the builder read."""
+    source = stats.get("source", name)
+    if stats.get("images") == 0:
+        return f"{source} lists no images"
+    if stats.get("annotations") == 0:
+        return f"{source} has no annotations"
+    if stats.get("annotations") and stats.get("crowd") == stats.get("annotations"):
+        return f"all {stats['annotations']} annotations of {source} are crowd regions (iscrowd 1), which are not scored"
+    if counts.get("skipped_pairs"):
+        return f"every pair's ground truth was empty or outside its image ({counts['dropped_boxes']} boxes dropped)"
+    if classes:
+        return f"no image has any of the --classes {', '.join(classes)}"
+    return f"{source} has no (image, class) pair with a box"
+
+
 @register_dataset("demo", "6 public-domain/CC0 photos shipped with camloc, hand-drawn COCO-format boxes",
                   layout="inside the package: camloc/datasets/demo/", obtain="ships with camloc")
 def demo(opts: DataOptions) -> list[ImagePairs]:
     from camloc.datasets.coco_format import load_coco_pairs
 
     return load_coco_pairs(opts.ann_file or DEMO_DIR / "instances_demo.json", opts.image_dir or DEMO_DIR / "images",
-                           opts.prompt_template)
+                           opts.prompt_template, stats=opts.stats)
 
 
 def list_datasets() -> list[str]:
@@ -92,6 +142,8 @@ def load_dataset(
     ann_file: str | Path | None = None,
     image_dir: str | Path | None = None,
     per_class: int = 100,
+    include_stuff: bool = False,
+    ade_extent: str = "visible",
     issues: dict | None = None,
 ) -> list[ImagePairs]:
     """A dataset's image-grouped pairs. `classes` keeps those category names; `limit` keeps N images:
@@ -102,14 +154,24 @@ def load_dataset(
     spec = DATASETS.get(name)
     if spec is None:
         raise CamlocError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
-    if "{}" not in prompt_template:
-        raise CamlocError(f"--prompt-template {prompt_template!r} must contain {{}} where the class name goes")
+    check_prompt_template(prompt_template)
     if per_class < 1:
         raise CamlocError(f"--per-class must be at least 1, got {per_class}")
-    opts = DataOptions(root=data_root(data_root_dir), split=split or spec.default_split, ann_file=Path(ann_file) if ann_file else None,
+    if subset_seed is not None and subset_seed < 0:
+        raise CamlocError(f"--subset-seed must be 0 or more, got {subset_seed}")
+    if ade_extent not in ("visible", "amodal"):
+        raise CamlocError(f"--ade-extent {ade_extent!r} is not one of visible, amodal")
+    root = data_root(data_root_dir)
+    if root.name in spec.folders and not any((root / f).is_dir() for f in spec.folders):
+        root = root.parent  # --data-root names the dataset's own folder: its parent is the data root
+    stats: dict = {}
+    opts = DataOptions(root=root, split=split or spec.default_split, ann_file=Path(ann_file) if ann_file else None,
                        image_dir=Path(image_dir) if image_dir else None, prompt_template=prompt_template,
-                       per_class=per_class, subset_seed=subset_seed)
+                       per_class=per_class, subset_seed=subset_seed, include_stuff=include_stuff,
+                       ade_extent=ade_extent, stats=stats)
     images, counts = sanitize_boxes(spec.build(opts))
+    check_unique_images(images, name)
+    counts.update({k: v for k, v in stats.items() if k in FAULT_COUNTS})
     if issues is not None:
         issues.update(counts)
     if classes:
@@ -129,6 +191,9 @@ def load_dataset(
             images = [images[i] for i in keep]
         else:
             images = images[:limit]
+    if not any(item.pairs for item in images):
+        raise CamlocError(f"dataset {name} gives 0 (image, class) pairs: {_empty_reason(name, stats, counts, classes)}; "
+                          "nothing to evaluate")
     return images
 
 

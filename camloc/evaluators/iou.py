@@ -27,7 +27,7 @@ def box_iou(a: Sequence[float], b: Sequence[float], convention: str = "gscorecam
         return 0.0
     inter = (ix2 - ix1) * (iy2 - iy1)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
+    return inter / union if union > 0 else 0.0  # areas below float resolution (underflow) have no IoU
 
 
 def best_iou(box: Sequence[float], gt_boxes: Sequence[Sequence[float]], convention: str = "gscorecam") -> float:

@@ -135,6 +135,25 @@ class ClipModel:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.as_input(preprocess(image, self.input_size))
 
+    def prompt_problems(self, prompts: list[str]) -> dict[str, list[str]]:
+        """Prompts that cannot mean what they say, with a warning (once per call, i.e. once per run):
+        empty or whitespace-only ones (their map says nothing about any class) and ones longer than the
+        text encoder's context, which CLIP truncates. Returns {"empty_prompts": [...],
+        "truncated_prompts": [...]} for the run's record."""
+        import warnings
+
+        tokenizer = import_clip().clip._tokenizer
+        context = int(getattr(self.model, "context_length", 77))
+        empty = [p for p in prompts if not p.strip()]
+        long = [p for p in prompts if p.strip() and len(tokenizer.encode(p)) + 2 > context]
+        if empty:
+            warnings.warn(f"{len(empty)} empty or whitespace-only prompt(s): their maps cannot show any class",
+                          stacklevel=2)
+        if long:
+            warnings.warn(f"{len(long)} prompt(s) exceed CLIP's {context}-token context and are truncated, e.g. "
+                          f"{long[0][:60]!r}...", stacklevel=2)
+        return {"empty_prompts": empty, "truncated_prompts": long}
+
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         """L2-normalised fp32 text embeddings (P, E); each (model, prompt) is encoded once."""

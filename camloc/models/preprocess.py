@@ -13,15 +13,100 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, with a one-line error naming the file when it cannot be read."""
-    path = Path(path)
+def _check_path(path: Path) -> None:
+    text = str(path)
+    if "://" in text:
+        raise CamlocError(f"image {text} is a URL: camloc reads local files; download it first and pass the file")
+    if path.is_dir():
+        raise CamlocError(f"image {path} is a folder, not an image file; pass a JPEG or PNG file")
     if not path.is_file():
         raise CamlocError(f"image file {path} does not exist")
+
+
+def _bomb_error(path: Path, exc: Exception) -> CamlocError:
+    return CamlocError(f"image file {path} is larger than Pillow's decompression-bomb limit of "
+                       f"{Image.MAX_IMAGE_PIXELS} pixels ({exc}); if it is genuine, pass --max-pixels N with N at "
+                       "least its width x height")
+
+
+def set_max_pixels(limit: int | None) -> None:
+    """`--max-pixels`: raise Pillow's decompression-bomb limit (default about 89 million pixels)."""
+    if limit is not None:
+        if limit < 1:
+            raise CamlocError(f"--max-pixels must be a positive number of pixels, got {limit}")
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB by the image's bit depth, not by clipping: 16-bit integer images (Pillow modes I;16*, and
+    I holding 16-bit values) are scaled by 255/65535, 32-bit float images (mode F) by 255 when their
+    values lie in [0, 1], else min-max to [0, 255]. Pillow's own convert("RGB") clips such values
+    to 255 (all white) or truncates floats in [0, 1] to 0 (black)."""
+    import numpy as np
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        data = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            finite = data[np.isfinite(data)]
+            low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            if low >= 0 and high <= 1:
+                scaled = data * 255
+            else:
+                scaled = (data - low) * (255 / (high - low)) if high > low else np.zeros_like(data)
+        elif image.mode.startswith("I;16") or 0 <= data.min() and data.max() <= 65535:
+            scaled = data * (255 / 65535) if image.mode.startswith("I;16") or data.max() > 255 else data
+        else:
+            low, high = float(data.min()), float(data.max())
+            scaled = (data - low) * (255 / (high - low)) if high > low else np.zeros_like(data)
+        gray = np.clip(np.nan_to_num(np.rint(scaled)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def exif_rotated(image: Image.Image) -> bool:
+    """Whether the file's EXIF orientation says it is displayed rotated or mirrored."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return image.getexif().get(0x0112, 1) not in (1, None)
+    except Exception:  # a malformed EXIF block: treat as not rotated
+        return False
+
+
+def load_image(path: str | Path, exif_transpose: bool = False) -> Image.Image:
+    """Open an image file as RGB in its stored frame (as COCO's boxes are), or as displayed with
+    `exif_transpose`; one-line errors naming the file when it cannot be read."""
+    import warnings
+
+    from PIL import ImageOps
+
+    path = Path(path)
+    _check_path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if exif_transpose:
+                    image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(path, exc) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise CamlocError(f"image file {path} could not be read as an image ({exc}); pass a JPEG or PNG file") from exc
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(W, H) of an image file in its stored frame, from its header (no decoding)."""
+    import warnings
+
+    path = Path(path)
+    _check_path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(path, exc) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise CamlocError(f"image file {path} could not be read as an image ({exc}); pass a JPEG or PNG file") from exc
 
 
