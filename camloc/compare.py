@@ -7,12 +7,11 @@ from pathlib import Path
 import pandas as pd
 
 from camloc.errors import CamlocError
-from camloc.runfiles import read_jsonl
-from camloc.sharding import record_files
+from camloc.runfiles import read_run_records
 
 
 def _records(run_dir: Path, method: str | None) -> tuple[dict, str]:
-    records = [r for p in record_files(run_dir) for r in read_jsonl(p)]
+    records = read_run_records(run_dir)
     if not records:
         raise CamlocError(f"{run_dir} holds no camloc eval records (pairs*.jsonl)")
     methods = sorted({r["method"] for r in records})

@@ -10,10 +10,10 @@ from pathlib import Path
 from camloc.errors import CamlocError
 
 DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_class", "subset_seed", "data_root",
-                "ann_file", "image_dir"}
+                "ann_file", "image_dir", "include_stuff", "ade_extent"}
 OPTION_KEYS = {"topk", "grouping", "start_layer"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
-                            "chunk_size", "save_heatmaps", "options"}
+                            "chunk_size", "save_heatmaps", "options", "max_pixels"}
 SEARCH_KEYS = {"runs", "train", "val", "grid", "out", "options", "iou", "precision", "seed", "device", "chunk_size",
                "workers"}
 RUN_KEYS = {"model", "methods"}

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from camloc.report import _kind, build_report, long_table
-from camloc.runfiles import atomic_write_text, read_jsonl
-from camloc.sharding import record_files
+from camloc.runfiles import atomic_write_text, read_run_records
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}h2{border-bottom:2px solid #333}
@@ -66,7 +65,7 @@ def _plots(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _run_section(run_dir: Path, compare_paper: bool) -> str:
+def _run_section(run_dir: Path, compare_paper: bool, skip_bad: bool, allow_incomplete: bool) -> str:
     parts = [f"<h2>{html.escape(str(run_dir))}</h2>"]
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -76,8 +75,8 @@ def _run_section(run_dir: Path, compare_paper: bool) -> str:
         if (run_dir / "curves.png").exists():
             parts.append(_embed(run_dir / "curves.png", "threshold curves"))
     else:
-        records = [r for p in record_files(run_dir) for r in read_jsonl(p)]
-        parts.append(long_table([run_dir]).to_html(index=False, float_format="%.4f"))
+        records = read_run_records(run_dir, skip_bad)
+        parts.append(long_table([run_dir], skip_bad, None, allow_incomplete).to_html(index=False, float_format="%.4f"))
         if records:
             parts.append(_plots(records))
         vis = sorted((run_dir / "vis").rglob("*.jpg")) if (run_dir / "vis").is_dir() else []
@@ -92,15 +91,19 @@ def _run_section(run_dir: Path, compare_paper: bool) -> str:
     return "\n".join(parts)
 
 
-def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper: bool = False) -> Path:
+def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper: bool = False,
+                      skip_bad: bool = False, allow_incomplete: bool = False) -> Path:
     dirs = [Path(d) for d in run_dirs]
-    build_report(dirs, "long" if any(_kind(d) == "eval" for d in dirs) else "s1")  # validates the folders
+    for d in dirs:
+        if not d.is_dir():
+            raise CamlocError(f"run folder {d} does not exist")
     body = ["<h1>camloc report</h1>"]
     eval_dirs = [d for d in dirs if _kind(d) == "eval"]
     if eval_dirs:
         body.append("<h2>all runs (Table S3 layout, mean IoU)</h2>")
-        body.append(build_report(eval_dirs, "s3", compare_paper).to_html(index=False, float_format="%.4f", na_rep=""))
-    body.extend(_run_section(d, compare_paper) for d in dirs)
+        body.append(build_report(eval_dirs, "s3", compare_paper, skip_bad, None, allow_incomplete).to_html(
+            index=False, float_format="%.4f", na_rep=""))
+    body.extend(_run_section(d, compare_paper, skip_bad, allow_incomplete) for d in dirs)
     page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>camloc report</title><style>{STYLE}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
     out = Path(out)

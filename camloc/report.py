@@ -12,8 +12,8 @@ import pandas as pd
 
 from camloc.errors import CamlocError
 from camloc.evaluators import meters_by
-from camloc.runfiles import read_jsonl
-from camloc.sharding import record_files
+from camloc.evaluators.meter import record_key
+from camloc.runfiles import read_run_records, record_files
 from camloc.threshold_search import DISPLAY, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
@@ -40,22 +40,89 @@ def _kind(run_dir: Path) -> str:
         return "threshold-search"
     if record_files(run_dir) and (run_dir / "config.json").is_file():
         return "eval"
+    if record_files(run_dir):
+        raise CamlocError(f"{run_dir} holds records but no config.json, so what they measure is unknown; it cannot "
+                          "be reported (rerun it with camloc eval --force-new)")
     raise CamlocError(f"{run_dir} is not a camloc run folder (no pairs.jsonl + config.json, no table_s1.csv)")
 
 
-def long_table(run_dirs: list[Path]) -> pd.DataFrame:
-    """One row per (model, dataset, method) over every eval run given; each (pair, method) once."""
-    records = []
+IDENTITY_SHOWN = ["model", "dataset"]
+"""Identity fields that are columns of every long table; any other field that differs between the
+reported runs becomes a column too (`long_table`)."""
+
+
+def _shown(key: str, value) -> str:
+    """A compact cell for an identity field (the data identity as its folder and hash)."""
+    if key == "data" and isinstance(value, dict):
+        return f"{value.get('image_root')} ({str(value.get('pairs_sha256'))[:10]})"
+    return value if isinstance(value, (str, int, float)) or value is None else json.dumps(value, sort_keys=True)
+
+
+def _identity(run_dir: Path) -> dict:
+    """A run's identity without its method list (methods are the table's rows)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    return {k: v for k, v in config.items() if k != "methods"}
+
+
+def _check_complete(group: dict, allow_incomplete: bool) -> None:
+    """Every (pair, method) of a run identity is present once its folders (shards) are merged."""
+    expected = (group["identity"].get("data") or {}).get("n_pairs")
+    if expected is None or allow_incomplete:
+        return
+    total = expected * len(group["methods"])
+    missing = total - len(group["records"])
+    if missing > 0:
+        folders = ", ".join(sorted({str(d) for d in group["dirs"]}))
+        raise CamlocError(f"{folders}: {missing} of {total} (pair, method) records are missing (shards still running "
+                          "or not started?); finish the run with the same command, or pass --allow-incomplete to "
+                          "report what is there")
+
+
+def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | None = None,
+               allow_incomplete: bool = False) -> pd.DataFrame:
+    """One row per (run identity, method) over every eval run given; each (pair, method) once. Runs
+    with the same identity (shards, resumed copies) merge; runs that differ in any identity field
+    (threshold, IoU convention, prompt template, precision, data, ...) never share a row: the fields
+    that differ are shown as columns. A pair scored differently by two runs of one identity is an error."""
+    groups: dict[str, dict] = {}
     for run_dir in run_dirs:
-        if _kind(run_dir) != "eval":
-            continue
-        dataset = json.loads((run_dir / "config.json").read_text())["dataset"]
-        records += [{**r, "dataset": dataset} for path in record_files(run_dir) for r in read_jsonl(path)]
-    meters = meters_by(records, group=lambda r: (r["model"], r["dataset"], r["method"]))
-    rows = [{"model": m, "dataset": d, "method": x, **meter.compute()} for (m, d, x), meter in meters.items()]
+        kind = _kind(run_dir)
+        if kind != "eval":
+            raise CamlocError(f"{run_dir} is a threshold-search folder: report it with --layout s1 (the long and s3 "
+                              "layouts read eval runs)")
+        identity = _identity(run_dir)
+        records = read_run_records(run_dir, skip_bad, skipped)
+        group = groups.setdefault(json.dumps(identity, sort_keys=True), {"identity": identity, "records": {},
+                                                                           "where": {}, "methods": set(), "dirs": []})
+        group["methods"] |= set(json.loads((run_dir / "config.json").read_text()).get("methods")
+                                or {r["method"] for r in records})
+        group["dirs"].append(run_dir)
+        for r in records:
+            key = (r.get("model"), *record_key(r))
+            if key in group["records"] and group["records"][key]["iou"] != r["iou"]:
+                raise CamlocError(f"{group['where'][key]} and {run_dir} both hold image {key[1]} / category {key[2]} / "
+                                  f"{key[3]} with the same config but different IoUs ({group['records'][key]['iou']} "
+                                  f"vs {r['iou']}); report them separately")
+            group["records"].setdefault(key, r)
+            group["where"].setdefault(key, run_dir)
+    for group in groups.values():
+        _check_complete(group, allow_incomplete)
+    identities = [g["identity"] for g in groups.values()]
+    fields = sorted({k for i in identities for k in i})
+    differing = [k for k in fields if k not in IDENTITY_SHOWN
+                 and len({json.dumps(i.get(k), sort_keys=True) for i in identities}) > 1]
+    rows = []
+    for group in groups.values():
+        identity = group["identity"]
+        meters = meters_by(group["records"].values(), group=lambda r: (r["model"], r["method"]))
+        for (model, method), meter in meters.items():
+            rows.append({"model": model, "dataset": identity.get("dataset"), "method": method,
+                         **{k: _shown(k, identity.get(k)) for k in differing}, **meter.compute()})
     order = {name: i for i, name in enumerate(METHOD_ORDER)}
-    rows.sort(key=lambda r: (r["model"], r["dataset"], order.get(r["method"], 99), r["method"]))
-    return pd.DataFrame(rows, columns=LONG_COLUMNS)
+    rows.sort(key=lambda r: (str(r["model"]), str(r["dataset"]), *(str(r[k]) for k in differing),
+                             order.get(r["method"], 99), r["method"]))
+    columns = LONG_COLUMNS[:3] + differing + LONG_COLUMNS[3:]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _model_order(name: str) -> tuple:
@@ -67,19 +134,28 @@ def _model_order(name: str) -> tuple:
 
 def s3_table(long: pd.DataFrame, compare_paper: bool = False) -> pd.DataFrame:
     """Table S3's layout: rows = models, columns = methods (appendix names and order), average IoU.
-    With `compare_paper` every model row is followed by its "(paper)" and "(difference)" rows."""
+    Runs that differ in more than the model (dataset, threshold, ...) get one row each, with those
+    fields as columns; two configs never share a cell. With `compare_paper` every model row is
+    followed by its "(paper)" and "(difference)" rows."""
     if long.empty:
         raise CamlocError("no eval runs to report (give camloc eval run folders)")
-    table = long.pivot_table(index="model", columns="method", values="mean_iou", aggfunc="first")
+    extra = [c for c in long.columns if c not in LONG_COLUMNS]
+    index = ["model"] + (["dataset"] if long["dataset"].nunique() > 1 else []) + extra
+    keyed = long.set_index(index + ["method"])["mean_iou"]
+    if keyed.index.has_duplicates:  # cannot happen by construction (long_table groups by identity): refuse anyway
+        raise CamlocError("two different configs would share a cell of the s3 table; report them separately")
+    table = keyed.unstack("method")
     methods = [m for m in METHOD_ORDER if m in table.columns] + sorted(m for m in table.columns if m not in METHOD_ORDER)
     rows = []
-    for model in sorted(table.index, key=_model_order):
-        ours = {m: table.loc[model, m] for m in methods}
-        rows.append({"model": model, **ours})
+    for key in sorted(table.index, key=lambda k: (_model_order(k[0] if isinstance(k, tuple) else k), str(k))):
+        labels = dict(zip(index, key if isinstance(key, tuple) else (key,)))
+        ours = {m: table.loc[key, m] for m in methods}
+        rows.append({**labels, **ours})
         if compare_paper:
+            model = labels["model"]
             paper = {m: PAPER_S3.get(model, {}).get(m, float("nan")) for m in methods}
-            rows.append({"model": f"{model} (paper)", **paper})
-            rows.append({"model": f"{model} (difference)", **{m: ours[m] - paper[m] for m in methods}})
+            rows.append({**labels, "model": f"{model} (paper)", **paper})
+            rows.append({**labels, "model": f"{model} (difference)", **{m: ours[m] - paper[m] for m in methods}})
     return pd.DataFrame(rows).rename(columns={m: DISPLAY.get(m, m) for m in methods})
 
 
@@ -87,11 +163,21 @@ def s1_table(run_dirs: list[Path], compare_paper: bool = False) -> pd.DataFrame:
     """Table S1's layout: rows = methods (the model in the label where it is not RN50x16) and a Mean
     row; columns single value, Otsu, difference (Otsu - single), in percent as the appendix prints
     them; with `compare_paper` the paper's three columns beside them."""
-    parts = [pd.read_csv(d / "table_s1.csv") for d in run_dirs if _kind(d) == "threshold-search"]
+    parts, configs = [], {}
+    for d in run_dirs:
+        part = pd.read_csv(d / "table_s1.csv")
+        part = part[part["label"] != "Mean"].assign(source=str(d))
+        config = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        config = json.dumps({k: v for k, v in config.items() if k != "runs"}, sort_keys=True)
+        for model, method in zip(part["model"], part["method"]):
+            seen = configs.setdefault((model, method), (config, d))
+            if seen[0] != config:
+                raise CamlocError(f"{seen[1]} and {d} both have a {method} row for {model} but from different configs "
+                                  "(datasets, grid, options or data); report them separately")
+        parts.append(part)
     if not parts:
         raise CamlocError("no threshold-search runs to report (give camloc threshold-search output folders)")
-    rows = pd.concat(parts, ignore_index=True)
-    rows = rows[rows["label"] != "Mean"].drop_duplicates(subset=["model", "method"], keep="last")
+    rows = pd.concat(parts, ignore_index=True).drop_duplicates(subset=["model", "method"], keep="first")
     full = table_s1(rows.to_dict("records"))
     table = pd.DataFrame({"method": full["label"], "single value": 100 * full["single"], "Otsu": 100 * full["otsu"],
                           "difference": 100 * full["difference"]})
@@ -117,17 +203,22 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     raise CamlocError(f"--format {fmt!r} is not one of md, csv, latex")
 
 
-def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper: bool = False) -> pd.DataFrame:
+def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper: bool = False,
+                 skip_bad: bool = False, skipped: list | None = None, allow_incomplete: bool = False) -> pd.DataFrame:
     dirs = [Path(d) for d in run_dirs]
     for d in dirs:
         if not d.is_dir():
             raise CamlocError(f"run folder {d} does not exist")
         _kind(d)
     if layout == "long":
-        return long_table(dirs)
+        return long_table(dirs, skip_bad, skipped, allow_incomplete)
     if layout == "s3":
-        return s3_table(long_table(dirs), compare_paper)
+        return s3_table(long_table(dirs, skip_bad, skipped, allow_incomplete), compare_paper)
     if layout == "s1":
+        evals = [d for d in dirs if _kind(d) == "eval"]
+        if evals:
+            raise CamlocError(f"{evals[0]} is an eval run: --layout s1 reads threshold-search folders (use long or s3 "
+                              "for eval runs)")
         return s1_table(dirs, compare_paper)
     raise CamlocError(f"--layout {layout!r} is not one of s1, s3, long")
 

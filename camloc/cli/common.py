@@ -29,6 +29,10 @@ SplitOption = typer.Option(None, "--split", help="Dataset split [default: val201
 AnnFileOption = typer.Option(None, "--ann-file", help="Annotation file, overriding the data-root layout.")
 ImageDirOption = typer.Option(None, "--image-dir", help="Image folder, overriding the data-root layout.")
 PerClassOption = typer.Option(100, "--per-class", help="coco-train-balanced: images drawn per class.")
+IncludeStuffOption = typer.Option(False, "--include-stuff", help="COCO: also evaluate stuff categories (panoptic detection JSON: ids above 90), refused by default.")
+AdeExtentOption = typer.Option(None, "--ade-extent", help="ade20k-scenes, full release: ground truth from the visible pixels (visible, the default) or the amodal JSON polygons (amodal).")
+MaxPixelsOption = typer.Option(None, "--max-pixels", help="Accept images up to this many pixels (Pillow refuses more than about 89 million as a decompression bomb).")
+SkipBadRecordsOption = typer.Option(False, "--skip-bad-records", help="Skip (and count) record lines that are not valid records instead of stopping.")
 SubsetSeedOption = typer.Option(None, "--subset-seed", help="Seed of the random --limit subset and of coco-train-balanced's draw (default 0 there).")
 
 
@@ -75,6 +79,14 @@ def reports_errors(fn):
         except CamlocError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a full disk, a read-only or forbidden output: one line, not a traceback
+            from camloc.runfiles import write_error_line
+
+            line = write_error_line(exc)
+            if line is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(line)}")
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: results written so far are kept; run the same command again to resume")
             sys.exit(130)

@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import AnnFileOption, DataRootOption, ImageDirOption, SplitOption, reports_errors
+from camloc.cli.common import (AdeExtentOption, AnnFileOption, DataRootOption, ImageDirOption, IncludeStuffOption,
+                               SplitOption, reports_errors)
 
 data_app = typer.Typer(help="Download datasets and check their layout.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -38,6 +39,8 @@ def verify_cmd(
     data_root: Optional[Path] = DataRootOption,
     ann_file: Optional[Path] = AnnFileOption,
     image_dir: Optional[Path] = ImageDirOption,
+    include_stuff: bool = IncludeStuffOption,
+    ade_extent: Optional[str] = AdeExtentOption,
 ) -> None:
     """Check a dataset's layout: count images, pairs and missing image files; say how to obtain it."""
     from camloc.datasets import DATASETS, count_pairs, list_datasets, load_dataset
@@ -49,7 +52,8 @@ def verify_cmd(
     spec = DATASETS[dataset]
     typer.echo(f"{dataset}: expected layout: {spec.layout}")
     try:
-        images = load_dataset(dataset, data_root_dir=data_root, split=split, ann_file=ann_file, image_dir=image_dir)
+        images = load_dataset(dataset, data_root_dir=data_root, split=split, ann_file=ann_file, image_dir=image_dir,
+                              include_stuff=include_stuff, ade_extent=ade_extent or "visible")
     except CamlocError as exc:
         raise CamlocError(f"{exc}. To obtain {dataset}: {spec.obtain}") from None
     missing = [item.path for item in images if not Path(item.path).is_file()]
@@ -58,6 +62,8 @@ def verify_cmd(
                + (f", mean class coverage {coverage:.1%}" if coverage is not None else ""))
     for path in missing[:5]:
         typer.echo(f"  missing: {path}")
+    if spec.note:
+        typer.echo(spec.note(images))
     if missing:
         raise CamlocError(f"{len(missing)} image files of {dataset} are missing. To obtain {dataset}: {spec.obtain}")
     typer.echo("ok")

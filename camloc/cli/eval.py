@@ -7,10 +7,10 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (AnnFileOption, CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption,
-                               ImageDirOption, PerClassOption, PrecisionOption, SplitOption,
-                               StartLayerOption, SubsetSeedOption, ThresholdOption, TopkOption,
-                               parse_chunk_size, parse_threshold, reports_errors)
+from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, ChunkOption, DataRootOption, DeviceOption,
+                               GroupingOption, ImageDirOption, IncludeStuffOption, MaxPixelsOption, PerClassOption,
+                               PrecisionOption, SkipBadRecordsOption, SplitOption, StartLayerOption, SubsetSeedOption,
+                               ThresholdOption, TopkOption, parse_chunk_size, parse_threshold, reports_errors)
 
 
 def _split(value):
@@ -36,6 +36,9 @@ def eval_cmd(
     data_root: Optional[Path] = DataRootOption,
     ann_file: Optional[Path] = AnnFileOption,
     image_dir: Optional[Path] = ImageDirOption,
+    include_stuff: bool = IncludeStuffOption,
+    ade_extent: Optional[str] = AdeExtentOption,
+    max_pixels: Optional[int] = MaxPixelsOption,
     prompt_template: str = typer.Option("{}", "--prompt-template", help="Prompt with {} for the class name, e.g. 'a photo of a {}.'"),
     threshold: str = ThresholdOption,
     iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam (+1 pixels, as the original) or coco."),
@@ -46,6 +49,7 @@ def eval_cmd(
     chunk_size: str = ChunkOption,
     force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip (and report) pairs whose image file is missing instead of stopping."),
+    skip_bad_records: bool = SkipBadRecordsOption,
     save_vis: int = typer.Option(0, "--save-vis", help="Save overlays of the N best, N worst and N random pairs per method under OUT/vis."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: evaluate this share of the images [default: from RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS, else 0/1]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -59,6 +63,7 @@ def eval_cmd(
     from camloc.errors import CamlocError
     from camloc.evaluators.iou import CONVENTIONS
     from camloc.heatmap_cache import model_key
+    from camloc.models.preprocess import set_max_pixels
     from camloc.runner import EvalConfig, run_eval
     from camloc.sharding import start_shard
 
@@ -76,6 +81,9 @@ def eval_cmd(
     if iou_name not in CONVENTIONS:
         raise CamlocError(f"--iou {iou_name!r} is not one of {', '.join(CONVENTIONS)}")
     options = setting.method_options()
+    if save_vis < 0:
+        raise CamlocError(f"--save-vis must be 0 or more pairs per group, got {save_vis}")
+    set_max_pixels(setting("max_pixels"))
     out_dir = Path(out_dir)
     rank_world = start_shard(shard)
     for name in models:
@@ -94,6 +102,8 @@ def eval_cmd(
             precision=setting("precision"),
             seed=setting("seed"),
             options=options,
+            include_stuff=setting("include_stuff"),
+            ade_extent=setting("ade_extent"),
         )
         run_dir = out_dir / model_key(name) if len(models) > 1 else out_dir
         summary = run_eval(run_config, run_dir, device=setting("device"), cache_dir=cache_dir, force_new=force_new,
@@ -101,7 +111,8 @@ def eval_cmd(
                            data_options={"data_root_dir": setting("data_root"), "ann_file": setting("ann_file"),
                                          "image_dir": setting("image_dir")},
                            save_heatmaps=run_dir / "heatmaps" if setting("save_heatmaps") else None,
-                           shard=rank_world, save_vis=save_vis, skip_missing=skip_missing)
+                           shard=rank_world, save_vis=save_vis, skip_missing=skip_missing,
+                           skip_bad_records=skip_bad_records)
         if rank_world[1] > 1 and not summary.get("complete"):
             writer = "rank 0 writes" if "methods" not in summary else "the rank that finishes last writes"
             typer.echo(f"shard {rank_world[0]}/{rank_world[1]} done; {writer} the merged tables "
@@ -128,6 +139,15 @@ def _report_faults(faults: dict) -> None:
              f"{faults['oom_retries']} CUDA out-of-memory batches split and retried" if faults["oom_retries"] else "",
              f"{faults.get('clipped_boxes', 0)} ground-truth boxes clipped to the image, "
              f"{faults.get('dropped_boxes', 0)} empty boxes dropped, {faults.get('skipped_pairs', 0)} pairs without "
-             "boxes skipped" if any(faults.get(k) for k in ("clipped_boxes", "dropped_boxes", "skipped_pairs")) else ""]
+             "boxes skipped" if any(faults.get(k) for k in ("clipped_boxes", "dropped_boxes", "skipped_pairs")) else "",
+             f"{faults['degenerate_polygons']} polygons with fewer than 3 points skipped for coverage"
+             if faults.get("degenerate_polygons") else "",
+             f"{faults['occluded_instances']} scene instances with no visible pixel left out"
+             if faults.get("occluded_instances") else "",
+             f"{len(faults['bad_record_lines'])} bad record lines skipped (--skip-bad-records; listed in summary.json)"
+             if faults.get("bad_record_lines") else "",
+             f"{len(faults['empty_prompts'])} empty prompts" if faults.get("empty_prompts") else "",
+             f"{len(faults['truncated_prompts'])} prompts truncated to CLIP's context"
+             if faults.get("truncated_prompts") else ""]
     for note in filter(None, notes):
         err_console.print(f"[yellow]note:[/] {note}")

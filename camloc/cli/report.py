@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import reports_errors
+from camloc.cli.common import SkipBadRecordsOption, reports_errors
 
 
 @app.command("report")
@@ -19,17 +19,25 @@ def report_cmd(
     compare_paper: bool = typer.Option(False, "--compare-paper", help="Put the appendix's printed values beside ours."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the table to this file instead of printing it."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page (plots and saved pairs embedded) to this file."),
+    skip_bad_records: bool = SkipBadRecordsOption,
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Report runs with missing records (unfinished shards) instead of refusing them."),
 ) -> None:
     """Merge run folders into one table (records are merged, so shards combine exactly)."""
+    from camloc.cli.common import err_console
     from camloc.report import build_report, render
     from camloc.runfiles import atomic_write_text
 
+    skipped: list = []
     if html_out is not None:
         from camloc.html_report import write_html_report
 
-        typer.echo(f"wrote {write_html_report(run_dirs, html_out, compare_paper)}")
+        typer.echo(f"wrote {write_html_report(run_dirs, html_out, compare_paper, skip_bad_records, allow_incomplete)}")
 
-    text = render(build_report(run_dirs, layout, compare_paper), fmt)
+    text = render(build_report(run_dirs, layout, compare_paper, skip_bad_records, skipped, allow_incomplete), fmt)
+    for path, line, problem in skipped[:5]:
+        err_console.print(f"[yellow]skipped[/] {path} line {line}: {problem}")
+    if skipped:
+        err_console.print(f"[yellow]note:[/] {len(skipped)} bad record lines skipped (--skip-bad-records)")
     if out is None:
         typer.echo(text.rstrip())
     else:

@@ -7,8 +7,8 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption, PerClassOption,
-                               PrecisionOption, StartLayerOption, SubsetSeedOption, TopkOption,
+from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption, MaxPixelsOption,
+                               PerClassOption, PrecisionOption, StartLayerOption, SubsetSeedOption, TopkOption,
                                parse_chunk_size, reports_errors)
 
 
@@ -26,6 +26,7 @@ def threshold_search_cmd(
     per_class: int = PerClassOption,
     subset_seed: Optional[int] = SubsetSeedOption,
     data_root: Optional[Path] = DataRootOption,
+    max_pixels: Optional[int] = MaxPixelsOption,
     grid_start: float = typer.Option(0.0, "--grid-start", help="First threshold of the grid."),
     grid_stop: float = typer.Option(0.95, "--grid-stop", help="Last threshold of the grid."),
     grid_step: float = typer.Option(0.05, "--grid-step", help="Grid step."),
@@ -47,6 +48,9 @@ def threshold_search_cmd(
     from camloc.sharding import start_shard
     from camloc.threshold_search import SearchConfig, run_threshold_search
 
+    from camloc.models.preprocess import set_max_pixels
+
+    set_max_pixels(max_pixels)
     file = load_config(config, "threshold_search") if config else {}
     setting = Settings(ctx, file)
     given, values = setting.given, setting.values

@@ -28,13 +28,31 @@ def _locate(folder: Path, info: dict) -> Path:
     return nested if nested.exists() or not (folder / name).exists() else folder / name
 
 
+OOD_CLASSES = 40
+PAPER_TEST = (4590, 14260)  # images, pairs of the paper's own test metadata (gScoreCAM appendix)
+
+
+def _note(images: list[ImagePairs]) -> str:
+    classes = {p.category_id for item in images for p in item.pairs}
+    n_pairs = sum(len(item.pairs) for item in images)
+    which = ("the PartImageNet_OOD release's part classes, as the gScoreCAM paper used" if len(classes) == OOD_CLASSES
+             else f"not the {OOD_CLASSES} part classes of PartImageNet_OOD (the split the gScoreCAM paper used): "
+                  "is this PartImageNet_Seg?")
+    return (f"{len(classes)} part classes: {which}; the paper's test metadata has {PAPER_TEST[0]:,} images / "
+            f"{PAPER_TEST[1]:,} pairs, this data {len(images):,} / {n_pairs:,}")
+
+
 @register_dataset(
     "partimagenet", "PartImageNet parts (test split by default, --split): every (image, part class) with a box",
     layout="<data-root>/PartImageNet/annotations/<split>.json (or annotations/<split>/<split>.json) and "
            "<data-root>/PartImageNet/images/<split>/<wnid>/<file>.JPEG",
-    obtain="not downloadable automatically: get PartImageNet from https://github.com/TACJu/PartImageNet "
-           "(its README links the archive) and extract it into the data root",
+    obtain="not downloadable automatically: get PartImageNet from https://github.com/TACJu/PartImageNet. Two archives "
+           "exist: PartImageNet_OOD.zip (used by the gScoreCAM paper: 40 part classes, COCO-style JSON per split, "
+           "the layout above) and PartImageNet_Seg.zip (the segmentation release, other splits and classes); "
+           "extract PartImageNet_OOD into the data root",
     default_split="test",
+    folders=(ROOT,),
+    note=_note,
 )
 def partimagenet(opts: DataOptions) -> list[ImagePairs]:
     split = opts.split

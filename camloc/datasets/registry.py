@@ -49,15 +49,18 @@ class DatasetSpec:
     """The split read when none is given (also what a heatmap cache keys it by)."""
     folders: tuple[str, ...] = ()
     """The dataset's own top folders under the data root: a --data-root naming one is taken as its parent."""
+    note: Callable[[list[ImagePairs]], str] | None = None
+    """`camloc data verify`: a line about what was found (e.g. which release or split it is)."""
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(name: str, description: str, layout: str = "", obtain: str = "",
-                     default_split: str | None = None, folders: tuple[str, ...] = ()) -> Callable:
+                     default_split: str | None = None, folders: tuple[str, ...] = (),
+                     note: Callable[[list[ImagePairs]], str] | None = None) -> Callable:
     def decorate(fn: Callable) -> Callable:
-        DATASETS[name] = DatasetSpec(name, fn, description, layout, obtain, default_split, folders)
+        DATASETS[name] = DatasetSpec(name, fn, description, layout, obtain, default_split, folders, note)
         return fn
 
     return decorate
