@@ -12,6 +12,52 @@ from camloc.evaluators import binarize, candidate_boxes, heatmap_to_uint8, large
 from camloc.evaluators.boxes import outer_contours
 
 STAGES = ("input", "heatmap", "binary map", "contours", "box")
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+DISPLAY_SIDE = 1024
+"""Pictures are drawn from copies no larger than this (boxes and IoUs still come from the full-size
+maps): a 10000 x 10000 photo would otherwise take gigabytes and minutes to draw."""
+
+
+def display_scale(size: tuple[int, int]) -> float:
+    return min(1.0, DISPLAY_SIDE / max(size))
+
+
+def _small(array: np.ndarray, scale: float, nearest: bool = False) -> np.ndarray:
+    if scale >= 1:
+        return array
+    h, w = array.shape[:2]
+    return cv2.resize(array, (max(1, round(w * scale)), max(1, round(h * scale))),
+                      interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+
+
+def _legend(fig, with_gt: bool) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="lime", lw=2, label="predicted box")]
+    if with_gt:
+        handles.append(Line2D([], [], color="white", lw=2, ls="--", label="ground truth"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, facecolor="0.35",
+               labelcolor="white", framealpha=1)
+
+
+def _colorbar(fig, axes) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    mappable = plt.cm.ScalarMappable(norm=Normalize(0, 1), cmap="jet")
+    fig.colorbar(mappable, ax=axes, fraction=0.015, pad=0.01, label="heatmap (min-max)")
+
+
+def _constant(heatmap: np.ndarray) -> bool:
+    finite = heatmap[np.isfinite(heatmap)]
+    return finite.size == 0 or float(finite.max()) == float(finite.min())
+
+
+def _box_label(box, gt_boxes) -> str:
+    from camloc.evaluators import best_iou
+
+    text = f"box {list(box)}"
+    return text + (f"  IoU {best_iou(box, gt_boxes):.3f}" if gt_boxes else "")
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -36,32 +82,43 @@ def pipeline_figure(
     threshold="otsu",
     gt_boxes: list[list[float]] | None = None,
 ) -> None:
-    """Write a PNG with one row per (label, raw-size heatmap) and the five stages as columns."""
+    """Write a picture with one row per (label, raw-size heatmap) and the five stages as columns; a
+    legend, a colour bar, the IoU with `gt_boxes`, constant (e.g. all-zero) maps flagged in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rgb = np.asarray(image.convert("RGB"))
-    fig, axes = plt.subplots(len(rows), len(STAGES), figsize=(3 * len(STAGES), 2.6 * len(rows)), squeeze=False)
+    height, width = rgb.shape[:2]
+    scale = display_scale((width, height))
+    small = _small(rgb, scale)
+    extent = (0, width, height, 0)  # drawn small, in the image's own coordinates
+    fig, axes = plt.subplots(len(rows), len(STAGES), figsize=(3 * len(STAGES), 2.6 * len(rows) + 0.5), squeeze=False,
+                             layout="constrained")
     for r, (label, heatmap) in enumerate(rows):
         gray = heatmap_to_uint8(heatmap)
         binary = binarize(gray, threshold)
         contours = outer_contours(binary)  # drawn in the fourth panel; the box is Algorithm 1's own
         box = largest_box(candidate_boxes(binary))
-        drawn = rgb.copy()
-        cv2.drawContours(drawn, contours, -1, (0, 255, 0), 2)
-        panels = [rgb, overlay(rgb, heatmap), binary, drawn, overlay(rgb, heatmap)]
+        drawn = small.copy()
+        cv2.drawContours(drawn, [np.round(c * scale).astype(np.int32) for c in contours], -1, (0, 255, 0), 2)
+        blended = overlay(small, _small(heatmap.astype(np.float32), scale))
+        panels = [small, blended, _small(binary, scale, nearest=True), drawn, blended]
         for c, (ax, panel) in enumerate(zip(axes[r], panels)):
-            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None)
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, extent=extent)
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title(STAGES[c] if c != 2 else f"binary ({threshold})")
         axes[r][0].set_ylabel(label, fontsize=9)
+        if _constant(heatmap):
+            axes[r][1].set_xlabel("constant map: no localisation", fontsize=8, color="red")
         ax = axes[r][-1]
         draw_boxes(ax, box, gt_boxes, gt_lw=2)
-        ax.set_xlabel(f"box {box}", fontsize=8)
-    fig.tight_layout()
+        ax.set_xlabel(_box_label(box, gt_boxes), fontsize=8)
+    _colorbar(fig, axes[:, 1])
+    _legend(fig, bool(gt_boxes))
+    fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -75,7 +132,8 @@ def comparison_figure(
     gt_boxes: list[list[float]] | None = None,
 ) -> None:
     """Methods side by side (appendix Figs. S4-S10): rows = prompts, columns = input then one
-    heatmap overlay per method with its box (green) and the ground truth (white, dashed)."""
+    heatmap overlay per method with its box (green) and the ground truth (white, dashed); legend,
+    colour bar, IoUs with `gt_boxes`, constant maps flagged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,24 +142,35 @@ def comparison_figure(
     from camloc.evaluators import box_from_heatmap
 
     rgb = np.asarray(image.convert("RGB"))
+    height, width = rgb.shape[:2]
+    scale = display_scale((width, height))
+    small = _small(rgb, scale)
+    extent = (0, width, height, 0)
     methods = list(heatmaps)
     cols = 1 + len(methods)
-    fig, axes = plt.subplots(len(prompts), cols, figsize=(2.6 * cols, 2.4 * len(prompts)), squeeze=False)
+    fig, axes = plt.subplots(len(prompts), cols, figsize=(2.6 * cols, 2.4 * len(prompts) + 0.5), squeeze=False,
+                             layout="constrained")
     for r, prompt in enumerate(prompts):
-        axes[r][0].imshow(rgb)
+        axes[r][0].imshow(small, extent=extent)
         axes[r][0].set_ylabel(f"'{prompt}'", fontsize=9)
         for c, method in enumerate(methods, start=1):
             heatmap = heatmaps[method][r]
             box = box_from_heatmap(heatmap, threshold)
             ax = axes[r][c]
-            ax.imshow(overlay(rgb, heatmap))
+            ax.imshow(overlay(small, _small(heatmap.astype(np.float32), scale)), extent=extent)
             draw_boxes(ax, box, gt_boxes, gt_lw=1.5)
+            if gt_boxes:
+                ax.set_xlabel(_box_label(box, gt_boxes).split("  ")[-1], fontsize=8)
+            if _constant(heatmap):
+                ax.set_xlabel("constant map", fontsize=8, color="red")
             if r == 0:
                 ax.set_title(method, fontsize=10)
         for ax in axes[r]:
             ax.set_xticks([]), ax.set_yticks([])
     axes[0][0].set_title("input", fontsize=10)
-    fig.tight_layout()
+    _colorbar(fig, axes[:, 1:])
+    _legend(fig, bool(gt_boxes))
+    fig.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

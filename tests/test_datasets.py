@@ -307,6 +307,12 @@ class _RangeHandler(BaseHTTPRequestHandler):
         self.ranges.append(header)
         if header:
             start = int(header.split("=")[1].split("-")[0])
+            if start >= len(data):  # as Apache and S3 answer a range past the end: 416 with the size
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -352,6 +358,26 @@ def test_download_resumes_checks_and_extracts(tmp_path, http_server):
     assert (downloads / "val.zip.sha256").read_text().split()[0] == hashlib.sha256(payload).hexdigest()
     fetch_dataset("toy", tmp_path, sources={"toy": {"val2017": [archive]}}, progress=False)
     assert len(handler.ranges) == 1  # already there: nothing fetched again
+
+
+def test_download_of_a_complete_part_without_a_known_size_finishes(tmp_path, http_server):
+    """A .part that already holds the whole file (the run was cut after the last byte, before the
+    rename) and no published size (the ADE archive): the server answers the resume with 416 and
+    `Content-Range: bytes */N`; that means complete, not an error that repeats on every run."""
+    base, handler = http_server
+    payload = _zip_bytes({"ADEChallengeData2016/objectInfo150.txt": b"Idx\tName\n"})
+    handler.files = {"/ade.zip": payload}
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "ade.zip.part").write_bytes(payload)
+    archive = Archive(f"{base}/ade.zip", None, hashlib.sha1(payload).hexdigest())
+    [path] = fetch_dataset("ade", tmp_path, sources={"ade": {"validation": [archive]}}, progress=False)
+    assert path.read_bytes() == payload and (tmp_path / "ADEChallengeData2016" / "objectInfo150.txt").is_file()
+    # a .part longer than the server's file is not silently accepted
+    (downloads / "big.zip.part").write_bytes(payload + b"extra")
+    handler.files["/big.zip"] = payload
+    with pytest.raises(CamlocError, match=r"big.zip.part has .* bytes, but the server's file has .*; delete it"):
+        fetch_dataset("big", tmp_path, sources={"big": {"v": [Archive(f"{base}/big.zip")]}}, progress=False)
 
 
 def test_download_checksum_mismatch_and_unknown(tmp_path, http_server):

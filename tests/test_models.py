@@ -148,6 +148,23 @@ def test_official_name_without_network_says_where_it_looked(tmp_path, monkeypatc
     assert "network is unreachable" in msg and "--model" in msg and "\n" not in msg
 
 
+def test_corrupt_cached_checkpoint_without_network_says_it_failed_the_checksum(tmp_path, monkeypatch):
+    """The clip package re-downloads a cached file whose SHA-256 differs from the release's; offline
+    that fails, and the error must say the file there is corrupt, not only where to put one."""
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    (tmp_path / "RN50.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(CamlocError) as info:
+        ClipModel.load("RN50", device="cpu", cache_dir=tmp_path)
+    msg = str(info.value)
+    assert f"looked for {tmp_path / 'RN50.pt'}" in msg and "failed the clip package's SHA-256 check" in msg
+    assert "delete it" in msg and "\n" not in msg
+
+
 def test_official_name_uses_cached_file(tmp_path, monkeypatch):
     """A file already in the cache folder is used by the clip package's download-and-cache."""
     from camloc.models.loading import import_clip

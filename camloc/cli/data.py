@@ -10,7 +10,7 @@ from camloc.cli.app import app
 from camloc.cli.common import (AdeExtentOption, AnnFileOption, DataRootOption, ImageDirOption, IncludeStuffOption,
                                SplitOption, reports_errors)
 
-data_app = typer.Typer(help="Download datasets and check their layout.", no_args_is_help=True)
+data_app = typer.Typer(help="Download datasets and check their layout.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 

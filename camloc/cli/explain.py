@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GroupingOption, ModelOption, PrecisionOption,
-                               StartLayerOption, ThresholdOption, TopkOption, method_options, parse_chunk_size,
-                               parse_threshold, reports_errors)
+from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GroupingOption, MaxPixelsOption, ModelOption,
+                               PrecisionOption, StartLayerOption, ThresholdOption, TopkOption, err_console,
+                               method_options, parse_chunk_size, parse_threshold, reports_errors)
 from camloc.errors import CamlocError
 
 
@@ -37,6 +37,8 @@ def explain(
     figure: Optional[str] = typer.Option(None, "--figure", help="Picture kind: pipeline or compare [default: by the number of methods]."),
     gt_box: list[str] = typer.Option([], "--gt-box", help="Ground-truth box x1,y1,x2,y2 to draw; repeatable."),
     threshold: str = ThresholdOption,
+    exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Process a photo as displayed (its EXIF orientation applied) instead of as stored, which is the frame datasets' boxes use."),
+    max_pixels: Optional[int] = MaxPixelsOption,
     topk: int = TopkOption,
     grouping: str = GroupingOption,
     start_layer: int = StartLayerOption,
@@ -47,9 +49,19 @@ def explain(
 ) -> None:
     """Compute CAM heatmaps of one image for one or more prompts, and their boxes (Algorithm 1)."""
     from camloc.cams import compute_heatmaps, resolve_methods
+    from camloc.cams.registry import check_method_options
     from camloc.evaluators import box_from_heatmap
     from camloc.models import ClipModel, load_image
+    from camloc.models.preprocess import exif_rotated, set_max_pixels
     from camloc.models.specs import family_hint
+    from camloc.viz import FIGURE_SUFFIXES
+
+    set_max_pixels(max_pixels)
+    if out is not None:
+        if not out.suffix:
+            out = out.with_suffix(".png")  # matplotlib would add it anyway: say the real name
+        elif out.suffix.lower() not in FIGURE_SUFFIXES:
+            raise CamlocError(f"--out {out}: pictures are written as {', '.join(FIGURE_SUFFIXES)}; use one of them")
 
     thr = parse_threshold(threshold)
     options = {**method_options(topk, grouping, start_layer), "chunk_size": parse_chunk_size(chunk_size)}
@@ -58,9 +70,19 @@ def explain(
     gt_boxes = [_parse_box(b) for b in gt_box]
     if family_hint(model):  # fail on a bad method before any weights are fetched
         resolve_methods(method, family_hint(model), model)
-    pil = load_image(image)
+    pil = load_image(image, exif_transpose=exif_transpose)
+    if not exif_transpose:
+        from PIL import Image
+
+        with Image.open(image) as raw:
+            if exif_rotated(raw):
+                err_console.print(f"[yellow]note:[/] {image} has an EXIF orientation: it is processed as stored (the "
+                                  "frame datasets' boxes use), which differs from how viewers show it; pass "
+                                  "--exif-transpose to process it as displayed")
     clip_model = ClipModel.load(model, device=device, precision=precision, cache_dir=cache_dir)
     specs = resolve_methods(method, clip_model.family.name, clip_model.name)
+    check_method_options(clip_model, [s.name for s in specs], options)
+    clip_model.prompt_problems(prompt)
     if save_heatmap is not None and save_heatmap.suffix not in (".npy", ".npz"):
         raise CamlocError(f"--save-heatmap {save_heatmap} must end in .npy or .npz")
     if save_heatmap is not None and save_heatmap.suffix == ".npy" and len(specs) > 1:
@@ -99,7 +121,8 @@ def explain(
         else:
             comparison_figure(pil, prompt, heatmaps, out, threshold=thr, gt_boxes=gt_boxes)
 
-    report = {"image": str(image), "size": list(pil.size), "model": clip_model.name, "threshold": thr,
+    report = {"image": str(image), "size": list(pil.size), "exif_transposed": exif_transpose,
+              "model": clip_model.name, "threshold": thr,
               "device": str(clip_model.device), "precision": clip_model.precision, "results": results}
     if json_output:
         typer.echo(json.dumps(report, indent=1))

@@ -74,8 +74,12 @@ def download(archive: Archive, folder: Path, verify: bool = True, progress: bool
     try:
         response = urllib.request.urlopen(urllib.request.Request(archive.url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and archive.size and start == archive.size:  # the .part is already complete
-            response = None
+        if exc.code == 416 and start:  # nothing left to send at or after `start` (Apache, S3, nginx)
+            total = _range_total(exc.headers.get("Content-Range")) or archive.size
+            if total != start:
+                raise CamlocError(f"{part} has {start} bytes, but the server's file has {total or 'an unknown number of'} "
+                                  "bytes; delete it and run the same command again to start over") from exc
+            response = None  # the .part is already complete: go on to the checksum
         else:
             raise CamlocError(f"downloading {archive.url} failed: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
@@ -109,6 +113,14 @@ def download(archive: Archive, folder: Path, verify: bool = True, progress: bool
     part.rename(dest)
     dest.with_name(dest.name + ".sha256").write_text(f"{sha256}  {dest.name}\n")
     return dest
+
+
+def _range_total(header: str | None) -> int | None:
+    """N of a `Content-Range: bytes */N` (or `bytes a-b/N`) header; None when absent or `*`."""
+    if not header or "/" not in header:
+        return None
+    total = header.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
 
 
 def _stream(response, part: Path, start: int, total: int | None, label: str, progress: bool) -> None:

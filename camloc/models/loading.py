@@ -109,9 +109,23 @@ def _download_official(name: str, cache_dir: Path) -> Path:
     try:
         return Path(clip.clip._download(url, str(cache_dir)))
     except Exception as exc:
+        found = "did not find it"
+        if target.is_file():  # the clip package checks the file against the SHA-256 in its URL first
+            import hashlib
+
+            expected = url.split("/")[-2]
+            digest = hashlib.sha256()
+            with open(target, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            if digest.hexdigest() != expected:
+                found = (f"the file there failed the clip package's SHA-256 check (it has {digest.hexdigest()[:12]}..., "
+                         f"the release {expected[:12]}...: truncated or corrupt; delete it)")
+            else:
+                found = "the file there passed the SHA-256 check"
         raise CamlocError(
             f"could not get CLIP weights for {name!r}: looked for {target} (cache folder from --cache-dir or "
-            f"${CACHE_ENV}), then downloading {url} failed ({type(exc).__name__}: {str(exc)[:160]}); "
+            f"${CACHE_ENV}) and {found}, then downloading {url} failed ({type(exc).__name__}: {str(exc)[:160]}); "
             f"download that file on a machine with internet access and put it at {target}, "
             f"or pass its path to --model"
         ) from exc
