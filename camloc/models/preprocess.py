@@ -14,8 +14,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _check_path(path: Path) -> None:
+    import re
+
     text = str(path)
-    if "://" in text:
+    if re.match(r"^[a-z][a-z0-9+.-]+:/", text, re.IGNORECASE):  # http://..., as a Path makes it http:/...
         raise CamlocError(f"image {text} is a URL: camloc reads local files; download it first and pass the file")
     if path.is_dir():
         raise CamlocError(f"image {path} is a folder, not an image file; pass a JPEG or PNG file")
