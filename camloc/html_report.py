@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from camloc.errors import CamlocError
 from camloc.report import _kind, build_report, long_table
 from camloc.runfiles import atomic_write_text, read_run_records
 

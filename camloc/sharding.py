@@ -5,7 +5,6 @@ folder; summaries and `camloc report` merge every rank's records."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from camloc.datasets import ImagePairs
 from camloc.errors import CamlocError

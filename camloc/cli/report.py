@@ -33,7 +33,17 @@ def report_cmd(
 
         typer.echo(f"wrote {write_html_report(run_dirs, html_out, compare_paper, skip_bad_records, allow_incomplete)}")
 
-    text = render(build_report(run_dirs, layout, compare_paper, skip_bad_records, skipped, allow_incomplete), fmt)
+    tabled = run_dirs
+    if layout in ("long", "s3"):  # eval runs; threshold-search folders are named, not silently left out
+        from camloc.report import _kind
+
+        searches = [d for d in run_dirs if d.is_dir() and _kind(d) == "threshold-search"]
+        if searches and len(searches) < len(run_dirs):
+            tabled = [d for d in run_dirs if d not in searches]
+            err_console.print(f"[yellow]note:[/] {len(searches)} threshold-search folder(s) ({searches[0]}, ...) are "
+                              f"not in the {layout} table of eval runs: report them with --layout s1"
+                              + (" (the HTML page has both)" if html_out is not None else ""))
+    text = render(build_report(tabled, layout, compare_paper, skip_bad_records, skipped, allow_incomplete), fmt)
     for path, line, problem in skipped[:5]:
         err_console.print(f"[yellow]skipped[/] {path} line {line}: {problem}")
     if skipped:
