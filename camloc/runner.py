@@ -243,7 +243,7 @@ def check_images(images: list[ImagePairs], skip_missing: bool, dataset: str) -> 
     and reported later), is within Pillow's pixel limit, and has the size its annotation says (boxes
     in one frame scored against a map in another would be silently wrong). Reads headers only.
     Unreadable files are left to the run, which skips and reports them."""
-    from camloc.models.preprocess import image_size
+    from camloc.models.preprocess import ImageTooLarge, image_size
 
     missing = []
     for item in images:
@@ -253,9 +253,9 @@ def check_images(images: list[ImagePairs], skip_missing: bool, dataset: str) -> 
             continue
         try:
             size = image_size(path)
-        except CamlocError as exc:
-            if "decompression-bomb" in str(exc):
-                raise
+        except ImageTooLarge:
+            raise
+        except CamlocError:
             continue  # corrupt: the loader skips and reports it
         expected = tuple(item.pairs[0].image_size)
         if size != expected:
@@ -324,15 +324,15 @@ def run_eval(
     issues.update({k: v for k, v in prompts.items() if v})
     lock_name = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
     with folder_lock(run_dir, lock_name):
-        return _run_locked(config, run_dir, model, images, mine, issues, started, device=device, force_new=force_new,
-                           data_options=data_options, progress=progress, chunk_size=chunk_size,
+        return _run_locked(config, run_dir, model, images, mine, issues, started, force_new=force_new,
+                           progress=progress, chunk_size=chunk_size,
                            save_heatmaps=save_heatmaps, shard=shard, save_vis=save_vis,
                            skip_bad_records=skip_bad_records)
 
 
 def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: list[ImagePairs], mine: list[ImagePairs],
-                issues: dict, started: float, *, device, force_new, data_options, progress, chunk_size, save_heatmaps,
-                shard, save_vis, skip_bad_records) -> dict:
+                issues: dict, started: float, *, force_new, progress, chunk_size, save_heatmaps, shard, save_vis,
+                skip_bad_records) -> dict:
     rank, world = shard
     if force_new and world > 1:  # under a process group: rank 0 resets the folder while the others wait
         import torch.distributed as dist

@@ -25,8 +25,12 @@ def _check_path(path: Path) -> None:
         raise CamlocError(f"image file {path} does not exist")
 
 
+class ImageTooLarge(CamlocError):
+    """An image above Pillow's decompression-bomb limit (`--max-pixels` raises it)."""
+
+
 def _bomb_error(path: Path, exc: Exception) -> CamlocError:
-    return CamlocError(f"image file {path} is larger than Pillow's decompression-bomb limit of "
+    return ImageTooLarge(f"image file {path} is larger than Pillow's decompression-bomb limit of "
                        f"{Image.MAX_IMAGE_PIXELS} pixels ({exc}); if it is genuine, pass --max-pixels N with N at "
                        "least its width x height")
 
@@ -73,12 +77,10 @@ def exif_rotated(image: Image.Image) -> bool:
         return False
 
 
-def load_image(path: str | Path, exif_transpose: bool = False) -> Image.Image:
-    """Open an image file as RGB in its stored frame (as COCO's boxes are), or as displayed with
-    `exif_transpose`; one-line errors naming the file when it cannot be read."""
+def _read(path: str | Path, action):
+    """`action(opened PIL image)`, with one-line errors naming the file: missing, a folder, a URL,
+    above Pillow's decompression-bomb limit, or not an image."""
     import warnings
-
-    from PIL import ImageOps
 
     path = Path(path)
     _check_path(path)
@@ -86,30 +88,24 @@ def load_image(path: str | Path, exif_transpose: bool = False) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                if exif_transpose:
-                    image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
+                return action(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb_error(path, exc) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise CamlocError(f"image file {path} could not be read as an image ({exc}); pass a JPEG or PNG file") from exc
+
+
+def load_image(path: str | Path, exif_transpose: bool = False) -> Image.Image:
+    """Open an image file as RGB in its stored frame (as COCO's boxes are), or as displayed with
+    `exif_transpose`."""
+    from PIL import ImageOps
+
+    return _read(path, lambda image: to_rgb(ImageOps.exif_transpose(image) if exif_transpose else image))
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(W, H) of an image file in its stored frame, from its header (no decoding)."""
-    import warnings
-
-    path = Path(path)
-    _check_path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _bomb_error(path, exc) from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise CamlocError(f"image file {path} could not be read as an image ({exc}); pass a JPEG or PNG file") from exc
+    return _read(path, lambda image: image.size)
 
 
 def squash_transform(size: int) -> transforms.Compose:
