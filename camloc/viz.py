@@ -116,7 +116,7 @@ def pipeline_figure(
         ax = axes[r][-1]
         draw_boxes(ax, box, gt_boxes, gt_lw=2)
         ax.set_xlabel(_box_label(box, gt_boxes), fontsize=8)
-    _colorbar(fig, axes[:, 1])
+    _colorbar(fig, axes)
     _legend(fig, bool(gt_boxes))
     fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))
     fig.savefig(path, dpi=80)

@@ -42,8 +42,9 @@ def _eval_args(out, *extra):
 
 
 def _one_line_error(result, *fragments):
+    """Exit code 2 and exactly one line on stderr, `error: ...`, holding every fragment; no traceback."""
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
@@ -223,11 +224,37 @@ def test_zero_pairs_is_an_error_with_the_reason_and_summaries_are_valid_json(tmp
     assert summary["methods"]["gradcam"]["mean_iou"] is None and not (out / "table.md").exists()
 
 
-def test_out_that_is_the_root_or_a_file_or_unwritable(tmp_path, monkeypatch):
+def test_out_that_is_the_root_or_a_file(tmp_path):
     _one_line_error(runner.invoke(app, _eval_args("/", "--limit", "1")), "--out / is the filesystem root")
     file = tmp_path / "file"
     file.write_text("x")
     _one_line_error(runner.invoke(app, _eval_args(file, "--limit", "1")), f"--out {file} is a file")
+
+
+# --- C. Inputs ------------------------------------------------------------------------------------
+
+def _annotations(edit, replace: bool = False):
+    """A case whose annotation file is the demo's, edited in place (or replaced by what `edit` returns)."""
+    def setup(tmp_path, monkeypatch):
+        ann, images = demo_copy(tmp_path / "data", edit if replace else lambda d: [edit(d), None][1])
+        return ["--ann-file", str(ann), "--image-dir", str(images)], [str(ann)]
+    return setup
+
+
+def _options(*args):
+    def setup(tmp_path, monkeypatch):
+        return list(args), []
+    return setup
+
+
+def _pixel_limit(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 20000)  # the demo's 320 x 320 photos exceed 2 x 20000
+    return [], ["--max-pixels"]
+
+
+def _read_only_out(tmp_path, monkeypatch):
     import errno
     import tempfile
 
@@ -235,10 +262,10 @@ def test_out_that_is_the_root_or_a_file_or_unwritable(tmp_path, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
-    _one_line_error(runner.invoke(app, _eval_args(tmp_path / "ro", "--limit", "1")), "cannot be written (Read-only")
+    return [], ["cannot be written (Read-only file system)"]
 
 
-def test_a_full_disk_mid_run_is_one_line(tmp_path, monkeypatch):
+def _full_disk(tmp_path, monkeypatch):
     import errno
 
     import camloc.runner
@@ -247,80 +274,56 @@ def test_a_full_disk_mid_run_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "pairs.jsonl"))
 
     monkeypatch.setattr(camloc.runner, "append_jsonl", full)
-    _one_line_error(runner.invoke(app, _eval_args(tmp_path / "run", "--limit", "1")),
-                    "could not write", "No space left on device")
-
-
-# --- C. Inputs ------------------------------------------------------------------------------------
-
-def _bad(edit):
-    def apply(data):
-        edit(data)
-    return apply
+    return [], ["could not write", "pairs.jsonl"]
 
 
 C2_CASES = {
-    "unknown category_id": (_bad(lambda d: d["annotations"][0].update(category_id=999)),
+    "unknown category_id": (_annotations(lambda d: d["annotations"][0].update(category_id=999)),
                             "has category_id 999, which is not in 'categories'"),
-    "missing width": (_bad(lambda d: d["images"][0].pop("width")), "image 1 has width None"),
-    "bbox of 3 numbers": (_bad(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "bbox [1, 2, 3]"),
-    "bbox of strings": (_bad(lambda d: d["annotations"][0].update(bbox=["1", 2, 3, 4])), "four finite numbers"),
-    "bbox with NaN": (_bad(lambda d: d["annotations"][0].update(bbox=[math.nan, 2, 3, 4])), "four finite numbers"),
-    "string image ids": (_bad(lambda d: [i.update(id=str(i["id"])) for i in d["images"]]),
+    "missing width": (_annotations(lambda d: d["images"][0].pop("width")), "image 1 has width None"),
+    "missing height": (_annotations(lambda d: d["images"][0].pop("height")), "image 1 has height None"),
+    "bbox of 3 numbers": (_annotations(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "bbox [1, 2, 3]"),
+    "bbox of strings": (_annotations(lambda d: d["annotations"][0].update(bbox=["1", 2, 3, 4])), "four finite numbers"),
+    "bbox with NaN": (_annotations(lambda d: d["annotations"][0].update(bbox=[math.nan, 2, 3, 4])), "four finite"),
+    "string image ids": (_annotations(lambda d: [i.update(id=str(i["id"])) for i in d["images"]]),
                          "COCO image ids must be integers"),
-    "duplicate image ids": (_bad(lambda d: d["images"][1].update(id=1)), "image id 1 appears twice"),
-    "list-shaped JSON": (lambda d: [d], "holds a JSON list, not a COCO object"),
+    "duplicate image ids": (_annotations(lambda d: d["images"][1].update(id=1)), "image id 1 appears twice"),
+    "list-shaped JSON": (_annotations(lambda d: [d], replace=True), "holds a JSON list, not a COCO object"),
+    "image above Pillow's limit": (_pixel_limit, "larger than Pillow's decompression-bomb limit of 20000"),
+    "read-only output folder": (_read_only_out, "--out"),
+    "full output folder": (_full_disk, "No space left on device"),
+    "--start-layer beyond the depth": (_options("--model", "tiny-vit", "--method", "hilacam", "--start-layer", "7"),
+                                       "--start-layer 7 is outside tiny-vit's"),
+    "negative --start-layer beyond the depth": (
+        _options("--model", "tiny-vit", "--method", "hilacam", "--start-layer", "-9"), "--start-layer -9 is outside"),
+    "--prompt-template with two {}": (_options("--prompt-template", "a {} of a {}"), "exactly one {}"),
+    "--prompt-template with a named field": (_options("--prompt-template", "a {name}"), "exactly one {}"),
+    "--subset-seed -1": (_options("--subset-seed", "-1"), "--subset-seed must be 0 or more"),
+    "--save-vis -1": (_options("--save-vis", "-1"), "--save-vis must be 0 or more"),
+    "--ade-extent on coco": (_options("--ade-extent", "amodal"), "--ade-extent applies to ade20k-scenes only"),
 }
 
 
 @pytest.mark.parametrize("case", list(C2_CASES))
-def test_bad_annotation_files_are_one_line_errors(case, tmp_path):
-    edit, message = C2_CASES[case]
-    ann, images = demo_copy(tmp_path, edit)
-    _one_line_error(runner.invoke(app, _eval_args(tmp_path / "run", "--ann-file", str(ann), "--image-dir",
-                                                  str(images))), str(ann), message)
-
-
-OPTION_CASES = {
-    "--start-layer beyond the depth": (["--model", "tiny-vit", "--method", "hilacam", "--start-layer", "7"],
-                                       "--start-layer 7 is outside tiny-vit's"),
-    "negative --start-layer beyond the depth": (["--model", "tiny-vit", "--method", "hilacam", "--start-layer", "-9"],
-                                                "--start-layer -9 is outside"),
-    "--prompt-template with two {}": (["--prompt-template", "a {} of a {}"], "exactly one {}"),
-    "--prompt-template with a named field": (["--prompt-template", "a {name}"], "exactly one {}"),
-    "--subset-seed -1": (["--subset-seed", "-1", "--limit", "2"], "--subset-seed must be 0 or more"),
-    "--save-vis -1": (["--save-vis", "-1"], "--save-vis must be 0 or more"),
-    "--ade-extent on coco": (["--ade-extent", "amodal"], "--ade-extent applies to ade20k-scenes only"),
-}
-
-
-@pytest.mark.parametrize("case", list(OPTION_CASES))
-def test_bad_options_are_one_line_errors_before_any_work(case, tmp_path):
-    extra, message = OPTION_CASES[case]
-    args = _eval_args(tmp_path / "run", "--limit", "1")
+def test_every_refused_input_is_one_line_on_stderr_and_exit_2(case, tmp_path, monkeypatch):
+    """Each of these gave a traceback, or ran and printed numbers, before; now: one line, exit code 2,
+    and (except the full disk, which happens mid-run) no record written."""
+    setup, message = C2_CASES[case]
+    extra, fragments = setup(tmp_path, monkeypatch)
+    args = _eval_args(tmp_path / "run", "--limit", "2")
     for flag in ("--model", "--method"):  # a case's own model/method replaces the default one
         if flag in extra:
             i = args.index(flag)
             del args[i:i + 2]
-    _one_line_error(runner.invoke(app, args + extra), message)
-    assert not (tmp_path / "run" / "pairs.jsonl").exists()
+    _one_line_error(runner.invoke(app, args + extra), message, *fragments)
+    if case != "full output folder":
+        assert not (tmp_path / "run" / "pairs.jsonl").exists()
 
 
 def test_image_size_other_than_its_annotation_is_refused(tmp_path):
     ann, images = demo_copy(tmp_path, lambda d: d["images"][2].update(width=213, height=320))
     _one_line_error(runner.invoke(app, _eval_args(tmp_path / "run", "--ann-file", str(ann), "--image-dir", str(images))),
                     "image 3", "is 320x213 pixels, but its annotation says 213x320")
-
-
-def test_images_above_pillows_limit_need_max_pixels(tmp_path, monkeypatch):
-    from PIL import Image as PILImage
-
-    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", PILImage.MAX_IMAGE_PIXELS)  # restored after the test
-    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 20000)
-    out = tmp_path / "run"
-    _one_line_error(runner.invoke(app, _eval_args(out, "--limit", "1")), "decompression-bomb limit of 20000",
-                    "--max-pixels")
-    assert runner.invoke(app, _eval_args(out, "--limit", "1", "--max-pixels", "200000")).exit_code == 0
 
 
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
@@ -387,12 +390,15 @@ def test_help_texts_keep_their_brackets():
     assert "[default: from RANK/WORLD_SIZE (torchrun)" in text
 
 
-def test_topk_warning_once_per_run(tmp_path):
+def test_topk_warning_once_per_run(tmp_path, monkeypatch):
+    import camloc.cams.score
+
+    monkeypatch.setattr(camloc.cams.score, "_CAPPED", set())
     with pytest.warns(UserWarning) as caught:
         run_eval(EvalConfig(model="tiny-rn", methods=["gscorecam"], options={"topk": 10**6, "grouping": "kmeans",
                                                                             "start_layer": 0}),
                  tmp_path, device="cpu", progress=False)
-    assert sum("exceeds the" in str(w.message) for w in caught) <= 1  # once per process (may be shown earlier)
+    assert sum("exceeds the" in str(w.message) for w in caught) == 1  # 9 pairs on 6 images: was once per image
 
 
 def test_explain_out_without_suffix_and_huge_images(tmp_path):
@@ -452,3 +458,28 @@ def test_any_sequence_of_runs_into_one_folder_reports_one_config_each_record_onc
             assert group["mean_iou"].iloc[0] == pytest.approx(sum(ious) / len(ious))
 
     check()
+
+
+def test_threshold_search_cache_is_not_reused_for_another_data_root(tmp_path):
+    """The cache once keyed a dataset by name and split only: a rerun with another data root took the
+    first dataset's heatmaps. Now another image folder recomputes, and the same one reuses."""
+    from camloc.threshold_search import SearchConfig, run_threshold_search
+
+    out = tmp_path / "s1"
+
+    def search(folder):
+        ann, images = (folder / "instances.json", folder / "images")
+        spec = {"dataset": "coco", "ann_file": str(ann), "image_dir": str(images)}
+        config = SearchConfig(runs=[{"model": "tiny-rn", "methods": ["gradcam"]}], train=dict(spec),
+                              val=dict(spec, limit=2))
+        return run_threshold_search(config, out, device="cpu", progress=False, workers=1)
+
+    demo_copy(tmp_path / "a")
+    demo_copy(tmp_path / "b", lambda d: d["annotations"][0]["bbox"].__setitem__(0, 10))
+    first = search(tmp_path / "a")
+    assert first["pairs_computed"] == 9
+    assert search(tmp_path / "a")["pairs_computed"] == 0
+    (tmp_path / "b" / "images" / "astronaut.jpg").write_bytes((DEMO_DIR / "images" / "camera.jpg").read_bytes())
+    second = search(tmp_path / "b")
+    assert second["pairs_computed"] == 9  # another folder: its own maps
+    assert json.loads((out / "config.json").read_text())["data"]["train"]["image_root"] == str(tmp_path / "b" / "images")

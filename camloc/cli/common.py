@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: busy-waiting threads crawl on small machines
 
@@ -14,6 +15,14 @@ from rich.markup import escape
 from camloc.errors import CamlocError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: one yellow line each, not Python's file:line + source form."""
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}")
+
+
+warnings.showwarning = _show_warning
 
 ModelOption = typer.Option(..., "--model", "-m", help="CLIP name (see `camloc list models`), tiny-rn/tiny-vit, random-<name>, or a checkpoint path.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
