@@ -500,3 +500,20 @@ def test_download_without_network_says_so(tmp_path):
     archive = Archive(f"http://127.0.0.1:{port}/val2017.zip", 10)
     with pytest.raises(CamlocError, match="downloading .* failed .*check the network and run the same command again"):
         fetch_dataset("toy", tmp_path, sources={"toy": {"val2017": [archive]}}, progress=False)
+
+
+def test_ade_extent_is_recorded_and_another_extent_is_another_run(tmp_path):
+    write_ade_full(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["eval", "--method", "gradcam", "--model", "tiny-rn", "--dataset", "ade20k-scenes", "--data-root",
+            str(tmp_path / "data"), "--out", str(out), "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["ade_extent"] == "visible"
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert {r["category"]: r["gt_boxes"] for r in records}["sky"] == [[0, 0, 5, 4]]  # the visible half
+    amodal = runner.invoke(app, args + ["--ade-extent", "amodal"])
+    assert amodal.exit_code == 2 and "differs in: ade_extent, data" in amodal.stderr
+    assert runner.invoke(app, args + ["--ade-extent", "amodal", "--force-new"]).exit_code == 0
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert {r["category"]: r["gt_boxes"] for r in records}["sky"] == [[0, 0, 9, 3]]  # the polygon

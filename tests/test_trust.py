@@ -154,7 +154,8 @@ def _fake_run(folder: Path, threshold, ious, dataset="demo", model="tiny-rn"):
               "data": {"image_root": "/d", "pairs_sha256": "ab", "n_images": len(ious), "n_pairs": len(ious)}}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "pairs.jsonl").write_text("".join(json.dumps(
-        {"image_id": i, "category_id": 1, "category": "cat", "method": "gradcam", "model": model, "iou": v}) + "\n"
+        {"image_id": i, "file_name": f"{i}.jpg", "category_id": 1, "category": "cat", "method": "gradcam",
+         "model": model, "gt_boxes": [[0, 0, 10, 10]], "iou": v}) + "\n"
         for i, v in enumerate(ious)))
     return folder
 
@@ -483,3 +484,32 @@ def test_threshold_search_cache_is_not_reused_for_another_data_root(tmp_path):
     second = search(tmp_path / "b")
     assert second["pairs_computed"] == 9  # another folder: its own maps
     assert json.loads((out / "config.json").read_text())["data"]["train"]["image_root"] == str(tmp_path / "b" / "images")
+
+
+def test_compare_refuses_runs_on_different_data(tmp_path):
+    a = _fake_run(tmp_path / "a", "otsu", [0.2, 0.4])
+    b = _fake_run(tmp_path / "b", "otsu", [0.5, 0.1])
+    records = [json.loads(line) for line in (b / "pairs.jsonl").read_text().splitlines()]
+    assert runner.invoke(app, ["compare", str(a), str(b)]).exit_code == 0
+    records[1]["gt_boxes"] = [[0, 0, 5, 5]]  # image 1 of run b is another image (other ground truth)
+    (b / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _one_line_error(runner.invoke(app, ["compare", str(a), str(b)]), "disagree on image 1 / category 1",
+                    "different data")
+
+
+def test_pictures_have_a_legend_colour_bar_iou_and_flag_constant_maps(tmp_path, monkeypatch):
+    import matplotlib
+
+    from camloc.viz import comparison_figure, pipeline_figure
+
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # keep the text as text
+    image = Image.open(DEMO_DIR / "images" / "chelsea.jpg")
+    ramp = np.tile(np.linspace(0, 1, image.width, dtype=np.float32), (image.height, 1))
+    zeros = np.zeros_like(ramp)
+    pipeline_figure(image, [("ramp", ramp), ("zeros", zeros)], tmp_path / "p.svg", gt_boxes=[[160, 0, 320, 213]])
+    comparison_figure(image, ["cat"], {"a": ramp[None], "b": zeros[None]}, tmp_path / "c.svg",
+                      gt_boxes=[[160, 0, 320, 213]])
+    for name in ("p.svg", "c.svg"):
+        svg = (tmp_path / name).read_text()
+        for text in ("predicted box", "ground truth", "heatmap (min-max)", "IoU ", "constant map"):
+            assert text in svg, (name, text)
