@@ -79,8 +79,11 @@ def _mk(path: Path) -> Path:
 
 
 def test_panoptic_stuff_categories_are_refused_unless_included(tmp_path):
+    """As in the real panoptic detection-format JSON (cocodataset/panopticapi sample_data, 7ca21a3): the
+    stuff categories carry no `isthing` key, only ids above 90 (e.g. 184 "tree-merged")."""
     def add_stuff(data):
-        data["categories"].append({"id": 184, "name": "tree-merged", "isthing": 0})
+        data["categories"].append({"supercategory": "plant", "color": [107, 142, 35], "id": 184,
+                                   "name": "tree-merged"})
         data["annotations"].append({"id": 999, "image_id": 1, "category_id": 184, "bbox": [0, 0, 50, 50],
                                     "iscrowd": 0, "area": 2500})
 
