@@ -13,7 +13,8 @@ DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_
                 "ann_file", "image_dir", "include_stuff", "ade_extent"}
 OPTION_KEYS = {"topk", "grouping", "start_layer"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
-                            "chunk_size", "save_heatmaps", "options", "max_pixels"}
+                            "chunk_size", "save_heatmaps", "options", "max_pixels", "protocols",
+                            "pointing_tolerance", "cam_curve_interval"}
 SEARCH_KEYS = {"runs", "train", "val", "grid", "out", "options", "iou", "precision", "seed", "device", "chunk_size",
                "workers"}
 RUN_KEYS = {"model", "methods"}

@@ -31,7 +31,7 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
 
 
-def dataset_key(dataset: str, split: str | None, prompt_template: str, images=None) -> str:
+def dataset_key(dataset: str, split: str | None, prompt_template: str, images=None, image_root: str | None = None) -> str:
     """Maps depend on the images and the prompts: dataset, split (the dataset's default when none is
     given, so `eval --dataset coco` and a threshold search naming split val2017 share one cache),
     prompt template, and where the images are (a short hash of their folder: another data root or
@@ -44,8 +44,9 @@ def dataset_key(dataset: str, split: str | None, prompt_template: str, images=No
     key = dataset + (f"-{split}" if split else "")
     if prompt_template != "{}":
         key += "-t" + hashlib.sha1(prompt_template.encode()).hexdigest()[:10]
-    if images:
-        key += "-d" + hashlib.sha1(data_identity(images)["image_root"].encode()).hexdigest()[:8]
+    image_root = data_identity(images)["image_root"] if images else image_root
+    if image_root:
+        key += "-d" + hashlib.sha1(image_root.encode()).hexdigest()[:8]
     return _safe(key)
 
 
@@ -139,7 +140,8 @@ class HeatmapCache:
                                   f"image {image_id} / category {category_id} of this run; delete it to recompute")
             return str(data["kind"]), data[f"c{category_id}"], tuple(int(v) for v in data["raw_size"])
 
-    def raw(self, method: str, image_id, category_id: int) -> np.ndarray:
-        """The raw-size heatmap, re-derived from the cached native map."""
-        kind, native, size = self.get(method, image_id, category_id)
+    def raw(self, method: str, image_id, category_id: int, image_path: str | None = None,
+            prompt: str | None = None) -> np.ndarray:
+        """The raw-size heatmap, re-derived from the cached native map (checked as in `get`)."""
+        kind, native, size = self.get(method, image_id, category_id, image_path, prompt)
         return native_to_raw(kind, native[None].astype(np.float32), size)[0]

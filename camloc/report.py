@@ -13,6 +13,7 @@ import pandas as pd
 from camloc.errors import CamlocError
 from camloc.evaluators import meters_by
 from camloc.evaluators.meter import record_key
+from camloc.evaluators.protocols import PROTOCOL_COLUMNS
 from camloc.runfiles import read_run_records, record_files
 from camloc.threshold_search import DISPLAY, table_s1
 
@@ -121,7 +122,8 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
     order = {name: i for i, name in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (str(r["model"]), str(r["dataset"]), *(str(r[k]) for k in differing),
                              order.get(r["method"], 99), r["method"]))
-    columns = LONG_COLUMNS[:3] + differing + LONG_COLUMNS[3:]
+    columns = (LONG_COLUMNS[:3] + differing + LONG_COLUMNS[3:]
+               + [c for c in PROTOCOL_COLUMNS if any(c in r for r in rows)])  # one group per protocol present
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -139,7 +141,7 @@ def s3_table(long: pd.DataFrame, compare_paper: bool = False) -> pd.DataFrame:
     followed by its "(paper)" and "(difference)" rows."""
     if long.empty:
         raise CamlocError("no eval runs to report (give camloc eval run folders)")
-    extra = [c for c in long.columns if c not in LONG_COLUMNS]
+    extra = [c for c in long.columns if c not in LONG_COLUMNS and c not in PROTOCOL_COLUMNS]
     index = ["model"] + (["dataset"] if long["dataset"].nunique() > 1 else []) + extra
     keyed = long.set_index(index + ["method"])["mean_iou"]
     if keyed.index.has_duplicates:  # cannot happen by construction (long_table groups by identity): refuse anyway

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from camloc.cams import CamContext, compute_heatmaps, resolve_methods
@@ -23,6 +24,8 @@ from camloc.datasets.records import data_identity
 from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap, meters_by
 from camloc.evaluators.meter import record_key
+from camloc.evaluators.protocols import (DEFAULT_INTERVAL, DEFAULT_TOLERANCE, MASK_PROTOCOLS, PROTOCOL_COLUMNS,
+                                         check_parameters, pair_values, parse_protocols)
 from camloc.heatmap_cache import HeatmapCache, dataset_key
 from camloc.models import ClipModel, load_image
 from camloc.models.specs import family_hint
@@ -58,6 +61,14 @@ class EvalConfig:
     """ade20k-scenes: visible (default there) or amodal ground truth; None for other datasets."""
     data: dict | None = None
     """`data_identity` of the pairs (image folder, pairs' SHA-256, counts), filled when the data is read."""
+    protocols: list[str] = field(default_factory=lambda: ["box"])
+    """`camloc.evaluators.protocols`: box (always) and any of mask-iou, pointing, maxboxacc, pxap."""
+    pointing_tolerance: float = DEFAULT_TOLERANCE
+    cam_curve_interval: float = DEFAULT_INTERVAL
+    """MaxBoxAccV2 / PxAP threshold step (wsolevaluation's --cam_curve_interval)."""
+    heatmaps: str | None = None
+    """"float16" when the maps are saved: the run then scores the stored (float16) maps, so
+    `camloc rescore` reproduces its values exactly; None: the float32 maps."""
 
     def identity(self) -> dict:
         """The fields that make two runs comparable; a run folder holds one identity only."""
@@ -148,21 +159,35 @@ def compute_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalCo
 
 def image_records(model_name: str, item: ImagePairs, todo: dict, config: EvalConfig, native: dict,
                   size: tuple[int, int]) -> list[dict]:
-    """The host stage of one image: raw-size heatmaps, Algorithm 1 boxes and IoUs -> records."""
+    """The host stage of one image: raw-size heatmaps, then every protocol's values -> records."""
     pairs = [p for p in item.pairs if p.key in todo]
     prompts = list(dict.fromkeys(p.prompt for p in pairs))
-    heatmaps = {m: native_to_raw(kind, maps, size) for m, (kind, maps) in native.items()}
+    stored = config.heatmaps == "float16"  # score exactly the maps the cache keeps
+    heatmaps = {m: native_to_raw(kind, maps.astype(np.float16).astype(np.float32) if stored else maps, size)
+                for m, (kind, maps) in native.items()}
+    return pair_records(model_name, item, pairs, todo, config,
+                        lambda pair, method: heatmaps[method][prompts.index(pair.prompt)], size)
+
+
+def pair_records(model_name: str, item: ImagePairs, pairs: list, todo: dict, config: EvalConfig, heatmap_of,
+                 size: tuple[int, int]) -> list[dict]:
+    """Records of these pairs of one image, `heatmap_of(pair, method)` giving each raw-size map: the
+    box protocol (Algorithm 1 box, IoU) and the other selected protocols, with the class masks read
+    once per image where a protocol needs them. Shared by eval and rescore."""
+    masks = item.masks() if item.masks is not None and MASK_PROTOCOLS & set(config.protocols) else {}
     records = []
     for pair in pairs:
-        row = prompts.index(pair.prompt)
         for method in todo[pair.key]:
-            box = box_from_heatmap(heatmaps[method][row], config.threshold)
+            heatmap = heatmap_of(pair, method)
+            box = box_from_heatmap(heatmap, config.threshold)
             records.append({
                 "image_id": pair.image_id, "file_name": pair.file_name, "image_size": list(size),
                 "category_id": pair.category_id, "category": pair.category, "prompt": pair.prompt,
                 "model": model_name, "method": method, "threshold": config.threshold,
                 "box": [int(v) for v in box], "gt_boxes": pair.gt_boxes,
                 "iou": best_iou(box, pair.gt_boxes, config.iou_convention), "coverage": pair.coverage,
+                **pair_values(config.protocols, heatmap, masks.get(pair.category_id), pair.gt_boxes,
+                              config.threshold, config.pointing_tolerance, config.cam_curve_interval),
             })
     return records
 
@@ -231,9 +256,10 @@ def mean_coverage(images: list[ImagePairs]) -> float | None:
 
 
 def write_tables(run_dir: Path, rows: list[dict]) -> None:
+    """table.csv / table.md: one row per method; the columns of the protocols beyond box where present."""
     import pandas as pd
 
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS + [c for c in PROTOCOL_COLUMNS if any(c in r for r in rows)])
     atomic_write_text(run_dir / "table.csv", table.to_csv(index=False, float_format="%.6f"))
     atomic_write_text(run_dir / "table.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
 
@@ -305,6 +331,9 @@ def run_eval(
     torch.manual_seed(config.seed)
     if family_hint(config.model):  # fail on a bad method before any weights are fetched
         resolve_methods(config.methods, family_hint(config.model), config.model)
+    config.protocols = parse_protocols(config.protocols)
+    check_parameters(config.pointing_tolerance, config.cam_curve_interval)
+    config.heatmaps = "float16" if save_heatmaps is not None else None
     if config.dataset == "ade20k-scenes":
         config.ade_extent = config.ade_extent or "visible"
     elif config.ade_extent is not None:
@@ -370,7 +399,29 @@ def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: lis
         dist.barrier()
         if rank != 0:
             return {"shard": [rank, world], "complete": False, "records_this_invocation": n_new}
-    bad.clear()
+    timings = {
+        "load_seconds": round(load_seconds, 3),
+        "compute_seconds": round(compute_seconds, 3),
+        "records_this_invocation": n_new,
+        "resumed_records": len(done),
+        "pairs_per_second": round(n_new / len(config.methods) / compute_seconds, 3) if n_new else None,
+    }
+    summary, records = finish_run(run_dir, config, model.name, images, shard, skip_bad_records,
+                                  device=device_description(model.device), timings=timings,
+                                  faults={"skipped_images": skipped, "oom_retries": oom_retries, **issues})
+    if save_vis and (world == 1 or summary["complete"]):  # the tables were written
+        save_visualizations(model, images, records, config, run_dir / "vis", save_vis)
+    return summary
+
+
+def finish_run(run_dir: Path, config: EvalConfig, model_name: str, images: list[ImagePairs], shard: tuple[int, int],
+               skip_bad_records: bool, *, device: str, timings: dict, faults: dict) -> tuple[dict, list[dict]]:
+    """Summary and tables of a run folder from every records file in it (all shards). A shard that
+    does not see every record keeps its view aside (`summary.rankRRR-of-NNN.json`); the summary of a
+    complete view replaces summary.json and the tables. A method with no record at all is an error
+    (after the summary is written, with the faults that explain it). Returns (summary, records)."""
+    rank, world = shard
+    bad: list = []
     records = read_run_records(run_dir, skip_bad_records, bad)
     meters = meters_by(records)
     rows, per_method = [], {}
@@ -378,10 +429,10 @@ def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: lis
         meter = meters.get(method, LocalizationMeter())
         result = meter.compute()
         per_method[method] = {**result, "per_class": meter.compute_per_class()}
-        rows.append({"model": model.name, "dataset": config.dataset, "method": method, **result})
+        rows.append({"model": model_name, "dataset": config.dataset, "method": method, **result})
     summary = {
         "config": config.identity(),
-        "model": model.name,
+        "model": model_name,
         "dataset": config.dataset,
         "n_images": len(images),
         "n_pairs": count_pairs(images),
@@ -389,38 +440,30 @@ def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: lis
         "shard": [rank, world],
         "mean_coverage": mean_coverage(images),
         "seed": config.seed,
-        "device": device_description(model.device),
-        "precision": model.precision,
+        "device": device,
+        "precision": config.precision,
         "versions": package_versions(),
         "git_commit": git_commit(),
-        "timings": {
-            "load_seconds": round(load_seconds, 3),
-            "compute_seconds": round(compute_seconds, 3),
-            "records_this_invocation": n_new,
-            "resumed_records": len(done),
-            "pairs_per_second": round(n_new / len(config.methods) / compute_seconds, 3) if n_new else None,
-        },
-        "faults": {"skipped_images": skipped, "oom_retries": oom_retries,
-                   "bad_record_lines": [{"file": f, "line": n, "problem": why} for f, n, why in bad], **issues},
+        "timings": timings,
+        "faults": {**faults, "bad_record_lines": [{"file": f, "line": n, "problem": why} for f, n, why in bad]},
         "methods": per_method,
     }
     if world > 1 and not summary["complete"]:
         # other shards are still running: keep this rank's view aside; a rank that sees every record
         # writes summary.json and the tables, so an incomplete view never replaces a complete one
         write_json(run_dir / f"summary.rank{rank:03d}-of-{world:03d}.json", summary)
-        return summary
+        return summary, records
     write_json(run_dir / SUMMARY, summary)
     empty = [m for m in config.methods if not per_method[m]["n_pairs"]]
     if empty:
         (run_dir / "table.csv").unlink(missing_ok=True)
         (run_dir / "table.md").unlink(missing_ok=True)
+        skipped = faults.get("skipped_images") or []
         why = (f"all {len(skipped)} images with pending pairs were unreadable (listed in summary.json's faults)"
                if skipped else "no records were written")
         raise CamlocError(f"no pair was scored for {', '.join(empty)}: {why}; no table written")
     write_tables(run_dir, rows)
-    if save_vis:
-        save_visualizations(model, images, records, config, run_dir / "vis", save_vis)
-    return summary
+    return summary, records
 
 
 def pick_for_vis(records: list[dict], n: int, seed: int = 0) -> dict[str, list[dict]]:

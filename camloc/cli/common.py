@@ -42,6 +42,9 @@ IncludeStuffOption = typer.Option(False, "--include-stuff", help="COCO: also eva
 AdeExtentOption = typer.Option(None, "--ade-extent", help="ade20k-scenes, full release: ground truth from the visible pixels (visible, the default) or the amodal JSON polygons (amodal).")
 MaxPixelsOption = typer.Option(None, "--max-pixels", help="Accept images up to this many pixels (Pillow refuses more than about 89 million as a decompression bomb).")
 SkipBadRecordsOption = typer.Option(False, "--skip-bad-records", help="Skip (and count) record lines that are not valid records instead of stopping.")
+ProtocolsOption = typer.Option("box", "--protocols", help="Comma list of box (always scored), mask-iou, pointing, maxboxacc, pxap (see the README's Protocols).")
+PointingToleranceOption = typer.Option(15.0, "--pointing-tolerance", help="Pointing game: a hit within this many pixels of the ground truth.")
+CamCurveIntervalOption = typer.Option(0.01, "--cam-curve-interval", help="MaxBoxAccV2 and PxAP: step of the threshold sweep (wsolevaluation's cam_curve_interval).")
 SubsetSeedOption = typer.Option(None, "--subset-seed", help="Seed of the random --limit subset and of coco-train-balanced's draw (default 0 there).")
 
 

@@ -7,9 +7,10 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, ChunkOption, DataRootOption, DeviceOption,
-                               GroupingOption, ImageDirOption, IncludeStuffOption, MaxPixelsOption, PerClassOption,
-                               PrecisionOption, SkipBadRecordsOption, SplitOption, StartLayerOption, SubsetSeedOption,
+from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption,
+                               DataRootOption, DeviceOption, GroupingOption, ImageDirOption, IncludeStuffOption,
+                               MaxPixelsOption, PerClassOption, PointingToleranceOption, PrecisionOption,
+                               ProtocolsOption, SkipBadRecordsOption, SplitOption, StartLayerOption, SubsetSeedOption,
                                ThresholdOption, TopkOption, parse_chunk_size, parse_threshold, reports_errors)
 
 
@@ -41,6 +42,9 @@ def eval_cmd(
     max_pixels: Optional[int] = MaxPixelsOption,
     prompt_template: str = typer.Option("{}", "--prompt-template", help="Prompt with {} for the class name, e.g. 'a photo of a {}.'"),
     threshold: str = ThresholdOption,
+    protocols: str = ProtocolsOption,
+    pointing_tolerance: float = PointingToleranceOption,
+    cam_curve_interval: float = CamCurveIntervalOption,
     iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam (+1 pixels, as the original) or coco."),
     seed: int = typer.Option(0, "--seed", help="Random seed, recorded in the results."),
     topk: int = TopkOption,
@@ -62,6 +66,7 @@ def eval_cmd(
     from camloc.config import Settings, load_config
     from camloc.errors import CamlocError
     from camloc.evaluators.iou import CONVENTIONS
+    from camloc.evaluators.protocols import parse_protocols
     from camloc.heatmap_cache import model_key
     from camloc.models.preprocess import set_max_pixels
     from camloc.runner import EvalConfig, run_eval
@@ -104,6 +109,9 @@ def eval_cmd(
             options=options,
             include_stuff=setting("include_stuff"),
             ade_extent=setting("ade_extent"),
+            protocols=parse_protocols(setting("protocols")),
+            pointing_tolerance=setting("pointing_tolerance"),
+            cam_curve_interval=setting("cam_curve_interval"),
         )
         run_dir = out_dir / model_key(name) if len(models) > 1 else out_dir
         summary = run_eval(run_config, run_dir, device=setting("device"), cache_dir=cache_dir, force_new=force_new,

@@ -16,6 +16,7 @@ Validation images; one pair per (image, scene class present). Category ids are 1
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -63,6 +64,29 @@ def visible_boxes(classes: np.ndarray, instances: np.ndarray, codes: set[int]) -
         ys, xs = np.nonzero(mask & (instances == value))
         boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
     return boxes, float(mask.mean())
+
+
+def visible_masks(seg_path: Path, size: tuple[int, int], codes: dict[int, set[int]]) -> dict:
+    """{category id: its visible pixels} of a full-release image (`_seg.png`)."""
+    classes, _ = seg_classes(seg_path, size)
+    return {cat: np.isin(classes, sorted(c)) for cat, c in codes.items()}
+
+
+def polygon_masks(size: tuple[int, int], polygons: dict[int, list[np.ndarray]]) -> dict:
+    """{category id: the filled union of its (amodal) polygons}."""
+    width, height = size
+    out = {}
+    for cat, polys in polygons.items():
+        mask = np.zeros((height, width), np.uint8)
+        cv2.fillPoly(mask, [np.round(p).astype(np.int32) for p in polys], 1)
+        out[cat] = mask.astype(bool)
+    return out
+
+
+def label_masks(label_path: Path, labels: dict[int, int]) -> dict:
+    """{category id: pixels of its SceneParsing label}."""
+    label = np.asarray(Image.open(label_path))
+    return {cat: label == value for cat, value in labels.items()}
 
 
 def full_release_pairs(folder: Path, template: str, extent: str = "visible", stats: dict | None = None) -> list[ImagePairs]:
@@ -113,7 +137,13 @@ def full_release_pairs(folder: Path, template: str, extent: str = "visible", sta
                 pairs.append(_pair(json_path.stem, image_path, (width, height), scene, boxes,
                                    float(mask.mean()), template))
         if pairs:
-            images.append(ImagePairs(str(image_path), json_path.stem, pairs))
+            cats = {p.category_id: p.category for p in pairs}
+            if extent == "visible":
+                masks = functools.partial(visible_masks, json_path.with_name(json_path.stem + "_seg.png"),
+                                          (width, height), {c: codes.get(s, set()) for c, s in cats.items()})
+            else:
+                masks = functools.partial(polygon_masks, (width, height), {c: polygons[s] for c, s in cats.items()})
+            images.append(ImagePairs(str(image_path), json_path.stem, pairs, masks=masks))
     return images
 
 
@@ -177,7 +207,8 @@ def scene_parsing_pairs(image_dir: Path, label_dir: Path, info_file: Path, templ
             boxes = [[int(x), int(y), int(x + w), int(y + h)] for x, y, w, h, _ in stats[1:count]]
             pairs.append(_pair(image_path.stem, image_path, (width, height), scene, boxes, float(mask.mean()), template))
         if pairs:
-            images.append(ImagePairs(str(image_path), image_path.stem, pairs))
+            masks = functools.partial(label_masks, label_path, {p.category_id: labels[p.category] for p in pairs})
+            images.append(ImagePairs(str(image_path), image_path.stem, pairs, masks=masks))
     return images
 
 

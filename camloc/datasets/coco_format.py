@@ -12,6 +12,7 @@ issue #7) are skipped for coverage and counted (`degenerate_polygons`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -170,6 +171,19 @@ def pairs_of_image(coco, image_id: int, names: dict[int, str], prompt_template: 
     return pairs
 
 
+def image_masks(coco, image_id: int, category_ids: frozenset, height: int, width: int) -> dict:
+    """{category id: the union of its non-crowd annotations' masks (bool), or None without masks}."""
+    by_cat: dict[int, list[dict]] = defaultdict(list)
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False)):
+        if ann["category_id"] in category_ids:
+            by_cat[ann["category_id"]].append(ann)
+    out = {}
+    for cat in category_ids:
+        union = union_mask(coco, by_cat[cat], height, width) if by_cat[cat] else None
+        out[cat] = None if union is None else union.astype(bool)
+    return out
+
+
 def load_coco_pairs(ann_file: str | Path, image_dir: str | Path, prompt_template: str = "{}",
                     refuse_stuff: bool = False, stats: dict | None = None, **kwargs) -> list[ImagePairs]:
     """`coco_pairs` of an annotation file."""
@@ -207,5 +221,7 @@ def coco_pairs(
             if not inside(path, image_dir):
                 raise CamlocError(f"annotation file_name {info['file_name']!r} (image {image_id}) points outside the "
                                   f"image folder {image_dir}; refusing it")
-            images.append(ImagePairs(path=str(path), image_id=image_id, pairs=pairs))
+            masks = functools.partial(image_masks, coco, image_id, frozenset(p.category_id for p in pairs),
+                                      int(info["height"]), int(info["width"]))
+            images.append(ImagePairs(path=str(path), image_id=image_id, pairs=pairs, masks=masks))
     return images

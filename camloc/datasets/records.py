@@ -1,7 +1,8 @@
 """The pair record every dataset yields (spec §5: one pair = an image and a class present in it)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,13 @@ class ImagePairs:
     path: str
     image_id: int | str
     pairs: list[Pair]
+    masks: Callable[[], dict] | None = field(default=None, compare=False, repr=False)
+    """Lazily, the class masks of this image at its raw size: {category id: bool (H, W) array, or None
+    where the dataset has no mask for that class}. None when the dataset has no masks at all. Never
+    stored in the records: protocols that need masks call it once per image."""
+
+    def with_pairs(self, pairs: list[Pair]) -> "ImagePairs":
+        return replace(self, pairs=pairs)
 
 
 FAULT_COUNTS = ("degenerate_polygons", "occluded_instances")
@@ -68,8 +76,6 @@ def sanitize_boxes(images: list[ImagePairs]) -> tuple[list[ImagePairs], dict[str
     """Ground truth that cannot be scored, handled deterministically: boxes reaching outside the image
     are clipped to it, empty boxes (after clipping) are dropped, and a pair left without boxes is
     skipped. Returns the clean images and the counts of each."""
-    from dataclasses import replace
-
     counts = {"clipped_boxes": 0, "dropped_boxes": 0, "skipped_pairs": 0}
     clean = []
     for item in images:
@@ -89,5 +95,5 @@ def sanitize_boxes(images: list[ImagePairs]) -> tuple[list[ImagePairs], dict[str
                 continue
             pairs.append(pair if boxes == pair.gt_boxes else replace(pair, gt_boxes=boxes))
         if pairs:
-            clean.append(ImagePairs(item.path, item.image_id, pairs))
+            clean.append(item.with_pairs(pairs))
     return clean, counts

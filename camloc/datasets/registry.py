@@ -183,8 +183,7 @@ def load_dataset(
         if unknown:
             raise CamlocError(f"--classes: {', '.join(unknown)} not in dataset {name}; it has {', '.join(sorted(known))}")
         wanted = set(classes)
-        images = [ImagePairs(item.path, item.image_id, [p for p in item.pairs if p.category in wanted])
-                  for item in images]
+        images = [item.with_pairs([p for p in item.pairs if p.category in wanted]) for item in images]
         images = [item for item in images if item.pairs]
     if limit is not None:
         if limit < 1:

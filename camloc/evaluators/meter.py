@@ -39,17 +39,26 @@ class LocalizationMeter:
     same per class (spec §5). `a + b` equals one meter updated with both streams of pairs."""
 
     def __init__(self) -> None:
+        from camloc.evaluators.protocols import ProtocolSums
+
         self.total = _Sums()
         self.per_class: dict[str, _Sums] = defaultdict(_Sums)
+        self.protocols = ProtocolSums()
 
     def update(self, iou: float, category: str) -> None:
         self.total.add(float(iou))
         self.per_class[category].add(float(iou))
 
+    def add_record(self, record: dict) -> None:
+        """One eval record: its box IoU and the values of any other protocol it holds."""
+        self.update(record["iou"], record["category"])
+        self.protocols.add(record)
+
     def __iadd__(self, other: "LocalizationMeter") -> "LocalizationMeter":
         self.total += other.total
         for name, sums in other.per_class.items():
             self.per_class[name] += sums
+        self.protocols += other.protocols
         return self
 
     def __add__(self, other: "LocalizationMeter") -> "LocalizationMeter":
@@ -59,7 +68,7 @@ class LocalizationMeter:
         return out
 
     def compute(self) -> dict[str, float]:
-        return self.total.result()
+        return {**self.total.result(), **self.protocols.result()}
 
     def compute_per_class(self) -> dict[str, dict[str, float]]:
         return {name: self.per_class[name].result() for name in sorted(self.per_class)}
@@ -81,5 +90,5 @@ def meters_by(records, group=lambda r: r["method"]) -> dict:
         if key in seen:
             continue
         seen.add(key)
-        meters.setdefault(g, LocalizationMeter()).update(r["iou"], r["category"])
+        meters.setdefault(g, LocalizationMeter()).add_record(r)
     return meters

@@ -1,0 +1,45 @@
+"""`camloc rescore`: other protocols on a run's saved heatmaps, without the model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from camloc.cli.app import app
+from camloc.cli.common import AnnFileOption, DataRootOption, ImageDirOption, SkipBadRecordsOption, reports_errors
+
+
+@app.command("rescore")
+@reports_errors
+def rescore_cmd(
+    run_dir: Path = typer.Argument(..., help="A camloc eval run folder made with --save-heatmaps."),
+    protocols: str = typer.Option(..., "--protocols", help="Comma list of box (always scored), mask-iou, pointing, maxboxacc, pxap."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new run folder (the source is never changed)."),
+    pointing_tolerance: Optional[float] = typer.Option(None, "--pointing-tolerance", help="Pointing game tolerance in pixels [default: the source run's, 15]."),
+    cam_curve_interval: Optional[float] = typer.Option(None, "--cam-curve-interval", help="MaxBoxAccV2/PxAP threshold step [default: the source run's, 0.01]."),
+    data_root: Optional[Path] = DataRootOption,
+    ann_file: Optional[Path] = AnnFileOption,
+    image_dir: Optional[Path] = ImageDirOption,
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: rescore this share of the images [default: from RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, else 0/1]."),
+    force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
+    skip_bad_records: bool = SkipBadRecordsOption,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Score a run's saved heatmaps with other protocols into a new run folder; no model is loaded.
+    Give the same --data-root/--ann-file/--image-dir as the run (its data is checked to be the same)."""
+    from camloc.rescore import run_rescore
+    from camloc.sharding import resolve_shard
+
+    rank_world = resolve_shard(shard)
+    summary = run_rescore(run_dir, out, protocols, pointing_tolerance=pointing_tolerance,
+                          cam_curve_interval=cam_curve_interval,
+                          data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir},
+                          shard=rank_world, force_new=force_new, progress=progress, skip_bad_records=skip_bad_records)
+    if rank_world[1] > 1 and not summary.get("complete"):
+        typer.echo(f"shard {rank_world[0]}/{rank_world[1]} done; the rank that finishes last writes the merged tables "
+                   f"(or run `camloc report {out}`)")
+        return
+    typer.echo((out / "table.md").read_text().rstrip())
+    typer.echo(f"rescored {summary['timings']['records_this_invocation']} records of {run_dir} without the model; "
+               f"wrote {out}/ pairs records, summary.json, table.csv, table.md")

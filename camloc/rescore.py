@@ -1,0 +1,121 @@
+"""`camloc rescore`: score a finished run's saved heatmaps with other protocols, without the model.
+
+The source run must have been made with `--save-heatmaps`: its records name the (pair, method)
+combinations, its heatmap cache holds their maps (the very maps its own values were computed from),
+and its `config.json` says where its data was. The result is a new run folder with the same layout
+(config.json with the new protocols, pairs.jsonl, summary.json, table.csv, table.md, and `heatmaps`
+linking to the source's maps); the source folder is not touched. Sharded like eval (`--shard`,
+torchrun/SLURM variables): each rank rescores its share of the images into its own records file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from camloc.datasets import count_pairs, load_dataset
+from camloc.datasets.records import data_identity
+from camloc.errors import CamlocError
+from camloc.evaluators.meter import record_key
+from camloc.evaluators.protocols import check_parameters, parse_protocols
+from camloc.heatmap_cache import HeatmapCache, dataset_key
+from camloc.progress import progress_bar
+from camloc.runfiles import (RECORD_FIELDS, append_jsonl, folder_lock, prepare_out_dir, read_jsonl, read_run_records,
+                             record_files)
+from camloc.runner import CONFIG, EvalConfig, _check_config, _pending, finish_run, pair_records
+from camloc.sharding import assign_images, records_name
+
+DEVICE = "none: rescored from the saved heatmaps"
+
+
+def source_config(run_dir: Path) -> EvalConfig:
+    """The EvalConfig a run folder was written with."""
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise CamlocError(f"{run_dir} is not a camloc eval run folder (no {CONFIG})")
+    data = json.loads(path.read_text())
+    known = {f.name for f in fields(EvalConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown or "model" not in data or "methods" not in data:
+        raise CamlocError(f"{path} is not a config of this camloc version (fields {', '.join(unknown) or 'missing'}); "
+                          "rerun the evaluation with --save-heatmaps")
+    return EvalConfig(**data)
+
+
+def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tolerance: float | None = None,
+                cam_curve_interval: float | None = None, data_options: dict | None = None,
+                shard: tuple[int, int] = (0, 1), force_new: bool = False, progress: bool = True,
+                skip_bad_records: bool = False) -> dict:
+    """Rescore `run_dir` into `out` with `protocols`; returns the new run's summary."""
+    started = time.perf_counter()
+    run_dir, rank, world = Path(run_dir), *shard
+    source = source_config(run_dir)
+    if source.heatmaps != "float16" or not (run_dir / "heatmaps").is_dir():
+        raise CamlocError(f"{run_dir} was run without --save-heatmaps, so it has no maps to rescore; rerun it with "
+                          "--save-heatmaps")
+    if Path(out).resolve() == run_dir.resolve():
+        raise CamlocError("--out must be a new folder: rescore never changes the source run")
+    config = EvalConfig(**{**source.identity(), "protocols": parse_protocols(protocols)})
+    if pointing_tolerance is not None:
+        config.pointing_tolerance = pointing_tolerance
+    if cam_curve_interval is not None:
+        config.cam_curve_interval = cam_curve_interval
+    check_parameters(config.pointing_tolerance, config.cam_curve_interval)
+
+    where = {k: v for k, v in (data_options or {}).items() if v}
+    images = load_dataset(source.dataset, limit=source.limit, classes=source.classes,
+                          prompt_template=source.prompt_template, subset_seed=source.subset_seed, split=source.split,
+                          per_class=source.per_class, include_stuff=source.include_stuff,
+                          ade_extent=source.ade_extent or "visible", **where)
+    identity = data_identity(images)
+    if identity["pairs_sha256"] != (source.data or {}).get("pairs_sha256"):
+        raise CamlocError(f"the data found now ({identity['image_root']}, {identity['n_pairs']} pairs) is not the data "
+                          f"{run_dir} was scored on ({(source.data or {}).get('image_root')}, "
+                          f"{(source.data or {}).get('n_pairs')} pairs); give the same --data-root, --ann-file and "
+                          "--image-dir as that run")
+    config.data = identity
+
+    out = prepare_out_dir(out)
+    lock = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
+    with folder_lock(out, lock):
+        _check_config(out, config, force_new)
+        link = out / "heatmaps"
+        if not link.exists():
+            os.symlink((run_dir / "heatmaps").resolve(), link, target_is_directory=True)
+        key = dataset_key(source.dataset, source.split, source.prompt_template, image_root=source.data["image_root"])
+        cache = HeatmapCache(run_dir / "heatmaps", source.model, key, source.options, source.precision)
+        scored = {record_key(r) for r in read_run_records(run_dir, skip_bad_records)}
+        records_path = out / records_name(rank, world)
+        done = {record_key(r) for r in read_jsonl(records_path, repair=True, required=RECORD_FIELDS)}
+        for other in record_files(out):
+            if other != records_path:
+                done |= {record_key(r) for r in read_jsonl(other, required=RECORD_FIELDS)}
+        # the source's own (pair, method) records, less those already rescored
+        work = [(item, {k: [m for m in ms if (*k, m) in scored] for k, ms in todo.items()})
+                for item, todo in _pending(assign_images(images, rank, world), config.methods, done)]
+        work = [(item, {k: ms for k, ms in todo.items() if ms}) for item, todo in work]
+        work = [(item, todo) for item, todo in work if todo]
+        n_new = 0
+        compute_started = time.perf_counter()
+        with open(records_path, "a") as handle, progress_bar(progress, sum(len(t) for _, t in work)) as bar:
+            for item, todo in work:
+                pairs = [p for p in item.pairs if p.key in todo]
+                size = tuple(pairs[0].image_size)
+
+                def heatmap_of(pair, method, item=item):  # checked to be of this image file and prompt
+                    return cache.raw(method, item.image_id, pair.category_id, item.path, pair.prompt)
+
+                records = pair_records(source.model, item, pairs, todo, config, heatmap_of, size)
+                append_jsonl(handle, records)
+                n_new += len(records)
+                bar.advance(len(todo))
+        timings = {"load_seconds": round(compute_started - started, 3),
+                   "compute_seconds": round(time.perf_counter() - compute_started, 3),
+                   "records_this_invocation": n_new, "resumed_records": len(done), "pairs_per_second": None}
+        summary, _ = finish_run(out, config, source.model, images, (rank, world), skip_bad_records, device=DEVICE,
+                                timings=timings, faults={"rescored_from": str(run_dir.resolve()),
+                                                         "source_records": len(scored),
+                                                         "source_pairs": count_pairs(images)})
+    return summary
