@@ -140,6 +140,9 @@ def test_maxboxacc_by_hand():
     assert sums.result()["maxboxacc_v2"] == 1.0
     sums.add({"maxboxacc_state": off})
     assert sums.result() == {"boxacc@0.3": 0.5, "boxacc@0.5": 0.5, "boxacc@0.7": 0.5, "maxboxacc_v2": 0.5}
+    # an all-zero map has no foreground at any threshold: wsolevaluation's [0, 0, 0, 0] box, no hit
+    zero = maxboxacc_state(np.zeros((20, 20), np.float32), [[5, 5, 10, 10]])
+    assert zero == {"n": 100, "0.3": "0x0", "0.5": "0x0", "0.7": "0x0"}
 
 
 def test_pxap_by_hand_and_against_wsolevaluations_formula():
@@ -148,6 +151,11 @@ def test_pxap_by_hand_and_against_wsolevaluations_formula():
     mask = np.array([[True, False], [True, False]])
     state = pxap_state(heatmap, mask)
     assert pxap_from_histograms(state["fg"], state["bg"]) == pytest.approx(5 / 6)
+    # an all-zero map ranks nothing: every pixel is predicted at threshold 0, precision = the mask's share
+    zero = pxap_state(np.zeros((2, 2), np.float32), mask)
+    assert pxap_from_histograms(zero["fg"], zero["bg"]) == pytest.approx(0.5)
+    empty = pxap_state(heatmap, np.zeros((2, 2), bool))  # no positive pixel: undefined, not 0
+    assert pxap_from_histograms(empty["fg"], empty["bg"]) is None
     # random maps: wsolevaluation's MaskEvaluator steps, written out here with explicit loops
     rng = np.random.default_rng(0)
     fg_total, bg_total = np.zeros(102), np.zeros(102)
