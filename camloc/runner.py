@@ -66,6 +66,8 @@ class EvalConfig:
     pointing_tolerance: float = DEFAULT_TOLERANCE
     cam_curve_interval: float = DEFAULT_INTERVAL
     """MaxBoxAccV2 / PxAP threshold step (wsolevaluation's --cam_curve_interval)."""
+    weights: dict | None = None
+    """The model's backend, architecture, weights and their SHA-256 (`Backend.info`), filled on load."""
     heatmaps: str | None = None
     """"float16" when the maps are saved: the run then scores the stored (float16) maps, so
     `camloc rescore` reproduces its values exactly; None: the float32 maps."""
@@ -347,6 +349,7 @@ def run_eval(
     mine = check_images(assign_images(images, rank, world), skip_missing, config.dataset)
     model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
+    config.weights = dict(model.backend.info)
     config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
     check_method_options(model, config.methods, config.options)
     prompts = model.prompt_problems(sorted({p.prompt for item in images for p in item.pairs}))

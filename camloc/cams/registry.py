@@ -18,7 +18,7 @@ class MethodSpec:
     name: str
     compute: Callable[["CamContext"], torch.Tensor]
     """Returns the map for every prompt, (P, h, w) on the model's device, before post-processing."""
-    families: frozenset[str] = frozenset({"rn", "vit"})
+    families: frozenset[str] = frozenset({"rn", "vit", "vit-avg", "timm-vit", "convnext"})
     uses_gradients: bool = False
     """Needs d s_p / d A (shared by every gradient method: one batched backward per image)."""
     masked_forwards: bool = False
@@ -69,11 +69,12 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
         if spec is None:
             raise CamlocError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}, or all")
         if family not in spec.families:
-            kinds = {"rn": "ResNet", "vit": "ViT"}
-            only = " and ".join(kinds[f] for f in sorted(spec.families))
+            from camloc.models.families import FAMILY_LABELS
+
+            only = " and ".join(FAMILY_LABELS[f] for f in sorted(spec.families))
             raise CamlocError(
-                f"method {spec.name!r} works only on {only} CLIP models, and {model_name} is a {kinds[family]}; "
-                f"pick a {only} model or another method"
+                f"method {spec.name!r} works only on {only} CLIP models, and {model_name} is a "
+                f"{FAMILY_LABELS.get(family, family)}; pick a {only} model or another method"
             )
         specs.append(spec)
     return specs

@@ -38,12 +38,38 @@ class Listable(str, Enum):
 
 
 @app.command("list")
-def list_cmd(what: Listable = typer.Argument(..., help="models, methods or datasets")) -> None:
+def list_cmd(
+    what: Listable = typer.Argument(..., help="models, methods or datasets"),
+    pattern: str = typer.Argument("*", help="models: a glob on the name, e.g. 'ViT-B-16*'."),
+    backend: str = typer.Option("openai", "--backend", help="models: openai (the clip package) or open_clip (its pretrained pairs)."),
+) -> None:
     """List the models, methods or datasets camloc knows."""
-    if what is Listable.models:
+    from camloc.cli.common import reports_errors
+
+    reports_errors(_list)(what, pattern, backend)
+
+
+def _list(what: "Listable", pattern: str, backend: str) -> None:
+    from fnmatch import fnmatch
+
+    from camloc.errors import CamlocError
+
+    if what is Listable.models and backend == "open_clip":
+        from camloc.models.open_clip_backend import TINY_CONFIGS, list_pretrained
+
+        for arch, tag in list_pretrained(pattern):
+            typer.echo(f"open_clip:{arch}:{tag}")
+        for arch in TINY_CONFIGS:
+            if fnmatch(arch, pattern):
+                typer.echo(f"open_clip:{arch}:random")
+    elif what is Listable.models:
         from camloc.models.specs import ALL_SPECS
 
+        if backend != "openai":
+            raise CamlocError(f"--backend {backend!r} is not one of openai, open_clip")
         for name, spec in ALL_SPECS.items():
+            if not fnmatch(name, pattern):
+                continue
             kind = "official (download)" if spec.official else f"random init, seed {spec.seed}"
             typer.echo(f"{name:22s} {spec.family:4s} input {spec.input_size:4d}  {kind}")
     elif what is Listable.methods:

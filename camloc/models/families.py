@@ -63,7 +63,91 @@ VIT = Family(
     batch_dim=1,
 )
 
+FAMILY_NAMES = ("rn", "vit", "vit-avg", "timm-vit", "convnext")
+"""rn: ModifiedResNet (OpenAI's layout, both backends); vit: class-token pooled ViT (OpenAI, open_clip);
+vit-avg: open_clip ViT pooled by averaging the patch tokens; timm-vit: open_clip's timm trunks with
+tokens (SigLIP/SigLIP2 attention-pool, EVA02, PE-Core); convnext: timm convolutional trunks."""
+FAMILY_LABELS = {"rn": "ResNet", "vit": "ViT", "vit-avg": "average-pooled ViT",
+                 "timm-vit": "timm-trunk ViT", "convnext": "ConvNeXt"}
 FAMILIES = {f.name: f for f in (RESNET, VIT)}
+
+
+def _tokens_to_grid(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B, L, D) batch-first tokens with `prefix` leading non-patch tokens -> (B, D, g, g)."""
+    batch, length, dim = tokens.shape
+    grid = math.isqrt(length - prefix)
+    if grid * grid != length - prefix:
+        raise ValueError(f"target has {length - prefix} patch tokens, not a square grid")
+    return tokens[:, prefix:].transpose(1, 2).reshape(batch, dim, grid, grid)
+
+
+def open_clip_vit(visual: nn.Module) -> Family:
+    """open_clip's own VisionTransformer (batch-first blocks since open_clip 2.26): target the last
+    block's output; the head is the model's own pooling (`_pool`: class token or patch average,
+    ln_post before or after) and projection. Class-token pooling reads only the class token, so its
+    gradient is broadcast over the grid as for OpenAI's ViT; average pooling has real patch gradients."""
+    pool = getattr(visual, "pool_type", "tok")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise TypeError("open_clip ViTs with an attention-pool head (CoCa) are not supported")
+    prefix = 1 if getattr(visual, "class_embedding", None) is not None else 0
+
+    def head(vis: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        pooled, _ = vis._pool(tokens)
+        return pooled @ vis.proj if vis.proj is not None else pooled
+
+    token_pooled = pool == "tok" and prefix == 1
+    return Family(
+        name="vit" if token_pooled else "vit-avg",
+        description=f"open_clip VisionTransformer ({pool} pooling): target visual.transformer.resblocks[-1] output",
+        target_layer=lambda vis: vis.transformer.resblocks[-1],
+        to_grid=lambda x: _tokens_to_grid(x, prefix),
+        head=head,
+        grad_to_grid=(lambda g: g[:, 0][:, :, None, None]) if token_pooled else (lambda g: _tokens_to_grid(g, prefix)),
+        batch_dim=0,
+    )
+
+
+def timm_trunk(visual: nn.Module) -> Family:
+    """open_clip's TimmModel: a timm trunk (`visual.trunk`) and open_clip's projection (`visual.head`).
+    Transformers (blocks + norm; SigLIP's attention-pool head, EVA02, PE-Core): target the last
+    block, patch tokens after timm's `num_prefix_tokens`, head = trunk.norm, trunk.forward_head,
+    visual.head; every token's gradient is real. ConvNeXt (stages): target the last stage, head =
+    trunk.norm_pre (if any), trunk.forward_head, visual.head."""
+    trunk = visual.trunk
+    if hasattr(trunk, "blocks") and hasattr(trunk, "num_prefix_tokens"):
+        prefix = int(trunk.num_prefix_tokens)
+        pool = getattr(trunk, "global_pool", "")
+        # a class-token pooled trunk (EVA02 CLIP) reads only the class token: broadcast its gradient
+        token_pooled = pool == "token" and prefix >= 1
+
+        def head(vis: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+            return vis.head(vis.trunk.forward_head(vis.trunk.norm(tokens)))
+
+        return Family(
+            name="timm-vit",
+            description=f"open_clip timm trunk {type(trunk).__name__} ({pool or 'no'} pooling): target "
+                        f"trunk.blocks[-1] output, {prefix} prefix tokens",
+            target_layer=lambda vis: vis.trunk.blocks[-1],
+            to_grid=lambda x: _tokens_to_grid(x, prefix),
+            head=head,
+            grad_to_grid=(lambda g: g[:, 0][:, :, None, None]) if token_pooled else (lambda g: _tokens_to_grid(g, prefix)),
+            batch_dim=0,
+        )
+    if hasattr(trunk, "stages"):
+        def conv_head(vis: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            norm_pre = getattr(vis.trunk, "norm_pre", None)
+            return vis.head(vis.trunk.forward_head(norm_pre(x) if norm_pre is not None else x))
+
+        return Family(
+            name="convnext",
+            description=f"open_clip timm trunk {type(trunk).__name__}: target trunk.stages[-1] output",
+            target_layer=lambda vis: vis.trunk.stages[-1],
+            to_grid=lambda x: x,
+            head=conv_head,
+            grad_to_grid=lambda g: g,
+            batch_dim=0,
+        )
+    raise TypeError(f"unsupported timm trunk {type(trunk).__name__} (neither transformer blocks nor conv stages)")
 
 
 def family_of(model: nn.Module) -> Family:
@@ -75,4 +159,11 @@ def family_of(model: nn.Module) -> Family:
         return RESNET
     if isinstance(model.visual, clip_model.VisionTransformer):
         return VIT
+    kind = type(model.visual).__module__ + "." + type(model.visual).__name__
+    if kind == "open_clip.modified_resnet.ModifiedResNet":
+        return RESNET  # OpenAI's layout: layer4, attnpool
+    if kind == "open_clip.transformer.VisionTransformer":
+        return open_clip_vit(model.visual)
+    if kind == "open_clip.timm_model.TimmModel":
+        return timm_trunk(model.visual)
     raise TypeError(f"unsupported CLIP vision tower {type(model.visual).__name__}")

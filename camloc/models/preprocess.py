@@ -108,17 +108,18 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return _read(path, lambda image: image.size)
 
 
-def squash_transform(size: int) -> transforms.Compose:
-    """Resize to size x size with PIL bilinear (aspect ratio ignored, no crop), ToTensor, CLIP Normalize."""
+def squash_transform(size: int, mean=CLIP_MEAN, std=CLIP_STD) -> transforms.Compose:
+    """Resize to size x size with PIL bilinear (aspect ratio ignored, no crop), ToTensor, Normalize
+    (CLIP's mean and std unless the model has its own, e.g. SigLIP's 0.5)."""
     return transforms.Compose(
         [
             transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR),
             transforms.ToTensor(),
-            transforms.Normalize(CLIP_MEAN, CLIP_STD),
+            transforms.Normalize(mean, std),
         ]
     )
 
 
-def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+def preprocess(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """One PIL image -> normalised input (1, 3, size, size), float32 on the CPU."""
-    return squash_transform(size)(image).unsqueeze(0)
+    return squash_transform(size, mean, std)(image).unsqueeze(0)
