@@ -62,6 +62,8 @@ def model_key(name: str) -> str:
 
     if name in ALL_SPECS:
         return _safe(name)
+    if name.startswith("open_clip:") and "/" not in name.partition("hf-hub:")[0] and not name.endswith((".pt", ".bin")):
+        return _safe(name)  # open_clip:ARCH:TAG / random / hf-hub:ORG/REPO: readable and unique as it is
     return _safe(f"{Path(name).stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}")
 
 

@@ -18,7 +18,7 @@ import torch
 from camloc.cams import CamContext, compute_heatmaps, resolve_methods
 from camloc.cams.engine import compute_native
 from camloc.cams.postprocess import native_to_raw
-from camloc.cams.registry import DEFAULT_OPTIONS, check_method_options
+from camloc.cams.registry import DEFAULT_OPTIONS, check_method_options, resolve_options
 from camloc.datasets import ImagePairs, count_pairs, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import CamlocError
@@ -350,6 +350,7 @@ def run_eval(
     model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
     config.weights = dict(model.backend.info)
+    config.options = resolve_options(model, config.options)
     config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
     check_method_options(model, config.methods, config.options)
     prompts = model.prompt_problems(sorted({p.prompt for item in images for p in item.pairs}))

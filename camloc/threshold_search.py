@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from camloc.cams.engine import compute_native
-from camloc.cams.registry import DEFAULT_OPTIONS, check_method_options, resolve_methods
+from camloc.cams.registry import DEFAULT_OPTIONS, check_method_options, resolve_methods, resolve_options
 from camloc.datasets import ImagePairs, count_pairs, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import CamlocError
@@ -24,6 +24,7 @@ from camloc.evaluators.threshold import Item, best_threshold, score_items, thres
 from camloc.heatmap_cache import HeatmapCache, dataset_key
 from camloc.models import ClipModel, load_image, resolve_device, resolve_precision
 from camloc.models.loading import canonical_model_name
+from camloc.models.open_clip_backend import is_open_clip
 from camloc.models.specs import family_hint
 from camloc.progress import progress_bar
 from camloc.provenance import git_commit, package_versions
@@ -170,13 +171,16 @@ def _search_locked(config: SearchConfig, out: Path, datasets, thresholds, precis
         lazy = LazyModel(run["model"], device, precision, cache_dir)
         family = family_hint(run["model"]) or lazy.get().family.name
         methods = [s.name for s in resolve_methods(run["methods"], family, run["model"])]
+        run_options = options
+        if options.get("topk") == "auto":  # the OpenAI backend's is 300 without loading the model
+            run_options = {**options, "topk": 300} if not is_open_clip(run["model"]) else resolve_options(lazy.get(), options)
         caches = {}
         for images, key in datasets:
-            caches[key] = HeatmapCache(out / "heatmaps", name, key, options, precision)
+            caches[key] = HeatmapCache(out / "heatmaps", name, key, run_options, precision)
             computed += fill_cache(lazy, caches[key], assign_images(images, rank, world), methods,
-                                   {**options, "chunk_size": chunk_size}, progress)
+                                   {**run_options, "chunk_size": chunk_size}, progress)
         models_loaded += lazy.model is not None
-        plans.append((run, methods, caches))
+        plans.append((dict(run, options=run_options), methods, caches))
     partial = {"kind": "threshold-search", "complete": False, "shard": [rank, world], "pairs_computed": computed}
     if world > 1:
         if process_group_ready():
@@ -198,6 +202,7 @@ def _search_locked(config: SearchConfig, out: Path, datasets, thresholds, precis
     summary = {
         "kind": "threshold-search", "complete": True, "shard": [rank, world], "config": {**asdict(config), "data": data},
         "thresholds": thresholds, "precision": precision,
+        "runs": [{"model": run["model"], "methods": methods, "options": run["options"]} for run, methods, _ in plans],
         "train_pairs": count_pairs(train_images), "val_pairs": count_pairs(val_images),
         "pairs_computed": computed, "models_loaded": models_loaded, "versions": package_versions(),
         "git_commit": git_commit(), "seconds": round(time.perf_counter() - started, 3), "rows": rows,

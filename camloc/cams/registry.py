@@ -80,6 +80,22 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
     return specs
 
 
+def default_topk(model) -> int:
+    """gScoreCAM's k when --topk is auto: 300 (the paper's, spec §3) for OpenAI models and for the
+    2048-3072-channel ResNets and ConvNeXts; 100 for open_clip transformers (the gScoreCAM authors'
+    advice for 768-channel ViTs, gScoreCAM issue #4)."""
+    if model.backend.name == "openai" or model.family.name in ("rn", "convnext"):
+        return 300
+    return 100
+
+
+def resolve_options(model, options: dict) -> dict:
+    """The options with "auto" values resolved for this model (what runs record)."""
+    if options.get("topk") == "auto":
+        return {**options, "topk": default_topk(model)}
+    return dict(options)
+
+
 def check_method_options(model, methods: list[str], options: dict) -> None:
     """Options that depend on the loaded model, checked before any work: HilaCAM's --start-layer must
     name one of the encoder's blocks (negative values count from the last)."""

@@ -29,7 +29,7 @@ DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.
 PrecisionOption = typer.Option("auto", "--precision", help="Encoder precision: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16. Scores are always fp32.")
 CacheOption = typer.Option(None, "--cache-dir", help="Folder for downloaded CLIP weights [default: $CAMLOC_CACHE_DIR or ~/.cache/clip].")
 ThresholdOption = typer.Option("otsu", "--threshold", help="Binarisation for boxes: otsu, or a single value in [0, 1].")
-TopkOption = typer.Option(300, "--topk", help="gScoreCAM: channels kept (capped at the layer's channel count, with a warning).")
+TopkOption = typer.Option("auto", "--topk", help="gScoreCAM: channels kept, or auto: 300 for OpenAI models (the paper), ResNets and ConvNeXt, 100 for open_clip transformers (the gScoreCAM authors' advice for 768-channel ViTs); recorded as resolved. Capped at the channel count with a warning.")
 GroupingOption = typer.Option("kmeans", "--grouping", help="GroupCAM channel groups: kmeans (the original CLIP port) or chunk (the GroupCAM paper).")
 StartLayerOption = typer.Option(0, "--start-layer", help="HilaCAM: first block used (0 = all blocks, -1 = the last only).")
 ChunkOption = typer.Option("auto", "--chunk-size", help="Masked images per encoder batch: a number, or auto (16 on CPU, 8 above 288 px inputs; from free memory on CUDA).")
@@ -48,10 +48,16 @@ CamCurveIntervalOption = typer.Option(0.01, "--cam-curve-interval", help="MaxBox
 SubsetSeedOption = typer.Option(None, "--subset-seed", help="Seed of the random --limit subset and of coco-train-balanced's draw (default 0 there).")
 
 
-def method_options(topk: int, grouping: str, start_layer: int) -> dict:
-    """The method parameters that change results (recorded in configs and summaries)."""
-    if topk < 1:
-        raise CamlocError(f"--topk must be at least 1, got {topk}")
+def method_options(topk: int | str, grouping: str, start_layer: int) -> dict:
+    """The method parameters that change results (recorded in configs and summaries). `topk` may be
+    "auto", resolved per model family once the model is loaded (`camloc.cams.registry.resolve_options`)."""
+    if topk != "auto":
+        try:
+            topk = int(topk)
+        except (TypeError, ValueError):
+            raise CamlocError(f"--topk {topk!r} must be a number of channels or auto") from None
+        if topk < 1:
+            raise CamlocError(f"--topk must be at least 1, got {topk}")
     if grouping not in ("kmeans", "chunk"):
         raise CamlocError(f"--grouping {grouping!r} is not one of kmeans, chunk")
     return {"topk": topk, "grouping": grouping, "start_layer": start_layer}

@@ -47,7 +47,7 @@ def eval_cmd(
     cam_curve_interval: float = CamCurveIntervalOption,
     iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam (+1 pixels, as the original) or coco."),
     seed: int = typer.Option(0, "--seed", help="Random seed, recorded in the results."),
-    topk: int = TopkOption,
+    topk: str = TopkOption,
     grouping: str = GroupingOption,
     start_layer: int = StartLayerOption,
     chunk_size: str = ChunkOption,

@@ -39,7 +39,7 @@ def explain(
     threshold: str = ThresholdOption,
     exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Process a photo as displayed (its EXIF orientation applied) instead of as stored, which is the frame datasets' boxes use."),
     max_pixels: Optional[int] = MaxPixelsOption,
-    topk: int = TopkOption,
+    topk: str = TopkOption,
     grouping: str = GroupingOption,
     start_layer: int = StartLayerOption,
     chunk_size: str = ChunkOption,
@@ -49,7 +49,7 @@ def explain(
 ) -> None:
     """Compute CAM heatmaps of one image for one or more prompts, and their boxes (Algorithm 1)."""
     from camloc.cams import compute_heatmaps, resolve_methods
-    from camloc.cams.registry import check_method_options
+    from camloc.cams.registry import check_method_options, resolve_options
     from camloc.evaluators import box_from_heatmap
     from camloc.models import ClipModel, load_image
     from camloc.models.preprocess import exif_rotated, set_max_pixels
@@ -81,6 +81,7 @@ def explain(
                                   "--exif-transpose to process it as displayed")
     clip_model = ClipModel.load(model, device=device, precision=precision, cache_dir=cache_dir)
     specs = resolve_methods(method, clip_model.family.name, clip_model.name)
+    options = resolve_options(clip_model, options)
     check_method_options(clip_model, [s.name for s in specs], options)
     clip_model.prompt_problems(prompt)
     if save_heatmap is not None and save_heatmap.suffix not in (".npy", ".npz"):

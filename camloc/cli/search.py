@@ -31,7 +31,7 @@ def threshold_search_cmd(
     grid_stop: float = typer.Option(0.95, "--grid-stop", help="Last threshold of the grid."),
     grid_step: float = typer.Option(0.05, "--grid-step", help="Grid step."),
     iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam or coco."),
-    topk: int = TopkOption,
+    topk: str = TopkOption,
     grouping: str = GroupingOption,
     start_layer: int = StartLayerOption,
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for box derivation [default: all cores]."),

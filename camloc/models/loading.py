@@ -132,7 +132,15 @@ def _download_official(name: str, cache_dir: Path) -> Path:
 
 
 def canonical_model_name(name_or_path: str) -> str:
-    """The name `load_clip` gives a model: the spec name, or the resolved checkpoint path."""
+    """The name a loaded model gets: the spec name, the resolved checkpoint path, or for open_clip
+    `open_clip:ARCH:TAG` (a checkpoint file resolved)."""
+    if name_or_path.startswith("open_clip:"):
+        from camloc.models.open_clip_backend import _is_file_spec, parse
+
+        arch, weights = parse(name_or_path)
+        if weights != "hf-hub" and _is_file_spec(weights):
+            return f"open_clip:{arch}:{Path(weights).resolve()}"
+        return name_or_path
     return name_or_path if name_or_path in ALL_SPECS else str(Path(name_or_path).resolve())
 
 
