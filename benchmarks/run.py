@@ -327,6 +327,39 @@ def section_threshold_search(args, report, n=10_000):
                                   "peak_bytes_main": mem.peak, "peak_rss_worker_bytes": worker_peak}
 
 
+def section_open_clip(model, image, k, args, device, report):
+    """gScoreCAM on an open_clip model against its floor (k forwards of its own encoder at the best
+    batch + one forward/backward): the same ratio as section_gscorecam, for the open_clip backend's
+    adapters (no straightforward reference: the original code runs OpenAI models only). The text side
+    does not matter for timing: a fixed random text embedding stands in (SigLIP's tokenizer needs the hub)."""
+    print(f"\n## open_clip gScoreCAM per image-prompt: {model.name} ({model.family.name}), k={k}, {model.precision} "
+          f"on {device.type}")
+    model.set_text_features({"cat": torch.randn(model.model.visual(model.preprocess(image)).shape[-1],
+                                                generator=torch.Generator().manual_seed(0))})
+    batch, per_image = best_batch(model, model.visual, model.memory_format, args.batches, device)
+    t_fwd = forwards_seconds(model, model.visual, model.memory_format, k, batch, device, args.floor_images)
+    t_grad, _, _ = timed(lambda: CamContext(model, image, ["cat"]).gradients, device, reps=3)
+    opts = {"topk": k}
+    compute_heatmaps(model, image, ["cat"], ["gradcam"], opts)  # warm-up
+    held = {}
+
+    def camloc():
+        held["ctx"] = CamContext(model, image, ["cat"], opts, methods=["gscorecam"])
+        return compute_heatmaps(model, image, ["cat"], ["gscorecam"], context=held["ctx"])
+
+    t_cam, mem_cam, _ = timed(camloc, device, args.reps)
+    floor = t_fwd + t_grad
+    rows = {"family": model.family.name, "best_batch": batch, "forward_s_per_image": per_image, "floor_s": floor,
+            "camloc_s": t_cam, "camloc_over_floor": t_cam / floor, "camloc_peak_bytes": mem_cam,
+            "masked_forwards": held["ctx"].masked_forwards}
+    print(f"floor: best batch {batch} ({per_image * 1e3:.1f} ms/image); {k} forwards {t_fwd:.2f} s + forward/backward "
+          f"{t_grad:.3f} s = {floor:.2f} s")
+    print(f"camloc {t_cam:.2f} s (peak {gib(mem_cam)}, {held['ctx'].masked_forwards} masked forwards); "
+          f"camloc / floor = {t_cam / floor:.3f}   (target <= 1.15)")
+    report[f"open_clip/{model.name}"] = rows
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the < 10 minute CPU subset")
@@ -334,7 +367,8 @@ def main():
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per timing (median)")
     ap.add_argument("--only", default=None,
-                    help="comma list of sections: gscorecam,prompts,fusion,pipeline,memory,threshold")
+                    help="comma list of sections: gscorecam,prompts,fusion,pipeline,memory,threshold,open_clip "
+                         "(open_clip: not in --quick unless named)")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -343,7 +377,8 @@ def main():
     args.batches = [32, 64, 128, 256] if cuda else ([16, 32] if args.quick else [8, 16, 32, 64])
     args.prompt_counts = [1, 8] if args.quick else [1, 3, 8]
     args.floor_images = 96 if args.quick else None  # quick: time 96 of the k floor forwards and scale
-    sections = set((args.only or "gscorecam,prompts,fusion,pipeline,memory,threshold").split(","))
+    every = "gscorecam,prompts,fusion,pipeline,memory,threshold" + ("" if args.quick else ",open_clip")
+    sections = set((args.only or every).split(","))
     image = load_image(IMAGE)
     report = {"machine": device_description(device), "platform": platform.platform(), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "torch": torch.__version__}
@@ -383,6 +418,11 @@ def main():
         section_gscorecam(big, image, 300, args, device, report)
         if cuda:
             section_pairs_per_second(big, image, device, report)
+    if "open_clip" in sections:  # one open_clip ViT, one timm trunk (SigLIP's attention-pool ViT), random weights
+        for name in ("open_clip:ViT-B-16:random", "open_clip:ViT-B-16-SigLIP:random"):
+            oc = load(name)
+            section_open_clip(oc, image, 100, args, device, report)
+            del oc
     report["total_seconds"] = time.perf_counter() - started
     print(f"\ntotal {report['total_seconds']:.0f} s")
     if args.json:

@@ -90,7 +90,7 @@ def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
     assert result.exit_code == 0, result.output
     methods = set(json.loads(result.stdout)["results"][0]["methods"])
     expected = {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs", "groupcam"}
-    assert methods == expected | ({"hilacam"} if FAMILY[arch] == "vit" else set())
+    assert methods == expected | ({"hilacam"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
     out = tmp_path / "run"
     result = runner.invoke(app, ["eval", "--dataset", "demo", "--limit", "2", "--method", "all", "--model", name,
                                  "--topk", "30", "--out", str(out), "--no-progress"])
@@ -103,11 +103,11 @@ def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
 
 def test_methods_that_do_not_apply_are_refused_in_one_line(tmp_path):
     result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "hilacam",
-                                 "--model", "open_clip:camloc-tiny-mapvit:random"])
+                                 "--model", "open_clip:camloc-tiny-convnext:random"])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        "error: method 'hilacam' works only on ViT CLIP models, and open_clip:camloc-tiny-mapvit:random is a "
-        "timm-trunk ViT; pick a ViT model or another method"]
+        "error: method 'hilacam' works only on ViT, average-pooled ViT or timm-trunk ViT CLIP models, and "
+        "open_clip:camloc-tiny-convnext:random is a ConvNeXt; pick such a model or another method"]
 
 
 def test_model_names_and_refusals(monkeypatch, tmp_path):
@@ -153,3 +153,96 @@ def test_list_models_of_the_open_clip_backend():
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert "open_clip:ViT-B-32:laion2b_s34b_b79k" in lines and all(line.startswith("open_clip:ViT-B-32") for line in lines)
+
+
+def write_hf_clip(folder, spec_name="tiny-vit", act="quick_gelu", heads=None, drop_layer=False):
+    """A Hugging Face CLIPModel folder (config.json + model.safetensors) holding the golden tiny ViT's
+    weights, in the transformers naming (written here from HF's layout, not from camloc's converter)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS[spec_name]).items()}
+    hf = {
+        "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
+        "text_model.final_layer_norm.weight": sd["ln_final.weight"], "text_model.final_layer_norm.bias": sd["ln_final.bias"],
+        "text_projection.weight": sd["text_projection"].T.contiguous(), "logit_scale": sd["logit_scale"],
+        "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
+        "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"], "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
+        "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
+        "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
+        "visual_projection.weight": sd["visual.proj"].T.contiguous(),
+    }
+    for ours, theirs in (("transformer", "text_model"), ("visual.transformer", "vision_model")):
+        n = len({k.split(".")[-3] for k in sd if k.startswith(f"{ours}.resblocks.") and k.endswith("in_proj_weight")})
+        for i in range(n):
+            a, b = f"{ours}.resblocks.{i}", f"{theirs}.encoder.layers.{i}"
+            for kind in ("weight", "bias"):
+                q, k, v = sd[f"{a}.attn.in_proj_{kind}"].chunk(3)
+                hf.update({f"{b}.self_attn.q_proj.{kind}": q.contiguous(), f"{b}.self_attn.k_proj.{kind}": k.contiguous(),
+                           f"{b}.self_attn.v_proj.{kind}": v.contiguous(),
+                           f"{b}.self_attn.out_proj.{kind}": sd[f"{a}.attn.out_proj.{kind}"],
+                           f"{b}.layer_norm1.{kind}": sd[f"{a}.ln_1.{kind}"], f"{b}.layer_norm2.{kind}": sd[f"{a}.ln_2.{kind}"],
+                           f"{b}.mlp.fc1.{kind}": sd[f"{a}.mlp.c_fc.{kind}"], f"{b}.mlp.fc2.{kind}": sd[f"{a}.mlp.c_proj.{kind}"]})
+    if drop_layer:  # a truncated checkpoint: the last vision layer missing
+        hf = {k: v for k, v in hf.items() if not k.startswith("vision_model.encoder.layers.1.")}
+    folder.mkdir(parents=True)
+    save_file(hf, str(folder / "model.safetensors"))
+    config = {"model_type": "clip", "projection_dim": 64,
+              "text_config": {"hidden_size": 64, "num_attention_heads": heads or 1, "hidden_act": act,
+                              "num_hidden_layers": 1},
+              "vision_config": {"hidden_size": 64, "num_attention_heads": heads or 1, "hidden_act": act,
+                                "num_hidden_layers": 2, "patch_size": 16, "image_size": 64}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_hugging_face_clip_folder_is_converted_and_gives_the_golden_maps(tmp_path, chelsea):
+    folder = write_hf_clip(tmp_path / "hf-tiny-vit")
+    model = ClipModel.load(str(folder), device="cpu")
+    assert model.family.name == "vit" and model.backend.info["arch"] == "hf-clip"
+    assert model.backend.info["weights"].endswith("model.safetensors") and len(model.backend.info["sha256"]) == 64
+    maps = compute_heatmaps(model, chelsea, ["cat"], ["gradcam", "scorecam", "hilacam"], {"topk": 30})
+    for method in ("gradcam", "scorecam", "hilacam"):
+        np.testing.assert_allclose(maps[method][0], golden(f"tiny_vit_{method}.npy"), atol=1e-4, rtol=0)
+    gelu = write_hf_clip(tmp_path / "gelu", act="gelu")
+    with pytest.raises(CamlocError, match="hidden_act is 'gelu'.*wrong activation"):
+        ClipModel.load(str(gelu), device="cpu")
+    heads = write_hf_clip(tmp_path / "heads", heads=4)
+    with pytest.raises(CamlocError, match="4 attention heads of width 64"):
+        ClipModel.load(str(heads), device="cpu")
+    # OpenAI's build_model counts the layers it finds: a missing one would build a shallower model silently
+    short = write_hf_clip(tmp_path / "short", drop_layer=True)
+    with pytest.raises(CamlocError, match="vision_config.num_hidden_layers is 2, the weights have 1"):
+        ClipModel.load(str(short), device="cpu")
+
+
+def test_hilacam_on_timm_trunks_reads_their_own_attention(chelsea):
+    """timm's unfused attention (switched on for the pass) gives the probabilities softmax(q k^T / sqrt(d))
+    of each block, recomputed here from the block's own q and k; the attention-pool query's
+    probabilities likewise; and P prompts in one pass equal P single-prompt passes."""
+    from camloc.cams.hila import attention_probs_and_scores
+
+    model = ClipModel.load("open_clip:camloc-tiny-mapvit:random", device="cpu")
+    trunk = model.visual.trunk
+    fused_before = [b.attn.fused_attn for b in trunk.blocks]
+    assert all(fused_before)  # timm's default: no probabilities to read
+    ctx = CamContext(model, chelsea, ["cat"])
+    blocks, pool, scores = attention_probs_and_scores(ctx)
+    assert [b.attn.fused_attn for b in trunk.blocks] == fused_before  # restored after the pass
+    assert len(blocks) == len(trunk.blocks) and pool.shape == (1, 2, 1, 16)
+    inputs = []
+    handle = trunk.blocks[0].register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        model.visual(ctx.input)
+    handle.remove()
+    attn = trunk.blocks[0].attn
+    x = trunk.blocks[0].norm1(inputs[0])
+    q, k, _ = attn.qkv(x).reshape(1, 16, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    expected = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1)
+    torch.testing.assert_close(blocks[0].detach(), expected, rtol=1e-5, atol=1e-6)
+    both = compute_heatmaps(model, chelsea, ["cat", "dog"], ["hilacam"])["hilacam"]
+    for i, prompt in enumerate(["cat", "dog"]):
+        alone = compute_heatmaps(model, chelsea, [prompt], ["hilacam"])["hilacam"][0]
+        np.testing.assert_allclose(both[i], alone, atol=1e-5)

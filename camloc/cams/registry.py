@@ -69,12 +69,13 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
         if spec is None:
             raise CamlocError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}, or all")
         if family not in spec.families:
-            from camloc.models.families import FAMILY_LABELS
+            from camloc.models.families import FAMILY_LABELS, FAMILY_NAMES
 
-            only = " and ".join(FAMILY_LABELS[f] for f in sorted(spec.families))
+            labels = [FAMILY_LABELS[f] for f in FAMILY_NAMES if f in spec.families]
+            only = labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} or {labels[-1]}"
             raise CamlocError(
                 f"method {spec.name!r} works only on {only} CLIP models, and {model_name} is a "
-                f"{FAMILY_LABELS.get(family, family)}; pick a {only} model or another method"
+                f"{FAMILY_LABELS.get(family, family)}; pick such a model or another method"
             )
         specs.append(spec)
     return specs
@@ -100,7 +101,9 @@ def check_method_options(model, methods: list[str], options: dict) -> None:
     """Options that depend on the loaded model, checked before any work: HilaCAM's --start-layer must
     name one of the encoder's blocks (negative values count from the last)."""
     if "hilacam" in methods:
-        depth = len(model.visual.transformer.resblocks)
+        from camloc.cams.hila import attention_blocks
+
+        depth = len(attention_blocks(model.visual))
         start = int(options.get("start_layer", DEFAULT_OPTIONS["start_layer"]))
         if not -depth <= start < depth:
             raise CamlocError(f"--start-layer {start} is outside {model.name}'s {depth} blocks: use 0..{depth - 1}, "

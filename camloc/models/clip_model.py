@@ -55,9 +55,14 @@ def openai_backend(name: str) -> Backend:
     elif spec is not None:
         info.update(weights="random", seed=spec.seed, sha256=None)
     else:
+        from camloc.models.hf_clip import WEIGHT_FILES, is_hf_clip_dir
         from camloc.models.open_clip_backend import file_sha256
 
-        info.update(weights=str(Path(name).resolve()), sha256=file_sha256(Path(name)))
+        path = Path(name)
+        if is_hf_clip_dir(path):  # a Hugging Face CLIPModel folder, converted to this layout
+            info["arch"] = "hf-clip"
+            path = next(path / f for f in WEIGHT_FILES if (path / f).is_file())
+        info.update(weights=str(path.resolve()), sha256=file_sha256(path))
     tokenize = import_clip().tokenize
     return Backend("openai", lambda: _OpenAITokenizer(tokenize), info=info)
 

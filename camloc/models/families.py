@@ -25,6 +25,11 @@ class Family:
     """Raw gradient w.r.t. the target output -> (B, C, h, w), or (B, C, 1, 1) for the ViT class token."""
     batch_dim: int
     """Batch axis of the raw target output."""
+    pooling: str = "token"
+    """Transformers: how the embedding reads the tokens (token: the class token; avg: the patch tokens'
+    mean; map: an attention-pool query), which HilaCAM's relevance reads out."""
+    prefix: int = 1
+    """Transformers: leading non-patch tokens (class token, registers)."""
 
 
 def _vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
@@ -104,6 +109,8 @@ def open_clip_vit(visual: nn.Module) -> Family:
         head=head,
         grad_to_grid=(lambda g: g[:, 0][:, :, None, None]) if token_pooled else (lambda g: _tokens_to_grid(g, prefix)),
         batch_dim=0,
+        pooling="token" if token_pooled else "avg",
+        prefix=prefix,
     )
 
 
@@ -132,6 +139,8 @@ def timm_trunk(visual: nn.Module) -> Family:
             head=head,
             grad_to_grid=(lambda g: g[:, 0][:, :, None, None]) if token_pooled else (lambda g: _tokens_to_grid(g, prefix)),
             batch_dim=0,
+            pooling="token" if token_pooled else ("map" if pool == "map" else "avg"),
+            prefix=prefix,
         )
     if hasattr(trunk, "stages"):
         def conv_head(vis: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -175,6 +175,11 @@ def _load_clip(name_or_path: str, cache_dir: str | Path | None) -> tuple[torch.n
         return build_from_state_dict(state_dict_from_file(path), str(path)), spec.name
     if spec is not None:
         return build_from_state_dict(random_state_dict(spec), spec.name), spec.name
+    from camloc.models.hf_clip import is_hf_clip_dir, load_hf_clip
+
+    if is_hf_clip_dir(name_or_path):  # a Hugging Face CLIPModel folder: renamed to OpenAI's layout
+        sd, weights = load_hf_clip(name_or_path)
+        return build_from_state_dict(sd, str(weights)), canonical_model_name(name_or_path)
     looks_like_path = any(sep in name_or_path for sep in ("/", "\\")) or name_or_path.endswith((".pt", ".pth"))
     if looks_like_path or Path(name_or_path).exists():
         sd = state_dict_from_file(name_or_path)
