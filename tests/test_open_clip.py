@@ -246,3 +246,18 @@ def test_hilacam_on_timm_trunks_reads_their_own_attention(chelsea):
     for i, prompt in enumerate(["cat", "dog"]):
         alone = compute_heatmaps(model, chelsea, [prompt], ["hilacam"])["hilacam"][0]
         np.testing.assert_allclose(both[i], alone, atol=1e-5)
+
+
+def test_normalisation_follows_the_weights_not_clips_default():
+    """SigLIP weights expect mean = std = 0.5: a tag gives its own, a file or random weights the one
+    every tag of the architecture shares; CLIP's where the tags disagree or there are none."""
+    from types import SimpleNamespace
+
+    from camloc.models.open_clip_backend import _normalisation
+
+    bare = SimpleNamespace(visual=SimpleNamespace())
+    assert _normalisation(open_clip, "ViT-B-16-SigLIP2", "webli", bare) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert _normalisation(open_clip, "ViT-B-16-SigLIP2", None, bare) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert _normalisation(open_clip, "camloc-tiny-vit", None, bare)[0] == (0.48145466, 0.4578275, 0.40821073)
+    model = ClipModel.load("open_clip:camloc-tiny-mapvit:random", device="cpu")
+    assert model.backend.info["mean"] == [0.48145466, 0.4578275, 0.40821073]  # recorded with the run

@@ -117,7 +117,8 @@ def load(name: str, cache_dir: str | Path | None = None):
         else:
             arch, model, info = _pretrained(open_clip, arch, weights, cache, info)
     model = model.float().eval()
-    mean, std = _normalisation(model)
+    mean, std = _normalisation(open_clip, info["arch"] if weights != "hf-hub" else None, info.get("tag"), model)
+    info.update(mean=list(mean), std=list(std))
     canonical = f"{PREFIX}{arch}:{info['weights']}" if weights != "hf-hub" else name
     return model, canonical, lambda: _tokenizer(open_clip, arch), (mean, std), info
 
@@ -163,10 +164,19 @@ def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
     return arch, model, info
 
 
-def _normalisation(model) -> tuple[tuple, tuple]:
-    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+def _normalisation(open_clip, arch: str | None, tag: str | None, model) -> tuple[tuple, tuple]:
+    """The image mean and std the weights were trained with: the pretrained tag's; for a file or
+    random weights, the one all of the architecture's tags share (SigLIP's 0.5 for every SigLIP tag);
+    for a hub model, its config's; else CLIP's."""
     from camloc.models.preprocess import CLIP_MEAN, CLIP_STD
 
+    if arch is not None:
+        tags = [tag] if tag else open_clip.list_pretrained_tags_by_model(arch)
+        found = {(tuple(c["mean"]), tuple(c["std"])) for t in tags
+                 if "mean" in (c := open_clip.get_pretrained_cfg(arch, t)) and "std" in c}
+        if len(found) == 1:
+            return found.pop()
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     return tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
 
 
