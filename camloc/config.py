@@ -11,7 +11,7 @@ from camloc.errors import CamlocError
 
 DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_class", "subset_seed", "data_root",
                 "ann_file", "image_dir", "include_stuff", "ade_extent"}
-OPTION_KEYS = {"topk", "grouping", "start_layer"}
+OPTION_KEYS = {"topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
                             "chunk_size", "save_heatmaps", "options", "max_pixels", "protocols",
                             "pointing_tolerance", "cam_curve_interval"}
@@ -73,9 +73,11 @@ class Settings:
         return self.values[param] if param in self.given or key not in self.file else self.file[key]
 
     def method_options(self) -> dict:
-        """topk, grouping and start_layer from the command line or the file's `options` table."""
+        """The method options (topk, grouping, start_layer, rise_*) from the command line or the file's
+        `options` table."""
         from camloc.cli.common import method_options
 
         table = self.file.get("options", {})
-        return method_options(*(self.values[k] if k in self.given or k not in table else table[k]
-                                for k in ("topk", "grouping", "start_layer")))
+        keys = ("topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file")
+        return method_options(**{k: self.values[k] if k in self.given or k not in table else table[k]
+                                 for k in keys if k in self.values or k in table})

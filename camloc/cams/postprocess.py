@@ -37,11 +37,12 @@ def to_native(kind: str, maps: torch.Tensor) -> np.ndarray:
     """A method's maps (P, h, w) at its native resolution, normalised to [0, 1] on the device, then
     moved to the host: the form the heatmap cache stores. `kind` is the method's `postprocess`:
     `grid` (relu, min-max eps 1e-8), `resize_minmax` (GroupCAM: min-max without eps; min-max commutes
-    with the linear resize), `resize` (HilaCAM: already normalised by the method)."""
+    with the linear resize), `resize_minmax_rise` (RISE: the same here, eps 1e-9 after the resize),
+    `resize` (HilaCAM: already normalised by the method)."""
     maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0)  # a NaN map never reaches a table
     if kind == "grid":
         maps = minmax_(maps.clamp_min(0))
-    elif kind == "resize_minmax":
+    elif kind in ("resize_minmax", "resize_minmax_rise"):
         maps = minmax_(maps, eps=0)
     elif kind != "resize":
         raise ValueError(f"unknown post-processing kind {kind!r}")
@@ -57,6 +58,8 @@ def native_to_raw(kind: str, native: np.ndarray, raw_size: tuple[int, int]) -> n
         raw = minmax_(np.maximum(raw, 0, out=raw))
     elif kind == "resize_minmax":
         raw = minmax_(raw, eps=0)
+    elif kind == "resize_minmax_rise":  # RISE's own: h -= min; h /= max + 1e-9 (after its resize)
+        raw = minmax_(raw, eps=1e-9)
     return raw.astype(np.float32, copy=False)
 
 

@@ -33,7 +33,8 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 # Method parameters that change results, with their defaults (spec §3).
-DEFAULT_OPTIONS = {"topk": 300, "grouping": "kmeans", "start_layer": 0}
+DEFAULT_OPTIONS = {"topk": 300, "grouping": "kmeans", "start_layer": 0, "rise_masks": 8000, "rise_cell": 8,
+                   "rise_p1": 0.1, "rise_masks_file": None}
 
 
 def register_method(name: str, **spec_fields) -> Callable:
@@ -115,3 +116,4 @@ def _load_builtin_methods() -> None:
     import camloc.cams.gradient  # noqa: F401
     import camloc.cams.score  # noqa: F401
     import camloc.cams.hila  # noqa: F401
+    import camloc.cams.rise  # noqa: F401

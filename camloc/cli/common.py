@@ -5,6 +5,7 @@ import functools
 import os
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: busy-waiting threads crawl on small machines
 
@@ -48,7 +49,14 @@ CamCurveIntervalOption = typer.Option(0.01, "--cam-curve-interval", help="MaxBox
 SubsetSeedOption = typer.Option(None, "--subset-seed", help="Seed of the random --limit subset and of coco-train-balanced's draw (default 0 there).")
 
 
-def method_options(topk: int | str, grouping: str, start_layer: int) -> dict:
+RiseMasksOption = typer.Option(8000, "--rise-masks", help="RISE: number of random masks (the original's default 8000).")
+RiseCellOption = typer.Option(8, "--rise-cell", help="RISE: grid cells per side (s).")
+RiseP1Option = typer.Option(0.1, "--rise-p1", help="RISE: probability that a grid cell is kept.")
+RiseMasksFileOption = typer.Option(None, "--rise-masks-file", help="RISE: use these masks (.npz with key masks, (N, n, n) float32) instead of drawing them from --seed.")
+
+
+def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks: int = 8000, rise_cell: int = 8,
+                   rise_p1: float = 0.1, rise_masks_file=None) -> dict:
     """The method parameters that change results (recorded in configs and summaries). `topk` may be
     "auto", resolved per model family once the model is loaded (`camloc.cams.registry.resolve_options`)."""
     if topk != "auto":
@@ -60,7 +68,14 @@ def method_options(topk: int | str, grouping: str, start_layer: int) -> dict:
             raise CamlocError(f"--topk must be at least 1, got {topk}")
     if grouping not in ("kmeans", "chunk"):
         raise CamlocError(f"--grouping {grouping!r} is not one of kmeans, chunk")
-    return {"topk": topk, "grouping": grouping, "start_layer": start_layer}
+    if rise_masks < 1 or rise_cell < 1 or not 0 < rise_p1 <= 1:
+        raise CamlocError(f"RISE needs --rise-masks >= 1, --rise-cell >= 1 and 0 < --rise-p1 <= 1 (got {rise_masks}, "
+                          f"{rise_cell}, {rise_p1})")
+    file = str(Path(rise_masks_file).resolve()) if rise_masks_file else None
+    if file and not Path(file).is_file():
+        raise CamlocError(f"--rise-masks-file {rise_masks_file} does not exist")
+    return {"topk": topk, "grouping": grouping, "start_layer": start_layer, "rise_masks": int(rise_masks),
+            "rise_cell": int(rise_cell), "rise_p1": float(rise_p1), "rise_masks_file": file}
 
 
 def parse_chunk_size(value: str) -> int | str:

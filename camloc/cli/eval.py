@@ -10,7 +10,7 @@ from camloc.cli.app import app
 from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption,
                                DataRootOption, DeviceOption, GroupingOption, ImageDirOption, IncludeStuffOption,
                                MaxPixelsOption, PerClassOption, PointingToleranceOption, PrecisionOption,
-                               ProtocolsOption, SkipBadRecordsOption, SplitOption, StartLayerOption, SubsetSeedOption,
+                               ProtocolsOption, SkipBadRecordsOption, SplitOption, StartLayerOption, RiseMasksOption, RiseCellOption, RiseP1Option, RiseMasksFileOption, SubsetSeedOption,
                                ThresholdOption, TopkOption, parse_chunk_size, parse_threshold, reports_errors)
 
 
@@ -50,6 +50,10 @@ def eval_cmd(
     topk: str = TopkOption,
     grouping: str = GroupingOption,
     start_layer: int = StartLayerOption,
+    rise_masks: int = RiseMasksOption,
+    rise_cell: int = RiseCellOption,
+    rise_p1: float = RiseP1Option,
+    rise_masks_file: Optional[Path] = RiseMasksFileOption,
     chunk_size: str = ChunkOption,
     force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip (and report) pairs whose image file is missing instead of stopping."),

@@ -9,7 +9,7 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GroupingOption, MaxPixelsOption, ModelOption,
-                               PrecisionOption, StartLayerOption, ThresholdOption, TopkOption, err_console,
+                               PrecisionOption, StartLayerOption, RiseMasksOption, RiseCellOption, RiseP1Option, RiseMasksFileOption, ThresholdOption, TopkOption, err_console,
                                method_options, parse_chunk_size, parse_threshold, reports_errors)
 from camloc.errors import CamlocError
 
@@ -42,6 +42,10 @@ def explain(
     topk: str = TopkOption,
     grouping: str = GroupingOption,
     start_layer: int = StartLayerOption,
+    rise_masks: int = RiseMasksOption,
+    rise_cell: int = RiseCellOption,
+    rise_p1: float = RiseP1Option,
+    rise_masks_file: Optional[Path] = RiseMasksFileOption,
     chunk_size: str = ChunkOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
@@ -64,7 +68,8 @@ def explain(
             raise CamlocError(f"--out {out}: pictures are written as {', '.join(FIGURE_SUFFIXES)}; use one of them")
 
     thr = parse_threshold(threshold)
-    options = {**method_options(topk, grouping, start_layer), "chunk_size": parse_chunk_size(chunk_size)}
+    options = {**method_options(topk, grouping, start_layer, rise_masks, rise_cell, rise_p1, rise_masks_file),
+               "chunk_size": parse_chunk_size(chunk_size)}
     if figure not in (None, "pipeline", "compare"):
         raise CamlocError(f"--figure {figure!r} is not one of pipeline, compare")
     gt_boxes = [_parse_box(b) for b in gt_box]

@@ -8,7 +8,7 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption, MaxPixelsOption,
-                               PerClassOption, PrecisionOption, StartLayerOption, SubsetSeedOption, TopkOption,
+                               PerClassOption, PrecisionOption, StartLayerOption, RiseMasksOption, RiseCellOption, RiseP1Option, RiseMasksFileOption, SubsetSeedOption, TopkOption,
                                parse_chunk_size, reports_errors)
 
 
@@ -34,6 +34,10 @@ def threshold_search_cmd(
     topk: str = TopkOption,
     grouping: str = GroupingOption,
     start_layer: int = StartLayerOption,
+    rise_masks: int = RiseMasksOption,
+    rise_cell: int = RiseCellOption,
+    rise_p1: float = RiseP1Option,
+    rise_masks_file: Optional[Path] = RiseMasksFileOption,
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for box derivation [default: all cores]."),
     chunk_size: str = ChunkOption,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),

@@ -86,6 +86,7 @@ def load(name: str, cache_dir: str | Path | None = None):
     cache = str(cache_dir) if cache_dir else None
     info: dict = {"backend": "open_clip", "arch": arch, "weights": weights}
     if weights == "hf-hub":
+        _offline()
         try:
             model = open_clip.create_model(arch, cache_dir=cache)
         except Exception as exc:
@@ -150,11 +151,14 @@ def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
         arch = quick
         info["arch"] = arch
     repo = cfg.get("hf_hub") or cfg.get("url") or "?"
+    offline = _offline()
     try:
+        if offline and not cfg.get("hf_hub"):
+            raise OSError("offline, and this tag is downloaded from a URL, not the hub")
         path = open_clip.download_pretrained(cfg, cache_dir=cache)
         model = open_clip.create_model(arch, pretrained=path)
     except Exception as exc:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        offline = " (HF_HUB_OFFLINE is set)" if offline else ""
         raise CamlocError(f"could not get open_clip weights {arch}:{tag}: hub repository {repo} "
                           f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) is not in the cache "
                           f"{cache or '~/.cache/huggingface'} and could not be downloaded{offline} "
@@ -162,6 +166,21 @@ def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
                           f"internet access into that cache, or pass the file: open_clip:{arch}:/path/to/file") from exc
     info.update(tag=tag, weights=tag, file=str(path), sha256=file_sha256(Path(path)))
     return arch, model, info
+
+
+def _offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set now. huggingface_hub reads it once, at
+    import: set later (a notebook, a test), it would be ignored and the download would wait on the
+    network; camloc passes the current value on."""
+    on = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if on:
+        try:
+            from huggingface_hub import constants
+
+            constants.HF_HUB_OFFLINE = True
+        except ImportError:
+            pass
+    return on
 
 
 def _normalisation(open_clip, arch: str | None, tag: str | None, model) -> tuple[tuple, tuple]:
