@@ -352,6 +352,8 @@ def run_eval(
     config.weights = dict(model.backend.info)
     config.options = resolve_options(model, config.options)
     config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
+    if "rise" in config.methods:  # RISE draws its masks from the run's seed: part of its cache key
+        config.options = {**config.options, "seed": config.seed}
     check_method_options(model, config.methods, config.options)
     prompts = model.prompt_problems(sorted({p.prompt for item in images for p in item.pairs}))
     issues.update({k: v for k, v in prompts.items() if v})

@@ -35,7 +35,7 @@ from camloc.sharding import assign_images, process_group_ready, rank_device
 DEFAULT_MODEL = "RN50x16"  # rows without a model name in Table S1
 DISPLAY = {"gradcam": "GradCAM", "gradcam++": "GradCAM++", "xgradcam": "xGradCAM", "groupcam": "GroupCAM",
            "layercam": "LayerCAM", "scorecam": "ScoreCAM", "gscorecam": "gScoreCAM", "gscorecam-abs": "gScoreCAM-abs",
-           "hilacam": "Hila's method"}
+           "hilacam": "Hila's method", "rise": "RISE"}
 
 
 @dataclass

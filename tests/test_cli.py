@@ -99,15 +99,15 @@ def test_bad_input_gives_one_clear_line_and_nonzero_exit(args, message, tmp_path
 def test_explain_all_methods_on_vit_side_by_side(tmp_path):
     fig = tmp_path / "fig.png"
     result = invoke("explain", IMAGE, "--prompt", "cat", "--method", "all", "--model", "tiny-vit", "--out", fig,
-                    "--topk", 30, "--json")
+                    "--topk", 30, "--rise-masks", 32, "--json")
     assert result.exit_code == 0
     methods = json.loads(result.stdout)["results"][0]["methods"]
     assert list(methods) == ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam",
-                             "gscorecam-abs", "groupcam", "hilacam"]
+                             "gscorecam-abs", "groupcam", "hilacam", "rise"]
     assert methods["hilacam"]["box"] == [0, 23, 150, 100]  # golden README §6
     assert methods["gscorecam"]["box"] == [0, 0, 117, 100]
     with Image.open(fig) as im:
-        assert im.width > 4 * im.height  # one row, input + 9 method columns
+        assert im.width > 4 * im.height  # one row, input + 10 method columns
 
 
 def test_unreadable_image(tmp_path):

@@ -159,13 +159,14 @@ def test_limit_and_classes(tmp_path):
 
 def test_score_methods_in_eval_record_precision_and_options(tmp_path):
     config = EvalConfig(model="tiny-vit", methods=["all"], dataset="demo", limit=2, options={"topk": 20,
-                        "grouping": "kmeans", "start_layer": 0})
+                        "grouping": "kmeans", "start_layer": 0, "rise_masks": 16})
     summary = run_eval(config, tmp_path, device="cpu", progress=False)
     assert summary["precision"] == "fp32" and summary["config"]["precision"] == "fp32"
     assert summary["config"]["options"]["topk"] == 20
     assert set(summary["methods"]) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam",
-                                       "gscorecam-abs", "groupcam", "hilacam"}
-    assert len(_records(tmp_path)) == 2 * 9
+                                       "gscorecam-abs", "groupcam", "hilacam", "rise"}
+    assert summary["config"]["options"]["rise_masks"] == 16 and summary["config"]["options"]["seed"] == 0
+    assert len(_records(tmp_path)) == 2 * 10
 
 
 def test_killed_several_times_at_random_points(reference_run, tmp_path):

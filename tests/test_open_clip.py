@@ -86,14 +86,15 @@ def test_the_adapters_pooled_token_equals_encode_image(arch):
 def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
     name = f"open_clip:{arch}:random"
     result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "all",
-                                 "--model", name, "--topk", "30", "--json"])
+                                 "--model", name, "--topk", "30", "--rise-masks", "16", "--json"])
     assert result.exit_code == 0, result.output
     methods = set(json.loads(result.stdout)["results"][0]["methods"])
-    expected = {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs", "groupcam"}
+    expected = {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs", "groupcam",
+                "rise"}
     assert methods == expected | ({"hilacam"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
     out = tmp_path / "run"
     result = runner.invoke(app, ["eval", "--dataset", "demo", "--limit", "2", "--method", "all", "--model", name,
-                                 "--topk", "30", "--out", str(out), "--no-progress"])
+                                 "--topk", "30", "--rise-masks", "16", "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and set(summary["methods"]) == methods

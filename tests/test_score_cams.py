@@ -26,7 +26,7 @@ def test_heatmaps_match_golden(model_name, method, tiny_models, chelsea):
 def test_all_methods_together_match_golden(tiny_models, chelsea):
     """Sharing work between methods (one context, reused masked embeddings) changes nothing."""
     model = tiny_models["tiny-rn"]
-    maps = compute_heatmaps(model, chelsea, ["cat"], "all", {"topk": 100})
+    maps = compute_heatmaps(model, chelsea, ["cat"], "all", {"topk": 100, "rise_masks": 8})
     for method in ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "groupcam"]:
         np.testing.assert_allclose(maps[method][0], golden(f"tiny_rn_{method}.npy"), atol=1e-4, rtol=0)
 

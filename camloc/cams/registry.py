@@ -50,9 +50,19 @@ def register_method(name: str, **spec_fields) -> Callable:
     return decorate
 
 
-def list_methods(pattern: str = "*", family: str | None = None) -> list[str]:
+CANONICAL_ORDER = ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs",
+                   "groupcam", "hilacam", "rise"]
+"""The order of listings, `--method all` and tables, whatever order the method modules were imported in."""
+
+
+def _ordered() -> list[MethodSpec]:
     _load_builtin_methods()
-    return [n for n, s in METHODS.items() if fnmatch(n, pattern) and (family is None or family in s.families)]
+    rank = {name: i for i, name in enumerate(CANONICAL_ORDER)}
+    return sorted(METHODS.values(), key=lambda spec: (rank.get(spec.name, len(rank)), spec.name))
+
+
+def list_methods(pattern: str = "*", family: str | None = None) -> list[str]:
+    return [s.name for s in _ordered() if fnmatch(s.name, pattern) and (family is None or family in s.families)]
 
 
 def resolve_methods(names: str | list[str], family: str, model_name: str = "the model") -> list[MethodSpec]:
@@ -61,14 +71,14 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
-        raise CamlocError(f"--method is empty; valid methods: {', '.join(METHODS)}")
+        raise CamlocError(f"--method is empty; valid methods: {', '.join(list_methods())}")
     if names == ["all"]:
-        return [s for s in METHODS.values() if family in s.families]
+        return [s for s in _ordered() if family in s.families]
     specs = []
     for name in dict.fromkeys(names):
         spec = METHODS.get(name.lower())
         if spec is None:
-            raise CamlocError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}, or all")
+            raise CamlocError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}, or all")
         if family not in spec.families:
             from camloc.models.families import FAMILY_LABELS, FAMILY_NAMES
 

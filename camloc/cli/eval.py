@@ -10,8 +10,9 @@ from camloc.cli.app import app
 from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption,
                                DataRootOption, DeviceOption, GroupingOption, ImageDirOption, IncludeStuffOption,
                                MaxPixelsOption, PerClassOption, PointingToleranceOption, PrecisionOption,
-                               ProtocolsOption, SkipBadRecordsOption, SplitOption, StartLayerOption, RiseMasksOption, RiseCellOption, RiseP1Option, RiseMasksFileOption, SubsetSeedOption,
-                               ThresholdOption, TopkOption, parse_chunk_size, parse_threshold, reports_errors)
+                               ProtocolsOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption, RiseP1Option,
+                               SkipBadRecordsOption, SplitOption, StartLayerOption, SubsetSeedOption, ThresholdOption,
+                               TopkOption, parse_chunk_size, parse_threshold, reports_errors)
 
 
 def _split(value):

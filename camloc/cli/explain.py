@@ -9,8 +9,9 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GroupingOption, MaxPixelsOption, ModelOption,
-                               PrecisionOption, StartLayerOption, RiseMasksOption, RiseCellOption, RiseP1Option, RiseMasksFileOption, ThresholdOption, TopkOption, err_console,
-                               method_options, parse_chunk_size, parse_threshold, reports_errors)
+                               PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption, RiseP1Option,
+                               StartLayerOption, ThresholdOption, TopkOption, err_console, method_options,
+                               parse_chunk_size, parse_threshold, reports_errors)
 from camloc.errors import CamlocError
 
 
@@ -37,6 +38,7 @@ def explain(
     figure: Optional[str] = typer.Option(None, "--figure", help="Picture kind: pipeline or compare [default: by the number of methods]."),
     gt_box: list[str] = typer.Option([], "--gt-box", help="Ground-truth box x1,y1,x2,y2 to draw; repeatable."),
     threshold: str = ThresholdOption,
+    seed: int = typer.Option(0, "--seed", help="Seed of RISE's random masks."),
     exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Process a photo as displayed (its EXIF orientation applied) instead of as stored, which is the frame datasets' boxes use."),
     max_pixels: Optional[int] = MaxPixelsOption,
     topk: str = TopkOption,
@@ -69,7 +71,7 @@ def explain(
 
     thr = parse_threshold(threshold)
     options = {**method_options(topk, grouping, start_layer, rise_masks, rise_cell, rise_p1, rise_masks_file),
-               "chunk_size": parse_chunk_size(chunk_size)}
+               "chunk_size": parse_chunk_size(chunk_size), "seed": seed}
     if figure not in (None, "pipeline", "compare"):
         raise CamlocError(f"--figure {figure!r} is not one of pipeline, compare")
     gt_boxes = [_parse_box(b) for b in gt_box]

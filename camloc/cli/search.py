@@ -8,8 +8,9 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption, MaxPixelsOption,
-                               PerClassOption, PrecisionOption, StartLayerOption, RiseMasksOption, RiseCellOption, RiseP1Option, RiseMasksFileOption, SubsetSeedOption, TopkOption,
-                               parse_chunk_size, reports_errors)
+                               PerClassOption, PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption,
+                               RiseP1Option, StartLayerOption, SubsetSeedOption, TopkOption, parse_chunk_size,
+                               reports_errors)
 
 
 @app.command("threshold-search")

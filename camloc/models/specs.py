@@ -45,6 +45,8 @@ OFFICIAL_SPECS: dict[str, ModelSpec] = {
 TINY_SPECS: dict[str, ModelSpec] = {
     "tiny-rn": ModelSpec("tiny-rn", (64, 128, (1, 1, 1, 1), 8, None, *_TEXT, 64, 1, 1), seed=6),
     "tiny-vit": ModelSpec("tiny-vit", (64, 64, 2, 64, 16, *_TEXT, 64, 1, 1), seed=16),
+    # the frontier fixtures' multi-head ViT (../shared/golden-frontier §2): width 128, 2 heads, 3 blocks, 96 px
+    "tiny-vit-mh": ModelSpec("tiny-vit-mh", (64, 96, 3, 128, 16, *_TEXT, 64, 1, 1), seed=17),
 }
 
 # Real-size random-init models (`random-RN50`, ...) for benchmarks: real compute, no weights needed.

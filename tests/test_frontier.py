@@ -1,0 +1,115 @@
+"""Methods beyond the eight CAMs, against the frontier fixtures (`golden-frontier/`, a copy of
+../shared/golden-frontier without the 7.9 MB state dict, which camloc rebuilds from its seed)."""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from camloc.cams import CamContext, compute_heatmaps
+from camloc.cams.rise import RiseMasks, draw_grids, upsampling_matrix
+from camloc.cli.app import app
+from camloc.models import ClipModel
+from camloc.models.loading import random_state_dict
+from camloc.models.specs import TINY_SPECS
+
+FRONTIER = Path(__file__).parent / "golden-frontier"
+MODELS = {"tiny-vit": "tiny_vit", "tiny-vit-mh": "tiny_vit_mh"}
+RISE_SEED = {"tiny-vit": 1616, "tiny-vit-mh": 1717}
+PROMPTS = ["cat", "dog"]
+runner = CliRunner()
+
+
+def fixture(name: str):
+    path = FRONTIER / name
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            return data["masks"]
+    return np.load(path)
+
+
+def meta(model: str) -> dict:
+    return json.loads((FRONTIER / f"{MODELS[model]}_meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: ClipModel.load(name, device="cpu") for name in MODELS}
+
+
+def test_tiny_vit_mh_is_the_fixtures_model():
+    """Rebuilt from its seed (the golden recipe), the checksum the frontier README gives."""
+    sd = random_state_dict(TINY_SPECS["tiny-vit-mh"])
+    digest = hashlib.sha256()
+    for key, value in sd.items():
+        t = value.float().contiguous()
+        digest.update(key.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(t.numpy().tobytes())
+    assert digest.hexdigest() == meta("tiny-vit-mh")["checksum_fp32_state_dict"]
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_the_models_input_and_logits_are_the_fixtures(model, models, chelsea):
+    m = models[model]
+    ctx = CamContext(m, chelsea, PROMPTS)
+    np.testing.assert_allclose(ctx.input.numpy(), fixture(f"{MODELS[model]}_input.npy"), atol=1e-6)
+    np.testing.assert_allclose(ctx.image_scores.numpy(), meta(model)["logits_per_image"], atol=1e-4)
+
+
+# --- RISE ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_rise_masks_are_the_originals(model, models):
+    """The seeded draws give the original's grids and shifts, and the closed-form upsampling its masks,
+    bit for bit."""
+    n = models[model].input_size
+    grids, shifts = draw_grids(500, 8, 0.1, n, RISE_SEED[model])
+    np.testing.assert_array_equal(grids, fixture(f"{MODELS[model]}_rise_mask_grid.npy").astype(bool))
+    np.testing.assert_array_equal(shifts, fixture(f"{MODELS[model]}_rise_mask_shifts.npy"))
+    masks = RiseMasks(n, 500, 8, 0.1, RISE_SEED[model]).chunk(slice(0, 500))
+    np.testing.assert_array_equal(masks, fixture(f"{MODELS[model]}_rise_masks.npz"))
+    assert upsampling_matrix(8, 72).sum(axis=1).round(12).tolist() == [1.0] * 72  # rows are convex weights
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_rise_reproduces_the_original(model, models, chelsea, tmp_path):
+    """Fed the stored masks (--rise-masks-file) and, separately, drawing them from the seed: the
+    original's heatmaps within the README's 1e-5."""
+    masks_file = FRONTIER / f"{MODELS[model]}_rise_masks.npz"
+    expected = fixture(f"{MODELS[model]}_rise.npy")
+    for options in ({"rise_masks_file": str(masks_file)}, {"rise_masks": 500, "seed": RISE_SEED[model]}):
+        maps = compute_heatmaps(models[model], chelsea, PROMPTS, ["rise"], options)["rise"]
+        np.testing.assert_allclose(maps, expected, atol=1e-5, rtol=0)
+
+
+def test_rise_prompts_share_the_forwards(models, chelsea):
+    """P prompts cost one prompt's masked forwards: every prompt is scored from the same embeddings."""
+    model = models["tiny-vit"]
+    options = {"rise_masks": 64, "seed": 0}
+    one = CamContext(model, chelsea, ["cat"], options)
+    compute_heatmaps(model, chelsea, ["cat"], ["rise"], context=one)
+    many = CamContext(model, chelsea, ["cat", "dog", "a tabby", "sofa", "tree"], options)
+    maps = compute_heatmaps(model, chelsea, many.prompts, ["rise"], context=many)["rise"]
+    assert one.rise_forwards == many.rise_forwards == 64
+    alone = compute_heatmaps(model, chelsea, ["sofa"], ["rise"], options)["rise"][0]
+    np.testing.assert_allclose(maps[3], alone, atol=1e-6)
+
+
+def test_rise_on_other_families_and_options(tmp_path):
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "rise",
+                                 "--model", "open_clip:camloc-tiny-convnext:random", "--rise-masks", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, masks=np.zeros((4, 10, 10), np.float32))
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "rise",
+                                 "--model", "tiny-vit", "--rise-masks-file", str(bad)])
+    assert result.exit_code == 2 and "masks of shape (4, 10, 10); this model needs (N, 64, 64)" in result.stderr
+    result = runner.invoke(app, ["eval", "--method", "rise", "--model", "tiny-rn", "--rise-masks", "16", "--limit", "1",
+                                 "--seed", "3", "--out", str(tmp_path / "run"), "--no-progress", "--save-heatmaps"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["options"]["rise_masks"] == 16 and config["options"]["seed"] == 3
+    assert any("rise-rise_masks=16" in str(p) and "seed=3" in str(p) for p in (tmp_path / "run" / "heatmaps").rglob("*"))
