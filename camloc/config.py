@@ -11,7 +11,8 @@ from camloc.errors import CamlocError
 
 DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_class", "subset_seed", "data_root",
                 "ann_file", "image_dir", "include_stuff", "ade_extent"}
-OPTION_KEYS = {"topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file"}
+OPTION_KEYS = {"topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file",
+               "legrad_layers"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
                             "chunk_size", "save_heatmaps", "options", "max_pixels", "protocols",
                             "pointing_tolerance", "cam_curve_interval"}
@@ -78,6 +79,7 @@ class Settings:
         from camloc.cli.common import method_options
 
         table = self.file.get("options", {})
-        keys = ("topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file")
+        keys = ("topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file",
+                "legrad_layers")
         return method_options(**{k: self.values[k] if k in self.given or k not in table else table[k]
                                  for k in keys if k in self.values or k in table})

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from camloc.cams import CamContext, compute_heatmaps
@@ -113,3 +114,48 @@ def test_rise_on_other_families_and_options(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["options"]["rise_masks"] == 16 and config["options"]["seed"] == 3
     assert any("rise-rise_masks=16" in str(p) and "seed=3" in str(p) for p in (tmp_path / "run" / "heatmaps").rglob("*"))
+
+
+# --- LeGrad -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("layers,suffix", [(2, ""), (0, "_alllayers")])
+def test_legrad_reproduces_legrad_torch(model, layers, suffix, models, chelsea):
+    """legrad-torch 1.1's maps (default layer_index=-2, and 0 = every block), both prompts, within 1e-5."""
+    from camloc.cams.engine import compute_native
+
+    kind, maps = compute_native(models[model], chelsea, PROMPTS, ["legrad"], {"legrad_layers": layers})["legrad"]
+    assert kind == "resize" and maps.shape == fixture(f"{MODELS[model]}_legrad{suffix}.npy")[0].shape
+    np.testing.assert_allclose(maps, fixture(f"{MODELS[model]}_legrad{suffix}.npy")[0], atol=1e-5, rtol=0)
+
+
+def test_legrad_on_open_clips_batch_first_blocks(chelsea):
+    """The same weights built by open_clip 3.3 (batch-first blocks, where the reference package itself
+    silently gives other maps: frontier README §9) give the reference maps through camloc."""
+    import open_clip
+
+    from camloc.cams.engine import compute_native
+    from camloc.models.clip_model import Backend
+
+    sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS["tiny-vit-mh"]).items()}
+    built = open_clip.model.build_model_from_openai_state_dict(sd).float().eval()
+    tokenizer = open_clip.tokenizer.SimpleTokenizer()
+    model = ClipModel(built, "open_clip:tiny-vit-mh", torch.device("cpu"), "fp32", Backend("open_clip", lambda: tokenizer))
+    assert model.family.batch_dim == 0
+    _, maps = compute_native(model, chelsea, PROMPTS, ["legrad"])["legrad"]
+    np.testing.assert_allclose(maps, fixture("tiny_vit_mh_legrad.npy")[0], atol=1e-5, rtol=0)
+
+
+def test_legrad_runs_one_batched_backward_for_all_prompts_and_blocks(models, chelsea, monkeypatch):
+    import camloc.cams.legrad as legrad_module
+
+    calls = []
+    real = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(legrad_module.torch.autograd, "grad", counting)
+    compute_heatmaps(models["tiny-vit-mh"], chelsea, ["cat", "dog", "sofa", "tree"], ["legrad"], {"legrad_layers": 0})
+    assert len(calls) == 1

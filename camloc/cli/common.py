@@ -55,8 +55,11 @@ RiseP1Option = typer.Option(0.1, "--rise-p1", help="RISE: probability that a gri
 RiseMasksFileOption = typer.Option(None, "--rise-masks-file", help="RISE: use these masks (.npz with key masks, (N, n, n) float32) instead of drawing them from --seed.")
 
 
+LegradLayersOption = typer.Option(2, "--legrad-layers", help="LeGrad: the last K blocks used (the reference's 2; 0 = every block).")
+
+
 def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks: int = 8000, rise_cell: int = 8,
-                   rise_p1: float = 0.1, rise_masks_file=None) -> dict:
+                   rise_p1: float = 0.1, rise_masks_file=None, legrad_layers: int = 2) -> dict:
     """The method parameters that change results (recorded in configs and summaries). `topk` may be
     "auto", resolved per model family once the model is loaded (`camloc.cams.registry.resolve_options`)."""
     if topk != "auto":
@@ -68,6 +71,8 @@ def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks:
             raise CamlocError(f"--topk must be at least 1, got {topk}")
     if grouping not in ("kmeans", "chunk"):
         raise CamlocError(f"--grouping {grouping!r} is not one of kmeans, chunk")
+    if legrad_layers < 0:
+        raise CamlocError(f"--legrad-layers must be 0 (every block) or more, got {legrad_layers}")
     if rise_masks < 1 or rise_cell < 1 or not 0 < rise_p1 <= 1:
         raise CamlocError(f"RISE needs --rise-masks >= 1, --rise-cell >= 1 and 0 < --rise-p1 <= 1 (got {rise_masks}, "
                           f"{rise_cell}, {rise_p1})")
@@ -75,7 +80,8 @@ def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks:
     if file and not Path(file).is_file():
         raise CamlocError(f"--rise-masks-file {rise_masks_file} does not exist")
     return {"topk": topk, "grouping": grouping, "start_layer": start_layer, "rise_masks": int(rise_masks),
-            "rise_cell": int(rise_cell), "rise_p1": float(rise_p1), "rise_masks_file": file}
+            "rise_cell": int(rise_cell), "rise_p1": float(rise_p1), "rise_masks_file": file,
+            "legrad_layers": int(legrad_layers)}
 
 
 def parse_chunk_size(value: str) -> int | str:

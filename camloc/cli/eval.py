@@ -8,7 +8,7 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption,
-                               DataRootOption, DeviceOption, GroupingOption, ImageDirOption, IncludeStuffOption,
+                               DataRootOption, DeviceOption, GroupingOption, LegradLayersOption, ImageDirOption, IncludeStuffOption,
                                MaxPixelsOption, PerClassOption, PointingToleranceOption, PrecisionOption,
                                ProtocolsOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption, RiseP1Option,
                                SkipBadRecordsOption, SplitOption, StartLayerOption, SubsetSeedOption, ThresholdOption,
@@ -55,6 +55,7 @@ def eval_cmd(
     rise_cell: int = RiseCellOption,
     rise_p1: float = RiseP1Option,
     rise_masks_file: Optional[Path] = RiseMasksFileOption,
+    legrad_layers: int = LegradLayersOption,
     chunk_size: str = ChunkOption,
     force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip (and report) pairs whose image file is missing instead of stopping."),
