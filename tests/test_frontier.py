@@ -159,3 +159,88 @@ def test_legrad_runs_one_batched_backward_for_all_prompts_and_blocks(models, che
     monkeypatch.setattr(legrad_module.torch.autograd, "grad", counting)
     compute_heatmaps(models["tiny-vit-mh"], chelsea, ["cat", "dog", "sofa", "tree"], ["legrad"], {"legrad_layers": 0})
     assert len(calls) == 1
+
+
+# --- the one-forward dense family ---------------------------------------------------------------------
+
+GEM_PROMPTS = ["a photo of a cat.", "a photo of a dog."]  # gem-torch builds its prompts with this template
+
+
+def _compute(model, image, prompts, method, options=None):
+    from camloc.cams.registry import METHODS, list_methods
+
+    list_methods()
+    return METHODS[method].compute(CamContext(model, image, prompts, options)).numpy()
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_maskclip_reproduces_the_reference(model, models, chelsea):
+    grid = _compute(models[model], chelsea, PROMPTS, "maskclip")
+    np.testing.assert_allclose(grid, fixture(f"{MODELS[model]}_maskclip_grid.npy")[0], atol=1e-5, rtol=0)
+    up = torch.nn.functional.interpolate(torch.from_numpy(grid)[None], size=(models[model].input_size,) * 2,
+                                         mode="bilinear", align_corners=False)[0].numpy()
+    np.testing.assert_allclose(up, fixture(f"{MODELS[model]}_maskclip_inputsize.npy")[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model,blocks,suffix", [("tiny-vit", 1, ""), ("tiny-vit", 2, "_depth3"),
+                                                 ("tiny-vit-mh", 2, ""), ("tiny-vit-mh", 3, "_depth4")])
+def test_gem_reproduces_gem_torch(model, blocks, suffix, models, chelsea):
+    """gem-torch's depth D replaces the last D - 1 blocks: camloc's --gem-blocks says that number."""
+    grid = torch.from_numpy(_compute(models[model], chelsea, GEM_PROMPTS, "gem", {"gem_blocks": blocks}))
+    np.testing.assert_allclose(grid.numpy(), fixture(f"{MODELS[model]}_gem{suffix}_grid.npy")[0], atol=1e-5, rtol=0)
+    n = models[model].input_size
+    up = torch.nn.functional.interpolate(grid[None], size=(n, n), mode="bilinear", align_corners=False)[0]
+    low, high = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
+    np.testing.assert_allclose(((up - low) / (high - low)).numpy(), fixture(f"{MODELS[model]}_gem{suffix}.npy")[0],
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("build", ["clip", "open_clip"])
+def test_the_block_access_reduces_to_the_models_own_forward(build, chelsea):
+    """With the last block's attention recombined as the original (softmax(q k^T / sqrt(d)) v, out_proj,
+    residual, FFN), ln_post and proj on the class token give `encode_image`: for OpenAI's sequence-first
+    and open_clip's batch-first blocks alike, so a layout mistake in the dense family fails loudly."""
+    import open_clip
+
+    from camloc.cams.dense import BlockAccess, block_inputs
+    from camloc.models.clip_model import Backend
+
+    if build == "clip":
+        model = ClipModel.load("tiny-vit-mh", device="cpu")
+    else:
+        sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS["tiny-vit-mh"]).items()}
+        built = open_clip.model.build_model_from_openai_state_dict(sd).float().eval()
+        model = ClipModel(built, "open_clip:tiny-vit-mh", torch.device("cpu"), "fp32",
+                          Backend("open_clip", lambda: open_clip.tokenizer.SimpleTokenizer()))
+    ctx = CamContext(model, chelsea, ["cat"])
+    blocks, inputs = block_inputs(ctx, len(blocks_of(model)) - 1)
+    access = BlockAccess(blocks[-1])
+    x = inputs[-1]
+    with torch.no_grad():
+        q, k, v = access.qkv(blocks[-1].ln_1(x))
+        attn = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + access.ls_1(access.merge(attn @ v))
+        x = x + access.ffn(x)
+        cls = model.visual.ln_post(x[:, 0]) @ model.visual.proj
+        expected = model.model.encode_image(ctx.input)
+    torch.testing.assert_close(cls, expected, rtol=1e-5, atol=1e-5)
+
+
+def blocks_of(model):
+    return list(model.visual.transformer.resblocks)
+
+
+@pytest.mark.parametrize("method,options", [("maskclip", {}), ("gem", {"gem_blocks": 2}), ("rise", {"rise_masks": 8})])
+def test_p_prompts_cost_one_prompts_image_forwards(method, options, models, chelsea):
+    model = models["tiny-vit-mh"]
+    calls = []
+    handle = model.visual.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    try:
+        compute_heatmaps(model, chelsea, ["cat"], [method], options)
+        one = sum(calls)
+        calls.clear()
+        compute_heatmaps(model, chelsea, ["cat", "dog", "sofa", "a tabby cat", "tree", "sky", "grass", "rug"],
+                         [method], options)
+    finally:
+        handle.remove()
+    assert sum(calls) == one and one == (8 if method == "rise" else 1)

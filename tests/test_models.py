@@ -30,7 +30,7 @@ def _hash(sd):
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("name", list(TINY_SPECS))
+@pytest.mark.parametrize("name", list(PREFIX))  # the models of ../golden (tiny-vit-mh: test_frontier.py)
 def test_tiny_models_are_the_golden_weights(name):
     assert _hash(random_state_dict(TINY_SPECS[name])) == TINY_HASHES[name]
     built = load_clip(name)[0].state_dict()  # as built; ClipModel then folds tiny-rn's BatchNorms on the CPU
@@ -43,13 +43,13 @@ def test_tiny_models_are_the_golden_weights(name):
             assert torch.equal(built[k], v.float() if v.is_floating_point() else v), k
 
 
-@pytest.mark.parametrize("name", list(TINY_SPECS))
+@pytest.mark.parametrize("name", list(PREFIX))  # the models of ../golden (tiny-vit-mh: test_frontier.py)
 def test_squash_preprocessing_matches_golden_input(name, tiny_models, chelsea):
     x = tiny_models[name].preprocess(chelsea)
     np.testing.assert_array_equal(x.numpy(), golden(f"{PREFIX[name]}_input.npy"))
 
 
-@pytest.mark.parametrize("name", list(TINY_SPECS))
+@pytest.mark.parametrize("name", list(PREFIX))  # the models of ../golden (tiny-vit-mh: test_frontier.py)
 def test_embeddings_match_golden(name, tiny_models):
     model = tiny_models[name]
     x = torch.from_numpy(golden(f"{PREFIX[name]}_input.npy"))

@@ -58,8 +58,13 @@ RiseMasksFileOption = typer.Option(None, "--rise-masks-file", help="RISE: use th
 LegradLayersOption = typer.Option(2, "--legrad-layers", help="LeGrad: the last K blocks used (the reference's 2; 0 = every block).")
 
 
+GemBlocksOption = typer.Option(6, "--gem-blocks", help="GEM: last blocks on the self-self path (gem-torch's default depth 7 = 6 blocks).")
+GemIterationsOption = typer.Option(1, "--gem-iterations", help="GEM: self-self refinement iterations (the reference's 1).")
+
+
 def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks: int = 8000, rise_cell: int = 8,
-                   rise_p1: float = 0.1, rise_masks_file=None, legrad_layers: int = 2) -> dict:
+                   rise_p1: float = 0.1, rise_masks_file=None, legrad_layers: int = 2, gem_blocks: int = 6,
+                   gem_iterations: int = 1) -> dict:
     """The method parameters that change results (recorded in configs and summaries). `topk` may be
     "auto", resolved per model family once the model is loaded (`camloc.cams.registry.resolve_options`)."""
     if topk != "auto":
@@ -73,6 +78,9 @@ def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks:
         raise CamlocError(f"--grouping {grouping!r} is not one of kmeans, chunk")
     if legrad_layers < 0:
         raise CamlocError(f"--legrad-layers must be 0 (every block) or more, got {legrad_layers}")
+    if gem_blocks < 1 or gem_iterations < 0:
+        raise CamlocError(f"--gem-blocks must be at least 1 and --gem-iterations 0 or more (got {gem_blocks}, "
+                          f"{gem_iterations})")
     if rise_masks < 1 or rise_cell < 1 or not 0 < rise_p1 <= 1:
         raise CamlocError(f"RISE needs --rise-masks >= 1, --rise-cell >= 1 and 0 < --rise-p1 <= 1 (got {rise_masks}, "
                           f"{rise_cell}, {rise_p1})")
@@ -81,7 +89,7 @@ def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks:
         raise CamlocError(f"--rise-masks-file {rise_masks_file} does not exist")
     return {"topk": topk, "grouping": grouping, "start_layer": start_layer, "rise_masks": int(rise_masks),
             "rise_cell": int(rise_cell), "rise_p1": float(rise_p1), "rise_masks_file": file,
-            "legrad_layers": int(legrad_layers)}
+            "legrad_layers": int(legrad_layers), "gem_blocks": int(gem_blocks), "gem_iterations": int(gem_iterations)}
 
 
 def parse_chunk_size(value: str) -> int | str:

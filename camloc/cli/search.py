@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GroupingOption, LegradLayersOption, MaxPixelsOption,
+from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, MaxPixelsOption,
                                PerClassOption, PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption,
                                RiseP1Option, StartLayerOption, SubsetSeedOption, TopkOption, parse_chunk_size,
                                reports_errors)
@@ -40,6 +40,8 @@ def threshold_search_cmd(
     rise_p1: float = RiseP1Option,
     rise_masks_file: Optional[Path] = RiseMasksFileOption,
     legrad_layers: int = LegradLayersOption,
+    gem_blocks: int = GemBlocksOption,
+    gem_iterations: int = GemIterationsOption,
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for box derivation [default: all cores]."),
     chunk_size: str = ChunkOption,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),

@@ -1,0 +1,130 @@
+"""The one-forward dense family: methods that change or add an attention path in the last block(s)
+of a ViT, project every patch token into the joint space and score it against the prompts, so one
+image forward gives every prompt's map (no gradients, no masked forwards).
+
+- `maskclip` (Zhou et al., ECCV 2022, "Extract free dense labels from CLIP"; the official MaskCLIP
+  backbone path, as clip-cam's dense ViT computes it): in the last block the attention output is
+  replaced by the value path, v = out_proj(value(ln_1(x))), then the block's residual and FFN,
+  ln_post and proj on every token; map = cosine(patch token, prompt).
+- `gem` (Bousselham et al., CVPR 2024, "Grounding everything: emerging localization properties in
+  vision-language transformers", as gem-torch 1.0.1 computes it): a parallel path through the last
+  `--gem-blocks` blocks (gem-torch's `depth` = blocks + 1), fed by the original path's ln_1: per head
+  and for each of v, k, q, self-self attention with an adaptive inverse temperature (the mean token
+  norm of ln_1(x) / sqrt(head dim)), `--gem-iterations` normalised refinement steps, the three
+  outputs averaged, out_proj added to the path's residual (no FFN, no LayerNorm); ln_post and proj;
+  map = cosine(patch token, prompt).
+
+The block access (ln_1, the attention's q/k/v projection and out_proj, LayerScale where open_clip
+has it, the FFN) reads OpenAI's sequence-first and open_clip's batch-first blocks alike: tokens are
+handled batch-first here, and the captured inputs are transposed where the family is sequence-first.
+Post-processing: the cosine grid is min-max normalised without ReLU or epsilon (the references do
+not clamp), resized to the image, min-max again (`resize_minmax`, as GroupCAM).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from camloc.cams.context import CamContext
+from camloc.cams.registry import register_method
+
+DENSE_FAMILIES = frozenset({"vit", "vit-avg"})
+
+
+class BlockAccess:
+    """The parts of one transformer block the dense methods recombine (batch-first tensors)."""
+
+    def __init__(self, block: torch.nn.Module):
+        self.block = block
+        attn = block.attn
+        self.heads = attn.num_heads
+        self.weight, self.bias = attn.in_proj_weight, attn.in_proj_bias
+        self.out_proj = attn.out_proj
+        self.ls_1 = getattr(block, "ls_1", torch.nn.Identity())
+        self.ls_2 = getattr(block, "ls_2", torch.nn.Identity())
+
+    def qkv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ln_1-ed tokens (B, N, D) -> q, k, v (B, heads, N, d)."""
+        batch, n, dim = y.shape
+        q, k, v = F.linear(y, self.weight, self.bias).chunk(3, dim=-1)
+        return tuple(t.reshape(batch, n, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, d) -> out_proj((B, N, D))."""
+        batch, heads, n, d = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(batch, n, heads * d))
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls_2(self.block.mlp(self.block.ln_2(x)))
+
+
+def block_inputs(ctx: CamContext, first: int) -> tuple[list, torch.Tensor]:
+    """One forward of the image: the (batch-first) input of every block from `first` on, and the
+    blocks."""
+    visual = ctx.model.visual
+    blocks = list(visual.transformer.resblocks)
+    seq_first = ctx.model.family.batch_dim == 1
+    captured: dict[int, torch.Tensor] = {}
+    handles = [blocks[i].register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
+               for i in range(first, len(blocks))]
+    try:
+        with torch.no_grad():
+            visual(ctx.input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inputs = [captured[i].transpose(0, 1) if seq_first else captured[i] for i in range(first, len(blocks))]
+    return blocks, inputs
+
+
+def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
+    """(1, N, D) tokens -> ln_post, proj -> cosine of every patch token with every prompt (P, g, g)."""
+    visual = ctx.model.visual
+    dense = (visual.ln_post(tokens) @ visual.proj).float()[0]
+    prefix = ctx.model.family.prefix
+    patches = F.normalize(dense[prefix:], dim=-1)
+    grid = int(round(patches.shape[0] ** 0.5))
+    return (patches @ ctx.text_features.T).T.reshape(len(ctx.prompts), grid, grid)
+
+
+@register_method("maskclip", families=DENSE_FAMILIES, postprocess="resize_minmax",
+                 description="MaskCLIP (Zhou et al. 2022): value path in the last block, patch tokens vs prompts; "
+                             "one forward.")
+def maskclip(ctx: CamContext) -> torch.Tensor:
+    blocks, inputs = block_inputs(ctx, len(ctx.model.visual.transformer.resblocks) - 1)
+    access = BlockAccess(blocks[-1])
+    x = inputs[-1]
+    with torch.no_grad():
+        _, _, v = access.qkv(blocks[-1].ln_1(x))
+        v = x + access.ls_1(access.merge(v))
+        v = v + access.ffn(v)
+        return patch_similarity(ctx, v)
+
+
+def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterations: int) -> torch.Tensor:
+    for _ in range(iterations):
+        s = F.normalize(s, dim=-1)
+        s = torch.softmax(tau * s @ s.transpose(-2, -1), dim=-1) @ s
+    s = F.normalize(s, dim=-1)
+    return torch.softmax(tau * s @ s.transpose(-2, -1), dim=-1) @ values
+
+
+@register_method("gem", families=DENSE_FAMILIES, postprocess="resize_minmax", params=("gem_blocks", "gem_iterations"),
+                 description="GEM (Bousselham et al. 2024): self-self attention path over the last --gem-blocks "
+                             "blocks; one forward.")
+def gem(ctx: CamContext) -> torch.Tensor:
+    depth = len(ctx.model.visual.transformer.resblocks)
+    n_blocks = int(ctx.options.get("gem_blocks", 6))
+    iterations = int(ctx.options.get("gem_iterations", 1))
+    first = max(0, depth - n_blocks) if n_blocks > 0 else 0
+    blocks, inputs = block_inputs(ctx, first)
+    with torch.no_grad():
+        x_gem = inputs[0]
+        for block, x in zip(blocks[first:], inputs):
+            access = BlockAccess(block)
+            y = block.ln_1(x)
+            q, k, v = access.qkv(y)
+            tau = y.norm(dim=-1).mean() * q.shape[-1] ** -0.5  # multiplies the logits
+            o = sum(_self_self(s, v, tau, iterations) for s in (v, k, q)) / 3
+            x_gem = x_gem + access.merge(o)
+        return patch_similarity(ctx, x_gem)
