@@ -244,3 +244,17 @@ def test_p_prompts_cost_one_prompts_image_forwards(method, options, models, chel
     finally:
         handle.remove()
     assert sum(calls) == one and one == (8 if method == "rise" else 1)
+
+
+def test_explain_native_saves_the_maps_before_post_processing(tmp_path):
+    out = tmp_path / "maps.npz"
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "-p", "cat", "-p", "dog", "--method",
+                                 "maskclip,legrad,gradcam", "--model", "tiny-vit", "--save-heatmap", str(out), "--native"])
+    assert result.exit_code == 0, result.output
+    with np.load(out) as saved:
+        np.testing.assert_allclose(saved["maskclip"], fixture("tiny_vit_maskclip_grid.npy")[0], atol=1e-5)
+        np.testing.assert_allclose(saved["legrad"], fixture("tiny_vit_legrad.npy")[0], atol=1e-5)
+        assert saved["gradcam"].shape == (2, 4, 4)  # the grid, before ReLU and min-max
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "-p", "cat", "--method", "gradcam",
+                                 "--model", "tiny-vit", "--native"])
+    assert result.exit_code == 2 and "give --save-heatmap FILE too" in result.stderr

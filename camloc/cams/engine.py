@@ -20,12 +20,20 @@ def compute_native(
 ) -> dict[str, tuple[str, np.ndarray]]:
     """{method: (post-processing kind, (P, h, w) normalised maps at the method's native resolution)}.
     `native_to_raw(kind, maps, image.size)` gives the raw-size heatmaps."""
+    raw = compute_raw(model, image, prompts, methods, options, context)
+    return {name: (kind, to_native(kind, maps)) for name, (kind, maps) in raw.items()}
+
+
+def compute_raw(model: ClipModel, image: Image.Image, prompts: list[str], methods, options: dict | None = None,
+                context: CamContext | None = None) -> dict:
+    """{method: (post-processing kind, (P, h, w) maps exactly as the method computes them, before any
+    post-processing, as a tensor on the model's device)}: what `explain --native` saves."""
     if methods and isinstance(methods, list) and isinstance(methods[0], MethodSpec):
         specs = methods
     else:
         specs = resolve_methods(methods, model.family.name, model.name)
     ctx = context or CamContext(model, image, prompts, options, methods=[s.name for s in specs])
-    return {spec.name: (spec.postprocess, to_native(spec.postprocess, spec.compute(ctx))) for spec in specs}
+    return {spec.name: (spec.postprocess, spec.compute(ctx)) for spec in specs}
 
 
 def compute_heatmaps(

@@ -33,6 +33,7 @@ def explain(
     method: str = typer.Option("gscorecam", "--method", help="Method, comma list, or all (see `camloc list methods`)."),
     model: str = ModelOption,
     save_heatmap: Optional[Path] = typer.Option(None, "--save-heatmap", help="Write raw-size float32 heatmaps: FILE.npy (one method) or FILE.npz (keyed by method)."),
+    native: bool = typer.Option(False, "--native", help="With --save-heatmap: save each method's maps as it computes them, before any post-processing (its grid, or input size for RISE/LeGrad/HilaCAM)."),
     json_output: bool = typer.Option(False, "--json", help="Print boxes and scores as JSON."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write a picture (PNG): the Fig. S1 pipeline for one method, a side-by-side method comparison (Fig. S4) for several."),
     figure: Optional[str] = typer.Option(None, "--figure", help="Picture kind: pipeline or compare [default: by the number of methods]."),
@@ -57,7 +58,7 @@ def explain(
     cache_dir: Optional[str] = CacheOption,
 ) -> None:
     """Compute CAM heatmaps of one image for one or more prompts, and their boxes (Algorithm 1)."""
-    from camloc.cams import compute_heatmaps, resolve_methods
+    from camloc.cams import resolve_methods
     from camloc.cams.registry import check_method_options, resolve_options
     from camloc.evaluators import box_from_heatmap
     from camloc.models import ClipModel, load_image
@@ -102,15 +103,22 @@ def explain(
 
     from camloc.cams import CamContext
 
+    from camloc.cams.engine import compute_raw
+    from camloc.cams.postprocess import native_to_raw, to_native
+
+    if native and save_heatmap is None:
+        raise CamlocError("--native says how to save the maps: give --save-heatmap FILE too")
     ctx = CamContext(clip_model, pil, prompt, options, methods=[s.name for s in specs])
-    heatmaps = compute_heatmaps(clip_model, pil, prompt, specs, context=ctx)
+    raw = compute_raw(clip_model, pil, prompt, specs, context=ctx)
+    heatmaps = {m: native_to_raw(kind, to_native(kind, maps), pil.size) for m, (kind, maps) in raw.items()}
     scores = ctx.image_scores.tolist()
 
     if save_heatmap is not None:
         import numpy as np
 
         save_heatmap.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {m: (h[0] if len(prompt) == 1 else h) for m, h in heatmaps.items()}
+        chosen = {m: maps.detach().float().cpu().numpy() for m, (_, maps) in raw.items()} if native else heatmaps
+        arrays = {m: (h[0] if len(prompt) == 1 else h) for m, h in chosen.items()}
         if save_heatmap.suffix == ".npy":
             np.save(save_heatmap, next(iter(arrays.values())))
         else:
