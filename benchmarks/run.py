@@ -360,6 +360,27 @@ def section_open_clip(model, image, k, args, device, report):
     return rows
 
 
+def section_frontier(model, image, args, device, report):
+    """Time per image-prompt of the later methods beside GradCAM and gScoreCAM, with P = 1 and 8 prompts
+    on one image: the one-forward methods (MaskCLIP, GEM), LeGrad (one batched backward) and RISE (N
+    masked forwards shared by the prompts). RISE runs 500 masks here (the original's default is 8000;
+    its time scales linearly with N)."""
+    print(f"\n## later methods per image-prompt: {model.name}, {model.precision} on {device.type}")
+    prompts = ["cat", "dog", "a tabby cat", "sofa", "a photo of a cat", "tree", "grass", "rug"]
+    options = {"topk": 100, "rise_masks": 500, "seed": 0, "gem_blocks": 6, "legrad_layers": 2}
+    out = report.setdefault(f"frontier/{model.name}", {})
+    for method in ("gradcam", "gscorecam", "legrad", "maskclip", "gem", "rise"):
+        times = {}
+        for p in (1, 8):
+            compute_heatmaps(model, image, prompts[:1], [method], {**options, "rise_masks": 16})  # warm-up
+            times[p] = timed(lambda: compute_heatmaps(model, image, prompts[:p], [method], options), device,
+                             args.reps)[0]
+        out[method] = {"p1_s": times[1], "p8_s": times[8], "p8_per_prompt_s": times[8] / 8}
+        print(f"{method:10s}: P=1 {times[1]:.3f} s; P=8 {times[8]:.3f} s = {times[8] / 8:.3f} s per prompt "
+              f"({times[1] * 8 / times[8]:.1f}x cheaper per prompt)")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the < 10 minute CPU subset")
@@ -367,8 +388,8 @@ def main():
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per timing (median)")
     ap.add_argument("--only", default=None,
-                    help="comma list of sections: gscorecam,prompts,fusion,pipeline,memory,threshold,open_clip "
-                         "(open_clip: not in --quick unless named)")
+                    help="comma list of sections: gscorecam,prompts,fusion,pipeline,memory,threshold,open_clip,"
+                         "frontier (open_clip and frontier: not in --quick unless named)")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -377,7 +398,7 @@ def main():
     args.batches = [32, 64, 128, 256] if cuda else ([16, 32] if args.quick else [8, 16, 32, 64])
     args.prompt_counts = [1, 8] if args.quick else [1, 3, 8]
     args.floor_images = 96 if args.quick else None  # quick: time 96 of the k floor forwards and scale
-    every = "gscorecam,prompts,fusion,pipeline,memory,threshold" + ("" if args.quick else ",open_clip")
+    every = "gscorecam,prompts,fusion,pipeline,memory,threshold" + ("" if args.quick else ",open_clip,frontier")
     sections = set((args.only or every).split(","))
     image = load_image(IMAGE)
     report = {"machine": device_description(device), "platform": platform.platform(), "commit": git_commit(),
@@ -418,6 +439,10 @@ def main():
         section_gscorecam(big, image, 300, args, device, report)
         if cuda:
             section_pairs_per_second(big, image, device, report)
+    if "frontier" in sections:
+        vit = load("random-ViT-B/32")
+        section_frontier(vit, image, args, device, report)
+        del vit
     if "open_clip" in sections:  # one open_clip ViT, one timm trunk (SigLIP's attention-pool ViT), random weights
         for name in ("open_clip:ViT-B-16:random", "open_clip:ViT-B-16-SigLIP:random"):
             oc = load(name)
