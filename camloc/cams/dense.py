@@ -14,6 +14,18 @@ image forward gives every prompt's map (no gradients, no masked forwards).
   outputs averaged, out_proj added to the path's residual (no FFN, no LayerNorm); ln_post and proj;
   map = cosine(patch token, prompt).
 
+- `clearclip` (Lan et al., ECCV 2024, "ClearCLIP: decomposing CLIP representations for dense
+  vision-language inference", mc-lan/ClearCLIP's `custom_attn(model_type="ClearCLIP")` with its default
+  `ignore_residual=True`): the last block is replaced by its attention alone, with query-query logits
+  (q q^T / sqrt(d)), no residual and no FFN; ln_post and proj; map = cosine(patch token, prompt).
+- `naclip` (Hajimiri et al., WACV 2025, "Pay attention to your neighbours: training-free open-vocabulary
+  semantic segmentation", sinahmr/NACLIP's defaults arch="reduced", attn_strategy="naclip",
+  gaussian_std=5): the last block is replaced by its attention alone with key-key logits
+  (k k^T / sqrt(d)) plus a Gaussian neighbourhood term exp(-|p - p'|^2 / (2 std^2)) between patch
+  positions (0 for the class token's row and column), no residual, no FFN.
+  Both references average ImageNet prompt templates and infer on sliding windows (NACLIP also refines
+  with PAMR): camloc scores the prompts it is given on the whole image, like every other method.
+
 The block access (ln_1, the attention's q/k/v projection and out_proj, LayerScale where open_clip
 has it, the FFN) reads OpenAI's sequence-first and open_clip's batch-first blocks alike: tokens are
 handled batch-first here, and the captured inputs are transposed where the family is sequence-first.
@@ -128,3 +140,46 @@ def gem(ctx: CamContext) -> torch.Tensor:
             o = sum(_self_self(s, v, tau, iterations) for s in (v, k, q)) / 3
             x_gem = x_gem + access.merge(o)
         return patch_similarity(ctx, x_gem)
+
+
+def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
+    """The last block replaced by its attention alone (no residual, no FFN), with `logits(q, k)` as
+    the attention logits; the patch-token similarity grid."""
+    blocks, inputs = block_inputs(ctx, len(ctx.model.visual.transformer.resblocks) - 1)
+    access = BlockAccess(blocks[-1])
+    with torch.no_grad():
+        q, k, v = access.qkv(blocks[-1].ln_1(inputs[-1]))
+        attn = torch.softmax(logits(q, k), dim=-1)
+        return patch_similarity(ctx, access.merge(attn @ v))
+
+
+@register_method("clearclip", families=DENSE_FAMILIES, postprocess="resize_minmax",
+                 description="ClearCLIP (Lan et al. 2024): query-query attention, last block without residual "
+                             "and FFN; one forward.")
+def clearclip(ctx: CamContext) -> torch.Tensor:
+    return _replaced_last_block(ctx, lambda q, k: q @ q.transpose(-2, -1) * q.shape[-1] ** -0.5)
+
+
+def neighbourhood(grid: int, std: float, prefix: int = 1) -> torch.Tensor:
+    """(N, N) Gaussian term between patch positions, exp(-|p - p'|^2 / (2 std^2)); 0 for prefix tokens."""
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()
+    dist2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)
+    out = torch.zeros(grid * grid + prefix, grid * grid + prefix, dtype=torch.float64)
+    out[prefix:, prefix:] = torch.exp(-dist2 / (2 * std ** 2))
+    return out
+
+
+@register_method("naclip", families=DENSE_FAMILIES, postprocess="resize_minmax", params=("naclip_std",),
+                 description="NACLIP (Hajimiri et al. 2025): key-key attention plus a Gaussian neighbourhood "
+                             "(--naclip-std), last block without residual and FFN; one forward.")
+def naclip(ctx: CamContext) -> torch.Tensor:
+    std = float(ctx.options.get("naclip_std", 5.0))
+    prefix = ctx.model.family.prefix
+
+    def logits(q, k):
+        grid = int(round((q.shape[-2] - prefix) ** 0.5))
+        omega = neighbourhood(grid, std, prefix).to(q.dtype).to(q.device)
+        return k @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + omega
+
+    return _replaced_last_block(ctx, logits)

@@ -34,7 +34,8 @@ METHODS: dict[str, MethodSpec] = {}
 
 # Method parameters that change results, with their defaults (spec §3).
 DEFAULT_OPTIONS = {"topk": 300, "grouping": "kmeans", "start_layer": 0, "rise_masks": 8000, "rise_cell": 8,
-                   "rise_p1": 0.1, "rise_masks_file": None, "legrad_layers": 2, "gem_blocks": 6, "gem_iterations": 1}
+                   "rise_p1": 0.1, "rise_masks_file": None, "legrad_layers": 2, "gem_blocks": 6, "gem_iterations": 1,
+                   "naclip_std": 5.0}
 
 
 def register_method(name: str, **spec_fields) -> Callable:
@@ -51,7 +52,7 @@ def register_method(name: str, **spec_fields) -> Callable:
 
 
 CANONICAL_ORDER = ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs",
-                   "groupcam", "hilacam", "legrad", "maskclip", "gem", "rise"]
+                   "groupcam", "hilacam", "legrad", "maskclip", "clearclip", "naclip", "gem", "rise"]
 """The order of listings, `--method all` and tables, whatever order the method modules were imported in."""
 
 

@@ -59,12 +59,13 @@ LegradLayersOption = typer.Option(2, "--legrad-layers", help="LeGrad: the last K
 
 
 GemBlocksOption = typer.Option(6, "--gem-blocks", help="GEM: last blocks on the self-self path (gem-torch's default depth 7 = 6 blocks).")
+NaclipStdOption = typer.Option(5.0, "--naclip-std", help="NACLIP: standard deviation of the Gaussian neighbourhood, in patches (the reference's 5).")
 GemIterationsOption = typer.Option(1, "--gem-iterations", help="GEM: self-self refinement iterations (the reference's 1).")
 
 
 def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks: int = 8000, rise_cell: int = 8,
                    rise_p1: float = 0.1, rise_masks_file=None, legrad_layers: int = 2, gem_blocks: int = 6,
-                   gem_iterations: int = 1) -> dict:
+                   gem_iterations: int = 1, naclip_std: float = 5.0) -> dict:
     """The method parameters that change results (recorded in configs and summaries). `topk` may be
     "auto", resolved per model family once the model is loaded (`camloc.cams.registry.resolve_options`)."""
     if topk != "auto":
@@ -78,6 +79,8 @@ def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks:
         raise CamlocError(f"--grouping {grouping!r} is not one of kmeans, chunk")
     if legrad_layers < 0:
         raise CamlocError(f"--legrad-layers must be 0 (every block) or more, got {legrad_layers}")
+    if not naclip_std > 0:
+        raise CamlocError(f"--naclip-std must be positive, got {naclip_std}")
     if gem_blocks < 1 or gem_iterations < 0:
         raise CamlocError(f"--gem-blocks must be at least 1 and --gem-iterations 0 or more (got {gem_blocks}, "
                           f"{gem_iterations})")
@@ -89,7 +92,8 @@ def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks:
         raise CamlocError(f"--rise-masks-file {rise_masks_file} does not exist")
     return {"topk": topk, "grouping": grouping, "start_layer": start_layer, "rise_masks": int(rise_masks),
             "rise_cell": int(rise_cell), "rise_p1": float(rise_p1), "rise_masks_file": file,
-            "legrad_layers": int(legrad_layers), "gem_blocks": int(gem_blocks), "gem_iterations": int(gem_iterations)}
+            "legrad_layers": int(legrad_layers), "gem_blocks": int(gem_blocks), "gem_iterations": int(gem_iterations),
+            "naclip_std": float(naclip_std)}
 
 
 def parse_chunk_size(value: str) -> int | str:
