@@ -72,6 +72,7 @@ class CamContext:
         self.chunk_size = resolve_chunk_size(self.options.get("chunk_size", "auto"), model)
         self._masked: dict[float | None, MaskedEmbeddings] = {}
         self.oom_retries = 0  # CUDA out-of-memory batches split and retried (camloc.cams.masked.encode_images)
+        self.rise_forwards = 0  # masked images RISE encoded for this image (tests, benchmarks)
 
     def masked(self, eps: float | None) -> MaskedEmbeddings:
         """The masked-embedding store of this image for one mask variant (ScoreCAM: None, gScoreCAM: 1e-6)."""

@@ -115,7 +115,7 @@ def rise(ctx: CamContext) -> torch.Tensor:
         feats = encode_in_chunks(ctx, chunk.shape[0], lambda r: x * chunk[r][:, None])
         scores = ctx.model.scores(feats, ctx.text_features)  # (B, P): every prompt from one forward
         saliency += scores.double().T @ chunk.double().flatten(1)
-        ctx.rise_forwards = getattr(ctx, "rise_forwards", 0) + chunk.shape[0]
+        ctx.rise_forwards += chunk.shape[0]
         start = rows.stop
     saliency = saliency / masks.n / masks.p1
     return saliency.reshape(len(ctx.prompts), size, size).float()
