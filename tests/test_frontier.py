@@ -230,7 +230,7 @@ def blocks_of(model):
     return list(model.visual.transformer.resblocks)
 
 
-@pytest.mark.parametrize("method,options", [("maskclip", {}), ("clearclip", {}), ("naclip", {}), ("gem", {"gem_blocks": 2}),
+@pytest.mark.parametrize("method,options", [("maskclip", {}), ("sclip", {}), ("clearclip", {}), ("naclip", {}), ("gem", {"gem_blocks": 2}),
                                             ("rise", {"rise_masks": 8})])
 def test_p_prompts_cost_one_prompts_image_forwards(method, options, models, chelsea):
     model = models["tiny-vit-mh"]
@@ -261,7 +261,7 @@ def test_explain_native_saves_the_maps_before_post_processing(tmp_path):
     assert result.exit_code == 2 and "give --save-heatmap FILE too" in result.stderr
 
 
-def _reference_last_block(model, image, logits_fn):
+def _reference_last_block(model, image, logits_fn, probs_fn=None, keep_residual=False):
     """The recipe the ClearCLIP / NACLIP code applies, written out here on the clip package's own
     sequence-first block: the last block's attention alone (custom logits, softmax, values, out_proj),
     no residual, no FFN; ln_post and proj on every token; cosine of each patch with each prompt."""
@@ -278,8 +278,11 @@ def _reference_last_block(model, image, logits_fn):
     n, _, dim = y.shape
     heads, d = attn.num_heads, dim // attn.num_heads
     q, k, v = (t.reshape(n, heads, d).transpose(0, 1) for t in _qkv(y[:, 0], attn))
-    weights = torch.softmax(logits_fn(q, k, d), dim=-1)
+    weights = probs_fn(q, k, d) if probs_fn else torch.softmax(logits_fn(q, k, d), dim=-1)
     out = attn.out_proj((weights @ v).transpose(0, 1).reshape(n, dim))
+    if keep_residual:  # SCLIP keeps the block's residual and FFN
+        out = x[:, 0] + out
+        out = out + block.mlp(block.ln_2(out))
     dense = visual.ln_post(out) @ visual.proj
     patches = dense[1:] / dense[1:].norm(dim=-1, keepdim=True)
     text = model.text_features(PROMPTS)
@@ -305,7 +308,7 @@ def naclip_window_by_convolution(g: int, std: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-def test_clearclip_and_naclip_follow_their_recipes(model, models, chelsea):
+def test_sclip_clearclip_and_naclip_follow_their_recipes(model, models, chelsea):
     """No reference output could be run for these two (their packages need mmseg): the formula is
     checked on the stored model instead, written out on the clip package's own blocks."""
     from camloc.cams.dense import neighbourhood
@@ -316,6 +319,11 @@ def test_clearclip_and_naclip_follow_their_recipes(model, models, chelsea):
     np.testing.assert_allclose(got, expected, atol=1e-5)
     g = int(round((m.visual.positional_embedding.shape[0] - 1) ** 0.5))
     torch.testing.assert_close(neighbourhood(g, 5.0), naclip_window_by_convolution(g, 5.0), rtol=0, atol=1e-12)
+    got = _compute(m, chelsea, PROMPTS, "sclip")
+    expected = _reference_last_block(m, chelsea, None, lambda q, k, d: (
+        torch.softmax(q @ q.transpose(-2, -1) * d ** -0.5, dim=-1) + torch.softmax(k @ k.transpose(-2, -1) * d ** -0.5,
+                                                                               dim=-1)), keep_residual=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
     omega = naclip_window_by_convolution(g, 2.0).float()
     got = _compute(m, chelsea, PROMPTS, "naclip", {"naclip_std": 2.0})
     expected = _reference_last_block(m, chelsea, lambda q, k, d: k @ k.transpose(-2, -1) * d ** -0.5 + omega)

@@ -18,6 +18,10 @@ image forward gives every prompt's map (no gradients, no masked forwards).
   vision-language inference", mc-lan/ClearCLIP's `custom_attn(model_type="ClearCLIP")` with its default
   `ignore_residual=True`): the last block is replaced by its attention alone, with query-query logits
   (q q^T / sqrt(d)), no residual and no FFN; ln_post and proj; map = cosine(patch token, prompt).
+- `sclip` (Wang et al., ECCV 2024, "SCLIP: rethinking self-attention for dense vision-language
+  inference", wangf3014/SCLIP `encode_image(return_all=True, csa=True)`): in the last block the
+  attention probabilities are softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d)) (correlative
+  self-attention); the block keeps its residual and FFN.
 - `naclip` (Hajimiri et al., WACV 2025, "Pay attention to your neighbours: training-free open-vocabulary
   semantic segmentation", sinahmr/NACLIP's defaults arch="reduced", attn_strategy="naclip",
   gaussian_std=5): the last block is replaced by its attention alone with key-key logits
@@ -151,6 +155,22 @@ def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
         q, k, v = access.qkv(blocks[-1].ln_1(inputs[-1]))
         attn = torch.softmax(logits(q, k), dim=-1)
         return patch_similarity(ctx, access.merge(attn @ v))
+
+
+@register_method("sclip", families=DENSE_FAMILIES, postprocess="resize_minmax",
+                 description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
+                             "residual and FFN kept; one forward.")
+def sclip(ctx: CamContext) -> torch.Tensor:
+    blocks, inputs = block_inputs(ctx, len(ctx.model.visual.transformer.resblocks) - 1)
+    access = BlockAccess(blocks[-1])
+    x = inputs[-1]
+    with torch.no_grad():
+        q, k, v = access.qkv(blocks[-1].ln_1(x))
+        scale = q.shape[-1] ** -0.5
+        attn = (torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1)
+                + torch.softmax(k @ k.transpose(-2, -1) * scale, dim=-1))
+        x = x + access.ls_1(access.merge(attn @ v))
+        return patch_similarity(ctx, x + access.ffn(x))
 
 
 @register_method("clearclip", families=DENSE_FAMILIES, postprocess="resize_minmax",

@@ -52,7 +52,7 @@ def register_method(name: str, **spec_fields) -> Callable:
 
 
 CANONICAL_ORDER = ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs",
-                   "groupcam", "hilacam", "legrad", "maskclip", "clearclip", "naclip", "gem", "rise"]
+                   "groupcam", "hilacam", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "rise"]
 """The order of listings, `--method all` and tables, whatever order the method modules were imported in."""
 
 
