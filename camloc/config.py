@@ -9,10 +9,15 @@ from pathlib import Path
 
 from camloc.errors import CamlocError
 
+CLIP_ES_BACKGROUND = ("ground,land,grass,tree,building,wall,sky,lake,water,river,sea,railway,railroad,helmet,cloud,"
+                      "house,mountain,ocean,road,rock,street,valley,bridge")
+"""CLIP-ES's background words for COCO (linyq2117/CLIP-ES clip_text.py, BACKGROUND_CATEGORY_COCO): its VOC list
+also has keyboard and sign, which are COCO classes, so camloc's default is the COCO list."""
+
 DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_class", "subset_seed", "data_root",
                 "ann_file", "image_dir", "include_stuff", "ade_extent"}
 OPTION_KEYS = {"topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file",
-               "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std"}
+               "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std", "background"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
                             "chunk_size", "save_heatmaps", "options", "max_pixels", "protocols",
                             "pointing_tolerance", "cam_curve_interval"}
@@ -80,6 +85,6 @@ class Settings:
 
         table = self.file.get("options", {})
         keys = ("topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file",
-                "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std")
+                "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std", "background")
         return method_options(**{k: self.values[k] if k in self.given or k not in table else table[k]
                                  for k in keys if k in self.values or k in table})

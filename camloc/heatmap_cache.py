@@ -52,8 +52,17 @@ def dataset_key(dataset: str, split: str | None, prompt_template: str, images=No
 
 def method_key(method: str, options: dict, precision: str) -> str:
     list_methods()  # make sure the registry is filled
-    params = "".join(f"-{p}={options[p]}" for p in METHODS[method].params if p in options)
+    params = "".join(f"-{p}={_param(options[p])}" for p in METHODS[method].params if p in options)
     return _safe(f"{method}{params}-{precision}")
+
+
+def _param(value) -> str:
+    """A parameter value in a cache key: as written when short and file-name safe, else a hash of it
+    (`_safe` would map "a b,c" and "a,b c" to one key; a long word list would exceed file-name limits)."""
+    text = str(value)
+    if len(text) <= 40 and _safe(text) == text:
+        return text
+    return "h" + hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def model_key(name: str) -> str:

@@ -350,7 +350,7 @@ def run_eval(
     model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
     config.weights = dict(model.backend.info)
-    config.options = resolve_options(model, config.options)
+    config.options = resolve_options(model, {**DEFAULT_OPTIONS, **config.options})
     config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
     if "rise" in config.methods:  # RISE draws its masks from the run's seed: part of its cache key
         config.options = {**config.options, "seed": config.seed}

@@ -328,3 +328,93 @@ def test_sclip_clearclip_and_naclip_follow_their_recipes(model, models, chelsea)
     got = _compute(m, chelsea, PROMPTS, "naclip", {"naclip_std": 2.0})
     expected = _reference_last_block(m, chelsea, lambda q, k, d: k @ k.transpose(-2, -1) * d ** -0.5 + omega)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def clip_es_reference(model, image, prompts, background):
+    """CLIP-ES's recipe written out the reference's way, one prompt at a time: the real last block module
+    (OpenAI's sequence-first nn.MultiheadAttention or open_clip's batch-first one) runs on its captured
+    input with a hook that swaps ln_1's output for a leaf; ln_post on every token, the mean of the patch
+    tokens, proj, softmax over prompts + background of logit_scale * cos; GradCAM on the patch tokens."""
+    visual = model.visual
+    block = blocks_of(model)[-1]
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
+    with torch.no_grad():
+        visual(model.preprocess(image))
+    handle.remove()
+    seq_first = model.family.batch_dim == 1
+    texts = model.text_features(list(prompts) + list(background))
+    maps = []
+    for p in range(len(prompts)):
+        leaf = {}
+
+        def swap(module, args, out):
+            leaf["y"] = out.detach().requires_grad_(True)
+            return leaf["y"]
+
+        h = block.ln_1.register_forward_hook(swap)
+        with torch.enable_grad():
+            out = block(captured["x"])
+            out = out.transpose(0, 1) if seq_first else out
+            feat = visual.ln_post(out)[:, 1:].mean(dim=1) @ visual.proj
+            feat = feat / feat.norm(dim=-1, keepdim=True)
+            prob = (model.logit_scale * feat @ texts.T).softmax(dim=-1)[0, p]
+            (grad,) = torch.autograd.grad(prob, leaf["y"])
+        h.remove()
+        y, g = (leaf["y"].detach(), grad)
+        if seq_first:
+            y, g = y.transpose(0, 1), g.transpose(0, 1)
+        acts, grads = y[0, 1:], g[0, 1:]  # (N, D) patch tokens
+        side = int(round(acts.shape[0] ** 0.5))
+        maps.append((acts @ grads.mean(dim=0)).reshape(side, side))
+    return torch.stack(maps)
+
+
+@pytest.mark.parametrize("build", ["clip", "open_clip"])
+def test_clip_es_is_gradcam_with_the_background_softmax(build, chelsea):
+    import open_clip
+
+    from camloc.cams.engine import compute_raw
+    from camloc.models.clip_model import Backend
+
+    if build == "clip":
+        model = ClipModel.load("tiny-vit-mh", device="cpu")
+    else:
+        sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS["tiny-vit-mh"]).items()}
+        built = open_clip.model.build_model_from_openai_state_dict(sd).float().eval()
+        model = ClipModel(built, "open_clip:tiny-vit-mh", torch.device("cpu"), "fp32",
+                          Backend("open_clip", lambda: open_clip.tokenizer.SimpleTokenizer()))
+    prompts = ["cat", "dog", "sofa"]
+    kind, maps = compute_raw(model, chelsea, prompts, ["clip-es"], {"background": "ground,sky,dog,grass"})["clip-es"]
+    assert kind == "grid"
+    # "dog" is one of the prompts: left out of the background for this image
+    expected = clip_es_reference(model, chelsea, prompts, ["ground", "sky", "grass"])
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6)
+    assert expected.abs().max() > 0
+    # another background gives other maps (the option is not ignored)
+    _, other = compute_raw(model, chelsea, prompts, ["clip-es"], {"background": "tree"})["clip-es"]
+    torch.testing.assert_close(other, clip_es_reference(model, chelsea, prompts, ["tree"]), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(other, maps, rtol=1e-3, atol=1e-6)
+
+
+def test_clip_es_background_option_is_checked_recorded_and_keyed(tmp_path):
+    from camloc.cli.common import method_options
+    from camloc.errors import CamlocError
+    from camloc.heatmap_cache import method_key
+
+    with pytest.raises(CamlocError, match="--background is empty"):
+        method_options(300, "kmeans", 0, background=" , ")
+    assert method_options(300, "kmeans", 0, background=" sky, ground,sky")["background"] == "sky,ground"
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "clip-es",
+                                 "--model", "tiny-vit", "--background", ""])
+    assert result.exit_code == 2 and "--background is empty" in result.stderr
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "clip-es",
+                                 "--model", "tiny-rn", "--background", "sky"])
+    assert result.exit_code == 2 and "'clip-es' works only on ViT or average-pooled ViT" in result.stderr
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "clip-es",
+                                 "--model", "tiny-vit", "--background", "sky,tree", "--json"])
+    assert result.exit_code == 0, result.output
+    key = lambda words: method_key("clip-es", {"background": words}, "fp32")  # noqa: E731
+    assert key("sky") == key("sky") != key("ground")
+    assert key("a b,c") != key("a,b c")  # file-name-safe mapping alone would merge these
+    assert len(key(method_options(300, "kmeans", 0)["background"])) < 80

@@ -6,6 +6,7 @@ activations repeated P times (the backbone before the target layer needs no back
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -49,6 +50,22 @@ def _cuda_auto_chunk(model: ClipModel) -> int:
     return chunk
 
 
+@dataclass(frozen=True)
+class GradientTarget:
+    """A configuration of the gradient engine: where A is read and which score is differentiated.
+
+    The default is the spec's (the family's target layer, the model's own head, s_p = scaled cosine).
+    `layer="last-ln1"` (ViT families): A = the last block's ln_1 output, whose patch tokens form the
+    grid (CLIP-ES's target); the head re-runs that block's attention, residual and FFN, then
+    `pooling="patch-mean"`: ln_post on every token, the mean of the patch tokens, proj, and the score of
+    prompt p is softmax_p over [the P prompts, the `background` texts] of the scaled cosines (CLIP-ES's
+    softmax with background categories)."""
+
+    layer: str = "family"
+    pooling: str = "family"
+    background: tuple[str, ...] = ()
+
+
 class CamContext:
     def __init__(
         self,
@@ -71,6 +88,7 @@ class CamContext:
         self.methods = set(methods or [])  # the methods sharing this context (lets them reuse each other's work)
         self.chunk_size = resolve_chunk_size(self.options.get("chunk_size", "auto"), model)
         self._masked: dict[float | None, MaskedEmbeddings] = {}
+        self._gradient_passes: dict[GradientTarget, tuple[torch.Tensor, torch.Tensor]] = {}
         self.oom_retries = 0  # CUDA out-of-memory batches split and retried (camloc.cams.masked.encode_images)
         self.rise_forwards = 0  # masked images RISE encoded for this image (tests, benchmarks)
 
@@ -130,3 +148,49 @@ class CamContext:
             scores = self.model.logit_scale * (features * self.text_features).sum(dim=-1)  # s_p of copy p
             (grad,) = torch.autograd.grad(scores.sum(), repeated)
         return family.grad_to_grid(grad).float()
+
+    def gradient_pass(self, target: GradientTarget) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (C, h, w), G (P, C, h, w)) for a gradient-engine configuration, each computed once per image;
+        the default configuration is `activations` and `gradients`. All P prompts: one batched backward."""
+        if target == GradientTarget():
+            return self.activations, self.gradients
+        if target not in self._gradient_passes:
+            if (target.layer, target.pooling) != ("last-ln1", "patch-mean"):
+                raise ValueError(f"unsupported gradient target {target}")
+            self._gradient_passes[target] = self._last_ln1_pass(target.background)
+        return self._gradient_passes[target]
+
+    def _last_ln1_pass(self, background: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        from camloc.cams.dense import BlockAccess, block_inputs
+
+        visual = self.model.visual
+        blocks, inputs = block_inputs(self, len(visual.transformer.resblocks) - 1)
+        block, x = blocks[-1], inputs[-1]  # batch-first (1, N, D) input of the last block
+        access = BlockAccess(block)
+        prefix = self.model.family.prefix
+        with torch.no_grad():
+            y = block.ln_1(x)
+        n_prompts = len(self.prompts)
+        texts = self.text_features
+        if n_prompts + len(background) < 2:
+            from camloc.errors import CamlocError
+
+            raise CamlocError("CLIP-ES: one prompt and no background word left (--background words equal to the "
+                              "prompt are left out): the softmax is constant; give other --background words")
+        if background:
+            texts = torch.cat([texts, self.model.text_features(list(background))])
+        leaf = y.expand(n_prompts, -1, -1).clone().requires_grad_(True)
+        with torch.enable_grad():
+            q, k, v = access.qkv(leaf)
+            attn = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+            h = x + access.ls_1(access.merge(attn @ v))
+            h = h + access.ffn(h)
+            pooled = visual.ln_post(h)[:, prefix:].mean(dim=1)
+            pooled = pooled @ visual.proj if visual.proj is not None else pooled
+            features = pooled.float() / pooled.float().norm(dim=-1, keepdim=True)
+            logits = self.model.logit_scale * features @ texts.T  # (P copies, P + B)
+            scores = logits.softmax(dim=-1)
+            (grad,) = torch.autograd.grad(scores.diagonal().sum(), leaf)  # copy p's score of prompt p
+        from camloc.models.families import _tokens_to_grid
+
+        return _tokens_to_grid(y, prefix)[0].float(), _tokens_to_grid(grad, prefix).float()

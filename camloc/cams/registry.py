@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from camloc.config import CLIP_ES_BACKGROUND
 from camloc.errors import CamlocError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ METHODS: dict[str, MethodSpec] = {}
 # Method parameters that change results, with their defaults (spec §3).
 DEFAULT_OPTIONS = {"topk": 300, "grouping": "kmeans", "start_layer": 0, "rise_masks": 8000, "rise_cell": 8,
                    "rise_p1": 0.1, "rise_masks_file": None, "legrad_layers": 2, "gem_blocks": 6, "gem_iterations": 1,
-                   "naclip_std": 5.0}
+                   "naclip_std": 5.0, "background": CLIP_ES_BACKGROUND}
 
 
 def register_method(name: str, **spec_fields) -> Callable:
@@ -52,7 +53,7 @@ def register_method(name: str, **spec_fields) -> Callable:
 
 
 CANONICAL_ORDER = ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs",
-                   "groupcam", "hilacam", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "rise"]
+                   "groupcam", "hilacam", "clip-es", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "rise"]
 """The order of listings, `--method all` and tables, whatever order the method modules were imported in."""
 
 
@@ -130,3 +131,4 @@ def _load_builtin_methods() -> None:
     import camloc.cams.rise  # noqa: F401
     import camloc.cams.legrad  # noqa: F401
     import camloc.cams.dense  # noqa: F401
+    import camloc.cams.clip_es  # noqa: F401

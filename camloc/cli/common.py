@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from camloc.config import CLIP_ES_BACKGROUND
 from camloc.errors import CamlocError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -60,12 +61,13 @@ LegradLayersOption = typer.Option(2, "--legrad-layers", help="LeGrad: the last K
 
 GemBlocksOption = typer.Option(6, "--gem-blocks", help="GEM: last blocks on the self-self path (gem-torch's default depth 7 = 6 blocks).")
 NaclipStdOption = typer.Option(5.0, "--naclip-std", help="NACLIP: standard deviation of the Gaussian neighbourhood, in patches (the reference's 5).")
+BackgroundOption = typer.Option(CLIP_ES_BACKGROUND, "--background", help="CLIP-ES: comma list of background words scored in the softmax beside the image's prompts (CLIP-ES's COCO list), as written: no prompt template is applied.")
 GemIterationsOption = typer.Option(1, "--gem-iterations", help="GEM: self-self refinement iterations (the reference's 1).")
 
 
 def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks: int = 8000, rise_cell: int = 8,
                    rise_p1: float = 0.1, rise_masks_file=None, legrad_layers: int = 2, gem_blocks: int = 6,
-                   gem_iterations: int = 1, naclip_std: float = 5.0) -> dict:
+                   gem_iterations: int = 1, naclip_std: float = 5.0, background: str = CLIP_ES_BACKGROUND) -> dict:
     """The method parameters that change results (recorded in configs and summaries). `topk` may be
     "auto", resolved per model family once the model is loaded (`camloc.cams.registry.resolve_options`)."""
     if topk != "auto":
@@ -87,13 +89,25 @@ def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks:
     if rise_masks < 1 or rise_cell < 1 or not 0 < rise_p1 <= 1:
         raise CamlocError(f"RISE needs --rise-masks >= 1, --rise-cell >= 1 and 0 < --rise-p1 <= 1 (got {rise_masks}, "
                           f"{rise_cell}, {rise_p1})")
+    background = parse_background(background)
     file = str(Path(rise_masks_file).resolve()) if rise_masks_file else None
     if file and not Path(file).is_file():
         raise CamlocError(f"--rise-masks-file {rise_masks_file} does not exist")
     return {"topk": topk, "grouping": grouping, "start_layer": start_layer, "rise_masks": int(rise_masks),
             "rise_cell": int(rise_cell), "rise_p1": float(rise_p1), "rise_masks_file": file,
             "legrad_layers": int(legrad_layers), "gem_blocks": int(gem_blocks), "gem_iterations": int(gem_iterations),
-            "naclip_std": float(naclip_std)}
+            "naclip_std": float(naclip_std), "background": background}
+
+
+def parse_background(value) -> str:
+    """--background: a comma list (or, from a config file, a list) of words -> "w1,w2,..." without blanks
+    or repeats. Empty is refused: a softmax over one prompt alone is constant, its gradient zero."""
+    words = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    words = list(dict.fromkeys(w.strip() for w in words if str(w).strip()))
+    if not words:
+        raise CamlocError("--background is empty: CLIP-ES needs at least one background word (a softmax over a "
+                          "single prompt is constant and its map all zeros); give e.g. --background ground,sky")
+    return ",".join(words)
 
 
 def parse_chunk_size(value: str) -> int | str:

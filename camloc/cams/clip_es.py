@@ -1,0 +1,37 @@
+"""CLIP-ES GradCAM (Lin et al., CVPR 2023, "CLIP is also an efficient segmenter: a text-driven approach
+for weakly supervised semantic segmentation", linyq2117/CLIP-ES `generate_cams_coco14.py`), the CAM
+stage without its class-aware attention refinement: GradCAM (w_c = mean_hw G_c, M = relu(sum_c w_c A_c))
+on a configuration of the shared gradient engine (`GradientTarget`):
+
+- A: the last block's ln_1 output, patch tokens (the reference's `resblocks[-1].ln_1` target whose
+  reshape drops the class token);
+- the score: the reference's `forward_last_layer`: the last block, ln_post on every token, the mean of
+  the patch tokens, proj, then softmax over [the image's prompts, the background words] of
+  logit_scale * cos, read at the prompt.
+
+The background words (`--background`, recorded, part of the cache key) are scored as written; a word
+equal to one of the image's prompts is left out for that image (it would split the prompt's own
+probability). The reference also scales the input to several sizes and fuses the maps; camloc scores
+the model's own input size, as every other method.
+"""
+from __future__ import annotations
+
+import torch
+
+from camloc.cams.context import CamContext, GradientTarget
+from camloc.cams.gradient import weighted_sum
+from camloc.cams.registry import DEFAULT_OPTIONS, register_method
+
+
+def background_words(ctx: CamContext) -> tuple[str, ...]:
+    words = [w.strip() for w in str(ctx.options.get("background", DEFAULT_OPTIONS["background"])).split(",")]
+    prompts = set(ctx.prompts)
+    return tuple(w for w in dict.fromkeys(words) if w and w not in prompts)
+
+
+@register_method("clip-es", families=frozenset({"vit", "vit-avg"}), uses_gradients=True, params=("background",),
+                 description="CLIP-ES (Lin et al. 2023): GradCAM at the last block's ln_1 with the softmax over "
+                             "the prompts and --background words.")
+def clip_es(ctx: CamContext) -> torch.Tensor:
+    acts, grads = ctx.gradient_pass(GradientTarget("last-ln1", "patch-mean", background_words(ctx)))
+    return weighted_sum(grads.mean(dim=(2, 3)), acts)
