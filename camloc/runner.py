@@ -18,7 +18,7 @@ import torch
 from camloc.cams import CamContext, compute_heatmaps, resolve_methods
 from camloc.cams.engine import compute_native
 from camloc.cams.postprocess import native_to_raw
-from camloc.cams.registry import DEFAULT_OPTIONS, check_method_options, resolve_options
+from camloc.cams.registry import DEFAULT_OPTIONS, METHODS, check_method_options, resolve_options
 from camloc.datasets import ImagePairs, count_pairs, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import CamlocError
@@ -142,6 +142,14 @@ class UnreadableImage(CamlocError):
     """An image file of the dataset could not be read: the run skips it and reports it."""
 
 
+def image_prompts(item: ImagePairs, pairs: list, methods: list[str]) -> list[str]:
+    """The prompts one image is scored with: those of its pending pairs, or all of its prompts when a
+    method's maps depend on the other prompts (`MethodSpec.prompt_coupled`: CLIP-ES, CLIP Surgery), so a
+    resumed image gets the maps a fresh run gives."""
+    coupled = any(METHODS[m].prompt_coupled for m in methods)
+    return list(dict.fromkeys(p.prompt for p in (item.pairs if coupled else pairs)))
+
+
 def compute_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig, image,
                   runtime: dict | None = None, cache: HeatmapCache | None = None,
                   host_input=None) -> tuple[dict, int]:
@@ -150,7 +158,7 @@ def compute_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalCo
     preprocessed (`model.host_input`)."""
     pairs = [p for p in item.pairs if p.key in todo]
     methods = [m for m in config.methods if any(m in todo[p.key] for p in pairs)]
-    prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    prompts = image_prompts(item, pairs, methods)
     ctx = CamContext(model, image, prompts, {**config.options, **(runtime or {})}, methods=methods,
                      host_input=host_input)
     native = compute_native(model, image, prompts, methods, context=ctx)
@@ -163,7 +171,7 @@ def image_records(model_name: str, item: ImagePairs, todo: dict, config: EvalCon
                   size: tuple[int, int]) -> list[dict]:
     """The host stage of one image: raw-size heatmaps, then every protocol's values -> records."""
     pairs = [p for p in item.pairs if p.key in todo]
-    prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    prompts = image_prompts(item, pairs, list(native))
     stored = config.heatmaps == "float16"  # score exactly the maps the cache keeps
     heatmaps = {m: native_to_raw(kind, maps.astype(np.float16).astype(np.float32) if stored else maps, size)
                 for m, (kind, maps) in native.items()}
@@ -365,6 +373,11 @@ def run_eval(
                            skip_bad_records=skip_bad_records)
 
 
+def dataset_prompts(images: list[ImagePairs]) -> list[str]:
+    """Every prompt of the dataset (all shards), sorted: CLIP Surgery's `--contrast dataset` set."""
+    return sorted({p.prompt for item in images for p in item.pairs})
+
+
 def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: list[ImagePairs], mine: list[ImagePairs],
                 issues: dict, started: float, *, force_new, progress, chunk_size, save_heatmaps, shard, save_vis,
                 skip_bad_records) -> dict:
@@ -396,7 +409,8 @@ def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: lis
     work = _pending(mine, config.methods, done)
     compute_started = time.perf_counter()
     with open(records_path, "a") as handle, progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
-        n_new, skipped, oom_retries = run_pipeline(model, work, config, handle, bar, {"chunk_size": chunk_size}, cache)
+        n_new, skipped, oom_retries = run_pipeline(model, work, config, handle, bar, {"chunk_size": chunk_size,
+                                                  "contrast_prompts": dataset_prompts(images)}, cache)
     compute_seconds = time.perf_counter() - compute_started
 
     if process_group_ready():
@@ -489,6 +503,7 @@ def save_visualizations(model: ClipModel, images: list[ImagePairs], records: lis
     from camloc.viz import pair_overlay
 
     paths = {str(item.image_id): item.path for item in images}
+    prompts_of = {str(item.image_id): list(dict.fromkeys(p.prompt for p in item.pairs)) for item in images}
     unique = {record_key(r): r for r in records}
     for method in config.methods:
         picks = pick_for_vis([r for r in unique.values() if r["method"] == method], n, config.seed)
@@ -497,7 +512,12 @@ def save_visualizations(model: ClipModel, images: list[ImagePairs], records: lis
         for group, chosen in picks.items():
             for rank, r in enumerate(chosen):
                 image = load_image(paths[str(r["image_id"])])
-                heatmap = compute_heatmaps(model, image, [r["prompt"]], [method], config.options)[method][0]
+                # with all of the image's prompts, as eval scored it (CLIP-ES's softmax and CLIP Surgery's
+                # labels contrast depend on the image's other prompts)
+                prompts = prompts_of[str(r["image_id"])]
+                heatmap = compute_heatmaps(model, image, prompts, [method],
+                                           {**config.options, "contrast_prompts": dataset_prompts(images)}
+                                           )[method][prompts.index(r["prompt"])]
                 name = f"{group}_{rank:02d}_{r['image_id']}_{r['category_id']}.jpg"
                 pair_overlay(image, heatmap, r["box"], r["gt_boxes"], f"{method} '{r['prompt']}' IoU {r['iou']:.3f}",
                              folder / name)

@@ -101,6 +101,7 @@ def fill_cache(model: LazyModel, cache: HeatmapCache, images: list[ImagePairs], 
                options: dict, progress: bool) -> int:
     """Compute and store the native maps that are not cached yet; returns the pairs computed."""
     todo = [(item, missing) for item in images if (missing := uncached(cache, item, methods))]
+    options = {**options, "contrast_prompts": sorted({p.prompt for item in images for p in item.pairs})}
     with progress_bar(progress, sum(len(i.pairs) for i, _ in todo), "heatmaps") as bar:
         for item, missing in todo:
             image = load_image(item.path)

@@ -165,9 +165,9 @@ def test_score_methods_in_eval_record_precision_and_options(tmp_path):
     assert summary["config"]["options"]["topk"] == 20
     assert set(summary["methods"]) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam",
                                        "gscorecam-abs", "groupcam", "hilacam", "clip-es", "legrad", "maskclip", "sclip", "clearclip", "naclip",
-                                       "gem", "rise"}
+                                       "gem", "clipsurgery", "rise"}
     assert summary["config"]["options"]["rise_masks"] == 16 and summary["config"]["options"]["seed"] == 0
-    assert len(_records(tmp_path)) == 2 * 17
+    assert len(_records(tmp_path)) == 2 * 18
 
 
 def test_killed_several_times_at_random_points(reference_run, tmp_path):
@@ -195,3 +195,42 @@ def test_killed_several_times_at_random_points(reference_run, tmp_path):
     assert done.returncode == 0, done.stderr
     assert _keys(_records(tmp_path)) == _keys(_records(ref_dir))
     assert (tmp_path / "table.csv").read_text() == (ref_dir / "table.csv").read_text()
+
+
+@pytest.mark.parametrize("method,options", [("clip-es", {}), ("clipsurgery", {"contrast": "dataset"})])
+def test_prompt_coupled_methods_resume_to_the_maps_of_a_fresh_run(method, options, tmp_path):
+    """CLIP-ES's softmax reads the image's other prompts: an image resumed with one pair left to do is
+    still scored with all of its prompts; CLIP Surgery's dataset contrast reads every prompt of the
+    dataset, on a resume too."""
+    config = lambda: EvalConfig(model="tiny-vit", methods=[method], dataset="demo", limit=6,  # noqa: E731
+                                options=dict(options))
+    fresh = tmp_path / "fresh"
+    run_eval(config(), fresh, device="cpu", progress=False, save_heatmaps=tmp_path / "maps-fresh")
+    records = _records(fresh)
+    per_image = {}
+    for r in records:
+        per_image.setdefault(r["image_id"], []).append(r)
+    multi = [rs for rs in per_image.values() if len(rs) >= 2]
+    assert multi, "the demo subset needs an image with several categories"
+    dropped = multi[0][-1]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "config.json").write_text((fresh / "config.json").read_text())
+    kept = [line for line, r in zip((fresh / "pairs.jsonl").read_text().splitlines(keepends=True), records)
+            if r is not dropped]
+    (resumed / "pairs.jsonl").write_text("".join(kept))
+    summary = run_eval(config(), resumed, device="cpu", progress=False, save_heatmaps=tmp_path / "maps-resumed")
+    assert summary["timings"]["records_this_invocation"] == 1
+    again = next(r for r in _records(resumed) if (r["image_id"], r["category_id"]) ==
+                 (dropped["image_id"], dropped["category_id"]))
+    assert again["box"] == dropped["box"] and again["iou"] == pytest.approx(dropped["iou"], abs=1e-12)
+    # the dropped pair's map, recomputed alone into an empty cache, is the fresh run's map
+    import numpy as np
+
+    (recomputed,) = [f for f in (tmp_path / "maps-resumed").rglob("*.npz")]
+    (original,) = [f for f in (tmp_path / "maps-fresh").rglob("*.npz") if f.relative_to(tmp_path / "maps-fresh")
+                   == recomputed.relative_to(tmp_path / "maps-resumed")]
+    key = f"c{dropped['category_id']}"
+    with np.load(recomputed) as a, np.load(original) as b:
+        assert a.files.count(key) == 1
+        np.testing.assert_array_equal(a[key], b[key])

@@ -230,7 +230,7 @@ def blocks_of(model):
     return list(model.visual.transformer.resblocks)
 
 
-@pytest.mark.parametrize("method,options", [("maskclip", {}), ("sclip", {}), ("clearclip", {}), ("naclip", {}), ("gem", {"gem_blocks": 2}),
+@pytest.mark.parametrize("method,options", [("maskclip", {}), ("sclip", {}), ("clearclip", {}), ("naclip", {}), ("gem", {"gem_blocks": 2}), ("clipsurgery", {"contrast": "empty"}),
                                             ("rise", {"rise_masks": 8})])
 def test_p_prompts_cost_one_prompts_image_forwards(method, options, models, chelsea):
     model = models["tiny-vit-mh"]
@@ -245,6 +245,19 @@ def test_p_prompts_cost_one_prompts_image_forwards(method, options, models, chel
     finally:
         handle.remove()
     assert sum(calls) == one and one == (8 if method == "rise" else 1)
+
+
+@pytest.mark.parametrize("contrast", ["labels", "dataset"])
+def test_clip_surgery_weighs_the_contrast_set_from_the_same_forward(contrast, models, chelsea):
+    model = models["tiny-vit-mh"]
+    calls = []
+    handle = model.visual.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    try:
+        compute_heatmaps(model, chelsea, ["cat", "dog", "sofa"], ["clipsurgery"],
+                         {"contrast": contrast, "contrast_prompts": ["cat", "dog", "sofa", "tree"]})
+    finally:
+        handle.remove()
+    assert calls == [1]
 
 
 def test_explain_native_saves_the_maps_before_post_processing(tmp_path):
@@ -418,3 +431,102 @@ def test_clip_es_background_option_is_checked_recorded_and_keyed(tmp_path):
     assert key("sky") == key("sky") != key("ground")
     assert key("a b,c") != key("a,b c")  # file-name-safe mapping alone would merge these
     assert len(key(method_options(300, "kmeans", 0)["background"])) < 80
+
+
+def surgery_reference(model, image, prompts, contrast_texts=None, empty=None):
+    """CLIP Surgery written out the reference's way (xmed-lab/CLIP_Surgery): the dual path over the last 6
+    blocks with its own qkv reshape (B, N, 3, heads, d), the original path through the real block modules,
+    the class token from the original path, ln_post and proj on every token, and feature surgery as the
+    reference's element-wise product, weighting and mean over the contrast set."""
+    visual = model.visual
+    blocks = blocks_of(model)
+    first = max(0, len(blocks) - 6)
+    seq_first = model.family.batch_dim == 1
+    captured = {}
+    handle = blocks[first].register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
+    with torch.no_grad():
+        visual(model.preprocess(image))
+    handle.remove()
+    with torch.no_grad():
+        x_ori = captured["x"].transpose(0, 1) if seq_first else captured["x"]  # (B, N, C)
+        x = x_ori.clone()
+        for block in blocks[first:]:
+            attn = block.attn
+            b, n, c = x_ori.shape
+            heads = attn.num_heads
+            qkv = torch.nn.functional.linear(block.ln_1(x_ori), attn.in_proj_weight, attn.in_proj_bias)
+            qkv = qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+            v = qkv[2]
+            a = ((v @ v.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(dim=-1)
+            x = x + attn.out_proj((a @ v).transpose(1, 2).reshape(b, n, c))
+            inp = x_ori.transpose(0, 1) if seq_first else x_ori
+            out = block(inp)
+            x_ori = out.transpose(0, 1) if seq_first else out
+        x[:, 0] = x_ori[:, 0]
+        feats = visual.ln_post(x) @ visual.proj
+        feats = feats / feats.norm(dim=-1, keepdim=True)  # (1, 1 + N, E)
+        if empty is not None:
+            texts = model.text_features(prompts)
+            sim = feats @ (texts - model.text_features([empty])).T
+            rows = list(range(len(prompts)))
+        elif contrast_texts is None:
+            sim = feats @ model.text_features(prompts).T
+            rows = list(range(len(prompts)))
+        else:
+            texts = model.text_features(contrast_texts)
+            prob = ((feats[:, :1] @ texts.T) * 2).softmax(-1)
+            w = prob / prob.mean(-1, keepdim=True)
+            bsz, n_t, n_i, c = feats.shape[0], texts.shape[0], feats.shape[1], feats.shape[2]
+            prod = feats.reshape(bsz, n_i, 1, c) * texts.reshape(1, 1, n_t, c)
+            prod = prod * w.reshape(1, 1, n_t, 1)
+            sim = (prod - prod.mean(2, keepdim=True)).sum(-1)
+            rows = [contrast_texts.index(p) for p in prompts]
+        sim = sim[0, 1:, rows]  # patch tokens, the prompts' columns
+        side = int(round(sim.shape[0] ** 0.5))
+        return sim.T.reshape(len(prompts), side, side)
+
+
+@pytest.mark.parametrize("build", ["clip", "open_clip"])
+def test_clip_surgery_follows_the_reference_for_every_contrast(build, chelsea):
+    import open_clip
+
+    from camloc.cams.engine import compute_raw
+    from camloc.models.clip_model import Backend
+
+    if build == "clip":
+        model = ClipModel.load("tiny-vit-mh", device="cpu")
+    else:
+        sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS["tiny-vit-mh"]).items()}
+        built = open_clip.model.build_model_from_openai_state_dict(sd).float().eval()
+        model = ClipModel(built, "open_clip:tiny-vit-mh", torch.device("cpu"), "fp32",
+                          Backend("open_clip", lambda: open_clip.tokenizer.SimpleTokenizer()))
+    prompts = ["cat", "dog", "sofa"]
+    dataset = ["bird", "cat", "dog", "sofa", "tree"]
+    expected = {"none": surgery_reference(model, chelsea, prompts),
+                "empty": surgery_reference(model, chelsea, prompts, empty=""),
+                "labels": surgery_reference(model, chelsea, prompts, contrast_texts=prompts),
+                "dataset": surgery_reference(model, chelsea, prompts, contrast_texts=dataset)}
+    for contrast, want in expected.items():
+        kind, maps = compute_raw(model, chelsea, prompts, ["clipsurgery"],
+                                 {"contrast": contrast, "contrast_prompts": dataset})["clipsurgery"]
+        assert kind == "resize_minmax"
+        torch.testing.assert_close(maps, want, rtol=1e-4, atol=1e-6, msg=contrast)
+    assert not torch.allclose(expected["labels"], expected["dataset"], atol=1e-4)
+    assert not torch.allclose(expected["none"], expected["empty"], atol=1e-4)
+
+
+def test_clip_surgery_refuses_a_contrast_set_of_one(models, chelsea):
+    from camloc.errors import CamlocError
+
+    with pytest.raises(CamlocError, match="one prompt"):
+        compute_heatmaps(models["tiny-vit"], chelsea, ["cat"], ["clipsurgery"], {"contrast": "labels"})
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method",
+                                 "clipsurgery", "--model", "tiny-vit", "--contrast", "dataset"])
+    assert result.exit_code == 2 and "--contrast dataset needs a dataset's prompts" in result.stderr
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method",
+                                 "clipsurgery", "--model", "tiny-vit", "--contrast", "some"])
+    assert result.exit_code == 2 and "--contrast 'some' is not one of" in result.stderr
+    # the single-prompt surgery the reference would give (all zeros) is what labels refuses:
+    model = models["tiny-vit"]
+    zero = surgery_reference(model, chelsea, ["cat"], contrast_texts=["cat"])
+    assert zero.abs().max() < 1e-6

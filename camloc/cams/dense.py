@@ -29,6 +29,19 @@ image forward gives every prompt's map (no gradients, no masked forwards).
   positions (0 for the class token's row and column), no residual, no FFN.
   Both references average ImageNet prompt templates and infer on sliding windows (NACLIP also refines
   with PAMR): camloc scores the prompts it is given on the whole image, like every other method.
+- `clipsurgery` (Li et al., "CLIP Surgery for better explainability with enhancement in open-vocabulary
+  tasks", 2023; xmed-lab/CLIP_Surgery `clip_surgery_model.py` and `clip.py`): over the last 6 blocks a
+  second path accumulates value-value attention (softmax(v v^T / sqrt(d)), per head, on ln_1 of the
+  ORIGINAL path's block input) with out_proj, from the first such block's input, without FFN; its patch
+  tokens go through ln_post and proj. Feature surgery then removes what the contrast set shares
+  (`--contrast`, recorded and in the cache key, never implied): `none` keeps the plain cosine;
+  `empty` scores the patch token against t_p - e (e: the empty prompt's embedding; the reference's
+  single-text demo); `labels` (the image's prompts) and `dataset` (every prompt of the dataset) use
+  the reference's redundancy removal, with w_m = softmax_m(2 cos(f, t_m)) / its mean over the set
+  (f: the model's own image embedding, the reference's original-path class token):
+  sim(i, p) = w_p cos(x_i, t_p) - mean_m w_m cos(x_i, t_m). With a single prompt in the set that is
+  zero everywhere, so `labels` refuses images with one prompt. The reference averages prompt templates;
+  camloc scores the prompts it is given.
 
 The block access (ln_1, the attention's q/k/v projection and out_proj, LayerScale where open_clip
 has it, the FFN) reads OpenAI's sequence-first and open_clip's batch-first blocks alike: tokens are
@@ -74,9 +87,9 @@ class BlockAccess:
         return self.ls_2(self.block.mlp(self.block.ln_2(x)))
 
 
-def block_inputs(ctx: CamContext, first: int) -> tuple[list, torch.Tensor]:
-    """One forward of the image: the (batch-first) input of every block from `first` on, and the
-    blocks."""
+def block_inputs(ctx: CamContext, first: int, embedding: bool = False):
+    """One forward of the image: the blocks and the (batch-first) input of every block from `first` on;
+    with `embedding`, also the model's own image embedding (1, E) from that same forward."""
     visual = ctx.model.visual
     blocks = list(visual.transformer.resblocks)
     seq_first = ctx.model.family.batch_dim == 1
@@ -85,12 +98,12 @@ def block_inputs(ctx: CamContext, first: int) -> tuple[list, torch.Tensor]:
                for i in range(first, len(blocks))]
     try:
         with torch.no_grad():
-            visual(ctx.input)
+            features = visual(ctx.input)
     finally:
         for handle in handles:
             handle.remove()
     inputs = [captured[i].transpose(0, 1) if seq_first else captured[i] for i in range(first, len(blocks))]
-    return blocks, inputs
+    return (blocks, inputs, features) if embedding else (blocks, inputs)
 
 
 def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
@@ -203,3 +216,74 @@ def naclip(ctx: CamContext) -> torch.Tensor:
         return k @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + omega
 
     return _replaced_last_block(ctx, logits)
+
+
+SURGERY_BLOCKS = 6  # the reference's "for i in range(1, 7)": the last 6 blocks carry the v-v path
+
+
+def surgery_tokens(ctx: CamContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The v-v path's patch tokens after ln_post and proj, L2-normalised (N patches, E), and the model's
+    own normalised image embedding (E,), from one forward."""
+    depth = len(ctx.model.visual.transformer.resblocks)
+    first = max(0, depth - SURGERY_BLOCKS)
+    blocks, inputs, features = block_inputs(ctx, first, embedding=True)
+    with torch.no_grad():
+        path = inputs[0]
+        for block, x in zip(blocks[first:], inputs):  # x: the original path's input of this block
+            access = BlockAccess(block)
+            _, _, v = access.qkv(block.ln_1(x))
+            attn = torch.softmax(v @ v.transpose(-2, -1) * v.shape[-1] ** -0.5, dim=-1)
+            path = path + access.ls_1(access.merge(attn @ v))
+        visual = ctx.model.visual
+        dense = (visual.ln_post(path) @ visual.proj).float()[0, ctx.model.family.prefix:]
+    return F.normalize(dense, dim=-1), F.normalize(features.float()[0], dim=-1)
+
+
+def feature_surgery(patches: torch.Tensor, texts: torch.Tensor, image: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The reference's redundancy removal over a contrast set `texts` (M, E), for the set's `rows`:
+    (N, len(rows)). `image`: the normalised image embedding (E,) that weighs the set."""
+    prob = torch.softmax(2 * (texts @ image), dim=0)
+    weights = prob / prob.mean()
+    sims = (patches @ texts.T) * weights  # (N, M)
+    return sims[:, rows] - sims.mean(dim=1, keepdim=True)
+
+
+@register_method("clipsurgery", families=DENSE_FAMILIES, postprocess="resize_minmax", params=("contrast",),
+                 prompt_coupled=True,
+                 description="CLIP Surgery (Li et al. 2023): v-v attention path over the last 6 blocks and feature "
+                             "surgery against --contrast; one forward.")
+def clipsurgery(ctx: CamContext) -> torch.Tensor:
+    from camloc.errors import CamlocError
+
+    contrast = ctx.options.get("contrast", "empty")
+    patches, image = surgery_tokens(ctx)
+    texts = ctx.text_features
+    if contrast == "none":
+        sim = patches @ texts.T
+    elif contrast == "empty":
+        sim = patches @ (texts - ctx.model.text_features([""])).T
+    else:
+        if contrast == "labels":
+            pool = list(dict.fromkeys(ctx.prompts))
+            if len(pool) < 2:
+                raise CamlocError(f"clipsurgery --contrast labels: this image has one prompt ({ctx.prompts[0]!r}), "
+                                  "and feature surgery over a single prompt is zero everywhere; use --contrast "
+                                  "empty, none or dataset")
+        elif contrast == "dataset":
+            pool = list(ctx.options.get("contrast_prompts") or [])
+            if not pool:
+                raise CamlocError("clipsurgery --contrast dataset needs a dataset's prompts (camloc eval or "
+                                  "threshold-search); for one image use --contrast labels with several --prompt, "
+                                  "or empty")
+            missing = [p for p in ctx.prompts if p not in pool]
+            if missing:
+                raise ValueError(f"prompts {missing} are not in the dataset's contrast set")
+            if len(pool) < 2:
+                raise CamlocError("clipsurgery --contrast dataset: the dataset has one prompt, and feature surgery "
+                                  "over a single prompt is zero everywhere; use --contrast empty or none")
+        else:
+            raise CamlocError(f"--contrast {contrast!r} is not one of none, empty, labels, dataset")
+        index = {p: i for i, p in enumerate(pool)}
+        sim = feature_surgery(patches, ctx.model.text_features(pool), image, [index[p] for p in ctx.prompts])
+    grid = int(round(patches.shape[0] ** 0.5))
+    return sim.T.reshape(len(ctx.prompts), grid, grid)

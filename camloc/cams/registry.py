@@ -27,6 +27,9 @@ class MethodSpec:
     postprocess: str = "grid"
     """`grid`: the spec's two-stage relu/min-max around the resize to raw size (spec §3)."""
     description: str = ""
+    prompt_coupled: bool = False
+    """A prompt's map depends on the image's other prompts (a softmax or a contrast over them): runs
+    always score all of the image's prompts together, so a resumed or partial image gets the same maps."""
     params: tuple[str, ...] = ()
     """The options (keys of DEFAULT_OPTIONS) that change this method's maps: part of cache keys."""
 
@@ -36,7 +39,8 @@ METHODS: dict[str, MethodSpec] = {}
 # Method parameters that change results, with their defaults (spec §3).
 DEFAULT_OPTIONS = {"topk": 300, "grouping": "kmeans", "start_layer": 0, "rise_masks": 8000, "rise_cell": 8,
                    "rise_p1": 0.1, "rise_masks_file": None, "legrad_layers": 2, "gem_blocks": 6, "gem_iterations": 1,
-                   "naclip_std": 5.0, "background": CLIP_ES_BACKGROUND}
+                   "naclip_std": 5.0, "background": CLIP_ES_BACKGROUND,
+                   "contrast": "empty"}
 
 
 def register_method(name: str, **spec_fields) -> Callable:
@@ -53,7 +57,7 @@ def register_method(name: str, **spec_fields) -> Callable:
 
 
 CANONICAL_ORDER = ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs",
-                   "groupcam", "hilacam", "clip-es", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "rise"]
+                   "groupcam", "hilacam", "clip-es", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery", "rise"]
 """The order of listings, `--method all` and tables, whatever order the method modules were imported in."""
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, MaxPixelsOption,
+from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, MaxPixelsOption,
                                PerClassOption, PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption,
                                RiseP1Option, StartLayerOption, SubsetSeedOption, TopkOption, parse_chunk_size,
                                reports_errors)
@@ -44,6 +44,7 @@ def threshold_search_cmd(
     gem_iterations: int = GemIterationsOption,
     naclip_std: float = NaclipStdOption,
     background: str = BackgroundOption,
+    contrast: str = ContrastOption,
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for box derivation [default: all cores]."),
     chunk_size: str = ChunkOption,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
