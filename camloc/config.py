@@ -17,7 +17,7 @@ also has keyboard and sign, which are COCO classes, so camloc's default is the C
 DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_class", "subset_seed", "data_root",
                 "ann_file", "image_dir", "include_stuff", "ade_extent"}
 OPTION_KEYS = {"topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file",
-               "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std", "background", "contrast"}
+               "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std", "background", "contrast", "eclip_official"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
                             "chunk_size", "save_heatmaps", "options", "max_pixels", "protocols",
                             "pointing_tolerance", "cam_curve_interval"}
@@ -85,6 +85,6 @@ class Settings:
 
         table = self.file.get("options", {})
         keys = ("topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file",
-                "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std", "background", "contrast")
+                "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std", "background", "contrast", "eclip_official")
         return method_options(**{k: self.values[k] if k in self.given or k not in table else table[k]
                                  for k in keys if k in self.values or k in table})

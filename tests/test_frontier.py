@@ -530,3 +530,153 @@ def test_clip_surgery_refuses_a_contrast_set_of_one(models, chelsea):
     model = models["tiny-vit"]
     zero = surgery_reference(model, chelsea, ["cat"], contrast_texts=["cat"])
     assert zero.abs().max() < 1e-6
+
+
+def eclip_reference(model, image, prompt, heads):
+    """Grad-ECLIP as the official `clip_encode_dense` + `grad_eclip` compute it (sequence-first, the
+    attention written out with `heads` heads: the official code passes 1), one prompt at a time."""
+    visual = model.visual
+    block = blocks_of(model)[-1]
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
+    with torch.no_grad():
+        visual(model.preprocess(image))
+    handle.remove()
+    x_in = captured["x"]  # (L, 1, D)
+    text = model.text_features([prompt])[0]
+    linear = torch.nn.functional.linear
+    with torch.enable_grad():
+        q, k, v = linear(block.ln_1(x_in), block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+        length, bsz, dim = q.shape
+        hd = dim // heads
+        qh = (q * hd ** -0.5).contiguous().view(length, bsz * heads, hd).transpose(0, 1)
+        kh = k.contiguous().view(-1, bsz * heads, hd).transpose(0, 1)
+        vh = v.contiguous().view(-1, bsz * heads, hd).transpose(0, 1)
+        weights = torch.softmax(torch.bmm(qh, kh.transpose(1, 2)), dim=-1)
+        att_output = torch.bmm(weights, vh).transpose(0, 1).contiguous().view(length, bsz, dim)
+        att_output = att_output.detach().requires_grad_(True)
+        xo = linear(att_output, block.attn.out_proj.weight, block.attn.out_proj.bias) + x_in
+        xo = xo + block.mlp(block.ln_2(xo))
+        out = visual.ln_post(xo.permute(1, 0, 2)) @ visual.proj
+        emb = torch.nn.functional.normalize(out[:, 0], dim=-1)
+        c = (emb @ text)[0]
+        (grad,) = torch.autograd.grad(c, att_output)
+    with torch.no_grad():
+        q_out = linear(q, block.attn.out_proj.weight, block.attn.out_proj.bias)
+        k_out = linear(k, block.attn.out_proj.weight, block.attn.out_proj.bias)
+        q_cls = torch.nn.functional.normalize(q_out[:1, 0, :], dim=-1)
+        k_patch = torch.nn.functional.normalize(k_out[1:, 0, :], dim=-1)
+        cosine = (q_cls * k_patch).sum(-1)
+        cosine = (cosine - cosine.min()) / (cosine.max() - cosine.min())
+        emap = torch.relu((grad[:1, 0, :] * v[1:, 0, :] * cosine[:, None]).sum(-1))
+        side = int(round(emap.shape[0] ** 0.5))
+    return emap.reshape(side, side), out[:, 0]
+
+
+@pytest.mark.parametrize("official", [True, False])
+def test_grad_eclip_follows_the_official_recipe(official, models, chelsea):
+    from camloc.cams.engine import compute_raw
+
+    model = models["tiny-vit-mh"]
+    heads = blocks_of(model)[-1].attn.num_heads
+    assert heads > 1
+    prompts = ["cat", "dog"]
+    kind, maps = compute_raw(model, chelsea, prompts, ["grad-eclip"], {"eclip_official": official})["grad-eclip"]
+    assert kind == "grid"
+    for i, prompt in enumerate(prompts):
+        want, embedding = eclip_reference(model, chelsea, prompt, 1 if official else heads)
+        # the scaled score (camloc's s_p) and the reference's cosine differ by logit_scale > 0
+        torch.testing.assert_close(maps[i], want * model.logit_scale, rtol=1e-4, atol=1e-6)
+        if not official:  # the model's own heads reproduce the model's own embedding
+            torch.testing.assert_close(embedding, model.model.encode_image(model.preprocess(chelsea)),
+                                       rtol=1e-5, atol=1e-5)
+    _, other = compute_raw(model, chelsea, prompts, ["grad-eclip"], {"eclip_official": not official})["grad-eclip"]
+    assert not torch.allclose(other, maps, atol=1e-6)
+
+
+def test_grad_eclip_needs_a_class_token_vit(tmp_path):
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method",
+                                 "grad-eclip", "--model", "open_clip:camloc-tiny-vit-avg:random"])
+    assert result.exit_code == 2 and "'grad-eclip' works only on ViT CLIP models" in result.stderr
+
+
+def rn_layer4(model, image):
+    captured = {}
+    handle = model.visual.layer4.register_forward_hook(lambda m, a, out: captured.__setitem__("x", out))
+    with torch.no_grad():
+        model.visual(model.preprocess(image))
+    handle.remove()
+    return captured["x"].float().contiguous()  # (1, C, h, w)
+
+
+def test_maskclip_resnet_form_is_maskclips_head(tiny_models, chelsea):
+    """MaskClipHead (non-ViT, no attention pooling): q/k/v/c_proj as 1 x 1 convolutions on the backbone
+    output, feat = c_proj(v_proj(x)), normalised, convolved with the text embeddings."""
+    from camloc.cams.engine import compute_raw
+
+    model = tiny_models["tiny-rn"]
+    pool = model.visual.attnpool
+    x = rn_layer4(model, chelsea)
+    v = torch.nn.functional.conv2d(x, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
+    feat = torch.nn.functional.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+    feat = feat / feat.norm(dim=1, keepdim=True)
+    texts = model.text_features(["cat", "dog"])
+    want = torch.nn.functional.conv2d(feat, texts[:, :, None, None])[0]
+    kind, maps = compute_raw(model, chelsea, ["cat", "dog"], ["maskclip"])["maskclip"]
+    assert kind == "resize_minmax"
+    torch.testing.assert_close(maps, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("contrast", ["empty", "labels"])
+def test_clip_surgery_resnet_form_is_the_references_attention_pool(contrast, tiny_models, chelsea):
+    """CLIP Surgery's AttentionPool2d: the mean token first, positional embedding, its Attention module with
+    qkv = [v_proj, v_proj, v_proj] (reshape (B, N, 3, heads, d)), proj = c_proj, token 0 from the
+    original path; then the feature surgery of the ViT test."""
+    from camloc.cams.engine import compute_raw
+
+    model = tiny_models["tiny-rn"]
+    pool = model.visual.attnpool
+    x = rn_layer4(model, chelsea)
+    n, c, h, w = x.shape
+    with torch.no_grad():
+        t = x.reshape(n, c, h * w).permute(2, 0, 1)
+        t = torch.cat([t.mean(dim=0, keepdim=True), t], dim=0) + pool.positional_embedding[:, None, :]
+        t = t.transpose(0, 1)  # (B, N, C)
+        weight = torch.cat([pool.v_proj.weight] * 3)
+        bias = torch.cat([pool.v_proj.bias] * 3)
+        heads = pool.num_heads
+        qkv = torch.nn.functional.linear(t, weight, bias).reshape(n, h * w + 1, 3, heads, c // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        scale = (c // heads) ** -0.5
+        attn_ori = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+        attn = ((v @ v.transpose(-2, -1)) * scale).softmax(dim=-1)
+        x_ori = torch.nn.functional.linear((attn_ori @ v).transpose(1, 2).reshape(n, -1, c), pool.c_proj.weight,
+                                           pool.c_proj.bias)
+        out = torch.nn.functional.linear((attn @ v).transpose(1, 2).reshape(n, -1, c), pool.c_proj.weight,
+                                         pool.c_proj.bias)
+        out[:, 0] = x_ori[:, 0]
+        feats = out / out.norm(dim=-1, keepdim=True)
+        prompts = ["cat", "dog", "sofa"]
+        texts = model.text_features(prompts)
+        if contrast == "empty":
+            sim = feats @ (texts - model.text_features([""])).T
+        else:
+            prob = ((feats[:, :1] @ texts.T) * 2).softmax(-1)
+            wts = prob / prob.mean(-1, keepdim=True)
+            prod = feats.reshape(n, -1, 1, feats.shape[-1]) * texts.reshape(1, 1, 3, -1) * wts.reshape(1, 1, 3, 1)
+            sim = (prod - prod.mean(2, keepdim=True)).sum(-1)
+        want = sim[0, 1:].T.reshape(3, h, w)
+    kind, maps = compute_raw(model, chelsea, prompts, ["clipsurgery"], {"contrast": contrast})["clipsurgery"]
+    torch.testing.assert_close(maps, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["maskclip", "clipsurgery"])
+def test_resnet_forms_cost_one_forward_for_any_number_of_prompts(method, tiny_models, chelsea):
+    model = tiny_models["tiny-rn"]
+    calls = []
+    handle = model.visual.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    try:
+        compute_heatmaps(model, chelsea, ["cat", "dog", "sofa", "tree", "sky", "grass", "rug", "a cat"], [method])
+    finally:
+        handle.remove()
+    assert calls == [1]

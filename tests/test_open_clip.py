@@ -92,7 +92,9 @@ def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
     expected = {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs", "groupcam",
                 "rise"}
     assert methods == (expected | ({"hilacam"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
-                       | ({"clip-es", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery"} if FAMILY[arch] in ("vit", "vit-avg") else set()))
+                       | ({"clip-es", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery"} if FAMILY[arch] in ("vit", "vit-avg") else set())
+                       | ({"grad-eclip"} if FAMILY[arch] == "vit" else set())
+                       | ({"maskclip", "clipsurgery"} if FAMILY[arch] == "rn" else set()))
     out = tmp_path / "run"
     result = runner.invoke(app, ["eval", "--dataset", "demo", "--limit", "2", "--method", "all", "--model", name,
                                  "--topk", "30", "--rise-masks", "16", "--out", str(out), "--no-progress"])

@@ -43,6 +43,10 @@ image forward gives every prompt's map (no gradients, no masked forwards).
   zero everywhere, so `labels` refuses images with one prompt. The reference averages prompt templates;
   camloc scores the prompts it is given.
 
+ResNet forms (OpenAI's layout, both backends): `maskclip` scores c_proj(v_proj(x)) at every layer4
+position (MaskCLIP's MaskClipHead without attention pooling); `clipsurgery` runs the reference's
+attention pool with q = k = v = v_proj (see `rn_surgery_tokens`). The other variants are ViT-only.
+
 The block access (ln_1, the attention's q/k/v projection and out_proj, LayerScale where open_clip
 has it, the FFN) reads OpenAI's sequence-first and open_clip's batch-first blocks alike: tokens are
 handled batch-first here, and the captured inputs are transposed where the family is sequence-first.
@@ -116,10 +120,12 @@ def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
     return (patches @ ctx.text_features.T).T.reshape(len(ctx.prompts), grid, grid)
 
 
-@register_method("maskclip", families=DENSE_FAMILIES, postprocess="resize_minmax",
-                 description="MaskCLIP (Zhou et al. 2022): value path in the last block, patch tokens vs prompts; "
-                             "one forward.")
+@register_method("maskclip", families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax",
+                 description="MaskCLIP (Zhou et al. 2022): value path in the last block (ResNet: of the attention "
+                             "pool), patch tokens vs prompts; one forward.")
 def maskclip(ctx: CamContext) -> torch.Tensor:
+    if ctx.model.family.name == "rn":
+        return _similarity_grid(ctx, F.normalize(rn_value_tokens(ctx), dim=-1))
     blocks, inputs = block_inputs(ctx, len(ctx.model.visual.transformer.resblocks) - 1)
     access = BlockAccess(blocks[-1])
     x = inputs[-1]
@@ -128,6 +134,22 @@ def maskclip(ctx: CamContext) -> torch.Tensor:
         v = x + access.ls_1(access.merge(v))
         v = v + access.ffn(v)
         return patch_similarity(ctx, v)
+
+
+def rn_value_tokens(ctx: CamContext) -> torch.Tensor:
+    """MaskCLIP's ResNet form (its MaskClipHead without attention pooling): every layer4 position through
+    the attention pool's v_proj and c_proj (1 x 1 convolutions, no positional embedding): (h w, E)."""
+    pool = ctx.model.visual.attnpool
+    acts = ctx.activations  # (C, h, w), fp32
+    tokens = acts.flatten(1).T.to(pool.v_proj.weight.dtype)
+    with torch.no_grad():
+        return pool.c_proj(pool.v_proj(tokens)).float()
+
+
+def _similarity_grid(ctx: CamContext, patches: torch.Tensor) -> torch.Tensor:
+    """Normalised (h w, E) features x prompts -> (P, h, w) cosine grid (square grids)."""
+    grid = int(round(patches.shape[0] ** 0.5))
+    return (patches @ ctx.text_features.T).T.reshape(len(ctx.prompts), grid, grid)
 
 
 def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -221,9 +243,33 @@ def naclip(ctx: CamContext) -> torch.Tensor:
 SURGERY_BLOCKS = 6  # the reference's "for i in range(1, 7)": the last 6 blocks carry the v-v path
 
 
+def rn_surgery_tokens(ctx: CamContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP Surgery's ResNet form (its AttentionPool2d, xmed-lab/CLIP_Surgery at 9f5be11): the layer4
+    positions with their mean token first, plus the pool's positional embedding; q = k = v = v_proj of
+    those tokens (the reference loads v_proj into all three), per head softmax(v v^T / sqrt(d)) v, c_proj.
+    Returns the normalised position tokens (h w, E) and the normalised token 0 (E,), the reference's
+    class token for the contrast weights. (The reference's normalised, 8x-temperature `resnet` branch is
+    not selected by its own model code, so camloc does not use it either.)"""
+    pool = ctx.model.visual.attnpool
+    acts = ctx.activations
+    tokens = acts.flatten(1).T
+    tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens]) + pool.positional_embedding.float()
+    with torch.no_grad():
+        v = pool.v_proj(tokens.to(pool.v_proj.weight.dtype))
+        n, dim = v.shape
+        heads = pool.num_heads
+        vh = v.reshape(n, heads, dim // heads).transpose(0, 1)  # (heads, N, d)
+        attn = torch.softmax(vh @ vh.transpose(-2, -1) * (dim // heads) ** -0.5, dim=-1)
+        out = pool.c_proj((attn @ vh).transpose(0, 1).reshape(n, dim)).float()
+    out = F.normalize(out, dim=-1)
+    return out[1:], out[0]
+
+
 def surgery_tokens(ctx: CamContext) -> tuple[torch.Tensor, torch.Tensor]:
     """The v-v path's patch tokens after ln_post and proj, L2-normalised (N patches, E), and the model's
     own normalised image embedding (E,), from one forward."""
+    if ctx.model.family.name == "rn":
+        return rn_surgery_tokens(ctx)
     depth = len(ctx.model.visual.transformer.resblocks)
     first = max(0, depth - SURGERY_BLOCKS)
     blocks, inputs, features = block_inputs(ctx, first, embedding=True)
@@ -248,7 +294,7 @@ def feature_surgery(patches: torch.Tensor, texts: torch.Tensor, image: torch.Ten
     return sims[:, rows] - sims.mean(dim=1, keepdim=True)
 
 
-@register_method("clipsurgery", families=DENSE_FAMILIES, postprocess="resize_minmax", params=("contrast",),
+@register_method("clipsurgery", families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax", params=("contrast",),
                  prompt_coupled=True,
                  description="CLIP Surgery (Li et al. 2023): v-v attention path over the last 6 blocks and feature "
                              "surgery against --contrast; one forward.")

@@ -40,7 +40,7 @@ METHODS: dict[str, MethodSpec] = {}
 DEFAULT_OPTIONS = {"topk": 300, "grouping": "kmeans", "start_layer": 0, "rise_masks": 8000, "rise_cell": 8,
                    "rise_p1": 0.1, "rise_masks_file": None, "legrad_layers": 2, "gem_blocks": 6, "gem_iterations": 1,
                    "naclip_std": 5.0, "background": CLIP_ES_BACKGROUND,
-                   "contrast": "empty"}
+                   "contrast": "empty", "eclip_official": False}
 
 
 def register_method(name: str, **spec_fields) -> Callable:
@@ -57,7 +57,7 @@ def register_method(name: str, **spec_fields) -> Callable:
 
 
 CANONICAL_ORDER = ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs",
-                   "groupcam", "hilacam", "clip-es", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery", "rise"]
+                   "groupcam", "hilacam", "clip-es", "grad-eclip", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery", "rise"]
 """The order of listings, `--method all` and tables, whatever order the method modules were imported in."""
 
 
@@ -136,3 +136,4 @@ def _load_builtin_methods() -> None:
     import camloc.cams.legrad  # noqa: F401
     import camloc.cams.dense  # noqa: F401
     import camloc.cams.clip_es  # noqa: F401
+    import camloc.cams.eclip  # noqa: F401

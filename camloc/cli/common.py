@@ -63,13 +63,14 @@ GemBlocksOption = typer.Option(6, "--gem-blocks", help="GEM: last blocks on the 
 NaclipStdOption = typer.Option(5.0, "--naclip-std", help="NACLIP: standard deviation of the Gaussian neighbourhood, in patches (the reference's 5).")
 BackgroundOption = typer.Option(CLIP_ES_BACKGROUND, "--background", help="CLIP-ES: comma list of background words scored in the softmax beside the image's prompts (CLIP-ES's COCO list), as written: no prompt template is applied.")
 ContrastOption = typer.Option("empty", "--contrast", help="CLIP Surgery's redundant-feature removal: none, empty (subtract the empty prompt's embedding: the reference's single-text demo), labels (the image's prompts, >= 2 needed) or dataset (every prompt of the dataset; eval and threshold-search).")
+EclipOfficialOption = typer.Option(False, "--eclip-official", help="Grad-ECLIP: recompute the last block with one attention head over all channels, as the official code does (a deviation from the model's forward), instead of the model's real heads.")
 GemIterationsOption = typer.Option(1, "--gem-iterations", help="GEM: self-self refinement iterations (the reference's 1).")
 
 
 def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks: int = 8000, rise_cell: int = 8,
                    rise_p1: float = 0.1, rise_masks_file=None, legrad_layers: int = 2, gem_blocks: int = 6,
                    gem_iterations: int = 1, naclip_std: float = 5.0, background: str = CLIP_ES_BACKGROUND,
-                   contrast: str = "empty") -> dict:
+                   contrast: str = "empty", eclip_official: bool = False) -> dict:
     """The method parameters that change results (recorded in configs and summaries). `topk` may be
     "auto", resolved per model family once the model is loaded (`camloc.cams.registry.resolve_options`)."""
     if topk != "auto":
@@ -100,7 +101,8 @@ def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks:
     return {"topk": topk, "grouping": grouping, "start_layer": start_layer, "rise_masks": int(rise_masks),
             "rise_cell": int(rise_cell), "rise_p1": float(rise_p1), "rise_masks_file": file,
             "legrad_layers": int(legrad_layers), "gem_blocks": int(gem_blocks), "gem_iterations": int(gem_iterations),
-            "naclip_std": float(naclip_std), "background": background, "contrast": contrast}
+            "naclip_std": float(naclip_std), "background": background, "contrast": contrast,
+            "eclip_official": bool(eclip_official)}
 
 
 CONTRASTS = ("none", "empty", "labels", "dataset")

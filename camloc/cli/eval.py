@@ -8,7 +8,7 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption,
-                               DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, ImageDirOption, IncludeStuffOption,
+                               DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, ImageDirOption, IncludeStuffOption,
                                MaxPixelsOption, PerClassOption, PointingToleranceOption, PrecisionOption,
                                ProtocolsOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption, RiseP1Option,
                                SkipBadRecordsOption, SplitOption, StartLayerOption, SubsetSeedOption, ThresholdOption,
@@ -61,6 +61,7 @@ def eval_cmd(
     naclip_std: float = NaclipStdOption,
     background: str = BackgroundOption,
     contrast: str = ContrastOption,
+    eclip_official: bool = EclipOfficialOption,
     chunk_size: str = ChunkOption,
     force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip (and report) pairs whose image file is missing instead of stopping."),

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, MaxPixelsOption, ModelOption,
+from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, MaxPixelsOption, ModelOption,
                                PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption, RiseP1Option,
                                StartLayerOption, ThresholdOption, TopkOption, err_console, method_options,
                                parse_chunk_size, parse_threshold, reports_errors)
@@ -55,6 +55,7 @@ def explain(
     naclip_std: float = NaclipStdOption,
     background: str = BackgroundOption,
     contrast: str = ContrastOption,
+    eclip_official: bool = EclipOfficialOption,
     chunk_size: str = ChunkOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
@@ -78,7 +79,7 @@ def explain(
 
     thr = parse_threshold(threshold)
     options = {**method_options(topk, grouping, start_layer, rise_masks, rise_cell, rise_p1, rise_masks_file,
-                                legrad_layers, gem_blocks, gem_iterations, naclip_std, background, contrast),
+                                legrad_layers, gem_blocks, gem_iterations, naclip_std, background, contrast, eclip_official),
                "chunk_size": parse_chunk_size(chunk_size), "seed": seed}
     if figure not in (None, "pipeline", "compare"):
         raise CamlocError(f"--figure {figure!r} is not one of pipeline, compare")

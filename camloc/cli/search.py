@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, MaxPixelsOption,
+from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, MaxPixelsOption,
                                PerClassOption, PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption,
                                RiseP1Option, StartLayerOption, SubsetSeedOption, TopkOption, parse_chunk_size,
                                reports_errors)
@@ -45,6 +45,7 @@ def threshold_search_cmd(
     naclip_std: float = NaclipStdOption,
     background: str = BackgroundOption,
     contrast: str = ContrastOption,
+    eclip_official: bool = EclipOfficialOption,
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for box derivation [default: all cores]."),
     chunk_size: str = ChunkOption,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
