@@ -363,6 +363,12 @@ def run_eval(
     if "rise" in config.methods:  # RISE draws its masks from the run's seed: part of its cache key
         config.options = {**config.options, "seed": config.seed}
     check_method_options(model, config.methods, config.options)
+    if "clipsurgery" in config.methods and config.options.get("contrast") == "labels":
+        single = sum(1 for item in images if len({p.prompt for p in item.pairs}) < 2)
+        if single:
+            raise CamlocError(f"clipsurgery --contrast labels needs at least 2 prompts per image (feature surgery over "
+                              f"one prompt is zero everywhere), and {single} of the {len(images)} images have one; "
+                              "use --contrast empty, none or dataset")
     prompts = model.prompt_problems(sorted({p.prompt for item in images for p in item.pairs}))
     issues.update({k: v for k, v in prompts.items() if v})
     lock_name = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"

@@ -234,3 +234,10 @@ def test_prompt_coupled_methods_resume_to_the_maps_of_a_fresh_run(method, option
     with np.load(recomputed) as a, np.load(original) as b:
         assert a.files.count(key) == 1
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_clip_surgery_labels_contrast_is_refused_before_any_work(tmp_path):
+    config = EvalConfig(model="tiny-vit", methods=["clipsurgery"], dataset="demo", options={"contrast": "labels"})
+    with pytest.raises(CamlocError, match="needs at least 2 prompts per image"):
+        run_eval(config, tmp_path, device="cpu", progress=False)
+    assert not (tmp_path / "pairs.jsonl").exists() or (tmp_path / "pairs.jsonl").read_text() == ""

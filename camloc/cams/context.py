@@ -161,10 +161,10 @@ class CamContext:
         return self._gradient_passes[target]
 
     def _last_ln1_pass(self, background: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        from camloc.cams.dense import BlockAccess, block_inputs
+        from camloc.models.families import BlockAccess, vit_block_inputs
 
         visual = self.model.visual
-        blocks, inputs = block_inputs(self, len(visual.transformer.resblocks) - 1)
+        blocks, inputs = vit_block_inputs(visual, self.model.family, self.input, len(visual.transformer.resblocks) - 1)
         block, x = blocks[-1], inputs[-1]  # batch-first (1, N, D) input of the last block
         access = BlockAccess(block)
         prefix = self.model.family.prefix

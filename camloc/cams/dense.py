@@ -47,7 +47,8 @@ ResNet forms (OpenAI's layout, both backends): `maskclip` scores c_proj(v_proj(x
 position (MaskCLIP's MaskClipHead without attention pooling); `clipsurgery` runs the reference's
 attention pool with q = k = v = v_proj (see `rn_surgery_tokens`). The other variants are ViT-only.
 
-The block access (ln_1, the attention's q/k/v projection and out_proj, LayerScale where open_clip
+The block access (`camloc.models.families.BlockAccess` and `vit_block_inputs`, shared with CLIP-ES and
+Grad-ECLIP: ln_1, the attention's q/k/v projection and out_proj, LayerScale where open_clip
 has it, the FFN) reads OpenAI's sequence-first and open_clip's batch-first blocks alike: tokens are
 handled batch-first here, and the captured inputs are transposed where the family is sequence-first.
 Post-processing: the cosine grid is min-max normalised without ReLU or epsilon (the references do
@@ -60,54 +61,15 @@ import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
 from camloc.cams.registry import register_method
+from camloc.models.families import BlockAccess, vit_block_inputs
 
 DENSE_FAMILIES = frozenset({"vit", "vit-avg"})
-
-
-class BlockAccess:
-    """The parts of one transformer block the dense methods recombine (batch-first tensors)."""
-
-    def __init__(self, block: torch.nn.Module):
-        self.block = block
-        attn = block.attn
-        self.heads = attn.num_heads
-        self.weight, self.bias = attn.in_proj_weight, attn.in_proj_bias
-        self.out_proj = attn.out_proj
-        self.ls_1 = getattr(block, "ls_1", torch.nn.Identity())
-        self.ls_2 = getattr(block, "ls_2", torch.nn.Identity())
-
-    def qkv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ln_1-ed tokens (B, N, D) -> q, k, v (B, heads, N, d)."""
-        batch, n, dim = y.shape
-        q, k, v = F.linear(y, self.weight, self.bias).chunk(3, dim=-1)
-        return tuple(t.reshape(batch, n, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
-
-    def merge(self, o: torch.Tensor) -> torch.Tensor:
-        """(B, heads, N, d) -> out_proj((B, N, D))."""
-        batch, heads, n, d = o.shape
-        return self.out_proj(o.transpose(1, 2).reshape(batch, n, heads * d))
-
-    def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ls_2(self.block.mlp(self.block.ln_2(x)))
 
 
 def block_inputs(ctx: CamContext, first: int, embedding: bool = False):
     """One forward of the image: the blocks and the (batch-first) input of every block from `first` on;
     with `embedding`, also the model's own image embedding (1, E) from that same forward."""
-    visual = ctx.model.visual
-    blocks = list(visual.transformer.resblocks)
-    seq_first = ctx.model.family.batch_dim == 1
-    captured: dict[int, torch.Tensor] = {}
-    handles = [blocks[i].register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
-               for i in range(first, len(blocks))]
-    try:
-        with torch.no_grad():
-            features = visual(ctx.input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    inputs = [captured[i].transpose(0, 1) if seq_first else captured[i] for i in range(first, len(blocks))]
-    return (blocks, inputs, features) if embedding else (blocks, inputs)
+    return vit_block_inputs(ctx.model.visual, ctx.model.family, ctx.input, first, embedding)
 
 
 def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,11 @@ def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
                  description="Grad-ECLIP (Zhao et al. 2024): gradient at the last attention output x values, "
                              "weighted by query-key similarity (--eclip-official: the code's single head).")
 def grad_eclip(ctx: CamContext) -> torch.Tensor:
-    from camloc.cams.dense import BlockAccess, block_inputs
+    from camloc.models.families import BlockAccess, vit_block_inputs
 
     visual = ctx.model.visual
     family = ctx.model.family
-    blocks, inputs = block_inputs(ctx, len(visual.transformer.resblocks) - 1)
+    blocks, inputs = vit_block_inputs(visual, family, ctx.input, len(visual.transformer.resblocks) - 1)
     block, x = blocks[-1], inputs[-1]  # batch-first (1, N, D)
     access = BlockAccess(block)
     heads = 1 if ctx.options.get("eclip_official", False) else access.heads

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -176,3 +177,49 @@ def family_of(model: nn.Module) -> Family:
     if kind == "open_clip.timm_model.TimmModel":
         return timm_trunk(model.visual)
     raise TypeError(f"unsupported CLIP vision tower {type(model.visual).__name__}")
+
+
+class BlockAccess:
+    """The parts of one transformer block the dense methods recombine (batch-first tensors)."""
+
+    def __init__(self, block: torch.nn.Module):
+        self.block = block
+        attn = block.attn
+        self.heads = attn.num_heads
+        self.weight, self.bias = attn.in_proj_weight, attn.in_proj_bias
+        self.out_proj = attn.out_proj
+        self.ls_1 = getattr(block, "ls_1", torch.nn.Identity())
+        self.ls_2 = getattr(block, "ls_2", torch.nn.Identity())
+
+    def qkv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ln_1-ed tokens (B, N, D) -> q, k, v (B, heads, N, d)."""
+        batch, n, dim = y.shape
+        q, k, v = F.linear(y, self.weight, self.bias).chunk(3, dim=-1)
+        return tuple(t.reshape(batch, n, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, d) -> out_proj((B, N, D))."""
+        batch, heads, n, d = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(batch, n, heads * d))
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls_2(self.block.mlp(self.block.ln_2(x)))
+
+
+def vit_block_inputs(visual: nn.Module, family: Family, x: torch.Tensor, first: int, embedding: bool = False):
+    """One forward of `x` through a ViT tower: its blocks (`visual.transformer.resblocks`) and the input of
+    every block from `first` on, batch-first whatever the family's layout; with `embedding`, also the
+    tower's output (the image embedding) from that same forward."""
+    blocks = list(visual.transformer.resblocks)
+    seq_first = family.batch_dim == 1
+    captured: dict[int, torch.Tensor] = {}
+    handles = [blocks[i].register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
+               for i in range(first, len(blocks))]
+    try:
+        with torch.no_grad():
+            features = visual(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inputs = [captured[i].transpose(0, 1) if seq_first else captured[i] for i in range(first, len(blocks))]
+    return (blocks, inputs, features) if embedding else (blocks, inputs)
