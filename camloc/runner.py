@@ -19,7 +19,7 @@ from camloc.cams import CamContext, compute_heatmaps, resolve_methods
 from camloc.cams.engine import compute_native
 from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import DEFAULT_OPTIONS, METHODS, check_method_options, resolve_options
-from camloc.datasets import ImagePairs, count_pairs, load_dataset
+from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap, meters_by
@@ -369,7 +369,7 @@ def run_eval(
             raise CamlocError(f"clipsurgery --contrast labels needs at least 2 prompts per image (feature surgery over "
                               f"one prompt is zero everywhere), and {single} of the {len(images)} images have one; "
                               "use --contrast empty, none or dataset")
-    prompts = model.prompt_problems(sorted({p.prompt for item in images for p in item.pairs}))
+    prompts = model.prompt_problems(dataset_prompts(images))
     issues.update({k: v for k, v in prompts.items() if v})
     lock_name = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
     with folder_lock(run_dir, lock_name):
@@ -377,11 +377,6 @@ def run_eval(
                            progress=progress, chunk_size=chunk_size,
                            save_heatmaps=save_heatmaps, shard=shard, save_vis=save_vis,
                            skip_bad_records=skip_bad_records)
-
-
-def dataset_prompts(images: list[ImagePairs]) -> list[str]:
-    """Every prompt of the dataset (all shards), sorted: CLIP Surgery's `--contrast dataset` set."""
-    return sorted({p.prompt for item in images for p in item.pairs})
 
 
 def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: list[ImagePairs], mine: list[ImagePairs],
@@ -510,6 +505,7 @@ def save_visualizations(model: ClipModel, images: list[ImagePairs], records: lis
 
     paths = {str(item.image_id): item.path for item in images}
     prompts_of = {str(item.image_id): list(dict.fromkeys(p.prompt for p in item.pairs)) for item in images}
+    options = {**config.options, "contrast_prompts": dataset_prompts(images)}
     unique = {record_key(r): r for r in records}
     for method in config.methods:
         picks = pick_for_vis([r for r in unique.values() if r["method"] == method], n, config.seed)
@@ -521,9 +517,7 @@ def save_visualizations(model: ClipModel, images: list[ImagePairs], records: lis
                 # with all of the image's prompts, as eval scored it (CLIP-ES's softmax and CLIP Surgery's
                 # labels contrast depend on the image's other prompts)
                 prompts = prompts_of[str(r["image_id"])]
-                heatmap = compute_heatmaps(model, image, prompts, [method],
-                                           {**config.options, "contrast_prompts": dataset_prompts(images)}
-                                           )[method][prompts.index(r["prompt"])]
+                heatmap = compute_heatmaps(model, image, prompts, [method], options)[method][prompts.index(r["prompt"])]
                 name = f"{group}_{rank:02d}_{r['image_id']}_{r['category_id']}.jpg"
                 pair_overlay(image, heatmap, r["box"], r["gt_boxes"], f"{method} '{r['prompt']}' IoU {r['iou']:.3f}",
                              folder / name)

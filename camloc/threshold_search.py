@@ -17,7 +17,7 @@ import numpy as np
 
 from camloc.cams.engine import compute_native
 from camloc.cams.registry import DEFAULT_OPTIONS, check_method_options, resolve_methods, resolve_options
-from camloc.datasets import ImagePairs, count_pairs, load_dataset
+from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import CamlocError
 from camloc.evaluators.threshold import Item, best_threshold, score_items, threshold_grid
@@ -101,7 +101,7 @@ def fill_cache(model: LazyModel, cache: HeatmapCache, images: list[ImagePairs], 
                options: dict, progress: bool) -> int:
     """Compute and store the native maps that are not cached yet; returns the pairs computed."""
     todo = [(item, missing) for item in images if (missing := uncached(cache, item, methods))]
-    options = {**options, "contrast_prompts": sorted({p.prompt for item in images for p in item.pairs})}
+    options = {**options, "contrast_prompts": dataset_prompts(images)}
     with progress_bar(progress, sum(len(i.pairs) for i, _ in todo), "heatmaps") as bar:
         for item, missing in todo:
             image = load_image(item.path)

@@ -35,6 +35,20 @@ def meta(model: str) -> dict:
     return json.loads((FRONTIER / f"{MODELS[model]}_meta.json").read_text())
 
 
+def tiny_vit_mh(build: str) -> ClipModel:
+    """tiny-vit-mh from the clip package, or the same weights built by open_clip (batch-first blocks)."""
+    if build == "clip":
+        return ClipModel.load("tiny-vit-mh", device="cpu")
+    import open_clip
+
+    from camloc.models.clip_model import Backend
+
+    sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS["tiny-vit-mh"]).items()}
+    built = open_clip.model.build_model_from_openai_state_dict(sd).float().eval()
+    tokenizer = open_clip.tokenizer.SimpleTokenizer()
+    return ClipModel(built, "open_clip:tiny-vit-mh", torch.device("cpu"), "fp32", Backend("open_clip", lambda: tokenizer))
+
+
 @pytest.fixture(scope="module")
 def models():
     return {name: ClipModel.load(name, device="cpu") for name in MODELS}
@@ -132,15 +146,9 @@ def test_legrad_reproduces_legrad_torch(model, layers, suffix, models, chelsea):
 def test_legrad_on_open_clips_batch_first_blocks(chelsea):
     """The same weights built by open_clip 3.3 (batch-first blocks, where the reference package itself
     silently gives other maps: frontier README §9) give the reference maps through camloc."""
-    import open_clip
-
     from camloc.cams.engine import compute_native
-    from camloc.models.clip_model import Backend
 
-    sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS["tiny-vit-mh"]).items()}
-    built = open_clip.model.build_model_from_openai_state_dict(sd).float().eval()
-    tokenizer = open_clip.tokenizer.SimpleTokenizer()
-    model = ClipModel(built, "open_clip:tiny-vit-mh", torch.device("cpu"), "fp32", Backend("open_clip", lambda: tokenizer))
+    model = tiny_vit_mh("open_clip")
     assert model.family.batch_dim == 0
     _, maps = compute_native(model, chelsea, PROMPTS, ["legrad"])["legrad"]
     np.testing.assert_allclose(maps, fixture("tiny_vit_mh_legrad.npy")[0], atol=1e-5, rtol=0)
@@ -200,18 +208,9 @@ def test_the_block_access_reduces_to_the_models_own_forward(build, chelsea):
     """With the last block's attention recombined as the original (softmax(q k^T / sqrt(d)) v, out_proj,
     residual, FFN), ln_post and proj on the class token give `encode_image`: for OpenAI's sequence-first
     and open_clip's batch-first blocks alike, so a layout mistake in the dense family fails loudly."""
-    import open_clip
-
     from camloc.cams.dense import BlockAccess, block_inputs
-    from camloc.models.clip_model import Backend
 
-    if build == "clip":
-        model = ClipModel.load("tiny-vit-mh", device="cpu")
-    else:
-        sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS["tiny-vit-mh"]).items()}
-        built = open_clip.model.build_model_from_openai_state_dict(sd).float().eval()
-        model = ClipModel(built, "open_clip:tiny-vit-mh", torch.device("cpu"), "fp32",
-                          Backend("open_clip", lambda: open_clip.tokenizer.SimpleTokenizer()))
+    model = tiny_vit_mh(build)
     ctx = CamContext(model, chelsea, ["cat"])
     blocks, inputs = block_inputs(ctx, len(blocks_of(model)) - 1)
     access = BlockAccess(blocks[-1])
@@ -385,18 +384,9 @@ def clip_es_reference(model, image, prompts, background):
 
 @pytest.mark.parametrize("build", ["clip", "open_clip"])
 def test_clip_es_is_gradcam_with_the_background_softmax(build, chelsea):
-    import open_clip
-
     from camloc.cams.engine import compute_raw
-    from camloc.models.clip_model import Backend
 
-    if build == "clip":
-        model = ClipModel.load("tiny-vit-mh", device="cpu")
-    else:
-        sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS["tiny-vit-mh"]).items()}
-        built = open_clip.model.build_model_from_openai_state_dict(sd).float().eval()
-        model = ClipModel(built, "open_clip:tiny-vit-mh", torch.device("cpu"), "fp32",
-                          Backend("open_clip", lambda: open_clip.tokenizer.SimpleTokenizer()))
+    model = tiny_vit_mh(build)
     prompts = ["cat", "dog", "sofa"]
     kind, maps = compute_raw(model, chelsea, prompts, ["clip-es"], {"background": "ground,sky,dog,grass"})["clip-es"]
     assert kind == "grid"
@@ -488,18 +478,9 @@ def surgery_reference(model, image, prompts, contrast_texts=None, empty=None):
 
 @pytest.mark.parametrize("build", ["clip", "open_clip"])
 def test_clip_surgery_follows_the_reference_for_every_contrast(build, chelsea):
-    import open_clip
-
     from camloc.cams.engine import compute_raw
-    from camloc.models.clip_model import Backend
 
-    if build == "clip":
-        model = ClipModel.load("tiny-vit-mh", device="cpu")
-    else:
-        sd = {k: v.float() for k, v in random_state_dict(TINY_SPECS["tiny-vit-mh"]).items()}
-        built = open_clip.model.build_model_from_openai_state_dict(sd).float().eval()
-        model = ClipModel(built, "open_clip:tiny-vit-mh", torch.device("cpu"), "fp32",
-                          Backend("open_clip", lambda: open_clip.tokenizer.SimpleTokenizer()))
+    model = tiny_vit_mh(build)
     prompts = ["cat", "dog", "sofa"]
     dataset = ["bird", "cat", "dog", "sofa", "tree"]
     expected = {"none": surgery_reference(model, chelsea, prompts),

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from camloc.cams.masked import MaskedEmbeddings
+from camloc.errors import CamlocError
 from camloc.models.clip_model import ClipModel
+from camloc.models.families import BlockAccess, tokens_to_grid, vit_block_inputs
 
 CPU_CHUNK = 16  # the fastest per image on 2 cores for 224-288 px inputs
 CPU_CHUNK_LARGE = 8  # 336-448 px inputs (RN50x16, RN50x64, ViT-L/14@336px): keeps a CAM's extra memory < 1 GB
@@ -161,8 +163,6 @@ class CamContext:
         return self._gradient_passes[target]
 
     def _last_ln1_pass(self, background: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        from camloc.models.families import BlockAccess, vit_block_inputs
-
         visual = self.model.visual
         blocks, inputs = vit_block_inputs(visual, self.model.family, self.input, len(visual.transformer.resblocks) - 1)
         block, x = blocks[-1], inputs[-1]  # batch-first (1, N, D) input of the last block
@@ -173,8 +173,6 @@ class CamContext:
         n_prompts = len(self.prompts)
         texts = self.text_features
         if n_prompts + len(background) < 2:
-            from camloc.errors import CamlocError
-
             raise CamlocError("CLIP-ES: one prompt and no background word left (--background words equal to the "
                               "prompt are left out): the softmax is constant; give other --background words")
         if background:
@@ -191,6 +189,4 @@ class CamContext:
             logits = self.model.logit_scale * features @ texts.T  # (P copies, P + B)
             scores = logits.softmax(dim=-1)
             (grad,) = torch.autograd.grad(scores.diagonal().sum(), leaf)  # copy p's score of prompt p
-        from camloc.models.families import _tokens_to_grid
-
-        return _tokens_to_grid(y, prefix)[0].float(), _tokens_to_grid(grad, prefix).float()
+        return tokens_to_grid(y, prefix)[0].float(), tokens_to_grid(grad, prefix).float()

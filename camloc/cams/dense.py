@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
 from camloc.cams.registry import register_method
+from camloc.errors import CamlocError
 from camloc.models.families import BlockAccess, vit_block_inputs
 
 DENSE_FAMILIES = frozenset({"vit", "vit-avg"})
@@ -77,9 +78,13 @@ def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
     visual = ctx.model.visual
     dense = (visual.ln_post(tokens) @ visual.proj).float()[0]
     prefix = ctx.model.family.prefix
-    patches = F.normalize(dense[prefix:], dim=-1)
-    grid = int(round(patches.shape[0] ** 0.5))
-    return (patches @ ctx.text_features.T).T.reshape(len(ctx.prompts), grid, grid)
+    return square_grid(F.normalize(dense[prefix:], dim=-1) @ ctx.text_features.T)
+
+
+def square_grid(similarity: torch.Tensor) -> torch.Tensor:
+    """(N patches, P) similarities on a square patch grid -> (P, g, g)."""
+    grid = int(round(similarity.shape[0] ** 0.5))
+    return similarity.T.reshape(similarity.shape[1], grid, grid)
 
 
 @register_method("maskclip", families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax",
@@ -87,7 +92,7 @@ def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
                              "pool), patch tokens vs prompts; one forward.")
 def maskclip(ctx: CamContext) -> torch.Tensor:
     if ctx.model.family.name == "rn":
-        return _similarity_grid(ctx, F.normalize(rn_value_tokens(ctx), dim=-1))
+        return square_grid(F.normalize(rn_value_tokens(ctx), dim=-1) @ ctx.text_features.T)
     blocks, inputs = block_inputs(ctx, len(ctx.model.visual.transformer.resblocks) - 1)
     access = BlockAccess(blocks[-1])
     x = inputs[-1]
@@ -106,12 +111,6 @@ def rn_value_tokens(ctx: CamContext) -> torch.Tensor:
     tokens = acts.flatten(1).T.to(pool.v_proj.weight.dtype)
     with torch.no_grad():
         return pool.c_proj(pool.v_proj(tokens)).float()
-
-
-def _similarity_grid(ctx: CamContext, patches: torch.Tensor) -> torch.Tensor:
-    """Normalised (h w, E) features x prompts -> (P, h, w) cosine grid (square grids)."""
-    grid = int(round(patches.shape[0] ** 0.5))
-    return (patches @ ctx.text_features.T).T.reshape(len(ctx.prompts), grid, grid)
 
 
 def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -261,8 +260,6 @@ def feature_surgery(patches: torch.Tensor, texts: torch.Tensor, image: torch.Ten
                  description="CLIP Surgery (Li et al. 2023): v-v attention path over the last 6 blocks and feature "
                              "surgery against --contrast; one forward.")
 def clipsurgery(ctx: CamContext) -> torch.Tensor:
-    from camloc.errors import CamlocError
-
     contrast = ctx.options.get("contrast", "empty")
     patches, image = surgery_tokens(ctx)
     texts = ctx.text_features
@@ -293,5 +290,4 @@ def clipsurgery(ctx: CamContext) -> torch.Tensor:
             raise CamlocError(f"--contrast {contrast!r} is not one of none, empty, labels, dataset")
         index = {p: i for i, p in enumerate(pool)}
         sim = feature_surgery(patches, ctx.model.text_features(pool), image, [index[p] for p in ctx.prompts])
-    grid = int(round(patches.shape[0] ** 0.5))
-    return sim.T.reshape(len(ctx.prompts), grid, grid)
+    return square_grid(sim)

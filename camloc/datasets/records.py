@@ -72,6 +72,12 @@ def count_pairs(images: list[ImagePairs]) -> int:
     return sum(len(item.pairs) for item in images)
 
 
+def dataset_prompts(images: list[ImagePairs]) -> list[str]:
+    """Every prompt of the dataset (all shards), sorted: what runs warn about once, and CLIP Surgery's
+    `--contrast dataset` set."""
+    return sorted({p.prompt for item in images for p in item.pairs})
+
+
 def sanitize_boxes(images: list[ImagePairs]) -> tuple[list[ImagePairs], dict[str, int]]:
     """Ground truth that cannot be scored, handled deterministically: boxes reaching outside the image
     are clipped to it, empty boxes (after clipping) are dropped, and a pair left without boxes is

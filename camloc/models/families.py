@@ -78,7 +78,7 @@ FAMILY_LABELS = {"rn": "ResNet", "vit": "ViT", "vit-avg": "average-pooled ViT",
 FAMILIES = {f.name: f for f in (RESNET, VIT)}
 
 
-def _tokens_to_grid(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+def tokens_to_grid(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
     """(B, L, D) batch-first tokens with `prefix` leading non-patch tokens -> (B, D, g, g)."""
     batch, length, dim = tokens.shape
     grid = math.isqrt(length - prefix)
@@ -106,9 +106,9 @@ def open_clip_vit(visual: nn.Module) -> Family:
         name="vit" if token_pooled else "vit-avg",
         description=f"open_clip VisionTransformer ({pool} pooling): target visual.transformer.resblocks[-1] output",
         target_layer=lambda vis: vis.transformer.resblocks[-1],
-        to_grid=lambda x: _tokens_to_grid(x, prefix),
+        to_grid=lambda x: tokens_to_grid(x, prefix),
         head=head,
-        grad_to_grid=(lambda g: g[:, 0][:, :, None, None]) if token_pooled else (lambda g: _tokens_to_grid(g, prefix)),
+        grad_to_grid=(lambda g: g[:, 0][:, :, None, None]) if token_pooled else (lambda g: tokens_to_grid(g, prefix)),
         batch_dim=0,
         pooling="token" if token_pooled else "avg",
         prefix=prefix,
@@ -136,9 +136,9 @@ def timm_trunk(visual: nn.Module) -> Family:
             description=f"open_clip timm trunk {type(trunk).__name__} ({pool or 'no'} pooling): target "
                         f"trunk.blocks[-1] output, {prefix} prefix tokens",
             target_layer=lambda vis: vis.trunk.blocks[-1],
-            to_grid=lambda x: _tokens_to_grid(x, prefix),
+            to_grid=lambda x: tokens_to_grid(x, prefix),
             head=head,
-            grad_to_grid=(lambda g: g[:, 0][:, :, None, None]) if token_pooled else (lambda g: _tokens_to_grid(g, prefix)),
+            grad_to_grid=(lambda g: g[:, 0][:, :, None, None]) if token_pooled else (lambda g: tokens_to_grid(g, prefix)),
             batch_dim=0,
             pooling="token" if token_pooled else ("map" if pool == "map" else "avg"),
             prefix=prefix,
