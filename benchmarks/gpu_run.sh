@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
-# One prepared GPU session: install the few missing wheels (carried in .device_wheels), check camloc's
-# CUDA paths against the golden maps, then run the benchmark suite on the GPU. Output goes to $OUT.
+# The prepared GPU session (issue 16), about 7-8 minutes. Before it, HERE: `bash benchmarks/device_wheels.sh`;
+# then with the device tool: run(command="bash benchmarks/gpu_run.sh", carry=[".device_wheels"], timeout_s=560).
+#  1. CUDA checks against the golden maps: fp32/fp16 eager, the compiled masked encoder (--compile on),
+#     and image batching (share_batch) against one image at a time.
+#  2. benchmarks/run.py --only gpu: RN50x16 pairs/s and fraction of the card's fp16 peak for gScoreCAM,
+#     ScoreCAM, GradCAM (eager vs compiled; GradCAM one image vs 8), its kernel-time split, the encoder
+#     variants (compiled, BatchNorm folded, cudnn.benchmark), then RN50, ViT-B/16, ViT-B/32, image
+#     batching and eval's data path, each skipped (and said so) once the budget is spent.
+# Everything lands in $OUT (cuda_check.txt, bench_gpu.txt, bench_gpu.json).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD:/tmp/extra OMP_WAIT_POLICY=PASSIVE
-python3 -m pip install -q --no-deps --no-index --target /tmp/extra .device_wheels/*.whl 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 - <<'PY' 2>&1 | tee "$OUT/cuda_check.txt"
-import numpy as np, torch, time
+export PYTHONPATH=$PWD:/tmp/extra OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-index --no-compile --target /tmp/extra .device_wheels/*.whl 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+timeout 150 python3 - <<'PY' 2>&1 | tee "$OUT/cuda_check.txt"
+import numpy as np, torch, triton
 from camloc.models import ClipModel, load_image
-from camloc.cams import compute_heatmaps
+from camloc.cams import CamContext, compute_heatmaps
+from camloc.cams.context import share_batch
+from camloc.cams.engine import compute_raw
 img = load_image("tests/golden/chelsea_small.png")
-print("torch", torch.__version__, torch.cuda.get_device_name(0))
-for name, k, methods in [("tiny-rn", 100, ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "groupcam"]),
-                         ("tiny-vit", 30, ["gradcam", "gradcam++", "xgradcam", "scorecam", "gscorecam", "hilacam"])]:
-    for prec in ["fp32", "fp16", "bf16"]:
+print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(0))
+def golden(name, meth):
+    return np.load(f"tests/golden/{name.replace('-', '_')}_{meth}.npy")
+for name, k, methods in [("tiny-rn", 100, ["gradcam", "gradcam++", "layercam", "scorecam", "gscorecam", "groupcam"]),
+                         ("tiny-vit", 30, ["gradcam", "gradcam++", "scorecam", "gscorecam", "hilacam"])]:
+    for prec in ["fp32", "fp16"]:
         m = ClipModel.load(name, device="cuda", precision=prec)
         maps = compute_heatmaps(m, img, ["cat", "dog"], methods, {"topk": k})
-        diffs = {meth: float(np.abs(maps[meth][0] - np.load(f"tests/golden/{name.replace('-', '_')}_{meth}.npy")).max()) for meth in methods}
-        print(name, prec, "max abs diff vs golden:", {a: f"{b:.1e}" for a, b in diffs.items()})
+        print(name, prec, "eager, max abs diff vs golden:", {a: f"{np.abs(maps[a][0] - golden(name, a)).max():.1e}" for a in methods})
+        masked = [a for a in methods if a in ("scorecam", "gscorecam", "groupcam")]
+        m.encoder.configure("on")
+        comp = compute_heatmaps(m, img, ["cat", "dog"], masked, {"topk": k})
+        print(name, prec, "compiled", m.encoder.info(), "max abs diff vs eager:",
+              {a: f"{np.abs(comp[a] - maps[a]).max():.1e}" for a in masked},
+              "vs golden:", {a: f"{np.abs(comp[a][0] - golden(name, a)).max():.1e}" for a in masked})
+        m.encoder.configure("off")
+        prompts = [["cat", "dog"], ["cat"], ["dog", "a cat", "tree"]]
+        one = [compute_raw(m, img.rotate(r), p, ["gradcam", "layercam"]) for r, p in zip((0, 90, 180), prompts)]
+        ctxs = [CamContext(m, img.rotate(r), p, methods=["gradcam", "layercam"]) for r, p in zip((0, 90, 180), prompts)]
+        share_batch(ctxs)
+        many = [compute_raw(m, img.rotate(r), p, ["gradcam", "layercam"], context=c) for r, p, c in zip((0, 90, 180), prompts, ctxs)]
+        print(name, prec, "image batch of 3 vs one at a time, max relative diff:",
+              max(float(((a[x][1] - b[x][1]).abs().max() / a[x][1].abs().max()).item()) for a, b in zip(one, many) for x in a))
 PY
-timeout 420 python3 benchmarks/run.py --device cuda --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.txt"
+timeout 420 python3 benchmarks/run.py --device cuda --only gpu --budget 380 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"

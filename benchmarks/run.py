@@ -29,6 +29,8 @@ from camloc.datasets import load_dataset  # noqa: E402
 from camloc.models import ClipModel, load_image  # noqa: E402
 from camloc.provenance import device_description, git_commit  # noqa: E402
 from straightforward import straightforward_cam, trainable_copy  # noqa: E402
+from throughput import (card_peak, section_batching, section_compile, section_peak,  # noqa: E402
+                        section_profile)
 
 IMAGE = Path(__file__).resolve().parent.parent / "camloc" / "datasets" / "demo" / "images" / "chelsea.jpg"
 PROMPTS = ["cat", "dog", "a photo of a cat", "tabby cat", "kitten", "animal face", "whiskers", "pet"]
@@ -249,7 +251,7 @@ def section_pipeline(model, args, device, report):
     from dataclasses import replace
 
     from camloc.progress import NoBar
-    from camloc.runner import EvalConfig, _pending, compute_image, image_records, run_pipeline
+    from camloc.runner import EvalConfig, _pending, compute_images, image_records, resolve_image_batch, run_pipeline
     from camloc.runfiles import append_jsonl
 
     n = 24 if args.quick else 120
@@ -268,33 +270,34 @@ def section_pipeline(model, args, device, report):
         work = _pending(images, [method], set())
         pairs = sum(len(todo) for _, todo in work)
         runtime = {"chunk_size": "auto"}
+        batch = resolve_image_batch("auto", [method])  # as eval runs it: 8 images per step for GradCAM
         with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "pairs.jsonl", "a") as handle:
-            run_pipeline(model, work[:4], config, handle, NoBar(), runtime, None)  # warm-up
+            run_pipeline(model, work[:4], config, handle, NoBar(), runtime, None, batch)  # warm-up
 
             def pipeline():
-                run_pipeline(model, work, config, handle, NoBar(), runtime, None)
+                run_pipeline(model, work, config, handle, NoBar(), runtime, None, batch)
 
             def serial():
                 for item, todo in work:
                     image = load_image(item.path)
-                    native, _ = compute_image(model, item, todo, config, image, runtime)
+                    ((native, _),) = compute_images(model, [(item, todo, image, None)], config, runtime)
                     append_jsonl(handle, image_records(model.name, item, todo, config, native, image.size))
 
             loaded = [(item, todo, load_image(item.path)) for item, todo in work]
             prepared = [(item, todo, image, model.host_input(image)) for item, todo, image in loaded]
 
             def model_only():
-                for item, todo, image, host in prepared:
-                    compute_image(model, item, todo, config, image, runtime, None, host)
+                for start in range(0, len(prepared), batch):
+                    compute_images(model, prepared[start:start + batch], config, runtime)
 
             t_pipe = timed(pipeline, device)[0]
             t_serial = timed(serial, device)[0]
             t_model = timed(model_only, device)[0]
-        out[method] = {"pairs": pairs, "pipeline_s": t_pipe, "serial_s": t_serial, "model_only_s": t_model,
+        out[method] = {"pairs": pairs, "image_batch": batch, "pipeline_s": t_pipe, "serial_s": t_serial, "model_only_s": t_model,
                        "pipeline_pairs_per_s": pairs / t_pipe, "serial_pairs_per_s": pairs / t_serial,
                        "model_only_pairs_per_s": pairs / t_model, "pipeline_over_model_only": t_pipe / t_model}
-        print(f"{method:10s}: pipeline {pairs / t_pipe:.2f} pairs/s, one step after another {pairs / t_serial:.2f} "
-              f"pairs/s, model stage alone {pairs / t_model:.2f} pairs/s -> pipeline / model alone "
+        print(f"{method:10s} (image batch {batch}): pipeline {pairs / t_pipe:.2f} pairs/s, one image and step after "
+              f"another {pairs / t_serial:.2f} pairs/s, model stage alone {pairs / t_model:.2f} pairs/s -> pipeline / model alone "
               f"{t_pipe / t_model:.2f} (1.00 = loading and boxes fully hidden)")
 
 
@@ -389,8 +392,11 @@ def main():
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per timing (median)")
     ap.add_argument("--only", default=None,
-                    help="comma list of sections: gscorecam,prompts,fusion,pipeline,memory,threshold,open_clip,"
-                         "frontier (open_clip and frontier: not in --quick unless named)")
+                    help="comma list of sections: gscorecam,prompts,fusion,pipeline,memory,threshold,batching,compile,"
+                         "open_clip,frontier,gpu (open_clip and frontier: not in --quick unless named; gpu: the "
+                         "prepared GPU session's plan, CUDA only)")
+    ap.add_argument("--budget", type=float, default=420.0,
+                    help="gpu section: seconds it may take; later steps are skipped (and said so) past it")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -399,7 +405,8 @@ def main():
     args.batches = [32, 64, 128, 256] if cuda else ([16, 32] if args.quick else [8, 16, 32, 64])
     args.prompt_counts = [1, 8] if args.quick else [1, 3, 8]
     args.floor_images = 96 if args.quick else None  # quick: time 96 of the k floor forwards and scale
-    every = "gscorecam,prompts,fusion,pipeline,memory,threshold" + ("" if args.quick else ",open_clip,frontier")
+    every = "gscorecam,prompts,fusion,pipeline,memory,threshold,batching,compile" + (
+        "" if args.quick else ",open_clip,frontier")
     sections = set((args.only or every).split(","))
     image = load_image(IMAGE)
     report = {"machine": device_description(device), "platform": platform.platform(), "commit": git_commit(),
@@ -410,9 +417,13 @@ def main():
     def load(name):
         return ClipModel.load(name, device=args.device, precision=args.precision)
 
+    if "gpu" in sections:
+        gpu_plan(load, image, args, device, report, started)
+        sections = set()
     if "threshold" in sections:
         section_threshold_search(args, report)
-    rn50 = load("random-RN50") if sections & {"gscorecam", "fusion", "prompts", "pipeline"} else None
+    rn50 = load("random-RN50") if sections & {"gscorecam", "fusion", "prompts", "pipeline", "batching",
+                                              "compile"} else None
     g = None
     if "gscorecam" in sections:
         g = section_gscorecam(rn50, image, 300, args, device, report)
@@ -420,6 +431,13 @@ def main():
         section_fusion(rn50, image, args, device, report)
     if "pipeline" in sections:
         section_pipeline(rn50, args, device, report)
+    if "batching" in sections:
+        print(f"\n## image batching (eval's model stage, --image-batch 8 vs 1): {args.precision} on {device.type}")
+        section_batching(rn50, device, report)
+    if "compile" in sections:
+        print(f"\n## compiled masked encoder (--compile on vs eager): {device.type}")
+        section_compile(rn50, device, report, batch=16 if not cuda else 64, batches=2 if args.quick else 4,
+                        fold=cuda)
     if "prompts" in sections:
         known = {"gscorecam": (g["camloc_s"], g["masked_forwards"], g["camloc_peak_bytes"])} if g else None
         ref = g["straightforward_s"] if g else None
@@ -428,8 +446,10 @@ def main():
         else:
             section_prompts(rn50, image, 300, args, device, report, ["scorecam", "gscorecam"], ref, known)
     del rn50
-    if sections & {"gscorecam", "prompts"}:
+    if sections & {"gscorecam", "prompts", "batching"}:
         vit = load("random-ViT-B/32")
+        if "batching" in sections:
+            section_batching(vit, device, report)
         if "gscorecam" in sections and not args.quick:
             section_gscorecam(vit, image, 100, args, device, report)
         if "prompts" in sections and args.quick:
@@ -455,10 +475,6 @@ def main():
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 
-# Dense fp16/bf16 tensor-core peak of the card (vendor figures, SXM parts), for the fraction reached.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-
-
 def forward_flops(model) -> float:
     """FLOPs of one image-encoder forward (batch 1), counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -481,8 +497,7 @@ def section_pairs_per_second(model, image, device, report, n=20):
     t, mem, _ = timed(run, device)
     flops = forward_flops(model)
     achieved = n / t * 301 * flops  # 300 masked forwards + the plain one per pair (backward through the head ~0)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for key, v in PEAK_FLOPS.items() if key in name), None)
+    _, peak = card_peak(device)
     report[f"pairs_per_second/{model.name}"] = {
         "pairs_per_second": n / t, "peak_bytes": mem, "chunk_size": model.auto_chunk_size,
         "gflops_per_forward": flops / 1e9, "achieved_tflops": achieved / 1e12,
@@ -490,6 +505,49 @@ def section_pairs_per_second(model, image, device, report, n=20):
     print(f"gScoreCAM {model.name} k=300 {model.precision}: {n / t:.2f} pairs/s (chunk {model.auto_chunk_size}), "
           f"peak {gib(mem)}; {flops / 1e9:.1f} GFLOP per forward -> {achieved / 1e12:.1f} TFLOP/s"
           + (f" = {achieved / peak:.1%} of the card's {peak / 1e12:.0f} TFLOP/s dense fp16 peak" if peak else ""))
+
+
+def gpu_plan(load, image, args, device, report, started):
+    """The prepared GPU session (`bash benchmarks/gpu_run.sh`), most important first, each step skipped
+    (and said so) once `--budget` seconds are spent: RN50x16 pairs/s and fraction of peak, eager vs
+    compiled, with its kernel-time split; the encoder variants (compiled, BatchNorm folded,
+    cudnn.benchmark); RN50, ViT-B/16 and ViT-B/32 the same way; image batching and eval's data path."""
+    def left():
+        return args.budget - (time.perf_counter() - started)
+
+    def step(label, need, fn):
+        if left() < need:
+            print(f"\n(skipped, {left():.0f} s of the budget left: {label})")
+            report.setdefault("skipped", []).append(label)
+            return
+        print(f"\n## {label}  [{left():.0f} s of the budget left]")
+        try:
+            fn()
+        except Exception as exc:  # a step that fails is reported; the others still run
+            print(f"FAILED: {type(exc).__name__}: {exc}")
+            report.setdefault("failed", {})[label] = f"{type(exc).__name__}: {exc}"
+
+    models = {}
+
+    def get(name):
+        if name not in models:
+            models.clear()
+            torch.cuda.empty_cache()
+            models[name] = load(name)
+        return models[name]
+
+    step("RN50x16: pairs/s and fraction of peak", 60, lambda: section_peak(get("random-RN50x16"), device, report))
+    step("RN50x16 gScoreCAM: kernel-time split (eager)", 20,
+         lambda: section_profile(get("random-RN50x16"), device, report))
+    step("RN50x16 encoder: eager, BatchNorm folded, cudnn.benchmark, compiled", 60,
+         lambda: section_compile(get("random-RN50x16"), device, report, batch=64, fold=True))
+    for name in ("random-RN50", "random-ViT-B/16", "random-ViT-B/32"):
+        step(f"{name}: pairs/s and fraction of peak", 60,
+             lambda name=name: section_peak(get(name), device, report, budget_s=40))
+    step("image batching: GradCAM, batch of 8 vs one at a time", 15, lambda: (
+        section_batching(get("random-RN50"), device, report), section_batching(get("random-ViT-B/32"), device, report)))
+    step("eval's data path: GradCAM and gScoreCAM on RN50, pipeline vs model stage alone", 40,
+         lambda: section_pipeline(get("random-RN50"), args, device, report))
 
 
 if __name__ == "__main__":

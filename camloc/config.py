@@ -19,10 +19,10 @@ DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_
 OPTION_KEYS = {"topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file",
                "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std", "background", "contrast", "eclip_official"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
-                            "chunk_size", "save_heatmaps", "options", "max_pixels", "protocols",
+                            "chunk_size", "image_batch", "compile", "save_heatmaps", "options", "max_pixels", "protocols",
                             "pointing_tolerance", "cam_curve_interval"}
 SEARCH_KEYS = {"runs", "train", "val", "grid", "out", "options", "iou", "precision", "seed", "device", "chunk_size",
-               "workers"}
+               "compile", "workers"}
 RUN_KEYS = {"model", "methods"}
 GRID_KEYS = {"start", "stop", "step"}
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from camloc.cams import CamContext, compute_heatmaps, resolve_methods
+from camloc.cams.context import share_batch
 from camloc.cams.engine import compute_native
 from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import DEFAULT_OPTIONS, METHODS, check_method_options, resolve_options
@@ -150,21 +151,52 @@ def image_prompts(item: ImagePairs, pairs: list, methods: list[str]) -> list[str
     return list(dict.fromkeys(p.prompt for p in (item.pairs if coupled else pairs)))
 
 
-def compute_image(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig, image,
-                  runtime: dict | None = None, cache: HeatmapCache | None = None,
-                  host_input=None) -> tuple[dict, int]:
-    """The device stage of one image: native maps of its pending (pair, method) combinations (stored in
-    `cache` when given) and the CUDA out-of-memory retries it needed. `host_input`: the image already
-    preprocessed (`model.host_input`)."""
-    pairs = [p for p in item.pairs if p.key in todo]
-    methods = [m for m in config.methods if any(m in todo[p.key] for p in pairs)]
-    prompts = image_prompts(item, pairs, methods)
-    ctx = CamContext(model, image, prompts, {**config.options, **(runtime or {})}, methods=methods,
-                     host_input=host_input)
-    native = compute_native(model, image, prompts, methods, context=ctx)
-    if cache is not None:
-        cache.put_native(item, pairs, prompts, native, image.size)
-    return native, ctx.oom_retries
+DEFAULT_IMAGE_BATCH = 8
+
+
+def resolve_image_batch(value: int | str, methods: list[str]) -> int:
+    """Images per device step (`--image-batch`): a number, or auto: 1 when a method scores masked copies
+    (ScoreCAM, gScoreCAM, GroupCAM, RISE: one image's chunks already fill the device) or when no method
+    has a stage to share, else DEFAULT_IMAGE_BATCH."""
+    if value != "auto":
+        size = int(value)
+        if size < 1:
+            raise CamlocError(f"--image-batch {value!r} must be a positive number or auto")
+        return size
+    specs = [METHODS[m] for m in methods]
+    if any(s.masked_forwards for s in specs) or not any(s.shares_forward for s in specs):
+        return 1
+    return DEFAULT_IMAGE_BATCH
+
+
+def compute_images(model: ClipModel, batch: list[tuple], config: EvalConfig, runtime: dict | None = None,
+                   cache: HeatmapCache | None = None) -> list[tuple[dict, int]]:
+    """The device stage of a batch of images, each `(item, todo, image, host_input)`: native maps of each
+    image's pending (pair, method) combinations (stored in `cache` when given) and the CUDA out-of-memory
+    retries each needed. The images' encoder forwards run as one batch (`share_batch`); every method
+    then runs on its image's own context."""
+    contexts = []
+    for item, todo, image, host_input in batch:
+        pairs = [p for p in item.pairs if p.key in todo]
+        methods = [m for m in config.methods if any(m in todo[p.key] for p in pairs)]
+        contexts.append((pairs, methods, CamContext(model, image, image_prompts(item, pairs, methods),
+                                                    {**config.options, **(runtime or {})}, methods=methods,
+                                                    host_input=host_input)))
+    if len(contexts) > 1:
+        try:
+            share_batch([ctx for _, _, ctx in contexts])
+        except torch.cuda.OutOfMemoryError:  # each image then computes its own stages, as with --image-batch 1
+            torch.cuda.empty_cache()
+            for _, _, ctx in contexts:
+                ctx.__dict__.pop("_pass", None)
+            contexts[0][2].oom_retries += 1
+    out = []
+    for (item, _, image, _), (pairs, methods, ctx) in zip(batch, contexts):
+        native = compute_native(model, image, ctx.prompts, methods, context=ctx)
+        if cache is not None:
+            cache.put_native(item, pairs, ctx.prompts, native, image.size)
+        out.append((native, ctx.oom_retries))
+    return out
 
 
 def image_records(model_name: str, item: ImagePairs, todo: dict, config: EvalConfig, native: dict,
@@ -212,15 +244,17 @@ def _read_image(path: str, model: ClipModel):
 
 
 def run_pipeline(model: ClipModel, work: list, config: EvalConfig, handle, bar, runtime: dict,
-                 cache: HeatmapCache | None, prefetch: int = 2, host_workers: int | None = None) -> tuple:
-    """Evaluate `work` with the image decoding of the next images and the box derivation of the previous
-    ones overlapped with the model (threads: PIL and OpenCV release the GIL). Records are appended in
-    image order as each image completes. Returns (records written, skipped images, OOM retries)."""
+                 cache: HeatmapCache | None, image_batch: int = 1, host_workers: int | None = None) -> tuple:
+    """Evaluate `work` `image_batch` images per device step, with the decoding of the next images and the
+    box derivation of the previous ones overlapped with the model (threads: PIL and OpenCV release the
+    GIL). Records are appended in image order as each image completes. Returns (records written,
+    skipped images, OOM retries)."""
     import os
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     host_workers = host_workers or min(4, os.cpu_count() or 1)
+    prefetch = max(2, 2 * image_batch)  # the next batch decodes while this one computes
     written, skipped, retries = 0, [], 0
     queue = iter(work)
     loads: deque = deque()
@@ -235,25 +269,33 @@ def run_pipeline(model: ClipModel, work: list, config: EvalConfig, handle, bar, 
             written += len(records)
             bar.advance(len(todo))
 
-    with ThreadPoolExecutor(prefetch) as loader, ThreadPoolExecutor(host_workers) as boxer:
+    with ThreadPoolExecutor(min(prefetch, 4)) as loader, ThreadPoolExecutor(host_workers) as boxer:
         for item, todo in queue:
             loads.append((item, todo, loader.submit(_read_image, item.path, model)))
             if len(loads) > prefetch:
                 break
         while loads:
-            item, todo, future = loads.popleft()
-            nxt = next(queue, None)
-            if nxt is not None:
-                loads.append((*nxt, loader.submit(_read_image, nxt[0].path, model)))
-            try:
-                image, host_input = future.result()
-            except UnreadableImage as exc:  # a corrupt or missing file: counted and reported, not fatal
-                skipped.append({"image_id": item.image_id, "path": item.path, "pairs": len(todo), "reason": str(exc)})
-                bar.advance(len(todo))
+            batch = []
+            while loads and len(batch) < image_batch:
+                item, todo, future = loads.popleft()
+                nxt = next(queue, None)
+                if nxt is not None:
+                    loads.append((*nxt, loader.submit(_read_image, nxt[0].path, model)))
+                try:
+                    image, host_input = future.result()
+                except UnreadableImage as exc:  # a corrupt or missing file: counted and reported, not fatal
+                    skipped.append({"image_id": item.image_id, "path": item.path, "pairs": len(todo),
+                                    "reason": str(exc)})
+                    bar.advance(len(todo))
+                    continue
+                batch.append((item, todo, image, host_input))
+            if not batch:
                 continue
-            native, oom = compute_image(model, item, todo, config, image, runtime, cache, host_input)
-            retries += oom
-            boxes.append((item, todo, boxer.submit(image_records, model.name, item, todo, config, native, image.size)))
+            for (item, todo, image, _), (native, oom) in zip(batch, compute_images(model, batch, config, runtime,
+                                                                                    cache)):
+                retries += oom
+                boxes.append((item, todo, boxer.submit(image_records, model.name, item, todo, config, native,
+                                                       image.size)))
             flush(block_until=host_workers)
         flush(block_until=0)
     return written, skipped, retries
@@ -316,6 +358,8 @@ def run_eval(
     data_options: dict | None = None,
     progress: bool = True,
     chunk_size: int | str = "auto",
+    image_batch: int | str = "auto",
+    compile: str = "auto",
     save_heatmaps: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
     save_vis: int = 0,
@@ -363,6 +407,8 @@ def run_eval(
     if "rise" in config.methods:  # RISE draws its masks from the run's seed: part of its cache key
         config.options = {**config.options, "seed": config.seed}
     check_method_options(model, config.methods, config.options)
+    image_batch = resolve_image_batch(image_batch, config.methods)
+    model.encoder.configure(compile)
     if "clipsurgery" in config.methods and config.options.get("contrast") == "labels":
         single = sum(1 for item in images if len({p.prompt for p in item.pairs}) < 2)
         if single:
@@ -374,14 +420,14 @@ def run_eval(
     lock_name = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
     with folder_lock(run_dir, lock_name):
         return _run_locked(config, run_dir, model, images, mine, issues, started, force_new=force_new,
-                           progress=progress, chunk_size=chunk_size,
+                           progress=progress, chunk_size=chunk_size, image_batch=image_batch,
                            save_heatmaps=save_heatmaps, shard=shard, save_vis=save_vis,
                            skip_bad_records=skip_bad_records)
 
 
 def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: list[ImagePairs], mine: list[ImagePairs],
-                issues: dict, started: float, *, force_new, progress, chunk_size, save_heatmaps, shard, save_vis,
-                skip_bad_records) -> dict:
+                issues: dict, started: float, *, force_new, progress, chunk_size, image_batch, save_heatmaps, shard,
+                save_vis, skip_bad_records) -> dict:
     rank, world = shard
     if force_new and world > 1:  # under a process group: rank 0 resets the folder while the others wait
         import torch.distributed as dist
@@ -411,7 +457,7 @@ def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: lis
     compute_started = time.perf_counter()
     with open(records_path, "a") as handle, progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
         n_new, skipped, oom_retries = run_pipeline(model, work, config, handle, bar, {"chunk_size": chunk_size,
-                                                  "contrast_prompts": dataset_prompts(images)}, cache)
+                                                  "contrast_prompts": dataset_prompts(images)}, cache, image_batch)
     compute_seconds = time.perf_counter() - compute_started
 
     if process_group_ready():
@@ -426,6 +472,8 @@ def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: lis
         "records_this_invocation": n_new,
         "resumed_records": len(done),
         "pairs_per_second": round(n_new / len(config.methods) / compute_seconds, 3) if n_new else None,
+        "image_batch": image_batch,
+        "encoder": model.encoder.info(),
     }
     summary, records = finish_run(run_dir, config, model.name, images, shard, skip_bad_records,
                                   device=device_description(model.device), timings=timings,

@@ -73,14 +73,16 @@ def search_and_score(train: list[Item], val: list[Item], thresholds: list[float]
 class LazyModel:
     """Loads the model on first use only: with a full cache, re-scoring never touches it."""
 
-    def __init__(self, name: str, device: str, precision: str, cache_dir: str | None):
+    def __init__(self, name: str, device: str, precision: str, cache_dir: str | None, compile: str = "auto"):
         self.args = (name, device, precision, cache_dir)
+        self.compile = compile
         self.model: ClipModel | None = None
 
     def get(self) -> ClipModel:
         if self.model is None:
             name, device, precision, cache_dir = self.args
             self.model = ClipModel.load(name, device=device, precision=precision, cache_dir=cache_dir)
+            self.model.encoder.configure(self.compile)
         return self.model
 
     def checked(self, methods: list[str], options: dict) -> ClipModel:
@@ -133,8 +135,8 @@ def _load(spec: dict) -> tuple[list[ImagePairs], str]:
 
 
 def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str = "auto", cache_dir: str | None = None,
-                         chunk_size: int | str = "auto", workers: int | None = None, progress: bool = True,
-                         shard: tuple[int, int] = (0, 1)) -> dict:
+                         chunk_size: int | str = "auto", compile: str = "auto", workers: int | None = None,
+                         progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
     """Fill the heatmap cache, search and score; write the tables. Returns the summary dict.
 
     With `shard=(rank, world)` this process computes the maps of its share of the images only (into
@@ -157,19 +159,20 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
         if rank == 0:
             atomic_write_text(out / "config.json", json.dumps({**asdict(config), "data": data}, indent=1) + "\n")
         return _search_locked(config, out, datasets, thresholds, precision, started, device=device,
-                              cache_dir=cache_dir, chunk_size=chunk_size, workers=workers, progress=progress,
+                              cache_dir=cache_dir, chunk_size=chunk_size, compile=compile, workers=workers,
+                              progress=progress,
                               shard=shard, data=data)
 
 
 def _search_locked(config: SearchConfig, out: Path, datasets, thresholds, precision, started, *, device, cache_dir,
-                   chunk_size, workers, progress, shard, data) -> dict:
+                   chunk_size, compile, workers, progress, shard, data) -> dict:
     rank, world = shard
     (train_images, train_key), (val_images, val_key) = datasets
     options = {**DEFAULT_OPTIONS, **config.options}
     plans, computed, models_loaded = [], 0, 0
     for run in config.runs:
         name = canonical_model_name(run["model"])
-        lazy = LazyModel(run["model"], device, precision, cache_dir)
+        lazy = LazyModel(run["model"], device, precision, cache_dir, compile)
         family = family_hint(run["model"]) or lazy.get().family.name
         methods = [s.name for s in resolve_methods(run["methods"], family, run["model"])]
         run_options = options

@@ -30,6 +30,7 @@ def background_words(ctx: CamContext) -> tuple[str, ...]:
 
 
 @register_method("clip-es", families=frozenset({"vit", "vit-avg"}), uses_gradients=True, params=("background",),
+                 shares_forward=True,
                  prompt_coupled=True,
                  description="CLIP-ES (Lin et al. 2023): GradCAM at the last block's ln_1 with the softmax over "
                              "the prompts and --background words.")

@@ -1,8 +1,12 @@
 """`CamContext`: what the methods share for one image and P prompts, each computed at most once.
 
-One forward pass of the image encoder records the target-layer output; the P gradients
+One forward pass of the image encoder records the target-layer output (and, on ViT towers, every
+block's input, which the dense methods, CLIP-ES and Grad-ECLIP recombine); the P gradients
 d s_p / d A come from ONE backward through the part of the encoder after the target layer, with the
 activations repeated P times (the backbone before the target layer needs no backward at all).
+
+`share_batch` gives several images' contexts that forward from one batched forward (eval's image
+batching for the one-forward methods); every method then runs on its own image's context as before.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from PIL import Image
 from camloc.cams.masked import MaskedEmbeddings
 from camloc.errors import CamlocError
 from camloc.models.clip_model import ClipModel
-from camloc.models.families import BlockAccess, tokens_to_grid, vit_block_inputs
+from camloc.models.families import BlockAccess, encoder_pass, tokens_to_grid
 
 CPU_CHUNK = 16  # the fastest per image on 2 cores for 224-288 px inputs
 CPU_CHUNK_LARGE = 8  # 336-448 px inputs (RN50x16, RN50x64, ViT-L/14@336px): keeps a CAM's extra memory < 1 GB
@@ -111,38 +115,42 @@ class CamContext:
         return self.model.text_features(self.prompts)
 
     @cached_property
-    def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One image-encoder forward: (raw target output, detached; image embedding (1, E))."""
-        captured = []
-        layer = self.model.family.target_layer(self.model.visual)
-        handle = layer.register_forward_hook(lambda module, args, output: captured.append(output))
-        try:
-            with torch.no_grad():
-                features = self.model.visual(self.input)
-        finally:
-            handle.remove()
-        return captured[-1].detach(), features
+    def _pass(self) -> tuple:
+        """`encoder_pass` of this image: (raw target output, embedding (1, E), block inputs or None)."""
+        return encoder_pass(self.model.visual, self.model.family, self.input)
+
+    def adopt_pass(self, raw: torch.Tensor, features: torch.Tensor, block_inputs: list | None) -> None:
+        """Take this image's share of a batched `encoder_pass` (`share_batch`)."""
+        self.__dict__["_pass"] = (raw, features, block_inputs)
+
+    def block_inputs(self, first: int, embedding: bool = False):
+        """A ViT tower's blocks and the batch-first (1, N, D) input of every block from `first` on, from the
+        image's one forward; with `embedding`, also the model's own image embedding (1, E)."""
+        _, features, inputs = self._pass
+        if inputs is None:
+            raise ValueError(f"{type(self.model.visual).__name__} has no transformer.resblocks")
+        blocks = list(self.model.visual.transformer.resblocks)
+        return (blocks, inputs[first:], features) if embedding else (blocks, inputs[first:])
 
     @cached_property
     def activations(self) -> torch.Tensor:
         """A: target activations (C, h, w), fp32."""
-        raw, _ = self._forward
+        raw, _, _ = self._pass
         return self.model.family.to_grid(raw)[0].float()
 
     @cached_property
     def image_scores(self) -> torch.Tensor:
         """s_p(x) of the unmasked image, (P,) fp32."""
-        _, features = self._forward
+        _, features, _ = self._pass
         return self.model.scores(features, self.text_features)[0]
 
     @cached_property
     def gradients(self) -> torch.Tensor:
         """G = d s_p / d A for all P prompts: (P, C, h, w), or (P, C, 1, 1) on ViT (class token), fp32."""
-        raw, _ = self._forward
+        raw, _, _ = self._pass
         family = self.model.family
-        n_prompts = len(self.prompts)
         sizes = [-1] * raw.dim()
-        sizes[family.batch_dim] = n_prompts
+        sizes[family.batch_dim] = len(self.prompts)
         repeated = raw.expand(*sizes).clone().requires_grad_(True)
         with torch.enable_grad():
             features = family.head(self.model.visual, repeated).float()
@@ -164,7 +172,7 @@ class CamContext:
 
     def _last_ln1_pass(self, background: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.model.visual
-        blocks, inputs = vit_block_inputs(visual, self.model.family, self.input, len(visual.transformer.resblocks) - 1)
+        blocks, inputs = self.block_inputs(len(visual.transformer.resblocks) - 1)
         block, x = blocks[-1], inputs[-1]  # batch-first (1, N, D) input of the last block
         access = BlockAccess(block)
         prefix = self.model.family.prefix
@@ -190,3 +198,23 @@ class CamContext:
             scores = logits.softmax(dim=-1)
             (grad,) = torch.autograd.grad(scores.diagonal().sum(), leaf)  # copy p's score of prompt p
         return tokens_to_grid(y, prefix)[0].float(), tokens_to_grid(grad, prefix).float()
+
+
+def share_batch(contexts: list["CamContext"]) -> None:
+    """Give several images' contexts (one model) their one encoder forward from ONE batched `encoder_pass`,
+    where one of a context's methods reads it (`MethodSpec.shares_forward`); everything after it (the
+    gradients' backward through the head, each method's own work) stays per image, on exactly the
+    tensors the image alone would have, so the maps are those of one image at a time. (A backward over
+    all images' prompts together would change the head's matrix shapes, and GradCAM++'s ratio of
+    gradient powers turns that float rounding into 5e-4 relative differences on tiny-vit.)"""
+    from camloc.cams.registry import METHODS
+
+    group = [ctx for ctx in contexts if "_pass" not in ctx.__dict__
+             and any(METHODS[m].shares_forward for m in ctx.methods if m in METHODS)]
+    if len(group) < 2:
+        return
+    family = group[0].model.family
+    raw, features, inputs = encoder_pass(group[0].model.visual, family, torch.cat([ctx.input for ctx in group]))
+    for i, ctx in enumerate(group):  # own copies, laid out as one image's forward would give them
+        ctx.adopt_pass(raw.narrow(family.batch_dim, i, 1).clone(), features[i:i + 1].clone(),
+                       None if inputs is None else [x[i:i + 1].clone() for x in inputs])

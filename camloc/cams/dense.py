@@ -47,7 +47,7 @@ ResNet forms (OpenAI's layout, both backends): `maskclip` scores c_proj(v_proj(x
 position (MaskCLIP's MaskClipHead without attention pooling); `clipsurgery` runs the reference's
 attention pool with q = k = v = v_proj (see `rn_surgery_tokens`). The other variants are ViT-only.
 
-The block access (`camloc.models.families.BlockAccess` and `vit_block_inputs`, shared with CLIP-ES and
+The block access (`camloc.models.families.BlockAccess` and `CamContext.block_inputs`, shared with CLIP-ES and
 Grad-ECLIP: ln_1, the attention's q/k/v projection and out_proj, LayerScale where open_clip
 has it, the FFN) reads OpenAI's sequence-first and open_clip's batch-first blocks alike: tokens are
 handled batch-first here, and the captured inputs are transposed where the family is sequence-first.
@@ -62,15 +62,15 @@ import torch.nn.functional as F
 from camloc.cams.context import CamContext
 from camloc.cams.registry import register_method
 from camloc.errors import CamlocError
-from camloc.models.families import BlockAccess, vit_block_inputs
+from camloc.models.families import BlockAccess
 
 DENSE_FAMILIES = frozenset({"vit", "vit-avg"})
 
 
 def block_inputs(ctx: CamContext, first: int, embedding: bool = False):
-    """One forward of the image: the blocks and the (batch-first) input of every block from `first` on;
-    with `embedding`, also the model's own image embedding (1, E) from that same forward."""
-    return vit_block_inputs(ctx.model.visual, ctx.model.family, ctx.input, first, embedding)
+    """The image's one forward (shared by every method on its context): the blocks and the (batch-first)
+    input of every block from `first` on; with `embedding`, also the model's own image embedding (1, E)."""
+    return ctx.block_inputs(first, embedding)
 
 
 def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def square_grid(similarity: torch.Tensor) -> torch.Tensor:
     return similarity.T.reshape(similarity.shape[1], grid, grid)
 
 
-@register_method("maskclip", families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax",
+@register_method("maskclip", shares_forward=True, families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax",
                  description="MaskCLIP (Zhou et al. 2022): value path in the last block (ResNet: of the attention "
                              "pool), patch tokens vs prompts; one forward.")
 def maskclip(ctx: CamContext) -> torch.Tensor:
@@ -122,6 +122,7 @@ def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterati
 
 
 @register_method("gem", families=DENSE_FAMILIES, postprocess="resize_minmax", params=("gem_blocks", "gem_iterations"),
+                 shares_forward=True,
                  description="GEM (Bousselham et al. 2024): self-self attention path over the last --gem-blocks "
                              "blocks; one forward.")
 def gem(ctx: CamContext) -> torch.Tensor:
@@ -153,7 +154,7 @@ def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
         return patch_similarity(ctx, access.merge(attn @ v))
 
 
-@register_method("sclip", families=DENSE_FAMILIES, postprocess="resize_minmax",
+@register_method("sclip", shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
                  description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
                              "residual and FFN kept; one forward.")
 def sclip(ctx: CamContext) -> torch.Tensor:
@@ -169,7 +170,7 @@ def sclip(ctx: CamContext) -> torch.Tensor:
         return patch_similarity(ctx, x + access.ffn(x))
 
 
-@register_method("clearclip", families=DENSE_FAMILIES, postprocess="resize_minmax",
+@register_method("clearclip", shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
                  description="ClearCLIP (Lan et al. 2024): query-query attention, last block without residual "
                              "and FFN; one forward.")
 def clearclip(ctx: CamContext) -> torch.Tensor:
@@ -187,6 +188,7 @@ def neighbourhood(grid: int, std: float, prefix: int = 1) -> torch.Tensor:
 
 
 @register_method("naclip", families=DENSE_FAMILIES, postprocess="resize_minmax", params=("naclip_std",),
+                 shares_forward=True,
                  description="NACLIP (Hajimiri et al. 2025): key-key attention plus a Gaussian neighbourhood "
                              "(--naclip-std), last block without residual and FFN; one forward.")
 def naclip(ctx: CamContext) -> torch.Tensor:
@@ -256,6 +258,7 @@ def feature_surgery(patches: torch.Tensor, texts: torch.Tensor, image: torch.Ten
 
 
 @register_method("clipsurgery", families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax", params=("contrast",),
+                 shares_forward=True,
                  prompt_coupled=True,
                  description="CLIP Surgery (Li et al. 2023): v-v attention path over the last 6 blocks and feature "
                              "surgery against --contrast; one forward.")

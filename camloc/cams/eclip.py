@@ -32,14 +32,15 @@ def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
 
 
 @register_method("grad-eclip", families=frozenset({"vit"}), uses_gradients=True, params=("eclip_official",),
+                 shares_forward=True,
                  description="Grad-ECLIP (Zhao et al. 2024): gradient at the last attention output x values, "
                              "weighted by query-key similarity (--eclip-official: the code's single head).")
 def grad_eclip(ctx: CamContext) -> torch.Tensor:
-    from camloc.models.families import BlockAccess, vit_block_inputs
+    from camloc.models.families import BlockAccess
 
     visual = ctx.model.visual
     family = ctx.model.family
-    blocks, inputs = vit_block_inputs(visual, family, ctx.input, len(visual.transformer.resblocks) - 1)
+    blocks, inputs = ctx.block_inputs(len(visual.transformer.resblocks) - 1)
     block, x = blocks[-1], inputs[-1]  # batch-first (1, N, D)
     access = BlockAccess(block)
     heads = 1 if ctx.options.get("eclip_official", False) else access.heads

@@ -16,13 +16,13 @@ def weighted_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tens
     return torch.einsum("pc,chw->phw", weights, activations)
 
 
-@register_method("gradcam", uses_gradients=True)
+@register_method("gradcam", shares_forward=True, uses_gradients=True)
 def gradcam(ctx: CamContext) -> torch.Tensor:
     """GradCAM: w_c = mean_hw G_c; M = sum_c w_c A_c."""
     return weighted_sum(ctx.gradients.mean(dim=(2, 3)), ctx.activations)
 
 
-@register_method("gradcam++", uses_gradients=True)
+@register_method("gradcam++", shares_forward=True, uses_gradients=True)
 def gradcam_plus_plus(ctx: CamContext) -> torch.Tensor:
     """GradCAM++: a = G^2 / (2 G^2 + sum_hw(A_c) G^3 + 1e-6) (0 where G = 0); w_c = sum_hw relu(G) a."""
     grads, acts = ctx.gradients, ctx.activations
@@ -33,7 +33,7 @@ def gradcam_plus_plus(ctx: CamContext) -> torch.Tensor:
     return weighted_sum((grads.clamp_min(0) * alpha).sum(dim=(2, 3)), acts)
 
 
-@register_method("xgradcam", uses_gradients=True)
+@register_method("xgradcam", shares_forward=True, uses_gradients=True)
 def xgradcam(ctx: CamContext) -> torch.Tensor:
     """XGradCAM: w_c = sum_hw(G_c A_c) / (sum_hw(A_c) + 1e-7)."""
     grads, acts = ctx.gradients, ctx.activations
@@ -41,7 +41,7 @@ def xgradcam(ctx: CamContext) -> torch.Tensor:
     return weighted_sum(weights, acts)
 
 
-@register_method("layercam", uses_gradients=True)
+@register_method("layercam", shares_forward=True, uses_gradients=True)
 def layercam(ctx: CamContext) -> torch.Tensor:
     """LayerCAM: M = sum_c relu(G_c) * A_c (element-wise)."""
     return (ctx.gradients.clamp_min(0) * ctx.activations).sum(dim=1)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from camloc.models.encoder import plan_pieces
+
 if TYPE_CHECKING:
     from camloc.cams.context import CamContext
 
@@ -88,7 +90,7 @@ def encode_images(ctx: "CamContext", batch: torch.Tensor) -> torch.Tensor:
     and `ctx.oom_retries` counts it."""
     try:
         with torch.no_grad():
-            return ctx.model.visual(ctx.model.as_input(batch)).float()
+            return ctx.model.encoder(ctx.model.as_input(batch))
     except torch.cuda.OutOfMemoryError:
         if batch.shape[0] == 1:
             raise
@@ -103,11 +105,15 @@ def encode_images(ctx: "CamContext", batch: torch.Tensor) -> torch.Tensor:
 
 
 def encode_in_chunks(ctx: "CamContext", n: int, make_batch: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-    """Embeddings (n, E) of n images built chunk by chunk by `make_batch(slice)` (never all at once)."""
+    """Embeddings (n, E) of n images built chunk by chunk by `make_batch(slice)` (never all at once); with
+    the compiled encoder, in the few static sizes of `plan_pieces`, padded with zero images."""
     out = []
     start = 0
-    while start < n:
-        stop = min(start + ctx.chunk_size, n)
-        out.append(encode_images(ctx, make_batch(slice(start, stop))))
-        start = stop
+    while start < n:  # planned again after each piece: an out-of-memory split shrinks ctx.chunk_size
+        _, rows, size = plan_pieces(n - start, ctx.chunk_size, ctx.model.encoder.static)[0]
+        batch = make_batch(slice(start, start + rows))
+        if size > rows:
+            batch = torch.cat([batch, batch.new_zeros((size - rows, *batch.shape[1:]))])
+        out.append(encode_images(ctx, batch)[:rows])
+        start += rows
     return torch.cat(out)

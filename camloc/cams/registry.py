@@ -32,6 +32,9 @@ class MethodSpec:
     always score all of the image's prompts together, so a resumed or partial image gets the same maps."""
     params: tuple[str, ...] = ()
     """The options (keys of DEFAULT_OPTIONS) that change this method's maps: part of cache keys."""
+    shares_forward: bool = False
+    """Reads the image's one encoder forward (target activations, embedding, ViT block inputs), which
+    `share_batch` computes for several images in one batch (eval's `--image-batch`)."""
 
 
 METHODS: dict[str, MethodSpec] = {}

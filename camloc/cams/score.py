@@ -18,7 +18,7 @@ from camloc.cams.registry import DEFAULT_OPTIONS, register_method
 GROUPS = 32
 
 
-@register_method("scorecam", masked_forwards=True)
+@register_method("scorecam", shares_forward=True, masked_forwards=True)
 def scorecam(ctx: CamContext) -> torch.Tensor:
     """ScoreCAM: w = softmax over all C of s_p(x * minmax(up(A_c))); M = sum_c w_c A_c."""
     channels = torch.arange(ctx.activations.shape[0], device=ctx.activations.device)
@@ -60,13 +60,14 @@ def _gscorecam(ctx: CamContext, importance: torch.Tensor) -> torch.Tensor:
     return weighted_sum(torch.softmax(scores, dim=1), ctx.activations)
 
 
-@register_method("gscorecam", masked_forwards=True, uses_gradients=True, params=("topk",))
+@register_method("gscorecam", shares_forward=True, masked_forwards=True, uses_gradients=True, params=("topk",))
 def gscorecam(ctx: CamContext) -> torch.Tensor:
     """gScoreCAM: ScoreCAM over the top-k channels by signed mean gradient (k = --topk, 300)."""
     return _gscorecam(ctx, ctx.gradients.mean(dim=(2, 3)))
 
 
-@register_method("gscorecam-abs", masked_forwards=True, uses_gradients=True, params=("topk",))
+@register_method("gscorecam-abs", masked_forwards=True, uses_gradients=True, params=("topk",),
+                 shares_forward=True)
 def gscorecam_abs(ctx: CamContext) -> torch.Tensor:
     """gScoreCAM variant: top-k channels by mean absolute gradient."""
     return _gscorecam(ctx, ctx.gradients.abs().mean(dim=(2, 3)))
@@ -93,6 +94,7 @@ def gaussian_blur(x: torch.Tensor, kernel: int = 51, sigma: float = 50.0) -> tor
 
 
 @register_method("groupcam", masked_forwards=True, uses_gradients=True, postprocess="resize_minmax",
+                 shares_forward=True,
                  params=("grouping",))
 def groupcam(ctx: CamContext) -> torch.Tensor:
     """GroupCAM: 32 channel groups of A' = mean_hw(G) A; d_g = relu(s(x m_g + b (1 - m_g)) - s(b)) with b

@@ -7,12 +7,13 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption,
+from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption, CompileOption, ImageBatchOption,
                                DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, ImageDirOption, IncludeStuffOption,
                                MaxPixelsOption, PerClassOption, PointingToleranceOption, PrecisionOption,
                                ProtocolsOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption, RiseP1Option,
                                SkipBadRecordsOption, SplitOption, StartLayerOption, SubsetSeedOption, ThresholdOption,
-                               TopkOption, parse_chunk_size, parse_threshold, reports_errors)
+                               TopkOption, parse_chunk_size, parse_compile, parse_image_batch,
+                               parse_threshold, reports_errors)
 
 
 def _split(value):
@@ -63,6 +64,8 @@ def eval_cmd(
     contrast: str = ContrastOption,
     eclip_official: bool = EclipOfficialOption,
     chunk_size: str = ChunkOption,
+    image_batch: str = ImageBatchOption,
+    compile_mode: str = CompileOption,
     force_new: bool = typer.Option(False, "--force-new", help="Discard the results already in --out."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip (and report) pairs whose image file is missing instead of stopping."),
     skip_bad_records: bool = SkipBadRecordsOption,
@@ -98,6 +101,8 @@ def eval_cmd(
     if iou_name not in CONVENTIONS:
         raise CamlocError(f"--iou {iou_name!r} is not one of {', '.join(CONVENTIONS)}")
     options = setting.method_options()
+    parse_image_batch(str(setting("image_batch")))
+    parse_compile(str(setting("compile_mode", "compile")))
     if save_vis < 0:
         raise CamlocError(f"--save-vis must be 0 or more pairs per group, got {save_vis}")
     set_max_pixels(setting("max_pixels"))
@@ -128,6 +133,8 @@ def eval_cmd(
         run_dir = out_dir / model_key(name) if len(models) > 1 else out_dir
         summary = run_eval(run_config, run_dir, device=setting("device"), cache_dir=cache_dir, force_new=force_new,
                            progress=progress, chunk_size=parse_chunk_size(str(setting("chunk_size"))),
+                           image_batch=parse_image_batch(str(setting("image_batch"))),
+                           compile=parse_compile(str(setting("compile_mode", "compile"))),
                            data_options={"data_root_dir": setting("data_root"), "ann_file": setting("ann_file"),
                                          "image_dir": setting("image_dir")},
                            save_heatmaps=run_dir / "heatmaps" if setting("save_heatmaps") else None,

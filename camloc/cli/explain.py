@@ -8,10 +8,10 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, MaxPixelsOption, ModelOption,
+from camloc.cli.common import (CacheOption, ChunkOption, CompileOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, MaxPixelsOption, ModelOption,
                                PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption, RiseP1Option,
                                StartLayerOption, ThresholdOption, TopkOption, err_console, method_options,
-                               parse_chunk_size, parse_threshold, reports_errors)
+                               parse_chunk_size, parse_compile, parse_threshold, reports_errors)
 from camloc.errors import CamlocError
 
 
@@ -57,6 +57,7 @@ def explain(
     contrast: str = ContrastOption,
     eclip_official: bool = EclipOfficialOption,
     chunk_size: str = ChunkOption,
+    compile_mode: str = CompileOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
@@ -78,6 +79,7 @@ def explain(
             raise CamlocError(f"--out {out}: pictures are written as {', '.join(FIGURE_SUFFIXES)}; use one of them")
 
     thr = parse_threshold(threshold)
+    parse_compile(compile_mode)
     options = {**method_options(topk, grouping, start_layer, rise_masks, rise_cell, rise_p1, rise_masks_file,
                                 legrad_layers, gem_blocks, gem_iterations, naclip_std, background, contrast, eclip_official),
                "chunk_size": parse_chunk_size(chunk_size), "seed": seed}
@@ -96,6 +98,7 @@ def explain(
                                   "frame datasets' boxes use), which differs from how viewers show it; pass "
                                   "--exif-transpose to process it as displayed")
     clip_model = ClipModel.load(model, device=device, precision=precision, cache_dir=cache_dir)
+    clip_model.encoder.configure(compile_mode)
     specs = resolve_methods(method, clip_model.family.name, clip_model.name)
     options = resolve_options(clip_model, options)
     check_method_options(clip_model, [s.name for s in specs], options)

@@ -7,9 +7,9 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, MaxPixelsOption,
+from camloc.cli.common import (CacheOption, ChunkOption, CompileOption, DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, MaxPixelsOption,
                                PerClassOption, PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption,
-                               RiseP1Option, StartLayerOption, SubsetSeedOption, TopkOption, parse_chunk_size,
+                               RiseP1Option, StartLayerOption, SubsetSeedOption, TopkOption, parse_chunk_size, parse_compile,
                                reports_errors)
 
 
@@ -48,6 +48,7 @@ def threshold_search_cmd(
     eclip_official: bool = EclipOfficialOption,
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for box derivation [default: all cores]."),
     chunk_size: str = ChunkOption,
+    compile_mode: str = CompileOption,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: compute the heatmaps of this share of the images [default: from RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS, else 0/1]; the search runs once every share is cached."),
     device: str = DeviceOption,
@@ -98,6 +99,7 @@ def threshold_search_cmd(
     try:
         summary = run_threshold_search(search, out_dir, device=setting("device"), cache_dir=cache_dir,
                                        chunk_size=parse_chunk_size(str(setting("chunk_size"))),
+                                       compile=parse_compile(str(setting("compile_mode", "compile"))),
                                        workers=setting("workers"), progress=progress, shard=rank_world)
     except ValueError as exc:
         raise CamlocError(str(exc)) from exc

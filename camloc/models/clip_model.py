@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from camloc.errors import CamlocError
+from camloc.models.encoder import MaskedEncoder
 from camloc.models.families import Family, family_of
 from camloc.models.loading import import_clip, load_clip
 from camloc.models.preprocess import CLIP_MEAN, CLIP_STD, preprocess
@@ -183,6 +184,7 @@ class ClipModel:
         self.logit_scale = self.model.logit_scale.detach().float().exp()
         self._text_cache: dict[str, torch.Tensor] = {}
         self.auto_chunk_size: int | None = None  # measured once on CUDA (camloc.cams.context)
+        self.encoder = MaskedEncoder(self.model.visual, device)  # masked batches: eager or --compile on
 
     @classmethod
     def load(

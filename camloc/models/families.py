@@ -206,20 +206,27 @@ class BlockAccess:
         return self.ls_2(self.block.mlp(self.block.ln_2(x)))
 
 
-def vit_block_inputs(visual: nn.Module, family: Family, x: torch.Tensor, first: int, embedding: bool = False):
-    """One forward of `x` through a ViT tower: its blocks (`visual.transformer.resblocks`) and the input of
-    every block from `first` on, batch-first whatever the family's layout; with `embedding`, also the
-    tower's output (the image embedding) from that same forward."""
-    blocks = list(visual.transformer.resblocks)
-    seq_first = family.batch_dim == 1
-    captured: dict[int, torch.Tensor] = {}
-    handles = [blocks[i].register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
-               for i in range(first, len(blocks))]
+def has_blocks(visual: nn.Module) -> bool:
+    """A ViT tower with `transformer.resblocks` (OpenAI's and open_clip's own ViTs)."""
+    return hasattr(getattr(visual, "transformer", None), "resblocks")
+
+
+def encoder_pass(visual: nn.Module, family: Family, x: torch.Tensor) -> tuple:
+    """One forward of a batch `x` through the image tower, capturing what the one-forward methods read:
+    (the target layer's raw output, the image embeddings (B, E), the batch-first input of every block
+    of a `transformer.resblocks` ViT tower, or None for other towers). Nothing is differentiated."""
+    captured: list[torch.Tensor] = []
+    handles = [family.target_layer(visual).register_forward_hook(lambda m, args, out: captured.append(out))]
+    inputs: dict[int, torch.Tensor] = {}
+    blocks = list(visual.transformer.resblocks) if has_blocks(visual) else []
+    handles += [block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+                for i, block in enumerate(blocks)]
     try:
         with torch.no_grad():
             features = visual(x)
     finally:
         for handle in handles:
             handle.remove()
-    inputs = [captured[i].transpose(0, 1) if seq_first else captured[i] for i in range(first, len(blocks))]
-    return (blocks, inputs, features) if embedding else (blocks, inputs)
+    seq_first = family.batch_dim == 1
+    block_inputs = [inputs[i].transpose(0, 1) if seq_first else inputs[i] for i in range(len(blocks))] if blocks else None
+    return captured[-1].detach(), features, block_inputs
