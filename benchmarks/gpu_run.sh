@@ -30,13 +30,15 @@ for name, k, methods in [("tiny-rn", 100, ["gradcam", "gradcam++", "layercam", "
         maps = compute_heatmaps(m, img, ["cat", "dog"], methods, {"topk": k})
         print(name, prec, "eager, max abs diff vs golden:", {a: f"{np.abs(maps[a][0] - golden(name, a)).max():.1e}" for a in methods})
         masked = [a for a in methods if a in ("scorecam", "gscorecam", "groupcam")]
+        if prec != "fp32":  # the compiled path is checked once per model (each compile costs seconds)
+            continue
         m.encoder.configure("on")
         comp = compute_heatmaps(m, img, ["cat", "dog"], masked, {"topk": k})
         print(name, prec, "compiled", m.encoder.info(), "max abs diff vs eager:",
               {a: f"{np.abs(comp[a] - maps[a]).max():.1e}" for a in masked},
               "vs golden:", {a: f"{np.abs(comp[a][0] - golden(name, a)).max():.1e}" for a in masked})
         m.encoder.configure("off")
-        prompts = [["cat", "dog"], ["cat"], ["dog", "a cat", "tree"]]
+        prompts = [["cat", "dog"], ["cat"], ["dog", "a cat", "tree"]]  # image batching, fp32
         one = [compute_raw(m, img.rotate(r), p, ["gradcam", "layercam"]) for r, p in zip((0, 90, 180), prompts)]
         ctxs = [CamContext(m, img.rotate(r), p, methods=["gradcam", "layercam"]) for r, p in zip((0, 90, 180), prompts)]
         share_batch(ctxs)

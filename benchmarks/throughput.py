@@ -132,33 +132,50 @@ def section_compile(model: ClipModel, device, report, batch: int = 16, batches: 
     return rows
 
 
-def pair_flops(model: ClipModel, image, method: str, options: dict) -> float:
-    """FLOPs of one image-prompt pair of `method`, counted by torch.utils.flop_counter over the whole
-    eager computation (masked forwards, the gradient pass, the scores)."""
+def forward_flops(model: ClipModel, batch: int = 8) -> float:
+    """FLOPs of one image-encoder forward, counted by torch.utils.flop_counter (a multiply-add is 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        compute_heatmaps(model, image, ["cat"], [method], options)
-    return float(counter.get_total_flops())
+    with counter, torch.no_grad():
+        model.visual(model.as_input(torch.zeros(batch, 3, model.input_size, model.input_size)))
+    return float(counter.get_total_flops()) / batch
+
+
+def pair_flops(model: ClipModel, image, method: str, options: dict) -> tuple[float, int]:
+    """(FLOPs, encoder forwards) of one image-prompt pair of `method`: encoder forward FLOPs
+    (`forward_flops`) x the forwards the pair runs (the image's own and its masked copies). The backward
+    through the head (after the target layer) is left out: the fraction of peak is a lower bound there.
+    (FlopCounterMode cannot wrap the gradient pass itself: its module tracker breaks autograd.grad.)"""
+    from camloc.cams import CamContext
+
+    ctx = CamContext(model, image, ["cat"], options, methods=[method])
+    compute_heatmaps(model, image, ["cat"], [method], context=ctx)
+    forwards = 1 + ctx.masked_forwards
+    return forward_flops(model) * forwards, forwards
+
+
+# Chunk sizes of the peak section: one static shape per method and model (gScoreCAM's k = 300 masked
+# images in one chunk; ScoreCAM's 2048, 3072 or 768 channels in chunks of 256), so each compiles once.
+PEAK_CHUNK = {"gscorecam": 300, "scorecam": 256, "gradcam": "auto"}
 
 
 def section_peak(model: ClipModel, device, report, methods=("gscorecam", "scorecam", "gradcam"), compiled: bool = True,
                  budget_s: float = 60.0):
     """Pairs/s (one prompt per image, as eval runs the paper's protocol) and the fraction of the card's
     dense fp16 peak (FLOPs counted by torch.utils.flop_counter) per method, eager vs compiled masked
-    forwards; GradCAM (no masked forwards) eager vs a batch of 8 images. Each timing runs for about
-    `budget_s` / 4 seconds at most."""
+    forwards (`compiled`), at the chunk sizes of PEAK_CHUNK; GradCAM (no masked forwards) one image vs a
+    batch of 8. Each timing runs for about `budget_s` / 4 seconds at most."""
     name, peak = card_peak(device)
     image = load_image(demo_work(1, "gradcam")[0][0].path)
     out = report.setdefault(f"peak/{model.name}", {"card": name, "card_peak_tflops": peak / 1e12 if peak else None})
     for method in methods:
-        options = {"topk": 300}
-        flops = pair_flops(model, image, method, options)
-        compute_heatmaps(model, image, ["cat"], [method], options)  # warm-up (chunk size probe)
+        options = {"topk": 300, "chunk_size": PEAK_CHUNK[method]}
+        flops, forwards = pair_flops(model, image, method, options)  # also the warm-up (chunk size probe)
         probe = clock(lambda: compute_heatmaps(model, image, ["cat"], [method], options), device, 1)
         n = max(1, min(20, int(budget_s / 4 / max(probe, 1e-3))))
-        rows = {"gflop_per_pair": flops / 1e9, "pairs_timed": n}
+        rows = {"gflop_per_pair": flops / 1e9, "forwards_per_pair": forwards, "pairs_timed": n,
+                "chunk_size": PEAK_CHUNK[method]}
         paths = ["eager"] + (["compiled"] if compiled and method != "gradcam" else [])
         for path in paths:
             model.encoder.configure("on" if path == "compiled" else "off")
@@ -184,7 +201,7 @@ def section_peak(model: ClipModel, device, report, methods=("gscorecam", "scorec
         shown = ", ".join(f"{path} {rows[f'{path}_pairs_per_s']:.2f} pairs/s = {rows[f'{path}_tflops']:.1f} TFLOP/s"
                           + (f" = {rows[f'{path}_fraction_of_peak']:.1%} of peak" if peak else "")
                           for path in paths + (["batched8"] if method == "gradcam" else []))
-        print(f"{model.name} {method} ({flops / 1e9:.0f} GFLOP per pair): {shown}"
+        print(f"{model.name} {method} ({forwards} forwards, {flops / 1e9:.0f} GFLOP per pair): {shown}"
               + (f"; compile {rows['compile_s']:.0f} s" if "compile_s" in rows else ""))
     return out
 
@@ -194,6 +211,9 @@ def section_profile(model: ClipModel, device, report, method: str = "gscorecam")
     element-wise, pooling, copies, other) and the ten longest kernels, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
+    if device.type != "cuda":
+        print("(the kernel-time split is measured on CUDA only)")
+        return
     image = load_image(demo_work(1, "gradcam")[0][0].path)
     options = {"topk": 300}
     compute_heatmaps(model, image, ["cat"], [method], options)
