@@ -35,7 +35,7 @@ TopkOption = typer.Option("auto", "--topk", help="gScoreCAM: channels kept, or a
 GroupingOption = typer.Option("kmeans", "--grouping", help="GroupCAM channel groups: kmeans (the original CLIP port) or chunk (the GroupCAM paper).")
 StartLayerOption = typer.Option(0, "--start-layer", help="HilaCAM: first block used (0 = all blocks, -1 = the last only).")
 ChunkOption = typer.Option("auto", "--chunk-size", help="Masked images per encoder batch: a number, or auto (16 on CPU, 8 above 288 px inputs; from free memory on CUDA).")
-ImageBatchOption = typer.Option("auto", "--image-batch", help="Images per device step: their encoder forward and gradient backward run as one batch for the one-forward methods (gradient family, dense methods, CLIP-ES, Grad-ECLIP); a number, or auto (8; 1 when a masked-forward method runs). Same maps as one image at a time.")
+ImageBatchOption = typer.Option("auto", "--image-batch", help="Images per device step: their encoder forward runs as one batch for the one-forward methods (gradient family, dense methods, CLIP-ES, Grad-ECLIP); a number, or auto (8; 1 when a masked-forward method runs). The maps of one image at a time, up to float rounding.")
 CompileOption = typer.Option("auto", "--compile", help="Masked forwards (ScoreCAM, gScoreCAM, GroupCAM, RISE) through torch.compile in static chunk shapes: on, off, or auto (off on the CPU, where it does not pay; off on CUDA until measured there). Maps equal the eager ones within float rounding.")
 DataRootOption = typer.Option(None, "--data-root", help="Folder holding the datasets as their archives extract [default: $CAMLOC_DATA or ./data].")
 SplitOption = typer.Option(None, "--split", help="Dataset split [default: val2017 (coco), train2017 (coco-train-balanced), test (partimagenet), validation (ade20k-scenes)].")
@@ -121,7 +121,8 @@ def parse_background(value) -> str:
     return ",".join(words)
 
 
-def parse_chunk_size(value: str) -> int | str:
+def positive_or_auto(value: str, option: str) -> int | str:
+    """A count option that takes a positive number or `auto`."""
     if value == "auto":
         return value
     try:
@@ -129,20 +130,16 @@ def parse_chunk_size(value: str) -> int | str:
     except ValueError:
         size = 0
     if size < 1:
-        raise CamlocError(f"--chunk-size {value!r} must be a positive number or auto")
+        raise CamlocError(f"{option} {value!r} must be a positive number or auto")
     return size
+
+
+def parse_chunk_size(value: str) -> int | str:
+    return positive_or_auto(value, "--chunk-size")
 
 
 def parse_image_batch(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise CamlocError(f"--image-batch {value!r} must be a positive number or auto")
-    return size
+    return positive_or_auto(value, "--image-batch")
 
 
 def parse_compile(value: str) -> str:
