@@ -220,21 +220,26 @@ def section_profile(model: ClipModel, device, report, method: str = "gscorecam")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         compute_heatmaps(model, image, ["cat"], [method], options)
         sync(device)
-    kinds = {"conv/gemm": ("conv", "gemm", "xmma", "cutlass", "sm80", "sm90", "wgrad", "dgrad", "implicit", "winograd",
-                           "cudnn", "nchw", "nhwc", "ampere", "hopper"),
-             "norm": ("norm",), "pool": ("pool",), "copy": ("copy", "memcpy", "memset", "transpose", "cat"),
-             "softmax": ("softmax",), "element-wise": ("elementwise", "vectorized", "unrolled", "reduce", "add", "mul",
-                                                       "relu", "gelu", "sigmoid")}
+    # first match wins: layout conversions are copies, cuDNN's BatchNorm kernels are normalisation
+    kinds = {"copy/layout": ("tonhwc", "tonchw", "copy", "memcpy", "memset", "transpose", "cat_", "catarray"),
+             "norm": ("norm", "bn_fw", "batch_norm"), "pool": ("pool",), "softmax": ("softmax",),
+             "conv/gemm": ("conv", "gemm", "xmma", "cutlass", "sm80_", "sm90_", "fprop", "implicit", "winograd",
+                           "cudnn", "ampere", "hopper", "triton_mm", "mm_"),
+             "element-wise": ("elementwise", "vectorized", "unrolled", "reduce", "add", "mul", "relu", "gelu",
+                              "sigmoid", "triton_poi", "triton_red", "triton_per")}
+    from torch.autograd import DeviceType
+
     split: dict[str, float] = {}
-    kernels = []
-    for event in prof.key_averages():
-        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if not total:
+    per_kernel: dict[str, float] = {}
+    for event in prof.events():  # the kernels themselves (CPU-side ops would count their kernels again)
+        if event.device_type != DeviceType.CUDA:
             continue
-        lower = event.key.lower()
+        us = event.time_range.elapsed_us()
+        lower = event.name.lower()
         kind = next((k for k, words in kinds.items() if any(w in lower for w in words)), "other")
-        split[kind] = split.get(kind, 0.0) + total
-        kernels.append((total, event.key[:90]))
+        split[kind] = split.get(kind, 0.0) + us
+        per_kernel[event.name[:90]] = per_kernel.get(event.name[:90], 0.0) + us
+    kernels = [(us, name) for name, us in per_kernel.items()]
     whole = sum(split.values()) or 1.0
     report[f"profile/{model.name}/{method}"] = {"split_us": split, "top": sorted(kernels, reverse=True)[:10]}
     print(f"{model.name} {method}: kernel time {whole / 1e3:.1f} ms: "

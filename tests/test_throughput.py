@@ -205,6 +205,7 @@ def test_eval_records_the_compiled_path_and_its_compile_time(tmp_path):
     result = runner.invoke(app, ["eval", "--model", "tiny-vit", "--method", "scorecam", "--limit", "2", "--compile", "on",
                                  "--chunk-size", "16", "--out", str(tmp_path / "r"), "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert "masked forwards compiled (--compile on): shapes [16]" in result.output
     timings = json.loads((tmp_path / "r" / "summary.json").read_text())["timings"]
     assert timings["image_batch"] == 1
     assert timings["encoder"]["compiled"] and timings["encoder"]["shapes"] == [16]

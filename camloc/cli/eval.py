@@ -151,6 +151,10 @@ def eval_cmd(
         typer.echo(f"{summary['n_pairs']} pairs x {len(run_config.methods)} methods; {t['records_this_invocation']} "
                    f"new records, {t['resumed_records']} resumed; wrote {run_dir}/ pairs records, summary.json, "
                    "table.csv, table.md")
+        encoder = t.get("encoder", {})
+        if encoder.get("compiled"):
+            typer.echo(f"masked forwards compiled (--compile on): shapes {encoder['shapes']}, "
+                       f"{encoder['compile_seconds']:.1f} s of the {t['compute_seconds']:.1f} s compute spent compiling")
 
 
 def _report_faults(faults: dict) -> None:
