@@ -499,9 +499,11 @@ def section_pairs_per_second(model, image, device, report, n=20):
 
 def gpu_plan(load, image, args, device, report, started):
     """The prepared GPU session (`bash benchmarks/gpu_run.sh`), most important first, each step skipped
-    (and said so) once `--budget` seconds are spent: RN50x16 pairs/s and fraction of peak, eager vs
-    compiled, with its kernel-time split; the encoder variants (compiled, BatchNorm folded,
-    cudnn.benchmark); RN50, ViT-B/16 and ViT-B/32 the same way; image batching and eval's data path."""
+    (and said so) once `--budget` seconds are spent, the JSON rewritten after every step: RN50x16
+    pairs/s and fraction of peak (eager vs compiled), its kernel-time split and encoder variants
+    (compiled, BatchNorm folded, cudnn.benchmark); RN50 (eager), image batching and eval's data path;
+    ViT-B/32 and ViT-B/16 (eager); RN50's encoder compiled last (compiling costs ~a minute per model
+    and shape, so the compiled path is measured where the issue's target is first)."""
     def left():
         return args.budget - (time.perf_counter() - started)
 
@@ -516,6 +518,8 @@ def gpu_plan(load, image, args, device, report, started):
         except Exception as exc:  # a step that fails is reported; the others still run
             print(f"FAILED: {type(exc).__name__}: {exc}")
             report.setdefault("failed", {})[label] = f"{type(exc).__name__}: {exc}"
+        if args.json:  # a run cut short by its time limit keeps what it measured
+            Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 
     models = {}
 
@@ -526,21 +530,25 @@ def gpu_plan(load, image, args, device, report, started):
             models[name] = load(name)
         return models[name]
 
-    step("RN50x16: pairs/s and fraction of peak", 60, lambda: section_peak(get("random-RN50x16"), device, report))
+    step("RN50x16: pairs/s and fraction of peak", 60,
+         lambda: section_peak(get("random-RN50x16"), device, report, budget_s=40))
     step("RN50x16 gScoreCAM: kernel-time split (eager)", 20,
          lambda: section_profile(get("random-RN50x16"), device, report))
     step("RN50x16 encoder: eager, BatchNorm folded, cudnn.benchmark, compiled (ScoreCAM's chunk shape)", 30,
          lambda: section_compile(get("random-RN50x16"), device, report, batch=256, batches=2, fold=True))
-    # compiling costs ~a minute per model and shape: the ViTs are measured eager (the compiled path is
-    # for the ResNets first, where the issue's target is)
-    for name, compiled in (("random-RN50", True), ("random-ViT-B/16", False), ("random-ViT-B/32", False)):
-        step(f"{name}: pairs/s and fraction of peak" + ("" if compiled else " (eager)"), 60,
-             lambda name=name, compiled=compiled: section_peak(get(name), device, report, compiled=compiled,
-                                                               budget_s=40))
-    step("image batching: GradCAM, batch of 8 vs one at a time", 15, lambda: (
-        section_batching(get("random-RN50"), device, report), section_batching(get("random-ViT-B/32"), device, report)))
-    step("eval's data path: GradCAM and gScoreCAM on RN50, pipeline vs model stage alone", 40,
+    step("random-RN50: pairs/s and fraction of peak (eager)", 40,
+         lambda: section_peak(get("random-RN50"), device, report, compiled=False, budget_s=30))
+    step("image batching, RN50: GradCAM, batch of 8 vs one at a time", 10,
+         lambda: section_batching(get("random-RN50"), device, report))
+    step("eval's data path: GradCAM and gScoreCAM on RN50, pipeline vs model stage alone", 30,
          lambda: section_pipeline(get("random-RN50"), args, device, report))
+    for name in ("random-ViT-B/32", "random-ViT-B/16"):
+        step(f"{name}: pairs/s and fraction of peak (eager)", 30,
+             lambda name=name: section_peak(get(name), device, report, compiled=False, budget_s=30))
+    step("image batching, ViT-B/16: GradCAM, batch of 8 vs one at a time", 10,
+         lambda: section_batching(get("random-ViT-B/16"), device, report))
+    step("RN50 encoder: eager, BatchNorm folded, cudnn.benchmark, compiled", 60,
+         lambda: section_compile(get("random-RN50"), device, report, batch=256, batches=4, fold=True))
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def _search_locked(config: SearchConfig, out: Path, datasets, thresholds, precis
                                    {**run_options, "chunk_size": chunk_size}, progress)
         models_loaded += lazy.model is not None
         weights = dict(lazy.model.backend.info) if lazy.model is not None else "not loaded: every map was cached"
-        plans.append((dict(run, options=run_options, weights=weights), methods, caches))
+        encoder = lazy.model.encoder.info() if lazy.model is not None else None  # --compile: shapes, seconds
+        plans.append((dict(run, options=run_options, weights=weights, encoder=encoder), methods, caches))
     partial = {"kind": "threshold-search", "complete": False, "shard": [rank, world], "pairs_computed": computed}
     if world > 1:
         if process_group_ready():
@@ -207,8 +208,8 @@ def _search_locked(config: SearchConfig, out: Path, datasets, thresholds, precis
     summary = {
         "kind": "threshold-search", "complete": True, "shard": [rank, world], "config": {**asdict(config), "data": data},
         "thresholds": thresholds, "precision": precision,
-        "runs": [{"model": run["model"], "methods": methods, "options": run["options"], "weights": run["weights"]}
-                 for run, methods, _ in plans],
+        "runs": [{"model": run["model"], "methods": methods, "options": run["options"], "weights": run["weights"],
+                  "encoder": run["encoder"]} for run, methods, _ in plans],
         "train_pairs": count_pairs(train_images), "val_pairs": count_pairs(val_images),
         "pairs_computed": computed, "models_loaded": models_loaded, "versions": package_versions(),
         "git_commit": git_commit(), "seconds": round(time.perf_counter() - started, 3), "rows": rows,

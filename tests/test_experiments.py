@@ -121,6 +121,7 @@ def test_smoke_threshold_search_and_rerun_without_the_model(tmp_path, monkeypatc
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     first = json.loads((out / "summary.json").read_text())
     assert first["models_loaded"] == 2 and first["pairs_computed"] == 18
+    assert [run["encoder"] for run in first["runs"]] == [{"compiled": False}] * 2  # --compile auto: off on the CPU
 
     from camloc.models import ClipModel
 
@@ -132,6 +133,7 @@ def test_smoke_threshold_search_and_rerun_without_the_model(tmp_path, monkeypatc
                                 str(out), "--no-progress", "--workers", "1"])
     assert again.exit_code == 0, again.output
     assert json.loads((out / "summary.json").read_text())["models_loaded"] == 0
+    assert [run["encoder"] for run in json.loads((out / "summary.json").read_text())["runs"]] == [None, None]
     pd.testing.assert_frame_equal(pd.read_csv(out / "table_s1.csv"), table)
 
 
