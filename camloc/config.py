@@ -81,10 +81,8 @@ class Settings:
     def method_options(self) -> dict:
         """The method options (topk, grouping, start_layer, rise_*) from the command line or the file's
         `options` table."""
-        from camloc.cli.common import method_options
+        from camloc.cli.common import METHOD_OPTIONS, method_options
 
         table = self.file.get("options", {})
-        keys = ("topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file",
-                "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std", "background", "contrast", "eclip_official")
         return method_options(**{k: self.values[k] if k in self.given or k not in table else table[k]
-                                 for k in keys if k in self.values or k in table})
+                                 for k in METHOD_OPTIONS if k in self.values or k in table})

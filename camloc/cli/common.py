@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: busy-waiting threads crawl on small machines
 
@@ -67,6 +69,36 @@ BackgroundOption = typer.Option(CLIP_ES_BACKGROUND, "--background", help="CLIP-E
 ContrastOption = typer.Option("empty", "--contrast", help="CLIP Surgery's redundant-feature removal: none, empty (subtract the empty prompt's embedding: the reference's single-text demo), labels (the image's prompts, >= 2 needed) or dataset (every prompt of the dataset; eval and threshold-search).")
 EclipOfficialOption = typer.Option(False, "--eclip-official", help="Grad-ECLIP: recompute the last block with one attention head over all channels, as the official code does (a deviation from the model's forward), instead of the model's real heads.")
 GemIterationsOption = typer.Option(1, "--gem-iterations", help="GEM: self-self refinement iterations (the reference's 1).")
+
+
+# The method parameters every computing command (eval, explain, threshold-search) takes: parameter name ->
+# (type, option). `with_method_options` adds them to a command; `Settings.method_options` reads them.
+METHOD_OPTIONS = {
+    "topk": (str, TopkOption), "grouping": (str, GroupingOption), "start_layer": (int, StartLayerOption),
+    "rise_masks": (int, RiseMasksOption), "rise_cell": (int, RiseCellOption), "rise_p1": (float, RiseP1Option),
+    "rise_masks_file": (Optional[Path], RiseMasksFileOption), "legrad_layers": (int, LegradLayersOption),
+    "gem_blocks": (int, GemBlocksOption), "gem_iterations": (int, GemIterationsOption),
+    "naclip_std": (float, NaclipStdOption), "background": (str, BackgroundOption), "contrast": (str, ContrastOption),
+    "eclip_official": (bool, EclipOfficialOption),
+}
+
+
+def with_method_options(command):
+    """Give a typer command the METHOD_OPTIONS, placed before its `chunk_size` option: they reach the
+    command as one dict, its `method_values` parameter (name -> value as given on the command line)."""
+    signature = inspect.signature(command)
+    params = [p for name, p in signature.parameters.items() if name != "method_values"]
+    at = next(i for i, p in enumerate(params) if p.name == "chunk_size")
+    added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
+             for name, (kind, option) in METHOD_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name) for name in METHOD_OPTIONS}
+        return command(**kwargs, method_values=values)
+
+    wrapper.__signature__ = signature.replace(parameters=params[:at] + added + params[at:])
+    return wrapper
 
 
 def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks: int = 8000, rise_cell: int = 8,

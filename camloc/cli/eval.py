@@ -7,13 +7,12 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption, CompileOption, ImageBatchOption,
-                               DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, ImageDirOption, IncludeStuffOption,
-                               MaxPixelsOption, PerClassOption, PointingToleranceOption, PrecisionOption,
-                               ProtocolsOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption, RiseP1Option,
-                               SkipBadRecordsOption, SplitOption, StartLayerOption, SubsetSeedOption, ThresholdOption,
-                               TopkOption, parse_chunk_size, parse_compile, parse_image_batch,
-                               parse_threshold, reports_errors)
+from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption,
+                               CompileOption, DataRootOption, DeviceOption, ImageBatchOption, ImageDirOption,
+                               IncludeStuffOption, MaxPixelsOption, PerClassOption, PointingToleranceOption,
+                               PrecisionOption, ProtocolsOption, SkipBadRecordsOption, SplitOption, SubsetSeedOption,
+                               ThresholdOption, parse_chunk_size, parse_compile, parse_image_batch, parse_threshold,
+                               reports_errors, with_method_options)
 
 
 def _split(value):
@@ -24,6 +23,7 @@ def _split(value):
 
 @app.command("eval")
 @reports_errors
+@with_method_options
 def eval_cmd(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with an [eval] table (see configs/); options given here override it."),
@@ -49,20 +49,6 @@ def eval_cmd(
     cam_curve_interval: float = CamCurveIntervalOption,
     iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam (+1 pixels, as the original) or coco."),
     seed: int = typer.Option(0, "--seed", help="Random seed, recorded in the results."),
-    topk: str = TopkOption,
-    grouping: str = GroupingOption,
-    start_layer: int = StartLayerOption,
-    rise_masks: int = RiseMasksOption,
-    rise_cell: int = RiseCellOption,
-    rise_p1: float = RiseP1Option,
-    rise_masks_file: Optional[Path] = RiseMasksFileOption,
-    legrad_layers: int = LegradLayersOption,
-    gem_blocks: int = GemBlocksOption,
-    gem_iterations: int = GemIterationsOption,
-    naclip_std: float = NaclipStdOption,
-    background: str = BackgroundOption,
-    contrast: str = ContrastOption,
-    eclip_official: bool = EclipOfficialOption,
     chunk_size: str = ChunkOption,
     image_batch: str = ImageBatchOption,
     compile_mode: str = CompileOption,
@@ -76,6 +62,7 @@ def eval_cmd(
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
+    method_values: dict | None = None,
 ) -> None:
     """Evaluate CAM methods on a dataset: pairs.jsonl, summary.json, table.csv, table.md in --out."""
     from camloc.config import Settings, load_config

@@ -8,10 +8,9 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, CompileOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, MaxPixelsOption, ModelOption,
-                               PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption, RiseP1Option,
-                               StartLayerOption, ThresholdOption, TopkOption, err_console, method_options,
-                               parse_chunk_size, parse_compile, parse_threshold, reports_errors)
+from camloc.cli.common import (CacheOption, ChunkOption, CompileOption, DeviceOption, MaxPixelsOption, ModelOption,
+                               PrecisionOption, ThresholdOption, err_console, method_options, parse_chunk_size,
+                               parse_compile, parse_threshold, reports_errors, with_method_options)
 from camloc.errors import CamlocError
 
 
@@ -27,6 +26,7 @@ def _parse_box(text: str) -> list[float]:
 
 @app.command()
 @reports_errors
+@with_method_options
 def explain(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several."),
@@ -42,25 +42,12 @@ def explain(
     seed: int = typer.Option(0, "--seed", help="Seed of RISE's random masks."),
     exif_transpose: bool = typer.Option(False, "--exif-transpose", help="Process a photo as displayed (its EXIF orientation applied) instead of as stored, which is the frame datasets' boxes use."),
     max_pixels: Optional[int] = MaxPixelsOption,
-    topk: str = TopkOption,
-    grouping: str = GroupingOption,
-    start_layer: int = StartLayerOption,
-    rise_masks: int = RiseMasksOption,
-    rise_cell: int = RiseCellOption,
-    rise_p1: float = RiseP1Option,
-    rise_masks_file: Optional[Path] = RiseMasksFileOption,
-    legrad_layers: int = LegradLayersOption,
-    gem_blocks: int = GemBlocksOption,
-    gem_iterations: int = GemIterationsOption,
-    naclip_std: float = NaclipStdOption,
-    background: str = BackgroundOption,
-    contrast: str = ContrastOption,
-    eclip_official: bool = EclipOfficialOption,
     chunk_size: str = ChunkOption,
     compile_mode: str = CompileOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
+    method_values: dict | None = None,
 ) -> None:
     """Compute CAM heatmaps of one image for one or more prompts, and their boxes (Algorithm 1)."""
     from camloc.cams import resolve_methods
@@ -80,8 +67,7 @@ def explain(
 
     thr = parse_threshold(threshold)
     parse_compile(compile_mode)
-    options = {**method_options(topk, grouping, start_layer, rise_masks, rise_cell, rise_p1, rise_masks_file,
-                                legrad_layers, gem_blocks, gem_iterations, naclip_std, background, contrast, eclip_official),
+    options = {**method_options(**method_values),
                "chunk_size": parse_chunk_size(chunk_size), "seed": seed}
     if figure not in (None, "pipeline", "compare"):
         raise CamlocError(f"--figure {figure!r} is not one of pipeline, compare")

@@ -7,14 +7,14 @@ from typing import Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import (CacheOption, ChunkOption, CompileOption, DataRootOption, DeviceOption, GemBlocksOption, GemIterationsOption, GroupingOption, LegradLayersOption, NaclipStdOption, BackgroundOption, ContrastOption, EclipOfficialOption, MaxPixelsOption,
-                               PerClassOption, PrecisionOption, RiseCellOption, RiseMasksFileOption, RiseMasksOption,
-                               RiseP1Option, StartLayerOption, SubsetSeedOption, TopkOption, parse_chunk_size, parse_compile,
-                               reports_errors)
+from camloc.cli.common import (CacheOption, ChunkOption, CompileOption, DataRootOption, DeviceOption, MaxPixelsOption,
+                               PerClassOption, PrecisionOption, SubsetSeedOption, parse_chunk_size, parse_compile,
+                               reports_errors, with_method_options)
 
 
 @app.command("threshold-search")
 @reports_errors
+@with_method_options
 def threshold_search_cmd(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with a [threshold_search] table (configs/table_s1.toml); options given here override it."),
@@ -32,20 +32,6 @@ def threshold_search_cmd(
     grid_stop: float = typer.Option(0.95, "--grid-stop", help="Last threshold of the grid."),
     grid_step: float = typer.Option(0.05, "--grid-step", help="Grid step."),
     iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam or coco."),
-    topk: str = TopkOption,
-    grouping: str = GroupingOption,
-    start_layer: int = StartLayerOption,
-    rise_masks: int = RiseMasksOption,
-    rise_cell: int = RiseCellOption,
-    rise_p1: float = RiseP1Option,
-    rise_masks_file: Optional[Path] = RiseMasksFileOption,
-    legrad_layers: int = LegradLayersOption,
-    gem_blocks: int = GemBlocksOption,
-    gem_iterations: int = GemIterationsOption,
-    naclip_std: float = NaclipStdOption,
-    background: str = BackgroundOption,
-    contrast: str = ContrastOption,
-    eclip_official: bool = EclipOfficialOption,
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for box derivation [default: all cores]."),
     chunk_size: str = ChunkOption,
     compile_mode: str = CompileOption,
@@ -54,6 +40,7 @@ def threshold_search_cmd(
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
+    method_values: dict | None = None,
 ) -> None:
     """Grid-search one binarisation threshold on the train subset, compare it with Otsu on val (Table S1)."""
     from camloc.config import Settings, load_config
