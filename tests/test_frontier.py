@@ -229,6 +229,17 @@ def blocks_of(model):
     return list(model.visual.transformer.resblocks)
 
 
+def block_input(model, image, index: int) -> torch.Tensor:
+    """The input of block `index` in the model's own layout (sequence-first for OpenAI's ViT), captured
+    by a hook on the real block during one plain forward: the references' starting point."""
+    captured = {}
+    handle = blocks_of(model)[index].register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
+    with torch.no_grad():
+        model.visual(model.preprocess(image))
+    handle.remove()
+    return captured["x"]
+
+
 @pytest.mark.parametrize("method,options", [("maskclip", {}), ("sclip", {}), ("clearclip", {}), ("naclip", {}), ("gem", {"gem_blocks": 2}), ("clipsurgery", {"contrast": "empty"}),
                                             ("rise", {"rise_masks": 8})])
 def test_p_prompts_cost_one_prompts_image_forwards(method, options, models, chelsea):
@@ -349,11 +360,7 @@ def clip_es_reference(model, image, prompts, background):
     tokens, proj, softmax over prompts + background of logit_scale * cos; GradCAM on the patch tokens."""
     visual = model.visual
     block = blocks_of(model)[-1]
-    captured = {}
-    handle = block.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
-    with torch.no_grad():
-        visual(model.preprocess(image))
-    handle.remove()
+    x_in = block_input(model, image, -1)
     seq_first = model.family.batch_dim == 1
     texts = model.text_features(list(prompts) + list(background))
     maps = []
@@ -366,7 +373,7 @@ def clip_es_reference(model, image, prompts, background):
 
         h = block.ln_1.register_forward_hook(swap)
         with torch.enable_grad():
-            out = block(captured["x"])
+            out = block(x_in)
             out = out.transpose(0, 1) if seq_first else out
             feat = visual.ln_post(out)[:, 1:].mean(dim=1) @ visual.proj
             feat = feat / feat.norm(dim=-1, keepdim=True)
@@ -432,13 +439,9 @@ def surgery_reference(model, image, prompts, contrast_texts=None, empty=None):
     blocks = blocks_of(model)
     first = max(0, len(blocks) - 6)
     seq_first = model.family.batch_dim == 1
-    captured = {}
-    handle = blocks[first].register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
+    x_in = block_input(model, image, first)
     with torch.no_grad():
-        visual(model.preprocess(image))
-    handle.remove()
-    with torch.no_grad():
-        x_ori = captured["x"].transpose(0, 1) if seq_first else captured["x"]  # (B, N, C)
+        x_ori = x_in.transpose(0, 1) if seq_first else x_in  # (B, N, C)
         x = x_ori.clone()
         for block in blocks[first:]:
             attn = block.attn
@@ -518,12 +521,7 @@ def eclip_reference(model, image, prompt, heads):
     attention written out with `heads` heads: the official code passes 1), one prompt at a time."""
     visual = model.visual
     block = blocks_of(model)[-1]
-    captured = {}
-    handle = block.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
-    with torch.no_grad():
-        visual(model.preprocess(image))
-    handle.remove()
-    x_in = captured["x"]  # (L, 1, D)
+    x_in = block_input(model, image, -1)  # (L, 1, D)
     text = model.text_features([prompt])[0]
     linear = torch.nn.functional.linear
     with torch.enable_grad():
