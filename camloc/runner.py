@@ -182,14 +182,7 @@ def compute_images(model: ClipModel, batch: list[tuple], config: EvalConfig, run
         contexts.append((pairs, methods, CamContext(model, image, image_prompts(item, pairs, methods),
                                                     {**config.options, **(runtime or {})}, methods=methods,
                                                     host_input=host_input)))
-    if len(contexts) > 1:
-        try:
-            share_batch([ctx for _, _, ctx in contexts])
-        except torch.cuda.OutOfMemoryError:  # each image then computes its own stages, as with --image-batch 1
-            torch.cuda.empty_cache()
-            for _, _, ctx in contexts:
-                ctx.__dict__.pop("_pass", None)
-            contexts[0][2].oom_retries += 1
+    share_batch([ctx for _, _, ctx in contexts])
     out = []
     for (item, _, image, _), (pairs, methods, ctx) in zip(batch, contexts):
         native = compute_native(model, image, ctx.prompts, methods, context=ctx)

@@ -204,7 +204,8 @@ def share_batch(contexts: list["CamContext"]) -> None:
     """Give several images' contexts (one model) their one encoder forward from ONE batched `encoder_pass`,
     where one of a context's methods reads it (`MethodSpec.shares_forward`); everything after it (the
     gradients' backward through the head, each method's own work) stays per image, on exactly the
-    tensors the image alone would have, so the maps are those of one image at a time. (A backward over
+    tensors the image alone would have, so the maps are those of one image at a time. Out of CUDA memory,
+    no context adopts anything (each runs its own forward) and the first counts a retry. (A backward over
     all images' prompts together would change the head's matrix shapes, and GradCAM++'s ratio of
     gradient powers turns that float rounding into 5e-4 relative differences on tiny-vit.)"""
     from camloc.cams.registry import METHODS
@@ -214,7 +215,14 @@ def share_batch(contexts: list["CamContext"]) -> None:
     if len(group) < 2:
         return
     family = group[0].model.family
-    raw, features, inputs = encoder_pass(group[0].model.visual, family, torch.cat([ctx.input for ctx in group]))
-    for i, ctx in enumerate(group):  # own copies, laid out as one image's forward would give them
-        ctx.adopt_pass(raw.narrow(family.batch_dim, i, 1).clone(), features[i:i + 1].clone(),
-                       None if inputs is None else [x[i:i + 1].clone() for x in inputs])
+    try:
+        raw, features, inputs = encoder_pass(group[0].model.visual, family, torch.cat([ctx.input for ctx in group]))
+        shares = [(raw.narrow(family.batch_dim, i, 1).clone(), features[i:i + 1].clone(),  # own copies, laid out
+                   None if inputs is None else [x[i:i + 1].clone() for x in inputs])  # as one image's forward's
+                  for i in range(len(group))]
+    except torch.cuda.OutOfMemoryError:  # each image then runs its own forward, as with --image-batch 1
+        torch.cuda.empty_cache()
+        group[0].oom_retries += 1
+        return
+    for ctx, share in zip(group, shares):
+        ctx.adopt_pass(*share)

@@ -175,11 +175,9 @@ def parse_image_batch(value: str) -> int | str:
 
 
 def parse_compile(value: str) -> str:
-    from camloc.models.encoder import COMPILE_CHOICES
+    from camloc.models.encoder import check_compile
 
-    if value not in COMPILE_CHOICES:
-        raise CamlocError(f"--compile {value!r} is not one of {', '.join(COMPILE_CHOICES)}")
-    return value
+    return check_compile(value)
 
 
 def parse_threshold(value: str) -> str | float:

@@ -33,10 +33,15 @@ COMPILE_MODE = "default"
 MIN_PIECE = 8  # the smallest padded piece: a remainder of 1-7 images costs one 8-image forward
 
 
-def resolve_compile(value: str, device: torch.device) -> bool:
+def check_compile(value: str) -> str:
+    """`--compile`'s value, refused in one line unless it is one of COMPILE_CHOICES."""
     if value not in COMPILE_CHOICES:
         raise CamlocError(f"--compile {value!r} is not one of {', '.join(COMPILE_CHOICES)}")
-    if value == "auto":
+    return value
+
+
+def resolve_compile(value: str, device: torch.device) -> bool:
+    if check_compile(value) == "auto":
         return AUTO_COMPILE.get(device.type, False)
     return value == "on"
 
