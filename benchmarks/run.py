@@ -137,6 +137,21 @@ def overlap_of_topk(model, image, prompts, k):
     return float(np.mean(pairs)), len(set().union(*sets))
 
 
+def time_gscorecam(model, image, k, device, reps):
+    """camloc's gScoreCAM on one image-prompt as a user runs it (the default chunk size), after a warm-up:
+    (median seconds, peak extra bytes, maps, the last run's context)."""
+    opts = {"topk": k}
+    compute_heatmaps(model, image, ["cat"], ["gradcam"], opts)  # warm-up
+    held = {}
+
+    def camloc():
+        held["ctx"] = CamContext(model, image, ["cat"], opts, methods=["gscorecam"])
+        return compute_heatmaps(model, image, ["cat"], ["gscorecam"], context=held["ctx"])
+
+    seconds, peak, maps = timed(camloc, device, reps)
+    return seconds, peak, maps, held["ctx"]
+
+
 def section_gscorecam(model, image, k, args, device, report):
     """The floor twice: with the encoder as the clip package builds it (the issue's "plain" forwards)
     and with camloc's own encoder (BatchNorm folded on the CPU, channels_last ResNets), so both
@@ -152,15 +167,7 @@ def section_gscorecam(model, image, k, args, device, report):
     t_grad, _, _ = timed(lambda: CamContext(model, image, ["cat"]).gradients, device, reps=3)
     floor = floors["plain"][2] + t_grad
     own_floor = floors["camloc's encoder"][2] + t_grad
-    opts = {"topk": k}  # camloc as a user runs it: the default chunk size
-    compute_heatmaps(model, image, ["cat"], ["gradcam"], opts)  # warm-up
-    held = {}
-
-    def camloc():
-        held["ctx"] = CamContext(model, image, ["cat"], opts, methods=["gscorecam"])
-        return compute_heatmaps(model, image, ["cat"], ["gscorecam"], context=held["ctx"])
-
-    t_cam, mem_cam, maps = timed(camloc, device, args.reps)
+    t_cam, mem_cam, maps, ctx = time_gscorecam(model, image, k, device, args.reps)
     t_ref, mem_ref, ref = timed(lambda: straightforward_cam(model, net, image, "cat", "gscorecam", k), device,
                                 args.reps)
     net = None  # free the copy before the next section
@@ -173,7 +180,7 @@ def section_gscorecam(model, image, k, args, device, report):
         "camloc_s": t_cam, "straightforward_s": t_ref, "camloc_peak_bytes": mem_cam,
         "straightforward_peak_bytes": mem_ref, "camloc_over_floor": t_cam / floor, "camloc_over_own_floor": t_cam / own_floor,
         "straightforward_over_camloc": t_ref / t_cam, "max_abs_diff_vs_straightforward": diff,
-        "masked_forwards": held["ctx"].masked_forwards,
+        "masked_forwards": ctx.masked_forwards,
     }
     for label, (batch, per_image, t_fwd) in floors.items():
         print(f"floor, {label}: best batch {batch} ({per_image * 1e3:.1f} ms/image); {k} forwards {t_fwd:.2f} s{scaled} "
@@ -342,22 +349,14 @@ def section_open_clip(model, image, k, args, device, report):
     batch, per_image = best_batch(model, model.visual, model.memory_format, args.batches, device)
     t_fwd = forwards_seconds(model, model.visual, model.memory_format, k, batch, device, args.floor_images)
     t_grad, _, _ = timed(lambda: CamContext(model, image, ["cat"]).gradients, device, reps=3)
-    opts = {"topk": k}
-    compute_heatmaps(model, image, ["cat"], ["gradcam"], opts)  # warm-up
-    held = {}
-
-    def camloc():
-        held["ctx"] = CamContext(model, image, ["cat"], opts, methods=["gscorecam"])
-        return compute_heatmaps(model, image, ["cat"], ["gscorecam"], context=held["ctx"])
-
-    t_cam, mem_cam, _ = timed(camloc, device, args.reps)
+    t_cam, mem_cam, _, ctx = time_gscorecam(model, image, k, device, args.reps)
     floor = t_fwd + t_grad
     rows = {"family": model.family.name, "best_batch": batch, "forward_s_per_image": per_image, "floor_s": floor,
             "camloc_s": t_cam, "camloc_over_floor": t_cam / floor, "camloc_peak_bytes": mem_cam,
-            "masked_forwards": held["ctx"].masked_forwards}
+            "masked_forwards": ctx.masked_forwards}
     print(f"floor: best batch {batch} ({per_image * 1e3:.1f} ms/image); {k} forwards {t_fwd:.2f} s + forward/backward "
           f"{t_grad:.3f} s = {floor:.2f} s")
-    print(f"camloc {t_cam:.2f} s (peak {gib(mem_cam)}, {held['ctx'].masked_forwards} masked forwards); "
+    print(f"camloc {t_cam:.2f} s (peak {gib(mem_cam)}, {ctx.masked_forwards} masked forwards); "
           f"camloc / floor = {t_cam / floor:.3f}   (target <= 1.15)")
     report[f"open_clip/{model.name}"] = rows
     return rows
