@@ -21,7 +21,8 @@ import torch  # noqa: E402
 
 from camloc.cams import CamContext, compute_heatmaps  # noqa: E402
 from camloc.models import ClipModel, load_image  # noqa: E402
-from run import IMAGE, PeakMemory, gib  # noqa: E402
+from run import IMAGE  # noqa: E402
+from timing import PeakMemory, gib  # noqa: E402
 
 
 def main():

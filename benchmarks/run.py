@@ -12,9 +12,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,68 +29,11 @@ from camloc.provenance import device_description, git_commit  # noqa: E402
 from straightforward import straightforward_cam, trainable_copy  # noqa: E402
 from throughput import (card_peak, forward_flops, section_batching, section_compile,  # noqa: E402
                         section_peak, section_profile)
+from timing import PeakMemory, gib, timed  # noqa: E402
 
 IMAGE = Path(__file__).resolve().parent.parent / "camloc" / "datasets" / "demo" / "images" / "chelsea.jpg"
 PROMPTS = ["cat", "dog", "a photo of a cat", "tabby cat", "kitten", "animal face", "whiskers", "pet"]
 GRADIENT_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam"]
-
-
-class PeakMemory:
-    """Peak extra memory while a block runs: CUDA allocator peak, or process RSS sampled every 2 ms."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.base, self.top, self.running = self._rss(), self._rss(), True
-            self.thread = threading.Thread(target=self._watch, daemon=True)
-            self.thread.start()
-        return self
-
-    def _watch(self):
-        while self.running:
-            self.top = max(self.top, self._rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak = max(self.top, self._rss()) - self.base
-        return False
-
-
-def timed(fn, device, reps=1):
-    """(median seconds, peak extra bytes, last result) over `reps` runs."""
-    times, peaks, out = [], [], None
-    for _ in range(reps):
-        with PeakMemory(device) as mem:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        peaks.append(mem.peak)
-    return statistics.median(times), max(peaks), out
-
-
-def gib(n):
-    return f"{n / 2**30:.2f} GiB"
 
 
 def best_batch(model: ClipModel, encoder, memory_format, candidates, device) -> tuple[int, float]:

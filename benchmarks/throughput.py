@@ -15,6 +15,7 @@ from camloc.datasets import load_dataset
 from camloc.models import ClipModel, load_image
 from camloc.models.clip_model import fold_batchnorm
 from camloc.runner import EvalConfig, compute_images
+from timing import sync, timed
 
 # Dense fp16/bf16 tensor-core peak of the card (vendor figures, SXM parts), for the fraction reached.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -23,23 +24,6 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 def card_peak(device: torch.device) -> tuple[str, float | None]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return name, next((v for key, v in PEAK_FLOPS.items() if key in name), None)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def clock(fn, device, reps: int = 3) -> float:
-    """Median seconds of `fn()` over `reps` runs (after the caller's warm-up)."""
-    times = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def demo_work(n: int, method: str) -> list[tuple]:
@@ -69,7 +53,7 @@ def section_batching(model: ClipModel, device, report, n: int = 8, method: str =
     a, b = batched(), single()  # warm-up, and the maps compared
     diff = max(float(np.abs(x[method][1] - y[method][1]).max() / max(np.abs(y[method][1]).max(), 1e-12))
                for (x, _), (y, _) in zip(a, b))
-    t_batch, t_single = clock(batched, device, reps), clock(single, device, reps)
+    t_batch, t_single = timed(batched, device, reps)[0], timed(single, device, reps)[0]
     report[f"batching/{model.name}/{method}"] = {
         "images": n, "batched_s": t_batch, "single_s": t_single, "speedup": t_single / t_batch,
         "batched_images_per_s": n / t_batch, "single_images_per_s": n / t_single, "max_rel_map_diff": diff}
@@ -88,7 +72,7 @@ def encoder_seconds_per_image(encoder, model: ClipModel, batch: int, batches: in
                 encoder(x)
 
     run()
-    return clock(run, device, reps) / (batch * batches)
+    return timed(run, device, reps)[0] / (batch * batches)
 
 
 def section_compile(model: ClipModel, device, report, batch: int = 16, batches: int = 4, reps: int = 3,
@@ -172,7 +156,7 @@ def section_peak(model: ClipModel, device, report, methods=("gscorecam", "scorec
     for method in methods:
         options = {"topk": 300, "chunk_size": PEAK_CHUNK[method]}
         flops, forwards = pair_flops(model, image, method, options)  # also the warm-up (chunk size probe)
-        probe = clock(lambda: compute_heatmaps(model, image, ["cat"], [method], options), device, 1)
+        probe = timed(lambda: compute_heatmaps(model, image, ["cat"], [method], options), device)[0]
         n = max(1, min(20, int(budget_s / 4 / max(probe, 1e-3))))
         rows = {"gflop_per_pair": flops / 1e9, "forwards_per_pair": forwards, "pairs_timed": n,
                 "chunk_size": PEAK_CHUNK[method]}
@@ -184,7 +168,7 @@ def section_peak(model: ClipModel, device, report, methods=("gscorecam", "scorec
                 compute_heatmaps(model, image, ["cat"], [method], options)  # compiles the plan's shapes
                 sync(device)
                 rows["compile_s"] = time.perf_counter() - started
-            t = clock(lambda: [compute_heatmaps(model, image, ["cat"], [method], options) for _ in range(n)], device, 1)
+            t = timed(lambda: [compute_heatmaps(model, image, ["cat"], [method], options) for _ in range(n)], device)[0]
             rows[f"{path}_pairs_per_s"] = n / t
             rows[f"{path}_tflops"] = n / t * flops / 1e12
             rows[f"{path}_fraction_of_peak"] = n / t * flops / peak if peak else None
@@ -193,7 +177,7 @@ def section_peak(model: ClipModel, device, report, methods=("gscorecam", "scorec
             config = EvalConfig(model=model.name, methods=[method])
             work = [(item, todo, img, model.host_input(img)) for item, todo, img in demo_work(8, method)]
             compute_images(model, work, config)
-            t = clock(lambda: compute_images(model, work, config), device, 3)
+            t = timed(lambda: compute_images(model, work, config), device, 3)[0]
             rows["batched8_pairs_per_s"] = 8 / t
             rows["batched8_tflops"] = 8 / t * flops / 1e12
             rows["batched8_fraction_of_peak"] = 8 / t * flops / peak if peak else None

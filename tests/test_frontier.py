@@ -208,11 +208,11 @@ def test_the_block_access_reduces_to_the_models_own_forward(build, chelsea):
     """With the last block's attention recombined as the original (softmax(q k^T / sqrt(d)) v, out_proj,
     residual, FFN), ln_post and proj on the class token give `encode_image`: for OpenAI's sequence-first
     and open_clip's batch-first blocks alike, so a layout mistake in the dense family fails loudly."""
-    from camloc.cams.dense import BlockAccess, block_inputs
+    from camloc.cams.dense import BlockAccess
 
     model = tiny_vit_mh(build)
     ctx = CamContext(model, chelsea, ["cat"])
-    blocks, inputs = block_inputs(ctx, len(blocks_of(model)) - 1)
+    blocks, inputs = ctx.block_inputs(len(blocks_of(model)) - 1)
     access = BlockAccess(blocks[-1])
     x = inputs[-1]
     with torch.no_grad():

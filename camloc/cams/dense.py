@@ -67,12 +67,6 @@ from camloc.models.families import BlockAccess
 DENSE_FAMILIES = frozenset({"vit", "vit-avg"})
 
 
-def block_inputs(ctx: CamContext, first: int, embedding: bool = False):
-    """The image's one forward (shared by every method on its context): the blocks and the (batch-first)
-    input of every block from `first` on; with `embedding`, also the model's own image embedding (1, E)."""
-    return ctx.block_inputs(first, embedding)
-
-
 def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
     """(1, N, D) tokens -> ln_post, proj -> cosine of every patch token with every prompt (P, g, g)."""
     visual = ctx.model.visual
@@ -93,7 +87,7 @@ def square_grid(similarity: torch.Tensor) -> torch.Tensor:
 def maskclip(ctx: CamContext) -> torch.Tensor:
     if ctx.model.family.name == "rn":
         return square_grid(F.normalize(rn_value_tokens(ctx), dim=-1) @ ctx.text_features.T)
-    blocks, inputs = block_inputs(ctx, len(ctx.model.visual.transformer.resblocks) - 1)
+    blocks, inputs = ctx.block_inputs(len(ctx.model.visual.transformer.resblocks) - 1)
     access = BlockAccess(blocks[-1])
     x = inputs[-1]
     with torch.no_grad():
@@ -130,7 +124,7 @@ def gem(ctx: CamContext) -> torch.Tensor:
     n_blocks = int(ctx.options.get("gem_blocks", 6))
     iterations = int(ctx.options.get("gem_iterations", 1))
     first = max(0, depth - n_blocks) if n_blocks > 0 else 0
-    blocks, inputs = block_inputs(ctx, first)
+    blocks, inputs = ctx.block_inputs(first)
     with torch.no_grad():
         x_gem = inputs[0]
         for block, x in zip(blocks[first:], inputs):
@@ -146,7 +140,7 @@ def gem(ctx: CamContext) -> torch.Tensor:
 def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
     """The last block replaced by its attention alone (no residual, no FFN), with `logits(q, k)` as
     the attention logits; the patch-token similarity grid."""
-    blocks, inputs = block_inputs(ctx, len(ctx.model.visual.transformer.resblocks) - 1)
+    blocks, inputs = ctx.block_inputs(len(ctx.model.visual.transformer.resblocks) - 1)
     access = BlockAccess(blocks[-1])
     with torch.no_grad():
         q, k, v = access.qkv(blocks[-1].ln_1(inputs[-1]))
@@ -158,7 +152,7 @@ def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
                  description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
                              "residual and FFN kept; one forward.")
 def sclip(ctx: CamContext) -> torch.Tensor:
-    blocks, inputs = block_inputs(ctx, len(ctx.model.visual.transformer.resblocks) - 1)
+    blocks, inputs = ctx.block_inputs(len(ctx.model.visual.transformer.resblocks) - 1)
     access = BlockAccess(blocks[-1])
     x = inputs[-1]
     with torch.no_grad():
@@ -235,7 +229,7 @@ def surgery_tokens(ctx: CamContext) -> tuple[torch.Tensor, torch.Tensor]:
         return rn_surgery_tokens(ctx)
     depth = len(ctx.model.visual.transformer.resblocks)
     first = max(0, depth - SURGERY_BLOCKS)
-    blocks, inputs, features = block_inputs(ctx, first, embedding=True)
+    blocks, inputs, features = ctx.block_inputs(first, embedding=True)
     with torch.no_grad():
         path = inputs[0]
         for block, x in zip(blocks[first:], inputs):  # x: the original path's input of this block
