@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +45,14 @@ def tiny_rn(tiny_models):
 @pytest.fixture(scope="session")
 def tiny_vit(tiny_models):
     return tiny_models["tiny-vit"]
+
+
+@contextmanager
+def counting_forwards(model: ClipModel):
+    """The batch sizes of the image-tower forwards run inside the block."""
+    calls: list[int] = []
+    handle = model.visual.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        yield calls
+    finally:
+        handle.remove()

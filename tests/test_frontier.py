@@ -15,6 +15,7 @@ from camloc.cli.app import app
 from camloc.models import ClipModel
 from camloc.models.loading import random_state_dict
 from camloc.models.specs import TINY_SPECS
+from conftest import counting_forwards
 
 FRONTIER = Path(__file__).parent / "golden-frontier"
 MODELS = {"tiny-vit": "tiny_vit", "tiny-vit-mh": "tiny_vit_mh"}
@@ -244,29 +245,21 @@ def block_input(model, image, index: int) -> torch.Tensor:
                                             ("rise", {"rise_masks": 8})])
 def test_p_prompts_cost_one_prompts_image_forwards(method, options, models, chelsea):
     model = models["tiny-vit-mh"]
-    calls = []
-    handle = model.visual.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
-    try:
+    with counting_forwards(model) as calls:
         compute_heatmaps(model, chelsea, ["cat"], [method], options)
         one = sum(calls)
         calls.clear()
         compute_heatmaps(model, chelsea, ["cat", "dog", "sofa", "a tabby cat", "tree", "sky", "grass", "rug"],
                          [method], options)
-    finally:
-        handle.remove()
     assert sum(calls) == one and one == (8 if method == "rise" else 1)
 
 
 @pytest.mark.parametrize("contrast", ["labels", "dataset"])
 def test_clip_surgery_weighs_the_contrast_set_from_the_same_forward(contrast, models, chelsea):
     model = models["tiny-vit-mh"]
-    calls = []
-    handle = model.visual.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
-    try:
+    with counting_forwards(model) as calls:
         compute_heatmaps(model, chelsea, ["cat", "dog", "sofa"], ["clipsurgery"],
                          {"contrast": contrast, "contrast_prompts": ["cat", "dog", "sofa", "tree"]})
-    finally:
-        handle.remove()
     assert calls == [1]
 
 
@@ -652,10 +645,6 @@ def test_clip_surgery_resnet_form_is_the_references_attention_pool(contrast, tin
 @pytest.mark.parametrize("method", ["maskclip", "clipsurgery"])
 def test_resnet_forms_cost_one_forward_for_any_number_of_prompts(method, tiny_models, chelsea):
     model = tiny_models["tiny-rn"]
-    calls = []
-    handle = model.visual.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
-    try:
+    with counting_forwards(model) as calls:
         compute_heatmaps(model, chelsea, ["cat", "dog", "sofa", "tree", "sky", "grass", "rug", "a cat"], [method])
-    finally:
-        handle.remove()
     assert calls == [1]

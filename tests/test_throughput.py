@@ -2,7 +2,6 @@
 (`share_batch`, `--image-batch`), the one shared forward per image, the compiled masked encoder
 (`--compile on`, static chunk shapes) and its chunk plan."""
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from camloc.cli.app import app
 from camloc.models import ClipModel, load_image
 from camloc.models.encoder import plan_pieces
 from camloc.runner import EvalConfig, resolve_image_batch, run_eval
-from conftest import GOLDEN
+from conftest import GOLDEN, counting_forwards
 from test_open_clip import golden_through_open_clip
 
 DEMO = Path(__file__).resolve().parents[1] / "camloc" / "datasets" / "demo" / "images"
@@ -33,17 +32,6 @@ def images():
 def one_forward_methods(model: ClipModel) -> list[str]:
     return [s.name for s in resolve_methods("all", model.family.name, model.name)
             if s.shares_forward and not s.masked_forwards]
-
-
-@contextmanager
-def counting_forwards(model: ClipModel):
-    """The batch sizes of the image-tower forwards run inside the block."""
-    calls: list[int] = []
-    handle = model.visual.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 @pytest.mark.parametrize("build", ["tiny-rn", "tiny-vit", "tiny-vit-mh", "open_clip:tiny-vit"])
