@@ -9,6 +9,7 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -191,12 +192,13 @@ def write_ade_full(root):
         "filename": "ADE_val_00000001.jpg", "folder": "ADE20K_2021_17_01/images/ADE/validation/natural/coast",
         "imsize": [10, 20, 3], "source": {}, "scene": ["outdoor", "coast"], "object": objects}}))
     _image(folder / "ADE_val_00000001.jpg", 20, 10)
-    # _seg.png, the visible pixels: class code (R // 10) * 256 + G = name_ndx + 1, instance in B. A second
-    # wall (instance 9) stands in front of the sky's right half.
+    # _seg.png, the visible pixels: class code (R // 10) * 256 + G = name_ndx (as in the real release,
+    # tests/real-formats/ade20k-full-2021), instance in B. A second wall (instance 9) stands in front of the
+    # sky's right half. No instance PNGs are written: the loader falls back to _seg.png.
     seg = np.zeros((10, 20, 3), np.uint8)
 
     def paint(name, instance, rows, cols):
-        code = ndx[name] + 1
+        code = ndx[name]
         seg[rows, cols] = [(code // 256) * 10, code % 256, instance]
 
     paint("sky", 1, slice(0, 4), slice(0, 10))
@@ -224,7 +226,21 @@ def test_ade20k_full_release_seg_not_matching_its_json_is_refused(tmp_path):
     write_ade_full(tmp_path)
     seg = next(tmp_path.rglob("*_seg.png"))
     Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(seg)
-    with pytest.raises(CamlocError, match="has no pixel of the class codes .*--ade-extent amodal"):
+    with pytest.raises(CamlocError, match="has none of the class codes .*name_ndx.*--ade-extent amodal"):
+        load_dataset("ade20k-scenes", data_root_dir=tmp_path)
+
+
+def test_ade20k_full_release_seg_off_by_one_is_refused(tmp_path):
+    """The convention camloc once guessed (code = name_ndx + 1) matches none of the objects: refused."""
+    write_ade_full(tmp_path)
+    path = next(tmp_path.rglob("*_seg.png"))
+    seg = np.asarray(Image.open(path)).copy()
+    code = (seg[..., 0].astype(int) // 10) * 256 + seg[..., 1] + 1
+    labelled = code > 1
+    seg[..., 0] = np.where(labelled, (code // 256) * 10, 0)
+    seg[..., 1] = np.where(labelled, code % 256, 0)
+    Image.fromarray(seg).save(path)
+    with pytest.raises(CamlocError, match="has none of the class codes"):
         load_dataset("ade20k-scenes", data_root_dir=tmp_path)
 
 
@@ -241,6 +257,99 @@ def test_ade20k_full_release_amodal_polygons(tmp_path):
 
 
 REAL = Path(__file__).parent / "real-formats"
+REAL_ADE_IMAGE = "ADE_train_00016900"
+REAL_ADE_FOLDER = Path("ADE20K_2021_17_01/images/ADE/training/urban/street")
+
+
+def real_ade_full(root):
+    """The real full-release annotation files of one training image (tests/real-formats) under `root`, with
+    a placeholder photo of the image's size (the release's photo is not redistributed)."""
+    shutil.copytree(REAL / "ade20k-full-2021" / "ADE20K_2021_17_01", root / "ADE20K_2021_17_01")
+    _image(root / REAL_ADE_FOLDER / f"{REAL_ADE_IMAGE}.jpg", 2200, 1650)
+    return root / REAL_ADE_FOLDER
+
+
+def _bbox(mask):
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def _real_ade_expected(folder):
+    """An independent reading of the real files with numpy: per scene class of the image, its objects'
+    boxes from _seg.png (code (R // 10) * 256 + G == name_ndx, one box per B value) and from each object's
+    instance PNG (255 = visible), and the class's visible pixels."""
+    annotation = json.loads((folder / f"{REAL_ADE_IMAGE}.json").read_text())["annotation"]
+    seg = np.asarray(Image.open(folder / f"{REAL_ADE_IMAGE}_seg.png")).astype(int)
+    code, instance = (seg[..., 0] // 10) * 256 + seg[..., 1], seg[..., 2]
+    scenes = {"sky": 5, "road": 10}  # the ten scene classes present in this street image, with their category ids
+    expected = {}
+    for obj in annotation["object"]:
+        names = [n.strip() for n in obj["name"].split(",")]
+        scene = next((n for n in names if n in scenes), None)
+        if scene is None or obj["parts"]["part_level"] != 0:
+            continue
+        entry = expected.setdefault(scene, {"png_boxes": [], "ndx": obj["name_ndx"]})
+        png = np.asarray(Image.open(folder / obj["instance_mask"]))
+        entry["png_boxes"].append(_bbox(png == 255))
+    for scene, entry in expected.items():
+        pixels = code == entry["ndx"]
+        entry["seg_boxes"] = sorted(_bbox(pixels & (instance == b)) for b in np.unique(instance[pixels]))
+        entry["mask"] = pixels
+        entry["category_id"] = scenes[scene]
+    return expected
+
+
+def test_ade20k_full_release_real_files_visible_extent(tmp_path):
+    """The release's own files, default extent: the pairs, boxes, coverage and masks equal the numpy reading."""
+    folder = real_ade_full(tmp_path)
+    expected = _real_ade_expected(folder)
+    assert set(expected) == {"sky", "road"}
+    [item] = load_dataset("ade20k-scenes", data_root_dir=tmp_path, split="training")
+    assert item.image_id == REAL_ADE_IMAGE and item.path == str(folder / f"{REAL_ADE_IMAGE}.jpg")
+    pairs = {p.category: p for p in item.pairs}
+    assert list(pairs) == ["sky", "road"]  # SCENES order
+    masks = item.masks()
+    for scene, want in expected.items():
+        pair = pairs[scene]
+        assert pair.category_id == want["category_id"] and pair.image_size == (2200, 1650)
+        assert sorted(pair.gt_boxes) == sorted(want["png_boxes"]) == want["seg_boxes"]
+        assert pair.coverage == pytest.approx(want["mask"].mean(), abs=0)
+        assert np.array_equal(masks[want["category_id"]], want["mask"])
+    # the numbers themselves, for the record: one sky and one road object
+    assert pairs["sky"].gt_boxes == [[1786, 3, 1937, 313]] and pairs["road"].gt_boxes == [[3, 932, 1198, 1454]]
+
+
+def test_ade20k_full_release_real_files_without_instance_pngs_use_seg(tmp_path):
+    """Without the per-object PNGs the same ground truth comes from _seg.png's codes."""
+    folder = real_ade_full(tmp_path)
+    [with_pngs] = load_dataset("ade20k-scenes", data_root_dir=tmp_path, split="training")
+    a = with_pngs.masks()
+    shutil.rmtree(folder / REAL_ADE_IMAGE)
+    [from_seg] = load_dataset("ade20k-scenes", data_root_dir=tmp_path, split="training")
+    assert from_seg.pairs == with_pngs.pairs
+    b = from_seg.masks()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_ade20k_full_release_real_files_amodal(tmp_path):
+    folder = real_ade_full(tmp_path)
+    annotation = json.loads((folder / f"{REAL_ADE_IMAGE}.json").read_text())["annotation"]
+    polygons = {"sky": [], "road": []}
+    for obj in annotation["object"]:
+        scene = next((n for n in (x.strip() for x in obj["name"].split(",")) if n in polygons), None)
+        if scene and obj["parts"]["part_level"] == 0:
+            polygons[scene].append(obj["polygon"])
+    [item] = load_dataset("ade20k-scenes", data_root_dir=tmp_path, split="training", ade_extent="amodal")
+    pairs = {p.category: p for p in item.pairs}
+    masks = item.masks()
+    for scene, polys in polygons.items():
+        assert pairs[scene].gt_boxes == [[min(p["x"]), min(p["y"]), max(p["x"]), max(p["y"])] for p in polys]
+        filled = np.zeros((1650, 2200), np.uint8)
+        cv2.fillPoly(filled, [np.round(np.stack([p["x"], p["y"]], 1)).astype(np.int32) for p in polys], 1)
+        assert np.array_equal(masks[pairs[scene].category_id], filled.astype(bool))
+    # the amodal sky reaches behind the building and tree: larger than its visible pixels
+    [visible] = load_dataset("ade20k-scenes", data_root_dir=tmp_path, split="training")
+    assert pairs["sky"].coverage > {p.category: p for p in visible.pairs}["sky"].coverage
 
 
 def write_scene_parsing(root, info_file="objectInfo150.txt"):

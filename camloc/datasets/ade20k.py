@@ -2,11 +2,16 @@
 
 Ground truth is the class's VISIBLE extent in both releases by default, so the two agree:
 - Full ADE20K (ADE20K_2021_17_01): per-image JSON (`annotation.imsize` = [H, W, C], `object[].name`
-  comma-separated synonyms, `parts.part_level` 0 = whole object, `name_ndx`) and `<image>_seg.png`,
-  whose pixels encode the object class as (R // 10) * 256 + G = name_ndx + 1 and the instance in B
-  (the ADE20K toolkit's `loadAde20K`). Visible (default): the bounding box of each instance's pixels of
-  the class, coverage = the class's pixels. Amodal (`--ade-extent amodal`): the JSON polygons, which
-  include occluded parts (the ADE20K README), boxes of the polygons, coverage = their filled union.
+  comma-separated synonyms, `parts.part_level` 0 = whole object, `name_ndx`, `instance_mask`) and
+  `<image>_seg.png`, whose pixels encode the object class as (R // 10) * 256 + G and the instance in B
+  (the release's own utils_ade20k.py). Read off the release's files (tests/real-formats/ade20k-full-2021):
+  the class code IS the object's `name_ndx` (0 = unlabelled), and each object's `instance_mask` PNG holds
+  255 on its visible pixels and 128 on its occluded part. Visible (default): one box per instance from
+  its instance PNG's 255 pixels (no code convention needed, and no 8-bit instance numbers to wrap),
+  or, for a class whose instances lack their PNGs, from the `_seg.png` pixels of its codes, one box per
+  instance value; coverage = the union of those pixels. A `_seg.png` whose codes match none of its
+  JSON's whole objects is refused. Amodal (`--ade-extent amodal`): the JSON polygons, which include
+  occluded parts, boxes of the polygons, coverage = their filled union.
 - SceneParsing (ADEChallengeData2016): label PNGs (0 = unlabelled, 1..150 = objectInfo150 classes);
   ground truth = the bounding boxes of the class's connected regions (8-connectivity); coverage =
   the class's pixels. It has no "snow": a warning says so and the other nine are used.
@@ -19,6 +24,7 @@ import csv
 import functools
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -34,6 +40,7 @@ NOT_IN_SCENE_PARSING = {"snow"}  # ADEChallengeData2016's 150 classes have no sn
 FULL_ROOT = "ADE20K_2021_17_01"
 SCENE_PARSING_ROOT = "ADEChallengeData2016"
 EXTENTS = ("visible", "amodal")
+VISIBLE = 255  # instance_mask PNGs: 255 = the object's visible pixels, 128 = its occluded part, 0 = elsewhere
 
 
 def _names(raw: str, sep: str) -> list[str]:
@@ -56,20 +63,48 @@ def seg_classes(seg_path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.n
     return (seg[..., 0] // 10) * 256 + seg[..., 1], seg[..., 2]
 
 
-def visible_boxes(classes: np.ndarray, instances: np.ndarray, codes: set[int]) -> tuple[list, float]:
-    """Boxes of each instance's visible pixels of these class codes, and their coverage."""
-    mask = np.isin(classes, sorted(codes))
-    boxes = []
-    for value in np.unique(instances[mask]):
-        ys, xs = np.nonzero(mask & (instances == value))
-        boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
-    return boxes, float(mask.mean())
+def instance_visible(mask_path: Path, size: tuple[int, int]) -> np.ndarray:
+    """An object's visible pixels from its `instance_mask` PNG: 255 = visible, 128 = its occluded part."""
+    try:
+        mask = np.asarray(Image.open(mask_path))
+    except OSError as exc:
+        raise CamlocError(f"ADE20K instance mask {mask_path} cannot be read ({exc})") from None
+    if mask.shape[:2] != (size[1], size[0]):
+        raise CamlocError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}, but its JSON's imsize says "
+                          f"{size[0]}x{size[1]}")
+    return (mask if mask.ndim == 2 else mask[..., 0]) == VISIBLE
 
 
-def visible_masks(seg_path: Path, size: tuple[int, int], codes: dict[int, set[int]]) -> dict:
-    """{category id: its visible pixels} of a full-release image (`_seg.png`)."""
-    classes, _ = seg_classes(seg_path, size)
-    return {cat: np.isin(classes, sorted(c)) for cat, c in codes.items()}
+@dataclass(frozen=True)
+class VisibleSource:
+    """Where one scene class's visible pixels come from in one image: its objects' instance PNGs when
+    every one of them has its PNG, otherwise the `_seg.png` pixels of its class codes."""
+
+    instance_masks: tuple[Path, ...] = ()
+    codes: tuple[int, ...] = ()
+
+    def instances(self, seg: tuple[np.ndarray, np.ndarray] | None, size: tuple[int, int]) -> list[np.ndarray]:
+        """Each instance's visible pixels (hidden instances are empty masks)."""
+        if self.instance_masks:
+            return [instance_visible(path, size) for path in self.instance_masks]
+        classes, instances = seg
+        mask = np.isin(classes, self.codes)
+        return [mask & (instances == value) for value in np.unique(instances[mask])]
+
+
+def _box(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def visible_masks(seg_path: Path, size: tuple[int, int], sources: dict[int, VisibleSource]) -> dict:
+    """{category id: its visible pixels} of a full-release image."""
+    seg = seg_classes(seg_path, size) if any(not s.instance_masks for s in sources.values()) else None
+    out = {}
+    for cat, source in sources.items():
+        masks = source.instances(seg, size)
+        out[cat] = np.logical_or.reduce(masks) if masks else np.zeros((size[1], size[0]), bool)
+    return out
 
 
 def polygon_masks(size: tuple[int, int], polygons: dict[int, list[np.ndarray]]) -> dict:
@@ -89,18 +124,37 @@ def label_masks(label_path: Path, labels: dict[int, int]) -> dict:
     return {cat: label == value for cat, value in labels.items()}
 
 
+def _read_annotation(json_path: Path) -> tuple[int, int, list, dict]:
+    try:
+        annotation = json.loads(json_path.read_text(encoding="utf-8", errors="replace"))["annotation"]
+        height, width = int(annotation["imsize"][0]), int(annotation["imsize"][1])
+        objects = annotation["object"]
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
+        raise CamlocError(f"ADE20K annotation {json_path} is not in the full release's format ({exc})") from exc
+    return width, height, objects, annotation
+
+
+def _check_seg_encoding(seg_path: Path, classes: np.ndarray, objects: list) -> None:
+    """The class codes of `_seg.png` are the `name_ndx` of the JSON's whole objects: refuse a seg image
+    that matches none of them (another encoding, or another image's file)."""
+    expected = {int(o["name_ndx"]) for o in objects
+                if "name_ndx" in o and o.get("parts", {}).get("part_level", 0) == 0}
+    present = set(np.unique(classes).tolist()) - {0}
+    if expected and not expected & present:
+        raise CamlocError(f"{seg_path} has none of the class codes ((R // 10) * 256 + G = name_ndx) of its JSON's "
+                          f"{len(expected)} whole objects: it is not encoded as the ADE20K release encodes it; pass "
+                          "--ade-extent amodal to use the polygons")
+
+
 def full_release_pairs(folder: Path, template: str, extent: str = "visible", stats: dict | None = None) -> list[ImagePairs]:
     """Pairs from the full release's per-image JSON files found under `folder`."""
     images = []
     for json_path in sorted(folder.rglob("ADE_*.json")):
-        try:
-            annotation = json.loads(json_path.read_text(encoding="utf-8", errors="replace"))["annotation"]
-            height, width = int(annotation["imsize"][0]), int(annotation["imsize"][1])
-            objects = annotation["object"]
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
-            raise CamlocError(f"ADE20K annotation {json_path} is not in the full release's format ({exc})") from exc
+        width, height, objects, annotation = _read_annotation(json_path)
+        size = (width, height)
         polygons: dict[str, list[np.ndarray]] = {}
         codes: dict[str, set[int]] = {}
+        instance_pngs: dict[str, list[Path | None]] = {}
         for obj in objects:
             if obj.get("parts", {}).get("part_level", 0) != 0:
                 continue
@@ -110,39 +164,42 @@ def full_release_pairs(folder: Path, template: str, extent: str = "visible", sta
                 continue
             polygons.setdefault(scene, []).append(np.stack([poly["x"], poly["y"]], axis=1).astype(np.float64))
             if "name_ndx" in obj:
-                codes.setdefault(scene, set()).add(int(obj["name_ndx"]) + 1)
+                codes.setdefault(scene, set()).add(int(obj["name_ndx"]))
+            png = json_path.parent / obj["instance_mask"] if obj.get("instance_mask") else None
+            instance_pngs.setdefault(scene, []).append(png if png is not None and png.is_file() else None)
         image_path = json_path.parent / annotation.get("filename", json_path.with_suffix(".jpg").name)
-        pairs = []
+        seg_path = json_path.with_name(json_path.stem + "_seg.png")
+        pairs, sources = [], {}
         if extent == "visible" and polygons:
-            classes, instances = seg_classes(json_path.with_name(json_path.stem + "_seg.png"), (width, height))
-            found = 0
+            seg = seg_classes(seg_path, size)
+            _check_seg_encoding(seg_path, seg[0], objects)
             for scene in sorted(polygons, key=SCENES.index):
-                boxes, coverage = visible_boxes(classes, instances, codes.get(scene, set()))
-                if not boxes:  # every instance of the class is hidden behind others
-                    if stats is not None:
-                        stats["occluded_instances"] = stats.get("occluded_instances", 0) + len(polygons[scene])
+                pngs = instance_pngs[scene]
+                source = (VisibleSource(instance_masks=tuple(pngs)) if all(pngs)
+                          else VisibleSource(codes=tuple(sorted(codes.get(scene, ())))))
+                masks = source.instances(seg, size)
+                boxes = [_box(m) for m in masks if m.any()]
+                if stats is not None and len(boxes) < len(polygons[scene]):  # instances hidden behind others
+                    stats["occluded_instances"] = (stats.get("occluded_instances", 0)
+                                                   + max(len(polygons[scene]) - len(boxes), 0))
+                if not boxes:
                     continue
-                found += 1
-                pairs.append(_pair(json_path.stem, image_path, (width, height), scene, boxes, coverage, template))
-            if not found:
-                raise CamlocError(f"{json_path.with_name(json_path.stem + '_seg.png')} has no pixel of the class codes "
-                                  f"(name_ndx + 1) of its JSON's scene objects ({', '.join(sorted(polygons))}): it is "
-                                  "not encoded as camloc expects; pass --ade-extent amodal to use the polygons")
-        else:
+                sources[SCENES.index(scene) + 1] = source
+                coverage = float(np.logical_or.reduce(masks).mean())
+                pairs.append(_pair(json_path.stem, image_path, size, scene, boxes, coverage, template))
+        elif polygons:
             for scene in sorted(polygons, key=SCENES.index):
                 boxes = [[float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
                          for p in polygons[scene]]
                 mask = np.zeros((height, width), np.uint8)
                 cv2.fillPoly(mask, [np.round(p).astype(np.int32) for p in polygons[scene]], 1)
-                pairs.append(_pair(json_path.stem, image_path, (width, height), scene, boxes,
-                                   float(mask.mean()), template))
+                pairs.append(_pair(json_path.stem, image_path, size, scene, boxes, float(mask.mean()), template))
         if pairs:
-            cats = {p.category_id: p.category for p in pairs}
             if extent == "visible":
-                masks = functools.partial(visible_masks, json_path.with_name(json_path.stem + "_seg.png"),
-                                          (width, height), {c: codes.get(s, set()) for c, s in cats.items()})
+                masks = functools.partial(visible_masks, seg_path, size, sources)
             else:
-                masks = functools.partial(polygon_masks, (width, height), {c: polygons[s] for c, s in cats.items()})
+                cats = {p.category_id: p.category for p in pairs}
+                masks = functools.partial(polygon_masks, size, {c: polygons[s] for c, s in cats.items()})
             images.append(ImagePairs(str(image_path), json_path.stem, pairs, masks=masks))
     return images
 
