@@ -1,7 +1,9 @@
-"""camloc: where is CLIP looking? Zero-shot localization benchmarks for CAM methods on OpenAI CLIP.
+"""camloc: where is CLIP looking? Zero-shot localization benchmarks for localization-map methods
+(the CAMs of the gScoreCAM paper, RISE, LeGrad, the training-free dense methods, ...) on CLIP models
+from OpenAI's `clip` package, open_clip and Hugging Face checkpoints.
 
-Pipeline: models (CLIP + family adapters) -> cams (engine + methods) -> heatmaps -> evaluators
-(box, IoU, meters) -> runner (records, tables).
+Pipeline: models (backends + family adapters) -> cams (engine + methods) -> heatmaps -> evaluators
+(box, mask IoU, pointing, MaxBoxAccV2, PxAP) -> runner (records, tables) -> report.
 """
 from importlib.metadata import PackageNotFoundError, version
 

@@ -14,7 +14,7 @@ from camloc.errors import CamlocError
 from camloc.evaluators import meters_by
 from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import PROTOCOL_COLUMNS
-from camloc.runfiles import read_run_records, record_files
+from camloc.runfiles import NOT_IDENTITY, read_run_records, record_files
 from camloc.threshold_search import DISPLAY, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
@@ -62,7 +62,7 @@ def _shown(key: str, value) -> str:
 def _identity(run_dir: Path) -> dict:
     """A run's identity without its method list (methods are the table's rows)."""
     config = json.loads((run_dir / "config.json").read_text())
-    return {k: v for k, v in config.items() if k != "methods"}
+    return {k: v for k, v in config.items() if k != "methods" and k not in NOT_IDENTITY}
 
 
 def _check_complete(group: dict, allow_incomplete: bool) -> None:

@@ -24,7 +24,8 @@ from camloc.heatmap_cache import HeatmapCache, dataset_key
 from camloc.progress import progress_bar
 from camloc.runfiles import (RECORD_FIELDS, append_jsonl, folder_lock, prepare_out_dir, read_jsonl, read_run_records,
                              record_files)
-from camloc.runner import CONFIG, EvalConfig, _check_config, _pending, finish_run, pair_records
+from camloc.runner import (CONFIG, EvalConfig, _check_config, _pending, finish_run, pair_records,
+                           recorded_data_options)
 from camloc.sharding import assign_images, records_name
 
 DEVICE = "none: rescored from the saved heatmaps"
@@ -64,18 +65,26 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
         config.cam_curve_interval = cam_curve_interval
     check_parameters(config.pointing_tolerance, config.cam_curve_interval)
 
-    where = {k: v for k, v in (data_options or {}).items() if v}
+    # the data options given, else where the source run read its data (its config.json's data_sources)
+    where = {k: v for k, v in (data_options or {}).items() if v} or recorded_data_options(run_dir, source)
+    sources: dict = {}
     images = load_dataset(source.dataset, limit=source.limit, classes=source.classes,
                           prompt_template=source.prompt_template, subset_seed=source.subset_seed, split=source.split,
                           per_class=source.per_class, include_stuff=source.include_stuff,
-                          ade_extent=source.ade_extent or "visible", **where)
+                          ade_extent=source.ade_extent or "visible", sources=sources, **where)
     identity = data_identity(images)
     if identity["pairs_sha256"] != (source.data or {}).get("pairs_sha256"):
         raise CamlocError(f"the data found now ({identity['image_root']}, {identity['n_pairs']} pairs) is not the data "
                           f"{run_dir} was scored on ({(source.data or {}).get('image_root')}, "
                           f"{(source.data or {}).get('n_pairs')} pairs); give the same --data-root, --ann-file and "
-                          "--image-dir as that run")
+                          "--image-dir as that run, or none to read the data where that run read it")
     config.data = identity
+    config.data_sources = sources
+
+    def seen_as(path: str) -> str:
+        """An image's path as the source run read it: the same pairs (checked above) under the folder the
+        source recorded, when the data has moved since and an option points to its new place."""
+        return os.path.join(source.data["image_root"], os.path.relpath(path, identity["image_root"]))
 
     out = prepare_out_dir(out)
     lock = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
@@ -105,7 +114,7 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
                 size = tuple(pairs[0].image_size)
 
                 def heatmap_of(pair, method, item=item):  # checked to be of this image file and prompt
-                    return cache.raw(method, item.image_id, pair.category_id, item.path, pair.prompt)
+                    return cache.raw(method, item.image_id, pair.category_id, seen_as(item.path), pair.prompt)
 
                 records = pair_records(source.model, item, pairs, todo, config, heatmap_of, size)
                 append_jsonl(handle, records)

@@ -40,6 +40,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 RECORD_FIELDS = ("image_id", "category_id", "category", "method", "iou")
+NOT_IDENTITY = ("data_sources",)
+"""config.json fields that do not make two runs different (where the data was read from; `data` says
+what it is)."""
 """The fields every eval record must have to be counted."""
 SKIP_HINT = "pass --skip-bad-records to skip (and count) such lines"
 

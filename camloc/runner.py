@@ -8,6 +8,7 @@ is dropped.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import DEFAULT_OPTIONS, METHODS, check_method_options, resolve_options
 from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
 from camloc.datasets.records import data_identity
+from camloc.datasets.registry import DATA_SOURCES
 from camloc.errors import CamlocError
 from camloc.evaluators import LocalizationMeter, best_iou, box_from_heatmap, meters_by
 from camloc.evaluators.meter import record_key
@@ -32,8 +34,8 @@ from camloc.models import ClipModel, load_image
 from camloc.models.specs import family_hint
 from camloc.progress import progress_bar
 from camloc.provenance import device_description, git_commit, package_versions
-from camloc.runfiles import (RECORD_FIELDS, append_jsonl, atomic_write_text, folder_lock, prepare_out_dir, read_jsonl,
-                             read_run_records, record_files, write_json)
+from camloc.runfiles import (NOT_IDENTITY, RECORD_FIELDS, append_jsonl, atomic_write_text, folder_lock,
+                             prepare_out_dir, read_jsonl, read_run_records, record_files, write_json)
 from camloc.sharding import assign_images, process_group_ready, rank_device, records_name
 
 CONFIG = "config.json"
@@ -72,10 +74,50 @@ class EvalConfig:
     heatmaps: str | None = None
     """"float16" when the maps are saved: the run then scores the stored (float16) maps, so
     `camloc rescore` reproduces its values exactly; None: the float32 maps."""
+    data_sources: dict | None = None
+    """Where the data was read from (`DATA_SOURCES`: data root, split, annotation file, image folder,
+    absolute): what `camloc rescore` and a resumed eval read when given no data options. Recorded in
+    config.json, but not part of the identity: the same data read through another path is the same
+    data (`data` says what it is)."""
 
     def identity(self) -> dict:
         """The fields that make two runs comparable; a run folder holds one identity only."""
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY}
+
+    def to_json(self) -> dict:
+        """What config.json holds: the identity and where the data was read from."""
+        return {**self.identity(), "data_sources": self.data_sources}
+
+
+def recorded_data_options(run_dir: Path, config: dict | EvalConfig | None) -> dict:
+    """The data options a run folder records (its config.json's `data_sources`), to read its data again
+    when no data option is given; {} when it records none (a run of an older camloc). A recorded file or
+    folder that no longer exists is an error naming it and the option that points elsewhere."""
+    sources = (config.data_sources if isinstance(config, EvalConfig) else (config or {}).get("data_sources")) or {}
+    for key, what in (("ann_file", "annotation file"), ("image_dir", "image folder")):
+        path = sources.get(key)
+        if path and not os.path.exists(path):
+            raise CamlocError(f"{run_dir / CONFIG} records the data's {what} {path}, which does not exist now (moved "
+                              f"or deleted?); pass {DATA_SOURCES[key]} or --data-root to say where the data is")
+    return {option: sources[key] for key, option in (("data_root", "data_root_dir"), ("ann_file", "ann_file"),
+                                                      ("image_dir", "image_dir")) if sources.get(key)}
+
+
+def resume_data_options(run_dir: Path, config: EvalConfig, data_options: dict | None, force_new: bool) -> dict:
+    """The data options of an eval: those given, or, when none is given and `run_dir` already holds a run
+    of the same dataset and split (a resume), the ones that run recorded."""
+    given = {k: v for k, v in (data_options or {}).items() if v}
+    path = run_dir / CONFIG
+    if given or force_new or not path.is_file():
+        return given
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return given  # _check_config names the broken file
+    if not isinstance(previous, dict) or (previous.get("dataset"), previous.get("split")) != (config.dataset,
+                                                                                             config.split):
+        return given
+    return recorded_data_options(run_dir, previous)
 
 
 def _describe(value) -> str:
@@ -106,6 +148,7 @@ def _check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
             raise CamlocError(f"{config_path} is not valid JSON ({exc}); use another --out, or --force-new to "
                               "discard the folder's results") from None
         new = json.loads(json.dumps(config.identity()))
+        old = {k: v for k, v in old.items() if k not in NOT_IDENTITY} if isinstance(old, dict) else old
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             shown = "; ".join(describe_difference(k, old.get(k), new.get(k)) for k in diff[:3])
@@ -122,7 +165,7 @@ def _check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
         for stale in [SUMMARY, "table.csv", "table.md", CONFIG, *[p.name for p in run_dir.glob("summary.rank*.json")]]:
             (run_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "vis", ignore_errors=True)
-    atomic_write_text(config_path, json.dumps(config.identity(), indent=1) + "\n")
+    atomic_write_text(config_path, json.dumps(config.to_json(), indent=1) + "\n")
 
 
 def _pending(images: list[ImagePairs], methods: list[str], done: set) -> list[tuple[ImagePairs, dict]]:
@@ -388,11 +431,14 @@ def run_eval(
     elif config.ade_extent is not None:
         raise CamlocError(f"--ade-extent applies to ade20k-scenes only, not to {config.dataset}")
     issues: dict = {}
+    sources: dict = {}
     images = load_dataset(config.dataset, limit=config.limit, classes=config.classes,
                           prompt_template=config.prompt_template, subset_seed=config.subset_seed, split=config.split,
                           per_class=config.per_class, include_stuff=config.include_stuff,
-                          ade_extent=config.ade_extent or "visible", issues=issues, **(data_options or {}))
+                          ade_extent=config.ade_extent or "visible", issues=issues, sources=sources,
+                          **resume_data_options(run_dir, config, data_options, force_new))
     config.data = data_identity(images)
+    config.data_sources = sources
     mine = check_images(assign_images(images, rank, world), skip_missing, config.dataset)
     model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
@@ -495,7 +541,7 @@ def finish_run(run_dir: Path, config: EvalConfig, model_name: str, images: list[
         per_method[method] = {**result, "per_class": meter.compute_per_class()}
         rows.append({"model": model_name, "dataset": config.dataset, "method": method, **result})
     summary = {
-        "config": config.identity(),
+        "config": config.to_json(),
         "model": model_name,
         "dataset": config.dataset,
         "n_images": len(images),

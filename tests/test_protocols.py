@@ -324,5 +324,67 @@ def test_rescore_refuses_runs_without_maps_and_other_data(tmp_path):
     assert result.exit_code == 2 and "without --save-heatmaps" in result.stderr
     saved = tmp_path / "saved"
     assert _eval(saved, ann, images, "--save-heatmaps").exit_code == 0
-    other = runner.invoke(app, ["rescore", str(saved), "--protocols", "pointing", "--out", str(tmp_path / "y")])
+    data = json.loads(ann.read_text())
+    data["annotations"] = data["annotations"][1:]  # another annotation file of the same images
+    (tmp_path / "fewer.json").write_text(json.dumps(data))
+    other = runner.invoke(app, ["rescore", str(saved), "--protocols", "pointing", "--out", str(tmp_path / "y"),
+                                "--ann-file", str(tmp_path / "fewer.json"), "--image-dir", str(images)])
     assert other.exit_code == 2 and "is not the data" in other.stderr and "--ann-file" in other.stderr
+
+
+def _summary_values(run_dir):
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    return summary["methods"], summary["n_pairs"], summary["config"]["data"]
+
+
+def test_rescore_and_resume_read_the_data_where_the_run_read_it(tmp_path, monkeypatch):
+    """Eval with --data-root X from one working folder; rescore (and resume) from another with no data
+    options read X again, as the run's config.json records it; with X moved, one line naming it."""
+    from test_datasets import real_ade_full
+
+    data = tmp_path / "X"
+    real_ade_full(data)  # the real full-release ADE20K files
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    args = ["eval", "--dataset", "ade20k-scenes", "--split", "training", "--model", "tiny-rn", "--method", "gradcam",
+            "--protocols", "box,mask-iou", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--data-root", str(data), "--save-heatmaps"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    image_dir = data / "ADE20K_2021_17_01" / "images" / "ADE" / "training"
+    assert config["data_sources"] == {"data_root": str(data), "split": "training", "ann_file": None,
+                                      "image_dir": str(image_dir)}
+    methods, n_pairs, _ = _summary_values(tmp_path / "run")
+    assert n_pairs == 2 and set(methods["gradcam"]) >= {"mean_iou", "mask_iou"}
+
+    monkeypatch.chdir(tmp_path / "second")  # no ./data here, and no data option given
+    result = runner.invoke(app, ["rescore", str(tmp_path / "run"), "--protocols", "box,mask-iou", "--out", "new",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert _summary_values("new") == _summary_values(tmp_path / "run")
+    assert _records("new") == _records(tmp_path / "run")
+    assert json.loads(Path("new/config.json").read_text())["data_sources"] == config["data_sources"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "data_sources": {"data_root": "/elsewhere"}}))
+    report = runner.invoke(app, ["report", str(tmp_path / "run"), "new", "--format", "csv"])
+    assert report.exit_code == 0 and len(report.stdout.strip().splitlines()) == 2, report.output  # one identity
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    # a resumed eval from here, with no data option: the recorded data, nothing recomputed
+    result = runner.invoke(app, [*args, "--save-heatmaps"])
+    assert result.exit_code == 0, result.output
+    assert "0 new records, 2 resumed" in result.output
+
+    data.rename(tmp_path / "Y")  # the data moved
+    for command in (["rescore", str(tmp_path / "run"), "--protocols", "box,mask-iou", "--out", "newer"],
+                    [*args, "--save-heatmaps"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2
+        [line] = result.stderr.strip().splitlines()
+        assert str(image_dir) in line and "does not exist now" in line and "--data-root" in line, line
+    assert not Path("newer").exists()
+    # an option given overrides what the run recorded
+    result = runner.invoke(app, ["rescore", str(tmp_path / "run"), "--protocols", "box,mask-iou", "--out", "newer",
+                                 "--data-root", str(tmp_path / "Y"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert _summary_values("newer")[0] == _summary_values(tmp_path / "run")[0]
+    assert json.loads(Path("newer/config.json").read_text())["data_sources"]["data_root"] == str(tmp_path / "Y")

@@ -27,7 +27,8 @@ def rescore_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Score a run's saved heatmaps with other protocols into a new run folder; no model is loaded.
-    Give the same --data-root/--ann-file/--image-dir as the run (its data is checked to be the same)."""
+    The data is read where the run read it (its config.json's data_sources) unless --data-root,
+    --ann-file or --image-dir say where it is now; either way it is checked to be the run's data."""
     from camloc.rescore import run_rescore
     from camloc.sharding import resolve_shard
 

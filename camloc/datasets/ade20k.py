@@ -286,11 +286,14 @@ def ade20k_scenes(opts: DataOptions) -> list[ImagePairs]:
     if opts.ann_file is not None and opts.ann_file.name.startswith("objectInfo150"):
         parsing = opts.ann_file.parent
     elif opts.image_dir is not None and any(opts.image_dir.rglob("ADE_*.json")):
+        opts.reads(image_dir=opts.image_dir)
         return full_release_pairs(opts.image_dir, opts.prompt_template, opts.ade_extent, opts.stats)
     elif full.is_dir():
+        opts.reads(image_dir=full / "images" / "ADE" / split)
         return full_release_pairs(full / "images" / "ADE" / split, opts.prompt_template, opts.ade_extent, opts.stats)
     if parsing.is_dir() or opts.ann_file is not None:
         image_dir = opts.image_dir or parsing / "images" / split
+        opts.reads(opts.ann_file or parsing / "objectInfo150.txt", image_dir)
         return scene_parsing_pairs(image_dir, image_dir.parent.parent / "annotations" / image_dir.name,
                                    opts.ann_file or parsing / "objectInfo150.txt", opts.prompt_template)
     raise CamlocError(f"no ADE20K under {opts.root}: expected {full} (full release) or {parsing} (SceneParsing); "

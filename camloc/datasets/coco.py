@@ -18,7 +18,9 @@ COCO_OBTAIN = "`camloc data download coco [--split val2017|train2017]`, or http:
 def _paths(opts: DataOptions):
     split = opts.split
     ann = opts.ann_file or opts.root / "annotations" / f"instances_{split}.json"
-    return ann, opts.image_dir or opts.root / split
+    images = opts.image_dir or opts.root / split
+    opts.reads(ann, images)
+    return ann, images
 
 
 @register_dataset("coco", "COCO 2017 instances (val2017 by default, --split): every (image, class) with a "

@@ -56,5 +56,6 @@ def _note(images: list[ImagePairs]) -> str:
 )
 def partimagenet(opts: DataOptions) -> list[ImagePairs]:
     split = opts.split
-    images = opts.image_dir or opts.root / ROOT / "images" / split
-    return load_coco_pairs(_ann_file(opts, split), images, opts.prompt_template, image_path=_locate, stats=opts.stats)
+    images, ann = opts.image_dir or opts.root / ROOT / "images" / split, _ann_file(opts, split)
+    opts.reads(ann, images)
+    return load_coco_pairs(ann, images, opts.prompt_template, image_path=_locate, stats=opts.stats)

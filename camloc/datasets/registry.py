@@ -17,6 +17,8 @@ from camloc.errors import CamlocError
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DATA_ENV = "CAMLOC_DATA"
+DATA_SOURCES = {"data_root": "--data-root", "split": "--split", "ann_file": "--ann-file", "image_dir": "--image-dir"}
+"""Where a run's data was read from (recorded in its config.json), and the option that sets each."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,17 @@ class DataOptions:
     """ADE20K full release: ground truth from the visible pixels (`_seg.png`) or the amodal polygons."""
     stats: dict | None = None
     """Filled by the builder with what it read (annotations, crowd, ...), to explain an empty result."""
+    sources: dict | None = None
+    """Filled by the builder (`reads`) with the annotation file and image folder it read."""
+
+    def reads(self, ann_file: Path | None = None, image_dir: Path | None = None) -> None:
+        """Record the annotation file and image folder this build reads (absolute paths)."""
+        if self.sources is not None:
+            self.sources.update({"ann_file": _absolute(ann_file), "image_dir": _absolute(image_dir)})
+
+
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else os.path.abspath(path)  # links not followed, as data_identity's image_root
 
 
 @dataclass(frozen=True)
@@ -124,8 +137,9 @@ def _empty_reason(name: str, stats: dict, counts: dict, classes) -> str:
 def demo(opts: DataOptions) -> list[ImagePairs]:
     from camloc.datasets.coco_format import load_coco_pairs
 
-    return load_coco_pairs(opts.ann_file or DEMO_DIR / "instances_demo.json", opts.image_dir or DEMO_DIR / "images",
-                           opts.prompt_template, stats=opts.stats)
+    ann, images = opts.ann_file or DEMO_DIR / "instances_demo.json", opts.image_dir or DEMO_DIR / "images"
+    opts.reads(ann, images)
+    return load_coco_pairs(ann, images, opts.prompt_template, stats=opts.stats)
 
 
 def list_datasets() -> list[str]:
@@ -148,11 +162,13 @@ def load_dataset(
     include_stuff: bool = False,
     ade_extent: str = "visible",
     issues: dict | None = None,
+    sources: dict | None = None,
 ) -> list[ImagePairs]:
     """A dataset's image-grouped pairs. `classes` keeps those category names; `limit` keeps N images:
     the first N in the dataset's stable order, or a random N drawn with `subset_seed`. Ground truth
     outside the image is clipped or dropped (`sanitize_boxes`); pass a dict as `issues` to get the
-    counts."""
+    counts, and one as `sources` to get where the data was read from (`DATA_SOURCES`: the data root,
+    the split, the annotation file and the image folder, absolute; None where the dataset has none)."""
     _load_builtin_datasets()
     spec = DATASETS.get(name)
     if spec is None:
@@ -168,11 +184,15 @@ def load_dataset(
     if root.name in spec.folders and not any((root / f).is_dir() for f in spec.folders):
         root = root.parent  # --data-root names the dataset's own folder: its parent is the data root
     stats: dict = {}
+    read: dict = {"data_root": _absolute(root), "split": split or spec.default_split, "ann_file": None,
+                  "image_dir": None}
     opts = DataOptions(root=root, split=split or spec.default_split, ann_file=Path(ann_file) if ann_file else None,
                        image_dir=Path(image_dir) if image_dir else None, prompt_template=prompt_template,
                        per_class=per_class, subset_seed=subset_seed, include_stuff=include_stuff,
-                       ade_extent=ade_extent, stats=stats)
+                       ade_extent=ade_extent, stats=stats, sources=read)
     images, counts = sanitize_boxes(spec.build(opts))
+    if sources is not None:
+        sources.update(read)
     check_unique_images(images, name)
     counts.update({k: v for k, v in stats.items() if k in FAULT_COUNTS})
     if issues is not None:
