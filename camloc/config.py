@@ -7,17 +7,10 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from camloc.errors import CamlocError
-
-CLIP_ES_BACKGROUND = ("ground,land,grass,tree,building,wall,sky,lake,water,river,sea,railway,railroad,helmet,cloud,"
-                      "house,mountain,ocean,road,rock,street,valley,bridge")
-"""CLIP-ES's background words for COCO (linyq2117/CLIP-ES clip_text.py, BACKGROUND_CATEGORY_COCO): its VOC list
-also has keyboard and sign, which are COCO classes, so camloc's default is the COCO list."""
+from camloc.errors import OptionError
 
 DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_class", "subset_seed", "data_root",
                 "ann_file", "image_dir", "include_stuff", "ade_extent"}
-OPTION_KEYS = {"topk", "grouping", "start_layer", "rise_masks", "rise_cell", "rise_p1", "rise_masks_file",
-               "legrad_layers", "gem_blocks", "gem_iterations", "naclip_std", "background", "contrast", "eclip_official"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
                             "chunk_size", "image_batch", "compile", "save_heatmaps", "options", "max_pixels", "protocols",
                             "pointing_tolerance", "cam_curve_interval"}
@@ -30,7 +23,7 @@ GRID_KEYS = {"start", "stop", "step"}
 def _check(table: dict, allowed: set, where: str, path: Path) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise CamlocError(f"config {path}: unknown key(s) {', '.join(unknown)} in {where}; "
+        raise OptionError(f"config {path}: unknown key(s) {', '.join(unknown)} in {where}; "
                           f"allowed: {', '.join(sorted(allowed))}")
 
 
@@ -38,14 +31,14 @@ def load_config(path: str | Path, section: str) -> dict:
     """The `[section]` table of a TOML config, with its keys checked."""
     path = Path(path)
     if not path.is_file():
-        raise CamlocError(f"config file {path} does not exist")
+        raise OptionError(f"config file {path} does not exist")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise CamlocError(f"config file {path} is not valid TOML ({exc})") from exc
+        raise OptionError(f"config file {path} is not valid TOML ({exc})") from exc
     _check(data, {"eval", "threshold_search", "description"}, "the top level", path)
     if section not in data:
-        raise CamlocError(f"config file {path} has no [{section}] table")
+        raise OptionError(f"config file {path} has no [{section}] table")
     table = data[section]
     if section == "eval":
         _check(table, EVAL_KEYS, "[eval]", path)
@@ -56,7 +49,9 @@ def load_config(path: str | Path, section: str) -> dict:
         for part in ("train", "val"):
             _check(table.get(part, {}), DATASET_KEYS, f"[threshold_search.{part}]", path)
         _check(table.get("grid", {}), GRID_KEYS, "[threshold_search.grid]", path)
-    _check(table.get("options", {}), OPTION_KEYS, f"[{section}.options]", path)
+    from camloc.cams.options import all_options  # the methods' own option table
+
+    _check(table.get("options", {}), set(all_options()), f"[{section}.options]", path)
     return table
 
 
@@ -79,10 +74,10 @@ class Settings:
         return self.values[param] if param in self.given or key not in self.file else self.file[key]
 
     def method_options(self) -> dict:
-        """The method options (topk, grouping, start_layer, rise_*) from the command line or the file's
-        `options` table."""
-        from camloc.cli.common import METHOD_OPTIONS, method_options
+        """The method options (`camloc.cams.options`) from the command line or the file's `options` table,
+        checked, with the defaults for the rest."""
+        from camloc.cams.options import all_options, parse_method_options
 
         table = self.file.get("options", {})
-        return method_options(**{k: self.values[k] if k in self.given or k not in table else table[k]
-                                 for k in METHOD_OPTIONS if k in self.values or k in table})
+        return parse_method_options({k: self.values[k] if k in self.given or k not in table else table[k]
+                                     for k in all_options() if k in self.values or k in table})

@@ -51,8 +51,11 @@ def dataset_key(dataset: str, split: str | None, prompt_template: str, images=No
 
 
 def method_key(method: str, options: dict, precision: str) -> str:
-    list_methods()  # make sure the registry is filled
-    params = "".join(f"-{p}={_param(options[p])}" for p in METHODS[method].params if p in options)
+    from camloc.cams.options import OPTIONS
+
+    list_methods()  # make sure the registry is filled (and every option declared)
+    params = "".join(f"-{p}={_param(options[p])}" for p in METHODS[method].params
+                     if p in options and (p not in OPTIONS or OPTIONS[p].cache_key))
     return _safe(f"{method}{params}-{precision}")
 
 

@@ -20,7 +20,8 @@ from camloc.cams import CamContext, compute_heatmaps, resolve_methods
 from camloc.cams.context import share_batch
 from camloc.cams.engine import compute_native
 from camloc.cams.postprocess import native_to_raw
-from camloc.cams.registry import DEFAULT_OPTIONS, METHODS, check_method_options, resolve_options
+from camloc.cams.options import default_options
+from camloc.cams.registry import METHODS, check_method_options, resolve_options
 from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.datasets.registry import DATA_SOURCES
@@ -58,7 +59,7 @@ class EvalConfig:
     iou_convention: str = "gscorecam"
     precision: str = "auto"
     seed: int = 0
-    options: dict = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+    options: dict = field(default_factory=default_options)
     include_stuff: bool = False
     ade_extent: str | None = None
     """ade20k-scenes: visible (default there) or amodal ground truth; None for other datasets."""
@@ -443,7 +444,7 @@ def run_eval(
     model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
     config.weights = dict(model.backend.info)
-    config.options = resolve_options(model, {**DEFAULT_OPTIONS, **config.options})
+    config.options = resolve_options(model, {**default_options(), **config.options})
     config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
     if "rise" in config.methods:  # RISE draws its masks from the run's seed: part of its cache key
         config.options = {**config.options, "seed": config.seed}

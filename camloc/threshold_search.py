@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from camloc.cams.engine import compute_native
-from camloc.cams.registry import DEFAULT_OPTIONS, check_method_options, resolve_methods, resolve_options
+from camloc.cams.options import default_options
+from camloc.cams.registry import check_method_options, resolve_methods, resolve_options
 from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import CamlocError
@@ -44,7 +45,7 @@ class SearchConfig:
     train: dict = field(default_factory=lambda: {"dataset": "coco-train-balanced", "per_class": 100, "subset_seed": 0})
     val: dict = field(default_factory=lambda: {"dataset": "coco", "split": "val2017"})
     grid: dict = field(default_factory=lambda: {"start": 0.0, "stop": 0.95, "step": 0.05})
-    options: dict = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+    options: dict = field(default_factory=default_options)
     iou: str = "gscorecam"
     precision: str = "auto"
     seed: int = 0
@@ -168,7 +169,7 @@ def _search_locked(config: SearchConfig, out: Path, datasets, thresholds, precis
                    chunk_size, compile, workers, progress, shard, data) -> dict:
     rank, world = shard
     (train_images, train_key), (val_images, val_key) = datasets
-    options = {**DEFAULT_OPTIONS, **config.options}
+    options = {**default_options(), **config.options}
     plans, computed, models_loaded = [], 0, 0
     for run in config.runs:
         name = canonical_model_name(run["model"])

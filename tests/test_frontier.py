@@ -401,13 +401,13 @@ def test_clip_es_is_gradcam_with_the_background_softmax(build, chelsea):
 
 
 def test_clip_es_background_option_is_checked_recorded_and_keyed(tmp_path):
-    from camloc.cli.common import method_options
+    from camloc.cams.options import parse_method_options
     from camloc.errors import CamlocError
     from camloc.heatmap_cache import method_key
 
     with pytest.raises(CamlocError, match="--background is empty"):
-        method_options(300, "kmeans", 0, background=" , ")
-    assert method_options(300, "kmeans", 0, background=" sky, ground,sky")["background"] == "sky,ground"
+        parse_method_options({"background": " , "})
+    assert parse_method_options({"background": " sky, ground,sky"})["background"] == "sky,ground"
     result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "clip-es",
                                  "--model", "tiny-vit", "--background", ""])
     assert result.exit_code == 2 and "--background is empty" in result.stderr
@@ -420,7 +420,7 @@ def test_clip_es_background_option_is_checked_recorded_and_keyed(tmp_path):
     key = lambda words: method_key("clip-es", {"background": words}, "fp32")  # noqa: E731
     assert key("sky") == key("sky") != key("ground")
     assert key("a b,c") != key("a,b c")  # file-name-safe mapping alone would merge these
-    assert len(key(method_options(300, "kmeans", 0)["background"])) < 80
+    assert len(key(parse_method_options()["background"])) < 80
 
 
 def surgery_reference(model, image, prompts, contrast_texts=None, empty=None):

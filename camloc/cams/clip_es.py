@@ -20,11 +20,34 @@ import torch
 
 from camloc.cams.context import CamContext, GradientTarget
 from camloc.cams.gradient import weighted_sum
-from camloc.cams.registry import DEFAULT_OPTIONS, register_method
+from camloc.cams.options import method_option
+from camloc.cams.registry import register_method
+from camloc.errors import OptionError
+
+CLIP_ES_BACKGROUND = ("ground,land,grass,tree,building,wall,sky,lake,water,river,sea,railway,railroad,helmet,cloud,"
+                      "house,mountain,ocean,road,rock,street,valley,bridge")
+"""CLIP-ES's background words for COCO (linyq2117/CLIP-ES clip_text.py, BACKGROUND_CATEGORY_COCO): its VOC list
+also has keyboard and sign, which are COCO classes, so camloc's default is the COCO list."""
+
+
+def parse_background(value) -> str:
+    """--background: a comma list (or, from a config file or Python, a list) of words -> "w1,w2,..." without
+    blanks or repeats. Empty is refused: a softmax over one prompt alone is constant, its gradient zero."""
+    words = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    words = list(dict.fromkeys(str(w).strip() for w in words if str(w).strip()))
+    if not words:
+        raise OptionError("--background is empty: CLIP-ES needs at least one background word (a softmax over a "
+                          "single prompt is constant and its map all zeros); give e.g. --background ground,sky")
+    return ",".join(words)
+
+
+BACKGROUND = method_option("background", str, CLIP_ES_BACKGROUND, "CLIP-ES: comma list of background words scored "
+                           "in the softmax beside the image's prompts (CLIP-ES's COCO list), as written: no prompt "
+                           "template is applied.", parse_background)
 
 
 def background_words(ctx: CamContext) -> tuple[str, ...]:
-    words = [w.strip() for w in str(ctx.options.get("background", DEFAULT_OPTIONS["background"])).split(",")]
+    words = [w.strip() for w in str(ctx.options.get("background", BACKGROUND.default)).split(",")]
     prompts = set(ctx.prompts)
     return tuple(w for w in dict.fromkeys(words) if w and w not in prompts)
 

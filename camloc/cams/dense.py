@@ -60,9 +60,29 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
+from camloc.cams.options import at_least, method_option, one_of
 from camloc.cams.registry import register_method
-from camloc.errors import CamlocError
+from camloc.errors import CamlocError, OptionError
 from camloc.models.families import BlockAccess
+
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise OptionError(f"--naclip-std must be positive, got {value}")
+    return value
+
+
+CONTRASTS = ("none", "empty", "labels", "dataset")
+GEM_BLOCKS = method_option("gem_blocks", int, 6, "GEM: last blocks on the self-self path (gem-torch's default depth "
+                           "7 = 6 blocks).", at_least("--gem-blocks", 1))
+GEM_ITERATIONS = method_option("gem_iterations", int, 1, "GEM: self-self refinement iterations (the reference's 1).",
+                               at_least("--gem-iterations", 0))
+NACLIP_STD = method_option("naclip_std", float, 5.0, "NACLIP: standard deviation of the Gaussian neighbourhood, in "
+                           "patches (the reference's 5).", _positive)
+CONTRAST = method_option("contrast", str, "empty", "CLIP Surgery's redundant-feature removal: none, empty (subtract "
+                         "the empty prompt's embedding: the reference's single-text demo), labels (the image's "
+                         "prompts, >= 2 needed) or dataset (every prompt of the dataset; eval and threshold-search).",
+                         one_of("--contrast", CONTRASTS))
 
 DENSE_FAMILIES = frozenset({"vit", "vit-avg"})
 
@@ -121,8 +141,8 @@ def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterati
                              "blocks; one forward.")
 def gem(ctx: CamContext) -> torch.Tensor:
     depth = len(ctx.model.visual.transformer.resblocks)
-    n_blocks = int(ctx.options.get("gem_blocks", 6))
-    iterations = int(ctx.options.get("gem_iterations", 1))
+    n_blocks = int(ctx.options.get("gem_blocks", GEM_BLOCKS.default))
+    iterations = int(ctx.options.get("gem_iterations", GEM_ITERATIONS.default))
     first = max(0, depth - n_blocks) if n_blocks > 0 else 0
     blocks, inputs = ctx.block_inputs(first)
     with torch.no_grad():
@@ -186,7 +206,7 @@ def neighbourhood(grid: int, std: float, prefix: int = 1) -> torch.Tensor:
                  description="NACLIP (Hajimiri et al. 2025): key-key attention plus a Gaussian neighbourhood "
                              "(--naclip-std), last block without residual and FFN; one forward.")
 def naclip(ctx: CamContext) -> torch.Tensor:
-    std = float(ctx.options.get("naclip_std", 5.0))
+    std = float(ctx.options.get("naclip_std", NACLIP_STD.default))
     prefix = ctx.model.family.prefix
 
     def logits(q, k):
@@ -257,7 +277,7 @@ def feature_surgery(patches: torch.Tensor, texts: torch.Tensor, image: torch.Ten
                  description="CLIP Surgery (Li et al. 2023): v-v attention path over the last 6 blocks and feature "
                              "surgery against --contrast; one forward.")
 def clipsurgery(ctx: CamContext) -> torch.Tensor:
-    contrast = ctx.options.get("contrast", "empty")
+    contrast = ctx.options.get("contrast", CONTRAST.default)
     patches, image = surgery_tokens(ctx)
     texts = ctx.text_features
     if contrast == "none":

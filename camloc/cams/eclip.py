@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
+from camloc.cams.options import method_option
 from camloc.cams.registry import register_method
+
+OFFICIAL = method_option("eclip_official", bool, False, "Grad-ECLIP: recompute the last block with one attention head "
+                         "over all channels, as the official code does (a deviation from the model's forward), "
+                         "instead of the model's real heads.")
 
 
 def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -43,7 +48,7 @@ def grad_eclip(ctx: CamContext) -> torch.Tensor:
     blocks, inputs = ctx.block_inputs(len(visual.transformer.resblocks) - 1)
     block, x = blocks[-1], inputs[-1]  # batch-first (1, N, D)
     access = BlockAccess(block)
-    heads = 1 if ctx.options.get("eclip_official", False) else access.heads
+    heads = 1 if ctx.options.get("eclip_official", OFFICIAL.default) else access.heads
     n_prompts = len(ctx.prompts)
     with torch.no_grad():
         q, k, v = F.linear(block.ln_1(x), access.weight, access.bias).chunk(3, dim=-1)

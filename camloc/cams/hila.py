@@ -22,8 +22,12 @@ import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
 from camloc.cams.postprocess import minmax_
-from camloc.cams.registry import DEFAULT_OPTIONS, register_method
+from camloc.cams.options import method_option
+from camloc.cams.registry import register_method
 from camloc.errors import CamlocError
+
+START_LAYER = method_option("start_layer", int, 0, "HilaCAM: first block used (0 = all blocks, -1 = the last only); "
+                            "checked against the model's blocks once it is loaded.")
 
 HILA_SIZE = 224  # the original interpolates the relevance to a fixed 224 x 224
 
@@ -138,7 +142,7 @@ def attention_probs_and_scores(ctx: CamContext):
                  postprocess="resize", params=("start_layer",))
 def hilacam(ctx: CamContext) -> torch.Tensor:
     """HilaCAM: R = I; for each block from --start-layer, R += mean_heads(relu(dP * P)) R; map = R read out where the embedding pools (class row)."""
-    start = int(ctx.options.get("start_layer", DEFAULT_OPTIONS["start_layer"]))
+    start = int(ctx.options.get("start_layer", START_LAYER.default))
     probs, pool, scores = attention_probs_and_scores(ctx)
     blocks = probs[start:]
     grads = torch.autograd.grad(scores.sum(), blocks + ([pool] if pool is not None else []))

@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from camloc.cams.context import CamContext
 from camloc.cams.hila import capturing_attention
 from camloc.cams.postprocess import minmax_
+from camloc.cams.options import at_least, method_option
 from camloc.cams.registry import register_method
 
-DEFAULT_LAYERS = 2
+LAYERS = method_option("legrad_layers", int, 2, "LeGrad: the last K blocks used (the reference's 2; 0 = every "
+                       "block).", at_least("--legrad-layers", 0, " (0 = every block)"))
+DEFAULT_LAYERS = LAYERS.default
 
 
 def _blocks(visual):

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from camloc.config import CLIP_ES_BACKGROUND
-from camloc.errors import CamlocError
+from camloc.errors import CamlocError, OptionError
 
 if TYPE_CHECKING:
     from camloc.cams.context import CamContext
@@ -31,19 +30,14 @@ class MethodSpec:
     """A prompt's map depends on the image's other prompts (a softmax or a contrast over them): runs
     always score all of the image's prompts together, so a resumed or partial image gets the same maps."""
     params: tuple[str, ...] = ()
-    """The options (keys of DEFAULT_OPTIONS) that change this method's maps: part of cache keys."""
+    """The options that change this method's maps (`camloc.cams.options`, declared in the method's own
+    module; also "seed" for RISE): part of its heatmap-cache keys."""
     shares_forward: bool = False
     """Reads the image's one encoder forward (target activations, embedding, ViT block inputs), which
     `share_batch` computes for several images in one batch (eval's `--image-batch`)."""
 
 
 METHODS: dict[str, MethodSpec] = {}
-
-# Method parameters that change results, with their defaults (spec §3).
-DEFAULT_OPTIONS = {"topk": 300, "grouping": "kmeans", "start_layer": 0, "rise_masks": 8000, "rise_cell": 8,
-                   "rise_p1": 0.1, "rise_masks_file": None, "legrad_layers": 2, "gem_blocks": 6, "gem_iterations": 1,
-                   "naclip_std": 5.0, "background": CLIP_ES_BACKGROUND,
-                   "contrast": "empty", "eclip_official": False}
 
 
 def register_method(name: str, **spec_fields) -> Callable:
@@ -124,19 +118,24 @@ def check_method_options(model, methods: list[str], options: dict) -> None:
         from camloc.cams.hila import attention_blocks
 
         depth = len(attention_blocks(model.visual))
-        start = int(options.get("start_layer", DEFAULT_OPTIONS["start_layer"]))
+        start = int(options.get("start_layer", 0))
         if not -depth <= start < depth:
-            raise CamlocError(f"--start-layer {start} is outside {model.name}'s {depth} blocks: use 0..{depth - 1}, "
+            raise OptionError(f"--start-layer {start} is outside {model.name}'s {depth} blocks: use 0..{depth - 1}, "
                               f"or -1..-{depth} to count from the last block")
 
 
+INFRASTRUCTURE = {"context", "engine", "masked", "options", "postprocess", "registry"}
+"""The modules of camloc.cams that hold no method; every other module there is a method module."""
+
+
 def _load_builtin_methods() -> None:
-    # Importing the method modules runs their @register_method decorators.
-    import camloc.cams.gradient  # noqa: F401
-    import camloc.cams.score  # noqa: F401
-    import camloc.cams.hila  # noqa: F401
-    import camloc.cams.rise  # noqa: F401
-    import camloc.cams.legrad  # noqa: F401
-    import camloc.cams.dense  # noqa: F401
-    import camloc.cams.clip_es  # noqa: F401
-    import camloc.cams.eclip  # noqa: F401
+    """Import every method module of camloc.cams (running their @register_method and method_option
+    declarations): a new method is one new module, listed nowhere else."""
+    import importlib
+    import pkgutil
+
+    import camloc.cams
+
+    for info in pkgutil.iter_modules(camloc.cams.__path__):
+        if info.name not in INFRASTRUCTURE and not info.name.startswith("_"):
+            importlib.import_module(f"camloc.cams.{info.name}")

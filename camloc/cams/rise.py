@@ -24,10 +24,24 @@ import torch
 
 from camloc.cams.context import CamContext
 from camloc.cams.masked import encode_in_chunks
+from camloc.cams.options import at_least, method_option
 from camloc.cams.registry import register_method
-from camloc.errors import CamlocError
+from camloc.errors import CamlocError, OptionError
 
-DEFAULTS = {"rise_masks": 8000, "rise_cell": 8, "rise_p1": 0.1}
+
+def _probability(value: float) -> float:
+    if not 0 < value <= 1:
+        raise OptionError(f"RISE needs 0 < --rise-p1 <= 1, got {value}")
+    return value
+
+
+MASKS = method_option("rise_masks", int, 8000, "RISE: number of random masks (the original's default 8000).",
+                      at_least("--rise-masks", 1))
+CELL = method_option("rise_cell", int, 8, "RISE: grid cells per side (s).", at_least("--rise-cell", 1))
+P1 = method_option("rise_p1", float, 0.1, "RISE: probability that a grid cell is kept.", _probability)
+MASKS_FILE = method_option("rise_masks_file", Path, None, "RISE: use these masks (.npz with key masks, (N, n, n) "
+                           "float32) instead of drawing them from --seed.")
+DEFAULTS = {option.name: option.default for option in (MASKS, CELL, P1)}
 
 
 def upsampling_matrix(s: int, size: int) -> np.ndarray:

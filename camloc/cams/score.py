@@ -14,7 +14,28 @@ import torch.nn.functional as F
 from camloc.cams.context import CamContext
 from camloc.cams.gradient import weighted_sum
 from camloc.cams.masked import REUSE_MIN_RANGE, encode_in_chunks
-from camloc.cams.registry import DEFAULT_OPTIONS, register_method
+from camloc.cams.options import method_option, one_of
+from camloc.cams.registry import default_topk, register_method
+from camloc.errors import OptionError
+
+
+def _topk(value) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"--topk {value!r} must be a number of channels or auto") from None
+    if k < 1:
+        raise OptionError(f"--topk must be at least 1, got {k}")
+    return k
+
+
+TOPK = method_option("topk", str, "auto", "gScoreCAM: channels kept, or auto: 300 for OpenAI models (the paper), "
+                     "ResNets and ConvNeXt, 100 for open_clip transformers (the gScoreCAM authors' advice for "
+                     "768-channel ViTs); recorded as resolved. Capped at the channel count with a warning.", _topk)
+GROUPING = method_option("grouping", str, "kmeans", "GroupCAM channel groups: kmeans (the original CLIP port) or "
+                         "chunk (the GroupCAM paper).", one_of("--grouping", ("kmeans", "chunk")))
 GROUPS = 32
 
 
@@ -47,7 +68,8 @@ def _gscorecam(ctx: CamContext, importance: torch.Tensor) -> torch.Tensor:
     """Top-k channels per prompt; their masked scores (eps 1e-6 masks); 0 for the other channels;
     softmax over ALL C; M = sum over all c of w_c A_c. The union of the prompts' top-k sets is
     embedded once; with ScoreCAM on the same image its embeddings are reused (see REUSE_MIN_RANGE)."""
-    top = topk_channels(importance, int(ctx.options.get("topk", DEFAULT_OPTIONS["topk"])))  # (P, k)
+    k = ctx.options.get("topk", TOPK.default)
+    top = topk_channels(importance, default_topk(ctx.model) if k == "auto" else int(k))  # (P, k)
     store = ctx.masked(1e-6)
     if "scorecam" in ctx.methods:
         acts = ctx.activations.flatten(1)
@@ -99,7 +121,7 @@ def gaussian_blur(x: torch.Tensor, kernel: int = 51, sigma: float = 50.0) -> tor
 def groupcam(ctx: CamContext) -> torch.Tensor:
     """GroupCAM: 32 channel groups of A' = mean_hw(G) A; d_g = relu(s(x m_g + b (1 - m_g)) - s(b)) with b
     a blurred x; M = sum_g (d_g + 1e-6) S_g at the input size (S_g = upsampled relu(group sum))."""
-    grouping = ctx.options.get("grouping", DEFAULT_OPTIONS["grouping"])
+    grouping = ctx.options.get("grouping", GROUPING.default)
     acts, size = ctx.activations, ctx.model.input_size
     weighted = ctx.gradients.mean(dim=(2, 3))[:, :, None, None] * acts  # (P, C, h, w)
     x = ctx.input.float()

@@ -15,7 +15,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from camloc.config import CLIP_ES_BACKGROUND
 from camloc.errors import CamlocError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -33,9 +32,6 @@ DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.
 PrecisionOption = typer.Option("auto", "--precision", help="Encoder precision: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16. Scores are always fp32.")
 CacheOption = typer.Option(None, "--cache-dir", help="Folder for downloaded CLIP weights [default: $CAMLOC_CACHE_DIR or ~/.cache/clip].")
 ThresholdOption = typer.Option("otsu", "--threshold", help="Binarisation for boxes: otsu, or a single value in [0, 1].")
-TopkOption = typer.Option("auto", "--topk", help="gScoreCAM: channels kept, or auto: 300 for OpenAI models (the paper), ResNets and ConvNeXt, 100 for open_clip transformers (the gScoreCAM authors' advice for 768-channel ViTs); recorded as resolved. Capped at the channel count with a warning.")
-GroupingOption = typer.Option("kmeans", "--grouping", help="GroupCAM channel groups: kmeans (the original CLIP port) or chunk (the GroupCAM paper).")
-StartLayerOption = typer.Option(0, "--start-layer", help="HilaCAM: first block used (0 = all blocks, -1 = the last only).")
 ChunkOption = typer.Option("auto", "--chunk-size", help="Masked images per encoder batch: a number, or auto (16 on CPU, 8 above 288 px inputs; from free memory on CUDA).")
 ImageBatchOption = typer.Option("auto", "--image-batch", help="Images per device step: their encoder forward runs as one batch for the one-forward methods (gradient family, dense methods, CLIP-ES, Grad-ECLIP); a number, or auto (8; 1 when a masked-forward method runs). The maps of one image at a time, up to float rounding.")
 CompileOption = typer.Option("auto", "--compile", help="Masked forwards (ScoreCAM, gScoreCAM, GroupCAM, RISE) through torch.compile in static chunk shapes: on, off, or auto (off on the CPU, where it does not pay; off on CUDA until measured there). Maps equal the eager ones within float rounding.")
@@ -54,103 +50,38 @@ CamCurveIntervalOption = typer.Option(0.01, "--cam-curve-interval", help="MaxBox
 SubsetSeedOption = typer.Option(None, "--subset-seed", help="Seed of the random --limit subset and of coco-train-balanced's draw (default 0 there).")
 
 
-RiseMasksOption = typer.Option(8000, "--rise-masks", help="RISE: number of random masks (the original's default 8000).")
-RiseCellOption = typer.Option(8, "--rise-cell", help="RISE: grid cells per side (s).")
-RiseP1Option = typer.Option(0.1, "--rise-p1", help="RISE: probability that a grid cell is kept.")
-RiseMasksFileOption = typer.Option(None, "--rise-masks-file", help="RISE: use these masks (.npz with key masks, (N, n, n) float32) instead of drawing them from --seed.")
+def method_typer_options() -> dict:
+    """The methods' options (`camloc.cams.options`, declared by each method's own module) as typer
+    options: parameter name -> (annotation, typer.Option)."""
+    from camloc.cams.options import all_options
+
+    kinds = {Path: Optional[Path]}
+    return {name: (kinds.get(o.kind, o.kind), typer.Option(o.default, o.flag, help=o.help))
+            for name, o in all_options().items()}
 
 
-LegradLayersOption = typer.Option(2, "--legrad-layers", help="LeGrad: the last K blocks used (the reference's 2; 0 = every block).")
+class with_method_options:
+    """Give a typer command the methods' options, placed before its `chunk_size` option: they reach the
+    command as one dict, its `method_values` parameter (name -> value as given on the command line).
+    The signature is read from the option table when typer builds the command (each invocation), so
+    an option declared by any method module is there, with no edit here."""
 
+    def __init__(self, command):
+        self.command = command
+        functools.update_wrapper(self, command)
 
-GemBlocksOption = typer.Option(6, "--gem-blocks", help="GEM: last blocks on the self-self path (gem-torch's default depth 7 = 6 blocks).")
-NaclipStdOption = typer.Option(5.0, "--naclip-std", help="NACLIP: standard deviation of the Gaussian neighbourhood, in patches (the reference's 5).")
-BackgroundOption = typer.Option(CLIP_ES_BACKGROUND, "--background", help="CLIP-ES: comma list of background words scored in the softmax beside the image's prompts (CLIP-ES's COCO list), as written: no prompt template is applied.")
-ContrastOption = typer.Option("empty", "--contrast", help="CLIP Surgery's redundant-feature removal: none, empty (subtract the empty prompt's embedding: the reference's single-text demo), labels (the image's prompts, >= 2 needed) or dataset (every prompt of the dataset; eval and threshold-search).")
-EclipOfficialOption = typer.Option(False, "--eclip-official", help="Grad-ECLIP: recompute the last block with one attention head over all channels, as the official code does (a deviation from the model's forward), instead of the model's real heads.")
-GemIterationsOption = typer.Option(1, "--gem-iterations", help="GEM: self-self refinement iterations (the reference's 1).")
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(self.command)
+        params = [p for name, p in signature.parameters.items() if name != "method_values"]
+        at = next(i for i, p in enumerate(params) if p.name == "chunk_size")
+        added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
+                 for name, (kind, option) in method_typer_options().items()]
+        return signature.replace(parameters=params[:at] + added + params[at:])
 
-
-# The method parameters every computing command (eval, explain, threshold-search) takes: parameter name ->
-# (type, option). `with_method_options` adds them to a command; `Settings.method_options` reads them.
-METHOD_OPTIONS = {
-    "topk": (str, TopkOption), "grouping": (str, GroupingOption), "start_layer": (int, StartLayerOption),
-    "rise_masks": (int, RiseMasksOption), "rise_cell": (int, RiseCellOption), "rise_p1": (float, RiseP1Option),
-    "rise_masks_file": (Optional[Path], RiseMasksFileOption), "legrad_layers": (int, LegradLayersOption),
-    "gem_blocks": (int, GemBlocksOption), "gem_iterations": (int, GemIterationsOption),
-    "naclip_std": (float, NaclipStdOption), "background": (str, BackgroundOption), "contrast": (str, ContrastOption),
-    "eclip_official": (bool, EclipOfficialOption),
-}
-
-
-def with_method_options(command):
-    """Give a typer command the METHOD_OPTIONS, placed before its `chunk_size` option: they reach the
-    command as one dict, its `method_values` parameter (name -> value as given on the command line)."""
-    signature = inspect.signature(command)
-    params = [p for name, p in signature.parameters.items() if name != "method_values"]
-    at = next(i for i, p in enumerate(params) if p.name == "chunk_size")
-    added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
-             for name, (kind, option) in METHOD_OPTIONS.items()]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        values = {name: kwargs.pop(name) for name in METHOD_OPTIONS}
-        return command(**kwargs, method_values=values)
-
-    wrapper.__signature__ = signature.replace(parameters=params[:at] + added + params[at:])
-    return wrapper
-
-
-def method_options(topk: int | str, grouping: str, start_layer: int, rise_masks: int = 8000, rise_cell: int = 8,
-                   rise_p1: float = 0.1, rise_masks_file=None, legrad_layers: int = 2, gem_blocks: int = 6,
-                   gem_iterations: int = 1, naclip_std: float = 5.0, background: str = CLIP_ES_BACKGROUND,
-                   contrast: str = "empty", eclip_official: bool = False) -> dict:
-    """The method parameters that change results (recorded in configs and summaries). `topk` may be
-    "auto", resolved per model family once the model is loaded (`camloc.cams.registry.resolve_options`)."""
-    if topk != "auto":
-        try:
-            topk = int(topk)
-        except (TypeError, ValueError):
-            raise CamlocError(f"--topk {topk!r} must be a number of channels or auto") from None
-        if topk < 1:
-            raise CamlocError(f"--topk must be at least 1, got {topk}")
-    if grouping not in ("kmeans", "chunk"):
-        raise CamlocError(f"--grouping {grouping!r} is not one of kmeans, chunk")
-    if legrad_layers < 0:
-        raise CamlocError(f"--legrad-layers must be 0 (every block) or more, got {legrad_layers}")
-    if not naclip_std > 0:
-        raise CamlocError(f"--naclip-std must be positive, got {naclip_std}")
-    if gem_blocks < 1 or gem_iterations < 0:
-        raise CamlocError(f"--gem-blocks must be at least 1 and --gem-iterations 0 or more (got {gem_blocks}, "
-                          f"{gem_iterations})")
-    if rise_masks < 1 or rise_cell < 1 or not 0 < rise_p1 <= 1:
-        raise CamlocError(f"RISE needs --rise-masks >= 1, --rise-cell >= 1 and 0 < --rise-p1 <= 1 (got {rise_masks}, "
-                          f"{rise_cell}, {rise_p1})")
-    background = parse_background(background)
-    if contrast not in CONTRASTS:
-        raise CamlocError(f"--contrast {contrast!r} is not one of {', '.join(CONTRASTS)}")
-    file = str(Path(rise_masks_file).resolve()) if rise_masks_file else None
-    if file and not Path(file).is_file():
-        raise CamlocError(f"--rise-masks-file {rise_masks_file} does not exist")
-    return {"topk": topk, "grouping": grouping, "start_layer": start_layer, "rise_masks": int(rise_masks),
-            "rise_cell": int(rise_cell), "rise_p1": float(rise_p1), "rise_masks_file": file,
-            "legrad_layers": int(legrad_layers), "gem_blocks": int(gem_blocks), "gem_iterations": int(gem_iterations),
-            "naclip_std": float(naclip_std), "background": background, "contrast": contrast,
-            "eclip_official": bool(eclip_official)}
-
-
-CONTRASTS = ("none", "empty", "labels", "dataset")
-
-
-def parse_background(value) -> str:
-    """--background: a comma list (or, from a config file, a list) of words -> "w1,w2,..." without blanks
-    or repeats. Empty is refused: a softmax over one prompt alone is constant, its gradient zero."""
-    words = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    words = list(dict.fromkeys(w.strip() for w in words if str(w).strip()))
-    if not words:
-        raise CamlocError("--background is empty: CLIP-ES needs at least one background word (a softmax over a "
-                          "single prompt is constant and its map all zeros); give e.g. --background ground,sky")
-    return ",".join(words)
+    def __call__(self, **kwargs):
+        values = {name: kwargs.pop(name) for name in method_typer_options() if name in kwargs}
+        return self.command(**kwargs, method_values=values)
 
 
 def positive_or_auto(value: str, option: str) -> int | str:

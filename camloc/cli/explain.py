@@ -9,7 +9,7 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (CacheOption, ChunkOption, CompileOption, DeviceOption, MaxPixelsOption, ModelOption,
-                               PrecisionOption, ThresholdOption, err_console, method_options, parse_chunk_size,
+                               PrecisionOption, ThresholdOption, err_console, parse_chunk_size,
                                parse_compile, parse_threshold, reports_errors, with_method_options)
 from camloc.errors import CamlocError
 
@@ -67,7 +67,9 @@ def explain(
 
     thr = parse_threshold(threshold)
     parse_compile(compile_mode)
-    options = {**method_options(**method_values),
+    from camloc.cams.options import parse_method_options
+
+    options = {**parse_method_options(method_values),
                "chunk_size": parse_chunk_size(chunk_size), "seed": seed}
     if figure not in (None, "pipeline", "compare"):
         raise CamlocError(f"--figure {figure!r} is not one of pipeline, compare")
