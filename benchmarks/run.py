@@ -21,15 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from straightforward import straightforward_cam, trainable_copy  # noqa: E402
+from throughput import (card_peak, forward_flops, section_batching, section_compile, section_peak,  # noqa: E402
+                        section_profile)
+from timing import PeakMemory, gib, timed  # noqa: E402
 
 from camloc.cams import CamContext, compute_heatmaps  # noqa: E402
 from camloc.datasets import load_dataset  # noqa: E402
 from camloc.models import ClipModel, load_image  # noqa: E402
-from camloc.provenance import device_description, git_commit  # noqa: E402
-from straightforward import straightforward_cam, trainable_copy  # noqa: E402
-from throughput import (card_peak, forward_flops, section_batching, section_compile,  # noqa: E402
-                        section_peak, section_profile)
-from timing import PeakMemory, gib, timed  # noqa: E402
+from camloc.run.provenance import device_description, git_commit  # noqa: E402
 
 IMAGE = Path(__file__).resolve().parent.parent / "camloc" / "datasets" / "demo" / "images" / "chelsea.jpg"
 PROMPTS = ["cat", "dog", "a photo of a cat", "tabby cat", "kitten", "animal face", "whiskers", "pet"]
@@ -198,9 +198,10 @@ def section_pipeline(model, args, device, report):
     import tempfile
     from dataclasses import replace
 
-    from camloc.progress import NoBar
-    from camloc.runner import EvalConfig, _pending, compute_images, image_records, resolve_image_batch, run_pipeline
-    from camloc.runfiles import append_jsonl
+    from camloc.run.files import append_jsonl
+    from camloc.run.identity import EvalConfig
+    from camloc.run.pipeline import compute_images, image_records, pending, resolve_image_batch, run_pipeline
+    from camloc.run.progress import NoBar
 
     n = 24 if args.quick else 120
     demo = load_dataset("demo")
@@ -215,7 +216,7 @@ def section_pipeline(model, args, device, report):
     out = report.setdefault(f"pipeline/{model.name}", {})
     for method in methods:
         config = EvalConfig(model=model.name, methods=[method])
-        work = _pending(images, [method], set())
+        work = pending(images, [method], set())
         pairs = sum(len(todo) for _, todo in work)
         runtime = {"chunk_size": "auto"}
         batch = resolve_image_batch("auto", [method])  # as eval runs it: 8 images per step for GradCAM

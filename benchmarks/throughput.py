@@ -9,13 +9,14 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from timing import sync, timed
 
 from camloc.cams import compute_heatmaps
 from camloc.datasets import load_dataset
 from camloc.models import ClipModel, load_image
 from camloc.models.clip_model import fold_batchnorm
-from camloc.runner import EvalConfig, compute_images
-from timing import sync, timed
+from camloc.run.identity import EvalConfig
+from camloc.run.pipeline import compute_images
 
 # Dense fp16/bf16 tensor-core peak of the card (vendor figures, SXM parts), for the fraction reached.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}

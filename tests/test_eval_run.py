@@ -11,7 +11,8 @@ import pytest
 
 from camloc.datasets import count_pairs, load_dataset
 from camloc.errors import CamlocError
-from camloc.runner import EvalConfig, run_eval
+from camloc.run.eval import run_eval
+from camloc.run.identity import EvalConfig
 
 METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam"]
 

@@ -14,8 +14,8 @@ from camloc.datasets import ImagePairs
 from camloc.errors import CamlocError
 from camloc.evaluators import best_iou, box_from_heatmap
 from camloc.evaluators.threshold import Item, score_items, threshold_grid
-from camloc.heatmap_cache import HeatmapCache
-from camloc.threshold_search import search_and_score
+from camloc.run.heatmap_cache import HeatmapCache
+from camloc.run.threshold_search import search_and_score
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -78,11 +78,12 @@ def test_eval_save_heatmaps_rederives_the_maps(tmp_path):
     from camloc.cams import compute_heatmaps
     from camloc.datasets.registry import DEMO_DIR
     from camloc.models import ClipModel, load_image
-    from camloc.runner import EvalConfig, run_eval
+    from camloc.run.eval import run_eval
+    from camloc.run.identity import EvalConfig
 
     config = EvalConfig(model="tiny-rn", methods=["gradcam", "groupcam"], dataset="demo", limit=2)
     from camloc.datasets import load_dataset
-    from camloc.heatmap_cache import dataset_key
+    from camloc.run.heatmap_cache import dataset_key
 
     run_eval(config, tmp_path, device="cpu", progress=False, save_heatmaps=tmp_path / "heatmaps")
     key = dataset_key("demo", None, "{}", load_dataset("demo", limit=2))
@@ -156,8 +157,9 @@ def test_config_unknown_key_and_cli_override(tmp_path):
 
 
 def test_report_merges_shards_exactly_and_formats(tmp_path):
-    from camloc.report import build_report, render
-    from camloc.runner import EvalConfig, run_eval
+    from camloc.report.tables import build_report, render
+    from camloc.run.eval import run_eval
+    from camloc.run.identity import EvalConfig
 
     whole = tmp_path / "whole"
     run_eval(EvalConfig(model="tiny-rn", methods=["gradcam", "layercam"], dataset="demo"), whole, device="cpu",
@@ -187,8 +189,8 @@ S1_ROWS = [("RN50x16", m) for m in ["gradcam", "gradcam++", "xgradcam", "groupca
 
 
 def test_report_s1_has_exactly_the_appendix_rows_and_columns(tmp_path):
-    from camloc.report import build_report
-    from camloc.threshold_search import row_label, table_s1
+    from camloc.report.tables import build_report
+    from camloc.run.threshold_search import row_label, table_s1
 
     out = tmp_path / "s1"
     out.mkdir()
@@ -209,7 +211,7 @@ def test_report_s1_has_exactly_the_appendix_rows_and_columns(tmp_path):
 
 
 def test_report_s3_has_exactly_the_appendix_rows_and_columns(tmp_path):
-    from camloc.report import build_report
+    from camloc.report.tables import build_report
 
     methods = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam"]
     dirs = []
@@ -234,7 +236,7 @@ def test_report_s3_has_exactly_the_appendix_rows_and_columns(tmp_path):
 
 
 def test_cache_keys_name_the_default_split_so_eval_and_threshold_search_share_them():
-    from camloc.heatmap_cache import dataset_key
+    from camloc.run.heatmap_cache import dataset_key
 
     assert dataset_key("coco", None, "{}") == dataset_key("coco", "val2017", "{}") == "coco-val2017"
     assert dataset_key("coco-train-balanced", None, "{}") == "coco-train-balanced-train2017"

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import counting_forwards
 from typer.testing import CliRunner
 
 from camloc.cams import CamContext, compute_heatmaps
@@ -15,7 +16,6 @@ from camloc.cli.app import app
 from camloc.models import ClipModel
 from camloc.models.loading import random_state_dict
 from camloc.models.specs import TINY_SPECS
-from conftest import counting_forwards
 
 FRONTIER = Path(__file__).parent / "golden-frontier"
 MODELS = {"tiny-vit": "tiny_vit", "tiny-vit-mh": "tiny_vit_mh"}
@@ -403,7 +403,7 @@ def test_clip_es_is_gradcam_with_the_background_softmax(build, chelsea):
 def test_clip_es_background_option_is_checked_recorded_and_keyed(tmp_path):
     from camloc.cams.options import parse_method_options
     from camloc.errors import CamlocError
-    from camloc.heatmap_cache import method_key
+    from camloc.run.heatmap_cache import method_key
 
     with pytest.raises(CamlocError, match="--background is empty"):
         parse_method_options({"background": " , "})

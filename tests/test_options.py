@@ -14,7 +14,7 @@ from camloc.cams.registry import METHODS, register_method
 from camloc.cli.app import app
 from camloc.config import load_config
 from camloc.errors import CamlocError, OptionError
-from camloc.heatmap_cache import method_key
+from camloc.run.heatmap_cache import method_key
 
 runner = CliRunner()
 IMAGE = str(GOLDEN / "chelsea_small.png")

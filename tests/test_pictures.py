@@ -10,7 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from camloc.cli.app import app
-from camloc.runner import EvalConfig, run_eval
+from camloc.run.eval import run_eval
+from camloc.run.identity import EvalConfig
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from camloc.cli.app import app
 from camloc.datasets import ImagePairs, Pair
 from camloc.errors import CamlocError
-from camloc.sharding import assign_images, local_rank, record_files, resolve_shard
+from camloc.run.sharding import assign_images, local_rank, record_files, resolve_shard
 
 
 def test_resolve_shard_from_option_and_launchers():
@@ -86,7 +86,8 @@ def test_torchrun_with_a_gloo_group_rank0_writes_the_merged_table(tmp_path):
     assert "shard 1/2 done; rank 0 writes the merged tables" in result.stdout
     assert len(record_files(out)) == 2
     single = tmp_path / "single"
-    from camloc.runner import EvalConfig, run_eval
+    from camloc.run.eval import run_eval
+    from camloc.run.identity import EvalConfig
 
     run_eval(EvalConfig(model="tiny-rn", methods=["gradcam", "layercam"]), single, device="cpu", progress=False)
     assert (out / "table.csv").read_text() == (single / "table.csv").read_text()

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN, counting_forwards
+from test_open_clip import golden_through_open_clip
 from typer.testing import CliRunner
 
 from camloc.cams import CamContext, compute_heatmaps
@@ -16,9 +18,9 @@ from camloc.cams.registry import METHODS, resolve_methods
 from camloc.cli.app import app
 from camloc.models import ClipModel, load_image
 from camloc.models.encoder import plan_pieces
-from camloc.runner import EvalConfig, resolve_image_batch, run_eval
-from conftest import GOLDEN, counting_forwards
-from test_open_clip import golden_through_open_clip
+from camloc.run.eval import run_eval
+from camloc.run.identity import EvalConfig
+from camloc.run.pipeline import resolve_image_batch
 
 DEMO = Path(__file__).resolve().parents[1] / "camloc" / "datasets" / "demo" / "images"
 runner = CliRunner()
@@ -103,7 +105,7 @@ def test_eval_with_image_batches_writes_the_records_of_one_image_at_a_time(model
 
 def test_a_batch_that_runs_out_of_memory_falls_back_to_one_image_at_a_time(tiny_rn, images, monkeypatch):
     import camloc.cams.context as context
-    from camloc.runner import compute_images
+    from camloc.run.pipeline import compute_images
 
     real = context.encoder_pass
     batched = []

@@ -2,6 +2,7 @@
 wrong table with exit code 0, or a traceback, is refused with one line (exit 2) or handled and counted."""
 import copy
 import json
+import warnings
 import math
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from camloc.cli.app import app
 from camloc.datasets import load_dataset
 from camloc.datasets.registry import DEMO_DIR
 from camloc.errors import CamlocError
-from camloc.report import build_report
-from camloc.runner import EvalConfig, run_eval
+from camloc.report.tables import build_report
+from camloc.run.eval import run_eval
+from camloc.run.identity import EvalConfig
 
 runner = CliRunner()
 DEMO = json.loads((DEMO_DIR / "instances_demo.json").read_text())
@@ -195,7 +197,7 @@ def test_report_says_what_is_missing_and_which_layout(tmp_path):
 
 
 def test_a_second_eval_on_one_folder_is_refused_while_the_first_runs(tmp_path):
-    from camloc.runfiles import folder_lock
+    from camloc.run.files import folder_lock
 
     out = tmp_path / "run"
     out.mkdir()
@@ -272,12 +274,12 @@ def _read_only_out(tmp_path, monkeypatch):
 def _full_disk(tmp_path, monkeypatch):
     import errno
 
-    import camloc.runner
+    import camloc.run.pipeline
 
     def full(handle, records):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "pairs.jsonl"))
 
-    monkeypatch.setattr(camloc.runner, "append_jsonl", full)
+    monkeypatch.setattr(camloc.run.pipeline, "append_jsonl", full)
     return [], ["could not write", "pairs.jsonl"]
 
 
@@ -380,10 +382,13 @@ def test_exif_rotated_photo_in_explain(tmp_path):
     image.save(tmp_path / "photo.jpg", exif=exif)
     args = ["explain", str(tmp_path / "photo.jpg"), "--prompt", "cup", "--method", "gradcam", "--model", "tiny-rn",
             "--json"]
-    stored = runner.invoke(app, args)
-    assert stored.exit_code == 0 and "processed as stored" in stored.output and "--exif-transpose" in stored.output
-    shown = runner.invoke(app, args + ["--exif-transpose"])
-    assert json.loads(shown.stdout)["size"] == [213, 320] and "processed as stored" not in shown.output
+    with pytest.warns(UserWarning, match="processed as stored .*--exif-transpose"):  # one line on the CLI
+        stored = runner.invoke(app, args)
+    assert stored.exit_code == 0 and json.loads(stored.stdout)["size"] == [320, 213]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shown = runner.invoke(app, args + ["--exif-transpose"])
+    assert json.loads(shown.stdout)["size"] == [213, 320]
 
 
 # --- D. What users see ----------------------------------------------------------------------------
@@ -427,7 +432,7 @@ def test_any_sequence_of_runs_into_one_folder_reports_one_config_each_record_onc
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from camloc.runfiles import read_run_records
+    from camloc.run.files import read_run_records
 
     step = st.tuples(st.sampled_from(["otsu", 0.5]), st.sampled_from([1, 2]), st.booleans(), st.floats(0, 1),
                      st.booleans())
@@ -467,7 +472,7 @@ def test_any_sequence_of_runs_into_one_folder_reports_one_config_each_record_onc
 def test_threshold_search_cache_is_not_reused_for_another_data_root(tmp_path):
     """The cache once keyed a dataset by name and split only: a rerun with another data root took the
     first dataset's heatmaps. Now another image folder recomputes, and the same one reuses."""
-    from camloc.threshold_search import SearchConfig, run_threshold_search
+    from camloc.run.threshold_search import SearchConfig, run_threshold_search
 
     out = tmp_path / "s1"
 
@@ -503,7 +508,7 @@ def test_compare_refuses_runs_on_different_data(tmp_path):
 def test_pictures_have_a_legend_colour_bar_iou_and_flag_constant_maps(tmp_path, monkeypatch):
     import matplotlib
 
-    from camloc.viz import comparison_figure, pipeline_figure
+    from camloc.report.figures import comparison_figure, pipeline_figure
 
     monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # keep the text as text
     image = Image.open(DEMO_DIR / "images" / "chelsea.jpg")

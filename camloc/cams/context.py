@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from camloc.cams.masked import MaskedEmbeddings
-from camloc.errors import CamlocError
+from camloc.errors import OptionError
 from camloc.models.clip_model import ClipModel
 from camloc.models.families import BlockAccess, encoder_pass, tokens_to_grid
 
@@ -181,7 +181,7 @@ class CamContext:
         n_prompts = len(self.prompts)
         texts = self.text_features
         if n_prompts + len(background) < 2:
-            raise CamlocError("CLIP-ES: one prompt and no background word left (--background words equal to the "
+            raise OptionError("CLIP-ES: one prompt and no background word left (--background words equal to the "
                               "prompt are left out): the softmax is constant; give other --background words")
         if background:
             texts = torch.cat([texts, self.model.text_features(list(background))])

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from camloc.cams.context import CamContext
 from camloc.cams.options import at_least, method_option, one_of
 from camloc.cams.registry import register_method
-from camloc.errors import CamlocError, OptionError
+from camloc.errors import OptionError
 from camloc.models.families import BlockAccess
 
 
@@ -288,23 +288,23 @@ def clipsurgery(ctx: CamContext) -> torch.Tensor:
         if contrast == "labels":
             pool = list(dict.fromkeys(ctx.prompts))
             if len(pool) < 2:
-                raise CamlocError(f"clipsurgery --contrast labels: this image has one prompt ({ctx.prompts[0]!r}), "
+                raise OptionError(f"clipsurgery --contrast labels: this image has one prompt ({ctx.prompts[0]!r}), "
                                   "and feature surgery over a single prompt is zero everywhere; use --contrast "
                                   "empty, none or dataset")
         elif contrast == "dataset":
             pool = list(ctx.options.get("contrast_prompts") or [])
             if not pool:
-                raise CamlocError("clipsurgery --contrast dataset needs a dataset's prompts (camloc eval or "
+                raise OptionError("clipsurgery --contrast dataset needs a dataset's prompts (camloc eval or "
                                   "threshold-search); for one image use --contrast labels with several --prompt, "
                                   "or empty")
             missing = [p for p in ctx.prompts if p not in pool]
             if missing:
                 raise ValueError(f"prompts {missing} are not in the dataset's contrast set")
             if len(pool) < 2:
-                raise CamlocError("clipsurgery --contrast dataset: the dataset has one prompt, and feature surgery "
+                raise OptionError("clipsurgery --contrast dataset: the dataset has one prompt, and feature surgery "
                                   "over a single prompt is zero everywhere; use --contrast empty or none")
         else:
-            raise CamlocError(f"--contrast {contrast!r} is not one of none, empty, labels, dataset")
+            raise OptionError(f"--contrast {contrast!r} is not one of none, empty, labels, dataset")
         index = {p: i for i, p in enumerate(pool)}
         sim = feature_surgery(patches, ctx.model.text_features(pool), image, [index[p] for p in ctx.prompts])
     return square_grid(sim)

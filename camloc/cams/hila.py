@@ -24,7 +24,7 @@ from camloc.cams.context import CamContext
 from camloc.cams.postprocess import minmax_
 from camloc.cams.options import method_option
 from camloc.cams.registry import register_method
-from camloc.errors import CamlocError
+from camloc.errors import OptionError
 
 START_LAYER = method_option("start_layer", int, 0, "HilaCAM: first block used (0 = all blocks, -1 = the last only); "
                             "checked against the model's blocks once it is loaded.")
@@ -58,7 +58,7 @@ def capturing_attention(visual, captured: list):
                 attn.fused_attn = False
                 handles.append(attn.attn_drop.register_forward_hook(lambda m, a, out: captured.append(out)))
             else:
-                raise CamlocError(f"HilaCAM cannot read the attention of {type(attn).__name__} blocks")
+                raise OptionError(f"HilaCAM cannot read the attention of {type(attn).__name__} blocks")
         yield
     finally:
         for handle in handles:
@@ -103,12 +103,12 @@ def capturing_pool_query(visual, captured: list):
 
     def forward(x, attn_mask=None):
         if attn_mask is not None:
-            raise CamlocError("HilaCAM: attention-pool masks are not supported")
+            raise OptionError("HilaCAM: attention-pool masks are not supported")
         out, probs = latent_pool_with_probs(pool, x)
         with torch.no_grad():
             expected = original(x.detach())
         if not torch.allclose(out.detach().float(), expected.float(), rtol=1e-4, atol=1e-5):
-            raise CamlocError("HilaCAM: this timm version's AttentionPoolLatent computes differently from camloc's "
+            raise OptionError("HilaCAM: this timm version's AttentionPoolLatent computes differently from camloc's "
                               "reading of it; HilaCAM is not available for this model")
         captured.append(probs)
         return out

@@ -116,6 +116,19 @@ def at_least(flag: str, minimum: int | float, meaning: str = "") -> Callable:
     return check
 
 
+def count_or_auto(value, flag: str) -> int | str:
+    """A count option that takes a positive number or `auto` (`--chunk-size`, `--image-batch`)."""
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1 or isinstance(value, bool):
+        raise OptionError(f"{flag} {value!r} must be a positive number or auto")
+    return size
+
+
 def one_of(flag: str, choices: tuple[str, ...]) -> Callable:
     """A check: value is one of `choices`."""
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from camloc.errors import CamlocError, OptionError
+from camloc.errors import OptionError
 
 if TYPE_CHECKING:
     from camloc.cams.context import CamContext
@@ -74,20 +74,20 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
-        raise CamlocError(f"--method is empty; valid methods: {', '.join(list_methods())}")
+        raise OptionError(f"--method is empty; valid methods: {', '.join(list_methods())}")
     if names == ["all"]:
         return [s for s in _ordered() if family in s.families]
     specs = []
     for name in dict.fromkeys(names):
         spec = METHODS.get(name.lower())
         if spec is None:
-            raise CamlocError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}, or all")
+            raise OptionError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}, or all")
         if family not in spec.families:
             from camloc.models.families import FAMILY_LABELS, FAMILY_NAMES
 
             labels = [FAMILY_LABELS[f] for f in FAMILY_NAMES if f in spec.families]
             only = labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} or {labels[-1]}"
-            raise CamlocError(
+            raise OptionError(
                 f"method {spec.name!r} works only on {only} CLIP models, and {model_name} is a "
                 f"{FAMILY_LABELS.get(family, family)}; pick such a model or another method"
             )

@@ -26,7 +26,7 @@ from camloc.cams.context import CamContext
 from camloc.cams.masked import encode_in_chunks
 from camloc.cams.options import at_least, method_option
 from camloc.cams.registry import register_method
-from camloc.errors import CamlocError, OptionError
+from camloc.errors import OptionError
 
 
 def _probability(value: float) -> float:
@@ -80,19 +80,19 @@ class RiseMasks:
         if file:
             path = Path(file)
             if not path.is_file():
-                raise CamlocError(f"--rise-masks-file {path} does not exist")
+                raise OptionError(f"--rise-masks-file {path} does not exist")
             with np.load(path) as data:
                 if "masks" not in data.files:
-                    raise CamlocError(f"--rise-masks-file {path} has no 'masks' array (keys: {', '.join(data.files)})")
+                    raise OptionError(f"--rise-masks-file {path} has no 'masks' array (keys: {', '.join(data.files)})")
                 masks = data["masks"].astype(np.float32)
             if masks.ndim != 3 or masks.shape[1:] != (size, size):
-                raise CamlocError(f"--rise-masks-file {path} holds masks of shape {masks.shape}; this model needs "
+                raise OptionError(f"--rise-masks-file {path} holds masks of shape {masks.shape}; this model needs "
                                   f"(N, {size}, {size})")
             self.given = masks
             self.n = len(masks)
         else:
             if n_masks < 1 or s < 1 or not 0 < p1 <= 1:
-                raise CamlocError(f"RISE needs --rise-masks >= 1, --rise-cell >= 1 and 0 < --rise-p1 <= 1 (got "
+                raise OptionError(f"RISE needs --rise-masks >= 1, --rise-cell >= 1 and 0 < --rise-p1 <= 1 (got "
                                   f"{n_masks}, {s}, {p1})")
             self.grids, self.shifts = draw_grids(n_masks, s, p1, size, seed)
             cell = math.ceil(size / s)

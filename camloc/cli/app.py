@@ -52,7 +52,7 @@ def list_cmd(
 def _list(what: "Listable", pattern: str, backend: str) -> None:
     from fnmatch import fnmatch
 
-    from camloc.errors import CamlocError
+    from camloc.errors import OptionError
 
     if what is Listable.models and backend == "open_clip":
         from camloc.models.open_clip_backend import TINY_CONFIGS, list_pretrained
@@ -66,7 +66,7 @@ def _list(what: "Listable", pattern: str, backend: str) -> None:
         from camloc.models.specs import ALL_SPECS
 
         if backend != "openai":
-            raise CamlocError(f"--backend {backend!r} is not one of openai, open_clip")
+            raise OptionError(f"--backend {backend!r} is not one of openai, open_clip")
         for name, spec in ALL_SPECS.items():
             if not fnmatch(name, pattern):
                 continue

@@ -84,25 +84,16 @@ class with_method_options:
         return self.command(**kwargs, method_values=values)
 
 
-def positive_or_auto(value: str, option: str) -> int | str:
-    """A count option that takes a positive number or `auto`."""
-    if value == "auto":
-        return value
-    try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise CamlocError(f"{option} {value!r} must be a positive number or auto")
-    return size
-
-
 def parse_chunk_size(value: str) -> int | str:
-    return positive_or_auto(value, "--chunk-size")
+    from camloc.cams.options import count_or_auto
+
+    return count_or_auto(value, "--chunk-size")
 
 
 def parse_image_batch(value: str) -> int | str:
-    return positive_or_auto(value, "--image-batch")
+    from camloc.cams.options import count_or_auto
+
+    return count_or_auto(value, "--image-batch")
 
 
 def parse_compile(value: str) -> str:
@@ -112,15 +103,9 @@ def parse_compile(value: str) -> str:
 
 
 def parse_threshold(value: str) -> str | float:
-    if value == "otsu":
-        return value
-    try:
-        t = float(value)
-    except ValueError:
-        raise CamlocError(f"--threshold {value!r} is neither 'otsu' nor a number in [0, 1]") from None
-    if not 0 <= t <= 1:
-        raise CamlocError(f"--threshold {value} is outside [0, 1]")
-    return t
+    from camloc.evaluators.boxes import check_threshold
+
+    return check_threshold(value)
 
 
 def reports_errors(fn):
@@ -134,7 +119,7 @@ def reports_errors(fn):
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # a full disk, a read-only or forbidden output: one line, not a traceback
-            from camloc.runfiles import write_error_line
+            from camloc.run.files import write_error_line
 
             line = write_error_line(exc)
             if line is None:

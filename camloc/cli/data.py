@@ -44,18 +44,18 @@ def verify_cmd(
 ) -> None:
     """Check a dataset's layout: count images, pairs and missing image files; say how to obtain it."""
     from camloc.datasets import DATASETS, count_pairs, list_datasets, load_dataset
-    from camloc.errors import CamlocError
-    from camloc.runner import mean_coverage
+    from camloc.errors import CamlocError, DataError, OptionError
+    from camloc.run.finish import mean_coverage
 
     if dataset not in list_datasets():
-        raise CamlocError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
+        raise OptionError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
     spec = DATASETS[dataset]
     typer.echo(f"{dataset}: expected layout: {spec.layout}")
     try:
         images = load_dataset(dataset, data_root_dir=data_root, split=split, ann_file=ann_file, image_dir=image_dir,
                               include_stuff=include_stuff, ade_extent=ade_extent or "visible")
     except CamlocError as exc:
-        raise CamlocError(f"{exc}. To obtain {dataset}: {spec.obtain}") from None
+        raise type(exc)(f"{exc}. To obtain {dataset}: {spec.obtain}") from None
     missing = [item.path for item in images if not Path(item.path).is_file()]
     coverage = mean_coverage(images)
     typer.echo(f"images {len(images)}, pairs {count_pairs(images)}, missing image files {len(missing)}"
@@ -65,5 +65,5 @@ def verify_cmd(
     if spec.note:
         typer.echo(spec.note(images))
     if missing:
-        raise CamlocError(f"{len(missing)} image files of {dataset} are missing. To obtain {dataset}: {spec.obtain}")
+        raise DataError(f"{len(missing)} image files of {dataset} are missing. To obtain {dataset}: {spec.obtain}")
     typer.echo("ok")

@@ -11,8 +11,7 @@ from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamC
                                CompileOption, DataRootOption, DeviceOption, ImageBatchOption, ImageDirOption,
                                IncludeStuffOption, MaxPixelsOption, PerClassOption, PointingToleranceOption,
                                PrecisionOption, ProtocolsOption, SkipBadRecordsOption, SplitOption, SubsetSeedOption,
-                               ThresholdOption, parse_chunk_size, parse_compile, parse_image_batch, parse_threshold,
-                               reports_errors, with_method_options)
+                               ThresholdOption, reports_errors, with_method_options)
 
 
 def _split(value):
@@ -65,14 +64,12 @@ def eval_cmd(
     method_values: dict | None = None,
 ) -> None:
     """Evaluate CAM methods on a dataset: pairs.jsonl, summary.json, table.csv, table.md in --out."""
+    from camloc.api import evaluate
     from camloc.config import Settings, load_config
-    from camloc.errors import CamlocError
-    from camloc.evaluators.iou import CONVENTIONS
-    from camloc.evaluators.protocols import parse_protocols
-    from camloc.heatmap_cache import model_key
+    from camloc.errors import OptionError
     from camloc.models.preprocess import set_max_pixels
-    from camloc.runner import EvalConfig, run_eval
-    from camloc.sharding import start_shard
+    from camloc.run.heatmap_cache import model_key
+    from camloc.run.sharding import start_shard
 
     file = load_config(config, "eval") if config else {}
     setting = Settings(ctx, file)
@@ -83,50 +80,27 @@ def eval_cmd(
     out_dir = setting("out")
     for name, value in (("--model", models), ("--method", methods), ("--out", out_dir)):
         if not value:
-            raise CamlocError(f"{name} is required (on the command line or in the --config file)")
-    iou_name = setting("iou")
-    if iou_name not in CONVENTIONS:
-        raise CamlocError(f"--iou {iou_name!r} is not one of {', '.join(CONVENTIONS)}")
+            raise OptionError(f"{name} is required (on the command line or in the --config file)")
     options = setting.method_options()
-    parse_image_batch(str(setting("image_batch")))
-    parse_compile(str(setting("compile_mode", "compile")))
-    if save_vis < 0:
-        raise CamlocError(f"--save-vis must be 0 or more pairs per group, got {save_vis}")
     set_max_pixels(setting("max_pixels"))
     out_dir = Path(out_dir)
     rank_world = start_shard(shard)
     for name in models:
-        run_config = EvalConfig(
-            model=name,
-            methods=list(methods),
-            dataset=setting("dataset"),
-            limit=setting("limit"),
-            classes=_split(setting("classes")),
-            subset_seed=setting("subset_seed"),
-            split=setting("split"),
-            per_class=setting("per_class"),
-            prompt_template=setting("prompt_template"),
-            threshold=parse_threshold(str(setting("threshold"))),
-            iou_convention=iou_name,
-            precision=setting("precision"),
-            seed=setting("seed"),
-            options=options,
-            include_stuff=setting("include_stuff"),
-            ade_extent=setting("ade_extent"),
-            protocols=parse_protocols(setting("protocols")),
-            pointing_tolerance=setting("pointing_tolerance"),
-            cam_curve_interval=setting("cam_curve_interval"),
-        )
         run_dir = out_dir / model_key(name) if len(models) > 1 else out_dir
-        summary = run_eval(run_config, run_dir, device=setting("device"), cache_dir=cache_dir, force_new=force_new,
-                           progress=progress, chunk_size=parse_chunk_size(str(setting("chunk_size"))),
-                           image_batch=parse_image_batch(str(setting("image_batch"))),
-                           compile=parse_compile(str(setting("compile_mode", "compile"))),
-                           data_options={"data_root_dir": setting("data_root"), "ann_file": setting("ann_file"),
-                                         "image_dir": setting("image_dir")},
-                           save_heatmaps=run_dir / "heatmaps" if setting("save_heatmaps") else None,
-                           shard=rank_world, save_vis=save_vis, skip_missing=skip_missing,
-                           skip_bad_records=skip_bad_records)
+        summary = evaluate(
+            name, setting("dataset"), list(methods), out=run_dir, protocols=setting("protocols"),
+            threshold=setting("threshold"), iou=setting("iou"), limit=setting("limit"),
+            classes=_split(setting("classes")), split=setting("split"), prompt_template=setting("prompt_template"),
+            subset_seed=setting("subset_seed"), per_class=setting("per_class"),
+            include_stuff=setting("include_stuff"), ade_extent=setting("ade_extent"),
+            data_root=setting("data_root"), ann_file=setting("ann_file"), image_dir=setting("image_dir"),
+            seed=setting("seed"), device=setting("device"), precision=setting("precision"), cache_dir=cache_dir,
+            chunk_size=str(setting("chunk_size")), image_batch=str(setting("image_batch")),
+            compile=str(setting("compile_mode", "compile")), save_heatmaps=setting("save_heatmaps"),
+            save_vis=save_vis, force_new=force_new, progress=progress, skip_missing=skip_missing,
+            skip_bad_records=skip_bad_records, pointing_tolerance=setting("pointing_tolerance"),
+            cam_curve_interval=setting("cam_curve_interval"), shard=rank_world, **options)
+        methods_run = summary.get("config", {}).get("methods", methods)
         if rank_world[1] > 1 and not summary.get("complete"):
             writer = "rank 0 writes" if "methods" not in summary else "the rank that finishes last writes"
             typer.echo(f"shard {rank_world[0]}/{rank_world[1]} done; {writer} the merged tables "
@@ -135,7 +109,7 @@ def eval_cmd(
         typer.echo((run_dir / "table.md").read_text().rstrip())
         _report_faults(summary["faults"])
         t = summary["timings"]
-        typer.echo(f"{summary['n_pairs']} pairs x {len(run_config.methods)} methods; {t['records_this_invocation']} "
+        typer.echo(f"{summary['n_pairs']} pairs x {len(methods_run)} methods; {t['records_this_invocation']} "
                    f"new records, {t['resumed_records']} resumed; wrote {run_dir}/ pairs records, summary.json, "
                    "table.csv, table.md")
         encoder = t.get("encoder", {})

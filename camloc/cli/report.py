@@ -24,18 +24,18 @@ def report_cmd(
 ) -> None:
     """Merge run folders into one table (records are merged, so shards combine exactly)."""
     from camloc.cli.common import err_console
-    from camloc.report import build_report, render
-    from camloc.runfiles import atomic_write_text
+    from camloc.report.tables import build_report, render
+    from camloc.run.files import atomic_write_text
 
     skipped: list = []
     if html_out is not None:
-        from camloc.html_report import write_html_report
+        from camloc.report.html import write_html_report
 
         typer.echo(f"wrote {write_html_report(run_dirs, html_out, compare_paper, skip_bad_records, allow_incomplete)}")
 
     tabled = run_dirs
     if layout in ("long", "s3"):  # eval runs; threshold-search folders are named, not silently left out
-        from camloc.report import _kind
+        from camloc.report.tables import _kind
 
         searches = [d for d in run_dirs if d.is_dir() and _kind(d) == "threshold-search"]
         if searches and len(searches) < len(run_dirs):
@@ -66,7 +66,7 @@ def compare_cmd(
     fmt: str = typer.Option("md", "--format", help="md, csv or latex."),
 ) -> None:
     """List the pairs where A beats B by the largest IoU margin (appendix Figs. S5-S10)."""
-    from camloc.compare import compare_runs
-    from camloc.report import render
+    from camloc.report.compare import compare_runs
+    from camloc.report.tables import render
 
     typer.echo(render(compare_runs(run_a, run_b, method_a, method_b, top), fmt).rstrip())

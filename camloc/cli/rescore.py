@@ -29,8 +29,8 @@ def rescore_cmd(
     """Score a run's saved heatmaps with other protocols into a new run folder; no model is loaded.
     The data is read where the run read it (its config.json's data_sources) unless --data-root,
     --ann-file or --image-dir say where it is now; either way it is checked to be the run's data."""
-    from camloc.rescore import run_rescore
-    from camloc.sharding import resolve_shard
+    from camloc.run.rescore import run_rescore
+    from camloc.run.sharding import resolve_shard
 
     rank_world = resolve_shard(shard)
     summary = run_rescore(run_dir, out, protocols, pointing_tolerance=pointing_tolerance,

@@ -44,11 +44,10 @@ def threshold_search_cmd(
 ) -> None:
     """Grid-search one binarisation threshold on the train subset, compare it with Otsu on val (Table S1)."""
     from camloc.config import Settings, load_config
-    from camloc.errors import CamlocError
-    from camloc.sharding import start_shard
-    from camloc.threshold_search import SearchConfig, run_threshold_search
-
+    from camloc.errors import OptionError
     from camloc.models.preprocess import set_max_pixels
+    from camloc.run.sharding import start_shard
+    from camloc.run.threshold_search import SearchConfig, run_threshold_search
 
     set_max_pixels(max_pixels)
     file = load_config(config, "threshold_search") if config else {}
@@ -59,10 +58,10 @@ def threshold_search_cmd(
     else:
         runs = file.get("runs")
     if not runs:
-        raise CamlocError("--model (or runs in the --config file) is required")
+        raise OptionError("--model (or runs in the --config file) is required")
     out_dir = out or file.get("out")
     if not out_dir:
-        raise CamlocError("--out is required (on the command line or in the --config file)")
+        raise OptionError("--out is required (on the command line or in the --config file)")
     defaults = SearchConfig(runs=runs)
     train = dict(file.get("train", defaults.train))
     val = dict(file.get("val", defaults.val))
@@ -89,7 +88,9 @@ def threshold_search_cmd(
                                        compile=parse_compile(str(setting("compile_mode", "compile"))),
                                        workers=setting("workers"), progress=progress, shard=rank_world)
     except ValueError as exc:
-        raise CamlocError(str(exc)) from exc
+        if isinstance(exc, OptionError):
+            raise
+        raise OptionError(str(exc)) from exc
     out_dir = Path(out_dir)
     if not summary["complete"]:
         typer.echo(f"shard {rank_world[0]}/{rank_world[1]}: {summary['pairs_computed']} heatmaps computed into "

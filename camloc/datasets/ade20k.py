@@ -33,7 +33,7 @@ from PIL import Image
 
 from camloc.datasets.records import ImagePairs, Pair
 from camloc.datasets.registry import DataOptions, register_dataset
-from camloc.errors import CamlocError
+from camloc.errors import DataError
 
 SCENES = ["field", "hill", "river", "grass", "sky", "sand", "sea", "snow", "water", "road"]
 NOT_IN_SCENE_PARSING = {"snow"}  # ADEChallengeData2016's 150 classes have no snow (documented above)
@@ -55,11 +55,11 @@ def _pair(image_id: str, path: Path, size: tuple[int, int], scene: str, boxes, c
 def seg_classes(seg_path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(class code, instance code) per pixel of a full-release `_seg.png` (see the module docstring)."""
     if not seg_path.is_file():
-        raise CamlocError(f"{seg_path} does not exist: the visible extent needs the release's _seg.png beside each "
+        raise DataError(f"{seg_path} does not exist: the visible extent needs the release's _seg.png beside each "
                           "image (or pass --ade-extent amodal to use the JSON polygons)")
     seg = np.asarray(Image.open(seg_path).convert("RGB")).astype(np.int32)
     if seg.shape[:2] != (size[1], size[0]):
-        raise CamlocError(f"{seg_path} is {seg.shape[1]}x{seg.shape[0]}, but its JSON's imsize says {size[0]}x{size[1]}")
+        raise DataError(f"{seg_path} is {seg.shape[1]}x{seg.shape[0]}, but its JSON's imsize says {size[0]}x{size[1]}")
     return (seg[..., 0] // 10) * 256 + seg[..., 1], seg[..., 2]
 
 
@@ -68,9 +68,9 @@ def instance_visible(mask_path: Path, size: tuple[int, int]) -> np.ndarray:
     try:
         mask = np.asarray(Image.open(mask_path))
     except OSError as exc:
-        raise CamlocError(f"ADE20K instance mask {mask_path} cannot be read ({exc})") from None
+        raise DataError(f"ADE20K instance mask {mask_path} cannot be read ({exc})") from None
     if mask.shape[:2] != (size[1], size[0]):
-        raise CamlocError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}, but its JSON's imsize says "
+        raise DataError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}, but its JSON's imsize says "
                           f"{size[0]}x{size[1]}")
     return (mask if mask.ndim == 2 else mask[..., 0]) == VISIBLE
 
@@ -130,7 +130,7 @@ def _read_annotation(json_path: Path) -> tuple[int, int, list, dict]:
         height, width = int(annotation["imsize"][0]), int(annotation["imsize"][1])
         objects = annotation["object"]
     except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
-        raise CamlocError(f"ADE20K annotation {json_path} is not in the full release's format ({exc})") from exc
+        raise DataError(f"ADE20K annotation {json_path} is not in the full release's format ({exc})") from exc
     return width, height, objects, annotation
 
 
@@ -141,7 +141,7 @@ def _check_seg_encoding(seg_path: Path, classes: np.ndarray, objects: list) -> N
                 if "name_ndx" in o and o.get("parts", {}).get("part_level", 0) == 0}
     present = set(np.unique(classes).tolist()) - {0}
     if expected and not expected & present:
-        raise CamlocError(f"{seg_path} has none of the class codes ((R // 10) * 256 + G = name_ndx) of its JSON's "
+        raise DataError(f"{seg_path} has none of the class codes ((R // 10) * 256 + G = name_ndx) of its JSON's "
                           f"{len(expected)} whole objects: it is not encoded as the ADE20K release encodes it; pass "
                           "--ade-extent amodal to use the polygons")
 
@@ -210,14 +210,14 @@ def read_object_info(path: Path) -> dict[str, int]:
     trailing space) and objectInfo150.csv (comma-separated with a Stuff column; synonyms joined by
     ";"). A scene class that matches no class is an error, except "snow" (not among the 150)."""
     if not path.is_file():
-        raise CamlocError(f"{path} does not exist; pass --ann-file or fix --data-root (see `camloc data verify "
+        raise DataError(f"{path} does not exist; pass --ann-file or fix --data-root (see `camloc data verify "
                           "ade20k-scenes`)")
     text = path.read_text(encoding="utf-8-sig")
     delimiter = "\t" if "\t" in text.splitlines()[0] else ","
     rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
     header = [h.strip() for h in rows[0]] if rows else []
     if "Idx" not in header or "Name" not in header:
-        raise CamlocError(f"{path} is not an objectInfo150 file (expected a header with Idx and Name, got "
+        raise DataError(f"{path} is not an objectInfo150 file (expected a header with Idx and Name, got "
                           f"{', '.join(header) or 'nothing'})")
     idx, name = header.index("Idx"), header.index("Name")
     synonym_sep = ";" if delimiter == "," else ","
@@ -229,13 +229,13 @@ def read_object_info(path: Path) -> dict[str, int]:
             label = int(fields[idx].strip())
             names = _names(fields[name], synonym_sep)
         except (ValueError, IndexError):
-            raise CamlocError(f"{path} line {line} is not an objectInfo150 row: {delimiter.join(fields)!r}") from None
+            raise DataError(f"{path} line {line} is not an objectInfo150 row: {delimiter.join(fields)!r}") from None
         for n in names:
             if n in SCENES:
                 labels.setdefault(n, label)
     unmatched = [s for s in SCENES if s not in labels and s not in NOT_IN_SCENE_PARSING]
     if unmatched:
-        raise CamlocError(f"{path}: scene class(es) {', '.join(unmatched)} match no class name; the file is not the "
+        raise DataError(f"{path}: scene class(es) {', '.join(unmatched)} match no class name; the file is not the "
                           "official objectInfo150 list")
     return labels
 
@@ -247,12 +247,12 @@ def scene_parsing_pairs(image_dir: Path, label_dir: Path, info_file: Path, templ
         warnings.warn(f"ADEChallengeData2016 has no {', '.join(missing)} class: ade20k-scenes uses the other "
                       f"{len(labels)} scene classes there", stacklevel=2)
     if not image_dir.is_dir():
-        raise CamlocError(f"image folder {image_dir} does not exist; pass --image-dir or fix --data-root")
+        raise DataError(f"image folder {image_dir} does not exist; pass --image-dir or fix --data-root")
     images = []
     for image_path in sorted(image_dir.glob("*.jpg")):
         label_path = label_dir / f"{image_path.stem}.png"
         if not label_path.is_file():
-            raise CamlocError(f"label PNG {label_path} for {image_path.name} does not exist")
+            raise DataError(f"label PNG {label_path} for {image_path.name} does not exist")
         label = np.asarray(Image.open(label_path))
         height, width = label.shape[:2]
         pairs = []
@@ -296,5 +296,5 @@ def ade20k_scenes(opts: DataOptions) -> list[ImagePairs]:
         opts.reads(opts.ann_file or parsing / "objectInfo150.txt", image_dir)
         return scene_parsing_pairs(image_dir, image_dir.parent.parent / "annotations" / image_dir.name,
                                    opts.ann_file or parsing / "objectInfo150.txt", opts.prompt_template)
-    raise CamlocError(f"no ADE20K under {opts.root}: expected {full} (full release) or {parsing} (SceneParsing); "
+    raise DataError(f"no ADE20K under {opts.root}: expected {full} (full release) or {parsing} (SceneParsing); "
                       "pass --data-root, or get the data with `camloc data download ade20k-sceneparsing`")

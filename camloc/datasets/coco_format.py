@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from camloc.datasets.records import ImagePairs, Pair
-from camloc.errors import CamlocError
+from camloc.errors import DataError
 
 COCO_THING_MAX_ID = 90
 """COCO's 80 thing categories use ids 1..90; panoptic "detection format" files add 53 stuff ids above."""
@@ -44,49 +44,49 @@ def check_coco_dict(data, ann_file: Path, refuse_stuff: bool = False) -> dict:
     detection JSON), since they would silently become prompts."""
     where = f"annotation file {ann_file}"
     if not isinstance(data, dict):
-        raise CamlocError(f"{where} holds a JSON {type(data).__name__}, not a COCO object with images, annotations "
+        raise DataError(f"{where} holds a JSON {type(data).__name__}, not a COCO object with images, annotations "
                           "and categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise CamlocError(f"{where} has no '{key}' list; pass a COCO instances JSON")
+            raise DataError(f"{where} has no '{key}' list; pass a COCO instances JSON")
     categories = {}
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            raise CamlocError(f"{where}: categories[{i}] needs an integer 'id' and a string 'name'")
+            raise DataError(f"{where}: categories[{i}] needs an integer 'id' and a string 'name'")
         categories[cat["id"]] = cat
     stuff = [c for c in categories.values() if c.get("isthing") == 0 or (refuse_stuff and c["id"] > COCO_THING_MAX_ID)]
     if refuse_stuff and stuff:
         names = ", ".join(str(c["name"]) for c in stuff[:3])
-        raise CamlocError(f"{where} has {len(stuff)} stuff categories ({names}, ...; ids above {COCO_THING_MAX_ID} or "
+        raise DataError(f"{where} has {len(stuff)} stuff categories ({names}, ...; ids above {COCO_THING_MAX_ID} or "
                           "isthing 0, as in COCO's panoptic detection JSON): they are not COCO's 80 object classes; "
                           "pass --include-stuff to evaluate them too, or use instances_<split>.json")
     images = set()
     for i, info in enumerate(data["images"]):
         image_id = info.get("id") if isinstance(info, dict) else None
         if not _is_int(image_id):
-            raise CamlocError(f"{where}: images[{i}] has id {image_id!r}; COCO image ids must be integers")
+            raise DataError(f"{where}: images[{i}] has id {image_id!r}; COCO image ids must be integers")
         if image_id in images:
-            raise CamlocError(f"{where}: image id {image_id} appears twice in 'images'; image ids must be unique "
+            raise DataError(f"{where}: image id {image_id} appears twice in 'images'; image ids must be unique "
                               "(otherwise an image is scored against another image's boxes)")
         images.add(image_id)
         for key in ("width", "height"):
             if not _is_int(info.get(key)) or info[key] < 1:
-                raise CamlocError(f"{where}: image {image_id} has {key} {info.get(key)!r}; it must be a positive "
+                raise DataError(f"{where}: image {image_id} has {key} {info.get(key)!r}; it must be a positive "
                                   "integer (the size of the image file)")
         if not isinstance(info.get("file_name"), str) or not info["file_name"]:
-            raise CamlocError(f"{where}: image {image_id} has no 'file_name'")
+            raise DataError(f"{where}: image {image_id} has no 'file_name'")
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
-            raise CamlocError(f"{where}: annotations[{i}] is not an object")
+            raise DataError(f"{where}: annotations[{i}] is not an object")
         label = f"annotation {ann.get('id', f'#{i}')}"
         if ann.get("image_id") not in images or not _is_int(ann.get("image_id")):
-            raise CamlocError(f"{where}: {label} has image_id {ann.get('image_id')!r}, which is not in 'images'")
+            raise DataError(f"{where}: {label} has image_id {ann.get('image_id')!r}, which is not in 'images'")
         if ann.get("category_id") not in categories or not _is_int(ann.get("category_id")):
-            raise CamlocError(f"{where}: {label} has category_id {ann.get('category_id')!r}, which is not in "
+            raise DataError(f"{where}: {label} has category_id {ann.get('category_id')!r}, which is not in "
                               "'categories'")
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise CamlocError(f"{where}: {label} has bbox {bbox!r}; it must be [x, y, width, height], four finite "
+            raise DataError(f"{where}: {label} has bbox {bbox!r}; it must be [x, y, width, height], four finite "
                               "numbers")
         ann.setdefault("iscrowd", 0)  # PartImageNet's JSON has no iscrowd: its annotations are not crowd regions
     return data
@@ -98,12 +98,12 @@ def open_coco(ann_file: str | Path, option: str = "--ann-file", refuse_stuff: bo
 
     ann_file = Path(ann_file)
     if not ann_file.is_file():
-        raise CamlocError(f"annotation file {ann_file} does not exist; pass {option} or fix --data-root "
+        raise DataError(f"annotation file {ann_file} does not exist; pass {option} or fix --data-root "
                           "(see `camloc data verify`)")
     try:
         data = json.loads(ann_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CamlocError(f"annotation file {ann_file} is not a COCO instances JSON ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"annotation file {ann_file} is not a COCO instances JSON ({type(exc).__name__}: {exc})") from exc
     check_coco_dict(data, ann_file, refuse_stuff)
     if stats is not None:
         stats.update(source=f"annotation file {ann_file}", images=len(data["images"]),
@@ -219,7 +219,7 @@ def coco_pairs(
             info = coco.loadImgs(image_id)[0]
             path = locate(image_dir, info)
             if not inside(path, image_dir):
-                raise CamlocError(f"annotation file_name {info['file_name']!r} (image {image_id}) points outside the "
+                raise DataError(f"annotation file_name {info['file_name']!r} (image {image_id}) points outside the "
                                   f"image folder {image_dir}; refusing it")
             masks = functools.partial(image_masks, coco, image_id, frozenset(p.category_id for p in pairs),
                                       int(info["height"]), int(info["width"]))

@@ -14,7 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from camloc.errors import CamlocError
+from camloc.errors import DataError, OptionError
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,13 @@ def download(archive: Archive, folder: Path, verify: bool = True, progress: bool
         if exc.code == 416 and start:  # nothing left to send at or after `start` (Apache, S3, nginx)
             total = _range_total(exc.headers.get("Content-Range")) or archive.size
             if total != start:
-                raise CamlocError(f"{part} has {start} bytes, but the server's file has {total or 'an unknown number of'} "
+                raise DataError(f"{part} has {start} bytes, but the server's file has {total or 'an unknown number of'} "
                                   "bytes; delete it and run the same command again to start over") from exc
             response = None  # the .part is already complete: go on to the checksum
         else:
-            raise CamlocError(f"downloading {archive.url} failed: HTTP {exc.code} {exc.reason}") from exc
+            raise DataError(f"downloading {archive.url} failed: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
-        raise CamlocError(f"downloading {archive.url} failed ({exc}); check the network and run the same command "
+        raise DataError(f"downloading {archive.url} failed ({exc}); check the network and run the same command "
                           f"again to resume ({start} bytes kept in {part})") from exc
     if response is not None:
         with response:
@@ -94,21 +94,21 @@ def download(archive: Archive, folder: Path, verify: bool = True, progress: bool
             try:
                 _stream(response, part, start, total, archive.file_name, progress)
             except (http.client.IncompleteRead, OSError) as exc:
-                raise CamlocError(f"the connection was cut while downloading {archive.url} ({type(exc).__name__}); "
+                raise DataError(f"the connection was cut while downloading {archive.url} ({type(exc).__name__}); "
                                   f"{part.stat().st_size} bytes are kept in {part}: run the same command again to "
                                   "resume") from exc
             if total is not None and part.stat().st_size < total:
-                raise CamlocError(f"the connection was cut while downloading {archive.url}: {part.stat().st_size} of "
+                raise DataError(f"the connection was cut while downloading {archive.url}: {part.stat().st_size} of "
                                   f"{total} bytes are kept in {part}; run the same command again to resume")
     size = part.stat().st_size
     if archive.size is not None and size != archive.size:
-        raise CamlocError(f"{part} has {size} bytes, expected {archive.size}; run the same command again to resume, "
+        raise DataError(f"{part} has {size} bytes, expected {archive.size}; run the same command again to resume, "
                           "or delete the file to start over")
     sha1, sha256 = file_digests(part)
     if verify and archive.sha1 and sha1 != archive.sha1:
         bad = part.with_name(part.name + ".corrupt")
         part.rename(bad)
-        raise CamlocError(f"{archive.file_name}: SHA-1 {sha1} differs from the published {archive.sha1}; moved it to "
+        raise DataError(f"{archive.file_name}: SHA-1 {sha1} differs from the published {archive.sha1}; moved it to "
                           f"{bad}; run again to download afresh (or pass --no-verify if the server's file changed)")
     part.rename(dest)
     dest.with_name(dest.name + ".sha256").write_text(f"{sha256}  {dest.name}\n")
@@ -147,10 +147,10 @@ def extract(archive_path: Path, root: Path) -> None:
             for member in zf.namelist():
                 target = (root / member).resolve()
                 if not str(target).startswith(str(root.resolve())):
-                    raise CamlocError(f"{archive_path} holds a path outside the data root: {member}")
+                    raise DataError(f"{archive_path} holds a path outside the data root: {member}")
             zf.extractall(root)
     except zipfile.BadZipFile as exc:
-        raise CamlocError(f"{archive_path} is not a valid zip file ({exc}); delete it and download again") from exc
+        raise DataError(f"{archive_path} is not a valid zip file ({exc}); delete it and download again") from exc
     marker.write_text("ok\n")
 
 
@@ -159,12 +159,12 @@ def fetch_dataset(name: str, root: Path, split: str | None = None, verify: bool 
     """Download and extract every archive of `name` (and `split`) into `root`; returns the archives."""
     sources = sources or SOURCES
     if name not in sources:
-        raise CamlocError(f"`camloc data download` knows {', '.join(sources)}; {name!r} has no public direct URL "
+        raise DataError(f"`camloc data download` knows {', '.join(sources)}; {name!r} has no public direct URL "
                           f"(see `camloc data verify {name}` for how to obtain it)")
     splits = sources[name]
     split = split or next(iter(splits))
     if split not in splits:
-        raise CamlocError(f"--split {split!r} is not one of {', '.join(splits)} for {name}")
+        raise OptionError(f"--split {split!r} is not one of {', '.join(splits)} for {name}")
     downloads = root / "downloads"
     archives = []
     for archive in splits[split]:

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from camloc.datasets.records import FAULT_COUNTS, ImagePairs, sanitize_boxes
-from camloc.errors import CamlocError
+from camloc.errors import DataError, OptionError
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DATA_ENV = "CAMLOC_DATA"
@@ -97,10 +97,10 @@ def check_prompt_template(template: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise CamlocError(f"--prompt-template {template!r} is not a valid template ({exc}); write {{{{ and }}}} "
+        raise OptionError(f"--prompt-template {template!r} is not a valid template ({exc}); write {{{{ and }}}} "
                           "for literal braces") from None
     if fields != [""]:
-        raise CamlocError(f"--prompt-template {template!r} must contain exactly one {{}} where the class name goes "
+        raise OptionError(f"--prompt-template {template!r} must contain exactly one {{}} where the class name goes "
                           f"(found {len(fields)} field(s){': ' + ', '.join(repr('{' + f + '}') for f in fields if f) if any(fields) else ''}); "
                           "write {{ and }} for literal braces")
 
@@ -111,7 +111,7 @@ def check_unique_images(images: list[ImagePairs], name: str) -> None:
     for item in images:
         key = str(item.image_id)
         if key in seen:
-            raise CamlocError(f"dataset {name}: image id {item.image_id!r} is used by two images ({seen[key]} and "
+            raise DataError(f"dataset {name}: image id {item.image_id!r} is used by two images ({seen[key]} and "
                               f"{item.path}); image ids must be unique")
         seen[key] = item.path
 
@@ -172,14 +172,14 @@ def load_dataset(
     _load_builtin_datasets()
     spec = DATASETS.get(name)
     if spec is None:
-        raise CamlocError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     check_prompt_template(prompt_template)
     if per_class < 1:
-        raise CamlocError(f"--per-class must be at least 1, got {per_class}")
+        raise OptionError(f"--per-class must be at least 1, got {per_class}")
     if subset_seed is not None and subset_seed < 0:
-        raise CamlocError(f"--subset-seed must be 0 or more, got {subset_seed}")
+        raise OptionError(f"--subset-seed must be 0 or more, got {subset_seed}")
     if ade_extent not in ("visible", "amodal"):
-        raise CamlocError(f"--ade-extent {ade_extent!r} is not one of visible, amodal")
+        raise OptionError(f"--ade-extent {ade_extent!r} is not one of visible, amodal")
     root = data_root(data_root_dir)
     if root.name in spec.folders and not any((root / f).is_dir() for f in spec.folders):
         root = root.parent  # --data-root names the dataset's own folder: its parent is the data root
@@ -201,20 +201,20 @@ def load_dataset(
         known = {p.category for item in images for p in item.pairs}
         unknown = [c for c in classes if c not in known]
         if unknown:
-            raise CamlocError(f"--classes: {', '.join(unknown)} not in dataset {name}; it has {', '.join(sorted(known))}")
+            raise OptionError(f"--classes: {', '.join(unknown)} not in dataset {name}; it has {', '.join(sorted(known))}")
         wanted = set(classes)
         images = [item.with_pairs([p for p in item.pairs if p.category in wanted]) for item in images]
         images = [item for item in images if item.pairs]
     if limit is not None:
         if limit < 1:
-            raise CamlocError(f"--limit must be at least 1, got {limit}")
+            raise OptionError(f"--limit must be at least 1, got {limit}")
         if subset_seed is not None and limit < len(images):
             keep = np.sort(np.random.default_rng(subset_seed).choice(len(images), size=limit, replace=False))
             images = [images[i] for i in keep]
         else:
             images = images[:limit]
     if not any(item.pairs for item in images):
-        raise CamlocError(f"dataset {name} gives 0 (image, class) pairs: {_empty_reason(name, stats, counts, classes)}; "
+        raise DataError(f"dataset {name} gives 0 (image, class) pairs: {_empty_reason(name, stats, counts, classes)}; "
                           "nothing to evaluate")
     return images
 

@@ -10,6 +10,23 @@ Threshold = Union[str, float]
 NO_BOX = [0, 0, 1, 1]
 
 
+def check_threshold(value) -> Threshold:
+    """`--threshold`: "otsu", or a number in [0, 1] (also given as text)."""
+    if value == "otsu":
+        return value
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        from camloc.errors import OptionError
+
+        raise OptionError(f"--threshold {value!r} is neither 'otsu' nor a number in [0, 1]") from None
+    if not 0 <= t <= 1:
+        from camloc.errors import OptionError
+
+        raise OptionError(f"--threshold {value} is outside [0, 1]")
+    return t
+
+
 def heatmap_to_uint8(heatmap: np.ndarray) -> np.ndarray:
     """Min-max scale to 0..255 (OpenCV NORM_MINMAX, CV_8U). Non-finite values count as 0."""
     hm = np.asarray(heatmap, dtype=np.float32)

@@ -51,22 +51,22 @@ DEFAULT_INTERVAL = 0.01  # wsolevaluation evaluation.py's --cam_curve_interval d
 def parse_protocols(value) -> list[str]:
     """`"box,mask-iou"` or a list -> the protocols in PROTOCOLS order, `box` always included; an unknown
     name or a bad parameter is a `CamlocError`."""
-    from camloc.errors import CamlocError
+    from camloc.errors import OptionError
 
     names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
     unknown = [n for n in names if n not in PROTOCOLS]
     if unknown:
-        raise CamlocError(f"--protocols: unknown {', '.join(unknown)}; valid: {', '.join(PROTOCOLS)}")
+        raise OptionError(f"--protocols: unknown {', '.join(unknown)}; valid: {', '.join(PROTOCOLS)}")
     return [p for p in PROTOCOLS if p == "box" or p in names]
 
 
 def check_parameters(tolerance: float, interval: float) -> None:
-    from camloc.errors import CamlocError
+    from camloc.errors import OptionError
 
     if not tolerance >= 0:
-        raise CamlocError(f"--pointing-tolerance must be 0 or more pixels, got {tolerance}")
+        raise OptionError(f"--pointing-tolerance must be 0 or more pixels, got {tolerance}")
     if not 0 < interval < 1:
-        raise CamlocError(f"--cam-curve-interval must be in (0, 1), got {interval}")
+        raise OptionError(f"--cam-curve-interval must be in (0, 1), got {interval}")
 
 
 def cam_thresholds(interval: float = DEFAULT_INTERVAL) -> np.ndarray:
@@ -287,6 +287,55 @@ class ProtocolSums:
             out["pxap"] = pxap_from_histograms(self.pxap_fg, self.pxap_bg) if self.pxap_fg is not None else None
             out.setdefault("n_mask", self.pxap_n)
         return out
+
+
+class _DatasetState:
+    """A dataset-level protocol's state over pairs, built pair by pair (`add`) and merged by addition
+    (`a + b`, e.g. shards): the same sums the run records hold."""
+
+    FIELD = ""
+
+    def __init__(self, interval: float = DEFAULT_INTERVAL) -> None:
+        check_parameters(DEFAULT_TOLERANCE, interval)
+        self.interval = float(interval)
+        self.sums = ProtocolSums()
+
+    def _add_state(self, state) -> "_DatasetState":
+        self.sums.add({self.FIELD: state})
+        return self
+
+    def __add__(self, other: "_DatasetState") -> "_DatasetState":
+        if type(other) is not type(self) or other.interval != self.interval:
+            raise ValueError(f"only {type(self).__name__}s of one threshold step add up")
+        total = type(self)(self.interval)
+        total.sums += self.sums
+        total.sums += other.sums
+        return total
+
+
+class MaxBoxAcc(_DatasetState):
+    """MaxBoxAccV2 (wsolevaluation) over pairs: `add(heatmap, gt_boxes)` per pair, `result()` ->
+    boxacc@0.3/0.5/0.7 and maxboxacc_v2."""
+
+    FIELD = "maxboxacc_state"
+
+    def add(self, heatmap: np.ndarray, gt_boxes: list[list[float]]) -> "MaxBoxAcc":
+        return self._add_state(maxboxacc_state(heatmap, gt_boxes, self.interval))
+
+    def result(self) -> dict:
+        return self.sums.result()
+
+
+class PxAP(_DatasetState):
+    """PxAP (wsolevaluation's pixel PR-AUC) over pairs: `add(heatmap, mask)` per pair, `result()` -> pxap."""
+
+    FIELD = "pxap_state"
+
+    def add(self, heatmap: np.ndarray, mask: np.ndarray) -> "PxAP":
+        return self._add_state(pxap_state(heatmap, mask, self.interval))
+
+    def result(self) -> dict:
+        return {k: v for k, v in self.sums.result().items() if k == "pxap"}
 
 
 PROTOCOL_COLUMNS = ["mask_iou", "n_mask", "pointing", "energy_pointing", "boxacc@0.3", "boxacc@0.5", "boxacc@0.7",

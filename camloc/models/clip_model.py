@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from camloc.errors import CamlocError
+from camloc.errors import ModelError, OptionError
 from camloc.models.encoder import MaskedEncoder
 from camloc.models.families import Family, family_of
 from camloc.models.loading import import_clip, load_clip
@@ -85,9 +85,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise CamlocError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from exc
+        raise OptionError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CamlocError(f"--device {device} asked for CUDA, but no CUDA GPU is available; use --device cpu")
+        raise OptionError(f"--device {device} asked for CUDA, but no CUDA GPU is available; use --device cpu")
     return dev
 
 
@@ -95,9 +95,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
-        raise CamlocError(f"--precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+        raise OptionError(f"--precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
     if device.type == "cpu" and precision != "fp32":
-        raise CamlocError(f"--precision {precision} is for CUDA; on the CPU camloc runs fp32")
+        raise OptionError(f"--precision {precision} is for CUDA; on the CPU camloc runs fp32")
     return precision
 
 
@@ -106,7 +106,7 @@ def input_size_of(visual: torch.nn.Module) -> int:
     size = getattr(visual, "input_resolution", None) or getattr(visual, "image_size", None)
     if isinstance(size, (tuple, list)):
         if size[0] != size[1]:
-            raise CamlocError(f"non-square model input {tuple(size)} is not supported")
+            raise ModelError(f"non-square model input {tuple(size)} is not supported")
         size = size[0]
     return int(size)
 

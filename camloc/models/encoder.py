@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from camloc.errors import CamlocError
+from camloc.errors import OptionError
 
 COMPILE_CHOICES = ("auto", "on", "off")
 # What `--compile auto` means per device type, from measurements (benchmarks/README.md). 2-core CPU:
@@ -36,7 +36,7 @@ MIN_PIECE = 8  # the smallest padded piece: a remainder of 1-7 images costs one 
 def check_compile(value: str) -> str:
     """`--compile`'s value, refused in one line unless it is one of COMPILE_CHOICES."""
     if value not in COMPILE_CHOICES:
-        raise CamlocError(f"--compile {value!r} is not one of {', '.join(COMPILE_CHOICES)}")
+        raise OptionError(f"--compile {value!r} is not one of {', '.join(COMPILE_CHOICES)}")
     return value
 
 
@@ -116,7 +116,7 @@ class MaskedEncoder:
                 raise
             except Exception as exc:  # inductor needs a C++ compiler (CPU) or Triton (CUDA)
                 first = str(exc).splitlines()[0][:200] if str(exc) else ""
-                raise CamlocError(f"--compile on: torch.compile failed ({type(exc).__name__}: {first}); "
+                raise OptionError(f"--compile on: torch.compile failed ({type(exc).__name__}: {first}); "
                                   "run with --compile off") from exc
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

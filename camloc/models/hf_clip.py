@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from camloc.errors import CamlocError
+from camloc.errors import ModelError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -38,7 +38,7 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
                 return load_file(str(path)), path
             return torch.load(str(path), map_location="cpu", weights_only=True), path
-    raise CamlocError(f"{folder} has a CLIP config.json but no {' or '.join(WEIGHT_FILES)}")
+    raise ModelError(f"{folder} has a CLIP config.json but no {' or '.join(WEIGHT_FILES)}")
 
 
 def _check_config(config: dict, folder: Path) -> None:
@@ -46,11 +46,11 @@ def _check_config(config: dict, folder: Path) -> None:
         cfg = config.get(part) or {}
         act = cfg.get("hidden_act", "quick_gelu")
         if act != "quick_gelu":
-            raise CamlocError(f"{folder}: {part}.hidden_act is {act!r}; the OpenAI layout builds QuickGELU, so this "
+            raise ModelError(f"{folder}: {part}.hidden_act is {act!r}; the OpenAI layout builds QuickGELU, so this "
                               "checkpoint would run with the wrong activation; load it with open_clip instead")
         width, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
         if width and heads and width // 64 != heads:
-            raise CamlocError(f"{folder}: {part} has {heads} attention heads of width {width}; the OpenAI layout "
+            raise ModelError(f"{folder}: {part} has {heads} attention heads of width {width}; the OpenAI layout "
                               f"assumes width / 64 = {width // 64} heads, so it would split them wrongly")
 
 
@@ -100,11 +100,11 @@ def load_hf_clip(folder: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     try:
         sd = to_openai_layout(weights)
     except KeyError as exc:
-        raise CamlocError(f"{path} is not a CLIPModel checkpoint (no {exc.args[0]})") from None
+        raise ModelError(f"{path} is not a CLIPModel checkpoint (no {exc.args[0]})") from None
     for part, prefix in (("text_config", "transformer.resblocks."), ("vision_config", "visual.transformer.resblocks.")):
         expected = (config.get(part) or {}).get("num_hidden_layers")
         found = sum(1 for k in sd if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
         if expected is not None and expected != found:
-            raise CamlocError(f"{path}: {part}.num_hidden_layers is {expected}, the weights have {found}; the "
+            raise ModelError(f"{path}: {part}.num_hidden_layers is {expected}, the weights have {found}; the "
                               "checkpoint is truncated or not this config's")
     return sd, path

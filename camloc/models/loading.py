@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from camloc.errors import CamlocError
+from camloc.errors import ModelError
 from camloc.models.specs import ALL_SPECS, OFFICIAL_SPECS, ModelSpec
 
 CACHE_ENV = "CAMLOC_CACHE_DIR"
@@ -45,7 +45,7 @@ def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a CLIP checkpoint: a published TorchScript archive or a (possibly wrapped) state_dict."""
     path = Path(path)
     if not path.is_file():
-        raise CamlocError(f"checkpoint file {path} does not exist: pass an existing .pt file to --model")
+        raise ModelError(f"checkpoint file {path} does not exist: pass an existing .pt file to --model")
     try:
         return torch.jit.load(str(path), map_location="cpu").state_dict()
     except Exception:  # not TorchScript: try a pickled state_dict next
@@ -53,14 +53,14 @@ def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CamlocError(
+        raise ModelError(
             f"checkpoint file {path} could not be read as a TorchScript archive or a torch state_dict "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); pass a CLIP .pt file"
         ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CamlocError(f"checkpoint file {path} does not hold a state_dict of tensors; pass a CLIP .pt file")
+        raise ModelError(f"checkpoint file {path} does not hold a state_dict of tensors; pass a CLIP .pt file")
     return obj
 
 
@@ -69,14 +69,14 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> t
     required = ("visual.conv1.weight", "text_projection", "token_embedding.weight", "logit_scale")
     missing = [k for k in required if k not in state_dict]
     if missing:
-        raise CamlocError(
+        raise ModelError(
             f"{source} is not a CLIP checkpoint (missing {', '.join(missing)}); "
             "pass an OpenAI CLIP checkpoint or an official model name (see `camloc list models`)"
         )
     try:
         model = import_clip().model.build_model(dict(state_dict))
     except Exception as exc:
-        raise CamlocError(f"{source} could not be built as a CLIP model ({type(exc).__name__}: {exc})") from exc
+        raise ModelError(f"{source} could not be built as a CLIP model ({type(exc).__name__}: {exc})") from exc
     return model.float().eval()
 
 
@@ -123,7 +123,7 @@ def _download_official(name: str, cache_dir: Path) -> Path:
                          f"the release {expected[:12]}...: truncated or corrupt; delete it)")
             else:
                 found = "the file there passed the SHA-256 check"
-        raise CamlocError(
+        raise ModelError(
             f"could not get CLIP weights for {name!r}: looked for {target} (cache folder from --cache-dir or "
             f"${CACHE_ENV}) and {found}, then downloading {url} failed ({type(exc).__name__}: {str(exc)[:160]}); "
             f"download that file on a machine with internet access and put it at {target}, "
@@ -184,7 +184,7 @@ def _load_clip(name_or_path: str, cache_dir: str | Path | None) -> tuple[torch.n
     if looks_like_path or Path(name_or_path).exists():
         sd = state_dict_from_file(name_or_path)
         return build_from_state_dict(sd, name_or_path), canonical_model_name(name_or_path)
-    raise CamlocError(
+    raise ModelError(
         f"unknown model {name_or_path!r}; valid names: {', '.join(ALL_SPECS)}; or pass a path to a checkpoint file"
     )
 

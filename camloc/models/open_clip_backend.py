@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from camloc.errors import CamlocError
+from camloc.errors import ModelError, OptionError
 
 PREFIX = "open_clip:"
 HF_PREFIX = "hf-hub:"
@@ -34,7 +34,7 @@ def import_open_clip():
     try:
         import open_clip
     except ImportError as exc:
-        raise CamlocError("the open_clip backend needs open-clip-torch: pip install 'camloc[open-clip]'") from exc
+        raise ModelError("the open_clip backend needs open-clip-torch: pip install 'camloc[open-clip]'") from exc
     register_tiny_configs(open_clip)
     return open_clip
 
@@ -44,11 +44,11 @@ def parse(name: str) -> tuple[str, str]:
     rest = name[len(PREFIX):]
     if rest.startswith(HF_PREFIX):
         if len(rest) == len(HF_PREFIX):
-            raise CamlocError(f"--model {name!r}: give the hub repository, open_clip:hf-hub:ORG/REPO")
+            raise OptionError(f"--model {name!r}: give the hub repository, open_clip:hf-hub:ORG/REPO")
         return rest, "hf-hub"
     arch, sep, weights = rest.partition(":")
     if not sep or not arch or not weights:
-        raise CamlocError(f"--model {name!r} must look like open_clip:ARCH:TAG, open_clip:ARCH:/path/ckpt.pt, "
+        raise OptionError(f"--model {name!r} must look like open_clip:ARCH:TAG, open_clip:ARCH:/path/ckpt.pt, "
                           "open_clip:ARCH:random or open_clip:hf-hub:ORG/REPO (see `camloc list models --backend "
                           "open_clip`)")
     return arch, weights
@@ -90,13 +90,13 @@ def load(name: str, cache_dir: str | Path | None = None):
         try:
             model = open_clip.create_model(arch, cache_dir=cache)
         except Exception as exc:
-            raise CamlocError(f"could not get open_clip model {arch!r} from the Hugging Face hub ({type(exc).__name__}: "
+            raise ModelError(f"could not get open_clip model {arch!r} from the Hugging Face hub ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160]}); with HF_HUB_OFFLINE=1 it must be in the hub cache "
                               f"({cache or 'the default ~/.cache/huggingface'})") from exc
     else:
         if arch not in open_clip.list_models():
             close = [m for m in open_clip.list_models() if arch.lower() in m.lower()][:6]
-            raise CamlocError(f"open_clip has no architecture {arch!r}" + (f"; close: {', '.join(close)}" if close else "")
+            raise ModelError(f"open_clip has no architecture {arch!r}" + (f"; close: {', '.join(close)}" if close else "")
                               + " (see `camloc list models --backend open_clip`)")
         if weights == "random" or weights.startswith("random@"):
             seed = int(weights.partition("@")[2] or 0)
@@ -107,12 +107,12 @@ def load(name: str, cache_dir: str | Path | None = None):
         elif _is_file_spec(weights):
             path = Path(weights)
             if not path.is_file():
-                raise CamlocError(f"open_clip checkpoint {path} does not exist: give an existing file after "
+                raise ModelError(f"open_clip checkpoint {path} does not exist: give an existing file after "
                                   f"open_clip:{arch}:")
             try:
                 model = open_clip.create_model(arch, pretrained=str(path))
             except Exception as exc:
-                raise CamlocError(f"{path} could not be loaded as open_clip {arch} weights ({type(exc).__name__}: "
+                raise ModelError(f"{path} could not be loaded as open_clip {arch} weights ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0][:200]})") from exc
             info.update(weights=str(path.resolve()), sha256=file_sha256(path))
         else:
@@ -139,13 +139,13 @@ def _quietly(fn, *args, **kwargs):
 def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if tag not in tags:
-        raise CamlocError(f"open_clip {arch} has no pretrained tag {tag!r}; it has {', '.join(tags) or 'none'} (or give "
+        raise ModelError(f"open_clip {arch} has no pretrained tag {tag!r}; it has {', '.join(tags) or 'none'} (or give "
                           "a checkpoint file or random)")
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     if cfg.get("quick_gelu") and not arch.endswith("-quickgelu"):
         quick = f"{arch}-quickgelu"
         if quick not in open_clip.list_models():
-            raise CamlocError(f"open_clip:{arch}:{tag} are QuickGELU weights on an architecture without QuickGELU, "
+            raise ModelError(f"open_clip:{arch}:{tag} are QuickGELU weights on an architecture without QuickGELU, "
                               "which builds the wrong activation; no -quickgelu variant exists to map it to")
         info["mapped_from"] = arch
         arch = quick
@@ -159,7 +159,7 @@ def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
         model = open_clip.create_model(arch, pretrained=path)
     except Exception as exc:
         offline = " (HF_HUB_OFFLINE is set)" if offline else ""
-        raise CamlocError(f"could not get open_clip weights {arch}:{tag}: hub repository {repo} "
+        raise ModelError(f"could not get open_clip weights {arch}:{tag}: hub repository {repo} "
                           f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) is not in the cache "
                           f"{cache or '~/.cache/huggingface'} and could not be downloaded{offline} "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); download it on a machine with "
@@ -203,7 +203,7 @@ def _tokenizer(open_clip, arch: str):
     try:
         return open_clip.get_tokenizer(arch)
     except Exception as exc:
-        raise CamlocError(f"the tokenizer of open_clip {arch} could not be loaded ({type(exc).__name__}: "
+        raise ModelError(f"the tokenizer of open_clip {arch} could not be loaded ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:120]}); SigLIP-style tokenizers come from the Hugging Face hub "
                           "and need it once (or its cache); in Python, give precomputed text embeddings with "
                           "ClipModel.set_text_features") from exc

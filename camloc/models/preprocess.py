@@ -7,7 +7,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from camloc.errors import CamlocError
+from camloc.errors import CamlocError, ImageError, OptionError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -18,14 +18,14 @@ def _check_path(path: Path) -> None:
 
     text = str(path)
     if re.match(r"^[a-z][a-z0-9+.-]+:/", text, re.IGNORECASE):  # http://..., as a Path makes it http:/...
-        raise CamlocError(f"image {text} is a URL: camloc reads local files; download it first and pass the file")
+        raise ImageError(f"image {text} is a URL: camloc reads local files; download it first and pass the file")
     if path.is_dir():
-        raise CamlocError(f"image {path} is a folder, not an image file; pass a JPEG or PNG file")
+        raise ImageError(f"image {path} is a folder, not an image file; pass a JPEG or PNG file")
     if not path.is_file():
-        raise CamlocError(f"image file {path} does not exist")
+        raise ImageError(f"image file {path} does not exist")
 
 
-class ImageTooLarge(CamlocError):
+class ImageTooLarge(ImageError):
     """An image above Pillow's decompression-bomb limit (`--max-pixels` raises it)."""
 
 
@@ -39,7 +39,7 @@ def set_max_pixels(limit: int | None) -> None:
     """`--max-pixels`: raise Pillow's decompression-bomb limit (default about 89 million pixels)."""
     if limit is not None:
         if limit < 1:
-            raise CamlocError(f"--max-pixels must be a positive number of pixels, got {limit}")
+            raise OptionError(f"--max-pixels must be a positive number of pixels, got {limit}")
         Image.MAX_IMAGE_PIXELS = limit
 
 
@@ -92,7 +92,7 @@ def _read(path: str | Path, action):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb_error(path, exc) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise CamlocError(f"image file {path} could not be read as an image ({exc}); pass a JPEG or PNG file") from exc
+        raise ImageError(f"image file {path} could not be read as an image ({exc}); pass a JPEG or PNG file") from exc
 
 
 def load_image(path: str | Path, exif_transpose: bool = False) -> Image.Image:

@@ -17,16 +17,17 @@ from pathlib import Path
 
 from camloc.datasets import count_pairs, load_dataset
 from camloc.datasets.records import data_identity
-from camloc.errors import CamlocError
+from camloc.errors import DataError, OptionError, RunFolderError
 from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import check_parameters, parse_protocols
-from camloc.heatmap_cache import HeatmapCache, dataset_key
-from camloc.progress import progress_bar
-from camloc.runfiles import (RECORD_FIELDS, append_jsonl, folder_lock, prepare_out_dir, read_jsonl, read_run_records,
-                             record_files)
-from camloc.runner import (CONFIG, EvalConfig, _check_config, _pending, finish_run, pair_records,
-                           recorded_data_options)
-from camloc.sharding import assign_images, records_name
+from camloc.run.files import (RECORD_FIELDS, append_jsonl, folder_lock, prepare_out_dir, read_jsonl, read_run_records,
+                              record_files)
+from camloc.run.finish import finish_run
+from camloc.run.heatmap_cache import HeatmapCache, dataset_key
+from camloc.run.identity import CONFIG, EvalConfig, check_config, recorded_data_options
+from camloc.run.pipeline import pair_records, pending
+from camloc.run.progress import progress_bar
+from camloc.run.sharding import assign_images, records_name
 
 DEVICE = "none: rescored from the saved heatmaps"
 
@@ -35,12 +36,12 @@ def source_config(run_dir: Path) -> EvalConfig:
     """The EvalConfig a run folder was written with."""
     path = run_dir / CONFIG
     if not path.is_file():
-        raise CamlocError(f"{run_dir} is not a camloc eval run folder (no {CONFIG})")
+        raise RunFolderError(f"{run_dir} is not a camloc eval run folder (no {CONFIG})")
     data = json.loads(path.read_text())
     known = {f.name for f in fields(EvalConfig)}
     unknown = sorted(set(data) - known)
     if unknown or "model" not in data or "methods" not in data:
-        raise CamlocError(f"{path} is not a config of this camloc version (fields {', '.join(unknown) or 'missing'}); "
+        raise RunFolderError(f"{path} is not a config of this camloc version (fields {', '.join(unknown) or 'missing'}); "
                           "rerun the evaluation with --save-heatmaps")
     return EvalConfig(**data)
 
@@ -54,10 +55,10 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
     run_dir, rank, world = Path(run_dir), *shard
     source = source_config(run_dir)
     if source.heatmaps != "float16" or not (run_dir / "heatmaps").is_dir():
-        raise CamlocError(f"{run_dir} was run without --save-heatmaps, so it has no maps to rescore; rerun it with "
+        raise RunFolderError(f"{run_dir} was run without --save-heatmaps, so it has no maps to rescore; rerun it with "
                           "--save-heatmaps")
     if Path(out).resolve() == run_dir.resolve():
-        raise CamlocError("--out must be a new folder: rescore never changes the source run")
+        raise OptionError("--out must be a new folder: rescore never changes the source run")
     config = EvalConfig(**{**source.identity(), "protocols": parse_protocols(protocols)})
     if pointing_tolerance is not None:
         config.pointing_tolerance = pointing_tolerance
@@ -74,7 +75,7 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
                           ade_extent=source.ade_extent or "visible", sources=sources, **where)
     identity = data_identity(images)
     if identity["pairs_sha256"] != (source.data or {}).get("pairs_sha256"):
-        raise CamlocError(f"the data found now ({identity['image_root']}, {identity['n_pairs']} pairs) is not the data "
+        raise DataError(f"the data found now ({identity['image_root']}, {identity['n_pairs']} pairs) is not the data "
                           f"{run_dir} was scored on ({(source.data or {}).get('image_root')}, "
                           f"{(source.data or {}).get('n_pairs')} pairs); give the same --data-root, --ann-file and "
                           "--image-dir as that run, or none to read the data where that run read it")
@@ -89,7 +90,7 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
     out = prepare_out_dir(out)
     lock = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
     with folder_lock(out, lock):
-        _check_config(out, config, force_new)
+        check_config(out, config, force_new)
         link = out / "heatmaps"
         if not link.exists():
             os.symlink((run_dir / "heatmaps").resolve(), link, target_is_directory=True)
@@ -103,7 +104,7 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
                 done |= {record_key(r) for r in read_jsonl(other, required=RECORD_FIELDS)}
         # the source's own (pair, method) records, less those already rescored
         work = [(item, {k: [m for m in ms if (*k, m) in scored] for k, ms in todo.items()})
-                for item, todo in _pending(assign_images(images, rank, world), config.methods, done)]
+                for item, todo in pending(assign_images(images, rank, world), config.methods, done)]
         work = [(item, {k: ms for k, ms in todo.items() if ms}) for item, todo in work]
         work = [(item, todo) for item, todo in work if todo]
         n_new = 0

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from camloc.errors import CamlocError
-from camloc.report import _kind, build_report, long_table
-from camloc.runfiles import atomic_write_text, read_run_records
+from camloc.errors import RunFolderError
+from camloc.report.tables import _kind, build_report, long_table
+from camloc.run.files import atomic_write_text, read_run_records
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}h2{border-bottom:2px solid #333}
@@ -97,7 +97,7 @@ def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper
     dirs = [Path(d) for d in run_dirs]
     for d in dirs:
         if not d.is_dir():
-            raise CamlocError(f"run folder {d} does not exist")
+            raise RunFolderError(f"run folder {d} does not exist")
     body = ["<h1>camloc report</h1>"]
     eval_dirs = [d for d in dirs if _kind(d) == "eval"]
     if eval_dirs:

@@ -17,7 +17,7 @@ import numpy as np
 
 from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import METHODS, list_methods
-from camloc.runfiles import atomic_write_bytes
+from camloc.run.files import atomic_write_bytes
 
 
 def _where(path: str) -> str:
@@ -145,12 +145,12 @@ class HeatmapCache:
             prompt: str | None = None) -> tuple[str, np.ndarray, tuple[int, int]]:
         """(kind, native float16 map, raw size (W, H)) of one pair; with `image_path`/`prompt`, an entry
         made from another file or prompt is an error rather than a wrong map."""
-        from camloc.errors import CamlocError
+        from camloc.errors import RunFolderError
 
         path = self.path(method, image_id)
         with np.load(path) as data:
             if not self._matches(data, image_path, {category_id: prompt} if prompt is not None else None):
-                raise CamlocError(f"heatmap cache entry {path} was made from another image file or prompt than "
+                raise RunFolderError(f"heatmap cache entry {path} was made from another image file or prompt than "
                                   f"image {image_id} / category {category_id} of this run; delete it to recompute")
             return str(data["kind"]), data[f"c{category_id}"], tuple(int(v) for v in data["raw_size"])
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from camloc.errors import CamlocError
+from camloc.errors import RunFolderError
 
 
 def _umask() -> int:
@@ -83,7 +83,7 @@ def read_jsonl(path: str | Path, repair: bool = False, required: tuple[str, ...]
         elif skipped is not None:
             skipped.append((str(path), line_no, problem))
         else:
-            raise CamlocError(f"{path} line {line_no} is {problem}; fix or delete that line, or {SKIP_HINT}")
+            raise RunFolderError(f"{path} line {line_no} is {problem}; fix or delete that line, or {SKIP_HINT}")
     if repair and good_end < len(data):
         with open(path, "r+b") as f:
             f.truncate(good_end)
@@ -119,16 +119,16 @@ def prepare_out_dir(path: str | Path, option: str = "--out") -> Path:
     created or written, each with one line naming the option."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise CamlocError(f"{option} {path} is a file; give a folder for the results")
+        raise RunFolderError(f"{option} {path} is a file; give a folder for the results")
     resolved = path.resolve()
     if resolved == Path(resolved.anchor):
-        raise CamlocError(f"{option} {path} is the filesystem root; give a folder of its own for the results")
+        raise RunFolderError(f"{option} {path} is the filesystem root; give a folder of its own for the results")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".camloc-write-test.", delete=True)
         probe.close()
     except OSError as exc:
-        raise CamlocError(f"{option} {path} cannot be written ({exc.strerror or exc}); choose a writable folder") from None
+        raise RunFolderError(f"{option} {path} cannot be written ({exc.strerror or exc}); choose a writable folder") from None
     return path
 
 
@@ -159,7 +159,7 @@ def folder_lock(folder: Path, name: str = ".lock", what: str = "run folder"):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise CamlocError(f"{what} {folder} is in use by {holder} (lock {path}); wait for it to finish, or use "
+        raise RunFolderError(f"{what} {folder} is in use by {holder} (lock {path}); wait for it to finish, or use "
                           "another output folder") from None
     try:
         handle.seek(0)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 
 from camloc.datasets import ImagePairs
-from camloc.errors import CamlocError
-from camloc.runfiles import record_files  # noqa: F401  (re-exported: shard record files)
+from camloc.errors import OptionError, RunFolderError
+from camloc.run.files import record_files  # noqa: F401  (re-exported: shard record files)
 
 
 def _env_int(env, name: str) -> int | None:
@@ -18,7 +18,7 @@ def _env_int(env, name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise CamlocError(f"environment variable {name}={value!r} is not an integer") from None
+        raise RunFolderError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def resolve_shard(option: str | None = None, env=None) -> tuple[int, int]:
@@ -28,7 +28,7 @@ def resolve_shard(option: str | None = None, env=None) -> tuple[int, int]:
         try:
             rank, world = (int(v) for v in option.split("/"))
         except ValueError:
-            raise CamlocError(f"--shard {option!r} must look like i/n, e.g. 0/4") from None
+            raise OptionError(f"--shard {option!r} must look like i/n, e.g. 0/4") from None
     elif _env_int(env, "WORLD_SIZE") is not None:
         rank, world = _env_int(env, "RANK") or 0, _env_int(env, "WORLD_SIZE")
     elif _env_int(env, "SLURM_NTASKS") is not None:
@@ -36,7 +36,7 @@ def resolve_shard(option: str | None = None, env=None) -> tuple[int, int]:
     else:
         return 0, 1
     if world < 1 or not 0 <= rank < world:
-        raise CamlocError(f"shard {rank}/{world} is out of range: the rank must satisfy 0 <= rank < {world}")
+        raise RunFolderError(f"shard {rank}/{world} is out of range: the rank must satisfy 0 <= rank < {world}")
     return rank, world
 
 

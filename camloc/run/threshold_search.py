@@ -20,18 +20,18 @@ from camloc.cams.options import default_options
 from camloc.cams.registry import check_method_options, resolve_methods, resolve_options
 from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
 from camloc.datasets.records import data_identity
-from camloc.errors import CamlocError
+from camloc.errors import RunFolderError
 from camloc.evaluators.threshold import Item, best_threshold, score_items, threshold_grid
-from camloc.heatmap_cache import HeatmapCache, dataset_key
 from camloc.models import ClipModel, load_image, resolve_device, resolve_precision
 from camloc.models.loading import canonical_model_name
 from camloc.models.open_clip_backend import is_open_clip
 from camloc.models.specs import family_hint
-from camloc.progress import progress_bar
-from camloc.provenance import git_commit, package_versions
-from camloc.runfiles import atomic_write_text, folder_lock, prepare_out_dir, write_json
-from camloc.runner import check_images
-from camloc.sharding import assign_images, process_group_ready, rank_device
+from camloc.run.files import atomic_write_text, folder_lock, prepare_out_dir, write_json
+from camloc.run.heatmap_cache import HeatmapCache, dataset_key
+from camloc.run.pipeline import check_images
+from camloc.run.progress import progress_bar
+from camloc.run.provenance import git_commit, package_versions
+from camloc.run.sharding import assign_images, process_group_ready, rank_device
 
 DEFAULT_MODEL = "RN50x16"  # rows without a model name in Table S1
 DISPLAY = {"gradcam": "GradCAM", "gradcam++": "GradCAM++", "xgradcam": "xGradCAM", "groupcam": "GroupCAM",
@@ -61,7 +61,7 @@ def search_and_score(train: list[Item], val: list[Item], thresholds: list[float]
     """Grid-search one threshold on `train` (best mean IoU, lowest on ties), then score `val` with it and
     with Otsu. Returns the train curve and the val single/Otsu mean IoUs (difference = Otsu - single)."""
     if not train or not val:
-        raise CamlocError("threshold search needs at least one train pair and one val pair")
+        raise RunFolderError("threshold search needs at least one train pair and one val pair")
     train_ious = score_items(train, thresholds, convention, workers)
     curve = train_ious[:, :-1].mean(axis=0)
     best = best_threshold(thresholds, curve)

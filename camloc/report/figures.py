@@ -41,10 +41,10 @@ def _legend(fig, with_gt: bool) -> None:
 
 
 def _colorbar(fig, axes) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    mappable = plt.cm.ScalarMappable(norm=Normalize(0, 1), cmap="jet")
+    mappable = ScalarMappable(norm=Normalize(0, 1), cmap="jet")
     fig.colorbar(mappable, ax=axes, fraction=0.015, pad=0.01, label="heatmap (min-max)")
 
 
@@ -75,27 +75,39 @@ def draw_boxes(ax, box: list[int], gt_boxes: list[list[float]] | None, gt_lw: fl
     ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=2))
 
 
+def _figure(figsize: tuple[float, float], rows: int, cols: int):
+    """A matplotlib Figure and its (rows, cols) axes, outside pyplot (no global state, no backend switch:
+    it displays in a notebook and saves anywhere)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _finish(fig, path: str | Path | None):
+    """Save `fig` to `path` (dpi 80), or return it when there is no path."""
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=80)
+    return None
+
+
 def pipeline_figure(
     image: Image.Image,
     rows: list[tuple[str, np.ndarray]],
-    path: str | Path,
+    path: str | Path | None = None,
     threshold="otsu",
     gt_boxes: list[list[float]] | None = None,
-) -> None:
-    """Write a picture with one row per (label, raw-size heatmap) and the five stages as columns; a
-    legend, a colour bar, the IoU with `gt_boxes`, constant (e.g. all-zero) maps flagged in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+):
+    """A picture with one row per (label, raw-size heatmap) and the five stages as columns; a legend, a
+    colour bar, the IoU with `gt_boxes`, constant (e.g. all-zero) maps flagged in red. Written to `path`,
+    or returned as a matplotlib Figure when `path` is None."""
     rgb = np.asarray(image.convert("RGB"))
     height, width = rgb.shape[:2]
     scale = display_scale((width, height))
     small = _small(rgb, scale)
     extent = (0, width, height, 0)  # drawn small, in the image's own coordinates
-    fig, axes = plt.subplots(len(rows), len(STAGES), figsize=(3 * len(STAGES), 2.6 * len(rows) + 0.5), squeeze=False,
-                             layout="constrained")
+    fig, axes = _figure((3 * len(STAGES), 2.6 * len(rows) + 0.5), len(rows), len(STAGES))
     for r, (label, heatmap) in enumerate(rows):
         gray = heatmap_to_uint8(heatmap)
         binary = binarize(gray, threshold)
@@ -119,26 +131,21 @@ def pipeline_figure(
     _colorbar(fig, axes)
     _legend(fig, bool(gt_boxes))
     fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return _finish(fig, path)
 
 
 def comparison_figure(
     image: Image.Image,
     prompts: list[str],
     heatmaps: dict[str, np.ndarray],
-    path: str | Path,
+    path: str | Path | None = None,
     threshold="otsu",
     gt_boxes: list[list[float]] | None = None,
-) -> None:
+):
     """Methods side by side (appendix Figs. S4-S10): rows = prompts, columns = input then one
     heatmap overlay per method with its box (green) and the ground truth (white, dashed); legend,
-    colour bar, IoUs with `gt_boxes`, constant maps flagged."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    colour bar, IoUs with `gt_boxes`, constant maps flagged. Written to `path`, or returned as a
+    matplotlib Figure when `path` is None."""
     from camloc.evaluators import box_from_heatmap
 
     rgb = np.asarray(image.convert("RGB"))
@@ -148,8 +155,7 @@ def comparison_figure(
     extent = (0, width, height, 0)
     methods = list(heatmaps)
     cols = 1 + len(methods)
-    fig, axes = plt.subplots(len(prompts), cols, figsize=(2.6 * cols, 2.4 * len(prompts) + 0.5), squeeze=False,
-                             layout="constrained")
+    fig, axes = _figure((2.6 * cols, 2.4 * len(prompts) + 0.5), len(prompts), cols)
     for r, prompt in enumerate(prompts):
         axes[r][0].imshow(small, extent=extent)
         axes[r][0].set_ylabel(f"'{prompt}'", fontsize=9)
@@ -171,8 +177,7 @@ def comparison_figure(
     _colorbar(fig, axes[:, 1:])
     _legend(fig, bool(gt_boxes))
     fig.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return _finish(fig, path)
 
 
 def pair_overlay(image: Image.Image, heatmap: np.ndarray, box: list[int], gt_boxes: list[list[float]],

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from camloc.errors import CamlocError
+from camloc.errors import OptionError, RunFolderError
 from camloc.evaluators import meters_by
 from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import PROTOCOL_COLUMNS
-from camloc.runfiles import NOT_IDENTITY, read_run_records, record_files
-from camloc.threshold_search import DISPLAY, table_s1
+from camloc.run.files import NOT_IDENTITY, read_run_records, record_files
+from camloc.run.threshold_search import DISPLAY, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
                 "gscorecam-abs", "hilacam", "rise"]  # the appendix's column order, then the later methods
@@ -42,9 +42,9 @@ def _kind(run_dir: Path) -> str:
     if record_files(run_dir) and (run_dir / "config.json").is_file():
         return "eval"
     if record_files(run_dir):
-        raise CamlocError(f"{run_dir} holds records but no config.json, so what they measure is unknown; it cannot "
+        raise RunFolderError(f"{run_dir} holds records but no config.json, so what they measure is unknown; it cannot "
                           "be reported (rerun it with camloc eval --force-new)")
-    raise CamlocError(f"{run_dir} is not a camloc run folder (no pairs.jsonl + config.json, no table_s1.csv)")
+    raise RunFolderError(f"{run_dir} is not a camloc run folder (no pairs.jsonl + config.json, no table_s1.csv)")
 
 
 IDENTITY_SHOWN = ["model", "dataset"]
@@ -74,7 +74,7 @@ def _check_complete(group: dict, allow_incomplete: bool) -> None:
     missing = total - len(group["records"])
     if missing > 0:
         folders = ", ".join(sorted({str(d) for d in group["dirs"]}))
-        raise CamlocError(f"{folders}: {missing} of {total} (pair, method) records are missing (shards still running "
+        raise RunFolderError(f"{folders}: {missing} of {total} (pair, method) records are missing (shards still running "
                           "or not started?); finish the run with the same command, or pass --allow-incomplete to "
                           "report what is there")
 
@@ -89,7 +89,7 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
     for run_dir in run_dirs:
         kind = _kind(run_dir)
         if kind != "eval":
-            raise CamlocError(f"{run_dir} is a threshold-search folder: report it with --layout s1 (the long and s3 "
+            raise RunFolderError(f"{run_dir} is a threshold-search folder: report it with --layout s1 (the long and s3 "
                               "layouts read eval runs)")
         identity = _identity(run_dir)
         records = read_run_records(run_dir, skip_bad, skipped)
@@ -101,7 +101,7 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
         for r in records:
             key = (r.get("model"), *record_key(r))
             if key in group["records"] and group["records"][key]["iou"] != r["iou"]:
-                raise CamlocError(f"{group['where'][key]} and {run_dir} both hold image {key[1]} / category {key[2]} / "
+                raise RunFolderError(f"{group['where'][key]} and {run_dir} both hold image {key[1]} / category {key[2]} / "
                                   f"{key[3]} with the same config but different IoUs ({group['records'][key]['iou']} "
                                   f"vs {r['iou']}); report them separately")
             group["records"].setdefault(key, r)
@@ -140,12 +140,12 @@ def s3_table(long: pd.DataFrame, compare_paper: bool = False) -> pd.DataFrame:
     fields as columns; two configs never share a cell. With `compare_paper` every model row is
     followed by its "(paper)" and "(difference)" rows."""
     if long.empty:
-        raise CamlocError("no eval runs to report (give camloc eval run folders)")
+        raise RunFolderError("no eval runs to report (give camloc eval run folders)")
     extra = [c for c in long.columns if c not in LONG_COLUMNS and c not in PROTOCOL_COLUMNS]
     index = ["model"] + (["dataset"] if long["dataset"].nunique() > 1 else []) + extra
     keyed = long.set_index(index + ["method"])["mean_iou"]
     if keyed.index.has_duplicates:  # cannot happen by construction (long_table groups by identity): refuse anyway
-        raise CamlocError("two different configs would share a cell of the s3 table; report them separately")
+        raise RunFolderError("two different configs would share a cell of the s3 table; report them separately")
     table = keyed.unstack("method")
     methods = [m for m in METHOD_ORDER if m in table.columns] + sorted(m for m in table.columns if m not in METHOD_ORDER)
     rows = []
@@ -174,11 +174,11 @@ def s1_table(run_dirs: list[Path], compare_paper: bool = False) -> pd.DataFrame:
         for model, method in zip(part["model"], part["method"]):
             seen = configs.setdefault((model, method), (config, d))
             if seen[0] != config:
-                raise CamlocError(f"{seen[1]} and {d} both have a {method} row for {model} but from different configs "
+                raise RunFolderError(f"{seen[1]} and {d} both have a {method} row for {model} but from different configs "
                                   "(datasets, grid, options or data); report them separately")
         parts.append(part)
     if not parts:
-        raise CamlocError("no threshold-search runs to report (give camloc threshold-search output folders)")
+        raise RunFolderError("no threshold-search runs to report (give camloc threshold-search output folders)")
     rows = pd.concat(parts, ignore_index=True).drop_duplicates(subset=["model", "method"], keep="first")
     full = table_s1(rows.to_dict("records"))
     table = pd.DataFrame({"method": full["label"], "single value": 100 * full["single"], "Otsu": 100 * full["otsu"],
@@ -202,7 +202,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
         return shown.to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
     if fmt == "latex":
         return table.to_latex(index=False, float_format="%.4f", na_rep="--")
-    raise CamlocError(f"--format {fmt!r} is not one of md, csv, latex")
+    raise OptionError(f"--format {fmt!r} is not one of md, csv, latex")
 
 
 def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper: bool = False,
@@ -210,7 +210,7 @@ def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper
     dirs = [Path(d) for d in run_dirs]
     for d in dirs:
         if not d.is_dir():
-            raise CamlocError(f"run folder {d} does not exist")
+            raise RunFolderError(f"run folder {d} does not exist")
         _kind(d)
     if layout == "long":
         return long_table(dirs, skip_bad, skipped, allow_incomplete)
@@ -219,10 +219,10 @@ def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper
     if layout == "s1":
         evals = [d for d in dirs if _kind(d) == "eval"]
         if evals:
-            raise CamlocError(f"{evals[0]} is an eval run: --layout s1 reads threshold-search folders (use long or s3 "
+            raise RunFolderError(f"{evals[0]} is an eval run: --layout s1 reads threshold-search folders (use long or s3 "
                               "for eval runs)")
         return s1_table(dirs, compare_paper)
-    raise CamlocError(f"--layout {layout!r} is not one of s1, s3, long")
+    raise OptionError(f"--layout {layout!r} is not one of s1, s3, long")
 
 
 __all__ = ["build_report", "render", "long_table", "s1_table", "s3_table"]

@@ -1,0 +1,278 @@
+"""camloc from Python: the same engine, options and run folders as the command line.
+
+    import camloc
+    model = camloc.load_model("tiny-rn")                 # any --model form: RN50, open_clip:..., a path
+    ex = camloc.explain(model, "cat.jpg", ["a cat", "a dog"], methods=["gradcam", "layercam"])
+    ex.maps["gradcam"]                                   # (P, H, W) float32 at the image's size
+    ex.boxes["gradcam"][0], ex.scores                    # Algorithm 1 boxes, the prompts' scores
+    fig = ex.plot()                                      # the explain figure (a matplotlib Figure)
+    summary = camloc.evaluate(model, "demo", ["gradcam"], out="runs/demo")   # = camloc eval
+
+The command line is a thin layer over these functions: every check and every number comes from here.
+Errors are `camloc.errors` kinds (OptionError, DataError, ImageError, ModelError, RunFolderError),
+each with the one-line message the command line prints.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: busy-waiting threads crawl on small machines
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from camloc.cams.options import count_or_auto, parse_method_options  # noqa: E402
+from camloc.errors import ImageError, OptionError  # noqa: E402
+from camloc.evaluators.boxes import box_from_heatmap, check_threshold  # noqa: E402
+from camloc.models.clip_model import ClipModel  # noqa: E402
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+
+
+def load_model(name: str, device: str = "auto", precision: str = "auto",
+               cache_dir: str | Path | None = None) -> ClipModel:
+    """A CLIP model by any `--model` form (`camloc list models`): an official OpenAI name, `tiny-rn`,
+    `random-RN50`, `open_clip:ARCH:TAG|FILE|random`, `open_clip:hf-hub:ORG/REPO`, a checkpoint or a
+    Hugging Face folder. `device`: auto, cpu, cuda, cuda:N; `precision`: auto, fp32, fp16, bf16."""
+    return ClipModel.load(str(name), device=device, precision=precision, cache_dir=cache_dir)
+
+
+def _model(model: ClipModel | str) -> ClipModel:
+    return model if isinstance(model, ClipModel) else load_model(model)
+
+
+def _prompts(prompts: str | Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise OptionError("prompts must be a text or a non-empty list of texts")
+    return prompts
+
+
+def _input_image(model: ClipModel, tensor: torch.Tensor) -> tuple[Image.Image, torch.Tensor]:
+    """A preprocessed input (3, n, n) or (1, 3, n, n), normalised with the model's mean and std: the PIL
+    image it shows (for the figure and the maps' size, n x n) and the model input itself."""
+    x = tensor.detach().float().cpu()
+    x = x[None] if x.ndim == 3 else x
+    n = model.input_size
+    if tuple(x.shape) != (1, 3, n, n):
+        raise ImageError(f"a preprocessed image must be a (3, {n}, {n}) or (1, 3, {n}, {n}) tensor for "
+                         f"{model.name}, got {tuple(tensor.shape)}; pass a path, PIL image or array to let camloc "
+                         "preprocess it")
+    mean = torch.tensor(model.backend.mean).view(3, 1, 1)
+    std = torch.tensor(model.backend.std).view(3, 1, 1)
+    rgb = ((x[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(rgb), x
+
+
+def as_image(model: ClipModel, image: ImageLike, exif_transpose: bool = False) -> tuple[Image.Image, torch.Tensor | None]:
+    """(the RGB image at its own size, the model input when `image` already is one)."""
+    from camloc.models.preprocess import load_image, to_rgb
+
+    if isinstance(image, (str, Path)):
+        loaded = load_image(image, exif_transpose=exif_transpose)
+        if not exif_transpose:
+            _note_exif(image)
+        return loaded, None
+    if isinstance(image, Image.Image):
+        return to_rgb(image), None
+    if isinstance(image, torch.Tensor):
+        return _input_image(model, image)
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 3 and array.shape[-1] == 4:
+            array = array[..., :3]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3) or array.size == 0:
+            raise ImageError(f"an image array must be (H, W) or (H, W, 3), got shape {image.shape}")
+        if array.dtype != np.uint8:
+            if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+                raise ImageError("a float image array must hold values in [0, 1] (or pass uint8 0..255)")
+            array = np.round(array * 255).astype(np.uint8)
+        return to_rgb(Image.fromarray(array)), None
+    raise ImageError(f"image must be a path, PIL image, numpy array or preprocessed tensor, got {type(image).__name__}")
+
+
+def _note_exif(path: str | Path) -> None:
+    """A photo with an EXIF orientation is processed as stored: say so, once per call."""
+    import warnings
+
+    from camloc.models.preprocess import exif_rotated
+
+    with Image.open(path) as raw:
+        if exif_rotated(raw):
+            warnings.warn(f"{path} has an EXIF orientation: it is processed as stored (the frame datasets' boxes "
+                          "use), which differs from how viewers show it; pass --exif-transpose (exif_transpose=True) "
+                          "to process it as displayed", stacklevel=3)
+
+
+@dataclass
+class Explanation:
+    """One image's maps for P prompts and several methods."""
+
+    image: Image.Image
+    """The image as processed (RGB, its stored frame unless `exif_transpose`)."""
+    prompts: list[str]
+    maps: dict[str, np.ndarray]
+    """{method: (P, H, W) float32 heatmaps at the image's size}, exactly what `camloc explain --save-heatmap` saves."""
+    native: dict[str, np.ndarray]
+    """{method: (P, h, w) float32 maps as the method computes them, before any post-processing (`--native`)."""
+    boxes: dict[str, list[list[int]]]
+    """{method: one [x1, y1, x2, y2] box per prompt} from Algorithm 1 at `threshold`."""
+    scores: np.ndarray
+    """(P,) the model's score of each prompt for the image (its logit-scaled cosine)."""
+    threshold: str | float = "otsu"
+    model: str = ""
+    options: dict = field(default_factory=dict)
+    """The method options the maps were computed with (resolved for the model)."""
+
+    def plot(self, kind: str | None = None, gt_boxes: list[list[float]] | None = None, path: str | Path | None = None):
+        """The explain figure: `pipeline` (appendix Fig. S1, one row per (prompt, method)) or `compare`
+        (methods side by side); by default pipeline for one method, compare for several. Returns a
+        matplotlib Figure, or writes it to `path` (PNG, JPEG, PDF, SVG) and returns None."""
+        from camloc.report.figures import comparison_figure, pipeline_figure
+
+        kind = kind or ("pipeline" if len(self.maps) == 1 else "compare")
+        if kind not in ("pipeline", "compare"):
+            raise OptionError(f"figure kind {kind!r} is not one of pipeline, compare")
+        if kind == "pipeline":
+            rows = [(f"{m}\n'{text}'", self.maps[m][i]) for i, text in enumerate(self.prompts) for m in self.maps]
+            return pipeline_figure(self.image, rows, path, threshold=self.threshold, gt_boxes=gt_boxes)
+        return comparison_figure(self.image, self.prompts, self.maps, path, threshold=self.threshold,
+                                 gt_boxes=gt_boxes)
+
+    def to_dict(self) -> list[dict]:
+        """Boxes and scores per prompt (what `camloc explain --json` prints under `results`)."""
+        return [{"prompt": text, "score": float(self.scores[i]),
+                 "methods": {m: {"box": boxes[i]} for m, boxes in self.boxes.items()}}
+                for i, text in enumerate(self.prompts)]
+
+
+def explain(model: ClipModel | str, image: ImageLike | Sequence[ImageLike], prompts: str | Sequence[str],
+            methods: str | Sequence[str] = ("gradcam",), *, threshold: str | float = "otsu", seed: int = 0,
+            chunk_size: int | str = "auto", compile: str = "auto", exif_transpose: bool = False,
+            **method_options) -> Explanation | list[Explanation]:
+    """Maps of `image` for each prompt and method (`camloc list methods`, a comma list, or "all").
+
+    `image`: a path, a PIL image, an (H, W, 3) array (uint8, or float in [0, 1]), or a tensor the model
+    takes as it is (3, n, n), preprocessed with its mean and std. A list of images returns a list of
+    Explanations; their encoder forwards run as one batch for the one-forward methods, as
+    `camloc eval --image-batch` does (each image's maps those of the image alone, up to float rounding).
+    `method_options`: the methods' options by name (topk=100, start_layer=-1, ...); `seed`: RISE's masks;
+    `chunk_size`: masked images per encoder batch; `compile`: on, off or auto (`--compile`)."""
+    from camloc.cams import CamContext, resolve_methods
+    from camloc.cams.context import share_batch
+    from camloc.cams.engine import compute_raw
+    from camloc.cams.postprocess import native_to_raw, to_native
+    from camloc.cams.registry import check_method_options, resolve_options
+    from camloc.models.encoder import check_compile
+
+    many = isinstance(image, (list, tuple))
+    images = list(image) if many else [image]
+    if not images:
+        raise OptionError("image is an empty list")
+    prompts = _prompts(prompts)
+    threshold = check_threshold(threshold)
+    options = {**parse_method_options(method_options), "chunk_size": count_or_auto(chunk_size, "--chunk-size"),
+               "seed": int(seed)}
+    compile = check_compile(compile)
+    model = _model(model)
+    specs = resolve_methods(list(methods) if not isinstance(methods, str) else methods, model.family.name, model.name)
+    names = [s.name for s in specs]
+    options = resolve_options(model, options)
+    check_method_options(model, names, options)
+    model.encoder.configure(compile)
+    model.prompt_problems(prompts)
+    loaded = [as_image(model, item, exif_transpose) for item in images]
+    contexts = [CamContext(model, pil, prompts, options, methods=names, host_input=host) for pil, host in loaded]
+    share_batch(contexts)
+    out = []
+    for (pil, _), ctx in zip(loaded, contexts):
+        raw = compute_raw(model, pil, prompts, specs, context=ctx)
+        maps = {m: native_to_raw(kind, to_native(kind, t), pil.size) for m, (kind, t) in raw.items()}
+        out.append(Explanation(
+            image=pil, prompts=prompts, maps=maps,
+            native={m: t.detach().float().cpu().numpy() for m, (_, t) in raw.items()},
+            boxes={m: [box_from_heatmap(h[i], threshold) for i in range(len(prompts))] for m, h in maps.items()},
+            scores=ctx.image_scores.detach().float().cpu().numpy(), threshold=threshold, model=model.name,
+            options={k: v for k, v in options.items() if k != "chunk_size"}))
+    return out if many else out[0]
+
+
+def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Sequence[str] = ("gradcam",), *,
+             out: str | Path, protocols: str | Sequence[str] = ("box",), threshold: str | float = "otsu",
+             iou: str = "gscorecam", limit: int | None = None, classes: Sequence[str] | None = None,
+             split: str | None = None, prompt_template: str = "{}", subset_seed: int | None = None,
+             per_class: int = 100, include_stuff: bool = False, ade_extent: str | None = None,
+             data_root: str | Path | None = None, ann_file: str | Path | None = None,
+             image_dir: str | Path | None = None, seed: int = 0, device: str = "auto", precision: str = "auto",
+             cache_dir: str | Path | None = None, chunk_size: int | str = "auto", image_batch: int | str = "auto",
+             compile: str = "auto", save_heatmaps: bool = False, save_vis: int = 0, force_new: bool = False,
+             progress: bool = False, skip_missing: bool = False, skip_bad_records: bool = False,
+             pointing_tolerance: float = 15.0, cam_curve_interval: float = 0.01,
+             shard: tuple[int, int] = (0, 1), **method_options) -> dict:
+    """`camloc eval`: evaluate `methods` on `dataset` into the run folder `out` (resumable: a second call
+    computes only what is missing; another config is refused). Returns the run's summary (summary.json).
+    A loaded `ClipModel` is used as it is (its device and precision); a name is loaded like `load_model`."""
+    from camloc.evaluators.iou import CONVENTIONS
+    from camloc.evaluators.protocols import parse_protocols
+    from camloc.models.encoder import check_compile
+    from camloc.run.eval import run_eval
+    from camloc.run.identity import EvalConfig
+
+    if iou not in CONVENTIONS:
+        raise OptionError(f"--iou {iou!r} is not one of {', '.join(CONVENTIONS)}")
+    if save_vis < 0:
+        raise OptionError(f"--save-vis must be 0 or more pairs per group, got {save_vis}")
+    loaded = model if isinstance(model, ClipModel) else None
+    config = EvalConfig(
+        model=loaded.name if loaded else str(model), methods=[methods] if isinstance(methods, str) else list(methods),
+        dataset=dataset, limit=limit, classes=list(classes) if classes else None, subset_seed=subset_seed,
+        split=split, per_class=per_class, prompt_template=prompt_template, threshold=check_threshold(threshold),
+        iou_convention=iou, precision=loaded.precision if loaded else precision, seed=seed,
+        options=parse_method_options(method_options), include_stuff=include_stuff, ade_extent=ade_extent,
+        protocols=parse_protocols(protocols), pointing_tolerance=pointing_tolerance,
+        cam_curve_interval=cam_curve_interval)
+    out = Path(out)
+    return run_eval(config, out, device=device, cache_dir=str(cache_dir) if cache_dir else None, force_new=force_new,
+                    progress=progress, chunk_size=count_or_auto(chunk_size, "--chunk-size"),
+                    image_batch=count_or_auto(image_batch, "--image-batch"), compile=check_compile(compile),
+                    data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir},
+                    save_heatmaps=out / "heatmaps" if save_heatmaps else None, shard=shard, save_vis=save_vis,
+                    skip_missing=skip_missing, skip_bad_records=skip_bad_records, model=loaded)
+
+
+def list_methods(family: str | None = None) -> list[str]:
+    """Method names in canonical order (those valid for `family` when given: rn, vit, vit-avg, timm-vit, convnext)."""
+    from camloc.cams.registry import list_methods as methods
+
+    return methods(family=family)
+
+
+def list_models(backend: str = "openai", pattern: str = "*") -> list[str]:
+    """Model names `load_model` takes: the clip package's (backend openai: official and test models) or
+    open_clip's pretrained pairs and tiny test models (backend open_clip)."""
+    from fnmatch import fnmatch
+
+    if backend == "open_clip":
+        from camloc.models.open_clip_backend import TINY_CONFIGS, list_pretrained
+
+        return ([f"open_clip:{arch}:{tag}" for arch, tag in list_pretrained(pattern)]
+                + [f"open_clip:{arch}:random" for arch in TINY_CONFIGS if fnmatch(arch, pattern)])
+    if backend != "openai":
+        raise OptionError(f"--backend {backend!r} is not one of openai, open_clip")
+    from camloc.models.specs import ALL_SPECS
+
+    return [name for name in ALL_SPECS if fnmatch(name, pattern)]
+
+
+def list_datasets() -> list[str]:
+    from camloc.datasets import list_datasets as datasets
+
+    return datasets()
+
+
+__all__ = ["Explanation", "as_image", "evaluate", "explain", "list_datasets", "list_methods", "list_models",
+           "load_model"]

@@ -1,0 +1,82 @@
+"""Finishing a run: summary.json and the tables from every records file of the folder (all shards)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from camloc.datasets import ImagePairs, count_pairs
+from camloc.errors import RunFolderError
+from camloc.evaluators import LocalizationMeter, meters_by
+from camloc.evaluators.meter import record_key
+from camloc.evaluators.protocols import PROTOCOL_COLUMNS
+from camloc.run.files import atomic_write_text, read_run_records, write_json
+from camloc.run.identity import SUMMARY, EvalConfig
+from camloc.run.provenance import git_commit, package_versions
+
+TABLE_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3", "acc@0.5", "acc@0.7"]
+
+
+def mean_coverage(images: list[ImagePairs]) -> float | None:
+    """Mean fraction of the image the pair's class covers (spec §6), over pairs that have masks."""
+    values = [p.coverage for item in images for p in item.pairs if p.coverage is not None]
+    return sum(values) / len(values) if values else None
+
+
+def write_tables(run_dir: Path, rows: list[dict]) -> None:
+    """table.csv / table.md: one row per method; the columns of the protocols beyond box where present."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS + [c for c in PROTOCOL_COLUMNS if any(c in r for r in rows)])
+    atomic_write_text(run_dir / "table.csv", table.to_csv(index=False, float_format="%.6f"))
+    atomic_write_text(run_dir / "table.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
+
+
+def finish_run(run_dir: Path, config: EvalConfig, model_name: str, images: list[ImagePairs], shard: tuple[int, int],
+               skip_bad_records: bool, *, device: str, timings: dict, faults: dict) -> tuple[dict, list[dict]]:
+    """Summary and tables of a run folder from every records file in it (all shards). A shard that
+    does not see every record keeps its view aside (`summary.rankRRR-of-NNN.json`); the summary of a
+    complete view replaces summary.json and the tables. A method with no record at all is an error
+    (after the summary is written, with the faults that explain it). Returns (summary, records)."""
+    rank, world = shard
+    bad: list = []
+    records = read_run_records(run_dir, skip_bad_records, bad)
+    meters = meters_by(records)
+    rows, per_method = [], {}
+    for method in config.methods:
+        meter = meters.get(method, LocalizationMeter())
+        result = meter.compute()
+        per_method[method] = {**result, "per_class": meter.compute_per_class()}
+        rows.append({"model": model_name, "dataset": config.dataset, "method": method, **result})
+    summary = {
+        "config": config.to_json(),
+        "model": model_name,
+        "dataset": config.dataset,
+        "n_images": len(images),
+        "n_pairs": count_pairs(images),
+        "complete": len({record_key(r) for r in records}) == count_pairs(images) * len(config.methods),
+        "shard": [rank, world],
+        "mean_coverage": mean_coverage(images),
+        "seed": config.seed,
+        "device": device,
+        "precision": config.precision,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "timings": timings,
+        "faults": {**faults, "bad_record_lines": [{"file": f, "line": n, "problem": why} for f, n, why in bad]},
+        "methods": per_method,
+    }
+    if world > 1 and not summary["complete"]:
+        # other shards are still running: keep this rank's view aside; a rank that sees every record
+        # writes summary.json and the tables, so an incomplete view never replaces a complete one
+        write_json(run_dir / f"summary.rank{rank:03d}-of-{world:03d}.json", summary)
+        return summary, records
+    write_json(run_dir / SUMMARY, summary)
+    empty = [m for m in config.methods if not per_method[m]["n_pairs"]]
+    if empty:
+        (run_dir / "table.csv").unlink(missing_ok=True)
+        (run_dir / "table.md").unlink(missing_ok=True)
+        skipped = faults.get("skipped_images") or []
+        why = (f"all {len(skipped)} images with pending pairs were unreadable (listed in summary.json's faults)"
+               if skipped else "no records were written")
+        raise RunFolderError(f"no pair was scored for {', '.join(empty)}: {why}; no table written")
+    write_tables(run_dir, rows)
+    return summary, records
