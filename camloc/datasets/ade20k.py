@@ -56,7 +56,7 @@ def seg_classes(seg_path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.n
     """(class code, instance code) per pixel of a full-release `_seg.png` (see the module docstring)."""
     if not seg_path.is_file():
         raise DataError(f"{seg_path} does not exist: the visible extent needs the release's _seg.png beside each "
-                          "image (or pass --ade-extent amodal to use the JSON polygons)")
+                        "image (or pass --ade-extent amodal to use the JSON polygons)")
     seg = np.asarray(Image.open(seg_path).convert("RGB")).astype(np.int32)
     if seg.shape[:2] != (size[1], size[0]):
         raise DataError(f"{seg_path} is {seg.shape[1]}x{seg.shape[0]}, but its JSON's imsize says {size[0]}x{size[1]}")
@@ -71,7 +71,7 @@ def instance_visible(mask_path: Path, size: tuple[int, int]) -> np.ndarray:
         raise DataError(f"ADE20K instance mask {mask_path} cannot be read ({exc})") from None
     if mask.shape[:2] != (size[1], size[0]):
         raise DataError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}, but its JSON's imsize says "
-                          f"{size[0]}x{size[1]}")
+                        f"{size[0]}x{size[1]}")
     return (mask if mask.ndim == 2 else mask[..., 0]) == VISIBLE
 
 
@@ -142,8 +142,8 @@ def _check_seg_encoding(seg_path: Path, classes: np.ndarray, objects: list) -> N
     present = set(np.unique(classes).tolist()) - {0}
     if expected and not expected & present:
         raise DataError(f"{seg_path} has none of the class codes ((R // 10) * 256 + G = name_ndx) of its JSON's "
-                          f"{len(expected)} whole objects: it is not encoded as the ADE20K release encodes it; pass "
-                          "--ade-extent amodal to use the polygons")
+                        f"{len(expected)} whole objects: it is not encoded as the ADE20K release encodes it; pass "
+                        "--ade-extent amodal to use the polygons")
 
 
 def full_release_pairs(folder: Path, template: str, extent: str = "visible", stats: dict | None = None) -> list[ImagePairs]:
@@ -211,14 +211,14 @@ def read_object_info(path: Path) -> dict[str, int]:
     ";"). A scene class that matches no class is an error, except "snow" (not among the 150)."""
     if not path.is_file():
         raise DataError(f"{path} does not exist; pass --ann-file or fix --data-root (see `camloc data verify "
-                          "ade20k-scenes`)")
+                        "ade20k-scenes`)")
     text = path.read_text(encoding="utf-8-sig")
     delimiter = "\t" if "\t" in text.splitlines()[0] else ","
     rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
     header = [h.strip() for h in rows[0]] if rows else []
     if "Idx" not in header or "Name" not in header:
         raise DataError(f"{path} is not an objectInfo150 file (expected a header with Idx and Name, got "
-                          f"{', '.join(header) or 'nothing'})")
+                        f"{', '.join(header) or 'nothing'})")
     idx, name = header.index("Idx"), header.index("Name")
     synonym_sep = ";" if delimiter == "," else ","
     labels: dict[str, int] = {}
@@ -236,7 +236,7 @@ def read_object_info(path: Path) -> dict[str, int]:
     unmatched = [s for s in SCENES if s not in labels and s not in NOT_IN_SCENE_PARSING]
     if unmatched:
         raise DataError(f"{path}: scene class(es) {', '.join(unmatched)} match no class name; the file is not the "
-                          "official objectInfo150 list")
+                        "official objectInfo150 list")
     return labels
 
 
@@ -297,4 +297,4 @@ def ade20k_scenes(opts: DataOptions) -> list[ImagePairs]:
         return scene_parsing_pairs(image_dir, image_dir.parent.parent / "annotations" / image_dir.name,
                                    opts.ann_file or parsing / "objectInfo150.txt", opts.prompt_template)
     raise DataError(f"no ADE20K under {opts.root}: expected {full} (full release) or {parsing} (SceneParsing); "
-                      "pass --data-root, or get the data with `camloc data download ade20k-sceneparsing`")
+                    "pass --data-root, or get the data with `camloc data download ade20k-sceneparsing`")

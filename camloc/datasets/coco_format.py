@@ -45,7 +45,7 @@ def check_coco_dict(data, ann_file: Path, refuse_stuff: bool = False) -> dict:
     where = f"annotation file {ann_file}"
     if not isinstance(data, dict):
         raise DataError(f"{where} holds a JSON {type(data).__name__}, not a COCO object with images, annotations "
-                          "and categories")
+                        "and categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{where} has no '{key}' list; pass a COCO instances JSON")
@@ -58,8 +58,8 @@ def check_coco_dict(data, ann_file: Path, refuse_stuff: bool = False) -> dict:
     if refuse_stuff and stuff:
         names = ", ".join(str(c["name"]) for c in stuff[:3])
         raise DataError(f"{where} has {len(stuff)} stuff categories ({names}, ...; ids above {COCO_THING_MAX_ID} or "
-                          "isthing 0, as in COCO's panoptic detection JSON): they are not COCO's 80 object classes; "
-                          "pass --include-stuff to evaluate them too, or use instances_<split>.json")
+                        "isthing 0, as in COCO's panoptic detection JSON): they are not COCO's 80 object classes; "
+                        "pass --include-stuff to evaluate them too, or use instances_<split>.json")
     images = set()
     for i, info in enumerate(data["images"]):
         image_id = info.get("id") if isinstance(info, dict) else None
@@ -67,12 +67,12 @@ def check_coco_dict(data, ann_file: Path, refuse_stuff: bool = False) -> dict:
             raise DataError(f"{where}: images[{i}] has id {image_id!r}; COCO image ids must be integers")
         if image_id in images:
             raise DataError(f"{where}: image id {image_id} appears twice in 'images'; image ids must be unique "
-                              "(otherwise an image is scored against another image's boxes)")
+                            "(otherwise an image is scored against another image's boxes)")
         images.add(image_id)
         for key in ("width", "height"):
             if not _is_int(info.get(key)) or info[key] < 1:
                 raise DataError(f"{where}: image {image_id} has {key} {info.get(key)!r}; it must be a positive "
-                                  "integer (the size of the image file)")
+                                "integer (the size of the image file)")
         if not isinstance(info.get("file_name"), str) or not info["file_name"]:
             raise DataError(f"{where}: image {image_id} has no 'file_name'")
     for i, ann in enumerate(data["annotations"]):
@@ -83,11 +83,11 @@ def check_coco_dict(data, ann_file: Path, refuse_stuff: bool = False) -> dict:
             raise DataError(f"{where}: {label} has image_id {ann.get('image_id')!r}, which is not in 'images'")
         if ann.get("category_id") not in categories or not _is_int(ann.get("category_id")):
             raise DataError(f"{where}: {label} has category_id {ann.get('category_id')!r}, which is not in "
-                              "'categories'")
+                            "'categories'")
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise DataError(f"{where}: {label} has bbox {bbox!r}; it must be [x, y, width, height], four finite "
-                              "numbers")
+                            "numbers")
         ann.setdefault("iscrowd", 0)  # PartImageNet's JSON has no iscrowd: its annotations are not crowd regions
     return data
 
@@ -99,7 +99,7 @@ def open_coco(ann_file: str | Path, option: str = "--ann-file", refuse_stuff: bo
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise DataError(f"annotation file {ann_file} does not exist; pass {option} or fix --data-root "
-                          "(see `camloc data verify`)")
+                        "(see `camloc data verify`)")
     try:
         data = json.loads(ann_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -220,7 +220,7 @@ def coco_pairs(
             path = locate(image_dir, info)
             if not inside(path, image_dir):
                 raise DataError(f"annotation file_name {info['file_name']!r} (image {image_id}) points outside the "
-                                  f"image folder {image_dir}; refusing it")
+                                f"image folder {image_dir}; refusing it")
             masks = functools.partial(image_masks, coco, image_id, frozenset(p.category_id for p in pairs),
                                       int(info["height"]), int(info["width"]))
             images.append(ImagePairs(path=str(path), image_id=image_id, pairs=pairs, masks=masks))

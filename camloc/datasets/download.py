@@ -78,13 +78,13 @@ def download(archive: Archive, folder: Path, verify: bool = True, progress: bool
             total = _range_total(exc.headers.get("Content-Range")) or archive.size
             if total != start:
                 raise DataError(f"{part} has {start} bytes, but the server's file has {total or 'an unknown number of'} "
-                                  "bytes; delete it and run the same command again to start over") from exc
+                                "bytes; delete it and run the same command again to start over") from exc
             response = None  # the .part is already complete: go on to the checksum
         else:
             raise DataError(f"downloading {archive.url} failed: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise DataError(f"downloading {archive.url} failed ({exc}); check the network and run the same command "
-                          f"again to resume ({start} bytes kept in {part})") from exc
+                        f"again to resume ({start} bytes kept in {part})") from exc
     if response is not None:
         with response:
             if start and response.status != 206:  # the server ignored the Range header: start over
@@ -95,21 +95,21 @@ def download(archive: Archive, folder: Path, verify: bool = True, progress: bool
                 _stream(response, part, start, total, archive.file_name, progress)
             except (http.client.IncompleteRead, OSError) as exc:
                 raise DataError(f"the connection was cut while downloading {archive.url} ({type(exc).__name__}); "
-                                  f"{part.stat().st_size} bytes are kept in {part}: run the same command again to "
-                                  "resume") from exc
+                                f"{part.stat().st_size} bytes are kept in {part}: run the same command again to "
+                                "resume") from exc
             if total is not None and part.stat().st_size < total:
                 raise DataError(f"the connection was cut while downloading {archive.url}: {part.stat().st_size} of "
-                                  f"{total} bytes are kept in {part}; run the same command again to resume")
+                                f"{total} bytes are kept in {part}; run the same command again to resume")
     size = part.stat().st_size
     if archive.size is not None and size != archive.size:
         raise DataError(f"{part} has {size} bytes, expected {archive.size}; run the same command again to resume, "
-                          "or delete the file to start over")
+                        "or delete the file to start over")
     sha1, sha256 = file_digests(part)
     if verify and archive.sha1 and sha1 != archive.sha1:
         bad = part.with_name(part.name + ".corrupt")
         part.rename(bad)
         raise DataError(f"{archive.file_name}: SHA-1 {sha1} differs from the published {archive.sha1}; moved it to "
-                          f"{bad}; run again to download afresh (or pass --no-verify if the server's file changed)")
+                        f"{bad}; run again to download afresh (or pass --no-verify if the server's file changed)")
     part.rename(dest)
     dest.with_name(dest.name + ".sha256").write_text(f"{sha256}  {dest.name}\n")
     return dest
@@ -160,7 +160,7 @@ def fetch_dataset(name: str, root: Path, split: str | None = None, verify: bool 
     sources = sources or SOURCES
     if name not in sources:
         raise DataError(f"`camloc data download` knows {', '.join(sources)}; {name!r} has no public direct URL "
-                          f"(see `camloc data verify {name}` for how to obtain it)")
+                        f"(see `camloc data verify {name}` for how to obtain it)")
     splits = sources[name]
     split = split or next(iter(splits))
     if split not in splits:

@@ -112,7 +112,7 @@ def check_unique_images(images: list[ImagePairs], name: str) -> None:
         key = str(item.image_id)
         if key in seen:
             raise DataError(f"dataset {name}: image id {item.image_id!r} is used by two images ({seen[key]} and "
-                              f"{item.path}); image ids must be unique")
+                            f"{item.path}); image ids must be unique")
         seen[key] = item.path
 
 
@@ -215,7 +215,7 @@ def load_dataset(
             images = images[:limit]
     if not any(item.pairs for item in images):
         raise DataError(f"dataset {name} gives 0 (image, class) pairs: {_empty_reason(name, stats, counts, classes)}; "
-                          "nothing to evaluate")
+                        "nothing to evaluate")
     return images
 
 

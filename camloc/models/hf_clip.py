@@ -47,11 +47,11 @@ def _check_config(config: dict, folder: Path) -> None:
         act = cfg.get("hidden_act", "quick_gelu")
         if act != "quick_gelu":
             raise ModelError(f"{folder}: {part}.hidden_act is {act!r}; the OpenAI layout builds QuickGELU, so this "
-                              "checkpoint would run with the wrong activation; load it with open_clip instead")
+                             "checkpoint would run with the wrong activation; load it with open_clip instead")
         width, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
         if width and heads and width // 64 != heads:
             raise ModelError(f"{folder}: {part} has {heads} attention heads of width {width}; the OpenAI layout "
-                              f"assumes width / 64 = {width // 64} heads, so it would split them wrongly")
+                             f"assumes width / 64 = {width // 64} heads, so it would split them wrongly")
 
 
 def to_openai_layout(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,5 +106,5 @@ def load_hf_clip(folder: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
         found = sum(1 for k in sd if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
         if expected is not None and expected != found:
             raise ModelError(f"{path}: {part}.num_hidden_layers is {expected}, the weights have {found}; the "
-                              "checkpoint is truncated or not this config's")
+                             "checkpoint is truncated or not this config's")
     return sd, path

@@ -91,13 +91,13 @@ def load(name: str, cache_dir: str | Path | None = None):
             model = open_clip.create_model(arch, cache_dir=cache)
         except Exception as exc:
             raise ModelError(f"could not get open_clip model {arch!r} from the Hugging Face hub ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:160]}); with HF_HUB_OFFLINE=1 it must be in the hub cache "
-                              f"({cache or 'the default ~/.cache/huggingface'})") from exc
+                             f"{str(exc).splitlines()[0][:160]}); with HF_HUB_OFFLINE=1 it must be in the hub cache "
+                             f"({cache or 'the default ~/.cache/huggingface'})") from exc
     else:
         if arch not in open_clip.list_models():
             close = [m for m in open_clip.list_models() if arch.lower() in m.lower()][:6]
             raise ModelError(f"open_clip has no architecture {arch!r}" + (f"; close: {', '.join(close)}" if close else "")
-                              + " (see `camloc list models --backend open_clip`)")
+                             + " (see `camloc list models --backend open_clip`)")
         if weights == "random" or weights.startswith("random@"):
             seed = int(weights.partition("@")[2] or 0)
             with torch.random.fork_rng():
@@ -108,12 +108,12 @@ def load(name: str, cache_dir: str | Path | None = None):
             path = Path(weights)
             if not path.is_file():
                 raise ModelError(f"open_clip checkpoint {path} does not exist: give an existing file after "
-                                  f"open_clip:{arch}:")
+                                 f"open_clip:{arch}:")
             try:
                 model = open_clip.create_model(arch, pretrained=str(path))
             except Exception as exc:
                 raise ModelError(f"{path} could not be loaded as open_clip {arch} weights ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0][:200]})") from exc
+                                 f"{str(exc).splitlines()[0][:200]})") from exc
             info.update(weights=str(path.resolve()), sha256=file_sha256(path))
         else:
             arch, model, info = _pretrained(open_clip, arch, weights, cache, info)
@@ -140,13 +140,13 @@ def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if tag not in tags:
         raise ModelError(f"open_clip {arch} has no pretrained tag {tag!r}; it has {', '.join(tags) or 'none'} (or give "
-                          "a checkpoint file or random)")
+                         "a checkpoint file or random)")
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     if cfg.get("quick_gelu") and not arch.endswith("-quickgelu"):
         quick = f"{arch}-quickgelu"
         if quick not in open_clip.list_models():
             raise ModelError(f"open_clip:{arch}:{tag} are QuickGELU weights on an architecture without QuickGELU, "
-                              "which builds the wrong activation; no -quickgelu variant exists to map it to")
+                             "which builds the wrong activation; no -quickgelu variant exists to map it to")
         info["mapped_from"] = arch
         arch = quick
         info["arch"] = arch
@@ -160,10 +160,10 @@ def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
     except Exception as exc:
         offline = " (HF_HUB_OFFLINE is set)" if offline else ""
         raise ModelError(f"could not get open_clip weights {arch}:{tag}: hub repository {repo} "
-                          f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) is not in the cache "
-                          f"{cache or '~/.cache/huggingface'} and could not be downloaded{offline} "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); download it on a machine with "
-                          f"internet access into that cache, or pass the file: open_clip:{arch}:/path/to/file") from exc
+                         f"(open_clip_model.safetensors or open_clip_pytorch_model.bin) is not in the cache "
+                         f"{cache or '~/.cache/huggingface'} and could not be downloaded{offline} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); download it on a machine with "
+                         f"internet access into that cache, or pass the file: open_clip:{arch}:/path/to/file") from exc
     info.update(tag=tag, weights=tag, file=str(path), sha256=file_sha256(Path(path)))
     return arch, model, info
 
@@ -204,9 +204,9 @@ def _tokenizer(open_clip, arch: str):
         return open_clip.get_tokenizer(arch)
     except Exception as exc:
         raise ModelError(f"the tokenizer of open_clip {arch} could not be loaded ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:120]}); SigLIP-style tokenizers come from the Hugging Face hub "
-                          "and need it once (or its cache); in Python, give precomputed text embeddings with "
-                          "ClipModel.set_text_features") from exc
+                         f"{str(exc).splitlines()[0][:120]}); SigLIP-style tokenizers come from the Hugging Face hub "
+                         "and need it once (or its cache); in Python, give precomputed text embeddings with "
+                         "ClipModel.set_text_features") from exc
 
 
 # --- tiny configs for tests and benchmarks ---------------------------------------------------------

@@ -33,8 +33,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path | None = None, method_a: s
         rb = b.get(key)
         if rb is not None and (rb.get("file_name"), rb.get("gt_boxes")) != (ra.get("file_name"), ra.get("gt_boxes")):
             raise RunFolderError(f"{run_a} and {run_b} disagree on image {key[0]} / category {key[1]} "
-                              f"({ra.get('file_name')} vs {rb.get('file_name')}, or other boxes): they were run on "
-                              "different data and cannot be compared pair by pair")
+                                 f"({ra.get('file_name')} vs {rb.get('file_name')}, or other boxes): they were run on "
+                                 "different data and cannot be compared pair by pair")
     rows = [{"image_id": ra["image_id"], "file_name": ra["file_name"], "category": ra["category"],
              f"iou_{name_a}": ra["iou"], f"iou_{name_b}" if name_b != name_a else "iou_b": b[key]["iou"],
              "difference": ra["iou"] - b[key]["iou"]}

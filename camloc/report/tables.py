@@ -43,7 +43,7 @@ def _kind(run_dir: Path) -> str:
         return "eval"
     if record_files(run_dir):
         raise RunFolderError(f"{run_dir} holds records but no config.json, so what they measure is unknown; it cannot "
-                          "be reported (rerun it with camloc eval --force-new)")
+                             "be reported (rerun it with camloc eval --force-new)")
     raise RunFolderError(f"{run_dir} is not a camloc run folder (no pairs.jsonl + config.json, no table_s1.csv)")
 
 
@@ -75,8 +75,8 @@ def _check_complete(group: dict, allow_incomplete: bool) -> None:
     if missing > 0:
         folders = ", ".join(sorted({str(d) for d in group["dirs"]}))
         raise RunFolderError(f"{folders}: {missing} of {total} (pair, method) records are missing (shards still running "
-                          "or not started?); finish the run with the same command, or pass --allow-incomplete to "
-                          "report what is there")
+                             "or not started?); finish the run with the same command, or pass --allow-incomplete to "
+                             "report what is there")
 
 
 def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | None = None,
@@ -90,7 +90,7 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
         kind = _kind(run_dir)
         if kind != "eval":
             raise RunFolderError(f"{run_dir} is a threshold-search folder: report it with --layout s1 (the long and s3 "
-                              "layouts read eval runs)")
+                                 "layouts read eval runs)")
         identity = _identity(run_dir)
         records = read_run_records(run_dir, skip_bad, skipped)
         group = groups.setdefault(json.dumps(identity, sort_keys=True), {"identity": identity, "records": {},
@@ -102,8 +102,8 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
             key = (r.get("model"), *record_key(r))
             if key in group["records"] and group["records"][key]["iou"] != r["iou"]:
                 raise RunFolderError(f"{group['where'][key]} and {run_dir} both hold image {key[1]} / category {key[2]} / "
-                                  f"{key[3]} with the same config but different IoUs ({group['records'][key]['iou']} "
-                                  f"vs {r['iou']}); report them separately")
+                                     f"{key[3]} with the same config but different IoUs ({group['records'][key]['iou']} "
+                                     f"vs {r['iou']}); report them separately")
             group["records"].setdefault(key, r)
             group["where"].setdefault(key, run_dir)
     for group in groups.values():
@@ -175,7 +175,7 @@ def s1_table(run_dirs: list[Path], compare_paper: bool = False) -> pd.DataFrame:
             seen = configs.setdefault((model, method), (config, d))
             if seen[0] != config:
                 raise RunFolderError(f"{seen[1]} and {d} both have a {method} row for {model} but from different configs "
-                                  "(datasets, grid, options or data); report them separately")
+                                     "(datasets, grid, options or data); report them separately")
         parts.append(part)
     if not parts:
         raise RunFolderError("no threshold-search runs to report (give camloc threshold-search output folders)")
@@ -220,7 +220,7 @@ def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper
         evals = [d for d in dirs if _kind(d) == "eval"]
         if evals:
             raise RunFolderError(f"{evals[0]} is an eval run: --layout s1 reads threshold-search folders (use long or s3 "
-                              "for eval runs)")
+                                 "for eval runs)")
         return s1_table(dirs, compare_paper)
     raise OptionError(f"--layout {layout!r} is not one of s1, s3, long")
 

@@ -106,8 +106,8 @@ def run_eval(
         single = sum(1 for item in images if len({p.prompt for p in item.pairs}) < 2)
         if single:
             raise RunFolderError(f"clipsurgery --contrast labels needs at least 2 prompts per image (feature surgery over "
-                              f"one prompt is zero everywhere), and {single} of the {len(images)} images have one; "
-                              "use --contrast empty, none or dataset")
+                                 f"one prompt is zero everywhere), and {single} of the {len(images)} images have one; "
+                                 "use --contrast empty, none or dataset")
     prompts = model.prompt_problems(dataset_prompts(images))
     issues.update({k: v for k, v in prompts.items() if v})
     lock_name = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"

@@ -160,7 +160,7 @@ def folder_lock(folder: Path, name: str = ".lock", what: str = "run folder"):
         holder = handle.read().strip() or "another process"
         handle.close()
         raise RunFolderError(f"{what} {folder} is in use by {holder} (lock {path}); wait for it to finish, or use "
-                          "another output folder") from None
+                             "another output folder") from None
     try:
         handle.seek(0)
         handle.truncate()

@@ -151,7 +151,7 @@ class HeatmapCache:
         with np.load(path) as data:
             if not self._matches(data, image_path, {category_id: prompt} if prompt is not None else None):
                 raise RunFolderError(f"heatmap cache entry {path} was made from another image file or prompt than "
-                                  f"image {image_id} / category {category_id} of this run; delete it to recompute")
+                                     f"image {image_id} / category {category_id} of this run; delete it to recompute")
             return str(data["kind"]), data[f"c{category_id}"], tuple(int(v) for v in data["raw_size"])
 
     def raw(self, method: str, image_id, category_id: int, image_path: str | None = None,

@@ -73,7 +73,7 @@ def recorded_data_options(run_dir: Path, config: dict | EvalConfig | None) -> di
         path = sources.get(key)
         if path and not os.path.exists(path):
             raise DataError(f"{run_dir / CONFIG} records the data's {what} {path}, which does not exist now (moved "
-                              f"or deleted?); pass {DATA_SOURCES[key]} or --data-root to say where the data is")
+                            f"or deleted?); pass {DATA_SOURCES[key]} or --data-root to say where the data is")
     return {option: sources[key] for key, option in (("data_root", "data_root_dir"), ("ann_file", "ann_file"),
                                                       ("image_dir", "image_dir")) if sources.get(key)}
 
@@ -121,7 +121,7 @@ def check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
             old = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise RunFolderError(f"{config_path} is not valid JSON ({exc}); use another --out, or --force-new to "
-                              "discard the folder's results") from None
+                                 "discard the folder's results") from None
         new = json.loads(json.dumps(config.identity()))
         old = {k: v for k, v in old.items() if k not in NOT_IDENTITY} if isinstance(old, dict) else old
         if old != new:
@@ -133,7 +133,7 @@ def check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
             )
     elif not config_path.exists() and record_files(run_dir) and not force_new:
         raise RunFolderError(f"run folder {run_dir} holds records but no {CONFIG}, so they cannot be matched to this "
-                          "config; use another --out, or --force-new to discard them")
+                             "config; use another --out, or --force-new to discard them")
     if force_new:
         for records in record_files(run_dir):
             records.unlink()

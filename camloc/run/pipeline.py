@@ -214,11 +214,11 @@ def check_images(images: list[ImagePairs], skip_missing: bool, dataset: str) -> 
         expected = tuple(item.pairs[0].image_size)
         if size != expected:
             raise DataError(f"image {item.image_id} ({path}) is {size[0]}x{size[1]} pixels, but its annotation says "
-                              f"{expected[0]}x{expected[1]}: its boxes would be scored in another frame; fix the "
-                              "annotation's width/height or use the image it was made for")
+                            f"{expected[0]}x{expected[1]}: its boxes would be scored in another frame; fix the "
+                            "annotation's width/height or use the image it was made for")
     if missing and not skip_missing:
         folder = Path(missing[0].path).parent
         where = f"the image folder {folder} does not exist" if not folder.is_dir() else f"{missing[0].path} does not exist"
         raise DataError(f"{len(missing)} of {len(images)} images are missing ({where}); check --data-root "
-                          f"(`camloc data verify {dataset}`) or pass --skip-missing to skip and report them")
+                        f"(`camloc data verify {dataset}`) or pass --skip-missing to skip and report them")
     return images

@@ -42,7 +42,7 @@ def source_config(run_dir: Path) -> EvalConfig:
     unknown = sorted(set(data) - known)
     if unknown or "model" not in data or "methods" not in data:
         raise RunFolderError(f"{path} is not a config of this camloc version (fields {', '.join(unknown) or 'missing'}); "
-                          "rerun the evaluation with --save-heatmaps")
+                             "rerun the evaluation with --save-heatmaps")
     return EvalConfig(**data)
 
 
@@ -56,7 +56,7 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
     source = source_config(run_dir)
     if source.heatmaps != "float16" or not (run_dir / "heatmaps").is_dir():
         raise RunFolderError(f"{run_dir} was run without --save-heatmaps, so it has no maps to rescore; rerun it with "
-                          "--save-heatmaps")
+                             "--save-heatmaps")
     if Path(out).resolve() == run_dir.resolve():
         raise OptionError("--out must be a new folder: rescore never changes the source run")
     config = EvalConfig(**{**source.identity(), "protocols": parse_protocols(protocols)})
@@ -76,9 +76,9 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
     identity = data_identity(images)
     if identity["pairs_sha256"] != (source.data or {}).get("pairs_sha256"):
         raise DataError(f"the data found now ({identity['image_root']}, {identity['n_pairs']} pairs) is not the data "
-                          f"{run_dir} was scored on ({(source.data or {}).get('image_root')}, "
-                          f"{(source.data or {}).get('n_pairs')} pairs); give the same --data-root, --ann-file and "
-                          "--image-dir as that run, or none to read the data where that run read it")
+                        f"{run_dir} was scored on ({(source.data or {}).get('image_root')}, "
+                        f"{(source.data or {}).get('n_pairs')} pairs); give the same --data-root, --ann-file and "
+                        "--image-dir as that run, or none to read the data where that run read it")
     config.data = identity
     config.data_sources = sources
 
