@@ -244,6 +244,31 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
                     skip_missing=skip_missing, skip_bad_records=skip_bad_records, model=loaded)
 
 
+def rescore(run: str | Path, protocols: str | Sequence[str], out: str | Path, *,
+            pointing_tolerance: float | None = None, cam_curve_interval: float | None = None,
+            data_root: str | Path | None = None, ann_file: str | Path | None = None,
+            image_dir: str | Path | None = None, shard: tuple[int, int] = (0, 1), force_new: bool = False,
+            progress: bool = False, skip_bad_records: bool = False) -> dict:
+    """`camloc rescore`: score a run made with `save_heatmaps=True` with other protocols into the new run
+    folder `out`, without any model; the data is read where the run read it unless a data option is
+    given. Returns the new run's summary."""
+    from camloc.run.rescore import run_rescore
+
+    return run_rescore(run, out, protocols, pointing_tolerance=pointing_tolerance,
+                       cam_curve_interval=cam_curve_interval,
+                       data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir},
+                       shard=shard, force_new=force_new, progress=progress, skip_bad_records=skip_bad_records)
+
+
+def report_table(runs: Sequence[str | Path], layout: str = "long", compare_paper: bool = False,
+                 skip_bad_records: bool = False, allow_incomplete: bool = False):
+    """`camloc report` as a pandas DataFrame: runs merged by identity (shards and resumed copies combine
+    exactly), one row per (identity, method) in the long layout; `s3` and `s1` are the appendix's tables."""
+    from camloc.report.tables import build_report
+
+    return build_report(list(runs), layout, compare_paper, skip_bad_records, None, allow_incomplete)
+
+
 def list_methods(family: str | None = None) -> list[str]:
     """Method names in canonical order (those valid for `family` when given: rn, vit, vit-avg, timm-vit, convnext)."""
     from camloc.cams.registry import list_methods as methods
@@ -275,4 +300,4 @@ def list_datasets() -> list[str]:
 
 
 __all__ = ["Explanation", "as_image", "evaluate", "explain", "list_datasets", "list_methods", "list_models",
-           "load_model"]
+           "load_model", "report_table", "rescore"]

@@ -171,3 +171,13 @@ def test_the_library_never_imports_the_command_line():
                  if p.relative_to(REPO / "camloc").parts[0] != "cli" and p.name != "__main__.py"
                  and imports.search(p.read_text())]
     assert offenders == []
+
+
+def test_rescore_and_report_from_python(tmp_path):
+    summary = camloc.evaluate("tiny-rn", "demo", "gradcam", out=tmp_path / "run", save_heatmaps=True)
+    again = camloc.rescore(tmp_path / "run", ["box", "pointing"], tmp_path / "re")
+    assert again["methods"]["gradcam"]["mean_iou"] == summary["methods"]["gradcam"]["mean_iou"]
+    table = camloc.report_table([tmp_path / "run"])
+    cli = runner.invoke(app, ["report", str(tmp_path / "run"), "--format", "csv"])
+    assert cli.exit_code == 0 and table.to_csv(index=False, float_format="%.6f") == cli.stdout
+    assert list(table["method"]) == ["gradcam"] and table["n_pairs"].tolist() == [9]

@@ -29,14 +29,14 @@ def rescore_cmd(
     """Score a run's saved heatmaps with other protocols into a new run folder; no model is loaded.
     The data is read where the run read it (its config.json's data_sources) unless --data-root,
     --ann-file or --image-dir say where it is now; either way it is checked to be the run's data."""
-    from camloc.run.rescore import run_rescore
+    from camloc.api import rescore
     from camloc.run.sharding import resolve_shard
 
     rank_world = resolve_shard(shard)
-    summary = run_rescore(run_dir, out, protocols, pointing_tolerance=pointing_tolerance,
-                          cam_curve_interval=cam_curve_interval,
-                          data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir},
-                          shard=rank_world, force_new=force_new, progress=progress, skip_bad_records=skip_bad_records)
+    summary = rescore(run_dir, protocols, out, pointing_tolerance=pointing_tolerance,
+                      cam_curve_interval=cam_curve_interval, data_root=data_root, ann_file=ann_file,
+                      image_dir=image_dir, shard=rank_world, force_new=force_new, progress=progress,
+                      skip_bad_records=skip_bad_records)
     if rank_world[1] > 1 and not summary.get("complete"):
         typer.echo(f"shard {rank_world[0]}/{rank_world[1]} done; the rank that finishes last writes the merged tables "
                    f"(or run `camloc report {out}`)")
