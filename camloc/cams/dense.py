@@ -101,7 +101,7 @@ def square_grid(similarity: torch.Tensor) -> torch.Tensor:
     return similarity.T.reshape(similarity.shape[1], grid, grid)
 
 
-@register_method("maskclip", shares_forward=True, families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax",
+@register_method("maskclip", segments=True, shares_forward=True, families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax",
                  description="MaskCLIP (Zhou et al. 2022): value path in the last block (ResNet: of the attention "
                              "pool), patch tokens vs prompts; one forward.")
 def maskclip(ctx: CamContext) -> torch.Tensor:
@@ -135,7 +135,7 @@ def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterati
     return torch.softmax(tau * s @ s.transpose(-2, -1), dim=-1) @ values
 
 
-@register_method("gem", families=DENSE_FAMILIES, postprocess="resize_minmax", params=("gem_blocks", "gem_iterations"),
+@register_method("gem", segments=True, families=DENSE_FAMILIES, postprocess="resize_minmax", params=("gem_blocks", "gem_iterations"),
                  shares_forward=True,
                  description="GEM (Bousselham et al. 2024): self-self attention path over the last --gem-blocks "
                              "blocks; one forward.")
@@ -168,7 +168,7 @@ def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
         return patch_similarity(ctx, access.merge(attn @ v))
 
 
-@register_method("sclip", shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
+@register_method("sclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
                  description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
                              "residual and FFN kept; one forward.")
 def sclip(ctx: CamContext) -> torch.Tensor:
@@ -184,7 +184,7 @@ def sclip(ctx: CamContext) -> torch.Tensor:
         return patch_similarity(ctx, x + access.ffn(x))
 
 
-@register_method("clearclip", shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
+@register_method("clearclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
                  description="ClearCLIP (Lan et al. 2024): query-query attention, last block without residual "
                              "and FFN; one forward.")
 def clearclip(ctx: CamContext) -> torch.Tensor:
@@ -201,7 +201,7 @@ def neighbourhood(grid: int, std: float, prefix: int = 1) -> torch.Tensor:
     return out
 
 
-@register_method("naclip", families=DENSE_FAMILIES, postprocess="resize_minmax", params=("naclip_std",),
+@register_method("naclip", segments=True, families=DENSE_FAMILIES, postprocess="resize_minmax", params=("naclip_std",),
                  shares_forward=True,
                  description="NACLIP (Hajimiri et al. 2025): key-key attention plus a Gaussian neighbourhood "
                              "(--naclip-std), last block without residual and FFN; one forward.")
@@ -271,7 +271,7 @@ def feature_surgery(patches: torch.Tensor, texts: torch.Tensor, image: torch.Ten
     return sims[:, rows] - sims.mean(dim=1, keepdim=True)
 
 
-@register_method("clipsurgery", families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax", params=("contrast",),
+@register_method("clipsurgery", segments=True, families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax", params=("contrast",),
                  shares_forward=True,
                  prompt_coupled=True,
                  description="CLIP Surgery (Li et al. 2023): v-v attention path over the last 6 blocks and feature "

@@ -32,6 +32,10 @@ class MethodSpec:
     params: tuple[str, ...] = ()
     """The options that change this method's maps (`camloc.cams.options`, declared in the method's own
     module; also "seed" for RISE): part of its heatmap-cache keys."""
+    segments: bool = False
+    """One forward scores every query on the patch grid (the dense family): the method can run the
+    open-vocabulary segmentation protocol (`--protocols ovseg`), whose cost is then one forward per
+    window for all of a dataset's classes."""
     shares_forward: bool = False
     """Reads the image's one encoder forward (target activations, embedding, ViT block inputs), which
     `share_batch` computes for several images in one batch (eval's `--image-batch`)."""

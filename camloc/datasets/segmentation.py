@@ -1,0 +1,232 @@
+"""Semantic segmentation datasets for the open-vocabulary protocol (`--protocols ovseg`): images with a
+label map each, read in their official (or mmsegmentation-converted) layouts, and the class names the
+predictions index (`camloc/segment/classes/`).
+
+Each label map is turned into class indices 0..K-1 with 255 = ignore, as mmsegmentation reads it:
+- `ade20k-150`: ADEChallengeData2016 `annotations/<split>/*.png` (0 = unlabelled, 1..150): label - 1, 0 -> 255
+  (`reduce_zero_label=True`).
+- `voc21` / `voc20`: VOC2012 `SegmentationClass/*.png` (palette indices 0 = background, 1..20, 255 = border)
+  listed by `ImageSets/Segmentation/<split>.txt`; VOC20 drops the background (0 -> 255, label - 1).
+- `context60` / `context59`: PASCAL-Context as mmsegmentation converts it (VOC2010
+  `SegmentationClassContext/*.png`, 0 = background, 1..59, listed by `ImageSets/SegmentationContext/<split>.txt`);
+  Context59 drops the background.
+- `cityscapes`: `gtFine/<split>/<city>/*_gtFine_labelTrainIds.png` (the 19 train ids, 255 = ignore; made by the
+  cityscapesScripts' createTrainIdLabelImgs) beside `leftImg8bit/<split>/<city>/*_leftImg8bit.png`.
+- `coco-stuff-171`: COCO-Stuff 164k as mmsegmentation converts it (`annotations/<split>/*_labelTrainIds.png`,
+  0..170, 255) beside `images/<split>/*.jpg`.
+- `coco-object`: the 80 COCO things + background made from the instances JSON (`annotations/instances_<split>.json`
+  beside `<split>/`): background 0 where no instance is, each non-crowd instance's mask painted with its class
+  (1..80 in the JSON's category order) in annotation order, crowd regions 255.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from camloc.errors import DataError, OptionError
+
+CLASSES_DIR = Path(__file__).resolve().parent.parent / "segment" / "classes"
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class SegImage:
+    image_id: str
+    path: str
+    label: Callable[[], np.ndarray]
+    """The label map (H, W) uint8 of class indices, 255 = ignore, read on demand."""
+    label_path: str = ""
+
+
+@dataclass(frozen=True)
+class SegDatasetSpec:
+    name: str
+    classes_file: str
+    description: str
+    layout: str
+    default_split: str
+    build: Callable = field(repr=False, default=None)
+    background: bool = False
+    """Class 0 is a background class (the protocol's background threshold applies)."""
+
+    def classes(self) -> list[list[str]]:
+        from camloc.segment.infer import read_classes
+
+        return read_classes(CLASSES_DIR / self.classes_file)
+
+
+SEG_DATASETS: dict[str, SegDatasetSpec] = {}
+
+
+def register_seg_dataset(name: str, classes_file: str, description: str, layout: str, default_split: str,
+                         background: bool = False) -> Callable:
+    def decorate(fn):
+        SEG_DATASETS[name] = SegDatasetSpec(name, classes_file, description, layout, default_split, fn, background)
+        return fn
+
+    return decorate
+
+
+def _png(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"label map {path} does not exist")
+    return np.asarray(Image.open(path))
+
+
+def _reduce_zero(label: np.ndarray) -> np.ndarray:
+    """mmseg's reduce_zero_label: 0 -> 255, every other value - 1 (255 stays 255)."""
+    out = label.astype(np.int16) - 1
+    out[label == 0] = IGNORE
+    out[label == IGNORE] = IGNORE
+    return out.astype(np.uint8)
+
+
+def _listed(list_file: Path, image_dir: Path, label_dir: Path, image_ext: str, reduce: bool) -> list[SegImage]:
+    if not list_file.is_file():
+        raise DataError(f"image list {list_file} does not exist; check --data-root (or pass --ann-file)")
+    images = []
+    for stem in (line.strip() for line in list_file.read_text().splitlines()):
+        if not stem:
+            continue
+        label_path = label_dir / f"{stem}.png"
+
+        def read(label_path=label_path):
+            label = _png(label_path)
+            return _reduce_zero(label) if reduce else label.astype(np.uint8)
+
+        images.append(SegImage(stem, str(image_dir / f"{stem}{image_ext}"), read, str(label_path)))
+    return images
+
+
+@register_seg_dataset("ade20k-150", "ade20k-150.txt", "ADE20K SceneParsing (ADEChallengeData2016), 150 classes",
+                      "<data-root>/ADEChallengeData2016/images/<split>/*.jpg, annotations/<split>/*.png", "validation")
+def ade20k_150(root: Path, split: str, image_dir: Path | None, ann_file: Path | None) -> list[SegImage]:
+    base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+    images_dir = image_dir or base / "images" / split
+    labels_dir = base / "annotations" / split
+    if not images_dir.is_dir():
+        raise DataError(f"image folder {images_dir} does not exist; pass --data-root (the folder holding "
+                        "ADEChallengeData2016) or --image-dir (`camloc data download ade20k-sceneparsing`)")
+    out = []
+    for path in sorted(images_dir.glob("*.jpg")):
+        label_path = labels_dir / f"{path.stem}.png"
+        out.append(SegImage(path.stem, str(path), lambda p=label_path: _reduce_zero(_png(p)), str(label_path)))
+    return out
+
+
+def _voc(root: Path, split: str, image_dir, ann_file, reduce: bool) -> list[SegImage]:
+    base = next((p for p in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root) if (p / "JPEGImages").is_dir()),
+                root / "VOCdevkit" / "VOC2012")
+    return _listed(ann_file or base / "ImageSets" / "Segmentation" / f"{split}.txt", image_dir or base / "JPEGImages",
+                   base / "SegmentationClass", ".jpg", reduce)
+
+
+@register_seg_dataset("voc21", "voc21.txt", "PASCAL VOC 2012 val, background + 20 classes",
+                      "<data-root>/VOCdevkit/VOC2012/JPEGImages, SegmentationClass, ImageSets/Segmentation/<split>.txt",
+                      "val", background=True)
+def voc21(root, split, image_dir, ann_file):
+    return _voc(root, split, image_dir, ann_file, reduce=False)
+
+
+@register_seg_dataset("voc20", "voc20.txt", "PASCAL VOC 2012 val, the 20 object classes (background ignored)",
+                      "as voc21", "val")
+def voc20(root, split, image_dir, ann_file):
+    return _voc(root, split, image_dir, ann_file, reduce=True)
+
+
+def _context(root: Path, split: str, image_dir, ann_file, reduce: bool) -> list[SegImage]:
+    base = next((p for p in (root / "VOCdevkit" / "VOC2010", root / "VOC2010", root) if (p / "JPEGImages").is_dir()),
+                root / "VOCdevkit" / "VOC2010")
+    return _listed(ann_file or base / "ImageSets" / "SegmentationContext" / f"{split}.txt",
+                   image_dir or base / "JPEGImages", base / "SegmentationClassContext", ".jpg", reduce)
+
+
+@register_seg_dataset("context60", "context60.txt", "PASCAL-Context val (mmseg's conversion), background + 59",
+                      "<data-root>/VOCdevkit/VOC2010/JPEGImages, SegmentationClassContext, "
+                      "ImageSets/SegmentationContext/<split>.txt", "val", background=True)
+def context60(root, split, image_dir, ann_file):
+    return _context(root, split, image_dir, ann_file, reduce=False)
+
+
+@register_seg_dataset("context59", "context59.txt", "PASCAL-Context val, the 59 classes (background ignored)",
+                      "as context60", "val")
+def context59(root, split, image_dir, ann_file):
+    return _context(root, split, image_dir, ann_file, reduce=True)
+
+
+@register_seg_dataset("cityscapes", "cityscapes.txt", "Cityscapes val, the 19 train ids",
+                      "<data-root>/cityscapes/leftImg8bit/<split>/<city>/*_leftImg8bit.png, "
+                      "gtFine/<split>/<city>/*_gtFine_labelTrainIds.png", "val")
+def cityscapes(root, split, image_dir, ann_file):
+    base = root / "cityscapes" if (root / "cityscapes").is_dir() else root
+    images_dir = image_dir or base / "leftImg8bit" / split
+    if not images_dir.is_dir():
+        raise DataError(f"image folder {images_dir} does not exist; pass --data-root (the folder holding cityscapes/)")
+    out = []
+    for path in sorted(images_dir.rglob("*_leftImg8bit.png")):
+        stem = path.name[: -len("_leftImg8bit.png")]
+        label = base / "gtFine" / split / path.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+        out.append(SegImage(stem, str(path), lambda p=label: _png(p).astype(np.uint8), str(label)))
+    return out
+
+
+@register_seg_dataset("coco-stuff-171", "coco-stuff-171.txt", "COCO-Stuff 164k val2017 (mmseg's conversion), 171 "
+                      "classes", "<data-root>/coco_stuff164k/images/<split>/*.jpg, annotations/<split>/"
+                      "*_labelTrainIds.png", "val2017")
+def coco_stuff(root, split, image_dir, ann_file):
+    base = root / "coco_stuff164k" if (root / "coco_stuff164k").is_dir() else root
+    images_dir = image_dir or base / "images" / split
+    if not images_dir.is_dir():
+        raise DataError(f"image folder {images_dir} does not exist; pass --data-root (the folder holding "
+                        "coco_stuff164k/)")
+    out = []
+    for path in sorted(images_dir.glob("*.jpg")):
+        label = base / "annotations" / split / f"{path.stem}_labelTrainIds.png"
+        out.append(SegImage(path.stem, str(path), lambda p=label: _png(p).astype(np.uint8), str(label)))
+    return out
+
+
+@register_seg_dataset("coco-object", "coco-object.txt", "COCO val2017 objects: the 80 things + background, from the "
+                      "instances JSON", "<data-root>/annotations/instances_<split>.json beside <data-root>/<split>/",
+                      "val2017", background=True)
+def coco_object(root, split, image_dir, ann_file):
+    from camloc.datasets.coco_format import open_coco
+
+    ann = ann_file or root / "annotations" / f"instances_{split}.json"
+    coco = open_coco(ann)
+    order = {c: i + 1 for i, c in enumerate(sorted(coco.getCatIds()))}
+    folder = image_dir or root / split
+
+    def label(image_id):
+        info = coco.imgs[image_id]
+        out = np.zeros((info["height"], info["width"]), np.uint8)
+        for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])):
+            mask = coco.annToMask(a).astype(bool)
+            out[mask] = IGNORE if a.get("iscrowd", 0) else order[a["category_id"]]
+        return out
+
+    return [SegImage(str(i), str(folder / coco.imgs[i]["file_name"]), lambda i=i: label(i))
+            for i in sorted(coco.imgs)]
+
+
+def load_seg_dataset(name: str, data_root: str | Path | None = None, split: str | None = None,
+                     image_dir: str | Path | None = None, ann_file: str | Path | None = None,
+                     limit: int | None = None) -> tuple[SegDatasetSpec, list[SegImage]]:
+    from camloc.datasets.registry import data_root as default_root
+
+    spec = SEG_DATASETS.get(name)
+    if spec is None:
+        raise OptionError(f"--protocols ovseg needs a segmentation dataset: {', '.join(SEG_DATASETS)} (got {name!r})")
+    images = spec.build(default_root(data_root), split or spec.default_split,
+                        Path(image_dir) if image_dir else None, Path(ann_file) if ann_file else None)
+    if limit is not None:
+        if limit < 1:
+            raise OptionError(f"--limit must be at least 1, got {limit}")
+        images = images[:limit]
+    if not images:
+        raise DataError(f"dataset {name} gives 0 images under {default_root(data_root)}; expected {spec.layout}")
+    return spec, images

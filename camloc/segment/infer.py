@@ -1,0 +1,227 @@
+"""Open-vocabulary semantic segmentation with a dense method: every pixel gets the class whose queries
+score highest, as the reference wrapper computes it (wangf3014/SCLIP `clip_segmentor.py` at d84d4ab,
+the harness ~10 later methods copy), but with all of an image's windows in ONE batched encoder forward.
+
+Per image: resize (short side S), windows (`windows.py`), each window's patch-query cosine grid from
+the method (the dense methods score `CamContext.text_features`, here the class queries), stitched and
+resized bilinearly to the label's size, optional PAMR (`pamr.py`), x logit scale, softmax over all
+queries, max over each class's queries (synonyms), optional area threshold (classes whose predicted
+area is below `area_threshold` x the foreground area are suppressed, background excepted), argmax, and
+pixels whose top probability is below `bg_threshold` become class 0 (background).
+
+Query embeddings: each name of each class in every template, L2-normalised, averaged over the
+templates and normalised again (SCLIP's and CLIP's ImageNet recipe).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from camloc.errors import OptionError
+from camloc.segment.windows import crops, rescaled_size, stitch, window_boxes
+
+HERE = Path(__file__).parent
+TEMPLATE_SETS = ("single", "imagenet80")
+
+
+def templates(name: str) -> list[str]:
+    """`single`: the class name as it is; `imagenet80`: CLIP's 80 ImageNet templates."""
+    if name == "single":
+        return ["{}"]
+    if name == "imagenet80":
+        return (HERE / "templates_imagenet80.txt").read_text().splitlines()
+    raise OptionError(f"--ovseg-templates {name!r} is not one of {', '.join(TEMPLATE_SETS)}")
+
+
+def read_classes(path: Path) -> list[list[str]]:
+    """A class-name file: one class per line, synonyms separated by ", "."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [[n.strip() for n in line.split(", ") if n.strip()] for line in lines if line]
+
+
+@dataclass(frozen=True)
+class OvsegSettings:
+    preset: str
+    short_side: int
+    crop: int
+    stride: int
+    logit_scale: float
+    bg_threshold: float
+    area_threshold: float | None
+    pamr_steps: int
+    pamr_dilations: tuple[int, ...]
+    templates: str
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "pamr_dilations": list(self.pamr_dilations)}
+
+
+PRESETS = {
+    # SCLIP's harness (wangf3014/SCLIP, clip_segmentor.py defaults and configs/cfg_*.py at 57fa9aa): short side
+    # 336, crop 224, stride 112, logit scale 40, no background threshold, PAMR off; per-dataset exceptions below.
+    "sclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
+              "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80"},
+    # TCL / CLIP-DINOiser's protocol (img_scale (2048, 448), slide crop 448, stride 224;
+    # wysoczanska/clip_dinoiser segmentation/configs/_base_/datasets/*.py); logit scale and templates as sclip's
+    # (they change only thresholds and the synonym merge, not an argmax over single names).
+    "tcl": {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 40.0, "bg_threshold": 0.0,
+            "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80"},
+}
+SCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of SCLIP at 57fa9aa
+    "voc21": {"logit_scale": 65.0, "bg_threshold": 0.1, "area_threshold": 0.1},
+    "context60": {"logit_scale": 50.0, "bg_threshold": 0.1},
+    "coco-object": {"logit_scale": 50.0, "bg_threshold": 0.1},
+    "coco-stuff-171": {"short_side": 448},
+    "cityscapes": {"short_side": 560},
+}
+
+
+def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSettings:
+    """A preset's values for `dataset` (with the preset's per-dataset exceptions), then the options given
+    (None = not given)."""
+    if preset not in PRESETS:
+        raise OptionError(f"--ovseg-preset {preset!r} is not one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if preset == "sclip":
+        values.update(SCLIP_EXCEPTIONS.get(dataset, {}))
+    values.update({k: v for k, v in given.items() if v is not None})
+    settings = OvsegSettings(preset=preset, **{**values, "pamr_dilations": tuple(values["pamr_dilations"])})
+    for name in ("short_side", "crop", "stride"):
+        if getattr(settings, name) < 1:
+            raise OptionError(f"--ovseg-{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    if settings.stride > settings.crop:
+        raise OptionError(f"--ovseg-stride {settings.stride} is larger than --ovseg-crop {settings.crop}: pixels "
+                          "between the windows would get no logits")
+    if not 0 <= settings.bg_threshold <= 1 or settings.logit_scale <= 0 or settings.pamr_steps < 0:
+        raise OptionError("--ovseg-bg-threshold must lie in [0, 1], --ovseg-logit-scale be positive and "
+                          "--ovseg-pamr 0 or more")
+    templates(settings.templates)
+    return settings
+
+
+def query_features(model, classes: list[list[str]], template_set: str) -> tuple[torch.Tensor, list[int], list[str]]:
+    """(Q, E) normalised query embeddings (one per name of each class, averaged over the templates), the
+    class of each query, and the query names."""
+    texts = templates(template_set)
+    features, owner, names = [], [], []
+    for index, synonyms in enumerate(classes):
+        for name in synonyms:
+            per_template = model.text_features([t.format(name) for t in texts])
+            mean = per_template.mean(dim=0)
+            features.append(mean / mean.norm())
+            owner.append(index)
+            names.append(name)
+    return torch.stack(features), owner, names
+
+
+@contextlib.contextmanager
+def at_input_size(model, size: int):
+    """Run the image tower on size x size inputs: a ViT's position embeddings interpolated bicubically to
+    the new patch grid for the duration (the class token's kept), as the sliding-window harnesses do for
+    crops larger than the model's input. The model's own size needs nothing."""
+    if size == model.input_size:
+        yield
+        return
+    visual = model.visual
+    if not hasattr(visual, "positional_embedding") or not hasattr(visual, "conv1") or model.family.prefix != 1:
+        raise OptionError(f"--ovseg-crop {size}: {model.name} takes {model.input_size} px inputs and camloc can "
+                          f"resize the position embeddings of class-token ViTs only; use --ovseg-crop "
+                          f"{model.input_size}")
+    patch = visual.conv1.kernel_size[0]
+    if size % patch:
+        raise OptionError(f"--ovseg-crop {size} is not a multiple of {model.name}'s patch size {patch}")
+    original = visual.positional_embedding
+    grid = int(round((original.shape[0] - 1) ** 0.5))
+    new = size // patch
+    table = original.detach().float()
+    patches = table[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(new, new), mode="bicubic", align_corners=False)
+    resized = torch.cat([table[:1], patches.permute(0, 2, 3, 1).reshape(new * new, -1)]).to(original.dtype)
+    visual.positional_embedding = torch.nn.Parameter(resized, requires_grad=False)
+    input_size = model.input_size
+    model.input_size = size
+    try:
+        yield
+    finally:
+        visual.positional_embedding = original
+        model.input_size = input_size
+
+
+def resized_input(model, image: Image.Image, short_side: int) -> torch.Tensor:
+    """(3, H', W') normalised image at the protocol's scale (OpenCV bilinear on the 8-bit RGB, as mmcv)."""
+    width, height = rescaled_size(*image.size, short_side)
+    rgb = cv2.resize(np.asarray(image.convert("RGB")), (width, height), interpolation=cv2.INTER_LINEAR)
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    mean = torch.tensor(model.backend.mean).view(3, 1, 1)
+    std = torch.tensor(model.backend.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def window_grids(model, methods: list, options: dict, windows: torch.Tensor, queries: torch.Tensor,
+                 names: list[str]) -> dict[str, torch.Tensor]:
+    """{method: (n, Q, g, g) patch-query cosine grids} of the windows (n, 3, C, C), their encoder forwards
+    in one batch (`share_batch`); each method then runs on each window's own context."""
+    from camloc.cams.context import CamContext, share_batch
+
+    stand_in = Image.new("RGB", (windows.shape[-1], windows.shape[-2]))
+    contexts = []
+    for window in windows:
+        ctx = CamContext(model, stand_in, names, options, methods=[s.name for s in methods], host_input=window[None])
+        ctx.__dict__["text_features"] = queries  # the class queries (template-averaged), not the names' own
+        contexts.append(ctx)
+    share_batch(contexts)
+    return {spec.name: torch.stack([spec.compute(ctx).float() for ctx in contexts]) for spec in methods}
+
+
+def predict(logits: torch.Tensor, owner: list[int], settings: OvsegSettings) -> torch.Tensor:
+    """(Q, H, W) stitched cosines -> (H, W) int64 class map: x logit scale, softmax over the queries, max
+    over each class's queries, area threshold, argmax, background threshold (class 0)."""
+    probs = torch.softmax(logits * settings.logit_scale, dim=0)
+    n_classes = max(owner) + 1
+    if n_classes != len(owner):
+        index = torch.tensor(owner, device=probs.device)
+        per_class = probs.new_full((n_classes, *probs.shape[1:]), -1.0)
+        per_class = per_class.index_reduce_(0, index, probs, "amax", include_self=True)
+    else:
+        per_class = probs
+    if settings.area_threshold is not None:
+        hard = F.one_hot(per_class.argmax(0), n_classes)  # (H, W, K)
+        area = hard[..., 1:].sum(dim=(0, 1)).float()
+        keep = (area > settings.area_threshold * area.sum()).to(per_class.dtype)
+        per_class = per_class.clone()
+        per_class[1:] *= keep[:, None, None]
+    pred = per_class.argmax(0)
+    pred[per_class.max(0).values < settings.bg_threshold] = 0
+    return pred
+
+
+def segment_image(model, methods: list, options: dict, image: Image.Image, label_size: tuple[int, int],
+                  queries: torch.Tensor, owner: list[int], names: list[str], settings: OvsegSettings) -> dict:
+    """{method: ((H, W) uint8/int64 prediction at the label's size, number of windows)} of one image."""
+    from camloc.segment.pamr import pamr
+
+    x = resized_input(model, image, settings.short_side)
+    height, width = x.shape[-2:]
+    if min(height, width) < settings.crop:
+        raise OptionError(f"--ovseg-short-side {settings.short_side} gives a {width}x{height} image, smaller than "
+                          f"--ovseg-crop {settings.crop}: windows would be cut; use a short side of at least the crop")
+    boxes = window_boxes(height, width, settings.crop, settings.stride)
+    with at_input_size(model, settings.crop):
+        grids = window_grids(model, methods, options, crops(x, boxes), queries, names)
+    out = {}
+    label_w, label_h = label_size
+    for name, grid in grids.items():
+        canvas = stitch(grid.to(x.dtype).cpu(), boxes, height, width)
+        logits = F.interpolate(canvas[None], size=(label_h, label_w), mode="bilinear", align_corners=False)[0]
+        if settings.pamr_steps:
+            small = F.interpolate(x[None], size=(label_h, label_w), mode="bilinear", align_corners=False)
+            logits = pamr(small, logits[None], settings.pamr_steps, settings.pamr_dilations)[0]
+        out[name] = (predict(logits, owner, settings), len(boxes))
+    return out

@@ -1,0 +1,187 @@
+"""Open-vocabulary semantic segmentation: the mmseg metric, sliding windows, PAMR, prediction, and
+end-to-end runs of the dense methods."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from camloc.cli.app import app
+from camloc.errors import OptionError
+from camloc.evaluators.segmentation import SegmentationState
+from camloc.segment.infer import OvsegSettings, predict, resolve_settings
+from camloc.segment.pamr import pamr
+from camloc.segment.windows import rescaled_size, stitch, window_boxes
+
+runner = CliRunner()
+REAL = Path(__file__).parent / "real-formats"
+DENSE = ["maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery"]
+
+
+# --- the metric ----------------------------------------------------------------------------------
+
+def mmseg_miou(preds, labels, k, ignore=255):
+    """mmsegmentation's IoUMetric written out: per-class histograms summed over the dataset, nanmean."""
+    inter, union, pred_area, label_area = (np.zeros(k) for _ in range(4))
+    for p, t in zip(preds, labels):
+        keep = t != ignore
+        p, t = p[keep], t[keep]
+        i = p[p == t]
+        ai = np.histogram(i, bins=k, range=(0, k - 1))[0]
+        ap = np.histogram(p, bins=k, range=(0, k - 1))[0]
+        at = np.histogram(t, bins=k, range=(0, k - 1))[0]
+        inter += ai
+        pred_area += ap
+        label_area += at
+        union += ap + at - ai
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = inter / union
+        acc = inter / label_area
+    return np.nanmean(iou), np.nanmean(acc), inter.sum() / label_area.sum(), iou
+
+
+def test_metric_by_hand():
+    # 2 x 3 image, classes 0..3; class 3 absent from both: left out of the mean; one pixel ignored
+    label = np.array([[0, 0, 1], [1, 255, 2]])
+    pred = np.array([[0, 1, 1], [1, 2, 0]])
+    state = SegmentationState.empty(4).add(pred, label)
+    # the ignored pixel (1, 1) is dropped with its prediction 2; class 0: I 1 (0,0), P 2 ((0,0), (1,2)), L 2, U 3;
+    # class 1: I 2, P 3 ((0,1), (0,2), (1,0)), L 2, U 3; class 2: I 0, P 0, L 1, U 1; class 3: nothing
+    assert state.intersect.tolist() == [1, 2, 0, 0] and state.label.tolist() == [2, 2, 1, 0]
+    assert state.pred.tolist() == [2, 3, 0, 0] and state.union.tolist() == [3, 3, 1, 0]
+    result = state.result()
+    assert result["miou"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    assert result["macc"] == pytest.approx((1 / 2 + 2 / 2 + 0) / 3)
+    assert result["aacc"] == pytest.approx(3 / 5) and result["classes_counted"] == 3
+
+
+def test_metric_accumulates_over_the_dataset_not_per_image():
+    rng = np.random.default_rng(3)
+    labels = [rng.integers(0, 5, (7, 9)) for _ in range(4)]
+    labels[1][0, :] = 255
+    preds = [rng.integers(0, 5, (7, 9)) for _ in range(4)]
+    preds[2][:] = 0  # one image predicts a single class
+    state = SegmentationState.empty(6)  # class 5 absent everywhere
+    for p, t in zip(preds, labels):
+        state.add(p, t)
+    miou, macc, aacc, iou = mmseg_miou(preds, labels, 6)
+    result = state.result()
+    assert result["miou"] == pytest.approx(miou) and result["macc"] == pytest.approx(macc)
+    assert result["aacc"] == pytest.approx(aacc) and result["classes_counted"] == 5
+    per_image = np.mean([SegmentationState.empty(6).add(p, t).result()["miou"] for p, t in zip(preds, labels)])
+    assert abs(per_image - miou) > 1e-4  # the dataset-level number is not the mean of per-image ones
+    halves = SegmentationState.empty(6).add(preds[0], labels[0]).add(preds[1], labels[1])
+    rest = SegmentationState.empty(6).add(preds[2], labels[2]).add(preds[3], labels[3])
+    assert (halves + rest).result() == result
+    assert SegmentationState.from_record(json.loads(json.dumps(state.to_record()))).result() == result
+
+
+def test_metric_refuses_out_of_range_values():
+    with pytest.raises(ValueError, match="label values must lie in 0..2 or be 255"):
+        SegmentationState.empty(3).add(np.zeros((2, 2), int), np.full((2, 2), 7))
+    with pytest.raises(ValueError, match="predicted class indices"):
+        SegmentationState.empty(3).add(np.full((2, 2), 3), np.zeros((2, 2), int))
+
+
+def test_background_threshold_and_synonyms_by_hand():
+    # 3 queries: class 0 (background) has one, class 1 has two synonyms; 1 x 2 pixels
+    logits = torch.tensor([[[0.0, 0.0]], [[1.0, 0.1]], [[0.9, 0.0]]])  # (Q, 1, 2)
+    settings = OvsegSettings("test", 336, 224, 112, 1.0, 0.0, None, 0, (8, 16), "single")
+    probs = torch.softmax(logits, dim=0)
+    assert predict(logits, [0, 1, 1], settings).tolist() == [[1, 1]]  # class 1 = max of its two synonyms
+    # the second pixel's top probability (class 1's best synonym) is probs[1, 0, 1] ~ 0.356: below 0.4 -> 0
+    assert probs[1, 0, 1] < 0.4 < probs[1, 0, 0]
+    high = OvsegSettings("test", 336, 224, 112, 1.0, 0.4, None, 0, (8, 16), "single")
+    assert predict(logits, [0, 1, 1], high).tolist() == [[1, 0]]
+
+
+# --- windows and stitching -----------------------------------------------------------------------
+
+def test_window_grid_matches_the_reference_formula():
+    assert rescaled_size(500, 375, 336) == (448, 336)  # VOC: 6 crops at 224 / 112
+    assert len(window_boxes(336, 448, 224, 112)) == 2 * 3
+    assert rescaled_size(2048, 1024, 560) == (1120, 560) and len(window_boxes(560, 1120, 224, 112)) == 4 * 9
+    boxes = window_boxes(300, 400, 224, 112)
+    assert boxes[0] == (0, 224, 0, 224) and boxes[-1] == (76, 300, 176, 400)  # the last crops end at the border
+    assert all(y2 - y1 == 224 and x2 - x1 == 224 for y1, y2, x1, x2 in boxes)
+
+
+def test_stitching_averages_overlaps_with_known_window_logits():
+    """A stub method whose logits are known: window w's grid holds (w + 1) * [1, x, y] on a 2 x 2 grid."""
+    height, width, crop, stride = 10, 14, 6, 4
+    boxes = window_boxes(height, width, crop, stride)
+    grids = torch.stack([(w + 1) * torch.stack([torch.ones(2, 2), torch.tensor([[0., 1], [0, 1]]),
+                                                torch.tensor([[0., 0], [1, 1]])]) for w in range(len(boxes))])
+    out = stitch(grids, boxes, height, width)
+    # direct computation: every window upsampled alone into a full-size zero canvas, then the mean where covered
+    total, count = np.zeros((3, height, width)), np.zeros((height, width))
+    for w, (y1, y2, x1, x2) in enumerate(boxes):
+        up = F.interpolate(grids[w][None], size=(crop, crop), mode="bilinear", align_corners=False)[0].numpy()
+        padded = np.zeros((3, height, width))
+        padded[:, y1:y2, x1:x2] = up
+        total += padded
+        count[y1:y2, x1:x2] += 1
+    assert count.min() >= 1 and count.max() == 4
+    assert np.allclose(out.numpy(), total / count, atol=1e-6)
+    # the constant channel is the mean of the covering windows' (w + 1)
+    corner = out[0, 0, 0].item()
+    assert corner == 1.0 and out[0, height - 1, width - 1].item() == len(boxes)
+
+
+# --- PAMR ----------------------------------------------------------------------------------------
+
+def pamr_reference(x, mask, steps, dilations):
+    """PAMR as visinf/1-stage-wseg builds it: 3 x 3 kernels, replicate padding, conv2d with dilation."""
+    def kernels(kind):
+        w = torch.zeros(9, 1, 3, 3)
+        for i in range(9):
+            w[i, 0, i // 3, i % 3] = 1
+        if kind == "std":
+            return w
+        keep = [0, 1, 2, 3, 5, 6, 7, 8]
+        w = w[keep]
+        if kind == "diff":
+            w = -w
+            w[:, 0, 1, 1] = 1
+        return w
+
+    def apply(t, kind):
+        b, k, h, wd = t.shape
+        t = t.reshape(b * k, 1, h, wd)
+        out = torch.cat([F.conv2d(F.pad(t, [d] * 4, mode="replicate"), kernels(kind), dilation=d) for d in dilations], 1)
+        return out.reshape(b, k, -1, h, wd)
+
+    std = apply(x, "std").std(2, keepdim=True)
+    a = (-apply(x, "diff").abs() / (1e-8 + 0.1 * std)).mean(1, keepdim=True).softmax(2)
+    for _ in range(steps):
+        mask = (apply(mask, "copy") * a).sum(2)
+    return mask
+
+
+def test_pamr_equals_the_reference_construction():
+    torch.manual_seed(0)
+    image, mask = torch.randn(1, 3, 40, 50), torch.rand(1, 4, 40, 50)
+    assert torch.allclose(pamr(image, mask, 10, (8, 16)), pamr_reference(image, mask, 10, (8, 16)), atol=1e-5)
+    assert torch.allclose(pamr(image, mask, 3, (1,)), pamr_reference(image, mask, 3, (1,)), atol=1e-6)
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+def test_presets_and_their_dataset_exceptions():
+    ade = resolve_settings("ade20k-150")
+    assert (ade.short_side, ade.crop, ade.stride, ade.logit_scale, ade.bg_threshold) == (336, 224, 112, 40.0, 0.0)
+    voc = resolve_settings("voc21")
+    assert (voc.logit_scale, voc.bg_threshold, voc.area_threshold) == (65.0, 0.1, 0.1)
+    assert resolve_settings("cityscapes").short_side == 560 and resolve_settings("coco-stuff-171").short_side == 448
+    tcl = resolve_settings("cityscapes", "tcl")
+    assert (tcl.short_side, tcl.crop, tcl.stride) == (448, 448, 224)
+    assert resolve_settings("voc21", logit_scale=30.0).logit_scale == 30.0
+    with pytest.raises(OptionError, match="--ovseg-stride 300 is larger than --ovseg-crop 224"):
+        resolve_settings("ade20k-150", stride=300)
+    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, tcl"):
+        resolve_settings("ade20k-150", "x")
