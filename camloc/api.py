@@ -212,10 +212,17 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
              compile: str = "auto", save_heatmaps: bool = False, save_vis: int = 0, force_new: bool = False,
              progress: bool = False, skip_missing: bool = False, skip_bad_records: bool = False,
              pointing_tolerance: float = 15.0, cam_curve_interval: float = 0.01,
-             shard: tuple[int, int] = (0, 1), **method_options) -> dict:
+             shard: tuple[int, int] = (0, 1), ovseg: dict | None = None, save_predictions: bool = False,
+             **method_options) -> dict:
     """`camloc eval`: evaluate `methods` on `dataset` into the run folder `out` (resumable: a second call
     computes only what is missing; another config is refused). Returns the run's summary (summary.json).
-    A loaded `ClipModel` is used as it is (its device and precision); a name is loaded like `load_model`."""
+    A loaded `ClipModel` is used as it is (its device and precision); a name is loaded like `load_model`.
+
+    `protocols="ovseg"` (alone) runs open-vocabulary semantic segmentation on a segmentation dataset
+    (`camloc.datasets.segmentation`: ade20k-150, voc21, voc20, context60, context59, coco-stuff-171,
+    coco-object, cityscapes) with the dense methods; `ovseg` holds its settings (preset, short_side, crop,
+    stride, logit_scale, bg_threshold, area_threshold, pamr_steps, templates: `--ovseg-*`), and
+    `save_predictions` writes each image's class map under out/predictions/<method>/."""
     from camloc.evaluators.iou import CONVENTIONS
     from camloc.evaluators.protocols import parse_protocols
     from camloc.models.encoder import check_compile
@@ -224,6 +231,18 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
 
     if iou not in CONVENTIONS:
         raise OptionError(f"--iou {iou!r} is not one of {', '.join(CONVENTIONS)}")
+    names = [p.strip() for p in (protocols.split(",") if isinstance(protocols, str) else protocols) if p.strip()]
+    if "ovseg" in names:
+        if set(names) - {"ovseg", "box"}:
+            raise OptionError("--protocols ovseg runs on its own (a segmentation dataset scored per pixel over all "
+                              "its classes); run the pair protocols in another run")
+        return _evaluate_ovseg(model, dataset, methods, out, limit=limit, split=split, data_root=data_root,
+                               ann_file=ann_file, image_dir=image_dir, seed=seed, device=device, precision=precision,
+                               cache_dir=cache_dir, image_batch=image_batch, force_new=force_new, progress=progress,
+                               shard=shard, ovseg=ovseg or {}, save_predictions=save_predictions,
+                               method_options=method_options)
+    if ovseg or save_predictions:
+        raise OptionError("the --ovseg-* options and --save-predictions belong to --protocols ovseg")
     if save_vis < 0:
         raise OptionError(f"--save-vis must be 0 or more pairs per group, got {save_vis}")
     loaded = model if isinstance(model, ClipModel) else None
@@ -267,6 +286,30 @@ def report_table(runs: Sequence[str | Path], layout: str = "long", compare_paper
     from camloc.report.tables import build_report
 
     return build_report(list(runs), layout, compare_paper, skip_bad_records, None, allow_incomplete)
+
+
+def _evaluate_ovseg(model, dataset, methods, out, *, limit, split, data_root, ann_file, image_dir, seed, device,
+                    precision, cache_dir, image_batch, force_new, progress, shard, ovseg, save_predictions,
+                    method_options) -> dict:
+    from camloc.run.identity import EvalConfig
+    from camloc.run.ovseg import run_ovseg
+
+    loaded = model if isinstance(model, ClipModel) else None
+    known = {"preset", "short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold",
+             "pamr_steps", "pamr_dilations", "templates"}
+    unknown = sorted(set(ovseg) - known)
+    if unknown:
+        raise OptionError(f"unknown ovseg setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    config = EvalConfig(model=loaded.name if loaded else str(model),
+                        methods=[methods] if isinstance(methods, str) else list(methods), dataset=dataset,
+                        limit=limit, split=split, precision=loaded.precision if loaded else precision, seed=seed,
+                        options=parse_method_options(method_options), protocols=["ovseg"],
+                        ovseg={k: v for k, v in ovseg.items() if v is not None})
+    return run_ovseg(config, Path(out), device=device, cache_dir=str(cache_dir) if cache_dir else None,
+                     force_new=force_new, progress=progress,
+                     data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir},
+                     image_batch=count_or_auto(image_batch, "--image-batch"), shard=shard,
+                     save_predictions=save_predictions, model=loaded)
 
 
 def list_methods(family: str | None = None) -> list[str]:

@@ -185,3 +185,139 @@ def test_presets_and_their_dataset_exceptions():
         resolve_settings("ade20k-150", stride=300)
     with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, tcl"):
         resolve_settings("ade20k-150", "x")
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def write_ade150(root, sizes=((96, 72), (80, 120), (100, 100))):
+    """ADEChallengeData2016 in its released layout (labels 0 = unlabelled, 1..150), photos made here."""
+    rng = np.random.default_rng(0)
+    base = root / "ADEChallengeData2016"
+    (base / "images" / "validation").mkdir(parents=True)
+    (base / "annotations" / "validation").mkdir(parents=True)
+    shutil.copy(REAL / "ade20k-sceneparsing" / "objectInfo150.txt", base / "objectInfo150.txt")
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(
+            base / "images" / "validation" / f"ADE_val_{i + 1:08d}.jpg")
+        label = np.zeros((h, w), np.uint8)
+        label[: h // 2] = 3
+        label[h // 2:, : w // 2] = 5
+        label[:5, :5] = 150
+        Image.fromarray(label).save(base / "annotations" / "validation" / f"ADE_val_{i + 1:08d}.png")
+    return base
+
+
+SMALL = ["--ovseg-short-side", "64", "--ovseg-crop", "64", "--ovseg-stride", "32"]
+
+
+def _ovseg(data, out, *extra, methods=",".join(DENSE), model="tiny-vit"):
+    return runner.invoke(app, ["eval", "--dataset", "ade20k-150", "--data-root", str(data), "--protocols", "ovseg",
+                               "--method", methods, "--model", model, "--out", str(out), "--no-progress", *extra])
+
+
+def test_ade150_runs_every_dense_method_and_the_table_equals_the_saved_predictions(tmp_path):
+    base = write_ade150(tmp_path / "data")
+    first = _ovseg(tmp_path / "data", tmp_path / "first", *SMALL, "--save-predictions")
+    assert first.exit_code == 0, first.output
+    # make the ground truth agree with the predictions in part, so the IoUs are not all zero
+    for i, path in enumerate(sorted((tmp_path / "first" / "predictions" / "sclip").glob("*.png"))):
+        pred = np.asarray(Image.open(path)).astype(np.int64)
+        label = np.where(np.arange(pred.shape[1])[None, :] < pred.shape[1] * (i + 1) // 4, pred + 1, 7)
+        label[0, :] = 0  # unlabelled: ignored
+        Image.fromarray(label.astype(np.uint8)).save(base / "annotations" / "validation" / f"{path.stem}.png")
+    out = tmp_path / "run"
+    result = _ovseg(tmp_path / "data", out, *SMALL, "--save-predictions")
+    assert result.exit_code == 0, result.output
+    table = {row["method"]: row for row in _csv(out / "table.csv")}
+    assert list(table) == DENSE
+    labels = {p.stem: np.asarray(Image.open(p)) for p in (base / "annotations" / "validation").glob("*.png")}
+    for method in DENSE:
+        preds, gts = [], []
+        for stem, raw in sorted(labels.items()):
+            gt = raw.astype(np.int64) - 1
+            gt[raw == 0] = 255
+            preds.append(np.asarray(Image.open(out / "predictions" / method / f"{stem}.png")).astype(np.int64))
+            gts.append(gt)
+        miou, macc, aacc, _ = mmseg_miou(preds, gts, 150)
+        assert float(table[method]["miou"]) == pytest.approx(miou, abs=1e-6), method
+        assert float(table[method]["aacc"]) == pytest.approx(aacc, abs=1e-6)
+        assert float(table[method]["images_per_second"]) > 0
+    assert float(table["sclip"]["miou"]) > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "ovseg" and summary["config"]["ovseg"]["crop"] == 64
+    classes = _csv(out / "ovseg_classes.csv")
+    assert len(classes) == 150 * len(DENSE) and classes[0]["class"] == "wall"
+    again = _ovseg(tmp_path / "data", out, *SMALL)
+    assert again.exit_code == 0 and "0 new records, 18 resumed" in again.output
+    other = _ovseg(tmp_path / "data", out, "--ovseg-short-side", "72", "--ovseg-crop", "64", "--ovseg-stride", "32")
+    assert other.exit_code == 2 and "different config" in other.stderr and "ovseg" in other.stderr
+
+
+def _csv(path):
+    import csv
+
+    return list(csv.DictReader(path.open()))
+
+
+def test_shards_merge_to_the_single_process_numbers(tmp_path):
+    write_ade150(tmp_path / "data", sizes=((96, 72), (80, 120), (100, 100), (70, 90)))
+    assert _ovseg(tmp_path / "data", tmp_path / "one", *SMALL, methods="sclip,maskclip").exit_code == 0
+    for rank in (0, 1):
+        result = _ovseg(tmp_path / "data", tmp_path / "two", *SMALL, "--shard", f"{rank}/2", methods="sclip,maskclip")
+        assert result.exit_code == 0, result.output
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["methods"]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())["methods"]
+    for method in one:
+        assert {k: one[method][k] for k in ("miou", "macc", "aacc", "n_images", "windows")} == \
+               {k: two[method][k] for k in ("miou", "macc", "aacc", "n_images", "windows")}
+
+
+def test_batched_windows_equal_one_window_at_a_time():
+    from camloc.cams.registry import resolve_methods
+    from camloc.models import ClipModel
+    from camloc.segment.infer import image_windows, query_features, window_grids
+
+    model = ClipModel.load("tiny-vit")
+    specs = resolve_methods(DENSE, "vit")
+    classes = [["wall"], ["sky", "cloud"], ["road"]]
+    queries, owner, names = query_features(model, classes, "single")
+    image = Image.fromarray((np.random.default_rng(1).random((90, 130, 3)) * 255).astype(np.uint8))
+    settings = resolve_settings("ade20k-150", short_side=96, crop=64, stride=32)
+    _, windows, boxes = image_windows(model, image, settings)
+    assert len(windows) == len(boxes) == 2 * 4  # 139 x 96
+    together = window_grids(model, specs, {}, windows, queries, names)
+    for i in range(len(windows)):
+        alone = window_grids(model, specs, {}, windows[i:i + 1], queries, names)
+        for method in together:
+            assert torch.allclose(together[method][i], alone[method][0], atol=1e-6), method
+    # the queries: each name's template-averaged embedding; a class's synonyms are separate queries
+    assert names == ["wall", "sky", "cloud", "road"] and owner == [0, 1, 1, 2]
+
+
+def test_crops_other_than_the_input_size_resize_the_position_embeddings(tmp_path):
+    write_ade150(tmp_path / "data", sizes=((120, 100),))
+    big = _ovseg(tmp_path / "data", tmp_path / "big", "--ovseg-short-side", "96", "--ovseg-crop", "96",
+                 "--ovseg-stride", "48", methods="sclip")
+    assert big.exit_code == 0, big.output
+    from camloc.models import ClipModel
+
+    model = ClipModel.load("tiny-vit")
+    before = model.visual.positional_embedding.detach().clone()
+    from camloc.segment.infer import at_input_size
+
+    with at_input_size(model, 96):
+        assert model.visual.positional_embedding.shape[0] == 1 + 6 * 6 and model.input_size == 96
+    assert torch.equal(model.visual.positional_embedding, before) and model.input_size == 64
+    rn = _ovseg(tmp_path / "data", tmp_path / "rn", "--ovseg-short-side", "96", "--ovseg-crop", "96",
+                "--ovseg-stride", "48", methods="maskclip", model="tiny-rn")
+    assert rn.exit_code == 2 and "class-token ViTs only" in rn.stderr
+
+
+def test_methods_that_cost_a_pass_per_class_are_refused(tmp_path):
+    write_ade150(tmp_path / "data", sizes=((64, 64),))
+    result = _ovseg(tmp_path / "data", tmp_path / "x", *SMALL, methods="sclip,gradcam")
+    assert result.exit_code == 2 and "gradcam would cost one pass per class" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    mixed = runner.invoke(app, ["eval", "--dataset", "ade20k-150", "--protocols", "ovseg,mask-iou", "--method",
+                                "sclip", "--model", "tiny-vit", "--out", str(tmp_path / "y")])
+    assert mixed.exit_code == 2 and "runs on its own" in mixed.stderr

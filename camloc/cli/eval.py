@@ -58,6 +58,16 @@ def eval_cmd(
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: evaluate this share of the images [default: from RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS, else 0/1]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     save_heatmaps: bool = typer.Option(False, "--save-heatmaps", help="Also store each pair's native-resolution heatmap (float16) under OUT/heatmaps, for re-scoring without the model."),
+    ovseg_preset: str = typer.Option("sclip", "--ovseg-preset", help="--protocols ovseg: sclip (short side 336, crop 224, stride 112, logit scale 40, SCLIP's per-dataset exceptions) or tcl (448, 448, 224); the options below override it."),
+    ovseg_short_side: Optional[int] = typer.Option(None, "--ovseg-short-side", help="--protocols ovseg: resize so the short side is this (long side at most 2048)."),
+    ovseg_crop: Optional[int] = typer.Option(None, "--ovseg-crop", help="--protocols ovseg: sliding-window crop (a ViT's position embeddings are resized for crops other than its input size)."),
+    ovseg_stride: Optional[int] = typer.Option(None, "--ovseg-stride", help="--protocols ovseg: sliding-window stride."),
+    ovseg_logit_scale: Optional[float] = typer.Option(None, "--ovseg-logit-scale", help="--protocols ovseg: cosines x this before the softmax over the classes' queries."),
+    ovseg_bg_threshold: Optional[float] = typer.Option(None, "--ovseg-bg-threshold", help="--protocols ovseg: pixels whose top probability is below this become class 0 (background)."),
+    ovseg_area_threshold: Optional[float] = typer.Option(None, "--ovseg-area-threshold", help="--protocols ovseg: classes predicted on less than this fraction of the foreground are suppressed."),
+    ovseg_pamr: Optional[int] = typer.Option(None, "--ovseg-pamr", help="--protocols ovseg: PAMR refinement steps (0 = off; dilations 8 and 16)."),
+    ovseg_templates: Optional[str] = typer.Option(None, "--ovseg-templates", help="--protocols ovseg: single (the class names as they are) or imagenet80 (CLIP's 80 ImageNet templates, averaged)."),
+    save_predictions: bool = typer.Option(False, "--save-predictions", help="--protocols ovseg: write each image's class map as an 8-bit PNG under OUT/predictions/<method>/."),
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
@@ -82,6 +92,10 @@ def eval_cmd(
         if not value:
             raise OptionError(f"{name} is required (on the command line or in the --config file)")
     options = setting.method_options()
+    ovseg = {"preset": ovseg_preset, "short_side": ovseg_short_side, "crop": ovseg_crop, "stride": ovseg_stride,
+             "logit_scale": ovseg_logit_scale, "bg_threshold": ovseg_bg_threshold,
+             "area_threshold": ovseg_area_threshold, "pamr_steps": ovseg_pamr, "templates": ovseg_templates}
+    ovseg = {k: v for k, v in ovseg.items() if v is not None and (k != "preset" or "ovseg_preset" in given)}
     set_max_pixels(setting("max_pixels"))
     out_dir = Path(out_dir)
     rank_world = start_shard(shard)
@@ -99,7 +113,8 @@ def eval_cmd(
             compile=str(setting("compile_mode", "compile")), save_heatmaps=setting("save_heatmaps"),
             save_vis=save_vis, force_new=force_new, progress=progress, skip_missing=skip_missing,
             skip_bad_records=skip_bad_records, pointing_tolerance=setting("pointing_tolerance"),
-            cam_curve_interval=setting("cam_curve_interval"), shard=rank_world, **options)
+            cam_curve_interval=setting("cam_curve_interval"), shard=rank_world, ovseg=ovseg, save_predictions=save_predictions,
+            **options)
         methods_run = summary.get("config", {}).get("methods", methods)
         if rank_world[1] > 1 and not summary.get("complete"):
             writer = "rank 0 writes" if "methods" not in summary else "the rank that finishes last writes"
@@ -107,6 +122,12 @@ def eval_cmd(
                        f"(or run `camloc report {run_dir}`)")
             continue
         typer.echo((run_dir / "table.md").read_text().rstrip())
+        if summary.get("kind") == "ovseg":
+            t = summary["timings"]
+            typer.echo(f"{summary['n_images']} images x {len(methods_run)} methods; {t['records_this_invocation']} "
+                       f"new records, {t['resumed_records']} resumed; wrote {run_dir}/ ovseg records, summary.json, "
+                       "table.csv, table.md, ovseg_classes.csv")
+            continue
         _report_faults(summary["faults"])
         t = summary["timings"]
         typer.echo(f"{summary['n_pairs']} pairs x {len(methods_run)} methods; {t['records_this_invocation']} "

@@ -49,6 +49,9 @@ class EvalConfig:
     heatmaps: str | None = None
     """"float16" when the maps are saved: the run then scores the stored (float16) maps, so
     `camloc rescore` reproduces its values exactly; None: the float32 maps."""
+    ovseg: dict | None = None
+    """`--protocols ovseg`: every inference setting (preset, short side, crop, stride, logit scale,
+    thresholds, PAMR, templates), resolved for the dataset; None for the pair protocols."""
     data_sources: dict | None = None
     """Where the data was read from (`DATA_SOURCES`: data root, split, annotation file, image folder,
     absolute): what `camloc rescore` and a resumed eval read when given no data options. Recorded in
@@ -131,13 +134,15 @@ def check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
                 f"run folder {run_dir} was written by a different config (differs in: {', '.join(diff)}; {shown}); "
                 "use another --out, or --force-new to discard its results"
             )
-    elif not config_path.exists() and record_files(run_dir) and not force_new:
+    elif not config_path.exists() and (record_files(run_dir) or any(run_dir.glob("ovseg*.jsonl"))) and not force_new:
         raise RunFolderError(f"run folder {run_dir} holds records but no {CONFIG}, so they cannot be matched to this "
                              "config; use another --out, or --force-new to discard them")
     if force_new:
-        for records in record_files(run_dir):
+        for records in [*record_files(run_dir), *run_dir.glob("ovseg*.jsonl")]:
             records.unlink()
-        for stale in [SUMMARY, "table.csv", "table.md", CONFIG, *[p.name for p in run_dir.glob("summary.rank*.json")]]:
+        for stale in [SUMMARY, "table.csv", "table.md", "ovseg_classes.csv", CONFIG,
+                      *[p.name for p in run_dir.glob("summary.rank*.json")]]:
             (run_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "vis", ignore_errors=True)
+        shutil.rmtree(run_dir / "predictions", ignore_errors=True)
     atomic_write_text(config_path, json.dumps(config.to_json(), indent=1) + "\n")

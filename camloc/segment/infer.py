@@ -165,19 +165,39 @@ def resized_input(model, image: Image.Image, short_side: int) -> torch.Tensor:
 
 
 def window_grids(model, methods: list, options: dict, windows: torch.Tensor, queries: torch.Tensor,
-                 names: list[str]) -> dict[str, torch.Tensor]:
-    """{method: (n, Q, g, g) patch-query cosine grids} of the windows (n, 3, C, C), their encoder forwards
-    in one batch (`share_batch`); each method then runs on each window's own context."""
+                 names: list[str], timings: dict | None = None) -> dict[str, torch.Tensor]:
+    """{method: (n, Q, g, g) patch-query cosine grids} of the windows (n, 3, C, C): their encoder forwards in
+    one batch (`share_batch`), then each method on each window's own context. With `timings`, the seconds
+    of the shared forward ("forward") and of each method's own work are put there."""
+    import time
+
     from camloc.cams.context import CamContext, share_batch
 
+    def sync():
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
     stand_in = Image.new("RGB", (windows.shape[-1], windows.shape[-2]))
+    started = time.perf_counter()
     contexts = []
     for window in windows:
         ctx = CamContext(model, stand_in, names, options, methods=[s.name for s in methods], host_input=window[None])
         ctx.__dict__["text_features"] = queries  # the class queries (template-averaged), not the names' own
         contexts.append(ctx)
     share_batch(contexts)
-    return {spec.name: torch.stack([spec.compute(ctx).float() for ctx in contexts]) for spec in methods}
+    if len(contexts) == 1:
+        contexts[0]._pass  # a lone window's own forward, so it is timed as the shared one
+    sync()
+    if timings is not None:
+        timings["forward"] = time.perf_counter() - started
+    grids = {}
+    for spec in methods:
+        t0 = time.perf_counter()
+        grids[spec.name] = torch.stack([spec.compute(ctx).float() for ctx in contexts])
+        sync()
+        if timings is not None:
+            timings[spec.name] = time.perf_counter() - t0
+    return grids
 
 
 def predict(logits: torch.Tensor, owner: list[int], settings: OvsegSettings) -> torch.Tensor:
@@ -202,26 +222,36 @@ def predict(logits: torch.Tensor, owner: list[int], settings: OvsegSettings) -> 
     return pred
 
 
-def segment_image(model, methods: list, options: dict, image: Image.Image, label_size: tuple[int, int],
-                  queries: torch.Tensor, owner: list[int], names: list[str], settings: OvsegSettings) -> dict:
-    """{method: ((H, W) uint8/int64 prediction at the label's size, number of windows)} of one image."""
-    from camloc.segment.pamr import pamr
-
+def image_windows(model, image: Image.Image, settings: OvsegSettings) -> tuple:
+    """(the resized normalised image (3, H', W'), its windows (n, 3, C, C), their boxes)."""
     x = resized_input(model, image, settings.short_side)
     height, width = x.shape[-2:]
     if min(height, width) < settings.crop:
         raise OptionError(f"--ovseg-short-side {settings.short_side} gives a {width}x{height} image, smaller than "
                           f"--ovseg-crop {settings.crop}: windows would be cut; use a short side of at least the crop")
     boxes = window_boxes(height, width, settings.crop, settings.stride)
-    with at_input_size(model, settings.crop):
-        grids = window_grids(model, methods, options, crops(x, boxes), queries, names)
-    out = {}
+    return x, crops(x, boxes), boxes
+
+
+def finish_logits(grids: torch.Tensor, boxes: list, x: torch.Tensor, label_size: tuple[int, int], owner: list[int],
+                  settings: OvsegSettings) -> torch.Tensor:
+    """The windows' (n, Q, g, g) grids of one image -> its (H, W) class map at the label's size (W, H):
+    stitched, resized bilinearly, PAMR, `predict`."""
+    from camloc.segment.pamr import pamr
+
+    canvas = stitch(grids.float().cpu(), boxes, x.shape[-2], x.shape[-1])
     label_w, label_h = label_size
-    for name, grid in grids.items():
-        canvas = stitch(grid.to(x.dtype).cpu(), boxes, height, width)
-        logits = F.interpolate(canvas[None], size=(label_h, label_w), mode="bilinear", align_corners=False)[0]
-        if settings.pamr_steps:
-            small = F.interpolate(x[None], size=(label_h, label_w), mode="bilinear", align_corners=False)
-            logits = pamr(small, logits[None], settings.pamr_steps, settings.pamr_dilations)[0]
-        out[name] = (predict(logits, owner, settings), len(boxes))
-    return out
+    logits = F.interpolate(canvas[None], size=(label_h, label_w), mode="bilinear", align_corners=False)[0]
+    if settings.pamr_steps:
+        small = F.interpolate(x[None], size=(label_h, label_w), mode="bilinear", align_corners=False)
+        logits = pamr(small, logits[None], settings.pamr_steps, settings.pamr_dilations)[0]
+    return predict(logits, owner, settings)
+
+
+def segment_image(model, methods: list, options: dict, image: Image.Image, label_size: tuple[int, int],
+                  queries: torch.Tensor, owner: list[int], names: list[str], settings: OvsegSettings) -> dict:
+    """{method: (H, W) class map at `label_size` (W, H)} of one image, its windows in one batched forward."""
+    x, windows, boxes = image_windows(model, image, settings)
+    with at_input_size(model, settings.crop):
+        grids = window_grids(model, methods, options, windows, queries, names)
+    return {name: finish_logits(grid, boxes, x, label_size, owner, settings) for name, grid in grids.items()}

@@ -1,0 +1,237 @@
+"""`camloc eval --protocols ovseg`: open-vocabulary semantic segmentation of a segmentation dataset with
+the dense methods, into a resumable run folder of its own kind.
+
+Run folder: `config.json` (the identity, with every inference setting under `ovseg`), `ovseg.jsonl` (one
+record per (image, method): the image's per-class intersection / union / prediction / label counts, its
+window count and seconds; `ovseg.rankRRR-of-NNN.jsonl` per shard), `summary.json` (per method mIoU, mAcc,
+aAcc, images/s, windows/s), `table.csv`, `table.md`, `ovseg_classes.csv` (per-class IoU and Acc), and with
+`--save-predictions` every image's class map as an 8-bit PNG under `predictions/<method>/`. The records'
+counts add up, so shards and resumed runs give the numbers of one process exactly.
+
+Timing: the methods share one encoder forward per window (all windows of `image_batch` images in one
+batch); a method's images/s is what it costs alone: the images' share of that forward plus its own work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from camloc.errors import OptionError, RunFolderError
+from camloc.evaluators.segmentation import SegmentationState
+from camloc.run.files import append_jsonl, atomic_write_text, folder_lock, prepare_out_dir, read_jsonl, write_json
+from camloc.run.identity import SUMMARY, EvalConfig, check_config
+
+RECORDS = "ovseg"
+TABLE_COLUMNS = ["model", "dataset", "method", "n_images", "miou", "macc", "aacc", "images_per_second",
+                 "windows_per_second"]
+REQUIRED = ("image_id", "method", "state", "windows", "forward_seconds", "method_seconds")
+
+
+def records_name(rank: int, world: int) -> str:
+    return f"{RECORDS}.jsonl" if world == 1 else f"{RECORDS}.rank{rank:03d}-of-{world:03d}.jsonl"
+
+
+def record_files(run_dir: Path) -> list[Path]:
+    return sorted(Path(run_dir).glob(f"{RECORDS}*.jsonl"))
+
+
+def is_ovseg_run(run_dir: Path) -> bool:
+    return bool(record_files(run_dir)) and (Path(run_dir) / "config.json").is_file()
+
+
+def segmentation_identity(images) -> dict:
+    """What the run's data is: the images' folder, a SHA-256 over every (image id, image file, label file)
+    and the count (another split, data root or --limit never resumes these records)."""
+    digest = hashlib.sha256()
+    for item in images:
+        digest.update(json.dumps([item.image_id, os.path.basename(item.path), os.path.basename(item.label_path)])
+                      .encode() + b"\n")
+    folders = [os.path.dirname(os.path.abspath(item.path)) for item in images]
+    return {"image_root": os.path.commonpath(folders), "images_sha256": digest.hexdigest(), "n_images": len(images)}
+
+
+def segment_batch(model, specs, options, batch, queries, owner, names, settings) -> list[dict]:
+    """Predictions of a batch of images [(item, image, label)]: every window of every image in ONE batched
+    encoder forward, then each method per window, stitched per image. Returns per image {method: (class
+    map, windows, the image's share of the forward's seconds, of the method's own seconds)}."""
+    from camloc.segment.infer import at_input_size, finish_logits, image_windows, window_grids
+
+    prepared = [image_windows(model, image, settings) for _, image, _ in batch]
+    windows = torch.cat([w for _, w, _ in prepared])
+    timings: dict = {}
+    with at_input_size(model, settings.crop):
+        grids = window_grids(model, specs, options, windows, queries, names, timings)
+    out, first = [], 0
+    for (_, _, label), (x, _, boxes) in zip(batch, prepared):
+        n = len(boxes)
+        share = n / len(windows)
+        per_method = {}
+        for spec in specs:
+            t0 = time.perf_counter()
+            pred = finish_logits(grids[spec.name][first:first + n], boxes, x, (label.shape[1], label.shape[0]),
+                                 owner, settings)
+            own = timings[spec.name] * share + time.perf_counter() - t0
+            per_method[spec.name] = (pred, n, timings["forward"] * share, own)
+        first += n
+        out.append(per_method)
+    return out
+
+
+def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", cache_dir: str | None = None,
+              force_new: bool = False, data_options: dict | None = None, progress: bool = True,
+              image_batch: int | str = "auto", shard: tuple[int, int] = (0, 1), save_predictions: bool = False,
+              model=None) -> dict:
+    """Segment `config.dataset` with `config.methods` into `run_dir`, resuming what is there."""
+    from camloc.cams.registry import check_method_options, resolve_methods, resolve_options
+    from camloc.datasets.segmentation import load_seg_dataset
+    from camloc.models import ClipModel, load_image
+    from camloc.models.specs import family_hint
+    from camloc.run.progress import progress_bar
+    from camloc.run.provenance import device_description, git_commit, package_versions
+    from camloc.run.sharding import rank_device
+    from camloc.segment.infer import query_features, resolve_settings
+
+    started = time.perf_counter()
+    rank, world = shard
+    given = dict(config.ovseg or {})
+    settings = resolve_settings(config.dataset, **given)
+    if family_hint(config.model):
+        _check_methods(resolve_methods(config.methods, family_hint(config.model), config.model))
+    device = rank_device(device)
+    run_dir = prepare_out_dir(run_dir)
+    where = {k: v for k, v in (data_options or {}).items() if v}
+    spec, images = load_seg_dataset(config.dataset, data_root=where.get("data_root_dir"), split=config.split,
+                                    image_dir=where.get("image_dir"), ann_file=where.get("ann_file"),
+                                    limit=config.limit)
+    config.ovseg = settings.to_json()
+    config.data = segmentation_identity(images)
+    config.split = config.split or spec.default_split
+    if model is None:
+        model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
+    config.precision = model.precision
+    config.weights = dict(model.backend.info)
+    specs = resolve_methods(config.methods, model.family.name, model.name)
+    _check_methods(specs)
+    config.methods = [s.name for s in specs]
+    from camloc.cams.options import default_options
+
+    config.options = resolve_options(model, {**default_options(), **config.options})
+    check_method_options(model, config.methods, config.options)
+    batch_size = 1 if image_batch == "auto" else int(image_batch)
+    classes = spec.classes()
+    lock = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
+    with folder_lock(run_dir, lock):
+        check_config(run_dir, config, force_new)
+        queries, owner, names = query_features(model, classes, settings.templates)
+        records_path = run_dir / records_name(rank, world)
+        done = set()
+        for path in record_files(run_dir):
+            done |= {(str(r["image_id"]), r["method"]) for r in read_jsonl(path, repair=path == records_path,
+                                                                            required=REQUIRED)}
+        mine = images[rank::world]
+        work = [(item, [m for m in config.methods if (item.image_id, m) not in done]) for item in mine]
+        work = [(item, todo) for item, todo in work if todo]
+        options = {**config.options, "chunk_size": "auto"}
+        n_new = 0
+        compute_started = time.perf_counter()
+        with open(records_path, "a") as handle, progress_bar(progress, len(work)) as bar:
+            for start in range(0, len(work), batch_size):
+                chunk = work[start:start + batch_size]
+                batch = [(item, load_image(item.path), item.label()) for item, _ in chunk]
+                for (item, todo), (_, _, label), result in zip(chunk, batch, segment_batch(
+                        model, specs, options, batch, queries, owner, names, settings)):
+                    records = []
+                    for method in todo:
+                        pred, windows, forward, own = result[method]
+                        state = SegmentationState.empty(len(classes)).add(pred.numpy(), label)
+                        if save_predictions:
+                            folder = run_dir / "predictions" / method.replace("+", "p")
+                            folder.mkdir(parents=True, exist_ok=True)
+                            Image.fromarray(pred.numpy().astype(np.uint8)).save(folder / f"{item.image_id}.png")
+                        records.append({"image_id": item.image_id, "method": method, "state": state.to_record(),
+                                        "windows": windows, "forward_seconds": round(forward, 6),
+                                        "method_seconds": round(own, 6)})
+                    append_jsonl(handle, records)
+                    n_new += len(records)
+                    bar.advance(1)
+        timings = {"load_seconds": round(compute_started - started, 3),
+                   "compute_seconds": round(time.perf_counter() - compute_started, 3),
+                   "records_this_invocation": n_new, "resumed_records": len(done), "image_batch": batch_size}
+        summary = finish_ovseg(run_dir, config, classes, len(images), (rank, world),
+                               extra={"device": device_description(model.device), "versions": package_versions(),
+                                      "git_commit": git_commit(), "timings": timings})
+    return summary
+
+
+def _check_methods(specs) -> None:
+    wrong = [s.name for s in specs if not s.segments]
+    if wrong:
+        raise OptionError(f"--protocols ovseg scores every class of the dataset at every pixel, which only the "
+                          f"one-forward dense methods do (maskclip, sclip, clearclip, naclip, gem, clipsurgery); "
+                          f"{', '.join(wrong)} would cost one pass per class: leave {'it' if len(wrong) == 1 else 'them'} "
+                          "out")
+
+
+def method_results(run_dir: Path, methods: list[str], n_classes: int) -> tuple[dict, dict]:
+    """Per method: the merged state and the totals (images, windows, seconds) of every records file;
+    a (image, method) recorded twice with other counts is an error."""
+    states = {m: SegmentationState.empty(n_classes) for m in methods}
+    totals = {m: {"images": 0, "windows": 0, "seconds": 0.0} for m in methods}
+    seen: dict = {}
+    for path in record_files(run_dir):
+        for r in read_jsonl(path, required=REQUIRED):
+            key = (str(r["image_id"]), r["method"])
+            if key in seen:
+                if seen[key] != r["state"]:
+                    raise RunFolderError(f"{run_dir}: image {key[0]} was segmented twice by {key[1]} with other "
+                                         "counts; rerun with --force-new")
+                continue
+            seen[key] = r["state"]
+            if r["method"] not in states:
+                continue
+            states[r["method"]] += SegmentationState.from_record(r["state"])
+            t = totals[r["method"]]
+            t["images"] += 1
+            t["windows"] += r["windows"]
+            t["seconds"] += r["forward_seconds"] + r["method_seconds"]
+    return states, totals
+
+
+def finish_ovseg(run_dir: Path, config: EvalConfig, classes: list[list[str]], n_images: int,
+                 shard: tuple[int, int], extra: dict) -> dict:
+    import pandas as pd
+
+    states, totals = method_results(run_dir, config.methods, len(classes))
+    per_method, rows, class_rows = {}, [], []
+    for method in config.methods:
+        result, t = states[method].result(), totals[method]
+        speed = {"images_per_second": round(t["images"] / t["seconds"], 4) if t["seconds"] else None,
+                 "windows_per_second": round(t["windows"] / t["seconds"], 4) if t["seconds"] else None}
+        per_method[method] = {**result, "n_images": t["images"], "windows": t["windows"], **speed}
+        rows.append({"model": config.model, "dataset": config.dataset, "method": method, "n_images": t["images"],
+                     "miou": result["miou"], "macc": result["macc"], "aacc": result["aacc"], **speed})
+        iou, acc = states[method].per_class()
+        class_rows += [{"method": method, "class_index": i, "class": names[0], "iou": iou[i], "acc": acc[i]}
+                       for i, names in enumerate(classes)]
+    complete = all(t["images"] == n_images for t in totals.values())
+    summary = {"kind": "ovseg", "config": config.to_json(), "model": config.model, "dataset": config.dataset,
+               "n_images": n_images, "complete": complete, "shard": list(shard), "seed": config.seed,
+               "precision": config.precision, **extra, "methods": per_method}
+    rank, world = shard
+    if world > 1 and not complete:
+        write_json(run_dir / f"summary.rank{rank:03d}-of-{world:03d}.json", summary)
+        return summary
+    write_json(run_dir / SUMMARY, summary)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    atomic_write_text(run_dir / "table.csv", table.to_csv(index=False, float_format="%.6f"))
+    atomic_write_text(run_dir / "table.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    atomic_write_text(run_dir / "ovseg_classes.csv",
+                      pd.DataFrame(class_rows).to_csv(index=False, float_format="%.6f"))
+    return summary
