@@ -321,3 +321,26 @@ def test_methods_that_cost_a_pass_per_class_are_refused(tmp_path):
     mixed = runner.invoke(app, ["eval", "--dataset", "ade20k-150", "--protocols", "ovseg,mask-iou", "--method",
                                 "sclip", "--model", "tiny-vit", "--out", str(tmp_path / "y")])
     assert mixed.exit_code == 2 and "runs on its own" in mixed.stderr
+
+
+def test_report_shows_the_ovseg_table(tmp_path):
+    write_ade150(tmp_path / "data")
+    for preset_dir in ("a", "b"):
+        assert _ovseg(tmp_path / "data", tmp_path / preset_dir, *SMALL, methods="sclip,maskclip").exit_code == 0
+    report = runner.invoke(app, ["report", str(tmp_path / "a"), "--format", "csv"])
+    assert report.exit_code == 0, report.output
+    lines = report.stdout.strip().splitlines()
+    assert lines[0] == "model,method,ade20k-150" and len(lines) == 3
+    table = {row["method"]: row for row in _csv(tmp_path / "a" / "table.csv")}
+    assert lines[1].split(",")[:2] == ["tiny-vit", "sclip"]
+    assert float(lines[1].split(",")[2]) == pytest.approx(float(table["sclip"]["miou"]), abs=1e-6)
+    # two folders of one identity merge (each image once); another kind of run is refused beside them
+    both = runner.invoke(app, ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--format", "csv"])
+    assert both.stdout == report.stdout
+    demo = tmp_path / "demo"
+    assert runner.invoke(app, ["eval", "--model", "tiny-rn", "--method", "gradcam", "--out", str(demo),
+                               "--no-progress"]).exit_code == 0
+    mixed = runner.invoke(app, ["report", str(tmp_path / "a"), str(demo)])
+    assert mixed.exit_code == 2 and "is an ovseg run" in mixed.stderr
+    page = runner.invoke(app, ["report", str(tmp_path / "a"), "--html", str(tmp_path / "r.html"), "--format", "csv"])
+    assert page.exit_code == 0 and "open-vocabulary segmentation (mIoU)" in (tmp_path / "r.html").read_text()

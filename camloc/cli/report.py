@@ -14,7 +14,7 @@ from camloc.cli.common import SkipBadRecordsOption, reports_errors
 @reports_errors
 def report_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="Run folders of camloc eval (shards too) or threshold-search."),
-    layout: str = typer.Option("long", "--layout", help="long (one row per model/dataset/method), s1 (Table S1), s3 (Table S3)."),
+    layout: str = typer.Option("long", "--layout", help="long (one row per model/dataset/method), s1 (Table S1), s3 (Table S3), ovseg (rows methods, columns datasets, mIoU; the default for ovseg runs)."),
     fmt: str = typer.Option("md", "--format", help="md, csv or latex."),
     compare_paper: bool = typer.Option(False, "--compare-paper", help="Put the appendix's printed values beside ours."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the table to this file instead of printing it."),
@@ -33,10 +33,10 @@ def report_cmd(
 
         typer.echo(f"wrote {write_html_report(run_dirs, html_out, compare_paper, skip_bad_records, allow_incomplete)}")
 
+    from camloc.report.tables import _kind
+
     tabled = run_dirs
     if layout in ("long", "s3"):  # eval runs; threshold-search folders are named, not silently left out
-        from camloc.report.tables import _kind
-
         searches = [d for d in run_dirs if d.is_dir() and _kind(d) == "threshold-search"]
         if searches and len(searches) < len(run_dirs):
             tabled = [d for d in run_dirs if d not in searches]

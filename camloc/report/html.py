@@ -70,7 +70,14 @@ def _run_section(run_dir: Path, compare_paper: bool, skip_bad: bool, allow_incom
     parts = [f"<h2>{html.escape(str(run_dir))}</h2>"]
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if _kind(run_dir) == "threshold-search":
+    if _kind(run_dir) == "ovseg":
+        parts.append(build_report([run_dir], "ovseg", allow_incomplete=allow_incomplete).to_html(
+            index=False, float_format="%.4f", na_rep=""))
+        if (run_dir / "table.csv").exists():
+            import pandas as pd
+
+            parts.append(pd.read_csv(run_dir / "table.csv").to_html(index=False, float_format="%.4f", na_rep=""))
+    elif _kind(run_dir) == "threshold-search":
         parts.append(build_report([run_dir], "s1", compare_paper).to_html(index=False, float_format="%.4f",
                                                                             na_rep=""))
         if (run_dir / "curves.png").exists():
@@ -100,6 +107,11 @@ def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper
             raise RunFolderError(f"run folder {d} does not exist")
     body = ["<h1>camloc report</h1>"]
     eval_dirs = [d for d in dirs if _kind(d) == "eval"]
+    ovseg_dirs = [d for d in dirs if _kind(d) == "ovseg"]
+    if ovseg_dirs:
+        body.append("<h2>open-vocabulary segmentation (mIoU)</h2>")
+        body.append(build_report(ovseg_dirs, "ovseg", allow_incomplete=allow_incomplete).to_html(
+            index=False, float_format="%.4f", na_rep=""))
     if eval_dirs:
         body.append("<h2>all runs (Table S3 layout, mean IoU)</h2>")
         body.append(build_report(eval_dirs, "s3", compare_paper, skip_bad, None, allow_incomplete).to_html(

@@ -14,7 +14,7 @@ from camloc.errors import OptionError, RunFolderError
 from camloc.evaluators import meters_by
 from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import PROTOCOL_COLUMNS
-from camloc.run.files import NOT_IDENTITY, read_run_records, record_files
+from camloc.run.files import NOT_IDENTITY, read_jsonl, read_run_records, record_files
 from camloc.run.threshold_search import DISPLAY, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
@@ -39,6 +39,8 @@ LONG_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3", 
 def _kind(run_dir: Path) -> str:
     if (run_dir / "table_s1.csv").is_file():
         return "threshold-search"
+    if (run_dir / "config.json").is_file() and any(run_dir.glob("ovseg*.jsonl")):
+        return "ovseg"
     if record_files(run_dir) and (run_dir / "config.json").is_file():
         return "eval"
     if record_files(run_dir):
@@ -212,6 +214,16 @@ def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper
         if not d.is_dir():
             raise RunFolderError(f"run folder {d} does not exist")
         _kind(d)
+    kinds = {d: _kind(d) for d in dirs}
+    if layout == "ovseg" or (layout == "long" and dirs and all(k == "ovseg" for k in kinds.values())):
+        others = [d for d, k in kinds.items() if k != "ovseg"]
+        if others:
+            raise RunFolderError(f"{others[0]} is not an ovseg run: --layout ovseg reads runs of --protocols ovseg")
+        return ovseg_table(dirs, allow_incomplete)
+    ovseg = [d for d, k in kinds.items() if k == "ovseg"]
+    if ovseg:
+        raise RunFolderError(f"{ovseg[0]} is an ovseg run (per-pixel segmentation): report ovseg runs on their own "
+                             "(--layout ovseg), apart from the pair protocols' runs")
     if layout == "long":
         return long_table(dirs, skip_bad, skipped, allow_incomplete)
     if layout == "s3":
@@ -222,7 +234,65 @@ def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper
             raise RunFolderError(f"{evals[0]} is an eval run: --layout s1 reads threshold-search folders (use long or s3 "
                                  "for eval runs)")
         return s1_table(dirs, compare_paper)
-    raise OptionError(f"--layout {layout!r} is not one of s1, s3, long")
+    raise OptionError(f"--layout {layout!r} is not one of s1, s3, long, ovseg")
 
 
-__all__ = ["build_report", "render", "long_table", "s1_table", "s3_table"]
+def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFrame:
+    """The open-vocabulary segmentation table: rows (model, method), columns datasets, values mIoU
+    (fractions), and `mean` over the datasets when a row has them all. Runs of one identity (shards in
+    one folder, resumed copies) merge by their records, each (image, method) once; settings that differ
+    between runs other than the dataset (e.g. the preset) become row labels."""
+    from camloc.datasets.segmentation import SEG_DATASETS
+    from camloc.evaluators.segmentation import SegmentationState
+    from camloc.run.ovseg import REQUIRED, record_files
+
+    groups: dict = {}
+    for d in dirs:
+        config = json.loads((d / "config.json").read_text())
+        identity = {k: v for k, v in config.items() if k not in ("methods", "data_sources")}
+        group = groups.setdefault(json.dumps(identity, sort_keys=True), {"identity": identity, "records": {},
+                                                                         "methods": []})
+        group["methods"] += [m for m in config["methods"] if m not in group["methods"]]
+        for path in record_files(d):
+            for r in read_jsonl(path, required=REQUIRED):
+                key = (str(r["image_id"]), r["method"])
+                if key in group["records"] and group["records"][key] != r["state"]:
+                    raise RunFolderError(f"image {key[0]} / {key[1]} is recorded with other counts in two runs of one "
+                                         f"identity ({d}); they cannot be merged")
+                group["records"][key] = r["state"]
+    shown = ["model", "dataset"]
+    differing = sorted({k for g in groups.values() for k in g["identity"]
+                        if k not in (*shown, "data", "weights") and
+                        len({json.dumps(h["identity"].get(k), sort_keys=True) for h in groups.values()}) > 1})
+    rows = []
+    for group in groups.values():
+        identity = group["identity"]
+        n_images = (identity.get("data") or {}).get("n_images")
+        spec = SEG_DATASETS[identity["dataset"]]
+        for method in group["methods"]:
+            state = SegmentationState.empty(len(spec.classes()))
+            count = 0
+            for (_, m), record in group["records"].items():
+                if m == method:
+                    state += SegmentationState.from_record(record)
+                    count += 1
+            if n_images is not None and count != n_images and not allow_incomplete:
+                raise RunFolderError(f"{identity['model']} {method} on {identity['dataset']}: {count} of {n_images} "
+                                     "images segmented (a shard still running?); pass --allow-incomplete to report it")
+            rows.append({"model": identity["model"], "method": method,
+                         **{k: _shown(k, identity.get(k)) for k in differing}, "dataset": identity["dataset"],
+                         "miou": state.result()["miou"]})
+    long = pd.DataFrame(rows)
+    index = ["model", "method", *differing]
+    table = long.pivot_table(index=index, columns="dataset", values="miou", aggfunc="first", dropna=False)
+    table = table.reindex(pd.MultiIndex.from_frame(long[index].drop_duplicates()))  # rows in the runs' method order
+    order = [d for d in SEG_DATASETS if d in table.columns]
+    table = table[order]
+    if len(order) > 1:
+        table["mean"] = table[order].mean(axis=1, skipna=False)
+    table = table.reset_index()
+    table.columns.name = None
+    return table
+
+
+__all__ = ["build_report", "render", "long_table", "ovseg_table", "s1_table", "s3_table"]
