@@ -337,9 +337,12 @@ def list_models(backend: str = "openai", pattern: str = "*") -> list[str]:
 
 
 def list_datasets() -> list[str]:
+    """The pair datasets (`evaluate`'s box, mask and point protocols), then the segmentation datasets
+    (`protocols="ovseg"`)."""
     from camloc.datasets import list_datasets as datasets
+    from camloc.datasets.segmentation import SEG_DATASETS
 
-    return datasets()
+    return [*datasets(), *SEG_DATASETS]
 
 
 __all__ = ["Explanation", "as_image", "evaluate", "explain", "list_datasets", "list_methods", "list_models",

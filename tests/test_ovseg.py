@@ -344,3 +344,97 @@ def test_report_shows_the_ovseg_table(tmp_path):
     assert mixed.exit_code == 2 and "is an ovseg run" in mixed.stderr
     page = runner.invoke(app, ["report", str(tmp_path / "a"), "--html", str(tmp_path / "r.html"), "--format", "csv"])
     assert page.exit_code == 0 and "open-vocabulary segmentation (mIoU)" in (tmp_path / "r.html").read_text()
+
+
+# --- the datasets' layouts -----------------------------------------------------------------------
+
+def _palette_png(path, label):
+    """A VOC-style palette PNG (mode P): the pixel values are the class indices."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(label.astype(np.uint8), mode="P")
+    image.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    image.save(path)
+
+
+def _photo(path, w, h):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), 120, np.uint8)).save(path)
+
+
+def test_voc_context_cityscapes_and_coco_stuff_labels_as_mmseg_reads_them(tmp_path):
+    from camloc.datasets.segmentation import load_seg_dataset
+
+    label = np.array([[0, 0, 15, 15], [255, 3, 3, 20]], np.uint8)
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    _palette_png(voc / "SegmentationClass" / "2007_000033.png", label)
+    _photo(voc / "JPEGImages" / "2007_000033.jpg", 4, 2)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n")
+    spec, [item] = load_seg_dataset("voc21", data_root=tmp_path)
+    assert spec.background and len(spec.classes()) == 21 and spec.classes()[15][0] == "person"
+    assert item.label().tolist() == label.tolist()  # palette indices as they are, 255 the border
+    _, [item20] = load_seg_dataset("voc20", data_root=tmp_path)
+    assert item20.label().tolist() == [[255, 255, 14, 14], [255, 2, 2, 19]]  # background ignored, classes - 1
+
+    ctx = tmp_path / "VOCdevkit" / "VOC2010"
+    _palette_png(ctx / "SegmentationClassContext" / "2008_000002.png", np.array([[0, 59], [12, 1]]))
+    _photo(ctx / "JPEGImages" / "2008_000002.jpg", 2, 2)
+    (ctx / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    (ctx / "ImageSets" / "SegmentationContext" / "val.txt").write_text("2008_000002\n")
+    assert load_seg_dataset("context60", data_root=tmp_path)[1][0].label().tolist() == [[0, 59], [12, 1]]
+    assert load_seg_dataset("context59", data_root=tmp_path)[1][0].label().tolist() == [[255, 58], [11, 0]]
+
+    city = tmp_path / "cityscapes"
+    _photo(city / "leftImg8bit" / "val" / "frankfurt" / "frankfurt_000000_000294_leftImg8bit.png", 3, 1)
+    Image.fromarray(np.array([[0, 18, 255]], np.uint8)).save(
+        (city / "gtFine" / "val" / "frankfurt").mkdir(parents=True) or
+        city / "gtFine" / "val" / "frankfurt" / "frankfurt_000000_000294_gtFine_labelTrainIds.png")
+    [c] = load_seg_dataset("cityscapes", data_root=tmp_path)[1]
+    assert c.image_id == "frankfurt_000000_000294" and c.label().tolist() == [[0, 18, 255]]
+
+    stuff = tmp_path / "coco_stuff164k"
+    _photo(stuff / "images" / "val2017" / "000000000139.jpg", 2, 1)
+    (stuff / "annotations" / "val2017").mkdir(parents=True)
+    Image.fromarray(np.array([[170, 255]], np.uint8)).save(stuff / "annotations" / "val2017" /
+                                                          "000000000139_labelTrainIds.png")
+    spec, [s] = load_seg_dataset("coco-stuff-171", data_root=tmp_path)
+    assert len(spec.classes()) == 171 and s.label().tolist() == [[170, 255]]
+    verify = runner.invoke(app, ["data", "verify", "voc21", "--data-root", str(tmp_path)])
+    assert verify.exit_code == 0 and "images 1, classes 21" in verify.stdout
+    Image.fromarray(np.array([[0, 40]], np.uint8)).save(voc / "SegmentationClass" / "2007_000033.png")
+    bad = runner.invoke(app, ["data", "verify", "voc21", "--data-root", str(tmp_path)])
+    assert bad.exit_code == 2 and "holds values [40] outside 0..20 and 255" in bad.stderr
+
+
+def test_coco_object_labels_from_the_instances_json(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from camloc.datasets.segmentation import load_seg_dataset
+
+    categories = [{"id": i, "name": f"c{i}", "supercategory": "x"} for i in
+                  [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+                   32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+                   58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+                   88, 89, 90]]  # COCO's 80 thing ids
+    crowd = mask_utils.encode(np.asfortranarray(np.pad(np.ones((2, 2), np.uint8), ((0, 2), (4, 0)))))
+    crowd["counts"] = crowd["counts"].decode()
+    data = {"images": [{"id": 7, "file_name": "000000000007.jpg", "width": 6, "height": 4}],
+            "categories": categories,
+            "annotations": [
+                {"id": 1, "image_id": 7, "category_id": 1, "iscrowd": 0, "area": 4, "bbox": [0, 0, 2, 2],
+                 "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]},
+                {"id": 2, "image_id": 7, "category_id": 90, "iscrowd": 0, "area": 4, "bbox": [1, 1, 2, 2],
+                 "segmentation": [[1, 1, 3, 1, 3, 3, 1, 3]]},  # painted after: wins the overlap
+                {"id": 3, "image_id": 7, "category_id": 3, "iscrowd": 1, "area": 4, "bbox": [4, 0, 2, 2],
+                 "segmentation": crowd}]}
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    _photo(tmp_path / "val2017" / "000000000007.jpg", 6, 4)
+    spec, [item] = load_seg_dataset("coco-object", data_root=tmp_path)
+    label = item.label()
+    assert len(spec.classes()) == 81 and spec.classes()[1][0] == "person"
+    assert label[0, 0] == 1 and label[2, 2] == 80 and label[0, 5] == 255 and label[3, 0] == 0
+    data["categories"], data["annotations"] = categories[:5], data["annotations"][:1]
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    with pytest.raises(Exception, match="lists 5 categories"):
+        load_seg_dataset("coco-object", data_root=tmp_path)

@@ -84,9 +84,12 @@ def _list(what: "Listable", pattern: str, backend: str) -> None:
                    "uniform and GradCAM++, XGradCAM and LayerCAM reduce to CAM-style channel weightings.")
     else:
         from camloc.datasets import DATASETS, list_datasets
+        from camloc.datasets.segmentation import SEG_DATASETS
 
         for name in list_datasets():
             typer.echo(f"{name:22s} {DATASETS[name].description}")
+        for name, spec in SEG_DATASETS.items():
+            typer.echo(f"{name:22s} {spec.description} (segmentation: --protocols ovseg)")
 
 
 from camloc.cli import data as _data_cmd  # noqa: E402,F401  (registers `data`)

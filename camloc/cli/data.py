@@ -45,10 +45,13 @@ def verify_cmd(
     """Check a dataset's layout: count images, pairs and missing image files; say how to obtain it."""
     from camloc.datasets import DATASETS, count_pairs, list_datasets, load_dataset
     from camloc.errors import CamlocError, DataError, OptionError
+    from camloc.datasets.segmentation import SEG_DATASETS
     from camloc.run.finish import mean_coverage
 
+    if dataset in SEG_DATASETS:
+        return _verify_segmentation(dataset, split, data_root, ann_file, image_dir)
     if dataset not in list_datasets():
-        raise OptionError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
+        raise OptionError(f"unknown dataset {dataset!r}; valid datasets: {', '.join([*DATASETS, *SEG_DATASETS])}")
     spec = DATASETS[dataset]
     typer.echo(f"{dataset}: expected layout: {spec.layout}")
     try:
@@ -66,4 +69,33 @@ def verify_cmd(
         typer.echo(spec.note(images))
     if missing:
         raise DataError(f"{len(missing)} image files of {dataset} are missing. To obtain {dataset}: {spec.obtain}")
+    typer.echo("ok")
+
+
+def _verify_segmentation(dataset, split, data_root, ann_file, image_dir) -> None:
+    """A segmentation dataset (`--protocols ovseg`): images, label maps present, and each label map's values
+    within the dataset's classes or 255 (the first 20 read)."""
+    import numpy as np
+
+    from camloc.datasets.segmentation import SEG_DATASETS, load_seg_dataset
+    from camloc.errors import DataError
+
+    spec = SEG_DATASETS[dataset]
+    typer.echo(f"{dataset}: expected layout: {spec.layout}")
+    _, images = load_seg_dataset(dataset, data_root=data_root, split=split, image_dir=image_dir, ann_file=ann_file)
+    missing = [item.path for item in images if not Path(item.path).is_file()]
+    no_label = [item.label_path for item in images if item.label_path and not Path(item.label_path).is_file()]
+    n_classes = len(spec.classes())
+    typer.echo(f"images {len(images)}, classes {n_classes}, missing image files {len(missing)}, missing label maps "
+               f"{len(no_label)}")
+    for path in (missing + no_label)[:5]:
+        typer.echo(f"  missing: {path}")
+    if missing or no_label:
+        raise DataError(f"{len(missing)} image files and {len(no_label)} label maps of {dataset} are missing")
+    for item in images[:20]:
+        values = np.unique(item.label())
+        bad = values[(values >= n_classes) & (values != 255)]
+        if bad.size:
+            raise DataError(f"label map {item.label_path or item.image_id} holds values {bad.tolist()[:5]} outside "
+                            f"0..{n_classes - 1} and 255: is it the {dataset} conversion camloc expects ({spec.layout})?")
     typer.echo("ok")

@@ -198,7 +198,11 @@ def coco_object(root, split, image_dir, ann_file):
 
     ann = ann_file or root / "annotations" / f"instances_{split}.json"
     coco = open_coco(ann)
-    order = {c: i + 1 for i, c in enumerate(sorted(coco.getCatIds()))}
+    categories = sorted(coco.getCatIds())
+    if len(categories) != 80:
+        raise DataError(f"coco-object numbers the 80 COCO thing categories 1..80 in id order, and {ann} lists "
+                        f"{len(categories)} categories; use the official instances_<split>.json")
+    order = {c: i + 1 for i, c in enumerate(categories)}
     folder = image_dir or root / split
 
     def label(image_id):
