@@ -626,3 +626,31 @@ def test_ade_extent_is_recorded_and_another_extent_is_another_run(tmp_path):
     assert runner.invoke(app, args + ["--ade-extent", "amodal", "--force-new"]).exit_code == 0
     records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert {r["category"]: r["gt_boxes"] for r in records}["sky"] == [[0, 0, 9, 3]]  # the polygon
+
+
+def test_download_unpacks_a_tar_archive(tmp_path, http_server):
+    """The VOC2012 archive is a tar: unpacked into the data root, a member pointing outside it refused."""
+    import tarfile
+
+    base, handler = http_server
+
+    def tar_bytes(members):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tf:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    payload = tar_bytes({"VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt": b"2007_000033\n"})
+    handler.files = {"/voc.tar": payload}
+    archive = Archive(f"{base}/voc.tar", len(payload), hashlib.sha1(payload).hexdigest())
+    fetch_dataset("voc", tmp_path, sources={"voc": {"val": [archive]}}, progress=False)
+    assert (tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").read_text() == "2007_000033\n"
+    evil = tar_bytes({"../outside.txt": b"x"})
+    handler.files["/evil.tar"] = evil
+    with pytest.raises(CamlocError, match="could not be unpacked"):
+        fetch_dataset("evil", tmp_path / "root", sources={"evil": {"v": [Archive(f"{base}/evil.tar")]}},
+                      progress=False)
+    assert not (tmp_path / "outside.txt").exists()

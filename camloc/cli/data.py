@@ -17,7 +17,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("download")
 @reports_errors
 def download_cmd(
-    dataset: str = typer.Argument(..., help="coco or ade20k-sceneparsing"),
+    dataset: str = typer.Argument(..., help="coco, ade20k-sceneparsing or voc2012 (VOC2012 trainval: the voc21 and voc20 segmentation datasets)."),
     split: Optional[str] = typer.Option(None, "--split", help="coco: val2017 (default) or train2017."),
     data_root: Optional[Path] = DataRootOption,
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the published SHA-1 of each archive."),

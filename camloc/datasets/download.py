@@ -43,6 +43,15 @@ SOURCES: dict[str, dict[str, list[Archive]]] = {
                     "10ad623668ab00c62c096f0ed636d6aff41faca5"),
         ],
     },
+    # VOC2012 trainval (VOCdevkit/VOC2012: JPEGImages, SegmentationClass, ImageSets/Segmentation/val.txt) for the
+    # voc21 / voc20 segmentation datasets; SHA-1 as d2l publishes it for the same archive (its MD5 6cd6e144...
+    # is torchvision's), size from the server
+    "voc2012": {
+        "val": [
+            Archive("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar", None,
+                    "4e443f8a2eca6b1dac8a6c57641b67dd40621a49"),
+        ],
+    },
     "ade20k-sceneparsing": {
         "validation": [
             Archive("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip", None,
@@ -138,9 +147,19 @@ def _stream(response, part: Path, start: int, total: int | None, label: str, pro
 
 
 def extract(archive_path: Path, root: Path) -> None:
-    """Unzip into the data root once (a marker file records that it was done)."""
+    """Unpack a zip or tar archive into the data root once (a marker file records that it was done)."""
+    import tarfile
+
     marker = root / f".{archive_path.name}.extracted"
     if marker.exists():
+        return
+    if archive_path.name.endswith((".tar", ".tar.gz", ".tgz")):
+        try:
+            with tarfile.open(archive_path) as tf:
+                tf.extractall(root, filter="data")  # refuses paths outside the root, links out of it, devices
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"{archive_path} could not be unpacked ({exc}); delete it and download again") from exc
+        marker.write_text("ok\n")
         return
     try:
         with zipfile.ZipFile(archive_path) as zf:
