@@ -326,6 +326,32 @@ def section_frontier(model, image, args, device, report):
     return out
 
 
+def section_ovseg(model, image, args, device, report):
+    """Open-vocabulary segmentation (`--protocols ovseg`, sclip preset: short side 336, crop 224, stride 112):
+    one image's windows (a 500 x 375 photo -> 448 x 336 -> 6 windows) in ONE batched encoder forward vs the
+    reference wrappers' one window at a time, for the 150 ADE20K classes; the maps agree within float
+    rounding (tests/test_ovseg.py)."""
+    from camloc.cams.registry import resolve_methods
+    from camloc.datasets.segmentation import SEG_DATASETS
+    from camloc.segment.infer import image_windows, query_features, resolve_settings, window_grids
+
+    print(f"\n## ovseg windows: batched vs one at a time, {model.name}, {model.precision} on {device.type}")
+    settings = resolve_settings("ade20k-150", templates="single")  # the queries are made once per run: not timed
+    queries, _, names = query_features(model, SEG_DATASETS["ade20k-150"].classes(), "single")
+    _, windows, boxes = image_windows(model, image.resize((500, 375)), settings)
+    out = report.setdefault(f"ovseg/{model.name}", {"windows": len(boxes)})
+    for method in ("sclip", "maskclip", "naclip"):
+        specs = resolve_methods([method], model.family.name)
+        window_grids(model, specs, {}, windows[:1], queries, names)  # warm-up
+        batched = timed(lambda: window_grids(model, specs, {}, windows, queries, names), device, args.reps)[0]
+        single = timed(lambda: [window_grids(model, specs, {}, windows[i:i + 1], queries, names)
+                                for i in range(len(windows))], device, args.reps)[0]
+        out[method] = {"batched_s": batched, "one_at_a_time_s": single, "ratio": single / batched}
+        print(f"{method:9s}: {len(boxes)} windows batched {batched:.3f} s, one at a time {single:.3f} s: "
+              f"{single / batched:.2f}x ({len(boxes) / batched:.1f} windows/s)")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the < 10 minute CPU subset")
@@ -334,7 +360,7 @@ def main():
     ap.add_argument("--reps", type=int, default=None, help="repetitions per timing (median)")
     ap.add_argument("--only", default=None,
                     help="comma list of sections: gscorecam,prompts,fusion,pipeline,memory,threshold,batching,compile,"
-                         "open_clip,frontier,gpu (open_clip and frontier: not in --quick unless named; gpu: the "
+                         "ovseg,open_clip,frontier,gpu (open_clip and frontier: not in --quick unless named; gpu: the "
                          "prepared GPU session's plan, CUDA only)")
     ap.add_argument("--budget", type=float, default=420.0,
                     help="gpu section: seconds it may take; later steps are skipped (and said so) past it")
@@ -346,7 +372,7 @@ def main():
     args.batches = [32, 64, 128, 256] if cuda else ([16, 32] if args.quick else [8, 16, 32, 64])
     args.prompt_counts = [1, 8] if args.quick else [1, 3, 8]
     args.floor_images = 96 if args.quick else None  # quick: time 96 of the k floor forwards and scale
-    every = "gscorecam,prompts,fusion,pipeline,memory,threshold,batching,compile" + (
+    every = "gscorecam,prompts,fusion,pipeline,memory,threshold,batching,compile,ovseg" + (
         "" if args.quick else ",open_clip,frontier")
     sections = set((args.only or every).split(","))
     image = load_image(IMAGE)
@@ -401,6 +427,10 @@ def main():
         section_gscorecam(big, image, 300, args, device, report)
         if cuda:
             section_pairs_per_second(big, image, device, report)
+    if "ovseg" in sections:
+        vit16 = load("random-ViT-B/16")
+        section_ovseg(vit16, image, args, device, report)
+        del vit16
     if "frontier" in sections:
         vit = load("random-ViT-B/32")
         section_frontier(vit, image, args, device, report)
