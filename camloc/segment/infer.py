@@ -206,9 +206,10 @@ def predict(logits: torch.Tensor, owner: list[int], settings: OvsegSettings) -> 
     probs = torch.softmax(logits * settings.logit_scale, dim=0)
     n_classes = max(owner) + 1
     if n_classes != len(owner):
-        index = torch.tensor(owner, device=probs.device)
-        per_class = probs.new_full((n_classes, *probs.shape[1:]), -1.0)
-        per_class = per_class.index_reduce_(0, index, probs, "amax", include_self=True)
+        rows: dict[int, list[int]] = {}
+        for query, cls in enumerate(owner):
+            rows.setdefault(cls, []).append(query)
+        per_class = torch.stack([probs[rows[c]].amax(dim=0) for c in range(n_classes)])
     else:
         per_class = probs
     if settings.area_threshold is not None:
