@@ -438,3 +438,23 @@ def test_coco_object_labels_from_the_instances_json(tmp_path):
     (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
     with pytest.raises(Exception, match="lists 5 categories"):
         load_seg_dataset("coco-object", data_root=tmp_path)
+
+
+def test_ade150_class_file_follows_the_official_label_order():
+    """The real objectInfo150.txt (ADEChallengeData2016's devkit): row Idx = label; the class file's line
+    label - 1 is that row's first name with its spaces removed (SCLIP's spelling), except label 90, where
+    SCLIP writes the second name ("television receiver")."""
+    import csv
+
+    from camloc.datasets.segmentation import SEG_DATASETS
+
+    rows = list(csv.reader((REAL / "ade20k-sceneparsing" / "objectInfo150.txt").read_text().splitlines(),
+                           delimiter="\t"))
+    header = [h.strip() for h in rows[0]]
+    official = {int(r[header.index("Idx")]): [n.strip() for n in r[header.index("Name")].split(",")]
+                for r in rows[1:] if r}
+    classes = SEG_DATASETS["ade20k-150"].classes()
+    assert sorted(official) == list(range(1, 151)) and len(classes) == 150
+    for label, names in official.items():
+        expected = names[1] if label == 90 else names[0]
+        assert classes[label - 1] == [expected.replace(" ", "")], label
