@@ -22,6 +22,7 @@ _EXPORTS = {
     "best_iou": "camloc.evaluators.iou", "mask_iou": "camloc.evaluators.protocols",
     "pointing_hit": "camloc.evaluators.protocols", "energy_pointing": "camloc.evaluators.protocols",
     "MaxBoxAcc": "camloc.evaluators.protocols", "PxAP": "camloc.evaluators.protocols",
+    "SegmentationState": "camloc.evaluators.segmentation",
     "ClipModel": "camloc.models.clip_model", "errors": ("camloc.errors", None),
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -265,11 +265,16 @@ def test_shards_merge_to_the_single_process_numbers(tmp_path):
     for rank in (0, 1):
         result = _ovseg(tmp_path / "data", tmp_path / "two", *SMALL, "--shard", f"{rank}/2", methods="sclip,maskclip")
         assert result.exit_code == 0, result.output
+    batched = _ovseg(tmp_path / "data", tmp_path / "batched", *SMALL, "--image-batch", "3", methods="sclip,maskclip")
+    assert batched.exit_code == 0, batched.output  # several images' windows in one forward
     one = json.loads((tmp_path / "one" / "summary.json").read_text())["methods"]
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())["methods"]
-    for method in one:
-        assert {k: one[method][k] for k in ("miou", "macc", "aacc", "n_images", "windows")} == \
-               {k: two[method][k] for k in ("miou", "macc", "aacc", "n_images", "windows")}
+    for other in ("two", "batched"):
+        two = json.loads((tmp_path / other / "summary.json").read_text())["methods"]
+        for method in one:
+            assert {k: one[method][k] for k in ("miou", "macc", "aacc", "n_images", "windows")} == \
+                   {k: two[method][k] for k in ("miou", "macc", "aacc", "n_images", "windows")}, other
+    rescore = runner.invoke(app, ["rescore", str(tmp_path / "one"), "--protocols", "box", "--out", str(tmp_path / "r")])
+    assert rescore.exit_code == 2 and "is an ovseg run" in rescore.stderr
 
 
 def test_batched_windows_equal_one_window_at_a_time():
@@ -399,6 +404,16 @@ def test_voc_context_cityscapes_and_coco_stuff_labels_as_mmseg_reads_them(tmp_pa
                                                           "000000000139_labelTrainIds.png")
     spec, [s] = load_seg_dataset("coco-stuff-171", data_root=tmp_path)
     assert len(spec.classes()) == 171 and s.label().tolist() == [[170, 255]]
+    raw = tmp_path / "raw"
+    _photo(raw / "val2017" / "000000000139.jpg", 6, 1)
+    (raw / "stuffthingmaps_trainval2017" / "val2017").mkdir(parents=True)
+    # person (id 1), toothbrush (id 90), banner (id 92, the first stuff class), wood (id 182), unused id 12, unlabelled
+    Image.fromarray(np.array([[0, 89, 91, 181, 11, 255]], np.uint8)).save(
+        raw / "stuffthingmaps_trainval2017" / "val2017" / "000000000139.png")
+    spec, [r] = load_seg_dataset("coco-stuff-171", data_root=raw)
+    assert r.label().tolist() == [[0, 79, 80, 170, 255, 255]]
+    names = [c[0] for c in spec.classes()]
+    assert (names[0], names[79], names[80], names[170]) == ("person", "toothbrush", "banner", "wood")
     verify = runner.invoke(app, ["data", "verify", "voc21", "--data-root", str(tmp_path)])
     assert verify.exit_code == 0 and "images 1, classes 21" in verify.stdout
     Image.fromarray(np.array([[0, 40]], np.uint8)).save(voc / "SegmentationClass" / "2007_000033.png")

@@ -12,8 +12,9 @@ Each label map is turned into class indices 0..K-1 with 255 = ignore, as mmsegme
   Context59 drops the background.
 - `cityscapes`: `gtFine/<split>/<city>/*_gtFine_labelTrainIds.png` (the 19 train ids, 255 = ignore; made by the
   cityscapesScripts' createTrainIdLabelImgs) beside `leftImg8bit/<split>/<city>/*_leftImg8bit.png`.
-- `coco-stuff-171`: COCO-Stuff 164k as mmsegmentation converts it (`annotations/<split>/*_labelTrainIds.png`,
-  0..170, 255) beside `images/<split>/*.jpg`.
+- `coco-stuff-171`: COCO-Stuff 164k's official `stuffthingmaps_trainval2017/<split>/*.png` (value = COCO-Stuff id
+  - 1, 255 unlabelled) mapped to the 171 train ids in id order (the 80 things, then the 91 stuff classes; the
+  mapping of mmseg's coco_stuff.py), or mmseg's converted `annotations/<split>/*_labelTrainIds.png` as they are.
 - `coco-object`: the 80 COCO things + background made from the instances JSON (`annotations/instances_<split>.json`
   beside `<split>/`): background 0 where no instance is, each non-crowd instance's mask painted with its class
   (1..80 in the JSON's category order) in annotation order, crowd regions 255.
@@ -174,15 +175,28 @@ def cityscapes(root, split, image_dir, ann_file):
     return out
 
 
-@register_seg_dataset("coco-stuff-171", "coco-stuff-171.txt", "COCO-Stuff 164k val2017 (mmseg's conversion), 171 "
-                      "classes", "<data-root>/coco_stuff164k/images/<split>/*.jpg, annotations/<split>/"
-                      "*_labelTrainIds.png", "val2017")
+UNUSED_THING_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+"""COCO's thing ids (1..90) that no category uses; COCO-Stuff's stuff ids are 92..182."""
+STUFF_TRAIN_IDS = np.full(256, IGNORE, np.uint8)
+STUFF_TRAIN_IDS[[k - 1 for k in range(1, 91) if k not in UNUSED_THING_IDS] + list(range(91, 182))] = np.arange(171)
+"""stuffthingmaps value (COCO-Stuff id - 1) -> the 171 train ids in id order (mmseg's coco_stuff.py mapping); 255."""
+
+
+@register_seg_dataset("coco-stuff-171", "coco-stuff-171.txt", "COCO-Stuff 164k val2017, 171 classes",
+                      "<data-root>/stuffthingmaps_trainval2017/<split>/*.png beside <data-root>/<split>/*.jpg (the "
+                      "official stuffthingmaps), or mmseg's conversion <data-root>/coco_stuff164k/images/<split>/, "
+                      "annotations/<split>/*_labelTrainIds.png", "val2017")
 def coco_stuff(root, split, image_dir, ann_file):
+    raw = root / "stuffthingmaps_trainval2017" / split
+    if raw.is_dir():  # the official label maps: values are COCO-Stuff ids - 1, mapped to the 171 train ids
+        images_dir = image_dir or root / split
+        return [SegImage(p.stem, str(images_dir / f"{p.stem}.jpg"), lambda p=p: STUFF_TRAIN_IDS[_png(p)], str(p))
+                for p in sorted(raw.glob("*.png"))]
     base = root / "coco_stuff164k" if (root / "coco_stuff164k").is_dir() else root
     images_dir = image_dir or base / "images" / split
     if not images_dir.is_dir():
-        raise DataError(f"image folder {images_dir} does not exist; pass --data-root (the folder holding "
-                        "coco_stuff164k/)")
+        raise DataError(f"neither {raw} (the official stuffthingmaps) nor {images_dir} (mmseg's conversion) exists; "
+                        "pass --data-root")
     out = []
     for path in sorted(images_dir.glob("*.jpg")):
         label = base / "annotations" / split / f"{path.stem}_labelTrainIds.png"

@@ -54,6 +54,9 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
     started = time.perf_counter()
     run_dir, rank, world = Path(run_dir), *shard
     source = source_config(run_dir)
+    if "ovseg" in (source.protocols or []):
+        raise OptionError(f"{run_dir} is an ovseg run: its records already hold the segmentation metric's counts, "
+                          "which `camloc report` merges; rescore scores the saved heatmaps of pair runs")
     if source.heatmaps != "float16" or not (run_dir / "heatmaps").is_dir():
         raise RunFolderError(f"{run_dir} was run without --save-heatmaps, so it has no maps to rescore; rerun it with "
                              "--save-heatmaps")
