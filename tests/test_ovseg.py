@@ -323,6 +323,8 @@ def test_methods_that_cost_a_pass_per_class_are_refused(tmp_path):
     result = _ovseg(tmp_path / "data", tmp_path / "x", *SMALL, methods="sclip,gradcam")
     assert result.exit_code == 2 and "gradcam would cost one pass per class" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    no_bg = _ovseg(tmp_path / "data", tmp_path / "z", *SMALL, "--ovseg-bg-threshold", "0.2", methods="sclip")
+    assert no_bg.exit_code == 2 and "has no background class (its class 0 is 'wall')" in no_bg.stderr
     mixed = runner.invoke(app, ["eval", "--dataset", "ade20k-150", "--protocols", "ovseg,mask-iou", "--method",
                                 "sclip", "--model", "tiny-vit", "--out", str(tmp_path / "y")])
     assert mixed.exit_code == 2 and "runs on its own" in mixed.stderr

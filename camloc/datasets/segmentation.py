@@ -119,44 +119,29 @@ def ade20k_150(root: Path, split: str, image_dir: Path | None, ann_file: Path | 
     return out
 
 
-def _voc(root: Path, split: str, image_dir, ann_file, reduce: bool) -> list[SegImage]:
-    base = next((p for p in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root) if (p / "JPEGImages").is_dir()),
-                root / "VOCdevkit" / "VOC2012")
-    return _listed(ann_file or base / "ImageSets" / "Segmentation" / f"{split}.txt", image_dir or base / "JPEGImages",
-                   base / "SegmentationClass", ".jpg", reduce)
+def _pascal(year: str, lists: str, labels: str, reduce: bool) -> Callable:
+    """A builder for a PASCAL layout (VOCdevkit/VOC<year>: JPEGImages, `labels`, ImageSets/`lists`/<split>.txt);
+    `reduce` drops the background class (mmseg's reduce_zero_label)."""
+
+    def build(root: Path, split: str, image_dir, ann_file) -> list[SegImage]:
+        candidates = (root / "VOCdevkit" / f"VOC{year}", root / f"VOC{year}", root)
+        base = next((p for p in candidates if (p / "JPEGImages").is_dir()), candidates[0])
+        return _listed(ann_file or base / "ImageSets" / lists / f"{split}.txt", image_dir or base / "JPEGImages",
+                       base / labels, ".jpg", reduce)
+
+    return build
 
 
-@register_seg_dataset("voc21", "voc21.txt", "PASCAL VOC 2012 val, background + 20 classes",
-                      "<data-root>/VOCdevkit/VOC2012/JPEGImages, SegmentationClass, ImageSets/Segmentation/<split>.txt",
-                      "val", background=True)
-def voc21(root, split, image_dir, ann_file):
-    return _voc(root, split, image_dir, ann_file, reduce=False)
-
-
-@register_seg_dataset("voc20", "voc20.txt", "PASCAL VOC 2012 val, the 20 object classes (background ignored)",
-                      "as voc21", "val")
-def voc20(root, split, image_dir, ann_file):
-    return _voc(root, split, image_dir, ann_file, reduce=True)
-
-
-def _context(root: Path, split: str, image_dir, ann_file, reduce: bool) -> list[SegImage]:
-    base = next((p for p in (root / "VOCdevkit" / "VOC2010", root / "VOC2010", root) if (p / "JPEGImages").is_dir()),
-                root / "VOCdevkit" / "VOC2010")
-    return _listed(ann_file or base / "ImageSets" / "SegmentationContext" / f"{split}.txt",
-                   image_dir or base / "JPEGImages", base / "SegmentationClassContext", ".jpg", reduce)
-
-
-@register_seg_dataset("context60", "context60.txt", "PASCAL-Context val (mmseg's conversion), background + 59",
-                      "<data-root>/VOCdevkit/VOC2010/JPEGImages, SegmentationClassContext, "
-                      "ImageSets/SegmentationContext/<split>.txt", "val", background=True)
-def context60(root, split, image_dir, ann_file):
-    return _context(root, split, image_dir, ann_file, reduce=False)
-
-
-@register_seg_dataset("context59", "context59.txt", "PASCAL-Context val, the 59 classes (background ignored)",
-                      "as context60", "val")
-def context59(root, split, image_dir, ann_file):
-    return _context(root, split, image_dir, ann_file, reduce=True)
+for _name, _year, _lists, _labels, _description in (
+        ("voc", "2012", "Segmentation", "SegmentationClass", "PASCAL VOC 2012 val"),
+        ("context", "2010", "SegmentationContext", "SegmentationClassContext", "PASCAL-Context val (mmseg's conversion)")):
+    _full, _reduced = (("voc21", "voc20") if _name == "voc" else ("context60", "context59"))
+    _layout = f"<data-root>/VOCdevkit/VOC{_year}/JPEGImages, {_labels}, ImageSets/{_lists}/<split>.txt"
+    _n = 20 if _name == "voc" else 59
+    register_seg_dataset(_full, f"{_full}.txt", f"{_description}, background + {_n} classes", _layout, "val",
+                         background=True)(_pascal(_year, _lists, _labels, reduce=False))
+    register_seg_dataset(_reduced, f"{_reduced}.txt", f"{_description}, the {_n} classes (background ignored)",
+                         _layout, "val")(_pascal(_year, _lists, _labels, reduce=True))
 
 
 @register_seg_dataset("cityscapes", "cityscapes.txt", "Cityscapes val, the 19 train ids",

@@ -110,6 +110,10 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     spec, images = load_seg_dataset(config.dataset, data_root=where.get("data_root_dir"), split=config.split,
                                     image_dir=where.get("image_dir"), ann_file=where.get("ann_file"),
                                     limit=config.limit)
+    if not spec.background and (settings.bg_threshold > 0 or settings.area_threshold is not None):
+        raise OptionError(f"{config.dataset} has no background class (its class 0 is {spec.classes()[0][0]!r}): "
+                          "--ovseg-bg-threshold and --ovseg-area-threshold would turn pixels into that class; use them "
+                          "on voc21, context60 or coco-object")
     config.ovseg = settings.to_json()
     config.data = segmentation_identity(images)
     config.split = config.split or spec.default_split
