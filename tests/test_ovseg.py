@@ -323,6 +323,13 @@ def test_methods_that_cost_a_pass_per_class_are_refused(tmp_path):
     result = _ovseg(tmp_path / "data", tmp_path / "x", *SMALL, methods="sclip,gradcam")
     assert result.exit_code == 2 and "gradcam would cost one pass per class" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    label = next((tmp_path / "data").rglob("annotations/validation/*.png"))
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(label)
+    wrong = _ovseg(tmp_path / "data", tmp_path / "w", *SMALL, methods="sclip")
+    assert wrong.exit_code == 2 and "is 10x10, but its image" in wrong.stderr
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(label)
+    beyond = _ovseg(tmp_path / "data", tmp_path / "v", *SMALL, methods="sclip")
+    assert beyond.exit_code == 2 and "label values must lie in 0..149" in beyond.stderr
     no_bg = _ovseg(tmp_path / "data", tmp_path / "z", *SMALL, "--ovseg-bg-threshold", "0.2", methods="sclip")
     assert no_bg.exit_code == 2 and "has no background class (its class 0 is 'wall')" in no_bg.stderr
     mixed = runner.invoke(app, ["eval", "--dataset", "ade20k-150", "--protocols", "ovseg,mask-iou", "--method",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from camloc.errors import OptionError, RunFolderError
+from camloc.errors import DataError, OptionError, RunFolderError
 from camloc.evaluators.segmentation import SegmentationState
 from camloc.run.files import append_jsonl, atomic_write_text, folder_lock, prepare_out_dir, read_jsonl, write_json
 from camloc.run.identity import SUMMARY, EvalConfig, check_config
@@ -148,13 +148,18 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
         with open(records_path, "a") as handle, progress_bar(progress, len(work)) as bar:
             for start in range(0, len(work), batch_size):
                 chunk = work[start:start + batch_size]
-                batch = [(item, load_image(item.path), item.label()) for item, _ in chunk]
+                batch = [(item, *_image_and_label(item, load_image)) for item, _ in chunk]
                 for (item, todo), (_, _, label), result in zip(chunk, batch, segment_batch(
                         model, specs, options, batch, queries, owner, names, settings)):
                     records = []
                     for method in todo:
                         pred, windows, forward, own = result[method]
-                        state = SegmentationState.empty(len(classes)).add(pred.numpy(), label)
+                        try:
+                            state = SegmentationState.empty(len(classes)).add(pred.numpy(), label)
+                        except ValueError as exc:
+                            raise DataError(f"label map {item.label_path or item.image_id}: {exc}; is it the "
+                                            f"{config.dataset} layout camloc reads (`camloc data verify "
+                                            f"{config.dataset}`)?") from None
                         if save_predictions:
                             folder = run_dir / "predictions" / method.replace("+", "p")
                             folder.mkdir(parents=True, exist_ok=True)
@@ -172,6 +177,16 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                                extra={"device": device_description(model.device), "versions": package_versions(),
                                       "git_commit": git_commit(), "timings": timings})
     return summary
+
+
+def _image_and_label(item, load_image) -> tuple:
+    """The image and its label map, which must be of the image's size (a label of another image would be
+    scored against this one's prediction, resized to it)."""
+    image, label = load_image(item.path), item.label()
+    if label.shape[:2] != (image.size[1], image.size[0]):
+        raise DataError(f"label map {item.label_path or item.image_id} is {label.shape[1]}x{label.shape[0]}, but its "
+                        f"image {item.path} is {image.size[0]}x{image.size[1]}: they do not belong together")
+    return image, label
 
 
 def _check_methods(specs) -> None:
