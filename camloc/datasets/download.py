@@ -156,7 +156,15 @@ def extract(archive_path: Path, root: Path) -> None:
     if archive_path.name.endswith((".tar", ".tar.gz", ".tgz")):
         try:
             with tarfile.open(archive_path) as tf:
-                tf.extractall(root, filter="data")  # refuses paths outside the root, links out of it, devices
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: refuses paths outside the root, links, devices
+                    tf.extractall(root, filter="data")
+                else:
+                    for member in tf.getmembers():
+                        target = (root / member.name).resolve()
+                        if not str(target).startswith(str(root.resolve())) or not (member.isfile() or member.isdir()):
+                            raise tarfile.TarError(f"member {member.name} is outside the data root or not a plain "
+                                                   "file or folder")
+                    tf.extractall(root)
         except (tarfile.TarError, OSError) as exc:
             raise DataError(f"{archive_path} could not be unpacked ({exc}); delete it and download again") from exc
         marker.write_text("ok\n")
