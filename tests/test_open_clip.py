@@ -265,3 +265,31 @@ def test_normalisation_follows_the_weights_not_clips_default():
     assert _normalisation(open_clip, "camloc-tiny-vit", None, bare)[0] == (0.48145466, 0.4578275, 0.40821073)
     model = ClipModel.load("open_clip:camloc-tiny-mapvit:random", device="cpu")
     assert model.backend.info["mean"] == [0.48145466, 0.4578275, 0.40821073]  # recorded with the run
+
+
+def test_siglip_scores_are_the_models_own_logits_bias_included(chelsea, tmp_path):
+    """SigLIP scores logit_scale.exp() * cos + logit_bias (its sigmoid's logit): camloc's score, the one
+    every score-weighted method uses, is that logit; the bias is recorded with the weights."""
+    model = ClipModel.load("open_clip:camloc-tiny-mapvit-bias:random", device="cpu")
+    assert model.logit_bias == -10.0 and model.backend.info["logit_bias"] == -10.0
+    prompts = ["cat", "a dog", "sofa"]
+    x = model.preprocess(chelsea)
+    tokens = model.backend.tokenizer(prompts)
+    with torch.no_grad():
+        image_features, text_features, scale, bias = model.model(x, tokens)
+    own = scale * image_features @ text_features.T + bias  # open_clip normalises both in its forward
+    ctx = CamContext(model, chelsea, prompts, {})
+    torch.testing.assert_close(ctx.image_scores, own[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        scored = model.scores(model.model.encode_image(x), model.text_features(prompts))
+    torch.testing.assert_close(scored[0], own[0], rtol=1e-5, atol=1e-5)
+    # gScoreCAM weighs its top-k channels' scores beside zeros, so the bias moves its map
+    with_bias = compute_heatmaps(model, chelsea, ["cat"], ["gscorecam"], {"topk": 10})["gscorecam"]
+    model.logit_bias = 0.0
+    without = compute_heatmaps(model, chelsea, ["cat"], ["gscorecam"], {"topk": 10})["gscorecam"]
+    assert not np.allclose(with_bias, without, atol=1e-4)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["eval", "--dataset", "demo", "--limit", "1", "--method", "gradcam", "--model",
+                                 "open_clip:camloc-tiny-mapvit-bias:random", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["weights"]["logit_bias"] == -10.0

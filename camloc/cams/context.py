@@ -155,7 +155,8 @@ class CamContext:
         with torch.enable_grad():
             features = family.head(self.model.visual, repeated).float()
             features = features / features.norm(dim=-1, keepdim=True)
-            scores = self.model.logit_scale * (features * self.text_features).sum(dim=-1)  # s_p of copy p
+            scores = (self.model.logit_scale * (features * self.text_features).sum(dim=-1)
+                      + self.model.logit_bias)  # s_p of copy p
             (grad,) = torch.autograd.grad(scores.sum(), repeated)
         return family.grad_to_grid(grad).float()
 
@@ -194,7 +195,7 @@ class CamContext:
             pooled = visual.ln_post(h)[:, prefix:].mean(dim=1)
             pooled = pooled @ visual.proj if visual.proj is not None else pooled
             features = pooled.float() / pooled.float().norm(dim=-1, keepdim=True)
-            logits = self.model.logit_scale * features @ texts.T  # (P copies, P + B)
+            logits = self.model.logit_scale * features @ texts.T + self.model.logit_bias  # (P copies, P + B)
             scores = logits.softmax(dim=-1)
             (grad,) = torch.autograd.grad(scores.diagonal().sum(), leaf)  # copy p's score of prompt p
         return tokens_to_grid(y, prefix)[0].float(), tokens_to_grid(grad, prefix).float()

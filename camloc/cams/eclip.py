@@ -62,7 +62,7 @@ def grad_eclip(ctx: CamContext) -> torch.Tensor:
         raw = h.transpose(0, 1) if family.batch_dim == 1 else h
         features = family.head(visual, raw).float()
         features = features / features.norm(dim=-1, keepdim=True)
-        scores = ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1)
+        scores = ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1) + ctx.model.logit_bias
         (grad,) = torch.autograd.grad(scores.sum(), leaf)
     maps = torch.relu((grad[:, :1].float() * v[:, 1:].float() * sim[None, :, None]).sum(dim=-1))  # (P, N-1)
     side = int(round(maps.shape[1] ** 0.5))

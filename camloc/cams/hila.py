@@ -134,7 +134,7 @@ def attention_probs_and_scores(ctx: CamContext):
         with torch.enable_grad():
             features = visual(x).float()
     features = features / features.norm(dim=-1, keepdim=True)
-    scores = ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1)
+    scores = ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1) + ctx.model.logit_bias
     return captured, (pool_probs[0] if pool_probs else None), scores
 
 

@@ -157,7 +157,11 @@ def fold_batchnorm(visual: torch.nn.Module) -> int:
 class ClipModel:
     """A CLIP model ready for CAMs: encoders on `device` in `precision`, scores always in fp32.
 
-    Score of image x for prompt p (spec §1): `s_p(x) = exp(logit_scale) * cos(f(x), t_p)`.
+    Score of image x for prompt p (spec §1): `s_p(x) = exp(logit_scale) * cos(f(x), t_p) + logit_bias`, the
+    model's own logit: `logit_bias` is SigLIP's learnt bias of its sigmoid loss (0 for CLIP models, which
+    have none). Gradient methods and softmaxes over channels or prompts do not see a constant bias;
+    gScoreCAM (its top-k scores beside zeros), GroupCAM and RISE do, so it is part of the score and, where
+    a model has one, recorded in the run identity (`weights.logit_bias`).
     """
 
     def __init__(self, model: torch.nn.Module, name: str, device: torch.device, precision: str = "fp32",
@@ -182,6 +186,10 @@ class ClipModel:
         self.model.visual.to(memory_format=self.memory_format)
         self.input_size: int = input_size_of(model.visual)
         self.logit_scale = self.model.logit_scale.detach().float().exp()
+        bias = getattr(self.model, "logit_bias", None)
+        self.logit_bias = float(bias.detach().float()) if bias is not None else 0.0
+        if bias is not None:
+            self.backend.info["logit_bias"] = self.logit_bias
         self._text_cache: dict[str, torch.Tensor] = {}
         self.auto_chunk_size: int | None = None  # measured once on CUDA (camloc.cams.context)
         self.encoder = MaskedEncoder(self.model.visual, device)  # masked batches: eager or --compile on
@@ -265,4 +273,4 @@ class ClipModel:
         """(B, E) image embeddings x (P, E) normalised text -> (B, P) fp32 scaled cosines, NaN -> 0."""
         img = image_features.float()
         img = img / img.norm(dim=-1, keepdim=True)
-        return torch.nan_to_num(self.logit_scale * img @ text_features.T, nan=0.0)
+        return torch.nan_to_num(self.logit_scale * img @ text_features.T + self.logit_bias, nan=0.0)

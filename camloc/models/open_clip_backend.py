@@ -227,6 +227,12 @@ TINY_CONFIGS = {
                                                            "timm_model_pretrained": False, "timm_pool": "map",
                                                            "timm_proj": "none"},
                            "text_cfg": _TEXT},
+    # the same trunk with SigLIP's learnt logit bias (open_clip's init_logit_bias; SigLIP initialises it to -10;
+    # not named siglip either)
+    "camloc-tiny-mapvit-bias": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_mapvit",
+                                                           "timm_model_pretrained": False, "timm_pool": "map",
+                                                           "timm_proj": "none"},
+                           "text_cfg": _TEXT, "init_logit_bias": -10.0},
     "camloc-tiny-eva": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_eva",
                                                         "timm_model_pretrained": False, "timm_pool": "token",
                                                         "timm_proj": "linear"},
