@@ -242,3 +242,28 @@ def test_clip_surgery_labels_contrast_is_refused_before_any_work(tmp_path):
     with pytest.raises(CamlocError, match="needs at least 2 prompts per image"):
         run_eval(config, tmp_path, device="cpu", progress=False)
     assert not (tmp_path / "pairs.jsonl").exists() or (tmp_path / "pairs.jsonl").read_text() == ""
+
+
+def test_a_run_written_before_a_new_unused_field_still_resumes(tmp_path):
+    """config.json written by a camloc without the `ovseg` field resumes (the field is null: unused); one
+    that differs in a real field is still refused."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from camloc.cli.app import app
+
+    runner = CliRunner()
+    args = ["eval", "--model", "tiny-rn", "--method", "gradcam", "--limit", "2", "--out", str(tmp_path / "r"),
+            "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    path = tmp_path / "r" / "config.json"
+    config = _json.loads(path.read_text())
+    assert config.pop("ovseg") is None
+    path.write_text(_json.dumps(config))
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "0 new records" in again.output
+    config["threshold"] = 0.5
+    path.write_text(_json.dumps(config))
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "threshold" in refused.stderr

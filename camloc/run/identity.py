@@ -127,6 +127,8 @@ def check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
                                  "discard the folder's results") from None
         new = json.loads(json.dumps(config.identity()))
         old = {k: v for k, v in old.items() if k not in NOT_IDENTITY} if isinstance(old, dict) else old
+        if isinstance(old, dict):  # a field added since the folder was written, unused now (null), is no difference
+            new = {k: v for k, v in new.items() if k in old or v is not None}
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             shown = "; ".join(describe_difference(k, old.get(k), new.get(k)) for k in diff[:3])
