@@ -80,7 +80,9 @@ class with_method_options:
         return signature.replace(parameters=params[:at] + added + params[at:])
 
     def __call__(self, **kwargs):
-        values = {name: kwargs.pop(name) for name in method_typer_options() if name in kwargs}
+        from camloc.cams.options import all_options
+
+        values = {name: kwargs.pop(name) for name in all_options() if name in kwargs}
         return self.command(**kwargs, method_values=values)
 
 

@@ -67,20 +67,21 @@ def explain(
         raise OptionError(f"--save-heatmap {save_heatmap} must end in .npy or .npz")
     if native and save_heatmap is None:
         raise OptionError("--native says how to save the maps: give --save-heatmap FILE too")
-    if family_hint(model):  # fail on a bad method before any weights are fetched
-        from camloc.cams import resolve_methods
-
-        specs = resolve_methods(method, family_hint(model), model)
-        if save_heatmap is not None and save_heatmap.suffix == ".npy" and len(specs) > 1:
-            raise OptionError(f"--save-heatmap {save_heatmap}: several methods need an .npz file (keyed by method)")
     from camloc.api import load_model
+    from camloc.cams import resolve_methods
 
+    def check_npy(family: str, model_name: str) -> None:
+        if save_heatmap is not None and save_heatmap.suffix == ".npy" and len(
+                resolve_methods(method, family, model_name)) > 1:
+            raise OptionError(f"--save-heatmap {save_heatmap}: several methods need an .npz file (keyed by method)")
+
+    if family_hint(model):  # fail on a bad method before any weights are fetched
+        check_npy(family_hint(model), model)
     clip_model = load_model(model, device=device, precision=precision, cache_dir=cache_dir)
+    check_npy(clip_model.family.name, clip_model.name)  # before any map is computed
     result = explain_image(clip_model, image, prompt, method, threshold=threshold, seed=seed,
                            chunk_size=chunk_size, compile=compile_mode, exif_transpose=exif_transpose,
                            **method_values)
-    if save_heatmap is not None and save_heatmap.suffix == ".npy" and len(result.maps) > 1:
-        raise OptionError(f"--save-heatmap {save_heatmap}: several methods need an .npz file (keyed by method)")
     if save_heatmap is not None:
         import numpy as np
 

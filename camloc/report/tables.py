@@ -15,6 +15,7 @@ from camloc.evaluators import meters_by
 from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import PROTOCOL_COLUMNS
 from camloc.run.files import NOT_IDENTITY, read_jsonl, read_run_records, record_files
+from camloc.run.ovseg import RECORDS
 from camloc.run.threshold_search import DISPLAY, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
@@ -39,7 +40,7 @@ LONG_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3", 
 def _kind(run_dir: Path) -> str:
     if (run_dir / "table_s1.csv").is_file():
         return "threshold-search"
-    if (run_dir / "config.json").is_file() and any(run_dir.glob("ovseg*.jsonl")):
+    if (run_dir / "config.json").is_file() and record_files(run_dir, RECORDS):
         return "ovseg"
     if record_files(run_dir) and (run_dir / "config.json").is_file():
         return "eval"
@@ -244,7 +245,7 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
     between runs other than the dataset (e.g. the preset) become row labels."""
     from camloc.datasets.segmentation import SEG_DATASETS
     from camloc.evaluators.segmentation import SegmentationState
-    from camloc.run.ovseg import REQUIRED, record_files
+    from camloc.run.ovseg import REQUIRED
 
     groups: dict = {}
     for d in dirs:
@@ -253,7 +254,7 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
         group = groups.setdefault(json.dumps(identity, sort_keys=True), {"identity": identity, "records": {},
                                                                          "methods": []})
         group["methods"] += [m for m in config["methods"] if m not in group["methods"]]
-        for path in record_files(d):
+        for path in record_files(d, RECORDS):
             for r in read_jsonl(path, required=REQUIRED):
                 key = (str(r["image_id"]), r["method"])
                 if key in group["records"] and group["records"][key] != r["state"]:
@@ -268,9 +269,9 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
     for group in groups.values():
         identity = group["identity"]
         n_images = (identity.get("data") or {}).get("n_images")
-        spec = SEG_DATASETS[identity["dataset"]]
+        n_classes = len(SEG_DATASETS[identity["dataset"]].classes())
         for method in group["methods"]:
-            state = SegmentationState.empty(len(spec.classes()))
+            state = SegmentationState.empty(n_classes)
             count = 0
             for (_, m), record in group["records"].items():
                 if m == method:

@@ -90,9 +90,19 @@ def read_jsonl(path: str | Path, repair: bool = False, required: tuple[str, ...]
     return records
 
 
-def record_files(run_dir: Path) -> list[Path]:
-    """Every records file of a run folder: a 1-process run's and every shard's."""
-    return sorted(Path(run_dir).glob("pairs*.jsonl"))
+RECORD_STEMS = ("pairs", "ovseg")
+"""The records files' names: `pairs` (the pair protocols' runs), `ovseg` (`--protocols ovseg` runs)."""
+
+
+def record_files(run_dir: Path, stem: str = "pairs") -> list[Path]:
+    """Every records file of a run folder: a 1-process run's and every shard's (`stem`.jsonl,
+    `stem`.rankRRR-of-NNN.jsonl)."""
+    return sorted(Path(run_dir).glob(f"{stem}*.jsonl"))
+
+
+def any_record_files(run_dir: Path) -> list[Path]:
+    """The records files of every kind of run (`RECORD_STEMS`)."""
+    return [path for stem in RECORD_STEMS for path in record_files(run_dir, stem)]
 
 
 def read_run_records(run_dir: str | Path, skip_bad: bool = False, skipped: list | None = None) -> list[dict]:

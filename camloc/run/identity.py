@@ -12,7 +12,7 @@ from camloc.cams.options import default_options
 from camloc.datasets.registry import DATA_SOURCES
 from camloc.errors import DataError, RunFolderError
 from camloc.evaluators.protocols import DEFAULT_INTERVAL, DEFAULT_TOLERANCE
-from camloc.run.files import NOT_IDENTITY, atomic_write_text, record_files
+from camloc.run.files import NOT_IDENTITY, any_record_files, atomic_write_text
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -136,11 +136,11 @@ def check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
                 f"run folder {run_dir} was written by a different config (differs in: {', '.join(diff)}; {shown}); "
                 "use another --out, or --force-new to discard its results"
             )
-    elif not config_path.exists() and (record_files(run_dir) or any(run_dir.glob("ovseg*.jsonl"))) and not force_new:
+    elif not config_path.exists() and any_record_files(run_dir) and not force_new:
         raise RunFolderError(f"run folder {run_dir} holds records but no {CONFIG}, so they cannot be matched to this "
                              "config; use another --out, or --force-new to discard them")
     if force_new:
-        for records in [*record_files(run_dir), *run_dir.glob("ovseg*.jsonl")]:
+        for records in any_record_files(run_dir):
             records.unlink()
         for stale in [SUMMARY, "table.csv", "table.md", "ovseg_classes.csv", CONFIG,
                       *[p.name for p in run_dir.glob("summary.rank*.json")]]:

@@ -25,25 +25,14 @@ from PIL import Image
 
 from camloc.errors import DataError, OptionError, RunFolderError
 from camloc.evaluators.segmentation import SegmentationState
-from camloc.run.files import append_jsonl, atomic_write_text, folder_lock, prepare_out_dir, read_jsonl, write_json
+from camloc.run.files import (append_jsonl, atomic_write_text, folder_lock, prepare_out_dir, read_jsonl, record_files,
+                              write_json)
 from camloc.run.identity import SUMMARY, EvalConfig, check_config
 
 RECORDS = "ovseg"
 TABLE_COLUMNS = ["model", "dataset", "method", "n_images", "miou", "macc", "aacc", "images_per_second",
                  "windows_per_second"]
 REQUIRED = ("image_id", "method", "state", "windows", "forward_seconds", "method_seconds")
-
-
-def records_name(rank: int, world: int) -> str:
-    return f"{RECORDS}.jsonl" if world == 1 else f"{RECORDS}.rank{rank:03d}-of-{world:03d}.jsonl"
-
-
-def record_files(run_dir: Path) -> list[Path]:
-    return sorted(Path(run_dir).glob(f"{RECORDS}*.jsonl"))
-
-
-def is_ovseg_run(run_dir: Path) -> bool:
-    return bool(record_files(run_dir)) and (Path(run_dir) / "config.json").is_file()
 
 
 def segmentation_identity(images) -> dict:
@@ -91,11 +80,11 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     """Segment `config.dataset` with `config.methods` into `run_dir`, resuming what is there."""
     from camloc.cams.registry import check_method_options, resolve_methods, resolve_options
     from camloc.datasets.segmentation import load_seg_dataset
-    from camloc.models import ClipModel, load_image
+    from camloc.models import ClipModel
     from camloc.models.specs import family_hint
     from camloc.run.progress import progress_bar
     from camloc.run.provenance import device_description, git_commit, package_versions
-    from camloc.run.sharding import rank_device
+    from camloc.run.sharding import rank_device, records_name
     from camloc.segment.infer import query_features, resolve_settings
 
     started = time.perf_counter()
@@ -110,8 +99,9 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     spec, images = load_seg_dataset(config.dataset, data_root=where.get("data_root_dir"), split=config.split,
                                     image_dir=where.get("image_dir"), ann_file=where.get("ann_file"),
                                     limit=config.limit)
+    classes = spec.classes()
     if not spec.background and (settings.bg_threshold > 0 or settings.area_threshold is not None):
-        raise OptionError(f"{config.dataset} has no background class (its class 0 is {spec.classes()[0][0]!r}): "
+        raise OptionError(f"{config.dataset} has no background class (its class 0 is {classes[0][0]!r}): "
                           "--ovseg-bg-threshold and --ovseg-area-threshold would turn pixels into that class; use them "
                           "on voc21, context60 or coco-object")
     config.ovseg = settings.to_json()
@@ -129,14 +119,13 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     config.options = resolve_options(model, {**default_options(), **config.options})
     check_method_options(model, config.methods, config.options)
     batch_size = 1 if image_batch == "auto" else int(image_batch)
-    classes = spec.classes()
     lock = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
     with folder_lock(run_dir, lock):
         check_config(run_dir, config, force_new)
         queries, owner, names = query_features(model, classes, settings.templates)
-        records_path = run_dir / records_name(rank, world)
+        records_path = run_dir / records_name(rank, world, RECORDS)
         done = set()
-        for path in record_files(run_dir):
+        for path in record_files(run_dir, RECORDS):
             done |= {(str(r["image_id"]), r["method"]) for r in read_jsonl(path, repair=path == records_path,
                                                                             required=REQUIRED)}
         mine = images[rank::world]
@@ -148,7 +137,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
         with open(records_path, "a") as handle, progress_bar(progress, len(work)) as bar:
             for start in range(0, len(work), batch_size):
                 chunk = work[start:start + batch_size]
-                batch = [(item, *_image_and_label(item, load_image)) for item, _ in chunk]
+                batch = [(item, *_image_and_label(item)) for item, _ in chunk]
                 for (item, todo), (_, _, label), result in zip(chunk, batch, segment_batch(
                         model, specs, options, batch, queries, owner, names, settings)):
                     records = []
@@ -179,9 +168,11 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     return summary
 
 
-def _image_and_label(item, load_image) -> tuple:
+def _image_and_label(item) -> tuple:
     """The image and its label map, which must be of the image's size (a label of another image would be
     scored against this one's prediction, resized to it)."""
+    from camloc.models import load_image
+
     image, label = load_image(item.path), item.label()
     if label.shape[:2] != (image.size[1], image.size[0]):
         raise DataError(f"label map {item.label_path or item.image_id} is {label.shape[1]}x{label.shape[0]}, but its "
@@ -204,7 +195,7 @@ def method_results(run_dir: Path, methods: list[str], n_classes: int) -> tuple[d
     states = {m: SegmentationState.empty(n_classes) for m in methods}
     totals = {m: {"images": 0, "windows": 0, "seconds": 0.0} for m in methods}
     seen: dict = {}
-    for path in record_files(run_dir):
+    for path in record_files(run_dir, RECORDS):
         for r in read_jsonl(path, required=REQUIRED):
             key = (str(r["image_id"]), r["method"])
             if key in seen:

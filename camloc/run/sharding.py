@@ -84,8 +84,8 @@ def assign_images(images: list[ImagePairs], rank: int, world: int) -> list[Image
     return [images[i] for i in range(len(images)) if owner[i] == rank]
 
 
-def records_name(rank: int, world: int) -> str:
-    return "pairs.jsonl" if world == 1 else f"pairs.rank{rank:03d}-of-{world:03d}.jsonl"
+def records_name(rank: int, world: int, stem: str = "pairs") -> str:
+    return f"{stem}.jsonl" if world == 1 else f"{stem}.rank{rank:03d}-of-{world:03d}.jsonl"
 
 
 def join_process_group(env=None) -> bool:

@@ -247,12 +247,3 @@ def finish_logits(grids: torch.Tensor, boxes: list, x: torch.Tensor, label_size:
         small = F.interpolate(x[None], size=(label_h, label_w), mode="bilinear", align_corners=False)
         logits = pamr(small, logits[None], settings.pamr_steps, settings.pamr_dilations)[0]
     return predict(logits, owner, settings)
-
-
-def segment_image(model, methods: list, options: dict, image: Image.Image, label_size: tuple[int, int],
-                  queries: torch.Tensor, owner: list[int], names: list[str], settings: OvsegSettings) -> dict:
-    """{method: (H, W) class map at `label_size` (W, H)} of one image, its windows in one batched forward."""
-    x, windows, boxes = image_windows(model, image, settings)
-    with at_input_size(model, settings.crop):
-        grids = window_grids(model, methods, options, windows, queries, names)
-    return {name: finish_logits(grid, boxes, x, label_size, owner, settings) for name, grid in grids.items()}
