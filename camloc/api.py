@@ -213,6 +213,8 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
              progress: bool = False, skip_missing: bool = False, skip_bad_records: bool = False,
              pointing_tolerance: float = 15.0, cam_curve_interval: float = 0.01,
              shard: tuple[int, int] = (0, 1), ovseg: dict | None = None, save_predictions: bool = False,
+             faith_steps: int = 224, faith_baseline: str | None = None, faith_score: str = "softmax",
+             road_percentiles: str | Sequence[float] | None = None, faith_batch: int = 64,
              **method_options) -> dict:
     """`camloc eval`: evaluate `methods` on `dataset` into the run folder `out` (resumable: a second call
     computes only what is missing; another config is refused). Returns the run's summary (summary.json).
@@ -222,7 +224,12 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
     (`camloc.datasets.segmentation`: ade20k-150, voc21, voc20, context60, context59, coco-stuff-171,
     coco-object, cityscapes) with the dense methods; `ovseg` holds its settings (preset, short_side, crop,
     stride, logit_scale, bg_threshold, area_threshold, pamr_steps, templates: `--ovseg-*`), and
-    `save_predictions` writes each image's class map under out/predictions/<method>/."""
+    `save_predictions` writes each image's class map under out/predictions/<method>/.
+
+    The faithfulness protocols (deletion-rise, insertion-rise, deletion-eclip, road;
+    `camloc.evaluators.faithfulness`) take `faith_steps`, `faith_baseline` (both curves; default RISE's
+    zero for deletion, blur for insertion), `faith_score` (softmax or cosine) and `road_percentiles`;
+    `faith_batch` is the number of perturbed images per forward (not part of the results)."""
     from camloc.evaluators.iou import CONVENTIONS
     from camloc.evaluators.protocols import parse_protocols
     from camloc.models.encoder import check_compile
@@ -254,13 +261,33 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
         options=parse_method_options(method_options), include_stuff=include_stuff, ade_extent=ade_extent,
         protocols=parse_protocols(protocols), pointing_tolerance=pointing_tolerance,
         cam_curve_interval=cam_curve_interval)
+    config.faith = _faith_settings(config.protocols, faith_steps, faith_baseline, faith_score, road_percentiles)
+    if not (isinstance(faith_batch, int) and faith_batch >= 1):
+        raise OptionError(f"--faith-batch must be a whole number of 1 or more, got {faith_batch!r}")
     out = Path(out)
-    return run_eval(config, out, device=device, cache_dir=str(cache_dir) if cache_dir else None, force_new=force_new,
+    return run_eval(config, out, faith_batch=faith_batch, device=device, cache_dir=str(cache_dir) if cache_dir else None, force_new=force_new,
                     progress=progress, chunk_size=count_or_auto(chunk_size, "--chunk-size"),
                     image_batch=count_or_auto(image_batch, "--image-batch"), compile=check_compile(compile),
                     data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir},
                     save_heatmaps=out / "heatmaps" if save_heatmaps else None, shard=shard, save_vis=save_vis,
                     skip_missing=skip_missing, skip_bad_records=skip_bad_records, model=loaded)
+
+
+def _faith_settings(protocols: list[str], steps, baseline, score, percentiles) -> dict | None:
+    """The recorded faithfulness settings, or None without a faithfulness protocol (where a faithfulness
+    option given is an error: it would be silently unused)."""
+    from camloc.evaluators.faithfulness import FaithSettings
+    from camloc.run.faithfulness import wants_faithfulness
+
+    if wants_faithfulness(protocols):
+        return FaithSettings.resolve(steps, baseline, score, percentiles).to_dict()
+    given = [name for name, value, default in (("--faith-steps", steps, 224), ("--faith-baseline", baseline, None),
+                                               ("--faith-score", score, "softmax"),
+                                               ("--road-percentiles", percentiles, None)) if value != default]
+    if given:
+        raise OptionError(f"{', '.join(given)} belong to the faithfulness protocols (deletion-rise, insertion-rise, "
+                          "deletion-eclip, road); add one to --protocols or drop the option")
+    return None
 
 
 def rescore(run: str | Path, protocols: str | Sequence[str], out: str | Path, *,

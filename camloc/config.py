@@ -13,7 +13,8 @@ DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_
                 "ann_file", "image_dir", "include_stuff", "ade_extent"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
                             "chunk_size", "image_batch", "compile", "save_heatmaps", "options", "max_pixels", "protocols",
-                            "pointing_tolerance", "cam_curve_interval"}
+                            "pointing_tolerance", "cam_curve_interval", "faith_steps", "faith_baseline", "faith_score",
+                            "road_percentiles", "faith_batch"}
 SEARCH_KEYS = {"runs", "train", "val", "grid", "out", "options", "iou", "precision", "seed", "device", "chunk_size",
                "compile", "workers"}
 RUN_KEYS = {"model", "methods"}

@@ -8,9 +8,11 @@ import typer
 
 from camloc.cli.app import app
 from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption,
-                               CompileOption, DataRootOption, DeviceOption, ImageBatchOption, ImageDirOption,
+                               CompileOption, DataRootOption, DeviceOption, FaithBaselineOption, FaithBatchOption,
+                               FaithScoreOption, FaithStepsOption, ImageBatchOption, ImageDirOption,
                                IncludeStuffOption, MaxPixelsOption, PerClassOption, PointingToleranceOption,
-                               PrecisionOption, ProtocolsOption, SkipBadRecordsOption, SplitOption, SubsetSeedOption,
+                               PrecisionOption, ProtocolsOption, RoadPercentilesOption, SkipBadRecordsOption,
+                               SplitOption, SubsetSeedOption,
                                ThresholdOption, reports_errors, with_method_options)
 
 
@@ -46,6 +48,11 @@ def eval_cmd(
     protocols: str = ProtocolsOption,
     pointing_tolerance: float = PointingToleranceOption,
     cam_curve_interval: float = CamCurveIntervalOption,
+    faith_steps: int = FaithStepsOption,
+    faith_baseline: Optional[str] = FaithBaselineOption,
+    faith_score: str = FaithScoreOption,
+    road_percentiles: Optional[str] = RoadPercentilesOption,
+    faith_batch: int = FaithBatchOption,
     iou: str = typer.Option("gscorecam", "--iou", help="IoU convention: gscorecam (+1 pixels, as the original) or coco."),
     seed: int = typer.Option(0, "--seed", help="Random seed, recorded in the results."),
     chunk_size: str = ChunkOption,
@@ -114,6 +121,9 @@ def eval_cmd(
             save_vis=save_vis, force_new=force_new, progress=progress, skip_missing=skip_missing,
             skip_bad_records=skip_bad_records, pointing_tolerance=setting("pointing_tolerance"),
             cam_curve_interval=setting("cam_curve_interval"), shard=rank_world, ovseg=ovseg, save_predictions=save_predictions,
+            faith_steps=setting("faith_steps"), faith_baseline=setting("faith_baseline"),
+            faith_score=setting("faith_score"), road_percentiles=setting("road_percentiles"),
+            faith_batch=setting("faith_batch"),
             **options)
         methods_run = summary.get("config", {}).get("methods", methods)
         if rank_world[1] > 1 and not summary.get("complete"):

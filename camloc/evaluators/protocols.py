@@ -31,6 +31,9 @@ addition; the summary holds the values):
   are not counted (`n_mask`).
 
 All values are fractions in [0, 1] (wsolevaluation prints percents).
+
+The faithfulness protocols (deletion-rise, insertion-rise, deletion-eclip, road) need the model's
+forwards on perturbed images: `camloc.evaluators.faithfulness` defines them.
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ import cv2
 import numpy as np
 
 from camloc.evaluators.boxes import binarize, heatmap_to_uint8
+from camloc.evaluators.faithfulness import FAITH_COLUMNS, FAITH_PROTOCOLS, FaithSums
 
-PROTOCOLS = ("box", "mask-iou", "pointing", "maxboxacc", "pxap")
+PROTOCOLS = ("box", "mask-iou", "pointing", "maxboxacc", "pxap", *FAITH_PROTOCOLS)
 MASK_PROTOCOLS = {"mask-iou", "pointing", "pxap"}  # read the class mask where the dataset has one
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 DEFAULT_TOLERANCE = 15
@@ -223,8 +227,10 @@ class ProtocolSums:
         self.pxap_bg: np.ndarray | None = None
         self.pxap_n = 0
         self.seen: set[str] = set()
+        self.faith = FaithSums()
 
     def add(self, record: dict) -> None:
+        self.faith.add(record)
         if "mask_iou" in record:
             self.seen.add("mask-iou")
             if record["mask_iou"] is not None:
@@ -268,6 +274,7 @@ class ProtocolSums:
             self.pxap_bg = other.pxap_bg.copy() if self.pxap_bg is None else self.pxap_bg + other.pxap_bg
         self.pxap_n += other.pxap_n
         self.seen |= other.seen
+        self.faith += other.faith
         return self
 
     def result(self) -> dict:
@@ -286,6 +293,7 @@ class ProtocolSums:
         if "pxap" in self.seen:
             out["pxap"] = pxap_from_histograms(self.pxap_fg, self.pxap_bg) if self.pxap_fg is not None else None
             out.setdefault("n_mask", self.pxap_n)
+        out.update(self.faith.result())
         return out
 
 
@@ -339,5 +347,5 @@ class PxAP(_DatasetState):
 
 
 PROTOCOL_COLUMNS = ["mask_iou", "n_mask", "pointing", "energy_pointing", "boxacc@0.3", "boxacc@0.5", "boxacc@0.7",
-                    "maxboxacc_v2", "pxap"]
+                    "maxboxacc_v2", "pxap", *FAITH_COLUMNS]
 """Table columns of the protocols beyond `box`, in this order, where a run has them."""

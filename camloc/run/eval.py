@@ -22,6 +22,8 @@ from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import check_parameters, parse_protocols
 from camloc.models import ClipModel
 from camloc.models.specs import family_hint
+from camloc.evaluators.faithfulness import FaithSettings
+from camloc.run.faithfulness import wants_faithfulness
 from camloc.run.files import RECORD_FIELDS, folder_lock, prepare_out_dir, read_jsonl, record_files
 from camloc.run.finish import finish_run
 from camloc.run.heatmap_cache import HeatmapCache, dataset_key
@@ -51,6 +53,7 @@ def run_eval(
     skip_missing: bool = False,
     skip_bad_records: bool = False,
     model: ClipModel | None = None,
+    faith_batch: int = 64,
 ) -> dict:
     """Evaluate `config` into `run_dir`, resuming what is there. Returns the summary dict.
 
@@ -73,6 +76,10 @@ def run_eval(
     if family_hint(config.model):  # fail on a bad method before any weights are fetched
         resolve_methods(config.methods, family_hint(config.model), config.model)
     config.protocols = parse_protocols(config.protocols)
+    if wants_faithfulness(config.protocols):
+        config.faith = config.faith or FaithSettings().to_dict()
+    else:
+        config.faith = None
     check_parameters(config.pointing_tolerance, config.cam_curve_interval)
     config.heatmaps = "float16" if save_heatmaps is not None else None
     if config.dataset == "ade20k-scenes":
@@ -115,12 +122,12 @@ def run_eval(
         return _run_locked(config, run_dir, model, images, mine, issues, started, force_new=force_new,
                            progress=progress, chunk_size=chunk_size, image_batch=image_batch,
                            save_heatmaps=save_heatmaps, shard=shard, save_vis=save_vis,
-                           skip_bad_records=skip_bad_records)
+                           skip_bad_records=skip_bad_records, faith_batch=faith_batch)
 
 
 def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: list[ImagePairs], mine: list[ImagePairs],
                 issues: dict, started: float, *, force_new, progress, chunk_size, image_batch, save_heatmaps, shard,
-                save_vis, skip_bad_records) -> dict:
+                save_vis, skip_bad_records, faith_batch=64) -> dict:
     rank, world = shard
     if force_new and world > 1:  # under a process group: rank 0 resets the folder while the others wait
         import torch.distributed as dist
@@ -150,7 +157,8 @@ def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: lis
     compute_started = time.perf_counter()
     with open(records_path, "a") as handle, progress_bar(progress, count_pairs([w[0] for w in work])) as bar:
         n_new, skipped, oom_retries = run_pipeline(model, work, config, handle, bar, {"chunk_size": chunk_size,
-                                                  "contrast_prompts": dataset_prompts(images)}, cache, image_batch)
+                                                  "contrast_prompts": dataset_prompts(images),
+                                                  "faith_batch": faith_batch}, cache, image_batch)
     compute_seconds = time.perf_counter() - compute_started
 
     if process_group_ready():

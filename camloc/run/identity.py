@@ -52,6 +52,9 @@ class EvalConfig:
     ovseg: dict | None = None
     """`--protocols ovseg`: every inference setting (preset, short side, crop, stride, logit scale,
     thresholds, PAMR, templates), resolved for the dataset; None for the pair protocols."""
+    faith: dict | None = None
+    """The faithfulness protocols' settings (`FaithSettings`: steps, baselines, score, ROAD percentiles and
+    noise, Grad-ECLIP steps) when one of them is selected; None otherwise."""
     data_sources: dict | None = None
     """Where the data was read from (`DATA_SOURCES`: data root, split, annotation file, image folder,
     absolute): what `camloc rescore` and a resumed eval read when given no data options. Recorded in

@@ -17,6 +17,7 @@ from camloc.errors import CamlocError, DataError, ImageError, OptionError
 from camloc.evaluators import best_iou, box_from_heatmap
 from camloc.evaluators.protocols import MASK_PROTOCOLS, pair_values
 from camloc.models import ClipModel, load_image
+from camloc.run.faithfulness import DEFAULT_FAITH_BATCH, faith_values, wants_faithfulness
 from camloc.run.files import append_jsonl
 from camloc.run.heatmap_cache import HeatmapCache
 from camloc.run.identity import EvalConfig
@@ -89,23 +90,31 @@ def compute_images(model: ClipModel, batch: list[tuple], config: EvalConfig, run
     return out
 
 
-def image_records(model_name: str, item: ImagePairs, todo: dict, config: EvalConfig, native: dict,
-                  size: tuple[int, int]) -> list[dict]:
-    """The host stage of one image: raw-size heatmaps, then every protocol's values -> records."""
+def raw_heatmaps(item: ImagePairs, todo: dict, config: EvalConfig, native: dict, size: tuple[int, int]):
+    """`heatmap_of(pair, method)` of one image's native maps: its raw-size map (of the stored float16
+    maps when the run saves them, so `camloc rescore` scores exactly these)."""
     pairs = [p for p in item.pairs if p.key in todo]
     prompts = image_prompts(item, pairs, list(native))
     stored = config.heatmaps == "float16"  # score exactly the maps the cache keeps
     heatmaps = {m: native_to_raw(kind, maps.astype(np.float16).astype(np.float32) if stored else maps, size)
                 for m, (kind, maps) in native.items()}
-    return pair_records(model_name, item, pairs, todo, config,
-                        lambda pair, method: heatmaps[method][prompts.index(pair.prompt)], size)
+    return lambda pair, method: heatmaps[method][prompts.index(pair.prompt)]
+
+
+def image_records(model_name: str, item: ImagePairs, todo: dict, config: EvalConfig, native: dict | None,
+                  size: tuple[int, int], heatmap_of=None, extra: dict | None = None) -> list[dict]:
+    """The host stage of one image: raw-size heatmaps (unless given), then every protocol's values -> records."""
+    pairs = [p for p in item.pairs if p.key in todo]
+    heatmap_of = heatmap_of or raw_heatmaps(item, todo, config, native, size)
+    return pair_records(model_name, item, pairs, todo, config, heatmap_of, size, extra)
 
 
 def pair_records(model_name: str, item: ImagePairs, pairs: list, todo: dict, config: EvalConfig, heatmap_of,
-                 size: tuple[int, int]) -> list[dict]:
+                 size: tuple[int, int], extra: dict | None = None) -> list[dict]:
     """Records of these pairs of one image, `heatmap_of(pair, method)` giving each raw-size map: the
     box protocol (Algorithm 1 box, IoU) and the other selected protocols, with the class masks read
-    once per image where a protocol needs them. Shared by eval and rescore."""
+    once per image where a protocol needs them; `extra[(pair.key, method)]`: fields computed with the
+    model (the faithfulness protocols). Shared by eval and rescore."""
     masks = item.masks() if item.masks is not None and MASK_PROTOCOLS & set(config.protocols) else {}
     records = []
     for pair in pairs:
@@ -120,8 +129,23 @@ def pair_records(model_name: str, item: ImagePairs, pairs: list, todo: dict, con
                 "iou": best_iou(box, pair.gt_boxes, config.iou_convention), "coverage": pair.coverage,
                 **pair_values(config.protocols, heatmap, masks.get(pair.category_id), pair.gt_boxes,
                               config.threshold, config.pointing_tolerance, config.cam_curve_interval),
+                **((extra or {}).get((pair.key, method)) or {}),
             })
     return records
+
+
+def image_faith_values(model: ClipModel, item: ImagePairs, todo: dict, config: EvalConfig, image, host_input,
+                       heatmap_of, runtime: dict | None) -> dict:
+    """The faithfulness fields of one image's pending (pair, method) combinations, scored among all of
+    the image's prompts (and, for deletion-eclip, the dataset's), so a resumed image scores as a fresh
+    one does."""
+    from camloc.evaluators.faithfulness import FaithSettings
+
+    pairs = [p for p in item.pairs if p.key in todo]
+    prompts = list(dict.fromkeys(p.prompt for p in item.pairs))
+    return faith_values(model, image, host_input, pairs, todo, config.protocols, FaithSettings(**config.faith),
+                        heatmap_of, prompts, (runtime or {}).get("contrast_prompts") or prompts, config.seed,
+                        item.image_id, batch=(runtime or {}).get("faith_batch") or DEFAULT_FAITH_BATCH)
 
 
 def _read_image(path: str, model: ClipModel):
@@ -182,11 +206,15 @@ def run_pipeline(model: ClipModel, work: list, config: EvalConfig, handle, bar, 
                 batch.append((item, todo, image, host_input))
             if not batch:
                 continue
-            for (item, todo, image, _), (native, oom) in zip(batch, compute_images(model, batch, config, runtime,
-                                                                                    cache)):
+            for (item, todo, image, host_input), (native, oom) in zip(batch, compute_images(model, batch, config,
+                                                                                             runtime, cache)):
                 retries += oom
+                heatmap_of, extra = None, None
+                if wants_faithfulness(config.protocols):  # the model's forwards: on this thread
+                    heatmap_of = raw_heatmaps(item, todo, config, native, image.size)
+                    extra = image_faith_values(model, item, todo, config, image, host_input, heatmap_of, runtime)
                 boxes.append((item, todo, boxer.submit(image_records, model.name, item, todo, config, native,
-                                                       image.size)))
+                                                       image.size, heatmap_of, extra)))
             flush(block_until=host_workers)
         flush(block_until=0)
     return written, skipped, retries
