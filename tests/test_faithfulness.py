@@ -266,3 +266,13 @@ def test_a_faithfulness_option_without_its_protocol_is_refused(tmp_path):
     result = runner.invoke(app, ["eval", "--model", "tiny-rn", "--method", "gradcam", "--out", str(tmp_path / "o"),
                                  "--faith-steps", "10", "--no-progress"])
     assert result.exit_code == 2 and "--faith-steps" in result.output
+
+
+def test_rescore_refuses_the_faithfulness_protocols_instead_of_dropping_them(tmp_path):
+    source = tmp_path / "source"
+    result = runner.invoke(app, ["eval", "--model", "tiny-rn", "--method", "gradcam", "--dataset", "demo", "--out",
+                                 str(source), "--save-heatmaps", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["rescore", str(source), "--protocols", "box,road", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "road" in result.output and "camloc eval" in result.output
+    assert not (tmp_path / "r" / "summary.json").exists()

@@ -25,7 +25,8 @@ map (the map every protocol scores), with CLIP's zero-shot text targets. Definit
   preprocessed (camloc's squash) and classified zero-shot over the dataset's prompts every 10 steps,
   plus the clean image: 11 points. Each record keeps the rank of the pair's prompt at each point (0 =
   top-1), so any top-k is a function of the records; the summary gives the top-1 accuracy per point,
-  its AUC (the same trapezoid over the 10 steps) and the accuracy at 50 %. Deviations: the random
+  its AUC (the same trapezoid over the 11 points) and the accuracy at 50 % (the last point). The
+  vocabulary is the run's prompts (every pair's class; --limit and --classes narrow it). Deviations: the random
   values are drawn once per image (seeded by the run's seed and the image id) so every method sees the
   same noise; the images are not capped at 640 pixels on the short side; camloc's prompt template,
   not the 80 ImageNet templates, makes the classifier.

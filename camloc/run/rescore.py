@@ -19,6 +19,7 @@ from camloc.datasets import count_pairs, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import DataError, OptionError, RunFolderError
 from camloc.evaluators.meter import record_key
+from camloc.evaluators.faithfulness import FAITH_PROTOCOLS
 from camloc.evaluators.protocols import check_parameters, parse_protocols
 from camloc.run.files import (RECORD_FIELDS, append_jsonl, folder_lock, prepare_out_dir, read_jsonl, read_run_records,
                               record_files)
@@ -62,7 +63,11 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
                              "--save-heatmaps")
     if Path(out).resolve() == run_dir.resolve():
         raise OptionError("--out must be a new folder: rescore never changes the source run")
-    config = EvalConfig(**{**source.identity(), "protocols": parse_protocols(protocols)})
+    config = EvalConfig(**{**source.identity(), "protocols": parse_protocols(protocols), "faith": None})
+    needs_model = [p for p in config.protocols if p in FAITH_PROTOCOLS]
+    if needs_model:  # scored without them, the table would silently lack their columns
+        raise OptionError(f"--protocols {', '.join(needs_model)}: the faithfulness protocols score perturbed images "
+                          "with the model, and rescore runs without it; run camloc eval with them (its --protocols)")
     if pointing_tolerance is not None:
         config.pointing_tolerance = pointing_tolerance
     if cam_curve_interval is not None:
