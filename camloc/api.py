@@ -7,6 +7,7 @@
     ex.boxes["gradcam"][0], ex.scores                    # Algorithm 1 boxes, the prompts' scores
     fig = ex.plot()                                      # the explain figure (a matplotlib Figure)
     summary = camloc.evaluate(model, "demo", ["gradcam"], out="runs/demo")   # = camloc eval
+    check = camloc.sanity(model, "demo", ["gradcam"], out="runs/sanity")    # = camloc sanity
 
 The command line is a thin layer over these functions: every check and every number comes from here.
 Errors are `camloc.errors` kinds (OptionError, DataError, ImageError, ModelError, RunFolderError),
@@ -290,6 +291,34 @@ def _faith_settings(protocols: list[str], steps, baseline, score, percentiles) -
     return None
 
 
+def sanity(model: ClipModel | str, dataset: str = "demo", methods: str | Sequence[str] = ("gradcam",), *,
+           out: str | Path, limit: int | None = None, classes: Sequence[str] | None = None, split: str | None = None,
+           prompt_template: str = "{}", subset_seed: int | None = None, data_root: str | Path | None = None,
+           ann_file: str | Path | None = None, image_dir: str | Path | None = None, seed: int = 0,
+           flag_spearman: float | None = None, chunk_size: int | str = "auto", compile: str = "auto",
+           force_new: bool = False, progress: bool = False, **method_options) -> dict:
+    """`camloc sanity`: the model-randomisation check (Adebayo et al. 2018) of `methods` on `dataset`'s
+    pairs, into the folder `out` (sanity.json, sanity.csv, sanity.md). The image tower is re-drawn stage
+    by stage (head, blocks top-down, stem; `camloc.models.cascade`, seeded by `seed`) and each map is
+    compared with the trained model's (Spearman, SSIM); methods whose mean Spearman with every stage
+    re-drawn is at least `flag_spearman` (default 0.5) are listed in the result's "flagged". The model's
+    weights are restored afterwards. Returns what sanity.json holds."""
+    from camloc.evaluators.sanity import DEFAULT_FLAG_SPEARMAN
+    from camloc.models.encoder import check_compile
+    from camloc.run.sanity import run_sanity
+
+    model = _model(model)
+    model.encoder.configure(check_compile(compile))
+    options = {**parse_method_options(method_options), "chunk_size": count_or_auto(chunk_size, "--chunk-size")}
+    return run_sanity(model, dataset, methods if isinstance(methods, str) else list(methods), out, limit=limit,
+                      classes=list(classes) if classes else None, prompt_template=prompt_template,
+                      subset_seed=subset_seed, seed=seed,
+                      data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir,
+                                    "split": split},
+                      flag_spearman=DEFAULT_FLAG_SPEARMAN if flag_spearman is None else float(flag_spearman),
+                      options=options, force_new=force_new, progress=progress)
+
+
 def rescore(run: str | Path, protocols: str | Sequence[str], out: str | Path, *,
             pointing_tolerance: float | None = None, cam_curve_interval: float | None = None,
             data_root: str | Path | None = None, ann_file: str | Path | None = None,
@@ -373,4 +402,4 @@ def list_datasets() -> list[str]:
 
 
 __all__ = ["Explanation", "as_image", "evaluate", "explain", "list_datasets", "list_methods", "list_models",
-           "load_model", "report_table", "rescore"]
+           "load_model", "report_table", "rescore", "sanity"]

@@ -97,6 +97,7 @@ from camloc.cli import eval as _eval_cmd  # noqa: E402,F401  (registers `eval`)
 from camloc.cli import explain as _explain_cmd  # noqa: E402,F401  (registers `explain`)
 from camloc.cli import report as _report_cmd  # noqa: E402,F401  (registers `report`)
 from camloc.cli import rescore as _rescore_cmd  # noqa: E402,F401  (registers `rescore`)
+from camloc.cli import sanity as _sanity_cmd  # noqa: E402,F401  (registers `sanity`)
 from camloc.cli import search as _search_cmd  # noqa: E402,F401  (registers `threshold-search`)
 
 

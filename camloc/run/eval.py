@@ -18,11 +18,11 @@ from camloc.cams.registry import check_method_options, resolve_options
 from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import OptionError, RunFolderError
+from camloc.evaluators.faithfulness import FaithSettings
 from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import check_parameters, parse_protocols
 from camloc.models import ClipModel
 from camloc.models.specs import family_hint
-from camloc.evaluators.faithfulness import FaithSettings
 from camloc.run.faithfulness import wants_faithfulness
 from camloc.run.files import RECORD_FIELDS, folder_lock, prepare_out_dir, read_jsonl, record_files
 from camloc.run.finish import finish_run

@@ -18,8 +18,8 @@ from pathlib import Path
 from camloc.datasets import count_pairs, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import DataError, OptionError, RunFolderError
-from camloc.evaluators.meter import record_key
 from camloc.evaluators.faithfulness import FAITH_PROTOCOLS
+from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import check_parameters, parse_protocols
 from camloc.run.files import (RECORD_FIELDS, append_jsonl, folder_lock, prepare_out_dir, read_jsonl, read_run_records,
                               record_files)
