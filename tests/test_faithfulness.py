@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from camloc.cli.app import app
+from camloc.report import html as html_report
 from camloc.evaluators.faithfulness import (FaithSettings, FaithSums, auc, eclip_images, image_noise, impute,
                                             road_keep, road_seed)
-from camloc.models.preprocess import load_image
 from camloc.run.faithfulness import Scorer, faith_values, road_values
 
 runner = CliRunner()
@@ -220,7 +220,7 @@ def _eval(out, *extra):
                                "--out", str(out), "--no-progress", *FAITH, *extra])
 
 
-def test_eval_records_summary_and_resume(tmp_path):
+def test_eval_records_summary_report_and_resume(tmp_path, monkeypatch):
     result = _eval(tmp_path / "run")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -237,6 +237,18 @@ def test_eval_records_summary_and_resume(tmp_path):
         assert len(values["faith_curves"]["insertion_rise"]) == 9
     table = (tmp_path / "run" / "table.csv").read_text().splitlines()[0]
     assert "deletion_rise" in table and "road_combined" in table
+    report = runner.invoke(app, ["report", str(tmp_path / "run"), "--format", "csv"])
+    assert report.exit_code == 0 and "deletion_eclip@50%" in report.output.splitlines()[0]
+    # the HTML report plots each method's mean curves: the summary's, drawn
+    figures = []
+    monkeypatch.setattr(html_report, "_png", lambda fig: figures.append(fig) or "<img>")
+    html_report.write_html_report([tmp_path / "run"], tmp_path / "report.html")
+    assert "faithfulness curves" in (tmp_path / "report.html").read_text()
+    panels = {ax.get_title(): ax for fig in figures for ax in fig.axes}
+    for name, title in (("deletion_rise", "mean deletion (RISE) curve"), ("insertion_rise", "mean insertion (RISE) curve"),
+                        ("deletion_eclip", "mean deletion (Grad-ECLIP) curve")):
+        drawn = {line.get_label().split(" (AUC")[0]: list(line.get_ydata()) for line in panels[title].lines}
+        assert drawn == {m: v["faith_curves"][name] for m, v in summary["methods"].items()}, name
     # a resumed image (half of the records dropped) scores as a fresh one
     lines = (tmp_path / "run" / "pairs.jsonl").read_text().splitlines()
     (tmp_path / "run" / "pairs.jsonl").write_text("\n".join(lines[::2]) + "\n")

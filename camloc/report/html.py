@@ -1,6 +1,7 @@
 """`camloc report --html`: one self-contained HTML page (every image embedded as a data URI, no
 network needed): provenance, tables (with the paper's values on request), per-class IoU bars, IoU
-histograms per method, Table S1 threshold curves, and the saved pair visualizations."""
+histograms per method, the mean deletion/insertion curves of the faithfulness protocols, Table S1
+threshold curves, and the saved pair visualizations."""
 from __future__ import annotations
 
 import base64
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from camloc.errors import RunFolderError
+from camloc.evaluators.meter import meters_by
 from camloc.report.tables import _kind, build_report, long_table
 from camloc.run.files import atomic_write_text, read_run_records
 
@@ -66,6 +68,39 @@ def _plots(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+FAITH_PLOTS = (("deletion_rise", "deletion (RISE)", "fraction of pixels removed", 1.0, "score"),
+               ("insertion_rise", "insertion (RISE)", "fraction of pixels inserted", 1.0, "score"),
+               ("deletion_eclip", "deletion (Grad-ECLIP)", "fraction of pixels replaced", 0.5, "top-1 accuracy"))
+
+
+def _faith_plots(records: list[dict], score: str | None) -> str:
+    """The mean deletion/insertion curves per method (one panel per curve kind present), AUCs in the legend;
+    empty when the run has no faithfulness protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = {m: meter.compute() for m, meter in meters_by(records).items()}
+    panels = [p for p in FAITH_PLOTS if any(p[0] in r.get("faith_curves", {}) for r in results.values())]
+    if not panels:
+        return ""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+    for ax, (name, title, xlabel, end, ylabel) in zip(axes[0], panels):
+        for method, result in results.items():
+            curve = result.get("faith_curves", {}).get(name)
+            if curve:
+                value = result.get(name)
+                label = method if value is None else f"{method} (AUC {value:.3f})"
+                ax.plot(np.linspace(0, end, len(curve)), curve, label=label)
+        ax.set_title(f"mean {title} curve", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(f"{score} of the prompt" if ylabel == "score" and score else ylabel, fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return "<h3>faithfulness curves (mean over pairs)</h3>" + _png(fig)
+
+
 def _run_section(run_dir: Path, compare_paper: bool, skip_bad: bool, allow_incomplete: bool) -> str:
     parts = [f"<h2>{html.escape(str(run_dir))}</h2>"]
     summary_path = run_dir / "summary.json"
@@ -87,6 +122,8 @@ def _run_section(run_dir: Path, compare_paper: bool, skip_bad: bool, allow_incom
         parts.append(long_table([run_dir], skip_bad, None, allow_incomplete).to_html(index=False, float_format="%.4f"))
         if records:
             parts.append(_plots(records))
+            config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+            parts.append(_faith_plots(records, (config.get("faith") or {}).get("score")))
         vis = sorted((run_dir / "vis").rglob("*.jpg")) if (run_dir / "vis").is_dir() else []
         if vis:
             parts.append('<h3>saved pairs (best, worst, random)</h3><div class="gallery">')
