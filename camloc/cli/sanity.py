@@ -45,9 +45,16 @@ def sanity(
     much each map changed (Spearman, SSIM): a method whose maps do not change is flagged."""
     from camloc.api import load_model
     from camloc.api import sanity as run
+    from camloc.cams import resolve_methods
     from camloc.models.preprocess import set_max_pixels
+    from camloc.models.specs import family_hint
+    from camloc.run.sanity import check_flag, check_out
 
     set_max_pixels(max_pixels)
+    check_flag(flag_spearman)  # bad options before any weights are fetched
+    check_out(out, force_new)
+    if family_hint(model):
+        resolve_methods(method, family_hint(model), model)
     clip_model = load_model(model, device=device, precision=precision, cache_dir=cache_dir)
     result = run(clip_model, dataset, method, out=out, limit=limit,
                  classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None, split=split,

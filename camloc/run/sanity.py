@@ -29,6 +29,7 @@ from camloc.models import ClipModel, load_image
 from camloc.models.cascade import cascade_stages, redraw_
 from camloc.run.files import atomic_write_text, folder_lock, prepare_out_dir, write_json
 from camloc.run.progress import progress_bar
+from camloc.run.provenance import device_description, git_commit, package_versions
 
 OUTPUTS = ("sanity.json", "sanity.csv", "sanity.md")
 REDRAW = "normal draws with each parameter tensor's own mean and standard deviation (one-element tensors kept)"
@@ -51,15 +52,29 @@ def _input_maps(model: ClipModel, images: list, specs, options: dict, bar) -> di
     return maps
 
 
+def check_out(out: str | Path, force_new: bool) -> None:
+    """Refuse a folder that already holds a check's results (unless `force_new`): before any work."""
+    out = Path(out)
+    if not force_new and any((out / name).exists() for name in OUTPUTS):
+        raise RunFolderError(f"--out {out} already holds a sanity check's results; give a new folder or "
+                             "--force-new to replace them")
+
+
+def check_flag(value: float) -> float:
+    if not (0 <= value <= 1):
+        raise OptionError(f"--flag-spearman must be between 0 and 1, got {value}")
+    return float(value)
+
+
 def run_sanity(model: ClipModel, dataset: str, methods, out: str | Path, *, limit: int | None = None,
                classes: list[str] | None = None, prompt_template: str = "{}", subset_seed: int | None = None,
                data_options: dict | None = None, seed: int = 0, flag_spearman: float = DEFAULT_FLAG_SPEARMAN,
                options: dict | None = None, force_new: bool = False, progress: bool = False) -> dict:
     """Run the check into the folder `out` (refused when it holds a check's results, unless `force_new`).
     Returns what sanity.json holds."""
-    if not (0 <= flag_spearman <= 1):
-        raise OptionError(f"--flag-spearman must be between 0 and 1, got {flag_spearman}")
+    flag_spearman = check_flag(flag_spearman)
     out = Path(out)
+    check_out(out, force_new)
     specs = resolve_methods(methods, model.family.name, model.name)
     names = [s.name for s in specs]
     options = resolve_options(model, {**(options or {}), "seed": int(seed)})
@@ -73,9 +88,7 @@ def run_sanity(model: ClipModel, dataset: str, methods, out: str | Path, *, limi
         raise DataError(f"dataset {dataset!r} has no pairs with these options (--limit, --classes); nothing to check")
     prepare_out_dir(out)
     with folder_lock(out, what="sanity folder"):
-        if not force_new and any((out / name).exists() for name in OUTPUTS):
-            raise RunFolderError(f"--out {out} already holds a sanity check's results; give a new folder or "
-                                 "--force-new to replace them")
+        check_out(out, force_new)  # again, under the lock
         started = time.time()
         visual = model.visual
         trained_state = {k: v.detach().clone() for k, v in visual.state_dict().items()}
@@ -103,7 +116,9 @@ def run_sanity(model: ClipModel, dataset: str, methods, out: str | Path, *, limi
             "dataset": dataset, "limit": limit, "classes": classes, "prompt_template": prompt_template,
             "subset_seed": subset_seed, "data_sources": sources, "seed": int(seed),
             "options": {k: v for k, v in options.items() if k != "chunk_size"}, "map_size": model.input_size,
-            "redraw": REDRAW, "flag_spearman": flag_spearman,
+            "redraw": REDRAW, "flag_spearman": flag_spearman, "device": device_description(model.device),
+            "precision": model.precision, "weights": model.backend.info, "versions": package_versions(),
+            "git_commit": git_commit(),
             "stages": [{"name": s.name, "parameters": list(s.parameters)} for s in stages],
             "pairs": [{"image_id": p.image_id, "category_id": p.category_id, "prompt": p.prompt} for p in pairs],
             "results": summaries, "per_pair": per_pair, "flagged": bad, "seconds": round(time.time() - started, 2),
