@@ -413,7 +413,7 @@ def test_clip_es_background_option_is_checked_recorded_and_keyed(tmp_path):
     assert result.exit_code == 2 and "--background is empty" in result.stderr
     result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "clip-es",
                                  "--model", "tiny-rn", "--background", "sky"])
-    assert result.exit_code == 2 and "'clip-es' works only on ViT or average-pooled ViT" in result.stderr
+    assert result.exit_code == 2 and "'clip-es' works only on ViT, average-pooled ViT or timm-trunk ViT" in result.stderr
     result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "clip-es",
                                  "--model", "tiny-vit", "--background", "sky,tree", "--json"])
     assert result.exit_code == 0, result.output

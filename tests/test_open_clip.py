@@ -92,7 +92,9 @@ def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
     expected = {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs", "groupcam",
                 "rise"}
     assert methods == (expected | ({"hilacam"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
-                       | ({"clip-es", "legrad", "maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery"} if FAMILY[arch] in ("vit", "vit-avg") else set())
+                       | ({"clip-es", "maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery"}
+                          if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
+                       | ({"legrad"} if FAMILY[arch] in ("vit", "vit-avg") else set())
                        | ({"grad-eclip"} if FAMILY[arch] == "vit" else set())
                        | ({"maskclip", "clipsurgery"} if FAMILY[arch] == "rn" else set()))
     out = tmp_path / "run"
@@ -293,3 +295,63 @@ def test_siglip_scores_are_the_models_own_logits_bias_included(chelsea, tmp_path
                                  "open_clip:camloc-tiny-mapvit-bias:random", "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["weights"]["logit_bias"] == -10.0
+
+
+TRANSFORMERS = ["camloc-tiny-vit", "camloc-tiny-vit-avg", "camloc-tiny-mapvit", "camloc-tiny-eva"]
+
+
+@pytest.mark.parametrize("arch", TRANSFORMERS)
+def test_every_blocks_access_recombined_as_the_original_is_the_blocks_own_forward(arch, chelsea):
+    """The dense methods' starting point on every transformer family (open_clip's blocks, timm's Block with
+    a fused qkv, EVA's EvaBlock with rotary embeddings): q, k, v from `BlockAccess`, softmax(q k^T / sqrt(d))
+    v, merge, LayerScale, residual and FFN give each block's own output, captured from the model's forward."""
+    from camloc.models.families import block_access, vit_blocks
+
+    model = ClipModel.load(f"open_clip:{arch}:random", device="cpu")
+    ctx = CamContext(model, chelsea, ["cat"])
+    blocks, inputs = ctx.block_inputs(0)
+    outputs = []
+    handles = [b.register_forward_hook(lambda m, a, out: outputs.append(out)) for b in blocks]
+    with torch.no_grad():
+        model.visual(ctx.input)
+    for h in handles:
+        h.remove()
+    assert len(blocks) == len(vit_blocks(model.visual)) == len(inputs) == 2
+    for i, x in enumerate(inputs):
+        access = block_access(model.visual, i)
+        assert (access.rope is not None) == (arch == "camloc-tiny-eva")
+        with torch.no_grad():
+            q, k, v = access.qkv(access.ln_1(x))
+            attn = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+            y = x + access.ls_1(access.merge(attn @ v))
+            y = y + access.ffn(y)
+        torch.testing.assert_close(y, outputs[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", TRANSFORMERS)
+def test_the_dense_tokens_are_the_models_own_embedding_where_it_reads_one_token(arch, chelsea):
+    """`dense_tokens`, the per-token rest of the tower every dense method scores: the class token's is
+    `encode_image` on class-token pooled towers; on an attention-pool head, a token's equals the pool run
+    over that token alone (its query's softmax weight is then 1); on average pooling, the tokens' mean
+    through the (linear) projection equals the model's own where the norm comes before the pool."""
+    from camloc.models.families import dense_tokens, vit_blocks
+
+    model = ClipModel.load(f"open_clip:{arch}:random", device="cpu")
+    ctx = CamContext(model, chelsea, ["cat"])
+    last = []
+    handle = vit_blocks(model.visual)[-1].register_forward_hook(lambda m, a, out: last.append(out))
+    with torch.no_grad():
+        expected = model.model.encode_image(ctx.input)
+        handle.remove()
+        dense = dense_tokens(model.visual, last[0])
+        if model.family.pooling == "token":
+            torch.testing.assert_close(dense[:, 0], expected, rtol=1e-5, atol=1e-5)
+        elif model.family.pooling == "map":
+            trunk = model.visual.trunk
+            normed = trunk.norm(last[0])
+            for i in (0, 5, normed.shape[1] - 1):
+                alone = model.visual.head(trunk.head(trunk.fc_norm(trunk.attn_pool(normed[:, i:i + 1]))))
+                torch.testing.assert_close(dense[:, i], alone, rtol=1e-5, atol=1e-5)
+        else:
+            assert not model.visual.final_ln_after_pool
+            torch.testing.assert_close(dense[:, 1:].mean(dim=1), expected, rtol=1e-5, atol=1e-5)

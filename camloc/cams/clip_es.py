@@ -52,7 +52,7 @@ def background_words(ctx: CamContext) -> tuple[str, ...]:
     return tuple(w for w in dict.fromkeys(words) if w and w not in prompts)
 
 
-@register_method("clip-es", families=frozenset({"vit", "vit-avg"}), uses_gradients=True, params=("background",),
+@register_method("clip-es", families=frozenset({"vit", "vit-avg", "timm-vit"}), uses_gradients=True, params=("background",),
                  shares_forward=True,
                  prompt_coupled=True,
                  description="CLIP-ES (Lin et al. 2023): GradCAM at the last block's ln_1 with the softmax over "

@@ -19,7 +19,8 @@ from PIL import Image
 from camloc.cams.masked import MaskedEmbeddings
 from camloc.errors import OptionError
 from camloc.models.clip_model import ClipModel
-from camloc.models.families import BlockAccess, encoder_pass, tokens_to_grid
+from camloc.models.families import (BlockAccess, block_access, dense_tokens, encoder_pass, has_blocks, tokens_to_grid,
+                                    vit_blocks)
 
 CPU_CHUNK = 16  # the fastest per image on 2 cores for 224-288 px inputs
 CPU_CHUNK_LARGE = 8  # 336-448 px inputs (RN50x16, RN50x64, ViT-L/14@336px): keeps a CAM's extra memory < 1 GB
@@ -128,9 +129,18 @@ class CamContext:
         image's one forward; with `embedding`, also the model's own image embedding (1, E)."""
         _, features, inputs = self._pass
         if inputs is None:
-            raise ValueError(f"{type(self.model.visual).__name__} has no transformer.resblocks")
-        blocks = list(self.model.visual.transformer.resblocks)
+            raise ValueError(f"{type(self.model.visual).__name__} has no transformer blocks")
+        blocks = vit_blocks(self.model.visual)
         return (blocks, inputs[first:], features) if embedding else (blocks, inputs[first:])
+
+    @property
+    def depth(self) -> int:
+        """The number of transformer blocks of the image tower."""
+        return len(vit_blocks(self.model.visual))
+
+    def block_access(self, index: int) -> BlockAccess:
+        """`BlockAccess` of block `index` (negative from the end), its rotary embedding included."""
+        return block_access(self.model.visual, index % self.depth)
 
     @cached_property
     def activations(self) -> torch.Tensor:
@@ -173,12 +183,12 @@ class CamContext:
 
     def _last_ln1_pass(self, background: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.model.visual
-        blocks, inputs = self.block_inputs(len(visual.transformer.resblocks) - 1)
-        block, x = blocks[-1], inputs[-1]  # batch-first (1, N, D) input of the last block
-        access = BlockAccess(block)
+        blocks, inputs = self.block_inputs(self.depth - 1)
+        x = inputs[-1]  # batch-first (1, N, D) input of the last block
+        access = self.block_access(-1)
         prefix = self.model.family.prefix
         with torch.no_grad():
-            y = block.ln_1(x)
+            y = access.ln_1(x)
         n_prompts = len(self.prompts)
         texts = self.text_features
         if n_prompts + len(background) < 2:
@@ -192,8 +202,11 @@ class CamContext:
             attn = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
             h = x + access.ls_1(access.merge(attn @ v))
             h = h + access.ffn(h)
-            pooled = visual.ln_post(h)[:, prefix:].mean(dim=1)
-            pooled = pooled @ visual.proj if visual.proj is not None else pooled
+            if has_blocks(visual):  # ln_post on every token, the patch mean, proj
+                pooled = visual.ln_post(h)[:, prefix:].mean(dim=1)
+                pooled = pooled @ visual.proj if visual.proj is not None else pooled
+            else:  # timm trunks: the patch tokens' mean of their embeddings (`dense_tokens`)
+                pooled = dense_tokens(visual, h)[:, prefix:].mean(dim=1)
             features = pooled.float() / pooled.float().norm(dim=-1, keepdim=True)
             logits = self.model.logit_scale * features @ texts.T + self.model.logit_bias  # (P copies, P + B)
             scores = logits.softmax(dim=-1)

@@ -63,7 +63,7 @@ from camloc.cams.context import CamContext
 from camloc.cams.options import at_least, method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
-from camloc.models.families import BlockAccess
+from camloc.models.families import BlockAccess, dense_tokens  # noqa: F401  (BlockAccess: re-exported for tests)
 
 
 def _positive(value: float) -> float:
@@ -84,13 +84,13 @@ CONTRAST = method_option("contrast", str, "empty", "CLIP Surgery's redundant-fea
                          "prompts, >= 2 needed) or dataset (every prompt of the dataset; eval and threshold-search).",
                          one_of("--contrast", CONTRASTS))
 
-DENSE_FAMILIES = frozenset({"vit", "vit-avg"})
+DENSE_FAMILIES = frozenset({"vit", "vit-avg", "timm-vit"})
 
 
 def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
-    """(1, N, D) tokens -> ln_post, proj -> cosine of every patch token with every prompt (P, g, g)."""
-    visual = ctx.model.visual
-    dense = (visual.ln_post(tokens) @ visual.proj).float()[0]
+    """(1, N, D) tokens -> the rest of the tower per token (`dense_tokens`: ln_post and proj on OpenAI's
+    layout) -> cosine of every patch token with every prompt (P, g, g)."""
+    dense = dense_tokens(ctx.model.visual, tokens).float()[0]
     prefix = ctx.model.family.prefix
     return square_grid(F.normalize(dense[prefix:], dim=-1) @ ctx.text_features.T)
 
@@ -107,11 +107,11 @@ def square_grid(similarity: torch.Tensor) -> torch.Tensor:
 def maskclip(ctx: CamContext) -> torch.Tensor:
     if ctx.model.family.name == "rn":
         return square_grid(F.normalize(rn_value_tokens(ctx), dim=-1) @ ctx.text_features.T)
-    blocks, inputs = ctx.block_inputs(len(ctx.model.visual.transformer.resblocks) - 1)
-    access = BlockAccess(blocks[-1])
+    _, inputs = ctx.block_inputs(ctx.depth - 1)
+    access = ctx.block_access(-1)
     x = inputs[-1]
     with torch.no_grad():
-        _, _, v = access.qkv(blocks[-1].ln_1(x))
+        _, _, v = access.qkv(access.ln_1(x))
         v = x + access.ls_1(access.merge(v))
         v = v + access.ffn(v)
         return patch_similarity(ctx, v)
@@ -140,16 +140,16 @@ def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterati
                  description="GEM (Bousselham et al. 2024): self-self attention path over the last --gem-blocks "
                              "blocks; one forward.")
 def gem(ctx: CamContext) -> torch.Tensor:
-    depth = len(ctx.model.visual.transformer.resblocks)
+    depth = ctx.depth
     n_blocks = int(ctx.options.get("gem_blocks", GEM_BLOCKS.default))
     iterations = int(ctx.options.get("gem_iterations", GEM_ITERATIONS.default))
     first = max(0, depth - n_blocks) if n_blocks > 0 else 0
     blocks, inputs = ctx.block_inputs(first)
     with torch.no_grad():
         x_gem = inputs[0]
-        for block, x in zip(blocks[first:], inputs):
-            access = BlockAccess(block)
-            y = block.ln_1(x)
+        for index, x in zip(range(first, depth), inputs):
+            access = ctx.block_access(index)
+            y = access.ln_1(x)
             q, k, v = access.qkv(y)
             tau = y.norm(dim=-1).mean() * q.shape[-1] ** -0.5  # multiplies the logits
             o = sum(_self_self(s, v, tau, iterations) for s in (v, k, q)) / 3
@@ -160,10 +160,10 @@ def gem(ctx: CamContext) -> torch.Tensor:
 def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
     """The last block replaced by its attention alone (no residual, no FFN), with `logits(q, k)` as
     the attention logits; the patch-token similarity grid."""
-    blocks, inputs = ctx.block_inputs(len(ctx.model.visual.transformer.resblocks) - 1)
-    access = BlockAccess(blocks[-1])
+    _, inputs = ctx.block_inputs(ctx.depth - 1)
+    access = ctx.block_access(-1)
     with torch.no_grad():
-        q, k, v = access.qkv(blocks[-1].ln_1(inputs[-1]))
+        q, k, v = access.qkv(access.ln_1(inputs[-1]))
         attn = torch.softmax(logits(q, k), dim=-1)
         return patch_similarity(ctx, access.merge(attn @ v))
 
@@ -172,11 +172,11 @@ def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
                  description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
                              "residual and FFN kept; one forward.")
 def sclip(ctx: CamContext) -> torch.Tensor:
-    blocks, inputs = ctx.block_inputs(len(ctx.model.visual.transformer.resblocks) - 1)
-    access = BlockAccess(blocks[-1])
+    _, inputs = ctx.block_inputs(ctx.depth - 1)
+    access = ctx.block_access(-1)
     x = inputs[-1]
     with torch.no_grad():
-        q, k, v = access.qkv(blocks[-1].ln_1(x))
+        q, k, v = access.qkv(access.ln_1(x))
         scale = q.shape[-1] ** -0.5
         attn = (torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1)
                 + torch.softmax(k @ k.transpose(-2, -1) * scale, dim=-1))
@@ -247,18 +247,17 @@ def surgery_tokens(ctx: CamContext) -> tuple[torch.Tensor, torch.Tensor]:
     own normalised image embedding (E,), from one forward."""
     if ctx.model.family.name == "rn":
         return rn_surgery_tokens(ctx)
-    depth = len(ctx.model.visual.transformer.resblocks)
+    depth = ctx.depth
     first = max(0, depth - SURGERY_BLOCKS)
-    blocks, inputs, features = ctx.block_inputs(first, embedding=True)
+    _, inputs, features = ctx.block_inputs(first, embedding=True)
     with torch.no_grad():
         path = inputs[0]
-        for block, x in zip(blocks[first:], inputs):  # x: the original path's input of this block
-            access = BlockAccess(block)
-            _, _, v = access.qkv(block.ln_1(x))
+        for index, x in zip(range(first, depth), inputs):  # x: the original path's input of this block
+            access = ctx.block_access(index)
+            _, _, v = access.qkv(access.ln_1(x))
             attn = torch.softmax(v @ v.transpose(-2, -1) * v.shape[-1] ** -0.5, dim=-1)
             path = path + access.ls_1(access.merge(attn @ v))
-        visual = ctx.model.visual
-        dense = (visual.ln_post(path) @ visual.proj).float()[0, ctx.model.family.prefix:]
+        dense = dense_tokens(ctx.model.visual, path).float()[0, ctx.model.family.prefix:]
     return F.normalize(dense, dim=-1), F.normalize(features.float()[0], dim=-1)
 
 

@@ -41,17 +41,15 @@ def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
                  description="Grad-ECLIP (Zhao et al. 2024): gradient at the last attention output x values, "
                              "weighted by query-key similarity (--eclip-official: the code's single head).")
 def grad_eclip(ctx: CamContext) -> torch.Tensor:
-    from camloc.models.families import BlockAccess
-
     visual = ctx.model.visual
     family = ctx.model.family
-    blocks, inputs = ctx.block_inputs(len(visual.transformer.resblocks) - 1)
-    block, x = blocks[-1], inputs[-1]  # batch-first (1, N, D)
-    access = BlockAccess(block)
+    _, inputs = ctx.block_inputs(ctx.depth - 1)
+    x = inputs[-1]  # batch-first (1, N, D)
+    access = ctx.block_access(-1)
     heads = 1 if ctx.options.get("eclip_official", OFFICIAL.default) else access.heads
     n_prompts = len(ctx.prompts)
     with torch.no_grad():
-        q, k, v = F.linear(block.ln_1(x), access.weight, access.bias).chunk(3, dim=-1)
+        q, k, v = access.in_proj(access.ln_1(x))
         out = attention_output(q, k, v, heads)
         sim = F.cosine_similarity(access.out_proj(q)[0, :1], access.out_proj(k)[0, 1:], dim=-1).float()
         sim = (sim - sim.min()) / (sim.max() - sim.min())

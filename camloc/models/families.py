@@ -180,30 +180,99 @@ def family_of(model: nn.Module) -> Family:
 
 
 class BlockAccess:
-    """The parts of one transformer block the dense methods recombine (batch-first tensors)."""
+    """The parts of one transformer block the attention methods recombine (batch-first tensors), for the
+    `clip` package's and open_clip's blocks (`nn.MultiheadAttention`) and timm's (`Block` with a fused
+    `qkv`, `EvaBlock` with fused or separate q/k/v projections, q/k biases, rotary position embeddings
+    (`rope`: the trunk's, `block_ropes`), LayerScale `ls1`/`gamma_1`, a sub-LayerNorm after the attention).
 
-    def __init__(self, block: torch.nn.Module):
+    `ln_1(x)`, then `qkv(y)` -> q, k, v per head (the q/k norms and the rotary embedding applied, as the
+    model does), any attention `a` over them, `merge(a @ v)` -> the attention's output projection,
+    `ls_1` on it for the residual, and `ffn(x)` for the block's second half: the original attention
+    recombined this way is the block's own forward (tests/test_open_clip.py checks every family)."""
+
+    def __init__(self, block: torch.nn.Module, rope: torch.Tensor | None = None):
         self.block = block
         attn = block.attn
+        self.timm = not isinstance(attn, nn.MultiheadAttention)
         self.heads = attn.num_heads
-        self.weight, self.bias = attn.in_proj_weight, attn.in_proj_bias
-        self.out_proj = attn.out_proj
-        self.ls_1 = getattr(block, "ls_1", torch.nn.Identity())
-        self.ls_2 = getattr(block, "ls_2", torch.nn.Identity())
+        self.rope = rope
+        if self.timm:
+            if getattr(attn, "gate", None) is not None:
+                raise TypeError(f"{type(attn).__name__} with gated attention is not supported")
+            self.ln_1 = block.norm1
+            self.out_proj = attn.proj
+            self.ls_1 = _scale(block, "ls1", "gamma_1")
+            self.ls_2 = _scale(block, "ls2", "gamma_2")
+            self.norm_2 = block.norm2
+            self.prefix = int(getattr(attn, "num_prefix_tokens", 0))
+        else:
+            self.ln_1 = block.ln_1
+            self.out_proj = attn.out_proj
+            self.ls_1 = getattr(block, "ls_1", torch.nn.Identity())
+            self.ls_2 = getattr(block, "ls_2", torch.nn.Identity())
+            self.norm_2 = block.ln_2
+            self.prefix = 0
+        if self.rope is not None and not self.timm:
+            raise TypeError("rotary position embeddings belong to timm blocks")
+
+    def in_proj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ln_1-ed tokens (B, N, D) -> the q, k, v projections (B, N, D) each, before heads, norms, rotary."""
+        attn = self.block.attn
+        if not self.timm:
+            return F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        if getattr(attn, "qkv", None) is None:  # EVA's separate projections
+            return attn.q_proj(y), attn.k_proj(y), attn.v_proj(y)
+        q_bias = getattr(attn, "q_bias", None)
+        if q_bias is None:
+            qkv = attn.qkv(y)
+        else:
+            bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+            qkv = attn.qkv(y) + bias if getattr(attn, "qkv_bias_separate", False) else F.linear(y, attn.qkv.weight, bias)
+        return qkv.chunk(3, dim=-1)
 
     def qkv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ln_1-ed tokens (B, N, D) -> q, k, v (B, heads, N, d)."""
-        batch, n, dim = y.shape
-        q, k, v = F.linear(y, self.weight, self.bias).chunk(3, dim=-1)
-        return tuple(t.reshape(batch, n, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
+        """ln_1-ed tokens (B, N, D) -> q, k, v (B, heads, N, d), as the model's attention forms them."""
+        batch, n, _ = y.shape
+        q, k, v = (t.reshape(batch, n, self.heads, -1).transpose(1, 2) for t in self.in_proj(y))
+        if self.timm:
+            attn = self.block.attn
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            if self.rope is not None:
+                from timm.layers import apply_rot_embed_cat
+
+                half = getattr(attn, "rotate_half", False)
+                p = self.prefix
+                q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], self.rope, half=half)], dim=2).type_as(v)
+                k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], self.rope, half=half)], dim=2).type_as(v)
+        return q, k, v
 
     def merge(self, o: torch.Tensor) -> torch.Tensor:
-        """(B, heads, N, d) -> out_proj((B, N, D))."""
+        """(B, heads, N, d) -> the attention's output projection of (B, N, D) (timm: after its sub-norm)."""
         batch, heads, n, d = o.shape
-        return self.out_proj(o.transpose(1, 2).reshape(batch, n, heads * d))
+        o = o.transpose(1, 2).reshape(batch, n, heads * d)
+        if self.timm:
+            o = self.block.attn.norm(o)
+        return self.out_proj(o)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ls_2(self.block.mlp(self.block.ln_2(x)))
+        return self.ls_2(self.block.mlp(self.norm_2(x)))
+
+
+class _Gamma(nn.Module):
+    def __init__(self, gamma: torch.Tensor):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * x
+
+
+def _scale(block: nn.Module, layer_scale: str, gamma: str) -> nn.Module:
+    """timm's LayerScale module (`ls1`) or EVA's bare `gamma_1` parameter, as one callable."""
+    if hasattr(block, layer_scale):
+        return getattr(block, layer_scale)
+    value = getattr(block, gamma, None)
+    return torch.nn.Identity() if value is None else _Gamma(value)
 
 
 def has_blocks(visual: nn.Module) -> bool:
@@ -211,14 +280,76 @@ def has_blocks(visual: nn.Module) -> bool:
     return hasattr(getattr(visual, "transformer", None), "resblocks")
 
 
+def vit_blocks(visual: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a ViT tower: `transformer.resblocks` or a timm trunk's `blocks`; [] otherwise."""
+    if has_blocks(visual):
+        return list(visual.transformer.resblocks)
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and hasattr(trunk, "blocks") and hasattr(trunk, "num_prefix_tokens"):
+        return list(trunk.blocks)
+    return []
+
+
+def block_ropes(visual: nn.Module) -> list | None:
+    """The rotary position embedding each block of a timm EVA trunk receives at the model's input size
+    (timm's `Eva._pos_embed` without dynamic sizes or patch dropout), or None without rotary embeddings."""
+    trunk = getattr(visual, "trunk", None)
+    rope = getattr(trunk, "rope", None)
+    if rope is None:
+        return None
+    if getattr(trunk, "dynamic_img_size", False):
+        raise TypeError("EVA trunks with dynamic image sizes are not supported")
+    embed = rope.get_embed() if hasattr(rope, "feat_shape") else rope.get_embed(shape=trunk.patch_embed.grid_size)
+    if getattr(trunk, "rope_mixed", False):
+        return [embed[i] for i in range(len(trunk.blocks))]
+    return [embed] * len(trunk.blocks)
+
+
+def block_access(visual: nn.Module, index: int) -> BlockAccess:
+    """`BlockAccess` of block `index` of a ViT tower, with its rotary embedding where the trunk has one."""
+    blocks = vit_blocks(visual)
+    ropes = block_ropes(visual)
+    return BlockAccess(blocks[index], None if ropes is None else ropes[index])
+
+
+def dense_tokens(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Every token of the last block's output (B, N, D) through the rest of the tower as a token of its
+    own -> (B, N, E): OpenAI's and open_clip's ViTs ln_post and proj (MaskCLIP's dense features);
+    timm trunks the final norm, the pool's per-token part and the projections (`trunk.norm`, `fc_norm`,
+    `trunk.head`, `visual.head`). An attention-pool head (SigLIP's "map") is applied to each token as
+    if its query attended to that token alone (softmax weight 1): kv's value part, proj, then the pool's
+    residual MLP, as MaskCLIP reads the ResNet attention pool through its value path."""
+    if has_blocks(visual):
+        x = visual.ln_post(tokens)
+        return x @ visual.proj if visual.proj is not None else x
+    trunk = visual.trunk
+    x = trunk.norm(tokens)
+    pool = getattr(trunk, "attn_pool", None)
+    if pool is not None:
+        x = pool_value_path(pool, x)
+    return visual.head(trunk.head(trunk.fc_norm(x)))
+
+
+def pool_value_path(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's AttentionPoolLatent on every token alone (one latent query, attention weight 1 on the token)."""
+    if getattr(pool, "latent_len", 1) != 1:
+        raise TypeError("attention pools with several latent queries are not supported")
+    if pool.pos_embed is not None:
+        x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+    dim = x.shape[-1]
+    v = pool.kv(x)[..., dim:]  # kv's output is [k; v] along the channels
+    out = pool.proj_drop(pool.proj(v))
+    return out + pool.mlp(pool.norm(out)) if pool.mlp is not None else out
+
+
 def encoder_pass(visual: nn.Module, family: Family, x: torch.Tensor) -> tuple:
     """One forward of a batch `x` through the image tower, capturing what the one-forward methods read:
     (the target layer's raw output, the image embeddings (B, E), the batch-first input of every block
-    of a `transformer.resblocks` ViT tower, or None for other towers). Nothing is differentiated."""
+    of a ViT tower (`vit_blocks`), or None for other towers). Nothing is differentiated."""
     captured: list[torch.Tensor] = []
     handles = [family.target_layer(visual).register_forward_hook(lambda m, args, out: captured.append(out))]
     inputs: dict[int, torch.Tensor] = {}
-    blocks = list(visual.transformer.resblocks) if has_blocks(visual) else []
+    blocks = vit_blocks(visual)
     handles += [block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
                 for i, block in enumerate(blocks)]
     try:
