@@ -94,7 +94,7 @@ def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
     assert methods == (expected | ({"hilacam"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
                        | ({"clip-es", "maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery"}
                           if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
-                       | ({"legrad"} if FAMILY[arch] in ("vit", "vit-avg") else set())
+                       | ({"legrad"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
                        | ({"grad-eclip"} if FAMILY[arch] == "vit" else set())
                        | ({"maskclip", "clipsurgery"} if FAMILY[arch] == "rn" else set()))
     out = tmp_path / "run"
@@ -355,3 +355,76 @@ def test_the_dense_tokens_are_the_models_own_embedding_where_it_reads_one_token(
         else:
             assert not model.visual.final_ln_after_pool
             torch.testing.assert_close(dense[:, 1:].mean(dim=1), expected, rtol=1e-5, atol=1e-5)
+
+
+def legrad_siglip_reference(model, image, prompt: str, norm: bool, threshold: float | None = 0.8) -> torch.Tensor:
+    """WalBouss/LeGrad's SigLIP path written out (wrapper.py `compute_legrad_siglip` at 8c2ca90, utils.py
+    `hooked_resblock_timm_forward` / `hooked_attentional_pooler_timm_forward` at c5c7b20), for one prompt:
+    the last 2 blocks' outputs through the hooked pool, grads w.r.t. its stored `attn_probs`, the empty
+    prompt's correction, min-max, bilinear upsampling by the patch size. `norm`: trunk.norm before the
+    pool (camloc's default; the reference pools the raw block output)."""
+    visual, trunk = model.visual, model.visual.trunk
+    pool, blocks = trunk.attn_pool, list(trunk.blocks)
+    for p in pool.parameters():
+        p.requires_grad_(True)
+    feats = {}
+    hooks = [blocks[i].register_forward_hook(lambda m, a, o, i=i: feats.__setitem__(i, o))
+             for i in range(len(blocks) - 2, len(blocks))]
+    x_in = model.preprocess(image)
+    with torch.no_grad():
+        visual(x_in)
+    for h in hooks:
+        h.remove()
+
+    def hooked_pool(x):
+        b, n, c = x.shape
+        q = pool.q(pool.latent.expand(b, -1, -1)).reshape(b, pool.latent_len, pool.num_heads, pool.head_dim)
+        q = q.transpose(1, 2)
+        k, v = pool.kv(x).reshape(b, n, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = pool.q_norm(q), pool.k_norm(k)
+        attn = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        pool.attn_probs = attn
+        x = pool.proj((attn @ v).transpose(1, 2).reshape(b, pool.latent_len, c))
+        x = x + pool.mlp(pool.norm(x))
+        return x[:, 0]
+
+    text = model.text_features([prompt]).float()
+    empty = model.text_features(["a photo of a"]).float().t()
+    grid = int(round(feats[len(blocks) - 1].shape[1] ** 0.5))
+    total, total_empty = 0, 0
+    with torch.enable_grad():
+        for i in sorted(feats):
+            feat = feats[i].clone().requires_grad_(True)
+            pooled = torch.nn.functional.normalize(hooked_pool(trunk.norm(feat) if norm else feat), dim=-1)
+            grad = torch.autograd.grad((text @ pooled.T).sum(), [pool.attn_probs], retain_graph=True)[0]
+            total = total + grad.clamp(min=0).mean(dim=1)[:, 0].reshape(1, 1, grid, grid)
+            grad = torch.autograd.grad((pooled @ empty).sum(), [pool.attn_probs], retain_graph=True)[0]
+            total_empty = total_empty + grad.clamp(min=0).mean(dim=1)[:, 0].reshape(1, 1, grid, grid)
+
+    def min_max(t):
+        return (t - t.min()) / (t.max() - t.min())
+
+    if threshold is not None:
+        total[min_max(total_empty) > threshold] = 0
+    patch = trunk.patch_embed.patch_size[0]
+    return torch.nn.functional.interpolate(min_max(total), scale_factor=patch, mode="bilinear")[0, 0]
+
+
+@pytest.mark.parametrize("arch", ["camloc-tiny-mapvit", "camloc-tiny-mapvit-bias"])
+@pytest.mark.parametrize("official", [True, False])
+def test_legrad_on_an_attention_pool_head_equals_the_references_siglip_recipe(arch, official, chelsea):
+    from camloc.cams.engine import compute_raw
+
+    model = ClipModel.load(f"open_clip:{arch}:random", device="cpu")
+    assert model.family.pooling == "map"
+    prompts = ["cat", "a dog"]
+    _, maps = compute_raw(model, chelsea, prompts, ["legrad"], {"legrad_official": official})["legrad"]
+    for i, prompt in enumerate(prompts):  # the reference scores one prompt at a time
+        expected = legrad_siglip_reference(model, chelsea, prompt, norm=not official)
+        torch.testing.assert_close(maps[i], expected, rtol=0, atol=1e-5)
+    # the correction is not ignored: off (1), the maps differ where the empty prompt's map was high
+    _, plain = compute_raw(model, chelsea, prompts, ["legrad"], {"legrad_official": official,
+                                                                 "legrad_correction": 1.0})["legrad"]
+    torch.testing.assert_close(plain[0], legrad_siglip_reference(model, chelsea, "cat", norm=not official,
+                                                                 threshold=None), rtol=0, atol=1e-5)
+    assert not torch.allclose(plain, maps)
