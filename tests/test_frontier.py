@@ -566,10 +566,11 @@ def test_grad_eclip_follows_the_official_recipe(official, models, chelsea):
     assert not torch.allclose(other, maps, atol=1e-6)
 
 
-def test_grad_eclip_needs_a_class_token_vit(tmp_path):
+def test_grad_eclip_needs_a_class_token_or_a_pool_query(tmp_path):
     result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method",
                                  "grad-eclip", "--model", "open_clip:camloc-tiny-vit-avg:random"])
-    assert result.exit_code == 2 and "'grad-eclip' works only on ViT CLIP models" in result.stderr
+    assert result.exit_code == 2 and "'grad-eclip' works only on ViT or timm-trunk ViT CLIP models" in result.stderr
+    assert "is an average-pooled ViT" in result.stderr
 
 
 def rn_layer4(model, image):

@@ -95,7 +95,7 @@ def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
                        | ({"clip-es", "maskclip", "sclip", "clearclip", "naclip", "gem", "clipsurgery"}
                           if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
                        | ({"legrad"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
-                       | ({"grad-eclip"} if FAMILY[arch] == "vit" else set())
+                       | ({"grad-eclip"} if FAMILY[arch] in ("vit", "timm-vit") else set())
                        | ({"maskclip", "clipsurgery"} if FAMILY[arch] == "rn" else set()))
     out = tmp_path / "run"
     result = runner.invoke(app, ["eval", "--dataset", "demo", "--limit", "2", "--method", "all", "--model", name,
@@ -428,3 +428,85 @@ def test_legrad_on_an_attention_pool_head_equals_the_references_siglip_recipe(ar
     torch.testing.assert_close(plain[0], legrad_siglip_reference(model, chelsea, "cat", norm=not official,
                                                                  threshold=None), rtol=0, atol=1e-5)
     assert not torch.allclose(plain, maps)
+
+
+def eclip_timm_reference(model, image, prompt: str):
+    """Grad-ECLIP's recipe (Cyang-Zhao/Grad-Eclip `grad_eclip` at 5c1b5cc) written out on a timm trunk, per
+    prompt: EVA (class token): the last block re-run from its input with the attention output o as the
+    differentiated point; SigLIP (attention pool): the pool's cross-attention output. Returns the map and
+    the embedding the recompute gives (which must be the model's own)."""
+    from timm.layers import apply_rot_embed_cat
+
+    from camloc.models.families import block_ropes
+
+    visual, trunk = model.visual, model.visual.trunk
+    block = trunk.blocks[-1]
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+    with torch.no_grad():
+        visual(model.preprocess(image))
+    handle.remove()
+    x = captured["x"]
+    text = model.text_features([prompt])
+
+    def split(t, heads):
+        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    def cat(t):
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+    def score(features):
+        f = torch.nn.functional.normalize(features.float(), dim=-1)
+        return (model.logit_scale * (f * text).sum(dim=-1) + model.logit_bias).sum()
+
+    if trunk.global_pool == "token":
+        attn = block.attn
+        y = block.norm1(x)
+        q, k, v = (split(t, attn.num_heads) for t in attn.qkv(y).chunk(3, dim=-1))
+        rope = block_ropes(visual)[-1]
+        q = torch.cat([q[:, :, :1], apply_rot_embed_cat(q[:, :, 1:], rope)], dim=2)
+        k = torch.cat([k[:, :, :1], apply_rot_embed_cat(k[:, :, 1:], rope)], dim=2)
+        o = cat(torch.softmax(q @ k.transpose(-2, -1) * attn.head_dim ** -0.5, dim=-1) @ v).requires_grad_(True)
+        with torch.enable_grad():
+            h = x + attn.proj(attn.norm(o))
+            h = h + block.mlp(block.norm2(h))
+            features = visual.head(trunk.forward_head(trunk.norm(h)))
+            (grad,) = torch.autograd.grad(score(features), o)
+        qc, kc, vc = cat(q), cat(k), cat(v)
+        sim = torch.nn.functional.cosine_similarity(attn.proj(qc)[0, :1], attn.proj(kc)[0, 1:], dim=-1)
+        values, g = vc[0, 1:], grad[0, 0]
+    else:
+        pool = trunk.attn_pool
+        t = trunk.norm(block(x))
+        q = split(pool.q(pool.latent), pool.num_heads)
+        k, v = (split(u, pool.num_heads) for u in pool.kv(t).chunk(2, dim=-1))
+        o = cat(torch.softmax(q @ k.transpose(-2, -1) * pool.head_dim ** -0.5, dim=-1) @ v).requires_grad_(True)
+        with torch.enable_grad():
+            pooled = pool.proj(o)
+            pooled = pooled + pool.mlp(pool.norm(pooled))
+            features = visual.head(pooled[:, 0])
+            (grad,) = torch.autograd.grad(score(features), o)
+        sim = torch.nn.functional.cosine_similarity(pool.proj(cat(q))[0, :1], pool.proj(cat(k))[0], dim=-1)
+        values, g = cat(v)[0], grad[0, 0]
+    sim = (sim - sim.min()) / (sim.max() - sim.min())
+    maps = torch.relu((g[None] * values * sim[:, None]).sum(dim=-1))
+    side = int(round(maps.shape[0] ** 0.5))
+    return maps.reshape(side, side).detach(), features.detach()
+
+
+@pytest.mark.parametrize("arch", ["camloc-tiny-eva", "camloc-tiny-mapvit-bias"])
+def test_grad_eclip_on_timm_trunks_follows_the_recipe_on_the_models_own_forward(arch, chelsea):
+    from camloc.cams.engine import compute_raw
+
+    model = ClipModel.load(f"open_clip:{arch}:random", device="cpu")
+    prompts = ["cat", "a dog"]
+    _, maps = compute_raw(model, chelsea, prompts, ["grad-eclip"])["grad-eclip"]
+    for i, prompt in enumerate(prompts):
+        want, embedding = eclip_timm_reference(model, chelsea, prompt)
+        torch.testing.assert_close(embedding, model.model.encode_image(model.preprocess(chelsea)), rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(maps[i], want, rtol=1e-4, atol=1e-6)
+        assert want.abs().max() > 0
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method",
+                                 "grad-eclip", "--model", f"open_clip:{arch}:random", "--eclip-official"])
+    assert result.exit_code == 2 and "--eclip-official" in result.stderr

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from camloc.cams.context import CamContext
 from camloc.cams.options import method_option
 from camloc.cams.registry import register_method
+from camloc.errors import OptionError
 
 OFFICIAL = method_option("eclip_official", bool, False, "Grad-ECLIP: recompute the last block with one attention head "
                          "over all channels, as the official code does (a deviation from the model's forward), "
@@ -36,7 +37,7 @@ def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     return (attn @ split[2]).transpose(1, 2).reshape(batch, n, dim)
 
 
-@register_method("grad-eclip", families=frozenset({"vit"}), uses_gradients=True, params=("eclip_official",),
+@register_method("grad-eclip", families=frozenset({"vit", "timm-vit"}), uses_gradients=True, params=("eclip_official",),
                  shares_forward=True,
                  description="Grad-ECLIP (Zhao et al. 2024): gradient at the last attention output x values, "
                              "weighted by query-key similarity (--eclip-official: the code's single head).")
@@ -46,6 +47,16 @@ def grad_eclip(ctx: CamContext) -> torch.Tensor:
     _, inputs = ctx.block_inputs(ctx.depth - 1)
     x = inputs[-1]  # batch-first (1, N, D)
     access = ctx.block_access(-1)
+    if access.timm:
+        if ctx.options.get("eclip_official", OFFICIAL.default):
+            raise OptionError("--eclip-official recomputes an nn.MultiheadAttention block with one head, as the "
+                              f"official code does; {ctx.model.name}'s timm blocks have no such form: drop it")
+        if family.pooling == "map":
+            return _pool_eclip(ctx, x)
+        if family.pooling != "token":
+            raise OptionError(f"grad-eclip needs a class token or an attention-pool head; {ctx.model.name}'s trunk "
+                              "averages its tokens")
+        return _timm_eclip(ctx, x, access)
     heads = 1 if ctx.options.get("eclip_official", OFFICIAL.default) else access.heads
     n_prompts = len(ctx.prompts)
     with torch.no_grad():
@@ -65,3 +76,76 @@ def grad_eclip(ctx: CamContext) -> torch.Tensor:
     maps = torch.relu((grad[:, :1].float() * v[:, 1:].float() * sim[None, :, None]).sum(dim=-1))  # (P, N-1)
     side = int(round(maps.shape[1] ** 0.5))
     return maps.reshape(n_prompts, side, side)
+
+
+def _heads_cat(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, N, heads * d)."""
+    batch, heads, n, d = t.shape
+    return t.transpose(1, 2).reshape(batch, n, heads * d)
+
+
+def _relevance(ctx: CamContext, grad: torch.Tensor, values: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+    """relu(sum_c grad[p, c] * v[i, c] * w(i)) on the patch grid: grad (P, D), values (N patches, D), sim (N,)."""
+    maps = torch.relu((grad[:, None, :].float() * values[None].float() * sim[None, :, None]).sum(dim=-1))
+    side = int(round(maps.shape[1] ** 0.5))
+    return maps.reshape(len(ctx.prompts), side, side)
+
+
+def _minmax(t: torch.Tensor) -> torch.Tensor:
+    return (t - t.min()) / (t.max() - t.min())
+
+
+def _timm_eclip(ctx: CamContext, x: torch.Tensor, access) -> torch.Tensor:
+    """Grad-ECLIP on a class-token pooled timm trunk (EVA02): the last block's real attention (its q/k
+    norms and rotary embeddings), the class row of its output (before the sub-norm and proj) as the
+    differentiated point, w(i) = minmax cos(proj(q)[cls], proj(k)[i]) of the heads' concatenated q, k."""
+    visual, family = ctx.model.visual, ctx.model.family
+    prefix = family.prefix
+    with torch.no_grad():
+        q, k, v = access.qkv(access.ln_1(x))
+        out = _heads_cat(torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v)
+        q, k, v = _heads_cat(q), _heads_cat(k), _heads_cat(v)
+        sim = _minmax(F.cosine_similarity(access.out_proj(q)[0, :1], access.out_proj(k)[0, prefix:], dim=-1).float())
+    leaf = out.expand(len(ctx.prompts), -1, -1).clone().requires_grad_(True)
+    with torch.enable_grad():
+        h = x + access.ls_1(access.out_proj(access.block.attn.norm(leaf)))
+        h = h + access.ffn(h)
+        features = F.normalize(family.head(visual, h).float(), dim=-1)
+        scores = ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1) + ctx.model.logit_bias
+        (grad,) = torch.autograd.grad(scores.sum(), leaf)
+    return _relevance(ctx, grad[:, 0], v[0, prefix:], sim)
+
+
+def _pool_eclip(ctx: CamContext, x: torch.Tensor) -> torch.Tensor:
+    """Grad-ECLIP on an attention-pool head (SigLIP), where camloc defines it at the pool's cross-attention,
+    the last attention reading the tokens into the embedding (as HilaCAM reads the pool's query): the pool
+    query's attention output as the differentiated point, the pool's values of each token, and
+    w(i) = minmax cos(proj(q_latent), proj(k_i)); the tokens are the last block's output after the trunk's
+    norm, as the model pools them."""
+    visual, family = ctx.model.visual, ctx.model.family
+    trunk = visual.trunk
+    pool = trunk.attn_pool
+    if getattr(pool, "latent_len", 1) != 1:
+        raise OptionError("grad-eclip: attention pools with several latent queries are not supported")
+    with torch.no_grad():
+        tokens = trunk.blocks[-1](x, **({} if ctx.block_access(-1).rope is None else {"rope": ctx.block_access(-1).rope}))
+        tokens = trunk.norm(tokens)
+        if pool.pos_embed is not None:
+            tokens = tokens + pool.pos_embed.unsqueeze(0).to(tokens.dtype)
+        batch, n, dim = tokens.shape
+        q = pool.q(pool.latent).reshape(1, 1, pool.num_heads, pool.head_dim).transpose(1, 2)
+        k, v = pool.kv(tokens).reshape(1, n, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = pool.q_norm(q), pool.k_norm(k)
+        out = _heads_cat(torch.softmax((q * pool.scale) @ k.transpose(-2, -1), dim=-1) @ v)  # (1, 1, D)
+        q, k, v = _heads_cat(q), _heads_cat(k), _heads_cat(v)
+        sim = _minmax(F.cosine_similarity(pool.proj(q)[0, :1], pool.proj(k)[0, family.prefix:], dim=-1).float())
+    leaf = out.expand(len(ctx.prompts), -1, -1).clone().requires_grad_(True)
+    with torch.enable_grad():
+        pooled = pool.proj_drop(pool.proj(leaf))
+        if pool.mlp is not None:
+            pooled = pooled + pool.mlp(pool.norm(pooled))
+        features = visual.head(trunk.head(trunk.fc_norm(pooled[:, 0])))
+        features = F.normalize(features.float(), dim=-1)
+        scores = ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1) + ctx.model.logit_bias
+        (grad,) = torch.autograd.grad(scores.sum(), leaf)
+    return _relevance(ctx, grad[:, 0], v[0, family.prefix:], sim)

@@ -91,9 +91,11 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
 
             labels = [FAMILY_LABELS[f] for f in FAMILY_NAMES if f in spec.families]
             only = labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} or {labels[-1]}"
+            label = FAMILY_LABELS.get(family, family)
+            article = "an" if label[:1].lower() in "aeiou" else "a"
             raise OptionError(
-                f"method {spec.name!r} works only on {only} CLIP models, and {model_name} is a "
-                f"{FAMILY_LABELS.get(family, family)}; pick such a model or another method"
+                f"method {spec.name!r} works only on {only} CLIP models, and {model_name} is {article} "
+                f"{label}; pick such a model or another method"
             )
         specs.append(spec)
     return specs
