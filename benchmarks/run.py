@@ -306,7 +306,7 @@ def section_open_clip(model, image, k, args, device, report):
 
 def section_frontier(model, image, args, device, report):
     """Time per image-prompt of the later methods beside GradCAM and gScoreCAM, with P = 1 and 8 prompts
-    on one image: the one-forward methods (MaskCLIP, SCLIP, ClearCLIP, NACLIP, GEM, CLIP Surgery with its
+    on one image: the one-forward methods (MaskCLIP, SCLIP, ClearCLIP, NACLIP, ResCLIP, GEM, CLIP Surgery with its
     default contrast), CLIP-ES, Grad-ECLIP and LeGrad (one batched backward) and RISE (N masked forwards shared by the
     prompts). RISE runs 500 masks here (the original's default is 8000; its time scales linearly with N)."""
     print(f"\n## later methods per image-prompt: {model.name}, {model.precision} on {device.type}")
@@ -314,7 +314,7 @@ def section_frontier(model, image, args, device, report):
     options = {"topk": 100, "rise_masks": 500, "seed": 0, "gem_blocks": 6, "legrad_layers": 2}
     out = report.setdefault(f"frontier/{model.name}", {})
     for method in ("gradcam", "gscorecam", "clip-es", "grad-eclip", "legrad", "maskclip", "sclip", "clearclip",
-                   "naclip", "gem", "clipsurgery", "rise"):
+                   "naclip", "resclip", "gem", "clipsurgery", "rise"):
         times = {}
         for p in (1, 8):
             compute_heatmaps(model, image, prompts[:1], [method], {**options, "rise_masks": 16})  # warm-up

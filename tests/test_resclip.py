@@ -1,0 +1,201 @@
+"""ResCLIP against its reference written out (yvhangyang/ResCLIP `clip/model.py` at 6b082d9: the
+`forward` with RCS and SFR, `create_logit_temp`, `create_patch_matrix`, `generate_attention_sfr` with
+`delete_same_entity`, `custom_attn` for the resclip/naclip, sclip and clearclip strategies), on the clip
+package's sequence-first tiny ViT with two heads, and the option checks."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from camloc.cams.engine import compute_raw
+from camloc.cli.app import app
+from camloc.models import ClipModel
+from camloc.segment.pamr import pamr
+
+runner = CliRunner()
+PROMPTS = ["cat", "a dog", "grass"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ClipModel.load("tiny-vit-mh", device="cpu")
+
+
+def omega_reference(grid: int, std: float) -> torch.Tensor:
+    """NACLIP's addition as the reference builds it: a (2g - 1)^2 Gaussian window convolved ('same') with
+    every one-hot patch map, the class row and column zero."""
+    c = 1 / (std * math.sqrt(2))
+    side = 2 * grid - 1
+    ks = torch.linspace(-(side - 1) / 2 * c, (side - 1) / 2 * c, side)
+    window = torch.exp(-(torch.stack(torch.meshgrid(ks, ks, indexing="ij")) ** 2).sum(0))
+    eye = torch.einsum("ij,kl->ijkl", torch.eye(grid), torch.eye(grid)).permute(0, 3, 1, 2).contiguous()
+    out = F.conv2d(eye.view(-1, grid, grid)[:, None], window[None, None], padding="same")[:, 0]
+    out = out.reshape(grid * grid, grid * grid)
+    full = torch.zeros(grid * grid + 1, grid * grid + 1)
+    full[1:, 1:] = out
+    return full
+
+
+def sfr_reference(labels: torch.Tensor, std: float) -> torch.Tensor:
+    """generate_attention_sfr(delete_same_entity=True), one pair at a time."""
+    g = labels.shape[0]
+    total = g * g
+    pos = [(i // g, i % g) for i in range(total)]
+    longest = max(max(abs(a[0] - b[0]), abs(a[1] - b[1])) for a in pos for b in pos)
+    ts = torch.linspace(0, 1, longest + 1)
+    att = torch.zeros(total, total)
+    for i, a in enumerate(pos):
+        for j, b in enumerate(pos):
+            if labels[a] != labels[b]:
+                continue
+            steps = max(abs(a[0] - b[0]), abs(a[1] - b[1]))
+            ok = True
+            for s in range(steps + 1):  # the first steps + 1 of the longest + 1 points along the segment
+                r = int(torch.round(a[0] * (1 - ts[s]) + b[0] * ts[s]))
+                c = int(torch.round(a[1] * (1 - ts[s]) + b[1] * ts[s]))
+                ok = ok and bool(labels[r, c] == labels[a])
+            # the reference's decay: torch's float32 exp of the step ratio
+            att[i, j] = 1.0 if ok else torch.exp(torch.tensor(-steps / longest, dtype=torch.float32))
+    size = min(total, int(6 * std + 1))
+    size += 1 - size % 2
+    x = torch.arange(size) - size // 2
+    kernel = torch.exp(-(x ** 2) / (2 * std ** 2))
+    kernel = kernel / kernel.sum()
+    blurred = F.relu(F.conv1d(att[:, None], kernel.view(1, 1, -1), padding=size // 2)[:, 0])
+    full = torch.zeros(total + 1, total + 1)
+    full[1:, 1:] = blurred / (blurred.sum(dim=1, keepdim=True) + 1e-8)
+    return full[None]
+
+
+def resclip_reference(model, image, prompts, strategy="naclip", rcs_blocks=(0, 1), rcs_w=(2.0, 0.6),
+                      sfr_w=(2.1, 0.6), temp_thd=0.1, std=5.0, use_rcs=True, use_sfr=True) -> torch.Tensor:
+    visual = model.visual
+    blocks = list(visual.transformer.resblocks)
+    x_img = model.preprocess(image)
+    text = model.text_features(prompts)
+    arch = "w_resi" if strategy == "sclip" else "wo_resi"
+    with torch.no_grad():
+        x = visual.conv1(x_img).flatten(2).permute(0, 2, 1)
+        x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
+        x = visual.ln_pre(x).permute(1, 0, 2)  # (N, 1, D)
+        n_tok, _, dim = x.shape
+        grid = int(round((n_tok - 1) ** 0.5))
+        heads = blocks[0].attn.num_heads
+        hd = dim // heads
+
+        def split(t):
+            return t.contiguous().view(n_tok, heads, hd).transpose(0, 1)
+
+        def qkv(blk, y):
+            return [split(t) for t in F.linear(y, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, dim=-1)]
+
+        def merge(blk, a, v):
+            return blk.attn.out_proj(torch.bmm(a, v).transpose(0, 1).contiguous().view(n_tok, 1, dim))
+
+        maps = []
+        for blk in blocks[:-1]:
+            q, k, v = qkv(blk, blk.ln_1(x))
+            a = torch.softmax(torch.bmm(q * hd ** -0.5, k.transpose(1, 2)), dim=-1)
+            maps.append(a)
+            x = x + merge(blk, a, v)
+            x = x + blk.mlp(blk.ln_2(x))
+        rcs = torch.stack([maps[i] for i in rcs_blocks]).mean(0) if use_rcs else None
+        omega = omega_reference(grid, std)
+
+        def custom(blk, y, sfr):
+            q, k, v = qkv(blk, y)
+            s = hd ** -0.5
+
+            def sfr_mix(t):
+                if sfr is None:
+                    return t
+                tau, lam = sfr_w
+                return tau * ((1 - lam) * t + lam * (sfr / sfr.max()).half())
+
+            if strategy == "naclip":
+                a = torch.softmax(sfr_mix(torch.bmm(k, k.transpose(1, 2)) * s) + omega, dim=-1)
+            elif strategy == "clearclip":
+                a = torch.softmax(sfr_mix(torch.bmm(q, q.transpose(1, 2)) * s), dim=-1)
+            else:
+                a = (torch.softmax(sfr_mix(torch.bmm(q, q.transpose(1, 2)) * s), dim=-1)
+                     + torch.softmax(sfr_mix(torch.bmm(k, k.transpose(1, 2)) * s), dim=-1))
+            if rcs is not None:
+                tau, lam = rcs_w
+                a = tau * ((1 - lam) * a + lam * rcs)
+            return merge(blk, a, v)
+
+        def last(sfr):
+            blk = blocks[-1]
+            if arch == "w_resi":
+                out = x + custom(blk, blk.ln_1(x), sfr)
+                out = out + blk.mlp(blk.ln_2(out))
+            else:
+                out = custom(blk, blk.ln_1(x), sfr)
+            feats = visual.ln_post(out.permute(1, 0, 2)) @ visual.proj
+            feats = feats[:, 1:] / feats[:, 1:].norm(dim=-1, keepdim=True)
+            return (feats @ text.T).permute(0, 2, 1).reshape(1, len(prompts), grid, grid)
+
+        sfr = None
+        if use_sfr:
+            logits = F.interpolate(last(None), size=x_img.shape[-2:], mode="bilinear", align_corners=False)
+            logits = torch.softmax(pamr(x_img, logits, 10, (8, 16))[0] * 40, dim=0)
+            pred = logits.argmax(0)
+            pred[logits.max(0)[0] < temp_thd] = 0
+            patch = visual.conv1.kernel_size[0]
+            cells = pred.unfold(0, patch, patch).unfold(1, patch, patch).reshape(grid, grid, -1)
+            sfr = sfr_reference(torch.mode(cells, dim=-1)[0], std)
+        return last(sfr)[0]
+
+
+@pytest.mark.parametrize("base", ["naclip", "sclip", "clearclip"])
+def test_resclip_equals_the_reference_written_out(base, model, chelsea):
+    options = {"resclip_base": base, "resclip_rcs_layers": "1-2"}
+    kind, maps = compute_raw(model, chelsea, PROMPTS, ["resclip"], options)["resclip"]
+    assert kind == "resize_minmax"
+    want = resclip_reference(model, chelsea, PROMPTS, strategy=base)
+    torch.testing.assert_close(maps, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("parts, rcs, sfr", [("rcs", True, False), ("sfr", True, True), ("none", False, False)])
+def test_resclip_parts_are_the_reference_with_them_switched(parts, rcs, sfr, model, chelsea):
+    """`sfr` alone: RCS off in both passes; `none`: the base alone (here NACLIP's own formula)."""
+    options = {"resclip_parts": parts, "resclip_rcs_layers": "2"}
+    _, maps = compute_raw(model, chelsea, PROMPTS, ["resclip"], options)["resclip"]
+    want = resclip_reference(model, chelsea, PROMPTS, rcs_blocks=(1,), use_rcs=(parts != "sfr") and rcs,
+                             use_sfr=sfr)
+    torch.testing.assert_close(maps, want, rtol=1e-5, atol=1e-5)
+    if parts == "none":
+        _, naclip = compute_raw(model, chelsea, PROMPTS, ["naclip"])["naclip"]
+        torch.testing.assert_close(maps, naclip, rtol=1e-5, atol=1e-6)
+
+
+def test_resclip_options_are_checked(model, tmp_path):
+    base = ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "resclip", "--model",
+            "tiny-vit-mh"]
+    for extra, says in ((["--resclip-parts", "rcs,xyz"], "--resclip-parts"),
+                        (["--resclip-rcs-weights", "2"], "--resclip-rcs-weights"),
+                        (["--resclip-rcs-layers", "3-9"], "--resclip-rcs-layers 3-9"),
+                        (["--resclip-base", "gem"], "--resclip-base")):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 2 and says in result.stderr, (extra, result.output)
+    assert runner.invoke(app, base).exit_code == 0  # auto: the reference's range scaled to 3 blocks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sfr_attention_equals_the_references_on_mixed_labels(seed):
+    """The path check and the decay only act where patches of one prompt are separated by another's."""
+    from camloc.cams.resclip import sfr_attention
+
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (6, 6), generator=generator)
+    labels[1:4, 1:4] = 2  # a block, so some same-prompt pairs connect and others do not
+    want = sfr_reference(labels, 5.0)[0]
+    got = sfr_attention(labels, 5.0, prefix=1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    decayed = (want[1:, 1:] > 0) & (want[1:, 1:] < want[1:, 1:].max())
+    assert decayed.any()
+    # with the path check off (every same-prompt pair connected) it would differ
+    uniform = sfr_reference(torch.zeros(6, 6, dtype=torch.long), 5.0)[0]
+    assert not torch.allclose(uniform, want)
