@@ -199,3 +199,27 @@ def test_sfr_attention_equals_the_references_on_mixed_labels(seed):
     # with the path check off (every same-prompt pair connected) it would differ
     uniform = sfr_reference(torch.zeros(6, 6, dtype=torch.long), 5.0)[0]
     assert not torch.allclose(uniform, want)
+
+
+@pytest.mark.parametrize("method", ["sclip", "naclip", "resclip", "maskclip"])
+def test_cls_lambda_adds_the_paths_class_token_cosine_per_prompt(method, model, chelsea):
+    """SegEarth-OV's cls_token_lambda: every patch's cosine plus lambda times the class token's, a constant per
+    prompt (so a min-max normalised map is unchanged while the winning prompt per pixel can change)."""
+    from camloc.cams.postprocess import minmax_
+
+    _, plain = compute_raw(model, chelsea, PROMPTS, [method], {"resclip_parts": "rcs"})[method]
+    _, low = compute_raw(model, chelsea, PROMPTS, [method], {"cls_lambda": -0.3, "resclip_parts": "rcs"})[method]
+    _, high = compute_raw(model, chelsea, PROMPTS, [method], {"cls_lambda": 0.6, "resclip_parts": "rcs"})[method]
+    shift_low, shift_high = low - plain, high - plain
+    assert torch.allclose(shift_low, shift_low[:, :1, :1].expand_as(shift_low), atol=1e-6)
+    torch.testing.assert_close(shift_high, -2 * shift_low, rtol=1e-4, atol=1e-6)
+    assert shift_low.abs().min() > 0
+    torch.testing.assert_close(minmax_(low, eps=0), minmax_(plain, eps=0), rtol=1e-4, atol=1e-5)
+
+
+def test_cls_lambda_is_refused_without_a_class_token(chelsea):
+    base = ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--cls-lambda", "-0.3"]
+    result = runner.invoke(app, base + ["--method", "sclip", "--model", "open_clip:camloc-tiny-mapvit:random"])
+    assert result.exit_code == 2 and "--cls-lambda needs a class token" in result.stderr
+    result = runner.invoke(app, base + ["--method", "maskclip", "--model", "tiny-rn"])
+    assert result.exit_code == 2 and "ResNet form has no class token" in result.stderr

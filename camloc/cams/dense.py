@@ -84,15 +84,28 @@ CONTRAST = method_option("contrast", str, "empty", "CLIP Surgery's redundant-fea
                          "prompts, >= 2 needed) or dataset (every prompt of the dataset; eval and threshold-search).",
                          one_of("--contrast", CONTRASTS))
 
+CLS_LAMBDA = method_option("cls_lambda", float, 0.0, "MaskCLIP, SCLIP, ClearCLIP, NACLIP, ResCLIP, GEM: add this times the "
+                           "cosine of the path's own class token with each prompt to every patch's (SegEarth-OV's "
+                           "global-bias removal with a negative value, e.g. -0.3; 0 = off). A per-prompt constant: it "
+                           "changes which prompt wins a pixel (--protocols ovseg, ResCLIP's feedback), not a "
+                           "min-max normalised map.")
+
 DENSE_FAMILIES = frozenset({"vit", "vit-avg", "timm-vit"})
 
 
 def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
     """(1, N, D) tokens -> the rest of the tower per token (`dense_tokens`: ln_post and proj on OpenAI's
-    layout) -> cosine of every patch token with every prompt (P, g, g)."""
+    layout) -> cosine of every patch token with every prompt (P, g, g), plus `--cls-lambda` times the
+    path's own class token's (likyoo/SegEarth-OV `segearth_segmentor.py` at 1a8beee: `cls_token_lambda`)."""
     dense = dense_tokens(ctx.model.visual, tokens).float()[0]
     prefix = ctx.model.family.prefix
-    return square_grid(F.normalize(dense[prefix:], dim=-1) @ ctx.text_features.T)
+    similarity = F.normalize(dense[prefix:], dim=-1) @ ctx.text_features.T
+    weight = float(ctx.options.get("cls_lambda", CLS_LAMBDA.default))
+    if weight:  # SegEarth-OV: logits + lambda * cos(class token, prompt)
+        if prefix < 1:
+            raise OptionError(f"--cls-lambda needs a class token, and {ctx.model.name} has none")
+        similarity = similarity + weight * (F.normalize(dense[0], dim=-1) @ ctx.text_features.T)[None]
+    return square_grid(similarity)
 
 
 def square_grid(similarity: torch.Tensor) -> torch.Tensor:
@@ -102,10 +115,13 @@ def square_grid(similarity: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("maskclip", segments=True, shares_forward=True, families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax",
+                 params=("cls_lambda",),
                  description="MaskCLIP (Zhou et al. 2022): value path in the last block (ResNet: of the attention "
                              "pool), patch tokens vs prompts; one forward.")
 def maskclip(ctx: CamContext) -> torch.Tensor:
     if ctx.model.family.name == "rn":
+        if float(ctx.options.get("cls_lambda", CLS_LAMBDA.default)):
+            raise OptionError("--cls-lambda: MaskCLIP's ResNet form has no class token; drop the option")
         return square_grid(F.normalize(rn_value_tokens(ctx), dim=-1) @ ctx.text_features.T)
     _, inputs = ctx.block_inputs(ctx.depth - 1)
     access = ctx.block_access(-1)
@@ -135,7 +151,7 @@ def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterati
     return torch.softmax(tau * s @ s.transpose(-2, -1), dim=-1) @ values
 
 
-@register_method("gem", segments=True, families=DENSE_FAMILIES, postprocess="resize_minmax", params=("gem_blocks", "gem_iterations"),
+@register_method("gem", segments=True, families=DENSE_FAMILIES, postprocess="resize_minmax", params=("gem_blocks", "gem_iterations", "cls_lambda"),
                  shares_forward=True,
                  description="GEM (Bousselham et al. 2024): self-self attention path over the last --gem-blocks "
                              "blocks; one forward.")
@@ -169,6 +185,7 @@ def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
 
 
 @register_method("sclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
+                 params=("cls_lambda",),
                  description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
                              "residual and FFN kept; one forward.")
 def sclip(ctx: CamContext) -> torch.Tensor:
@@ -185,6 +202,7 @@ def sclip(ctx: CamContext) -> torch.Tensor:
 
 
 @register_method("clearclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
+                 params=("cls_lambda",),
                  description="ClearCLIP (Lan et al. 2024): query-query attention, last block without residual "
                              "and FFN; one forward.")
 def clearclip(ctx: CamContext) -> torch.Tensor:
@@ -201,7 +219,7 @@ def neighbourhood(grid: int, std: float, prefix: int = 1) -> torch.Tensor:
     return out
 
 
-@register_method("naclip", segments=True, families=DENSE_FAMILIES, postprocess="resize_minmax", params=("naclip_std",),
+@register_method("naclip", segments=True, families=DENSE_FAMILIES, postprocess="resize_minmax", params=("naclip_std", "cls_lambda"),
                  shares_forward=True,
                  description="NACLIP (Hajimiri et al. 2025): key-key attention plus a Gaussian neighbourhood "
                              "(--naclip-std), last block without residual and FFN; one forward.")

@@ -211,7 +211,7 @@ def sfr_attention(labels: torch.Tensor, std: float, prefix: int) -> torch.Tensor
 @register_method("resclip", segments=True, shares_forward=True, prompt_coupled=True,
                  families=frozenset({"vit", "vit-avg", "timm-vit"}), postprocess="resize_minmax",
                  params=("resclip_base", "resclip_parts", "resclip_rcs_layers", "resclip_rcs_weights",
-                         "resclip_sfr_weights", "resclip_sfr_threshold", "naclip_std"),
+                         "resclip_sfr_weights", "resclip_sfr_threshold", "naclip_std", "cls_lambda"),
                  description="ResCLIP (Yang et al. 2025): RCS (earlier blocks' attention) and SFR (semantic feedback) "
                              "on NACLIP/SCLIP/ClearCLIP's last block (--resclip-base, --resclip-parts); one forward "
                              "and a second last-block pass.")
