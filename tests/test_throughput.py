@@ -36,13 +36,15 @@ def one_forward_methods(model: ClipModel) -> list[str]:
             if s.shares_forward and not s.masked_forwards]
 
 
-@pytest.mark.parametrize("build", ["tiny-rn", "tiny-vit", "tiny-vit-mh", "open_clip:tiny-vit"])
+@pytest.mark.parametrize("build", ["tiny-rn", "tiny-vit", "tiny-vit-mh", "open_clip:tiny-vit",
+                                   "open_clip:camloc-tiny-mapvit:random", "open_clip:camloc-tiny-eva:random"])
 def test_a_batch_of_images_gives_the_maps_of_one_image_at_a_time(build, images):
     """Equal up to float rounding: everything after the batched forward runs per image on that image's
     rows, and the rows of a batched forward differ from a single forward's only where a kernel is picked
     by batch size (oneDNN convolutions, open_clip's attention): ~1e-6 of the map's range at most here; the
     clip package's ViTs give the same bits."""
     model = golden_through_open_clip("tiny-vit") if build == "open_clip:tiny-vit" else ClipModel.load(build, device="cpu")
+    # (the timm trunks: SigLIP-style attention pool and EVA02 with rotary embeddings, whose block inputs are shared too)
     methods = one_forward_methods(model)
     assert {"gradcam", "maskclip"} <= set(methods)
     prompts = [["cat", "dog", "a tabby cat"], ["person"], ["camera", "man"]]  # different counts per image
