@@ -36,6 +36,9 @@ class MethodSpec:
     """One forward scores every query on the patch grid (the dense family): the method can run the
     open-vocabulary segmentation protocol (`--protocols ovseg`), whose cost is then one forward per
     window for all of a dataset's classes."""
+    needs: str = ""
+    """An option naming a second model the method needs (ProxyCLIP: --proxy-model): such a method is not
+    part of `--method all`, which is every method the CLIP model alone can run."""
     shares_forward: bool = False
     """Reads the image's one encoder forward (target activations, embedding, ViT block inputs), which
     `share_batch` computes for several images in one batch (eval's `--image-batch`)."""
@@ -58,7 +61,7 @@ def register_method(name: str, **spec_fields) -> Callable:
 
 
 CANONICAL_ORDER = ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs",
-                   "groupcam", "hilacam", "clip-es", "grad-eclip", "legrad", "maskclip", "sclip", "clearclip", "naclip", "resclip", "gem", "clipsurgery", "rise"]
+                   "groupcam", "hilacam", "clip-es", "grad-eclip", "legrad", "maskclip", "sclip", "clearclip", "naclip", "resclip", "proxyclip", "gem", "clipsurgery", "rise"]
 """The order of listings, `--method all` and tables, whatever order the method modules were imported in."""
 
 
@@ -80,7 +83,7 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
     if not names:
         raise OptionError(f"--method is empty; valid methods: {', '.join(list_methods())}")
     if names == ["all"]:
-        return [s for s in _ordered() if family in s.families]
+        return [s for s in _ordered() if family in s.families and not s.needs]
     specs = []
     for name in dict.fromkeys(names):
         spec = METHODS.get(name.lower())
@@ -120,6 +123,10 @@ def resolve_options(model, options: dict) -> dict:
 def check_method_options(model, methods: list[str], options: dict) -> None:
     """Options that depend on the loaded model, checked before any work: HilaCAM's --start-layer must
     name one of the encoder's blocks (negative values count from the last)."""
+    for name in methods:
+        needs = METHODS[name].needs if name in METHODS else ""
+        if needs and not options.get(needs.lstrip("-").replace("-", "_")):
+            raise OptionError(f"method {name!r} needs {needs} (see `camloc explain --help`)")
     if "hilacam" in methods:
         from camloc.cams.hila import attention_blocks
 

@@ -78,7 +78,8 @@ def _list(what: "Listable", pattern: str, backend: str) -> None:
         for name in list_methods():
             spec = METHODS[name]
             families = "all" if len(spec.families) == 5 else ",".join(sorted(spec.families))
-            typer.echo(f"{name:14s} {families:20s} {spec.description}")
+            needs = f" (needs {spec.needs}; not in --method all)" if spec.needs else ""
+            typer.echo(f"{name:14s} {families:20s} {spec.description}{needs}")
         typer.echo("families: rn (ModifiedResNet), vit (class-token ViT), vit-avg, timm-vit (SigLIP, EVA02, PE-Core "
                    "trunks), convnext. On convnext the head average-pools the target, so the gradients are spatially "
                    "uniform and GradCAM++, XGradCAM and LayerCAM reduce to CAM-style channel weightings.")

@@ -113,6 +113,9 @@ def describe_difference(key: str, old, new) -> str:
                  for k in ("image_root", "n_images", "n_pairs") if old.get(k) != new.get(k)]
         return "data: " + (", ".join(parts) if parts else "same images and counts, other ground truth or prompts "
                            "(another annotation file?)")
+    if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ (options, faith, ...)
+        inner = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return ", ".join(f"{key}.{k}: {_describe(old.get(k))} there, {_describe(new.get(k))} now" for k in inner[:3])
     return f"{key}: {_describe(old)} there, {_describe(new)} now"
 
 

@@ -1,0 +1,103 @@
+"""ProxyCLIP against its reference written out (mc-lan/ProxyCLIP at 05c3c18: `forward_feature` with a DINO
+proxy and `VisionTransformer.custom_attn`), with a random-init timm DINO ViT-S/8 as the proxy (its 12 x 12
+grid against the CLIP model's 6 x 6, so the values are resized), and the option checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from camloc.cams.engine import compute_raw
+from camloc.cli.app import app
+from camloc.models import ClipModel
+
+pytest.importorskip("timm")
+runner = CliRunner()
+PROXY = "vit_small_patch8_224.dino:random"
+PROMPTS = ["cat", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ClipModel.load("tiny-vit-mh", device="cpu")
+
+
+def proxyclip_reference(model, image, prompts, beta=1.2, gamma=3.0):
+    from camloc.cams.proxy import load_proxy
+
+    proxy, _, _ = load_proxy(PROXY, model.input_size, torch.device("cpu"))
+    visual = model.visual
+    blocks = list(visual.transformer.resblocks)
+    img = model.preprocess(image)
+    with torch.no_grad():
+        # imgs_norm = Normalize(ImageNet)(UnNormalize(CLIP)(img)); DINO's normed last-block patch tokens
+        clip_mean, clip_std = (torch.tensor(t).view(1, 3, 1, 1) for t in (model.backend.mean, model.backend.std))
+        inet_mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        inet_std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        imgs_norm = (img * clip_std + clip_mean - inet_mean) / inet_std
+        feat = proxy.forward_features(imgs_norm)[:, 1:]
+        side = model.input_size // 8
+        ex_feats = feat.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        # CLIP: every block but the last as it is, then custom_attn on the last block's ln_1
+        x = visual.conv1(img).flatten(2).permute(0, 2, 1)
+        x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
+        x = visual.ln_pre(x).permute(1, 0, 2)
+        for blk in blocks[:-1]:
+            x = blk(x)
+        blk = blocks[-1]
+        y = blk.ln_1(x)
+        heads = blk.attn.num_heads
+        n, bsz, dim = y.shape
+        hd = dim // heads
+        _, _, v = F.linear(y, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, dim=-1)
+        v = v.contiguous().view(-1, bsz * heads, hd).transpose(0, 1)
+        _, _, h, w = ex_feats.shape
+        q_k = F.normalize(ex_feats.flatten(2, 3), dim=1)
+        similarity = torch.einsum("bcm,bcn->bmn", q_k, q_k)
+        similarity = (similarity - similarity.mean(dim=(1, 2), keepdim=True) * beta) * gamma
+        similarity[similarity < 0.0] = float("-inf")
+        attn = F.softmax(similarity.unsqueeze(1).repeat(1, heads, 1, 1).reshape(heads, h * w, h * w), dim=-1)
+        grid = int(round((n - 1) ** 0.5))
+        v = v[:, 1:, :].reshape(heads, grid, grid, hd).permute(0, 3, 1, 2)
+        v = F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(heads, h * w, hd)
+        out = blk.attn.out_proj(torch.bmm(attn, v).transpose(0, 1).contiguous().view(-1, bsz, dim))
+        feats = visual.ln_post(out.permute(1, 0, 2)) @ visual.proj
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        logits = feats @ model.text_features(prompts).T
+        return logits.permute(0, 2, 1).reshape(len(prompts), h, w)
+
+
+@pytest.mark.parametrize("beta, gamma", [(1.2, 3.0), (1.0, 5.0)])
+def test_proxyclip_equals_the_reference_written_out(beta, gamma, model, chelsea):
+    options = {"proxy_model": PROXY, "proxy_beta": beta, "proxy_gamma": gamma}
+    kind, maps = compute_raw(model, chelsea, PROMPTS, ["proxyclip"], options)["proxyclip"]
+    assert kind == "resize_minmax" and maps.shape == (2, 12, 12)  # on the proxy's grid
+    torch.testing.assert_close(maps, proxyclip_reference(model, chelsea, PROMPTS, beta, gamma), rtol=1e-5, atol=1e-5)
+
+
+def test_proxyclip_runs_on_every_transformer_family(chelsea):
+    for name in ("open_clip:camloc-tiny-vit-avg:random", "open_clip:camloc-tiny-mapvit:random",
+                 "open_clip:camloc-tiny-eva:random"):
+        clip_model = ClipModel.load(name, device="cpu")
+        _, maps = compute_raw(clip_model, chelsea, PROMPTS, ["proxyclip"], {"proxy_model": PROXY})["proxyclip"]
+        assert maps.shape == (2, 8, 8) and torch.isfinite(maps).all() and maps.std() > 0
+
+
+def test_proxyclip_is_not_in_all_and_needs_its_model(model, tmp_path, monkeypatch):
+    from camloc.cams import resolve_methods
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the pretrained proxy is not in the cache: fail at once
+    assert "proxyclip" not in [s.name for s in resolve_methods("all", "vit")]
+    base = ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "proxyclip", "--model",
+            "tiny-vit-mh"]
+    for extra, says in (([], "needs --proxy-model"),
+                        (["--proxy-model", "nosuch:random"], "timm has no model 'nosuch'"),
+                        (["--proxy-model", "vit_small_patch8_224.dino"], "timm/vit_small_patch8_224.dino"),
+                        (["--proxy-model", PROXY, "--proxy-gamma", "0"], "--proxy-gamma")):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 2 and says in result.stderr, (extra, result.output)
+    # the proxy is part of the run's identity: another proxy is another run
+    args = ["eval", "--model", "tiny-vit-mh", "--method", "proxyclip", "--dataset", "demo", "--limit", "1",
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    assert runner.invoke(app, args + ["--proxy-model", PROXY]).exit_code == 0
+    other = runner.invoke(app, args + ["--proxy-model", "vit_tiny_patch16_224:random"])
+    assert other.exit_code == 2 and 'options.proxy_model: "vit_small_patch8_224.dino:random" there' in other.output
