@@ -223,3 +223,35 @@ def test_cls_lambda_is_refused_without_a_class_token(chelsea):
     assert result.exit_code == 2 and "--cls-lambda needs a class token" in result.stderr
     result = runner.invoke(app, base + ["--method", "maskclip", "--model", "tiny-rn"])
     assert result.exit_code == 2 and "ResNet form has no class token" in result.stderr
+
+
+def test_cliptrase_equals_its_self_qk_weight_block_written_out(model, chelsea):
+    """leaves162/CLIPtrase at 8fb4d74, `multi_head_attention_forward(self_qk_weight=True)` in the last block of
+    `ResidualAttentionBlock.forward`: the three self-correlation softmaxes summed, out_proj, residual, FFN."""
+    visual = model.visual
+    blocks = list(visual.transformer.resblocks)
+    with torch.no_grad():
+        x = visual.conv1(model.preprocess(chelsea)).flatten(2).permute(0, 2, 1)
+        x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
+        x = visual.ln_pre(x).permute(1, 0, 2)
+        for blk in blocks[:-1]:
+            x = blk(x)
+        blk = blocks[-1]
+        n, bsz, dim = x.shape
+        heads = blk.attn.num_heads
+        hd = dim // heads
+        q, k, v = (t.contiguous().view(n, bsz * heads, hd).transpose(0, 1)
+                   for t in F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, dim=-1))
+        s = hd ** -0.5
+        weights = sum(torch.softmax(torch.bmm(t * s, t.transpose(1, 2)), dim=-1) for t in (q, k, v))
+        x = x + blk.attn.out_proj(torch.bmm(weights, v).transpose(0, 1).contiguous().view(n, bsz, dim))
+        x = x + blk.mlp(blk.ln_2(x))
+        feats = visual.ln_post(x.permute(1, 0, 2)) @ visual.proj
+        feats = feats[0, 1:] / feats[0, 1:].norm(dim=-1, keepdim=True)
+        grid = int(round((n - 1) ** 0.5))
+        want = (feats @ model.text_features(PROMPTS).T).T.reshape(len(PROMPTS), grid, grid)
+    kind, maps = compute_raw(model, chelsea, PROMPTS, ["cliptrase"])["cliptrase"]
+    assert kind == "resize_minmax"
+    torch.testing.assert_close(maps, want, rtol=1e-5, atol=1e-5)
+    _, sclip = compute_raw(model, chelsea, PROMPTS, ["sclip"])["sclip"]
+    assert not torch.allclose(maps, sclip, atol=1e-4)  # the v-v term is not ignored

@@ -22,6 +22,12 @@ image forward gives every prompt's map (no gradients, no masked forwards).
   inference", wangf3014/SCLIP `encode_image(return_all=True, csa=True)`): in the last block the
   attention probabilities are softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d)) (correlative
   self-attention); the block keeps its residual and FFN.
+- `cliptrase` (Shao et al., ECCV 2024, "Explore the potential of CLIP for training-free open vocabulary semantic
+  segmentation"; leaves162/CLIPtrase, MIT, `clip_utils/model.py` and `attn2.py` at 8fb4d74): the last block's
+  attention is softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d)) + softmax(v v^T / sqrt(d)) (its
+  `self_qk_weight` path), the block's residual and FFN kept. The reference then clusters the patches
+  (DBSCAN on the second-to-last block's q/k/v self-similarity minus the class row) and gives each cluster its
+  majority predicted class: a segmentation step over the argmax, which has no per-prompt map and is not done.
 - `naclip` (Hajimiri et al., WACV 2025, "Pay attention to your neighbours: training-free open-vocabulary
   semantic segmentation", sinahmr/NACLIP's defaults arch="reduced", attn_strategy="naclip",
   gaussian_std=5): the last block is replaced by its attention alone with key-key logits
@@ -84,7 +90,7 @@ CONTRAST = method_option("contrast", str, "empty", "CLIP Surgery's redundant-fea
                          "prompts, >= 2 needed) or dataset (every prompt of the dataset; eval and threshold-search).",
                          one_of("--contrast", CONTRASTS))
 
-CLS_LAMBDA = method_option("cls_lambda", float, 0.0, "MaskCLIP, SCLIP, ClearCLIP, NACLIP, ResCLIP, GEM: add this times the "
+CLS_LAMBDA = method_option("cls_lambda", float, 0.0, "MaskCLIP, SCLIP, ClearCLIP, NACLIP, CLIPtrase, ResCLIP, GEM: add this times the "
                            "cosine of the path's own class token with each prompt to every patch's (SegEarth-OV's "
                            "global-bias removal with a negative value, e.g. -0.3; 0 = off). A per-prompt constant: it "
                            "changes which prompt wins a pixel (--protocols ovseg, ResCLIP's feedback), not a "
@@ -189,16 +195,30 @@ def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
                  description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
                              "residual and FFN kept; one forward.")
 def sclip(ctx: CamContext) -> torch.Tensor:
+    return _self_correlation_block(ctx, ("q", "k"))
+
+
+def _self_correlation_block(ctx: CamContext, parts: tuple[str, ...]) -> torch.Tensor:
+    """The last block with the sum of softmax(t t^T / sqrt(d)) over `parts` of (q, k, v) as its attention,
+    its residual and FFN kept: the patch similarity grid."""
     _, inputs = ctx.block_inputs(ctx.depth - 1)
     access = ctx.block_access(-1)
     x = inputs[-1]
     with torch.no_grad():
         q, k, v = access.qkv(access.ln_1(x))
         scale = q.shape[-1] ** -0.5
-        attn = (torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1)
-                + torch.softmax(k @ k.transpose(-2, -1) * scale, dim=-1))
+        tensors = {"q": q, "k": k, "v": v}
+        attn = sum(torch.softmax(tensors[p] @ tensors[p].transpose(-2, -1) * scale, dim=-1) for p in parts)
         x = x + access.ls_1(access.merge(attn @ v))
         return patch_similarity(ctx, x + access.ffn(x))
+
+
+@register_method("cliptrase", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
+                 params=("cls_lambda",),
+                 description="CLIPtrase (Shao et al. 2024): recalibrated self-correlation (q-q + k-k + v-v) in the last "
+                             "block, residual and FFN kept; one forward (without the reference's DBSCAN cluster vote).")
+def cliptrase(ctx: CamContext) -> torch.Tensor:
+    return _self_correlation_block(ctx, ("q", "k", "v"))
 
 
 @register_method("clearclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
