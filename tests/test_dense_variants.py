@@ -1,7 +1,8 @@
-"""ResCLIP against its reference written out (yvhangyang/ResCLIP `clip/model.py` at 6b082d9: the
-`forward` with RCS and SFR, `create_logit_temp`, `create_patch_matrix`, `generate_attention_sfr` with
-`delete_same_entity`, `custom_attn` for the resclip/naclip, sclip and clearclip strategies), on the clip
-package's sequence-first tiny ViT with two heads, and the option checks."""
+"""The post-2024 dense variants against their references written out: ResCLIP (yvhangyang/ResCLIP
+`clip/model.py` at 6b082d9: RCS and SFR, `create_logit_temp`, `create_patch_matrix`, `generate_attention_sfr`
+with `delete_same_entity`, `custom_attn` for the resclip/naclip, sclip and clearclip strategies), CLIPtrase,
+SC-CLIP, and SegEarth-OV's class-token term, on the clip package's sequence-first tiny ViT with two heads;
+and their option checks."""
 import math
 
 import pytest
@@ -255,3 +256,88 @@ def test_cliptrase_equals_its_self_qk_weight_block_written_out(model, chelsea):
     torch.testing.assert_close(maps, want, rtol=1e-5, atol=1e-5)
     _, sclip = compute_raw(model, chelsea, PROMPTS, ["sclip"])["sclip"]
     assert not torch.allclose(maps, sclip, atol=1e-4)  # the v-v term is not ignored
+
+
+def scclip_reference(model, image, prompts, pre=1, post=0, start=0, end=2, beta=0.4, res_cls=0.3):
+    """SuleBai/SC-CLIP `VisionTransformer.forward(return_all=True)` at 0417ba9 written out (sequence-first,
+    B = 1; `feats_list[i]` = block i's output), its LOF and neighbour-mean replacement one token at a time.
+    Returns the patch-prompt cosines (P, g, g) and the outliers found."""
+    visual = model.visual
+    blocks = list(visual.transformer.resblocks)
+    with torch.no_grad():
+        x = visual.conv1(model.preprocess(image)).flatten(2).permute(0, 2, 1)
+        x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
+        x = visual.ln_pre(x).permute(1, 0, 2)
+        feats_list = []
+        for blk in blocks[:-1]:
+            x = blk(x)
+            feats_list.append(x[:, 0])
+        n = x.shape[0] - 1
+        g = int(round(n ** 0.5))
+        cls_token, patches = x[0, 0], x[1:, 0]
+        k = min(30, n - 1)
+        dist = torch.norm(patches[:, None] - patches[None, :], dim=2, p=2) ** 2
+        knn_d, knn_i = torch.topk(dist, k=k + 1, largest=False)
+        knn_d, knn_i = knn_d[:, 1:], knn_i[:, 1:]
+        lrd = k / torch.max(knn_d, knn_d[:, -1:].expand_as(knn_d)).mean(dim=1)
+        lof = (lrd[knn_i] / lrd[:, None]).mean(dim=1)
+        outliers = set(torch.where(lof > torch.quantile(lof, 0.95))[0].tolist())
+
+        def replace(tokens):  # (n, D) patch tokens
+            out = tokens.clone()
+            for o in outliers:
+                r, c = divmod(o, g)
+                nbrs = [(r + dr) * g + (c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr or dc)
+                        and 0 <= r + dr < g and 0 <= c + dc < g and (r + dr) * g + (c + dc) not in outliers]
+                if nbrs:
+                    out[o] = tokens[nbrs].sum(0) / len(nbrs)
+            return out
+
+        def cosines(t):
+            t = t / t.norm(dim=1, keepdim=True)
+            return t @ t.T
+
+        def agg(t, corr):
+            return (corr / (corr.sum(dim=-1, keepdim=True) + 1e-6)) @ t
+
+        blk = blocks[-1]
+        heads = blk.attn.num_heads
+        dim = patches.shape[-1]
+        hd = dim // heads
+        mid = cosines(replace(feats_list[pre][1:]))
+
+        def custom(t):
+            q, kk, v = (u.contiguous().view(-1, heads, hd).transpose(0, 1)
+                        for u in F.linear(blk.ln_1(t), blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, dim=-1))
+            m = (mid - mid.mean()) * 3.0
+            m[m < 0] = float("-inf")
+            a = (torch.softmax(m.repeat(heads, 1, 1), dim=-1)
+                 + torch.softmax(torch.bmm(kk, kk.transpose(1, 2)) * hd ** -0.5, dim=-1)) / 2
+            return blk.attn.out_proj(torch.bmm(a, v).transpose(0, 1).reshape(-1, dim))
+
+        before = mid.clone()
+        before[before < beta] = 0
+        x = agg(replace(patches), before)
+        x = custom(x) + res_cls * cls_token
+        after = cosines(feats_list[post][1:])
+        after[after < beta] = 0
+        x = agg(x, after)
+        re = sum(feats_list[start:end])
+        x = x + agg(custom(re[1:]) + res_cls * re[0], after)
+        feats = visual.ln_post(x) @ visual.proj
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        return (feats @ model.text_features(prompts).T).T.reshape(len(prompts), g, g), outliers
+
+
+def test_scclip_equals_the_reference_written_out(model, chelsea):
+    want, outliers = scclip_reference(model, chelsea, PROMPTS)
+    assert outliers  # the replacement is exercised
+    kind, maps = compute_raw(model, chelsea, PROMPTS, ["scclip"], {"scclip_layers": "1,0,0-2"})["scclip"]
+    assert kind == "resize_minmax"
+    torch.testing.assert_close(maps, want, rtol=1e-5, atol=1e-5)
+    auto, _ = scclip_reference(model, chelsea, PROMPTS, pre=1, post=1, start=1, end=2)  # auto on 3 blocks
+    torch.testing.assert_close(compute_raw(model, chelsea, PROMPTS, ["scclip"])["scclip"][1], auto, rtol=1e-5,
+                               atol=1e-5)
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "scclip",
+                                 "--model", "tiny-vit-mh", "--scclip-layers", "5,0,0-2"])
+    assert result.exit_code == 2 and "--scclip-layers 5,0,0-2" in result.stderr
