@@ -24,6 +24,14 @@ def model():
     return ClipModel.load("tiny-vit-mh", device="cpu")
 
 
+def stem_tokens(model, image) -> torch.Tensor:
+    """The clip package's ViT up to its first block, sequence-first (N, 1, D), as the references start."""
+    visual = model.visual
+    x = visual.conv1(model.preprocess(image)).flatten(2).permute(0, 2, 1)
+    x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
+    return visual.ln_pre(x).permute(1, 0, 2)
+
+
 def omega_reference(grid: int, std: float) -> torch.Tensor:
     """NACLIP's addition as the reference builds it: a (2g - 1)^2 Gaussian window convolved ('same') with
     every one-hot patch map, the class row and column zero."""
@@ -78,9 +86,7 @@ def resclip_reference(model, image, prompts, strategy="naclip", rcs_blocks=(0, 1
     text = model.text_features(prompts)
     arch = "w_resi" if strategy == "sclip" else "wo_resi"
     with torch.no_grad():
-        x = visual.conv1(x_img).flatten(2).permute(0, 2, 1)
-        x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
-        x = visual.ln_pre(x).permute(1, 0, 2)  # (N, 1, D)
+        x = stem_tokens(model, image)  # (N, 1, D)
         n_tok, _, dim = x.shape
         grid = int(round((n_tok - 1) ** 0.5))
         heads = blocks[0].attn.num_heads
@@ -232,9 +238,7 @@ def test_cliptrase_equals_its_self_qk_weight_block_written_out(model, chelsea):
     visual = model.visual
     blocks = list(visual.transformer.resblocks)
     with torch.no_grad():
-        x = visual.conv1(model.preprocess(chelsea)).flatten(2).permute(0, 2, 1)
-        x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
-        x = visual.ln_pre(x).permute(1, 0, 2)
+        x = stem_tokens(model, chelsea)
         for blk in blocks[:-1]:
             x = blk(x)
         blk = blocks[-1]
@@ -265,9 +269,7 @@ def scclip_reference(model, image, prompts, pre=1, post=0, start=0, end=2, beta=
     visual = model.visual
     blocks = list(visual.transformer.resblocks)
     with torch.no_grad():
-        x = visual.conv1(model.preprocess(image)).flatten(2).permute(0, 2, 1)
-        x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
-        x = visual.ln_pre(x).permute(1, 0, 2)
+        x = stem_tokens(model, image)
         feats_list = []
         for blk in blocks[:-1]:
             x = blk(x)
