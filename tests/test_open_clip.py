@@ -510,3 +510,19 @@ def test_grad_eclip_on_timm_trunks_follows_the_recipe_on_the_models_own_forward(
     result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method",
                                  "grad-eclip", "--model", f"open_clip:{arch}:random", "--eclip-official"])
     assert result.exit_code == 2 and "--eclip-official" in result.stderr
+
+
+def test_a_block_layout_camloc_does_not_read_is_refused_not_mapped(chelsea):
+    """A timm block whose forward differs from the layout the attention methods assume (here its attention
+    computed at twice the usual scale) stops the dense methods with one line instead of giving maps of a
+    forward the model never runs."""
+    from camloc.cams.engine import compute_raw
+    from camloc.errors import ModelError
+
+    model = ClipModel.load("open_clip:camloc-tiny-mapvit:random", device="cpu")
+    compute_raw(model, chelsea, ["cat"], ["maskclip"])  # the unmodified blocks pass the check
+    model = ClipModel.load("open_clip:camloc-tiny-mapvit:random", device="cpu")
+    attn = model.visual.trunk.blocks[-1].attn
+    attn.fused_attn, attn.scale = False, attn.scale * 2
+    with pytest.raises(ModelError, match="does not reproduce their forward"):
+        compute_raw(model, chelsea, ["cat"], ["maskclip"])

@@ -19,8 +19,8 @@ from PIL import Image
 from camloc.cams.masked import MaskedEmbeddings
 from camloc.errors import OptionError
 from camloc.models.clip_model import ClipModel
-from camloc.models.families import (BlockAccess, block_access, dense_tokens, encoder_pass, has_blocks, tokens_to_grid,
-                                    vit_blocks)
+from camloc.models.families import (BlockAccess, block_access, check_block_access, dense_tokens, encoder_pass,
+                                    has_blocks, tokens_to_grid, vit_blocks)
 
 CPU_CHUNK = 16  # the fastest per image on 2 cores for 224-288 px inputs
 CPU_CHUNK_LARGE = 8  # 336-448 px inputs (RN50x16, RN50x64, ViT-L/14@336px): keeps a CAM's extra memory < 1 GB
@@ -139,7 +139,12 @@ class CamContext:
         return len(vit_blocks(self.model.visual))
 
     def block_access(self, index: int) -> BlockAccess:
-        """`BlockAccess` of block `index` (negative from the end), its rotary embedding included."""
+        """`BlockAccess` of block `index` (negative from the end), its rotary embedding included. The first
+        use on a model checks that it reproduces the last block's own forward (`check_block_access`)."""
+        if not getattr(self.model, "_block_access_checked", False):
+            _, inputs = self.block_inputs(self.depth - 1)
+            check_block_access(self.model.visual, self.model.family, inputs[-1])
+            self.model._block_access_checked = True
         return block_access(self.model.visual, index % self.depth)
 
     @cached_property

@@ -312,6 +312,37 @@ def block_access(visual: nn.Module, index: int) -> BlockAccess:
     return BlockAccess(blocks[index], None if ropes is None else ropes[index])
 
 
+def check_block_access(visual: nn.Module, family: Family, x: torch.Tensor, index: int = -1) -> None:
+    """Refuse (ModelError) a tower whose blocks camloc's `BlockAccess` does not read right: block `index`'s
+    attention recombined as the original from its batch-first input `x` (1, N, D) must give the block's own
+    output, within float rounding (1e-4 of its range in fp32, 1e-2 in half precision). A block variant the
+    attention methods were not written for (post-norm blocks, parallel blocks, another attention scale) then
+    stops with one line instead of giving maps of a forward the model never runs."""
+    from camloc.errors import ModelError
+
+    blocks = vit_blocks(visual)
+    block = blocks[index]
+    try:
+        access = block_access(visual, index % len(blocks))
+    except (AttributeError, TypeError) as exc:
+        raise ModelError(f"the attention methods cannot read {type(block).__name__} blocks ({exc})") from None
+    ropes = block_ropes(visual)
+    kwargs = {"rope": ropes[index]} if ropes is not None else {}
+    with torch.no_grad():
+        q, k, v = access.qkv(access.ln_1(x))
+        attn = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+        y = x + access.ls_1(access.merge(attn @ v))
+        y = y + access.ffn(y)
+        own = block(x.transpose(0, 1) if family.batch_dim == 1 else x, **kwargs)
+        own = own.transpose(0, 1) if family.batch_dim == 1 else own
+    scale = float(own.float().abs().max()) or 1.0
+    tolerance = 1e-4 if x.dtype == torch.float32 else 1e-2
+    if not float((y.float() - own.float()).abs().max()) <= tolerance * scale:
+        raise ModelError(f"camloc's reading of the {type(block).__name__} blocks does not reproduce their forward "
+                         "(another block layout or attention scale); the attention methods are not available for "
+                         "this model")
+
+
 def dense_tokens(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Every token of the last block's output (B, N, D) through the rest of the tower as a token of its
     own -> (B, N, E): OpenAI's and open_clip's ViTs ln_post and proj (MaskCLIP's dense features);
