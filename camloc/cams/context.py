@@ -142,8 +142,8 @@ class CamContext:
         """`BlockAccess` of block `index` (negative from the end), its rotary embedding included. The first
         use on a model checks that it reproduces the last block's own forward (`check_block_access`)."""
         if not getattr(self.model, "_block_access_checked", False):
-            _, inputs = self.block_inputs(self.depth - 1)
-            check_block_access(self.model.visual, self.model.family, inputs[-1])
+            _, inputs, features = self.block_inputs(self.depth - 1, embedding=True)
+            check_block_access(self.model.visual, self.model.family, inputs[-1], features=features)
             self.model._block_access_checked = True
         return block_access(self.model.visual, index % self.depth)
 

@@ -312,10 +312,12 @@ def block_access(visual: nn.Module, index: int) -> BlockAccess:
     return BlockAccess(blocks[index], None if ropes is None else ropes[index])
 
 
-def check_block_access(visual: nn.Module, family: Family, x: torch.Tensor, index: int = -1) -> None:
+def check_block_access(visual: nn.Module, family: Family, x: torch.Tensor, index: int = -1,
+                       features: torch.Tensor | None = None) -> None:
     """Refuse (ModelError) a tower whose blocks camloc's `BlockAccess` does not read right: block `index`'s
     attention recombined as the original from its batch-first input `x` (1, N, D) must give the block's own
-    output, within float rounding (1e-4 of its range in fp32, 1e-2 in half precision). A block variant the
+    output, within float rounding (1e-4 of its range in fp32, 1e-2 in half precision); on a class-token
+    pooled tower, with the image's embedding `features`, the class token through `dense_tokens` must give it. A block variant the
     attention methods were not written for (post-norm blocks, parallel blocks, another attention scale) then
     stops with one line instead of giving maps of a forward the model never runs."""
     from camloc.errors import ModelError
@@ -341,6 +343,13 @@ def check_block_access(visual: nn.Module, family: Family, x: torch.Tensor, index
         raise ModelError(f"camloc's reading of the {type(block).__name__} blocks does not reproduce their forward "
                          "(another block layout or attention scale); the attention methods are not available for "
                          "this model")
+    if features is not None and family.pooling == "token" and index in (-1, len(blocks) - 1):
+        with torch.no_grad():  # the class token through `dense_tokens` is the model's own embedding
+            pooled = dense_tokens(visual, own)[:, 0].float()
+        reference = features.float()
+        if not float((pooled - reference).abs().max()) <= tolerance * (float(reference.abs().max()) or 1.0):
+            raise ModelError(f"camloc's per-token reading of {type(visual).__name__}'s head does not reproduce its "
+                             "embedding; the dense methods are not available for this model")
 
 
 def dense_tokens(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
