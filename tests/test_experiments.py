@@ -122,6 +122,10 @@ def test_smoke_threshold_search_and_rerun_without_the_model(tmp_path, monkeypatc
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     first = json.loads((out / "summary.json").read_text())
     assert first["models_loaded"] == 2 and first["pairs_computed"] == 18
+    sources = json.loads((out / "config.json").read_text())["data_sources"]  # where each split was read from
+    assert set(sources) == {"train", "val"} and all(Path(v).is_absolute() for s in sources.values()
+                                                    for v in s.values() if v)
+    assert any(sources["train"].values())
     assert [run["encoder"] for run in first["runs"]] == [{"compiled": False}] * 2  # --compile auto: off on the CPU
 
     from camloc.models import ClipModel

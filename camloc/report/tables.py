@@ -173,7 +173,7 @@ def s1_table(run_dirs: list[Path], compare_paper: bool = False) -> pd.DataFrame:
         part = pd.read_csv(d / "table_s1.csv")
         part = part[part["label"] != "Mean"].assign(source=str(d))
         config = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
-        config = json.dumps({k: v for k, v in config.items() if k != "runs"}, sort_keys=True)
+        config = json.dumps({k: v for k, v in config.items() if k not in ("runs", "data_sources")}, sort_keys=True)
         for model, method in zip(part["model"], part["method"]):
             seen = configs.setdefault((model, method), (config, d))
             if seen[0] != config:

@@ -124,14 +124,16 @@ def cached_items(cache: HeatmapCache, images: list[ImagePairs], method: str) -> 
     return items
 
 
-def _load(spec: dict) -> tuple[list[ImagePairs], str]:
+def _load(spec: dict, sources: dict | None = None) -> tuple[list[ImagePairs], str]:
+    """A split's images and its heatmap-cache key; `sources` receives where the data was read from."""
     spec = dict(spec)
     name = spec.pop("dataset")
     images = load_dataset(name, limit=spec.get("limit"), classes=spec.get("classes"),
                           prompt_template=spec.get("prompt_template", "{}"), subset_seed=spec.get("subset_seed"),
                           data_root_dir=spec.get("data_root"), split=spec.get("split"), ann_file=spec.get("ann_file"),
                           image_dir=spec.get("image_dir"), per_class=spec.get("per_class", 100),
-                          include_stuff=spec.get("include_stuff", False), ade_extent=spec.get("ade_extent", "visible"))
+                          include_stuff=spec.get("include_stuff", False), ade_extent=spec.get("ade_extent", "visible"),
+                          sources=sources)
     return images, dataset_key(name, spec.get("split"), spec.get("prompt_template", "{}"), images)
 
 
@@ -150,15 +152,18 @@ def run_threshold_search(config: SearchConfig, out: str | Path, *, device: str =
     out = prepare_out_dir(out)
     thresholds = threshold_grid(**config.grid)
     precision = resolve_precision(config.precision, resolve_device(device))
-    train_images, train_key = _load(config.train)
-    val_images, val_key = _load(config.val)
+    sources: dict = {"train": {}, "val": {}}
+    train_images, train_key = _load(config.train, sources["train"])
+    val_images, val_key = _load(config.val, sources["val"])
     for images, spec in ((train_images, config.train), (val_images, config.val)):
         check_images(assign_images(images, rank, world), False, spec["dataset"])
     datasets = ((train_images, train_key), (val_images, val_key))
     data = {"train": data_identity(train_images), "val": data_identity(val_images)}
     with folder_lock(out, ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}", "output folder"):
         if rank == 0:
-            atomic_write_text(out / "config.json", json.dumps({**asdict(config), "data": data}, indent=1) + "\n")
+            # data_sources: where each split was read from (absolute), beside the identity, as eval records it
+            atomic_write_text(out / "config.json", json.dumps({**asdict(config), "data": data, "data_sources": sources},
+                                                              indent=1) + "\n")
         return _search_locked(config, out, datasets, thresholds, precision, started, device=device,
                               cache_dir=cache_dir, chunk_size=chunk_size, compile=compile, workers=workers,
                               progress=progress,
