@@ -52,7 +52,7 @@ def grad_eclip(ctx: CamContext) -> torch.Tensor:
             raise OptionError("--eclip-official recomputes an nn.MultiheadAttention block with one head, as the "
                               f"official code does; {ctx.model.name}'s timm blocks have no such form: drop it")
         if family.pooling == "map":
-            return _pool_eclip(ctx, x)
+            return _pool_eclip(ctx)
         if family.pooling != "token":
             raise OptionError(f"grad-eclip needs a class token or an attention-pool head; {ctx.model.name}'s trunk "
                               "averages its tokens")
@@ -62,20 +62,14 @@ def grad_eclip(ctx: CamContext) -> torch.Tensor:
     with torch.no_grad():
         q, k, v = access.in_proj(access.ln_1(x))
         out = attention_output(q, k, v, heads)
-        sim = F.cosine_similarity(access.out_proj(q)[0, :1], access.out_proj(k)[0, 1:], dim=-1).float()
-        sim = (sim - sim.min()) / (sim.max() - sim.min())
+        sim = _minmax(F.cosine_similarity(access.out_proj(q)[0, :1], access.out_proj(k)[0, 1:], dim=-1).float())
     leaf = out.expand(n_prompts, -1, -1).clone().requires_grad_(True)
     with torch.enable_grad():
         h = x + access.ls_1(access.out_proj(leaf))
         h = h + access.ffn(h)
         raw = h.transpose(0, 1) if family.batch_dim == 1 else h
-        features = family.head(visual, raw).float()
-        features = features / features.norm(dim=-1, keepdim=True)
-        scores = ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1) + ctx.model.logit_bias
-        (grad,) = torch.autograd.grad(scores.sum(), leaf)
-    maps = torch.relu((grad[:, :1].float() * v[:, 1:].float() * sim[None, :, None]).sum(dim=-1))  # (P, N-1)
-    side = int(round(maps.shape[1] ** 0.5))
-    return maps.reshape(n_prompts, side, side)
+        (grad,) = torch.autograd.grad(_own_scores(ctx, family.head(visual, raw)).sum(), leaf)
+    return _relevance(ctx, grad[:, 0], v[0, 1:], sim)
 
 
 def _heads_cat(t: torch.Tensor) -> torch.Tensor:
@@ -95,6 +89,13 @@ def _minmax(t: torch.Tensor) -> torch.Tensor:
     return (t - t.min()) / (t.max() - t.min())
 
 
+def _own_scores(ctx: CamContext, features: torch.Tensor) -> torch.Tensor:
+    """(P, E) embeddings, copy p of the image -> s_p: the model's logit of prompt p for copy p (P,)."""
+    features = features.float()
+    features = features / features.norm(dim=-1, keepdim=True)
+    return ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1) + ctx.model.logit_bias
+
+
 def _timm_eclip(ctx: CamContext, x: torch.Tensor, access) -> torch.Tensor:
     """Grad-ECLIP on a class-token pooled timm trunk (EVA02): the last block's real attention (its q/k
     norms and rotary embeddings), the class row of its output (before the sub-norm and proj) as the
@@ -110,33 +111,26 @@ def _timm_eclip(ctx: CamContext, x: torch.Tensor, access) -> torch.Tensor:
     with torch.enable_grad():
         h = x + access.ls_1(access.out_proj(access.block.attn.norm(leaf)))
         h = h + access.ffn(h)
-        features = F.normalize(family.head(visual, h).float(), dim=-1)
-        scores = ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1) + ctx.model.logit_bias
-        (grad,) = torch.autograd.grad(scores.sum(), leaf)
+        (grad,) = torch.autograd.grad(_own_scores(ctx, family.head(visual, h)).sum(), leaf)
     return _relevance(ctx, grad[:, 0], v[0, prefix:], sim)
 
 
-def _pool_eclip(ctx: CamContext, x: torch.Tensor) -> torch.Tensor:
+def _pool_eclip(ctx: CamContext) -> torch.Tensor:
     """Grad-ECLIP on an attention-pool head (SigLIP), where camloc defines it at the pool's cross-attention,
     the last attention reading the tokens into the embedding (as HilaCAM reads the pool's query): the pool
     query's attention output as the differentiated point, the pool's values of each token, and
-    w(i) = minmax cos(proj(q_latent), proj(k_i)); the tokens are the last block's output after the trunk's
-    norm, as the model pools them."""
+    w(i) = minmax cos(proj(q_latent), proj(k_i)); the tokens are the last block's output (the image's one
+    forward) after the trunk's norm, as the model pools them."""
+    from camloc.cams.hila import latent_pool_attention
+
     visual, family = ctx.model.visual, ctx.model.family
     trunk = visual.trunk
     pool = trunk.attn_pool
     if getattr(pool, "latent_len", 1) != 1:
         raise OptionError("grad-eclip: attention pools with several latent queries are not supported")
+    last, _, _ = ctx._pass  # the target layer of timm trunks: the last block's output (1, N, D)
     with torch.no_grad():
-        tokens = trunk.blocks[-1](x, **({} if ctx.block_access(-1).rope is None else {"rope": ctx.block_access(-1).rope}))
-        tokens = trunk.norm(tokens)
-        if pool.pos_embed is not None:
-            tokens = tokens + pool.pos_embed.unsqueeze(0).to(tokens.dtype)
-        batch, n, dim = tokens.shape
-        q = pool.q(pool.latent).reshape(1, 1, pool.num_heads, pool.head_dim).transpose(1, 2)
-        k, v = pool.kv(tokens).reshape(1, n, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = pool.q_norm(q), pool.k_norm(k)
-        out = _heads_cat(torch.softmax((q * pool.scale) @ k.transpose(-2, -1), dim=-1) @ v)  # (1, 1, D)
+        q, k, v, _, out = latent_pool_attention(pool, trunk.norm(last))  # out: (1, 1, D)
         q, k, v = _heads_cat(q), _heads_cat(k), _heads_cat(v)
         sim = _minmax(F.cosine_similarity(pool.proj(q)[0, :1], pool.proj(k)[0, family.prefix:], dim=-1).float())
     leaf = out.expand(len(ctx.prompts), -1, -1).clone().requires_grad_(True)
@@ -145,7 +139,5 @@ def _pool_eclip(ctx: CamContext, x: torch.Tensor) -> torch.Tensor:
         if pool.mlp is not None:
             pooled = pooled + pool.mlp(pool.norm(pooled))
         features = visual.head(trunk.head(trunk.fc_norm(pooled[:, 0])))
-        features = F.normalize(features.float(), dim=-1)
-        scores = ctx.model.logit_scale * (features * ctx.text_features).sum(dim=-1) + ctx.model.logit_bias
-        (grad,) = torch.autograd.grad(scores.sum(), leaf)
+        (grad,) = torch.autograd.grad(_own_scores(ctx, features).sum(), leaf)
     return _relevance(ctx, grad[:, 0], v[0, family.prefix:], sim)

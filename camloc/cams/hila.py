@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.postprocess import minmax_
 from camloc.cams.options import method_option
+from camloc.cams.postprocess import minmax_
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
 
@@ -75,9 +75,10 @@ def _softmax_base(weights: torch.Tensor) -> torch.Tensor:
     return base
 
 
-def latent_pool_with_probs(pool, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm's AttentionPoolLatent written out, returning (its output, the query's probabilities
-    (B, heads, latent, N)); checked against timm's own forward by the caller."""
+def latent_pool_attention(pool, x: torch.Tensor) -> tuple:
+    """timm's AttentionPoolLatent written out up to its output projection: (q (B, heads, latent, d) and
+    k, v (B, heads, N, d) as the attention uses them, the query's probabilities (B, heads, latent, N), the
+    heads' concatenated output (B, latent, D))."""
     batch, n, dim = x.shape
     if pool.pos_embed is not None:
         x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
@@ -86,7 +87,13 @@ def latent_pool_with_probs(pool, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     k, v = pool.kv(x).reshape(batch, n, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = pool.q_norm(q), pool.k_norm(k)
     probs = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(batch, pool.latent_len, dim)
+    return q, k, v, probs, (probs @ v).transpose(1, 2).reshape(batch, pool.latent_len, dim)
+
+
+def latent_pool_with_probs(pool, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's AttentionPoolLatent written out, returning (its output, the query's probabilities
+    (B, heads, latent, N)); checked against timm's own forward by the caller."""
+    _, _, _, probs, out = latent_pool_attention(pool, x)
     out = pool.proj_drop(pool.proj(out))
     if pool.mlp is not None:
         out = out + pool.mlp(pool.norm(out))
