@@ -179,28 +179,16 @@ def gem(ctx: CamContext) -> torch.Tensor:
         return patch_similarity(ctx, x_gem)
 
 
-def _replaced_last_block(ctx: CamContext, logits) -> torch.Tensor:
-    """The last block replaced by its attention alone (no residual, no FFN), with `logits(q, k)` as
-    the attention logits; the patch-token similarity grid."""
-    _, inputs = ctx.block_inputs(ctx.depth - 1)
-    access = ctx.block_access(-1)
-    with torch.no_grad():
-        q, k, v = access.qkv(access.ln_1(inputs[-1]))
-        attn = torch.softmax(logits(q, k), dim=-1)
-        return patch_similarity(ctx, access.merge(attn @ v))
+SELF_CORRELATION = {"sclip": ("q", "k"), "cliptrase": ("q", "k", "v"), "clearclip": ("q",), "naclip": ("k",)}
+"""The last-block variants: the projections t whose softmax(t t^T / sqrt(d)) are summed into the attention."""
+KEEPS_RESIDUAL = frozenset({"sclip", "cliptrase"})
+"""SCLIP and CLIPtrase keep the block's residual and FFN; ClearCLIP and NACLIP replace the block by its attention."""
 
 
-@register_method("sclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
-                 params=("cls_lambda",),
-                 description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
-                             "residual and FFN kept; one forward.")
-def sclip(ctx: CamContext) -> torch.Tensor:
-    return _self_correlation_block(ctx, ("q", "k"))
-
-
-def _self_correlation_block(ctx: CamContext, parts: tuple[str, ...]) -> torch.Tensor:
-    """The last block with the sum of softmax(t t^T / sqrt(d)) over `parts` of (q, k, v) as its attention,
-    its residual and FFN kept: the patch similarity grid."""
+def last_block_variant(ctx: CamContext, base: str, logits_hook=None, attention_hook=None) -> torch.Tensor:
+    """The last block with `base`'s attention (`SELF_CORRELATION`; NACLIP's Gaussian neighbourhood added to
+    its logits): the patch-token similarity grid. `logits_hook` changes each logits matrix before its
+    softmax (NACLIP: before the neighbourhood), `attention_hook` the summed attention (ResCLIP's SFR, RCS)."""
     _, inputs = ctx.block_inputs(ctx.depth - 1)
     access = ctx.block_access(-1)
     x = inputs[-1]
@@ -208,9 +196,31 @@ def _self_correlation_block(ctx: CamContext, parts: tuple[str, ...]) -> torch.Te
         q, k, v = access.qkv(access.ln_1(x))
         scale = q.shape[-1] ** -0.5
         tensors = {"q": q, "k": k, "v": v}
-        attn = sum(torch.softmax(tensors[p] @ tensors[p].transpose(-2, -1) * scale, dim=-1) for p in parts)
-        x = x + access.ls_1(access.merge(attn @ v))
-        return patch_similarity(ctx, x + access.ffn(x))
+        omega = 0
+        if base == "naclip":
+            prefix = ctx.model.family.prefix
+            grid = int(round((q.shape[-2] - prefix) ** 0.5))
+            std = float(ctx.options.get("naclip_std", NACLIP_STD.default))
+            omega = neighbourhood(grid, std, prefix).to(q.dtype).to(q.device)
+        attn = 0
+        for part in SELF_CORRELATION[base]:
+            logits = tensors[part] @ tensors[part].transpose(-2, -1) * scale
+            logits = logits_hook(logits) if logits_hook else logits
+            attn = attn + torch.softmax(logits + omega, dim=-1)
+        attn = attention_hook(attn) if attention_hook else attn
+        out = access.merge(attn @ v)
+        if base in KEEPS_RESIDUAL:
+            out = x + access.ls_1(out)
+            out = out + access.ffn(out)
+        return patch_similarity(ctx, out)
+
+
+@register_method("sclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
+                 params=("cls_lambda",),
+                 description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
+                             "residual and FFN kept; one forward.")
+def sclip(ctx: CamContext) -> torch.Tensor:
+    return last_block_variant(ctx, "sclip")
 
 
 @register_method("cliptrase", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
@@ -218,7 +228,7 @@ def _self_correlation_block(ctx: CamContext, parts: tuple[str, ...]) -> torch.Te
                  description="CLIPtrase (Shao et al. 2024): recalibrated self-correlation (q-q + k-k + v-v) in the last "
                              "block, residual and FFN kept; one forward (without the reference's DBSCAN cluster vote).")
 def cliptrase(ctx: CamContext) -> torch.Tensor:
-    return _self_correlation_block(ctx, ("q", "k", "v"))
+    return last_block_variant(ctx, "cliptrase")
 
 
 @register_method("clearclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
@@ -226,7 +236,7 @@ def cliptrase(ctx: CamContext) -> torch.Tensor:
                  description="ClearCLIP (Lan et al. 2024): query-query attention, last block without residual "
                              "and FFN; one forward.")
 def clearclip(ctx: CamContext) -> torch.Tensor:
-    return _replaced_last_block(ctx, lambda q, k: q @ q.transpose(-2, -1) * q.shape[-1] ** -0.5)
+    return last_block_variant(ctx, "clearclip")
 
 
 def neighbourhood(grid: int, std: float, prefix: int = 1) -> torch.Tensor:
@@ -244,15 +254,7 @@ def neighbourhood(grid: int, std: float, prefix: int = 1) -> torch.Tensor:
                  description="NACLIP (Hajimiri et al. 2025): key-key attention plus a Gaussian neighbourhood "
                              "(--naclip-std), last block without residual and FFN; one forward.")
 def naclip(ctx: CamContext) -> torch.Tensor:
-    std = float(ctx.options.get("naclip_std", NACLIP_STD.default))
-    prefix = ctx.model.family.prefix
-
-    def logits(q, k):
-        grid = int(round((q.shape[-2] - prefix) ** 0.5))
-        omega = neighbourhood(grid, std, prefix).to(q.dtype).to(q.device)
-        return k @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + omega
-
-    return _replaced_last_block(ctx, logits)
+    return last_block_variant(ctx, "naclip")
 
 
 SURGERY_BLOCKS = 6  # the reference's "for i in range(1, 7)": the last 6 blocks carry the v-v path

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.dense import NACLIP_STD, neighbourhood, patch_similarity
+from camloc.cams.dense import NACLIP_STD, last_block_variant
 from camloc.cams.options import method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
@@ -133,31 +133,12 @@ def _mix(tensor: torch.Tensor, other: torch.Tensor | None, weights: tuple[float,
 
 
 def last_block(ctx: CamContext, base: str, rcs: torch.Tensor | None, sfr: torch.Tensor | None) -> torch.Tensor:
-    """The base's last block with RCS (R) and SFR (S) mixed in: the patch similarity grid (P, g, g)."""
-    _, inputs = ctx.block_inputs(ctx.depth - 1)
-    x = inputs[-1]
-    access = ctx.block_access(-1)
+    """The base's last block (`last_block_variant`) with SFR (S) mixed into its logits and RCS (R) into its
+    attention: the patch similarity grid (P, g, g)."""
     rcs_w = _weights(ctx.options.get("resclip_rcs_weights", RCS_WEIGHTS.default))
     sfr_w = _weights(ctx.options.get("resclip_sfr_weights", SFR_WEIGHTS.default))
-    q, k, v = access.qkv(access.ln_1(x))
-    scale = q.shape[-1] ** -0.5
-    if base == "sclip":
-        attn = (torch.softmax(_mix(q @ q.transpose(-2, -1) * scale, sfr, sfr_w), dim=-1)
-                + torch.softmax(_mix(k @ k.transpose(-2, -1) * scale, sfr, sfr_w), dim=-1))
-    elif base == "clearclip":
-        attn = torch.softmax(_mix(q @ q.transpose(-2, -1) * scale, sfr, sfr_w), dim=-1)
-    else:
-        prefix = ctx.model.family.prefix
-        grid = int(round((q.shape[-2] - prefix) ** 0.5))
-        std = float(ctx.options.get("naclip_std", NACLIP_STD.default))
-        omega = neighbourhood(grid, std, prefix).to(q.dtype).to(q.device)
-        attn = torch.softmax(_mix(k @ k.transpose(-2, -1) * scale, sfr, sfr_w) + omega, dim=-1)
-    attn = _mix(attn, rcs, rcs_w)
-    out = access.merge(attn @ v)
-    if base == "sclip":  # SCLIP keeps the block's residual and FFN
-        out = x + access.ls_1(out)
-        out = out + access.ffn(out)
-    return patch_similarity(ctx, out)
+    return last_block_variant(ctx, base, logits_hook=lambda t: _mix(t, sfr, sfr_w),
+                              attention_hook=lambda a: _mix(a, rcs, rcs_w))
 
 
 def patch_labels(ctx: CamContext, similarity: torch.Tensor, threshold: float) -> torch.Tensor:
