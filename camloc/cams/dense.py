@@ -66,17 +66,10 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.options import at_least, method_option, one_of
+from camloc.cams.options import at_least, method_option, one_of, positive
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
 from camloc.models.families import BlockAccess, dense_tokens  # noqa: F401  (BlockAccess: re-exported for tests)
-
-
-def _positive(value: float) -> float:
-    if not value > 0:
-        raise OptionError(f"--naclip-std must be positive, got {value}")
-    return value
-
 
 CONTRASTS = ("none", "empty", "labels", "dataset")
 GEM_BLOCKS = method_option("gem_blocks", int, 6, "GEM: last blocks on the self-self path (gem-torch's default depth "
@@ -84,7 +77,7 @@ GEM_BLOCKS = method_option("gem_blocks", int, 6, "GEM: last blocks on the self-s
 GEM_ITERATIONS = method_option("gem_iterations", int, 1, "GEM: self-self refinement iterations (the reference's 1).",
                                at_least("--gem-iterations", 0))
 NACLIP_STD = method_option("naclip_std", float, 5.0, "NACLIP: standard deviation of the Gaussian neighbourhood, in "
-                           "patches (the reference's 5).", _positive)
+                           "patches (the reference's 5).", positive("--naclip-std"))
 CONTRAST = method_option("contrast", str, "empty", "CLIP Surgery's redundant-feature removal: none, empty (subtract "
                          "the empty prompt's embedding: the reference's single-text demo), labels (the image's "
                          "prompts, >= 2 needed) or dataset (every prompt of the dataset; eval and threshold-search).",

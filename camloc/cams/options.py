@@ -116,6 +116,28 @@ def at_least(flag: str, minimum: int | float, meaning: str = "") -> Callable:
     return check
 
 
+def positive(flag: str) -> Callable:
+    """A check: value > 0."""
+
+    def check(value):
+        if not value > 0:
+            raise OptionError(f"{flag} must be positive, got {value}")
+        return value
+
+    return check
+
+
+def between(flag: str, low: float, high: float, low_open: bool = False, meaning: str = "") -> Callable:
+    """A check: low <= value <= high (low < value with `low_open`; `meaning` is added to the message)."""
+
+    def check(value):
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise OptionError(f"{flag} must be in {'(' if low_open else '['}{low:g}, {high:g}]{meaning}, got {value}")
+        return value
+
+    return check
+
+
 def count_or_auto(value, flag: str) -> int | str:
     """A count option that takes a positive number or `auto` (`--chunk-size`, `--image-batch`)."""
     if value == "auto":
@@ -140,5 +162,5 @@ def one_of(flag: str, choices: tuple[str, ...]) -> Callable:
     return check
 
 
-__all__ = ["OPTIONS", "MethodOption", "all_options", "at_least", "default_options", "method_option", "one_of",
-           "parse_method_options"]
+__all__ = ["OPTIONS", "MethodOption", "all_options", "at_least", "between", "default_options", "method_option",
+           "one_of", "parse_method_options", "positive"]

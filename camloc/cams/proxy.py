@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
 from camloc.cams.dense import square_grid
-from camloc.cams.options import method_option
+from camloc.cams.options import method_option, positive
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError, OptionError
 from camloc.models.families import dense_tokens
@@ -39,22 +39,14 @@ def _name(value: str) -> str:
     return value
 
 
-def _positive(flag: str):
-    def check(value: float) -> float:
-        if not value > 0:
-            raise OptionError(f"{flag} must be positive, got {value}")
-        return value
-    return check
-
-
 PROXY_MODEL = method_option("proxy_model", str, "", "ProxyCLIP: the vision foundation model whose patch features "
                             "weigh CLIP's values, a timm ViT name (e.g. vit_base_patch8_224.dino, "
                             "vit_base_patch14_reg4_dinov2.lvd142m; NAME:random for random weights). Required "
                             "for proxyclip.", _name)
 PROXY_BETA = method_option("proxy_beta", float, 1.2, "ProxyCLIP: the proxy similarity's mean is subtracted "
-                           "beta times (the reference's 1.2).", _positive("--proxy-beta"))
+                           "beta times (the reference's 1.2).", positive("--proxy-beta"))
 PROXY_GAMMA = method_option("proxy_gamma", float, 3.0, "ProxyCLIP: the proxy similarity's temperature gamma (the "
-                            "reference's 3.0).", _positive("--proxy-gamma"))
+                            "reference's 3.0).", positive("--proxy-gamma"))
 
 _LOADED: dict[tuple, tuple] = {}
 

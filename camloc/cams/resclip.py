@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
 from camloc.cams.dense import NACLIP_STD, last_block_variant
-from camloc.cams.options import method_option, one_of
+from camloc.cams.options import between, method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
 
@@ -78,12 +78,6 @@ def _layers(value: str) -> str:
     return f"{first}-{last}"
 
 
-def _fraction(value: float) -> float:
-    if not 0 <= value <= 1:
-        raise OptionError(f"--resclip-sfr-threshold must be in [0, 1], got {value}")
-    return value
-
-
 BASE = method_option("resclip_base", str, "naclip", "ResCLIP: the last-block attention it refines, naclip (the "
                      "reference's default), sclip or clearclip.", one_of("--resclip-base", BASES))
 PARTS = method_option("resclip_parts", str, "rcs,sfr", "ResCLIP: its parts, a comma list of rcs (cross-correlation "
@@ -97,7 +91,7 @@ SFR_WEIGHTS = method_option("resclip_sfr_weights", str, "2.1,0.6", "ResCLIP SFR:
                             "demo's 2.1,0.6).", _pair("--resclip-sfr-weights"))
 SFR_THRESHOLD = method_option("resclip_sfr_threshold", float, 0.1, "ResCLIP SFR: pixels whose top prompt "
                               "probability is below this count as the first prompt (the demo's temp_thd 0.1).",
-                              _fraction)
+                              between("--resclip-sfr-threshold", 0, 1))
 
 
 def _weights(text: str) -> tuple[float, float]:

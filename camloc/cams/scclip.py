@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
 from camloc.cams.dense import square_grid
-from camloc.cams.options import method_option
+from camloc.cams.options import between, method_option
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
 from camloc.models.families import dense_tokens
@@ -50,20 +50,12 @@ def _layers(value: str) -> str:
     return f"{numbers[0]},{numbers[1]},{numbers[2]}-{numbers[3]}"
 
 
-def _fraction(flag: str, low_open: bool = False):
-    def check(value: float) -> float:
-        if not (0 <= value <= 1) or (low_open and value == 0):
-            raise OptionError(f"{flag} must be in [0, 1], got {value}")
-        return value
-    return check
-
-
 LAYERS = method_option("scclip_layers", str, "auto", "SC-CLIP: pre,post,start-end block outputs (0 = block 1's; the "
                        "reference's 8,3,3-10 on 12 blocks); auto scales them to the model's depth.", _layers)
 BETA = method_option("scclip_beta", float, 0.4, "SC-CLIP: similarities below this are dropped from the aggregation "
-                     "(the reference's 0.4).", _fraction("--scclip-beta"))
+                     "(the reference's 0.4).", between("--scclip-beta", 0, 1))
 RES_CLS = method_option("scclip_res_cls", float, 0.3, "SC-CLIP: weight of the class token added to every patch "
-                        "token after the last block (the reference's 0.3).", _fraction("--scclip-res-cls"))
+                        "token after the last block (the reference's 0.3).", between("--scclip-res-cls", 0, 1))
 
 
 def resolve_layers(value: str, depth: int) -> tuple[int, int, int, int]:
