@@ -36,10 +36,9 @@ import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
 from camloc.cams.hila import capturing_attention, latent_pool_with_probs
-from camloc.cams.options import at_least, method_option
+from camloc.cams.options import at_least, between, method_option
 from camloc.cams.postprocess import minmax_
 from camloc.cams.registry import register_method
-from camloc.errors import OptionError
 from camloc.models.families import dense_tokens, has_blocks, vit_blocks
 
 LAYERS = method_option("legrad_layers", int, 2, "LeGrad: the last K blocks used (the reference's 2; 0 = every "
@@ -47,15 +46,9 @@ LAYERS = method_option("legrad_layers", int, 2, "LeGrad: the last K blocks used 
 DEFAULT_LAYERS = LAYERS.default
 
 
-def _fraction(value: float) -> float:
-    if not 0 < value <= 1:
-        raise OptionError(f"--legrad-correction must be in (0, 1] (1 = off), got {value}")
-    return value
-
-
 CORRECTION = method_option("legrad_correction", float, 0.8, "LeGrad on attention-pool heads (SigLIP): zero the map "
                            "where the empty prompt's normalised map exceeds this (the reference's 0.8; 1 = off).",
-                           _fraction)
+                           between("--legrad-correction", 0, 1, low_open=True, meaning=" (1 = off)"))
 OFFICIAL = method_option("legrad_official", bool, False, "LeGrad on attention-pool heads: pool the raw block "
                          "output as the reference code does, instead of through the model's final norm.")
 EMPTY_PROMPT = "a photo of a"  # the reference's empty text for the correction
@@ -74,7 +67,7 @@ def legrad(ctx: CamContext) -> torch.Tensor:
     first = 0 if k <= 0 or k >= depth else depth - k
     used = list(range(first, depth))
     if family.pooling == "map":
-        return _legrad_pool(ctx, blocks, used)
+        return _legrad_pool(ctx, used)
     n_prompts = len(ctx.prompts)
     outputs: dict[int, torch.Tensor] = {}
     handles = []
@@ -115,21 +108,17 @@ def legrad(ctx: CamContext) -> torch.Tensor:
     return minmax_(up.detach(), eps=0)
 
 
-def _legrad_pool(ctx: CamContext, blocks: list, used: list[int]) -> torch.Tensor:
-    """LeGrad's SigLIP path (see the module docstring): (P, n, n)."""
+def _legrad_pool(ctx: CamContext, used: list[int]) -> torch.Tensor:
+    """LeGrad's SigLIP path (see the module docstring): (P, n, n). The blocks' outputs come from the image's
+    one forward: each block's output is the next one's input, the last one's the target layer's output."""
     visual = ctx.model.visual
     trunk = visual.trunk
     official = bool(ctx.options.get("legrad_official", OFFICIAL.default))
     threshold = float(ctx.options.get("legrad_correction", CORRECTION.default))
     n_prompts = len(ctx.prompts)
-    outputs: dict[int, torch.Tensor] = {}
-    handles = [blocks[i].register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out)) for i in used]
-    try:
-        with torch.no_grad():
-            visual(ctx.input)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _, inputs = ctx.block_inputs(0)
+    last, _, _ = ctx._pass
+    outputs = {i: inputs[i + 1] if i + 1 < len(inputs) else last for i in used}
     text = ctx.text_features.float()
     empty = ctx.model.text_features([EMPTY_PROMPT]).float()[0] if threshold < 1 else None
     probs, scores, empty_scores = [], 0, 0
