@@ -25,6 +25,7 @@ from camloc.cams.options import method_option
 from camloc.cams.postprocess import minmax_
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
+from camloc.models.families import vit_blocks
 
 START_LAYER = method_option("start_layer", int, 0, "HilaCAM: first block used (0 = all blocks, -1 = the last only); "
                             "checked against the model's blocks once it is loaded.")
@@ -38,9 +39,7 @@ def _ask_for_weights(module, args, kwargs):
 
 def attention_blocks(visual) -> list:
     """The encoder's attention modules in order (MultiheadAttention, or timm attentions)."""
-    if hasattr(visual, "transformer"):
-        return [block.attn for block in visual.transformer.resblocks]
-    return [block.attn for block in visual.trunk.blocks]
+    return [block.attn for block in vit_blocks(visual)]
 
 
 @contextlib.contextmanager

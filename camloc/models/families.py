@@ -317,9 +317,10 @@ def check_block_access(visual: nn.Module, family: Family, x: torch.Tensor, index
     """Refuse (ModelError) a tower whose blocks camloc's `BlockAccess` does not read right: block `index`'s
     attention recombined as the original from its batch-first input `x` (1, N, D) must give the block's own
     output, within float rounding (1e-4 of its range in fp32, 1e-2 in half precision); on a class-token
-    pooled tower, with the image's embedding `features`, the class token through `dense_tokens` must give it. A block variant the
-    attention methods were not written for (post-norm blocks, parallel blocks, another attention scale) then
-    stops with one line instead of giving maps of a forward the model never runs."""
+    pooled tower, with the image's embedding `features`, the class token through `dense_tokens` must give
+    it. A block variant the attention methods were not written for (post-norm blocks, parallel blocks,
+    another attention scale) then stops with one line instead of giving maps of a forward the model never
+    runs."""
     from camloc.errors import ModelError
 
     blocks = vit_blocks(visual)
@@ -328,8 +329,7 @@ def check_block_access(visual: nn.Module, family: Family, x: torch.Tensor, index
         access = block_access(visual, index % len(blocks))
     except (AttributeError, TypeError) as exc:
         raise ModelError(f"the attention methods cannot read {type(block).__name__} blocks ({exc})") from None
-    ropes = block_ropes(visual)
-    kwargs = {"rope": ropes[index]} if ropes is not None else {}
+    kwargs = {"rope": access.rope} if access.rope is not None else {}
     with torch.no_grad():
         q, k, v = access.qkv(access.ln_1(x))
         attn = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
