@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from enum import Enum
 
-import camloc.cli.common  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
 import typer
 
+import camloc.cli.common  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
 from camloc import __version__
 
 app = typer.Typer(

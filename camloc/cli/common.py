@@ -55,6 +55,13 @@ CamCurveIntervalOption = typer.Option(0.01, "--cam-curve-interval", help="MaxBox
 SubsetSeedOption = typer.Option(None, "--subset-seed", help="Seed of the random --limit subset and of coco-train-balanced's draw (default 0 there).")
 
 
+def comma_list(value):
+    """A comma list option ("a, b,c") -> ["a", "b", "c"]; None and lists (from a config file) as they are."""
+    if value is None or isinstance(value, list):
+        return value
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
 def method_typer_options() -> dict:
     """The methods' options (`camloc.cams.options`, declared by each method's own module) as typer
     options: parameter name -> (annotation, typer.Option)."""

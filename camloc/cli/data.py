@@ -44,8 +44,8 @@ def verify_cmd(
 ) -> None:
     """Check a dataset's layout: count images, pairs and missing image files; say how to obtain it."""
     from camloc.datasets import DATASETS, count_pairs, list_datasets, load_dataset
-    from camloc.errors import CamlocError, DataError, OptionError
     from camloc.datasets.segmentation import SEG_DATASETS
+    from camloc.errors import CamlocError, DataError, OptionError
     from camloc.run.finish import mean_coverage
 
     if dataset in SEG_DATASETS:

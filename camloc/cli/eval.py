@@ -9,17 +9,10 @@ import typer
 from camloc.cli.app import app
 from camloc.cli.common import (AdeExtentOption, AnnFileOption, CacheOption, CamCurveIntervalOption, ChunkOption,
                                CompileOption, DataRootOption, DeviceOption, FaithBaselineOption, FaithBatchOption,
-                               FaithScoreOption, FaithStepsOption, ImageBatchOption, ImageDirOption,
-                               IncludeStuffOption, MaxPixelsOption, PerClassOption, PointingToleranceOption,
-                               PrecisionOption, ProtocolsOption, RoadPercentilesOption, SkipBadRecordsOption,
-                               SplitOption, SubsetSeedOption,
-                               ThresholdOption, reports_errors, with_method_options)
-
-
-def _split(value):
-    if value is None or isinstance(value, list):
-        return value
-    return [v.strip() for v in str(value).split(",") if v.strip()]
+                               FaithScoreOption, FaithStepsOption, ImageBatchOption, ImageDirOption, IncludeStuffOption,
+                               MaxPixelsOption, PerClassOption, PointingToleranceOption, PrecisionOption,
+                               ProtocolsOption, RoadPercentilesOption, SkipBadRecordsOption, SplitOption,
+                               SubsetSeedOption, ThresholdOption, comma_list, reports_errors, with_method_options)
 
 
 @app.command("eval")
@@ -93,7 +86,7 @@ def eval_cmd(
     given = setting.given
 
     models = [model] if model and ("model" in given or "models" not in file) else file.get("models")
-    methods = _split(method) if method and ("method" in given or "methods" not in file) else _split(file.get("methods"))
+    methods = comma_list(method) if method and ("method" in given or "methods" not in file) else comma_list(file.get("methods"))
     out_dir = setting("out")
     for name, value in (("--model", models), ("--method", methods), ("--out", out_dir)):
         if not value:
@@ -111,7 +104,7 @@ def eval_cmd(
         summary = evaluate(
             name, setting("dataset"), list(methods), out=run_dir, protocols=setting("protocols"),
             threshold=setting("threshold"), iou=setting("iou"), limit=setting("limit"),
-            classes=_split(setting("classes")), split=setting("split"), prompt_template=setting("prompt_template"),
+            classes=comma_list(setting("classes")), split=setting("split"), prompt_template=setting("prompt_template"),
             subset_seed=setting("subset_seed"), per_class=setting("per_class"),
             include_stuff=setting("include_stuff"), ade_extent=setting("ade_extent"),
             data_root=setting("data_root"), ann_file=setting("ann_file"), image_dir=setting("image_dir"),

@@ -9,7 +9,8 @@ import typer
 from camloc.cli.app import app
 from camloc.cli.common import (AnnFileOption, CacheOption, ChunkOption, CompileOption, DataRootOption, DeviceOption,
                                ImageDirOption, MaxPixelsOption, ModelOption, PrecisionOption, SplitOption,
-                               SubsetSeedOption, reports_errors, with_method_options)
+                               SubsetSeedOption, comma_list, reports_errors, with_method_options)
+from camloc.evaluators.sanity import DEFAULT_FLAG_SPEARMAN
 
 
 @app.command()
@@ -30,7 +31,7 @@ def sanity(
     max_pixels: Optional[int] = MaxPixelsOption,
     prompt_template: str = typer.Option("{}", "--prompt-template", help="Prompt with {} for the class name, e.g. 'a photo of a {}.'"),
     seed: int = typer.Option(0, "--seed", help="Seed of the re-drawn weights (and of RISE's masks)."),
-    flag_spearman: float = typer.Option(0.5, "--flag-spearman", help="Flag a method whose mean Spearman correlation with the trained maps, with the whole image tower re-drawn, is at least this."),
+    flag_spearman: float = typer.Option(DEFAULT_FLAG_SPEARMAN, "--flag-spearman", help="Flag a method whose mean Spearman correlation with the trained maps, with the whole image tower re-drawn, is at least this."),
     fail_on_flag: bool = typer.Option(False, "--fail-on-flag", help="Exit with code 1 when a method is flagged (for CI)."),
     force_new: bool = typer.Option(False, "--force-new", help="Replace a sanity check's results already in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -57,7 +58,7 @@ def sanity(
         resolve_methods(method, family_hint(model), model)
     clip_model = load_model(model, device=device, precision=precision, cache_dir=cache_dir)
     result = run(clip_model, dataset, method, out=out, limit=limit,
-                 classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None, split=split,
+                 classes=comma_list(classes), split=split,
                  prompt_template=prompt_template, subset_seed=subset_seed, data_root=data_root, ann_file=ann_file,
                  image_dir=image_dir, seed=seed, flag_spearman=flag_spearman, chunk_size=chunk_size,
                  compile=compile_mode, force_new=force_new, progress=progress, **method_values)
