@@ -107,6 +107,13 @@ def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
     return square_grid(similarity)
 
 
+def similarity_attention(similarity: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """An attention from a patch similarity S: softmax over each row of (S - beta mean(S)) gamma with its
+    negative entries -inf (ProxyCLIP's proxy attention; SC-CLIP's with beta 1, gamma 3)."""
+    logits = (similarity - similarity.mean() * beta) * gamma
+    return torch.softmax(logits.masked_fill(logits < 0, float("-inf")), dim=-1)
+
+
 def square_grid(similarity: torch.Tensor) -> torch.Tensor:
     """(N patches, P) similarities on a square patch grid -> (P, g, g)."""
     grid = int(round(similarity.shape[0] ** 0.5))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.dense import square_grid
+from camloc.cams.dense import similarity_attention, square_grid
 from camloc.cams.options import method_option, positive
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError, OptionError
@@ -103,9 +103,7 @@ def proxy_features(ctx: CamContext, name: str) -> torch.Tensor:
 def proxy_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     """softmax rows of (S - beta mean(S)) gamma with negatives -inf, S the cosine between patch features: (HW, HW)."""
     f = F.normalize(features.flatten(1), dim=0)
-    similarity = f.T @ f
-    similarity = (similarity - similarity.mean() * beta) * gamma
-    return torch.softmax(similarity.masked_fill(similarity < 0, float("-inf")), dim=-1)
+    return similarity_attention(f.T @ f, beta, gamma)
 
 
 @register_method("proxyclip", segments=True, shares_forward=True, needs="--proxy-model",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.dense import square_grid
+from camloc.cams.dense import similarity_attention, square_grid
 from camloc.cams.options import between, method_option
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
@@ -108,8 +108,7 @@ def calibrated_attention(access, tokens: torch.Tensor, similarity: torch.Tensor)
     """The last block's attention on patch tokens alone (N, D) -> out_proj output (N, D)."""
     access.prefix = 0  # the tokens are patches only (a rotary embedding starts at the first)
     _, k, v = access.qkv(access.ln_1(tokens[None]))
-    logits = (similarity - similarity.mean()) * 3.0
-    attn = torch.softmax(logits.masked_fill(logits < 0, float("-inf")), dim=-1)
+    attn = similarity_attention(similarity, 1.0, 3.0)
     attn = (attn + torch.softmax(k @ k.transpose(-2, -1) * k.shape[-1] ** -0.5, dim=-1)) / 2
     return access.merge(attn @ v)[0]
 
