@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from camloc.errors import ModelError
-from camloc.models.families import has_blocks
+from camloc.models.families import vit_blocks
 
 STEM = ("conv1", "conv2", "conv3", "bn1", "bn2", "bn3", "class_embedding", "positional_embedding", "ln_pre",
         "trunk.patch_embed", "trunk.cls_token", "trunk.reg_token", "trunk.pos_embed", "trunk.norm_pre", "trunk.stem")
@@ -40,17 +40,18 @@ class Stage:
 
 
 def _blocks(visual: nn.Module) -> list[str]:
-    """The tower's blocks bottom-up, as parameter-name prefixes."""
-    if has_blocks(visual):
-        return [f"transformer.resblocks.{i}" for i in range(len(visual.transformer.resblocks))]
-    if all(hasattr(visual, f"layer{i}") for i in range(1, 5)):  # ModifiedResNet: its bottlenecks
-        return [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(visual, f"layer{i}")))]
+    """The tower's blocks bottom-up, as parameter-name prefixes: a ViT's transformer blocks (`vit_blocks`), a
+    ModifiedResNet's bottlenecks, or a ConvNeXt trunk's stages (downsample and blocks, a stage at a time)."""
+    modules = vit_blocks(visual)
     trunk = getattr(visual, "trunk", None)
-    if trunk is not None and hasattr(trunk, "blocks"):
-        return [f"trunk.blocks.{i}" for i in range(len(trunk.blocks))]
-    if trunk is not None and hasattr(trunk, "stages"):  # ConvNeXt: a stage (downsample and blocks) at a time
-        return [f"trunk.stages.{i}" for i in range(len(trunk.stages))]
-    raise ModelError(f"the sanity check does not know the blocks of a {type(visual).__name__} image tower")
+    if not modules and all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
+        modules = [block for i in range(1, 5) for block in getattr(visual, f"layer{i}")]
+    elif not modules and trunk is not None and hasattr(trunk, "stages"):
+        modules = list(trunk.stages)
+    if not modules:
+        raise ModelError(f"the sanity check does not know the blocks of a {type(visual).__name__} image tower")
+    names = {id(module): name for name, module in visual.named_modules()}
+    return [names[id(module)] for module in modules]
 
 
 def _under(name: str, prefix: str) -> bool:
