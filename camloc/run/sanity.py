@@ -32,18 +32,19 @@ from camloc.run.progress import progress_bar
 from camloc.run.provenance import device_description, git_commit, package_versions
 
 OUTPUTS = ("sanity.json", "sanity.csv", "sanity.md")
-REDRAW = "normal draws with each parameter tensor's own mean and standard deviation (one-element tensors kept)"
+REDRAW = ("normal draws with each parameter tensor's own mean and standard deviation (one-element tensors and "
+          "constant vectors kept, a constant matrix drawn with spread 1 / sqrt(fan-in))")
 
 
-def _input_maps(model: ClipModel, images: list, specs, options: dict, bar) -> dict[str, list[np.ndarray]]:
-    """{method: one (n, n) map in [0, 1] per pair, in the images' pair order}, at the model's input size."""
+def _input_maps(model: ClipModel, loaded: list, specs, options: dict, bar) -> dict[str, list[np.ndarray]]:
+    """{method: one (n, n) map in [0, 1] per pair, in the images' pair order}, at the model's input size.
+    `loaded`: (item, image, preprocessed input) per image, read once for every stage."""
     n = model.input_size
     maps: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
     names = [s.name for s in specs]
-    for item in images:
-        image = load_image(item.path)
+    for item, image, host in loaded:
         prompts = list(dict.fromkeys(p.prompt for p in item.pairs))
-        ctx = CamContext(model, image, prompts, options, methods=names)
+        ctx = CamContext(model, image, prompts, options, methods=names, host_input=host)
         raw = compute_raw(model, image, prompts, specs, context=ctx)
         for name, (kind, tensor) in raw.items():
             at_input = native_to_raw(kind, to_native(kind, tensor), (n, n))
@@ -96,11 +97,13 @@ def run_sanity(model: ClipModel, dataset: str, methods, out: str | Path, *, limi
         per_pair = {m: [] for m in names}
         summaries = {m: [] for m in names}
         with progress_bar(progress, len(pairs) * (len(stages) + 1), "sanity") as bar:
-            trained = _input_maps(model, images, specs, options, bar)
+            loaded = [(item, image, model.host_input(image)) for item in images
+                      for image in (load_image(item.path),)]
+            trained = _input_maps(model, loaded, specs, options, bar)
             try:
                 for stage in stages:
                     redraw_(visual, stage, generator)
-                    randomised = _input_maps(model, images, specs, options, bar)
+                    randomised = _input_maps(model, loaded, specs, options, bar)
                     for m in names:
                         values = [spearman(a, b) for a, b in zip(trained[m], randomised[m])]
                         structural = [ssim(a, b) for a, b in zip(trained[m], randomised[m])]
