@@ -315,7 +315,7 @@ def section_frontier(model, image, args, device, report):
                "proxy_model": "vit_base_patch8_224.dino:random"}  # ProxyCLIP's DINO ViT-B/8, random weights
     out = report.setdefault(f"frontier/{model.name}", {})
     for method in ("gradcam", "gscorecam", "clip-es", "grad-eclip", "legrad", "maskclip", "sclip", "clearclip",
-                   "naclip", "cliptrase", "scclip", "resclip", "proxyclip", "gem", "clipsurgery", "rise"):
+                   "naclip", "cliptrase", "scclip", "cliper", "resclip", "proxyclip", "gem", "clipsurgery", "rise"):
         times = {}
         for p in (1, 8):
             compute_heatmaps(model, image, prompts[:1], [method], {**options, "rise_masks": 16})  # warm-up

@@ -343,3 +343,87 @@ def test_scclip_equals_the_reference_written_out(model, chelsea):
     result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "scclip",
                                  "--model", "tiny-vit-mh", "--scclip-layers", "5,0,0-2"])
     assert result.exit_code == 2 and "--scclip-layers 5,0,0-2" in result.stderr
+
+
+def cliper_reference(model, image, prompts, background=("background",), scale=100.0, threshold=0.2,
+                     copy_per_level=False):
+    """linsun449/cliper.code at 0bfad0d, `CLIPer.forward` with attn_type="fused-attn", fuse_feature=True, on the
+    clip package's sequence-first blocks: the blocks before the last through nn.MultiheadAttention with their
+    per-head weights summed, every level through the last block's `custom_attn` with the sum divided in place
+    (so once more per level), ln_post and proj on every token, `classify` and the propagation."""
+    visual = model.visual
+    blocks = list(visual.transformer.resblocks)
+    with torch.no_grad():
+        x = stem_tokens(model, image)
+        attn_maps = 0
+        feats = torch.zeros([len(blocks)] + list(x.shape))
+        for i, blk in enumerate(blocks[:-1]):
+            ln_x = blk.ln_1(x)
+            feats[i] = ln_x
+            ln_x, attn_map = blk.attn(ln_x, ln_x, ln_x, need_weights=True, average_attn_weights=False)
+            attn_maps += attn_map
+            x = x + ln_x
+            x = x + blk.mlp(blk.ln_2(x))
+        last = blocks[-1]
+        feats[-1] = x
+        n, bsz, dim = x.shape
+        heads = last.attn.num_heads
+        hd = dim // heads
+        for kth, level in enumerate(feats):
+            y = last.ln_1(level)
+            v = F.linear(y, last.attn.in_proj_weight, last.attn.in_proj_bias).chunk(3, dim=-1)[2]
+            v = v.contiguous().view(-1, bsz * heads, hd).transpose(0, 1)
+            mask = attn_maps.clone() if copy_per_level else attn_maps
+            mask /= torch.sum(mask, dim=-2, keepdim=True)
+            mask /= torch.sum(mask, dim=-1, keepdim=True)
+            mask = (mask + mask.transpose(-2, -1)) / 2
+            mask -= mask.mean(-2, keepdim=True)
+            mask = torch.clamp(mask, 0)
+            mask /= torch.sum(mask, dim=-1, keepdim=True)
+            weights = mask.flatten(0, 1)
+            out = torch.bmm(weights, v).transpose(0, 1).contiguous().view(-1, bsz, dim)
+            feats[kth] = last.attn.out_proj(out)
+        feats = visual.ln_post(feats.squeeze()) @ visual.proj
+        texts = model.text_features(list(prompts) + list(background))
+        fg = model.text_features(list(prompts))
+        texts = torch.cat([texts, fg.mean(0, True)])
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        texts = texts / texts.norm(dim=-1, keepdim=True)
+        seg = (scale * feats @ texts.t()).softmax(dim=-1)[:, 1:, :len(prompts)]
+        seg_last = seg[-1]
+        seg_last[seg_last < seg_last.amax(0, keepdim=True) * threshold] = 0
+        seg = weights.mean(0)[1:, 1:] @ seg_last + seg[:-1].mean(0)
+    g = int(round((n - 1) ** 0.5))
+    return seg.T.reshape(len(prompts), g, g)
+
+
+def test_cliper_equals_the_reference_written_out(model, chelsea):
+    kind, maps = compute_raw(model, chelsea, PROMPTS, ["cliper"])["cliper"]
+    assert kind == "resize_minmax"
+    torch.testing.assert_close(maps, cliper_reference(model, chelsea, PROMPTS), rtol=1e-5, atol=1e-5)
+    options = {"cliper_background": "sky,wall", "cliper_scale": 40.0, "cliper_threshold": 0.5}
+    _, other = compute_raw(model, chelsea, PROMPTS, ["cliper"], options)["cliper"]
+    want = cliper_reference(model, chelsea, PROMPTS, ("sky", "wall"), 40.0, 0.5)
+    torch.testing.assert_close(other, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other, maps, atol=1e-3)
+    # a background word equal to a prompt is left out (it would split the prompt's own probability)
+    _, same = compute_raw(model, chelsea, PROMPTS, ["cliper"], {"cliper_background": "background,grass"})["cliper"]
+    torch.testing.assert_close(same, maps)
+    _, none = compute_raw(model, chelsea, PROMPTS, ["cliper"], {"cliper_background": ""})["cliper"]
+    torch.testing.assert_close(none, cliper_reference(model, chelsea, PROMPTS, ()), rtol=1e-5, atol=1e-5)
+
+
+def test_cliper_keeps_the_references_in_place_rounds(model, chelsea):
+    """The reference divides the summed attention in place, once more per level: a copy per level (one round
+    each) gives another map, so the written-out reference above does test the rounds."""
+    _, maps = compute_raw(model, chelsea, PROMPTS, ["cliper"])["cliper"]
+    want = cliper_reference(model, chelsea, PROMPTS, copy_per_level=True)
+    assert not torch.allclose(maps, want, atol=1e-4)
+
+
+def test_cliper_options_are_checked(chelsea):
+    base = ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "cliper", "--model", "tiny-vit-mh"]
+    result = runner.invoke(app, base + ["--cliper-threshold", "1.5"])
+    assert result.exit_code == 2 and "--cliper-threshold must be in [0, 1]" in result.stderr
+    result = runner.invoke(app, base + ["--cliper-scale", "0"])
+    assert result.exit_code == 2 and "--cliper-scale must be positive" in result.stderr

@@ -92,7 +92,7 @@ def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
     expected = {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs", "groupcam",
                 "rise"}
     assert methods == (expected | ({"hilacam"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
-                       | ({"clip-es", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "resclip", "gem", "clipsurgery"}
+                       | ({"clip-es", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "cliper", "resclip", "gem", "clipsurgery"}
                           if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
                        | ({"legrad"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
                        | ({"grad-eclip"} if FAMILY[arch] in ("vit", "timm-vit") else set())

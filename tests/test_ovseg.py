@@ -20,7 +20,7 @@ from camloc.segment.windows import rescaled_size, stitch, window_boxes
 
 runner = CliRunner()
 REAL = Path(__file__).parent / "real-formats"
-DENSE = ["maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "resclip", "gem", "clipsurgery"]
+DENSE = ["maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "cliper", "resclip", "gem", "clipsurgery"]
 
 
 # --- the metric ----------------------------------------------------------------------------------
