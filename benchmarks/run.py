@@ -306,15 +306,15 @@ def section_open_clip(model, image, k, args, device, report):
 
 def section_frontier(model, image, args, device, report):
     """Time per image-prompt of the later methods beside GradCAM and gScoreCAM, with P = 1 and 8 prompts
-    on one image: the one-forward methods (MaskCLIP, SCLIP, ClearCLIP, NACLIP, CLIPtrase, SC-CLIP, ResCLIP, ProxyCLIP with a random
+    on one image: the one-forward methods (MaskCLIP, SCLIP, ClearCLIP, NACLIP, CLIPtrase, SC-CLIP, CLIPer, ResCLIP, ProxyCLIP with a random
     DINO ViT-B/8 proxy, GEM, CLIP Surgery with its default contrast), CLIP-ES, Grad-ECLIP and LeGrad (one batched
-    backward) and RISE (N masked forwards shared by the prompts). RISE runs 500 masks here (the original's default is 8000; its time scales linearly with N)."""
+    backward), AttnLRP (one forward of P copies, one backward) and RISE (N masked forwards shared by the prompts). RISE runs 500 masks here (the original's default is 8000; its time scales linearly with N)."""
     print(f"\n## later methods per image-prompt: {model.name}, {model.precision} on {device.type}")
     prompts = ["cat", "dog", "a tabby cat", "sofa", "a photo of a cat", "tree", "grass", "rug"]
     options = {"topk": 100, "rise_masks": 500, "seed": 0, "gem_blocks": 6, "legrad_layers": 2,
                "proxy_model": "vit_base_patch8_224.dino:random"}  # ProxyCLIP's DINO ViT-B/8, random weights
     out = report.setdefault(f"frontier/{model.name}", {})
-    for method in ("gradcam", "gscorecam", "clip-es", "grad-eclip", "legrad", "maskclip", "sclip", "clearclip",
+    for method in ("gradcam", "gscorecam", "clip-es", "grad-eclip", "legrad", "attnlrp", "maskclip", "sclip", "clearclip",
                    "naclip", "cliptrase", "scclip", "cliper", "resclip", "proxyclip", "gem", "clipsurgery", "rise"):
         times = {}
         for p in (1, 8):

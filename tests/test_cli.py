@@ -103,12 +103,12 @@ def test_explain_all_methods_on_vit_side_by_side(tmp_path):
     assert result.exit_code == 0
     methods = json.loads(result.stdout)["results"][0]["methods"]
     assert list(methods) == ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam",
-                             "gscorecam-abs", "groupcam", "hilacam", "clip-es", "grad-eclip", "legrad", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "cliper", "resclip", "gem",
+                             "gscorecam-abs", "groupcam", "hilacam", "clip-es", "grad-eclip", "legrad", "attnlrp", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "cliper", "resclip", "gem",
                              "clipsurgery", "rise"]
     assert methods["hilacam"]["box"] == [0, 23, 150, 100]  # golden README §6
     assert methods["gscorecam"]["box"] == [0, 0, 117, 100]
     with Image.open(fig) as im:
-        assert im.width > 4 * im.height  # one row, input + 23 method columns
+        assert im.width > 4 * im.height  # one row, input + 24 method columns
 
 
 def test_unreadable_image(tmp_path):

@@ -165,10 +165,10 @@ def test_score_methods_in_eval_record_precision_and_options(tmp_path):
     assert summary["precision"] == "fp32" and summary["config"]["precision"] == "fp32"
     assert summary["config"]["options"]["topk"] == 20
     assert set(summary["methods"]) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam",
-                                       "gscorecam-abs", "groupcam", "hilacam", "clip-es", "grad-eclip", "legrad", "maskclip", "sclip", "clearclip", "naclip",
+                                       "gscorecam-abs", "groupcam", "hilacam", "clip-es", "grad-eclip", "legrad", "attnlrp", "maskclip", "sclip", "clearclip", "naclip",
                                        "cliptrase", "scclip", "cliper", "resclip", "gem", "clipsurgery", "rise"}
     assert summary["config"]["options"]["rise_masks"] == 16 and summary["config"]["options"]["seed"] == 0
-    assert len(_records(tmp_path)) == 2 * 23
+    assert len(_records(tmp_path)) == 2 * 24
 
 
 def test_killed_several_times_at_random_points(reference_run, tmp_path):

@@ -94,7 +94,7 @@ def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
     assert methods == (expected | ({"hilacam"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
                        | ({"clip-es", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "cliper", "resclip", "gem", "clipsurgery"}
                           if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
-                       | ({"legrad"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
+                       | ({"legrad", "attnlrp"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
                        | ({"grad-eclip"} if FAMILY[arch] in ("vit", "timm-vit") else set())
                        | ({"maskclip", "clipsurgery"} if FAMILY[arch] == "rn" else set()))
     out = tmp_path / "run"

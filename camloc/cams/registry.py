@@ -61,7 +61,7 @@ def register_method(name: str, **spec_fields) -> Callable:
 
 
 CANONICAL_ORDER = ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gscorecam", "gscorecam-abs",
-                   "groupcam", "hilacam", "clip-es", "grad-eclip", "legrad", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "cliper", "resclip", "proxyclip", "gem", "clipsurgery", "rise"]
+                   "groupcam", "hilacam", "clip-es", "grad-eclip", "legrad", "attnlrp", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "cliper", "resclip", "proxyclip", "gem", "clipsurgery", "rise"]
 """The order of listings, `--method all` and tables, whatever order the method modules were imported in."""
 
 
