@@ -37,7 +37,7 @@ from camloc.cams.hila import latent_pool_attention
 from camloc.cams.options import method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError
-from camloc.models.families import BlockAccess, vit_blocks
+from camloc.models.families import BlockAccess
 
 RULES = ("attnlrp", "cp")
 LRP_ATTENTION = method_option("lrp_attention", str, "attnlrp", "AttnLRP: the rule inside attention: attnlrp (the "
