@@ -56,14 +56,14 @@ class _IdentityRule(Function):
     @staticmethod
     def forward(ctx, x, fn):
         y = fn(x)
-        safe = torch.where(x.abs() < 1e-10, torch.full_like(x, 1e-10), x)
-        ctx.save_for_backward(y / safe)
+        xf = x.float()  # in fp32: 1e-10 is 0 in half precision
+        ctx.save_for_backward(y.float() / torch.where(xf.abs() < 1e-10, torch.full_like(xf, 1e-10), xf))
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (ratio,) = ctx.saved_tensors
-        return grad * ratio, None
+        return (grad.float() * ratio).to(grad.dtype), None
 
 
 class _Divide(Function):
