@@ -1,7 +1,10 @@
 """AttnLRP against lxt's rules written out (rachtibat/LRP-eXplains-Transformers at 68a8393: `identity_rule_implicit`,
-`divide_gradient`, `layer_norm_forward`, `wrap_attention_forward`, `cp_multi_head_attention_forward`; `lxt` itself
-needs transformers and bitsandbytes and has no CLIP), relevance conservation where the rules conserve it, the
-gated-MLP rule, and the refusals."""
+`divide_gradient`, `layer_norm_forward`, `wrap_attention_forward`, `cp_multi_head_attention_forward`), against lxt 2.1's
+own CP-LRP run (tests/golden-lxt: `lxt` needs transformers at import, so it is not a test dependency), relevance
+conservation where the rules conserve it, the gated-MLP rule, and the refusals."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -147,3 +150,27 @@ def test_attnlrp_on_the_command_line(chelsea):
     assert result.exit_code == 2 and "--lrp-attention 'lrp0' is not one of attnlrp, cp" in result.stderr
     result = runner.invoke(app, base + ["--model", "tiny-rn"])
     assert result.exit_code == 2 and "works only on ViT" in result.stderr
+
+
+LXT = Path(__file__).parent / "golden-lxt"
+
+
+@pytest.mark.parametrize("key, name", [("tiny_vit_mh", "tiny-vit-mh"), ("open_clip_tiny_vit", "open_clip:camloc-tiny-vit:random")])
+def test_cp_lrp_equals_lxts_own_run(key, name, chelsea):
+    """lxt 2.1 itself (its torchvision-ViT rule set, CP-LRP) run on the same random-init CLIP ViTs
+    (tests/golden-lxt/make_fixtures.py, meta.json): the clip package's sequence-first blocks and open_clip's
+    batch-first ones."""
+    want = torch.from_numpy(np.load(LXT / f"{key}_cp.npy"))
+    model = ClipModel.load(name, device="cpu")
+    _, maps = compute_raw(model, chelsea, PROMPTS, ["attnlrp"], {"lrp_attention": "cp"})["attnlrp"]
+    torch.testing.assert_close(maps, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    plain = _plain_gradient_times_input(model, chelsea)  # the fixture is not plain Gradient x Input
+    assert not torch.allclose(plain, want, atol=1e-2 * float(want.abs().max()))
+
+
+def _plain_gradient_times_input(model, image):
+    x = model.preprocess(image).expand(len(PROMPTS), -1, -1, -1).clone().requires_grad_(True)
+    f = model.visual(x).float()
+    scores = model.logit_scale * (f / f.norm(dim=-1, keepdim=True).detach() * model.text_features(PROMPTS)).sum(-1)
+    scores.sum().backward()
+    return (x * x.grad).sum(dim=1).detach()
