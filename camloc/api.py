@@ -180,7 +180,7 @@ def explain(model: ClipModel | str, image: ImageLike | Sequence[ImageLike], prom
                "seed": int(seed)}
     compile = check_compile(compile)
     model = _model(model)
-    specs = resolve_methods(list(methods) if not isinstance(methods, str) else methods, model.family.name, model.name)
+    specs = resolve_methods(list(methods) if not isinstance(methods, str) else methods, model.family, model.name)
     names = [s.name for s in specs]
     options = resolve_options(model, options)
     check_method_options(model, names, options)

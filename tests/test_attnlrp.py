@@ -21,7 +21,8 @@ from camloc.models import ClipModel
 runner = CliRunner()
 PROMPTS = ["cat", "a dog", "grass"]
 TINY = ["tiny-vit", "open_clip:camloc-tiny-vit:random", "open_clip:camloc-tiny-vit-avg:random",
-        "open_clip:camloc-tiny-mapvit:random", "open_clip:camloc-tiny-eva:random"]
+        "open_clip:camloc-tiny-mapvit:random", "open_clip:camloc-tiny-eva:random", "open_clip:camloc-tiny-eva02:random",
+        "open_clip:camloc-tiny-eva-avg:random"]
 
 
 class IdentityImplicit(torch.autograd.Function):

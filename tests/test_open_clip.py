@@ -21,9 +21,11 @@ from camloc.models.specs import TINY_SPECS  # noqa: E402
 
 runner = CliRunner()
 TINY = ["camloc-tiny-vit", "camloc-tiny-vit-avg", "camloc-tiny-rn", "camloc-tiny-mapvit", "camloc-tiny-eva",
-        "camloc-tiny-convnext"]
+        "camloc-tiny-eva02", "camloc-tiny-eva-avg", "camloc-tiny-convnext"]
 FAMILY = {"camloc-tiny-vit": "vit", "camloc-tiny-vit-avg": "vit-avg", "camloc-tiny-rn": "rn",
-          "camloc-tiny-mapvit": "timm-vit", "camloc-tiny-eva": "timm-vit", "camloc-tiny-convnext": "convnext"}
+          "camloc-tiny-mapvit": "timm-vit", "camloc-tiny-eva": "timm-vit", "camloc-tiny-eva02": "timm-vit",
+          "camloc-tiny-eva-avg": "timm-vit", "camloc-tiny-convnext": "convnext"}
+ROTARY = ("camloc-tiny-eva", "camloc-tiny-eva02", "camloc-tiny-eva-avg")
 
 
 def golden_through_open_clip(name: str) -> ClipModel:
@@ -95,7 +97,7 @@ def test_every_valid_method_end_to_end_through_explain_and_eval(arch, tmp_path):
                        | ({"clip-es", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "scclip", "cliper", "resclip", "gem", "clipsurgery"}
                           if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
                        | ({"legrad", "attnlrp"} if FAMILY[arch] in ("vit", "vit-avg", "timm-vit") else set())
-                       | ({"grad-eclip"} if FAMILY[arch] in ("vit", "timm-vit") else set())
+                       | ({"grad-eclip"} if FAMILY[arch] in ("vit", "timm-vit") and arch != "camloc-tiny-eva-avg" else set())
                        | ({"maskclip", "clipsurgery"} if FAMILY[arch] == "rn" else set()))
     out = tmp_path / "run"
     result = runner.invoke(app, ["eval", "--dataset", "demo", "--limit", "2", "--method", "all", "--model", name,
@@ -297,7 +299,8 @@ def test_siglip_scores_are_the_models_own_logits_bias_included(chelsea, tmp_path
     assert json.loads((out / "config.json").read_text())["weights"]["logit_bias"] == -10.0
 
 
-TRANSFORMERS = ["camloc-tiny-vit", "camloc-tiny-vit-avg", "camloc-tiny-mapvit", "camloc-tiny-eva"]
+TRANSFORMERS = ["camloc-tiny-vit", "camloc-tiny-vit-avg", "camloc-tiny-mapvit", "camloc-tiny-eva", "camloc-tiny-eva02",
+                "camloc-tiny-eva-avg"]
 
 
 @pytest.mark.parametrize("arch", TRANSFORMERS)
@@ -319,7 +322,7 @@ def test_every_blocks_access_recombined_as_the_original_is_the_blocks_own_forwar
     assert len(blocks) == len(vit_blocks(model.visual)) == len(inputs) == 2
     for i, x in enumerate(inputs):
         access = block_access(model.visual, i)
-        assert (access.rope is not None) == (arch == "camloc-tiny-eva")
+        assert (access.rope is not None) == (arch in ROTARY)
         with torch.no_grad():
             q, k, v = access.qkv(access.ln_1(x))
             attn = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
@@ -333,7 +336,8 @@ def test_the_dense_tokens_are_the_models_own_embedding_where_it_reads_one_token(
     """`dense_tokens`, the per-token rest of the tower every dense method scores: the class token's is
     `encode_image` on class-token pooled towers; on an attention-pool head, a token's equals the pool run
     over that token alone (its query's softmax weight is then 1); on average pooling, the tokens' mean
-    through the (linear) projection equals the model's own where the norm comes before the pool."""
+    through the (linear) projection equals the model's own where the norm comes before the pool, and on a timm
+    trunk that normalises after the pool, a token's equals the head pooling that token alone."""
     from camloc.models.families import dense_tokens, vit_blocks
 
     model = ClipModel.load(f"open_clip:{arch}:random", device="cpu")
@@ -351,6 +355,12 @@ def test_the_dense_tokens_are_the_models_own_embedding_where_it_reads_one_token(
             normed = trunk.norm(last[0])
             for i in (0, 5, normed.shape[1] - 1):
                 alone = model.visual.head(trunk.head(trunk.fc_norm(trunk.attn_pool(normed[:, i:i + 1]))))
+                torch.testing.assert_close(dense[:, i], alone, rtol=1e-5, atol=1e-5)
+        elif hasattr(model.visual, "trunk"):  # a timm trunk averaging its tokens, its fc_norm after the pool:
+            trunk = model.visual.trunk  # a token's is the head pooling that token alone
+            normed, prefix = trunk.norm(last[0]), model.family.prefix
+            for i in (prefix, prefix + 5, normed.shape[1] - 1):
+                alone = model.visual.head(trunk.forward_head(torch.cat([normed[:, :prefix], normed[:, i:i + 1]], 1)))
                 torch.testing.assert_close(dense[:, i], alone, rtol=1e-5, atol=1e-5)
         else:
             assert not model.visual.final_ln_after_pool
@@ -526,3 +536,13 @@ def test_a_block_layout_camloc_does_not_read_is_refused_not_mapped(chelsea):
     attn.fused_attn, attn.scale = False, attn.scale * 2
     with pytest.raises(ModelError, match="does not reproduce their forward"):
         compute_raw(model, chelsea, ["cat"], ["maskclip"])
+
+
+def test_grad_eclip_is_left_out_of_all_and_refused_on_a_trunk_that_averages_its_tokens(tmp_path):
+    """Grad-ECLIP is defined at a class token or an attention-pool query (MethodSpec.poolings): `--method all`
+    on an average-pooled timm trunk runs every other method (checked above); asked for by name, one line."""
+    result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method",
+                                 "grad-eclip", "--model", "open_clip:camloc-tiny-eva-avg:random"])
+    assert result.exit_code == 2
+    assert "method 'grad-eclip' needs an embedding that reads an attention-pool query or a class token" in result.stderr
+    assert "reads the mean of its tokens" in result.stderr

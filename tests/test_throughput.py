@@ -32,12 +32,13 @@ def images():
 
 
 def one_forward_methods(model: ClipModel) -> list[str]:
-    return [s.name for s in resolve_methods("all", model.family.name, model.name)
+    return [s.name for s in resolve_methods("all", model.family, model.name)
             if s.shares_forward and not s.masked_forwards]
 
 
 @pytest.mark.parametrize("build", ["tiny-rn", "tiny-vit", "tiny-vit-mh", "open_clip:tiny-vit",
-                                   "open_clip:camloc-tiny-mapvit:random", "open_clip:camloc-tiny-eva:random"])
+                                   "open_clip:camloc-tiny-mapvit:random", "open_clip:camloc-tiny-eva:random",
+                                   "open_clip:camloc-tiny-eva02:random"])
 def test_a_batch_of_images_gives_the_maps_of_one_image_at_a_time(build, images):
     """Equal up to float rounding: everything after the batched forward runs per image on that image's
     rows, and the rows of a batched forward differ from a single forward's only where a kernel is picked

@@ -38,7 +38,7 @@ def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
 
 
 @register_method("grad-eclip", families=frozenset({"vit", "timm-vit"}), uses_gradients=True, params=("eclip_official",),
-                 shares_forward=True,
+                 shares_forward=True, poolings=frozenset({"token", "map"}),
                  description="Grad-ECLIP (Zhao et al. 2024): gradient at the last attention output x values, "
                              "weighted by query-key similarity (--eclip-official: the code's single head).")
 def grad_eclip(ctx: CamContext) -> torch.Tensor:

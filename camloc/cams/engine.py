@@ -31,7 +31,7 @@ def compute_raw(model: ClipModel, image: Image.Image, prompts: list[str], method
     if methods and isinstance(methods, list) and isinstance(methods[0], MethodSpec):
         specs = methods
     else:
-        specs = resolve_methods(methods, model.family.name, model.name)
+        specs = resolve_methods(methods, model.family, model.name)
     ctx = context or CamContext(model, image, prompts, options, methods=[s.name for s in specs])
     return {spec.name: (spec.postprocess, spec.compute(ctx)) for spec in specs}
 

@@ -39,6 +39,8 @@ class MethodSpec:
     needs: str = ""
     """An option naming a second model the method needs (ProxyCLIP: --proxy-model): such a method is not
     part of `--method all`, which is every method the CLIP model alone can run."""
+    poolings: frozenset[str] | None = None
+    """The embedding poolings (`Family.pooling`: token, avg, map) the method is defined for; None = all."""
     shares_forward: bool = False
     """Reads the image's one encoder forward (target activations, embedding, ViT block inputs), which
     `share_batch` computes for several images in one batch (eval's `--image-batch`)."""
@@ -75,15 +77,26 @@ def list_methods(pattern: str = "*", family: str | None = None) -> list[str]:
     return [s.name for s in _ordered() if fnmatch(s.name, pattern) and (family is None or family in s.families)]
 
 
-def resolve_methods(names: str | list[str], family: str, model_name: str = "the model") -> list[MethodSpec]:
-    """`"gradcam,layercam"`, a list, or `"all"` (every method valid for `family`) -> specs, in order."""
+POOLING_LABELS = {"token": "a class token", "avg": "the mean of its tokens", "map": "an attention-pool query"}
+
+
+def resolve_methods(names: str | list[str], family, model_name: str = "the model") -> list[MethodSpec]:
+    """`"gradcam,layercam"`, a list, or `"all"` (every method valid for `family`) -> specs, in order.
+    `family`: a family name, or a loaded model's `Family`, whose pooling also rules out the methods not
+    defined for it (`MethodSpec.poolings`)."""
     _load_builtin_methods()
+    pooling = getattr(family, "pooling", None)
+    family = getattr(family, "name", family)
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
         raise OptionError(f"--method is empty; valid methods: {', '.join(list_methods())}")
+
+    def pools(spec: MethodSpec) -> bool:
+        return pooling is None or spec.poolings is None or pooling in spec.poolings
+
     if names == ["all"]:
-        return [s for s in _ordered() if family in s.families and not s.needs]
+        return [s for s in _ordered() if family in s.families and not s.needs and pools(s)]
     specs = []
     for name in dict.fromkeys(names):
         spec = METHODS.get(name.lower())
@@ -100,6 +113,10 @@ def resolve_methods(names: str | list[str], family: str, model_name: str = "the 
                 f"method {spec.name!r} works only on {only} CLIP models, and {model_name} is {article} "
                 f"{label}; pick such a model or another method"
             )
+        if not pools(spec):
+            reads = " or ".join(POOLING_LABELS[p] for p in sorted(spec.poolings))
+            raise OptionError(f"method {spec.name!r} needs an embedding that reads {reads}, and {model_name}'s reads "
+                              f"{POOLING_LABELS.get(pooling, pooling)}; pick another model or method")
         specs.append(spec)
     return specs
 

@@ -237,6 +237,16 @@ TINY_CONFIGS = {
                                                         "timm_model_pretrained": False, "timm_pool": "token",
                                                         "timm_proj": "linear"},
                         "text_cfg": _TEXT},
+    # EVA02-CLIP's block layout (timm's eva02_*_clip_*: separate q/k/v, sub-LayerNorm in the attention, SwiGLU MLP
+    # with its LayerNorm), and the tiny EVA trunk averaging its tokens
+    "camloc-tiny-eva02": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_eva02",
+                                                          "timm_model_pretrained": False, "timm_pool": "token",
+                                                          "timm_proj": "linear"},
+                          "text_cfg": _TEXT},
+    "camloc-tiny-eva-avg": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_eva",
+                                                            "timm_model_pretrained": False, "timm_pool": "avg",
+                                                            "timm_proj": "linear"},
+                            "text_cfg": _TEXT},
     "camloc-tiny-convnext": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_convnext",
                                                              "timm_model_pretrained": False, "timm_pool": "avg",
                                                              "timm_proj": "linear"},
@@ -287,6 +297,14 @@ def register_tiny_configs(open_clip) -> None:
 
         return _with_cfg(Eva(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, use_rot_pos_emb=True,
                              ref_feat_shape=(4, 4), **_trunk_kwargs(kwargs, "token")))
+
+    @register_model
+    def camloc_tiny_eva02(pretrained=False, **kwargs):
+        from timm.models.eva import Eva
+
+        return _with_cfg(Eva(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4 * 2 / 3,
+                             qkv_fused=False, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
+                             use_rot_pos_emb=True, ref_feat_shape=(4, 4), **_trunk_kwargs(kwargs, "token")))
 
     @register_model
     def camloc_tiny_convnext(pretrained=False, **kwargs):

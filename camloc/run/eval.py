@@ -103,7 +103,7 @@ def run_eval(
     config.precision = model.precision
     config.weights = dict(model.backend.info)
     config.options = resolve_options(model, {**default_options(), **config.options})
-    config.methods = [s.name for s in resolve_methods(config.methods, model.family.name, model.name)]
+    config.methods = [s.name for s in resolve_methods(config.methods, model.family, model.name)]
     if "rise" in config.methods:  # RISE draws its masks from the run's seed: part of its cache key
         config.options = {**config.options, "seed": config.seed}
     check_method_options(model, config.methods, config.options)

@@ -111,7 +111,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
         model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
     config.weights = dict(model.backend.info)
-    specs = resolve_methods(config.methods, model.family.name, model.name)
+    specs = resolve_methods(config.methods, model.family, model.name)
     _check_methods(specs)
     config.methods = [s.name for s in specs]
     from camloc.cams.options import default_options

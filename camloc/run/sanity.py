@@ -76,7 +76,7 @@ def run_sanity(model: ClipModel, dataset: str, methods, out: str | Path, *, limi
     flag_spearman = check_flag(flag_spearman)
     out = Path(out)
     check_out(out, force_new)
-    specs = resolve_methods(methods, model.family.name, model.name)
+    specs = resolve_methods(methods, model.family, model.name)
     names = [s.name for s in specs]
     options = resolve_options(model, {**(options or {}), "seed": int(seed)})
     check_method_options(model, names, options)
