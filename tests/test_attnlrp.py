@@ -169,6 +169,20 @@ def test_cp_lrp_equals_lxts_own_run(key, name, chelsea):
     assert not torch.allclose(plain, want, atol=1e-2 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("key, name", [("tiny_vit_mh", "tiny-vit-mh"), ("open_clip_tiny_vit", "open_clip:camloc-tiny-vit:random")])
+def test_the_gamma_rule_equals_lxt_with_zennit(key, name, chelsea):
+    """lxt's ViT recipe with zennit's Gamma on Conv2d (0.25) and Linear (0.05) layers (`monkey_patch_zennit`,
+    `LayerMapComposite`), run by lxt and zennit 0.5.1 themselves (tests/golden-lxt)."""
+    want = torch.from_numpy(np.load(LXT / f"{key}_cp_gamma.npy"))
+    model = ClipModel.load(name, device="cpu")
+    options = {"lrp_attention": "cp", "lrp_gamma_conv": 0.25, "lrp_gamma_linear": 0.05}
+    _, maps = compute_raw(model, chelsea, PROMPTS, ["attnlrp"], options)["attnlrp"]
+    torch.testing.assert_close(maps, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    lrp0 = torch.from_numpy(np.load(LXT / f"{key}_cp.npy"))
+    assert not torch.allclose(lrp0, want, atol=1e-2 * float(want.abs().max()))  # gamma changes the map
+    assert all("forward" not in m.__dict__ for m in model.visual.modules())
+
+
 def _plain_gradient_times_input(model, image):
     x = model.preprocess(image).expand(len(PROMPTS), -1, -1, -1).clone().requires_grad_(True)
     f = model.visual(x).float()

@@ -17,8 +17,11 @@ and is propagated to the input pixels by one backward through the model's own fo
   attention probabilities constant (`cp_multi_head_attention_forward`, lxt's rule set for ViTs);
 - an attention-pool head (SigLIP): the query and keys constant, relevance through the values only, as lxt's
   SigLIP2 head (which also halves the relevance after the pool: a constant factor on every map, left out);
-- linear layers and the patch convolution: LRP-0 (plain Gradient x Input). lxt's ViT example adds zennit's
-  Gamma rule on them; camloc does not (no gamma to tune).
+- linear layers and the patch convolution: LRP-0 (plain Gradient x Input) by default; `--lrp-gamma-linear` and
+  `--lrp-gamma-conv` give them zennit's generalised Gamma rule, as lxt's ViT example does (`LayerMapComposite`
+  of `Gamma` on Conv2d and Linear through `monkey_patch_zennit`): on the linear modules the tower calls outside
+  attention (MLPs, heads; the patch convolution), not on the attention's projections, which lxt's recipe leaves
+  at LRP-0 (torch computes nn.MultiheadAttention's as functions, where zennit's module hooks never fire).
 The map is the relevance at the model's normalised input, summed over the colour channels (lxt's
 `(input * input.grad).sum(1)`), at input size; post-processing keeps the positive relevance (relu, min-max).
 The forward with the rules is checked to give the model's own embedding; a tower with a module camloc has
@@ -31,11 +34,12 @@ import contextlib
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.autograd import Function
 
 from camloc.cams.context import CamContext
 from camloc.cams.hila import latent_pool_attention
-from camloc.cams.options import method_option, one_of
+from camloc.cams.options import at_least, method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError
 from camloc.models.families import BlockAccess
@@ -44,6 +48,12 @@ RULES = ("attnlrp", "cp")
 LRP_ATTENTION = method_option("lrp_attention", str, "attnlrp", "AttnLRP: the rule inside attention: attnlrp (the "
                               "softmax's own gradient, the uniform rule on q k^T and A v) or cp (CP-LRP: the attention "
                               "probabilities constant, lxt's rule set for ViTs).", one_of("--lrp-attention", RULES))
+
+GAMMA_LINEAR = method_option("lrp_gamma_linear", float, 0.0, "AttnLRP: the Gamma rule's gamma on the linear layers "
+                             "outside attention (MLPs, heads; 0 = LRP-0; lxt's ViT example tries 0-1).",
+                             at_least("--lrp-gamma-linear", 0))
+GAMMA_CONV = method_option("lrp_gamma_conv", float, 0.0, "AttnLRP: the Gamma rule's gamma on the patch convolution "
+                           "(0 = LRP-0; lxt's ViT example tries 0.1-100).", at_least("--lrp-gamma-conv", 0))
 
 ACTIVATIONS = frozenset({"GELU", "QuickGELU", "SiLU", "GELUTanh", "ReLU"})
 PASS_THROUGH = frozenset({"Identity", "Dropout", "DropPath", "PatchDropout", "LayerScale", "RotaryEmbeddingCat",
@@ -103,6 +113,60 @@ def _layer_norm(module: nn.LayerNorm):
         if module.bias is not None:
             y = y + module.bias.float()
         return y.to(dtype)
+
+    return forward
+
+
+def _stabilised(x: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """x moved away from 0 by epsilon with its sign (+ for 0), for a safe division."""
+    return x + ((x == 0).to(x) + x.sign()) * epsilon
+
+
+def _affine(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):
+        return module._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class _GammaRule(Function):
+    """y = the module's own forward; the backward gives the generalised Gamma rule's relevance (zennit 0.5.1's
+    `rules.Gamma`: positive and negative inputs and outputs apart, W + gamma W+ or W + gamma W-, the biases of the
+    input-sign-matching terms only, stabiliser 1e-6) in Gradient x Input form: relevance y * g in, relevance / x
+    out (lxt's `monkey_patch_zennit`)."""
+
+    @staticmethod
+    def forward(ctx, x, module, gamma):
+        y = _affine(module, x, module.weight, module.bias)
+        ctx.module, ctx.gamma = module, gamma
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        module, gamma = ctx.module, ctx.gamma
+        relevance_out = grad * y
+
+        def lift(p, low=None, high=None):
+            return None if p is None else p + gamma * p.clamp(min=low, max=high)
+
+        w_up, w_down = lift(module.weight, low=0.0), lift(module.weight, high=0.0)
+        terms = [(x.clamp(min=0), w_up, lift(module.bias, low=0.0)), (x.clamp(max=0), w_down, None),
+                 (x.clamp(min=0), w_down, lift(module.bias, high=0.0)), (x.clamp(max=0), w_up, None)]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(True) for t, _, _ in terms]
+            outs = [_affine(module, i, w.detach(), None if b is None else b.detach())
+                    for i, (_, w, b) in zip(inputs, terms)]
+            up = (y > 0).to(y) * relevance_out / _stabilised(outs[0] + outs[1], 1e-6)
+            down = (y < 0).to(y) * relevance_out / _stabilised(outs[2] + outs[3], 1e-6)
+            grads = torch.autograd.grad(outs, inputs, [up.detach(), up.detach(), down.detach(), down.detach()])
+        relevance_in = sum(i.detach() * g for i, g in zip(inputs, grads))
+        return relevance_in / _stabilised(x, 1e-10), None, None
+
+
+def _gamma(module: nn.Module, gamma: float):
+    def forward(x):
+        return _GammaRule.apply(x, module, gamma)
 
     return forward
 
@@ -194,7 +258,8 @@ def _attends(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def lrp_rules(visual: nn.Module, accesses: list[BlockAccess], rule: str):
+def lrp_rules(visual: nn.Module, accesses: list[BlockAccess], rule: str, gamma_linear: float = 0.0,
+              gamma_conv: float = 0.0):
     """While active, the image tower's modules run with AttnLRP's rules (their forward values unchanged).
     Every module of the tower must have a rule or be linear; otherwise one ModelError line."""
     attentions = {id(a.block.attn): a for a in accesses}
@@ -209,7 +274,7 @@ def lrp_rules(visual: nn.Module, accesses: list[BlockAccess], rule: str):
             inside.update(id(m) for m in module.modules() if not isinstance(m, nn.LayerNorm))
         elif name == "AttentionPoolLatent":
             forward = _attention_pool(module)
-            inside.update(id(m) for m in (module.q, module.kv, module.q_norm, module.k_norm))
+            inside.update(id(m) for m in (module.q, module.kv, module.q_norm, module.k_norm, module.proj))
         elif name == "SwiGLU":
             forward = _swiglu(module)
             inside.add(id(module.act))
@@ -218,6 +283,11 @@ def lrp_rules(visual: nn.Module, accesses: list[BlockAccess], rule: str):
             inside.add(id(module.act))
         elif isinstance(module, nn.LayerNorm):
             forward = _layer_norm(module)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)) and id(module) not in inside \
+                and (gamma_conv if isinstance(module, nn.Conv2d) else gamma_linear):
+            if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+                raise ModelError(f"AttnLRP's Gamma rule: a {module.padding_mode}-padded convolution is not supported")
+            forward = _gamma(module, gamma_conv if isinstance(module, nn.Conv2d) else gamma_linear)
         elif name in ACTIVATIONS and not list(module.children()):
             forward = _activation(module)
         else:
@@ -251,7 +321,9 @@ def relevance(ctx: CamContext, rule: str) -> torch.Tensor:
     accesses = [ctx.block_access(i) for i in range(ctx.depth)]
     _, _, own = ctx.block_inputs(ctx.depth - 1, embedding=True)
     x = ctx.input.expand(len(ctx.prompts), -1, -1, -1).clone().requires_grad_(True)
-    with lrp_rules(model.visual, accesses, rule), torch.enable_grad():
+    gammas = (float(ctx.options.get("lrp_gamma_linear", GAMMA_LINEAR.default)),
+              float(ctx.options.get("lrp_gamma_conv", GAMMA_CONV.default)))
+    with lrp_rules(model.visual, accesses, rule, *gammas), torch.enable_grad():
         features = model.visual(x).float()
         tolerance = (1e-4 if x.dtype == torch.float32 else 1e-2) * (float(own.float().abs().max()) or 1.0)
         if not float((features.detach() - own.float()).abs().max()) <= tolerance:
@@ -264,7 +336,7 @@ def relevance(ctx: CamContext, rule: str) -> torch.Tensor:
 
 
 @register_method("attnlrp", families=frozenset({"vit", "vit-avg", "timm-vit"}), uses_gradients=True,
-                 params=("lrp_attention",),
+                 params=("lrp_attention", "lrp_gamma_linear", "lrp_gamma_conv"),
                  description="AttnLRP (Achtibat et al. 2024): layer-wise relevance of each prompt's score at the input "
                              "pixels (lxt's rules: LayerNorm and activations identity, uniform rule on products, "
                              "--lrp-attention attnlrp or cp); one forward of P copies and one backward.")

@@ -23,15 +23,19 @@ import torch  # noqa: E402
 HERE = Path(__file__).parent
 MODELS = {"tiny_vit_mh": "tiny-vit-mh", "open_clip_tiny_vit": "open_clip:camloc-tiny-vit:random"}
 PROMPTS = ["cat", "a dog", "grass"]
+GAMMAS = {"conv": 0.25, "linear": 0.05}  # two of the values lxt's ViT example tries
 
 
 def main() -> None:
+    from importlib.metadata import version
+
     import clip.model
-    import lxt
     import open_clip.transformer
-    from lxt.efficient import monkey_patch
+    import zennit.rules as z_rules
+    from lxt.efficient import monkey_patch, monkey_patch_zennit
     from lxt.efficient.patches import layer_norm_forward, non_linear_forward, patch_method
     from torchvision.models import vision_transformer
+    from zennit.composites import LayerMapComposite
 
     from camloc.models import ClipModel
     from camloc.models.preprocess import load_image
@@ -39,20 +43,30 @@ def main() -> None:
     monkey_patch(vision_transformer)  # lxt's default map for it: vit_torch.cp_LRP (torch.nn classes)
     patch_method(non_linear_forward, clip.model.QuickGELU, keep_original=True)
     patch_method(layer_norm_forward, open_clip.transformer.LayerNorm)
+    monkey_patch_zennit()
     image = load_image(HERE.parent / "golden" / "chelsea_small.png")
-    meta = {"lxt": getattr(lxt, "__version__", "2.1"), "torch": torch.__version__, "prompts": PROMPTS,
-            "image": "tests/golden/chelsea_small.png", "rule set": "lxt.efficient.models.vit_torch.cp_LRP", "maps": {}}
+    meta = {"lxt": version("lxt"), "torch": torch.__version__, "prompts": PROMPTS,
+            "image": "tests/golden/chelsea_small.png", "rule set": "lxt.efficient.models.vit_torch.cp_LRP",
+            "gamma": "zennit " + version("zennit") + " rules.Gamma via lxt monkey_patch_zennit", "maps": {}}
     for key, name in MODELS.items():
-        model = ClipModel.load(name, device="cpu")
-        x = model.preprocess(image).expand(len(PROMPTS), -1, -1, -1).clone().requires_grad_(True)
-        features = model.visual(x).float()
-        unit = features / features.norm(dim=-1, keepdim=True).detach()
-        scores = model.logit_scale * (unit * model.text_features(PROMPTS)).sum(dim=-1)
-        scores.sum().backward()
-        maps = (x * x.grad).sum(dim=1).detach().numpy().astype(np.float32)
-        np.save(HERE / f"{key}_cp.npy", maps)
-        meta["maps"][key] = {"model": name, "shape": list(maps.shape), "sums": maps.sum(axis=(1, 2)).tolist(),
-                             "scores": scores.detach().tolist()}
+        for suffix, gammas in (("cp", None), ("cp_gamma", GAMMAS)):
+            model = ClipModel.load(name, device="cpu")
+            composite = None
+            if gammas:  # lxt's ViT example: zennit's Gamma on Conv2d and Linear, through monkey_patch_zennit
+                composite = LayerMapComposite([(torch.nn.Conv2d, z_rules.Gamma(gammas["conv"])),
+                                               (torch.nn.Linear, z_rules.Gamma(gammas["linear"]))])
+                composite.register(model.visual)
+            x = model.preprocess(image).expand(len(PROMPTS), -1, -1, -1).clone().requires_grad_(True)
+            features = model.visual(x).float()
+            unit = features / features.norm(dim=-1, keepdim=True).detach()
+            scores = model.logit_scale * (unit * model.text_features(PROMPTS)).sum(dim=-1)
+            scores.sum().backward()
+            if composite is not None:
+                composite.remove()
+            maps = (x * x.grad).sum(dim=1).detach().numpy().astype(np.float32)
+            np.save(HERE / f"{key}_{suffix}.npy", maps)
+            meta["maps"][f"{key}_{suffix}"] = {"model": name, "gamma": gammas, "shape": list(maps.shape),
+                                               "sums": maps.sum(axis=(1, 2)).tolist(), "scores": scores.detach().tolist()}
     (HERE / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(json.dumps(meta, indent=1))
 
