@@ -20,7 +20,7 @@ import torch
 
 from camloc.cams.context import CamContext, GradientTarget
 from camloc.cams.gradient import weighted_sum
-from camloc.cams.options import method_option
+from camloc.cams.options import MethodOption, method_option
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
 
@@ -30,15 +30,19 @@ CLIP_ES_BACKGROUND = ("ground,land,grass,tree,building,wall,sky,lake,water,river
 also has keyboard and sign, which are COCO classes, so camloc's default is the COCO list."""
 
 
-def parse_background(value) -> str:
-    """--background: a comma list (or, from a config file or Python, a list) of words -> "w1,w2,..." without
-    blanks or repeats. Empty is refused: a softmax over one prompt alone is constant, its gradient zero."""
+def word_list(value) -> str:
+    """A comma list (or, from a config file or Python, a list) of words -> "w1,w2,..." without blanks or repeats."""
     words = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    words = list(dict.fromkeys(str(w).strip() for w in words if str(w).strip()))
+    return ",".join(dict.fromkeys(str(w).strip() for w in words if str(w).strip()))
+
+
+def parse_background(value) -> str:
+    """--background: `word_list`. Empty is refused: a softmax over one prompt alone is constant, its gradient zero."""
+    words = word_list(value)
     if not words:
         raise OptionError("--background is empty: CLIP-ES needs at least one background word (a softmax over a "
                           "single prompt is constant and its map all zeros); give e.g. --background ground,sky")
-    return ",".join(words)
+    return words
 
 
 BACKGROUND = method_option("background", str, CLIP_ES_BACKGROUND, "CLIP-ES: comma list of background words scored "
@@ -46,8 +50,10 @@ BACKGROUND = method_option("background", str, CLIP_ES_BACKGROUND, "CLIP-ES: comm
                            "template is applied.", parse_background)
 
 
-def background_words(ctx: CamContext) -> tuple[str, ...]:
-    words = [w.strip() for w in str(ctx.options.get("background", BACKGROUND.default)).split(",")]
+def background_words(ctx: CamContext, option: MethodOption = BACKGROUND) -> tuple[str, ...]:
+    """The words of a background-word option (CLIP-ES's --background by default) for this image: a word equal
+    to one of its prompts left out."""
+    words = [w.strip() for w in str(ctx.options.get(option.name, option.default)).split(",")]
     prompts = set(ctx.prompts)
     return tuple(w for w in dict.fromkeys(words) if w and w not in prompts)
 

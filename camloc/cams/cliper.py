@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from camloc.cams.clip_es import background_words, word_list
 from camloc.cams.context import CamContext
 from camloc.cams.dense import DENSE_FAMILIES, square_grid
 from camloc.cams.options import between, method_option, positive
@@ -34,15 +35,9 @@ from camloc.cams.registry import register_method
 from camloc.errors import ModelError
 from camloc.models.families import dense_tokens
 
-
-def _words(value) -> str:
-    words = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return ",".join(dict.fromkeys(str(w).strip() for w in words if str(w).strip()))
-
-
 BACKGROUND = method_option("cliper_background", str, "background", "CLIPer: comma list of background words in the "
                            "softmax beside the prompts and their mean (the reference's ADE20K and PASCAL-Context "
-                           "word; its VOC list has 25; empty = none), scored as written.", _words)
+                           "word; its VOC list has 25; empty = none), scored as written.", word_list)
 SCALE = method_option("cliper_scale", float, 100.0, "CLIPer: logit scale of its softmax over the prompts (the "
                       "reference's 100).", positive("--cliper-scale"))
 THRESHOLD = method_option("cliper_threshold", float, 0.2, "CLIPer: the last level's scores below this fraction of "
@@ -65,8 +60,7 @@ def fused_attention(summed: torch.Tensor) -> torch.Tensor:
 def cliper(ctx: CamContext) -> torch.Tensor:
     scale = float(ctx.options.get("cliper_scale", SCALE.default))
     threshold = float(ctx.options.get("cliper_threshold", THRESHOLD.default))
-    prompts = set(ctx.prompts)
-    words = [w for w in str(ctx.options.get("cliper_background", BACKGROUND.default)).split(",") if w and w not in prompts]
+    words = list(background_words(ctx, BACKGROUND))
     depth, prefix = ctx.depth, ctx.model.family.prefix
     if depth < 2:
         raise ModelError(f"CLIPer fuses the blocks before the last one, and {ctx.model.name} has {depth} block")
