@@ -293,11 +293,11 @@ def lrp_rules(visual: nn.Module, accesses: list[BlockAccess], rule: str, gamma_l
         else:
             continue
         patches.append((module, forward))
+    covered = inside | {id(m) for m, _ in patches}
     unknown = sorted({type(m).__name__ for m in visual.modules()
-                      if not list(m.children()) and id(m) not in inside and id(m) not in {id(p) for p, _ in patches}
+                      if not list(m.children()) and id(m) not in covered
                       and not isinstance(m, (nn.Linear, nn.Conv2d)) and type(m).__name__ not in PASS_THROUGH})
-    pending = {type(m).__name__ for m in visual.modules() if _attends(type(m).__name__)
-               and id(m) not in {id(p) for p, _ in patches} and id(m) not in inside}
+    pending = {type(m).__name__ for m in visual.modules() if _attends(type(m).__name__) and id(m) not in covered}
     if unknown or pending:
         raise ModelError(f"AttnLRP has no rule for the image tower's {', '.join(sorted(set(unknown) | pending))} "
                          "modules; it is not available for this model")
