@@ -212,6 +212,14 @@ def _tokenizer(open_clip, arch: str):
 # --- tiny configs for tests and benchmarks ---------------------------------------------------------
 
 _TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
+
+
+def _timm_tiny(trunk: str, pool: str, proj: str, **extra) -> dict:
+    """A tiny open_clip config on one of the tiny timm trunks registered below (64 px, 64-d embedding)."""
+    return {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": trunk, "timm_model_pretrained": False,
+                                            "timm_pool": pool, "timm_proj": proj}, "text_cfg": _TEXT, **extra}
+
+
 TINY_CONFIGS = {
     # open_clip's own ViT, class-token pooled, and average pooled
     "camloc-tiny-vit": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,
@@ -223,34 +231,16 @@ TINY_CONFIGS = {
                        "text_cfg": _TEXT},
     # timm trunks: SigLIP-style (no class token, attention-pool "map" head; not named siglip, whose
     # tokenizer open_clip fetches from the hub), EVA02-style (class token, rotary), ConvNeXt
-    "camloc-tiny-mapvit": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_mapvit",
-                                                           "timm_model_pretrained": False, "timm_pool": "map",
-                                                           "timm_proj": "none"},
-                           "text_cfg": _TEXT},
+    "camloc-tiny-mapvit": _timm_tiny("camloc_tiny_mapvit", "map", "none"),
     # the same trunk with SigLIP's learnt logit bias (open_clip's init_logit_bias; SigLIP initialises it to -10;
     # not named siglip either)
-    "camloc-tiny-mapvit-bias": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_mapvit",
-                                                           "timm_model_pretrained": False, "timm_pool": "map",
-                                                           "timm_proj": "none"},
-                           "text_cfg": _TEXT, "init_logit_bias": -10.0},
-    "camloc-tiny-eva": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_eva",
-                                                        "timm_model_pretrained": False, "timm_pool": "token",
-                                                        "timm_proj": "linear"},
-                        "text_cfg": _TEXT},
+    "camloc-tiny-mapvit-bias": _timm_tiny("camloc_tiny_mapvit", "map", "none", init_logit_bias=-10.0),
+    "camloc-tiny-eva": _timm_tiny("camloc_tiny_eva", "token", "linear"),
     # EVA02-CLIP's block layout (timm's eva02_*_clip_*: separate q/k/v, sub-LayerNorm in the attention, SwiGLU MLP
     # with its LayerNorm), and the tiny EVA trunk averaging its tokens
-    "camloc-tiny-eva02": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_eva02",
-                                                          "timm_model_pretrained": False, "timm_pool": "token",
-                                                          "timm_proj": "linear"},
-                          "text_cfg": _TEXT},
-    "camloc-tiny-eva-avg": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_eva",
-                                                            "timm_model_pretrained": False, "timm_pool": "avg",
-                                                            "timm_proj": "linear"},
-                            "text_cfg": _TEXT},
-    "camloc-tiny-convnext": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "camloc_tiny_convnext",
-                                                             "timm_model_pretrained": False, "timm_pool": "avg",
-                                                             "timm_proj": "linear"},
-                             "text_cfg": _TEXT},
+    "camloc-tiny-eva02": _timm_tiny("camloc_tiny_eva02", "token", "linear"),
+    "camloc-tiny-eva-avg": _timm_tiny("camloc_tiny_eva", "avg", "linear"),
+    "camloc-tiny-convnext": _timm_tiny("camloc_tiny_convnext", "avg", "linear"),
 }
 _registered = False
 
