@@ -210,8 +210,8 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
              data_root: str | Path | None = None, ann_file: str | Path | None = None,
              image_dir: str | Path | None = None, seed: int = 0, device: str = "auto", precision: str = "auto",
              cache_dir: str | Path | None = None, chunk_size: int | str = "auto", image_batch: int | str = "auto",
-             compile: str = "auto", save_heatmaps: bool = False, save_vis: int = 0, force_new: bool = False,
-             progress: bool = False, skip_missing: bool = False, skip_bad_records: bool = False,
+             compile: str = "auto", save_heatmaps: bool = False, heatmap_dtype: str = "float32", save_vis: int = 0,
+             force_new: bool = False, progress: bool = False, skip_missing: bool = False, skip_bad_records: bool = False,
              pointing_tolerance: float = 15.0, cam_curve_interval: float = 0.01,
              shard: tuple[int, int] = (0, 1), ovseg: dict | None = None, save_predictions: bool = False,
              faith_steps: int = 224, faith_baseline: str | None = None, faith_score: str = "softmax",
@@ -230,7 +230,11 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
     The faithfulness protocols (deletion-rise, insertion-rise, deletion-eclip, road;
     `camloc.evaluators.faithfulness`) take `faith_steps`, `faith_baseline` (both curves; default RISE's
     zero for deletion, blur for insertion), `faith_score` (softmax or cosine) and `road_percentiles`;
-    `faith_batch` is the number of perturbed images per forward (not part of the results)."""
+    `faith_batch` is the number of perturbed images per forward (not part of the results).
+
+    `save_heatmaps` keeps each pair's native map under out/heatmaps for `rescore`, stored as `heatmap_dtype`
+    (float32, exactly the maps the records come from; float16 at half the size, rescored to within its
+    rounding). The records are the same with or without it."""
     from camloc.evaluators.iou import CONVENTIONS
     from camloc.evaluators.protocols import parse_protocols
     from camloc.models.encoder import check_compile
@@ -270,7 +274,8 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
                     progress=progress, chunk_size=count_or_auto(chunk_size, "--chunk-size"),
                     image_batch=count_or_auto(image_batch, "--image-batch"), compile=check_compile(compile),
                     data_options={"data_root_dir": data_root, "ann_file": ann_file, "image_dir": image_dir},
-                    save_heatmaps=out / "heatmaps" if save_heatmaps else None, shard=shard, save_vis=save_vis,
+                    save_heatmaps=out / "heatmaps" if save_heatmaps else None, heatmap_dtype=heatmap_dtype,
+                    shard=shard, save_vis=save_vis,
                     skip_missing=skip_missing, skip_bad_records=skip_bad_records, model=loaded)
 
 

@@ -12,7 +12,7 @@ from camloc.errors import OptionError
 DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_class", "subset_seed", "data_root",
                 "ann_file", "image_dir", "include_stuff", "ade_extent"}
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
-                            "chunk_size", "image_batch", "compile", "save_heatmaps", "options", "max_pixels", "protocols",
+                            "chunk_size", "image_batch", "compile", "save_heatmaps", "heatmap_dtype", "options", "max_pixels", "protocols",
                             "pointing_tolerance", "cam_curve_interval", "faith_steps", "faith_baseline", "faith_score",
                             "road_percentiles", "faith_batch"}
 SEARCH_KEYS = {"runs", "train", "val", "grid", "out", "options", "iou", "precision", "seed", "device", "chunk_size",

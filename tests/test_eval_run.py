@@ -234,7 +234,8 @@ def test_prompt_coupled_methods_resume_to_the_maps_of_a_fresh_run(method, option
     key = f"c{dropped['category_id']}"
     with np.load(recomputed) as a, np.load(original) as b:
         assert a.files.count(key) == 1
-        np.testing.assert_array_equal(a[key], b[key])
+        # float32 maps: the fresh run encoded 6 images in one batch, the resume one alone (rounding only)
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5)
 
 
 def test_clip_surgery_labels_contrast_is_refused_before_any_work(tmp_path):

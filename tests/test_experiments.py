@@ -94,12 +94,42 @@ def test_eval_save_heatmaps_rederives_the_maps(tmp_path):
                             ["gradcam", "groupcam"])
     for method in ("gradcam", "groupcam"):
         kind, native, size = cache.get(method, 1, 1)
-        assert native.dtype == np.float16 and size == (320, 320)
+        assert native.dtype == np.float32 and size == (320, 320)  # float32 by default: the run's own maps
         assert native.shape == ((4, 4) if method == "gradcam" else (128, 128))
         raw = cache.raw(method, 1, 1)
-        np.testing.assert_allclose(raw, live[method][0], atol=2e-3)  # float16 storage
+        np.testing.assert_allclose(raw, live[method][0], atol=1e-6)
         np.testing.assert_array_equal(raw, cache.raw(method, 1, 1))  # deterministic
-    assert "groupcam-grouping=kmeans-fp32" in str(cache.path("groupcam", 1))
+    assert "groupcam-grouping=kmeans-fp32-f32" in str(cache.path("groupcam", 1))
+    # opt-in float16 storage: a cache of its own, half the size, maps within float16's rounding
+    half = tmp_path / "half"
+    run_eval(EvalConfig(model="tiny-rn", methods=["gradcam"], dataset="demo", limit=2), half, device="cpu",
+             progress=False, save_heatmaps=half / "heatmaps", heatmap_dtype="float16")
+    small = HeatmapCache(half / "heatmaps", "tiny-rn", key, config.options, "fp32", dtype="float16")
+    kind, native, size = small.get("gradcam", 1, 1)
+    assert native.dtype == np.float16 and str(small.path("gradcam", 1)).count("-f16") == 1
+    np.testing.assert_allclose(small.raw("gradcam", 1, 1), live["gradcam"][0], atol=2e-3)
+    assert json.loads((half / "config.json").read_text())["heatmaps"] == "cache:float16"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_saving_heatmaps_does_not_change_the_records(tmp_path, dtype):
+    """A run's numbers do not depend on whether (or in which precision) its maps are cached: the records
+    come from the live float32 maps either way (issue 30: the float16 cache moved SCLIP's mean IoU)."""
+    from camloc.run.eval import run_eval
+    from camloc.run.identity import EvalConfig
+
+    methods = ["gradcam", "sclip", "maskclip", "gem", "scorecam"]
+    plain = run_eval(EvalConfig(model="tiny-vit", methods=methods, dataset="demo"), tmp_path / "plain",
+                     device="cpu", progress=False)
+    saved = run_eval(EvalConfig(model="tiny-vit", methods=methods, dataset="demo"), tmp_path / "saved",
+                     device="cpu", progress=False, save_heatmaps=tmp_path / "saved" / "heatmaps", heatmap_dtype=dtype)
+
+    def records(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "pairs.jsonl").read_text().splitlines()]
+        return sorted(rows, key=lambda r: (r["image_id"], r["category_id"], r["method"]))
+
+    assert records("plain") == records("saved")
+    assert plain["methods"] == saved["methods"]
 
 
 def test_smoke_threshold_search_and_rerun_without_the_model(tmp_path, monkeypatch):

@@ -332,6 +332,31 @@ def test_rescore_refuses_runs_without_maps_and_other_data(tmp_path):
     assert other.exit_code == 2 and "is not the data" in other.stderr and "--ann-file" in other.stderr
 
 
+def test_rescore_of_float16_maps_says_so_and_old_float16_runs_are_not_resumed(tmp_path):
+    ann, images = coco_with_polygons(tmp_path / "data")
+    half = tmp_path / "half"
+    assert _eval(half, ann, images, "--save-heatmaps", "--heatmap-dtype", "float16").exit_code == 0
+    assert _records(half) == _records(_eval_ok(tmp_path / "plain", ann, images))  # the records: the live maps
+    result = runner.invoke(app, ["rescore", str(half), "--protocols", "box", "--out", str(tmp_path / "r"),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "from its float16 maps" in result.stdout and "can differ from the source's own" in result.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["faults"]["heatmap_dtype"] == "float16"
+    bad = _eval(tmp_path / "x", ann, images, "--save-heatmaps", "--heatmap-dtype", "bfloat16")
+    assert bad.exit_code == 2 and "--heatmap-dtype 'bfloat16'" in bad.stderr
+    # a run of camloc before 2026-12 scored its stored float16 maps: resuming it now would mix two kinds of records
+    config = json.loads((half / "config.json").read_text())
+    (half / "config.json").write_text(json.dumps({**config, "heatmaps": "float16"}))
+    again = _eval(half, ann, images, "--save-heatmaps", "--heatmap-dtype", "float16")
+    assert again.exit_code == 2 and "differs in: heatmaps" in again.stderr
+
+
+def _eval_ok(out, ann, images, *extra):
+    result = _eval(out, ann, images, *extra)
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def _summary_values(run_dir):
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     return summary["methods"], summary["n_pairs"], summary["config"]["data"]

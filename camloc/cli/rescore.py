@@ -42,5 +42,11 @@ def rescore_cmd(
                    f"(or run `camloc report {out}`)")
         return
     typer.echo((out / "table.md").read_text().rstrip())
-    typer.echo(f"rescored {summary['timings']['records_this_invocation']} records of {run_dir} without the model; "
-               f"wrote {out}/ pairs records, summary.json, table.csv, table.md")
+    typer.echo(f"rescored {summary['timings']['records_this_invocation']} records of {run_dir} without the model "
+               f"from its {summary['faults']['heatmap_dtype']} maps; wrote {out}/ pairs records, summary.json, "
+               "table.csv, table.md")
+    if summary["faults"]["heatmap_dtype"] == "float16":
+        from camloc.cli.common import err_console
+
+        err_console.print("[yellow]note:[/] the source run stored its maps as float16 (--heatmap-dtype float16): "
+                          "values are scored from the rounded maps and can differ from the source's own slightly")

@@ -26,7 +26,7 @@ from camloc.models.specs import family_hint
 from camloc.run.faithfulness import wants_faithfulness
 from camloc.run.files import RECORD_FIELDS, folder_lock, prepare_out_dir, read_jsonl, record_files
 from camloc.run.finish import finish_run
-from camloc.run.heatmap_cache import HeatmapCache, dataset_key
+from camloc.run.heatmap_cache import HeatmapCache, check_heatmap_dtype, dataset_key
 from camloc.run.identity import EvalConfig, check_config, resume_data_options
 from camloc.run.pipeline import check_images, pending, resolve_image_batch, run_pipeline
 from camloc.run.progress import progress_bar
@@ -48,6 +48,7 @@ def run_eval(
     image_batch: int | str = "auto",
     compile: str = "auto",
     save_heatmaps: str | Path | None = None,
+    heatmap_dtype: str = "float32",
     shard: tuple[int, int] = (0, 1),
     save_vis: int = 0,
     skip_missing: bool = False,
@@ -81,7 +82,7 @@ def run_eval(
     else:
         config.faith = None
     check_parameters(config.pointing_tolerance, config.cam_curve_interval)
-    config.heatmaps = "float16" if save_heatmaps is not None else None
+    config.heatmaps = f"cache:{check_heatmap_dtype(heatmap_dtype)}" if save_heatmaps is not None else None
     if config.dataset == "ade20k-scenes":
         config.ade_extent = config.ade_extent or "visible"
     elif config.ade_extent is not None:
@@ -144,7 +145,8 @@ def _run_locked(config: EvalConfig, run_dir: Path, model: ClipModel, images: lis
     cache = None
     if save_heatmaps is not None:
         key = dataset_key(config.dataset, config.split, config.prompt_template, images)
-        cache = HeatmapCache(save_heatmaps, model.name, key, config.options, model.precision)
+        cache = HeatmapCache(save_heatmaps, model.name, key, config.options, model.precision,
+                             config.heatmaps.removeprefix("cache:"))
     records_path = run_dir / records_name(rank, world)
     bad: list = []
     skipped_lines = bad if skip_bad_records else None

@@ -1,10 +1,12 @@
-"""The heatmap cache: each pair's map at the method's native resolution (float16, compressed), so box
+"""The heatmap cache: each pair's map at the method's native resolution (compressed; float32 by default,
+so what is re-scored is exactly what the run scored; float16 on request, at half the size), so box
 protocols can be re-scored later without the model (`camloc eval --save-heatmaps`,
 `camloc threshold-search`).
 
-Layout: `<root>/<model>/<method>[-<param>=<value>...]-<precision>/<dataset>/<image_id>.npz`, one
-array per category id (`c<id>`), plus the post-processing kind and the raw image size. Raw-size maps
-are re-derived deterministically with `native_to_raw`. Files are written atomically.
+Layout: `<root>/<model>/<method>[-<param>=<value>...]-<precision>-<f32|f16>/<dataset>/<image_id>.npz`,
+one array per category id (`c<id>`), plus the post-processing kind and the raw image size. Raw-size
+maps are re-derived deterministically with `native_to_raw`. Files are written atomically. (Caches of
+camloc before the storage type was chosen have no `-f32|-f16` part and hold float16 maps.)
 """
 from __future__ import annotations
 
@@ -79,17 +81,35 @@ def model_key(name: str) -> str:
     return _safe(f"{Path(name).stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}")
 
 
+HEATMAP_DTYPES = {"float32": "f32", "float16": "f16"}
+"""How cached maps are stored (`--heatmap-dtype`) and the part of the cache path that says so."""
+
+
+def check_heatmap_dtype(dtype: str) -> str:
+    from camloc.errors import OptionError
+
+    if dtype not in HEATMAP_DTYPES:
+        raise OptionError(f"--heatmap-dtype {dtype!r} must be one of {', '.join(HEATMAP_DTYPES)}")
+    return dtype
+
+
 class HeatmapCache:
-    def __init__(self, root: str | Path, model: str, dataset: str, options: dict, precision: str):
+    def __init__(self, root: str | Path, model: str, dataset: str, options: dict, precision: str,
+                 dtype: str | None = "float32"):
+        """`dtype`: how maps are stored (float32 or float16); None reads a cache written before the storage
+        type was part of the layout (float16 maps)."""
         self.root = Path(root)
         self.model = model_key(model)
         self.dataset = dataset
         self.options = options
         self.precision = precision
+        self.dtype = check_heatmap_dtype(dtype) if dtype is not None else None
 
     def path(self, method: str, image_id) -> Path:
-        return (self.root / self.model / method_key(method, self.options, self.precision) / self.dataset
-                / f"{_safe(str(image_id))}.npz")
+        key = method_key(method, self.options, self.precision)
+        if self.dtype is not None:
+            key += f"-{HEATMAP_DTYPES[self.dtype]}"
+        return self.root / self.model / key / self.dataset / f"{_safe(str(image_id))}.npz"
 
     def has(self, method: str, image_id, category_ids, image_path: str | None = None,
             prompts: dict | None = None) -> bool:
@@ -124,7 +144,7 @@ class HeatmapCache:
             with np.load(path) as old:
                 if self._matches(old, image_path, prompts):
                     arrays = {k: old[k] for k in old.files}
-        arrays.update({f"c{c}": m.astype(np.float16) for c, m in maps.items()})
+        arrays.update({f"c{c}": m.astype(self.dtype or "float16") for c, m in maps.items()})
         arrays.update({f"p{c}": np.array(p) for c, p in (prompts or {}).items()})
         if image_path is not None:
             arrays["image"] = np.array(_where(image_path))
@@ -143,7 +163,7 @@ class HeatmapCache:
 
     def get(self, method: str, image_id, category_id: int, image_path: str | None = None,
             prompt: str | None = None) -> tuple[str, np.ndarray, tuple[int, int]]:
-        """(kind, native float16 map, raw size (W, H)) of one pair; with `image_path`/`prompt`, an entry
+        """(kind, native map as stored, raw size (W, H)) of one pair; with `image_path`/`prompt`, an entry
         made from another file or prompt is an error rather than a wrong map."""
         from camloc.errors import RunFolderError
 

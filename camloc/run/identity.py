@@ -47,8 +47,9 @@ class EvalConfig:
     weights: dict | None = None
     """The model's backend, architecture, weights and their SHA-256 (`Backend.info`), filled on load."""
     heatmaps: str | None = None
-    """"float16" when the maps are saved: the run then scores the stored (float16) maps, so
-    `camloc rescore` reproduces its values exactly; None: the float32 maps."""
+    """"cache:float32" or "cache:float16" when the maps are saved (`--save-heatmaps`, stored in that type:
+    what `camloc rescore` reads); None when not. The records come from the live float32 maps either way.
+    ("float16", of camloc before 2026-12, scored the stored float16 maps: such a run is not resumed.)"""
     ovseg: dict | None = None
     """`--protocols ovseg`: every inference setting (preset, short side, crop, stride, logit scale,
     thresholds, PAMR, templates), resolved for the dataset; None for the pair protocols."""

@@ -91,13 +91,12 @@ def compute_images(model: ClipModel, batch: list[tuple], config: EvalConfig, run
 
 
 def raw_heatmaps(item: ImagePairs, todo: dict, config: EvalConfig, native: dict, size: tuple[int, int]):
-    """`heatmap_of(pair, method)` of one image's native maps: its raw-size map (of the stored float16
-    maps when the run saves them, so `camloc rescore` scores exactly these)."""
+    """`heatmap_of(pair, method)` of one image's native maps: its raw-size map, from the live float32 maps
+    whether or not (and in whichever precision) the run caches them, so a run's numbers never depend on
+    its cache."""
     pairs = [p for p in item.pairs if p.key in todo]
     prompts = image_prompts(item, pairs, list(native))
-    stored = config.heatmaps == "float16"  # score exactly the maps the cache keeps
-    heatmaps = {m: native_to_raw(kind, maps.astype(np.float16).astype(np.float32) if stored else maps, size)
-                for m, (kind, maps) in native.items()}
+    heatmaps = {m: native_to_raw(kind, maps, size) for m, (kind, maps) in native.items()}
     return lambda pair, method: heatmaps[method][prompts.index(pair.prompt)]
 
 

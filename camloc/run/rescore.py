@@ -31,6 +31,9 @@ from camloc.run.progress import progress_bar
 from camloc.run.sharding import assign_images, records_name
 
 DEVICE = "none: rescored from the saved heatmaps"
+CACHED_AS = {"cache:float32": "float32", "cache:float16": "float16", "float16": "float16"}
+"""A source run's `heatmaps` field -> the type its maps are stored in ("float16": camloc before 2026-12,
+whose own records were scored from the float16 maps)."""
 
 
 def source_config(run_dir: Path) -> EvalConfig:
@@ -58,7 +61,8 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
     if "ovseg" in (source.protocols or []):
         raise OptionError(f"{run_dir} is an ovseg run: its records already hold the segmentation metric's counts, "
                           "which `camloc report` merges; rescore scores the saved heatmaps of pair runs")
-    if source.heatmaps != "float16" or not (run_dir / "heatmaps").is_dir():
+    stored = CACHED_AS.get(source.heatmaps)
+    if stored is None or not (run_dir / "heatmaps").is_dir():
         raise RunFolderError(f"{run_dir} was run without --save-heatmaps, so it has no maps to rescore; rerun it with "
                              "--save-heatmaps")
     if Path(out).resolve() == run_dir.resolve():
@@ -103,7 +107,8 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
         if not link.exists():
             os.symlink((run_dir / "heatmaps").resolve(), link, target_is_directory=True)
         key = dataset_key(source.dataset, source.split, source.prompt_template, image_root=source.data["image_root"])
-        cache = HeatmapCache(run_dir / "heatmaps", source.model, key, source.options, source.precision)
+        cache = HeatmapCache(run_dir / "heatmaps", source.model, key, source.options, source.precision,
+                             None if source.heatmaps == "float16" else stored)
         scored = {record_key(r) for r in read_run_records(run_dir, skip_bad_records)}
         records_path = out / records_name(rank, world)
         done = {record_key(r) for r in read_jsonl(records_path, repair=True, required=RECORD_FIELDS)}
@@ -133,7 +138,7 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
                    "compute_seconds": round(time.perf_counter() - compute_started, 3),
                    "records_this_invocation": n_new, "resumed_records": len(done), "pairs_per_second": None}
         summary, _ = finish_run(out, config, source.model, images, (rank, world), skip_bad_records, device=DEVICE,
-                                timings=timings, faults={"rescored_from": str(run_dir.resolve()),
+                                timings=timings, faults={"rescored_from": str(run_dir.resolve()), "heatmap_dtype": stored,
                                                          "source_records": len(scored),
                                                          "source_pairs": count_pairs(images)})
     return summary
