@@ -101,3 +101,51 @@ def test_proxyclip_is_not_in_all_and_needs_its_model(model, tmp_path, monkeypatc
     assert runner.invoke(app, args + ["--proxy-model", PROXY]).exit_code == 0
     other = runner.invoke(app, args + ["--proxy-model", "vit_tiny_patch16_224:random"])
     assert other.exit_code == 2 and 'options.proxy_model: "vit_small_patch8_224.dino:random" there' in other.output
+
+
+def test_a_random_proxy_is_seeded_and_its_weights_are_recorded(tmp_path, monkeypatch):
+    """`NAME:random[@SEED]` draws the proxy from its seed (issue 30: an unseeded draw moved the maps by 0.05
+    while the run identity said the runs were the same); config.json records its state_dict's SHA-256."""
+    import json
+
+    import camloc.cams.proxy as proxy
+
+    def run(out, name):
+        monkeypatch.setattr(proxy, "_LOADED", {})  # a fresh process: the proxy is built again
+        torch.manual_seed(1234 + len(str(out)))   # whatever the global RNG holds, the proxy is the same
+        result = runner.invoke(app, ["eval", "--model", "tiny-vit-mh", "--method", "proxyclip", "--dataset", "demo",
+                                     "--limit", "2", "--out", str(out), "--no-progress", "--proxy-model", name])
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / "config.json").read_text())
+        return (out / "pairs.jsonl").read_text(), config["weights"]["methods"]["proxyclip"]
+
+    first, weights = run(tmp_path / "a", PROXY)
+    again, weights_again = run(tmp_path / "bb", PROXY)
+    assert first == again and weights == weights_again
+    assert weights["proxy_model"] == PROXY and weights["seed"] == 0 and len(weights["sha256"]) == 64
+    assert run(tmp_path / "c", PROXY + "@0")[1]["sha256"] == weights["sha256"]  # @0 is the default seed
+    _, other = run(tmp_path / "d", PROXY + "@7")
+    assert other["seed"] == 7 and other["sha256"] != weights["sha256"]
+    # a different seed is a different run
+    monkeypatch.setattr(proxy, "_LOADED", {})
+    refused = runner.invoke(app, ["eval", "--model", "tiny-vit-mh", "--method", "proxyclip", "--dataset", "demo",
+                                  "--limit", "2", "--out", str(tmp_path / "a"), "--no-progress", "--proxy-model",
+                                  PROXY + "@7"])
+    assert refused.exit_code == 2 and "options.proxy_model" in refused.output
+    for bad in ("random@-1", "random@x", f"random@{2**32}", "random@"):
+        result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method",
+                                     "proxyclip", "--model", "tiny-vit-mh", "--proxy-model",
+                                     f"vit_small_patch8_224.dino:{bad}"])
+        assert result.exit_code == 2 and "NAME:random[@SEED]" in result.stderr, (bad, result.output)
+
+
+def test_state_dict_sha256_sees_names_values_and_dtypes():
+    from camloc.models.loading import state_dict_sha256
+
+    a = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}
+    assert state_dict_sha256(a) == state_dict_sha256({k: v.clone() for k, v in a.items()})
+    assert state_dict_sha256(a) != state_dict_sha256({"w": a["w"], "c": a["b"]})
+    assert state_dict_sha256(a) != state_dict_sha256({"w": a["w"].half(), "b": a["b"]})
+    changed = {"w": a["w"].clone(), "b": a["b"]}
+    changed["w"][1, 2] += 1e-6
+    assert state_dict_sha256(a) != state_dict_sha256(changed)

@@ -14,7 +14,8 @@ weights come from a vision foundation model (`--proxy-model`, a timm ViT such as
   CLIP's grid to H x W, attended per head, out_proj; no residual, no FFN; then the rest of CLIP's tower
   per token (`dense_tokens`) and the cosine with the prompts on the proxy's grid.
 
-The proxy's name and weights are part of the method's options (run identity, cache key). It needs a
+The proxy's name is part of the method's options (run identity, cache key); `NAME:random[@SEED]` builds
+it from that seed, and the SHA-256 of its state_dict is recorded in the run's weights (identity). It needs a
 second model, so `--method all` leaves it out; `camloc list methods` shows it. The reference slides
 336 px windows and averages 80 templates; camloc scores the given prompts on the model's input.
 """
@@ -34,15 +35,26 @@ from camloc.models.families import dense_tokens
 def _name(value: str) -> str:
     value = str(value).strip()
     arch, _, weights = value.partition(":")
-    if value and (not arch or weights not in ("", "random")):
-        raise OptionError(f"--proxy-model {value!r} must be a timm model name, or NAME:random for random weights")
+    if value and (not arch or not (weights in ("", "random") or _random_seed(weights) is not None)):
+        raise OptionError(f"--proxy-model {value!r} must be a timm model name, or NAME:random[@SEED] for seeded "
+                          "random weights (seed 0 when none is given)")
     return value
+
+
+def _random_seed(weights: str) -> int | None:
+    """The seed of `random` (0) or `random@SEED` (a whole number 0..2**32-1); None for anything else."""
+    if weights == "random":
+        return 0
+    head, _, seed = weights.partition("@")
+    if head == "random" and seed.isdigit() and int(seed) < 2**32:
+        return int(seed)
+    return None
 
 
 PROXY_MODEL = method_option("proxy_model", str, "", "ProxyCLIP: the vision foundation model whose patch features "
                             "weigh CLIP's values, a timm ViT name (e.g. vit_base_patch8_224.dino, "
-                            "vit_base_patch14_reg4_dinov2.lvd142m; NAME:random for random weights). Required "
-                            "for proxyclip.", _name)
+                            "vit_base_patch14_reg4_dinov2.lvd142m; NAME:random[@SEED] for seeded random weights). "
+                            "Required for proxyclip; its weights' SHA-256 is recorded in the run.", _name)
 PROXY_BETA = method_option("proxy_beta", float, 1.2, "ProxyCLIP: the proxy similarity's mean is subtracted "
                            "beta times (the reference's 1.2).", positive("--proxy-beta"))
 PROXY_GAMMA = method_option("proxy_gamma", float, 3.0, "ProxyCLIP: the proxy similarity's temperature gamma (the "
@@ -61,14 +73,17 @@ def load_proxy(name: str, size: int, device: torch.device):
     except ImportError:
         raise OptionError("proxyclip needs timm: pip install 'camloc[open-clip]'") from None
     arch, _, weights = name.partition(":")
+    seed = _random_seed(weights)
     if not timm.is_model(arch):
         raise OptionError(f"--proxy-model {name}: timm has no model {arch!r} (see timm.list_models('*dino*'))")
-    if weights != "random":
+    if seed is None:
         from camloc.models.open_clip_backend import _offline
 
         _offline()  # HF_HUB_OFFLINE set after huggingface_hub was imported still counts
     try:
-        proxy = timm.create_model(arch, pretrained=weights != "random", num_classes=0, img_size=size)
+        with torch.random.fork_rng(devices=[]):  # random weights: drawn from the seed, never from the run's RNG
+            torch.manual_seed(seed or 0)
+            proxy = timm.create_model(arch, pretrained=seed is None, num_classes=0, img_size=size)
     except TypeError as exc:  # not a ViT that takes an input size
         raise OptionError(f"--proxy-model {name}: {exc}; give a timm ViT") from None
     except (OSError, RuntimeError, ValueError) as exc:
@@ -86,6 +101,18 @@ def load_proxy(name: str, size: int, device: torch.device):
     std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32, device=device).view(1, 3, 1, 1)
     _LOADED[key] = (proxy.eval().to(device), mean, std)
     return _LOADED[key]
+
+
+def proxy_weights(model, options: dict) -> dict:
+    """What config.json records of the proxy: its name, the seed of random weights, and the SHA-256 of its
+    state_dict (names, dtypes, shapes and bytes in order), whether timm built or fetched it."""
+    from camloc.models.loading import state_dict_sha256
+
+    name = options.get("proxy_model", PROXY_MODEL.default)
+    proxy, _, _ = load_proxy(name, model.input_size, model.device)
+    seed = _random_seed(name.partition(":")[2])
+    return {"proxy_model": name, **({"seed": seed} if seed is not None else {}),
+            "sha256": state_dict_sha256(proxy.state_dict())}
 
 
 def proxy_features(ctx: CamContext, name: str) -> torch.Tensor:
@@ -108,7 +135,7 @@ def proxy_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.
 
 @register_method("proxyclip", segments=True, shares_forward=True, needs="--proxy-model",
                  families=frozenset({"vit", "vit-avg", "timm-vit"}), postprocess="resize_minmax",
-                 params=("proxy_model", "proxy_beta", "proxy_gamma"),
+                 params=("proxy_model", "proxy_beta", "proxy_gamma"), weights=proxy_weights,
                  description="ProxyCLIP (Lan et al. 2024): CLIP's last-block values attended with a vision foundation "
                              "model's patch-feature similarity (--proxy-model, timm DINO/DINOv2); one forward each.")
 def proxyclip(ctx: CamContext) -> torch.Tensor:

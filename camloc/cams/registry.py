@@ -41,6 +41,9 @@ class MethodSpec:
     part of `--method all`, which is every method the CLIP model alone can run."""
     poolings: frozenset[str] | None = None
     """The embedding poolings (`Family.pooling`: token, avg, map) the method is defined for; None = all."""
+    weights: Callable[..., dict] | None = None
+    """`weights(model, options) -> dict`: the identity of a second model the method loads (ProxyCLIP's proxy:
+    name, seed, state_dict SHA-256), recorded in the run's weights under the method's name."""
     shares_forward: bool = False
     """Reads the image's one encoder forward (target activations, embedding, ViT block inputs), which
     `share_batch` computes for several images in one batch (eval's `--image-batch`)."""
@@ -135,6 +138,14 @@ def resolve_options(model, options: dict) -> dict:
     if options.get("topk") == "auto":
         return {**options, "topk": default_topk(model)}
     return dict(options)
+
+
+def run_weights(model, methods: list[str], options: dict) -> dict:
+    """The weights a run records (part of its identity): the CLIP model's (`Backend.info`) and, under
+    "methods", those of any second model a method loads (`MethodSpec.weights`)."""
+    extra = {name: METHODS[name].weights(model, options) for name in methods
+             if name in METHODS and METHODS[name].weights is not None}
+    return {**model.backend.info, **({"methods": extra} if extra else {})}
 
 
 def check_method_options(model, methods: list[str], options: dict) -> None:

@@ -80,6 +80,19 @@ def build_from_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> t
     return model.float().eval()
 
 
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 of a state_dict's content: each entry's name, dtype, shape and bytes (on the CPU), in
+    order. Two models hash alike exactly when they hold the same tensors under the same names."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in state.items():
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def random_state_dict(spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Seeded random-init weights, the golden fixtures' recipe (golden README §2):
     `torch.manual_seed(seed)`, `clip.model.CLIP(*clip_args)`, `logit_scale = ln(100)`, every other

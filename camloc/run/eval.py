@@ -14,7 +14,7 @@ import torch
 
 from camloc.cams import resolve_methods
 from camloc.cams.options import default_options
-from camloc.cams.registry import check_method_options, resolve_options
+from camloc.cams.registry import check_method_options, resolve_options, run_weights
 from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
 from camloc.datasets.records import data_identity
 from camloc.errors import OptionError, RunFolderError
@@ -102,12 +102,12 @@ def run_eval(
     elif model.name != config.model:
         raise RunFolderError(f"the loaded model is {model.name}, but the config names {config.model}")
     config.precision = model.precision
-    config.weights = dict(model.backend.info)
     config.options = resolve_options(model, {**default_options(), **config.options})
     config.methods = [s.name for s in resolve_methods(config.methods, model.family, model.name)]
     if "rise" in config.methods:  # RISE draws its masks from the run's seed: part of its cache key
         config.options = {**config.options, "seed": config.seed}
     check_method_options(model, config.methods, config.options)
+    config.weights = run_weights(model, config.methods, config.options)
     image_batch = resolve_image_batch(image_batch, config.methods)
     model.encoder.configure(compile)
     if "clipsurgery" in config.methods and config.options.get("contrast") == "labels":

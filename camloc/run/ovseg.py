@@ -78,7 +78,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
               image_batch: int | str = "auto", shard: tuple[int, int] = (0, 1), save_predictions: bool = False,
               model=None) -> dict:
     """Segment `config.dataset` with `config.methods` into `run_dir`, resuming what is there."""
-    from camloc.cams.registry import check_method_options, resolve_methods, resolve_options
+    from camloc.cams.registry import check_method_options, resolve_methods, resolve_options, run_weights
     from camloc.datasets.segmentation import load_seg_dataset
     from camloc.models import ClipModel
     from camloc.models.specs import family_hint
@@ -110,7 +110,6 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     if model is None:
         model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
-    config.weights = dict(model.backend.info)
     specs = resolve_methods(config.methods, model.family, model.name)
     _check_methods(specs)
     config.methods = [s.name for s in specs]
@@ -118,6 +117,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
 
     config.options = resolve_options(model, {**default_options(), **config.options})
     check_method_options(model, config.methods, config.options)
+    config.weights = run_weights(model, config.methods, config.options)
     batch_size = 1 if image_batch == "auto" else int(image_batch)
     lock = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
     with folder_lock(run_dir, lock):
