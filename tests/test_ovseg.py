@@ -425,7 +425,7 @@ def test_voc_context_cityscapes_and_coco_stuff_labels_as_mmseg_reads_them(tmp_pa
     assert (names[0], names[79], names[80], names[170]) == ("person", "toothbrush", "banner", "wood")
     verify = runner.invoke(app, ["data", "verify", "voc21", "--data-root", str(tmp_path)])
     assert verify.exit_code == 0 and "images 1, classes 21" in verify.stdout
-    Image.fromarray(np.array([[0, 40]], np.uint8)).save(voc / "SegmentationClass" / "2007_000033.png")
+    Image.fromarray(np.array([[0, 40, 0, 0], [0, 0, 0, 0]], np.uint8)).save(voc / "SegmentationClass" / "2007_000033.png")
     bad = runner.invoke(app, ["data", "verify", "voc21", "--data-root", str(tmp_path)])
     assert bad.exit_code == 2 and "holds values [40] outside 0..20 and 255" in bad.stderr
 

@@ -74,7 +74,7 @@ def verify_cmd(
 
 def _verify_segmentation(dataset, split, data_root, ann_file, image_dir) -> None:
     """A segmentation dataset (`--protocols ovseg`): images, label maps present, and each label map's values
-    within the dataset's classes or 255 (the first 20 read)."""
+    within the dataset's classes or 255 and of its image's size (the first 20 read)."""
     import numpy as np
 
     from camloc.datasets.segmentation import SEG_DATASETS, load_seg_dataset
@@ -92,8 +92,15 @@ def _verify_segmentation(dataset, split, data_root, ann_file, image_dir) -> None
         typer.echo(f"  missing: {path}")
     if missing or no_label:
         raise DataError(f"{len(missing)} image files and {len(no_label)} label maps of {dataset} are missing")
+    from camloc.models.preprocess import image_size
+
     for item in images[:20]:
-        values = np.unique(item.label())
+        label = item.label()
+        width, height = image_size(Path(item.path))
+        if label.shape[:2] != (height, width):
+            raise DataError(f"label map {item.label_path or item.image_id} is {label.shape[1]}x{label.shape[0]}, but "
+                            f"its image {item.path} is {width}x{height}: they do not belong together")
+        values = np.unique(label)
         bad = values[(values >= n_classes) & (values != 255)]
         if bad.size:
             raise DataError(f"label map {item.label_path or item.image_id} holds values {bad.tolist()[:5]} outside "

@@ -41,6 +41,7 @@ class SegImage:
     label: Callable[[], np.ndarray]
     """The label map (H, W) uint8 of class indices, 255 = ignore, read on demand."""
     label_path: str = ""
+    """The file the label map is read from (coco-object: the instances JSON all its maps come from)."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,39 @@ def register_seg_dataset(name: str, classes_file: str, description: str, layout:
 
 
 def _png(path: Path) -> np.ndarray:
+    """A label map's values as they are in the file (8-bit, palette or 16-bit), refused beyond 0..255: a
+    16-bit map's 263 read as uint8 would be class 7, silently."""
     if not path.is_file():
         raise DataError(f"label map {path} does not exist")
-    return np.asarray(Image.open(path))
+    values = np.asarray(Image.open(path))
+    if values.ndim != 2:
+        raise DataError(f"label map {path} has {values.shape[-1]} channels: camloc reads one class index per pixel "
+                        "(an 8-bit or palette PNG), not a colour image")
+    if values.dtype != np.uint8:
+        high = values[(values < 0) | (values > 255)]
+        if high.size:
+            raise DataError(f"label map {path} holds values {sorted(set(high.tolist()))[:5]} outside 0..255 (a "
+                            f"{values.dtype.itemsize * 8}-bit PNG): camloc reads 8-bit class indices, 255 = ignore; "
+                            "convert it to the dataset's 8-bit layout")
+        values = values.astype(np.uint8)
+    return values
+
+
+def check_image_ids(images: list[SegImage], where: str) -> list[SegImage]:
+    """Image ids name files (the images, labels and `--save-predictions`' PNGs): each must be a plain file
+    stem (no folder, `..` or absolute path) and appear once."""
+    seen: set = set()
+    for item in images:
+        text = str(item.image_id)
+        if (not text or text in (".", "..") or "/" in text or "\\" in text or text.startswith("~")
+                or Path(text).is_absolute() or "\x00" in text):
+            raise DataError(f"{where}: image id {text!r} is not a plain file name (no folders, '..' or absolute "
+                            "paths): fix the list")
+        if text in seen:
+            raise DataError(f"{where}: image id {text!r} is listed twice: each image must appear once (its "
+                            "pixels would count twice)")
+        seen.add(text)
+    return images
 
 
 def _reduce_zero(label: np.ndarray) -> np.ndarray:
@@ -97,10 +128,10 @@ def _listed(list_file: Path, image_dir: Path, label_dir: Path, image_ext: str, r
 
         def read(label_path=label_path):
             label = _png(label_path)
-            return _reduce_zero(label) if reduce else label.astype(np.uint8)
+            return _reduce_zero(label) if reduce else label
 
         images.append(SegImage(stem, str(image_dir / f"{stem}{image_ext}"), read, str(label_path)))
-    return images
+    return check_image_ids(images, f"image list {list_file}")
 
 
 @register_seg_dataset("ade20k-150", "ade20k-150.txt", "ADE20K SceneParsing (ADEChallengeData2016), 150 classes",
@@ -156,7 +187,7 @@ def cityscapes(root, split, image_dir, ann_file):
     for path in sorted(images_dir.rglob("*_leftImg8bit.png")):
         stem = path.name[: -len("_leftImg8bit.png")]
         label = base / "gtFine" / split / path.parent.name / f"{stem}_gtFine_labelTrainIds.png"
-        out.append(SegImage(stem, str(path), lambda p=label: _png(p).astype(np.uint8), str(label)))
+        out.append(SegImage(stem, str(path), lambda p=label: _png(p), str(label)))
     return out
 
 
@@ -185,7 +216,7 @@ def coco_stuff(root, split, image_dir, ann_file):
     out = []
     for path in sorted(images_dir.glob("*.jpg")):
         label = base / "annotations" / split / f"{path.stem}_labelTrainIds.png"
-        out.append(SegImage(path.stem, str(path), lambda p=label: _png(p).astype(np.uint8), str(label)))
+        out.append(SegImage(path.stem, str(path), lambda p=label: _png(p), str(label)))
     return out
 
 
@@ -212,7 +243,7 @@ def coco_object(root, split, image_dir, ann_file):
             out[mask] = IGNORE if a.get("iscrowd", 0) else order[a["category_id"]]
         return out
 
-    return [SegImage(str(i), str(folder / coco.imgs[i]["file_name"]), lambda i=i: label(i))
+    return [SegImage(str(i), str(folder / coco.imgs[i]["file_name"]), lambda i=i: label(i), str(ann))
             for i in sorted(coco.imgs)]
 
 
@@ -232,4 +263,4 @@ def load_seg_dataset(name: str, data_root: str | Path | None = None, split: str 
         images = images[:limit]
     if not images:
         raise DataError(f"dataset {name} gives 0 images under {default_root(data_root)}; expected {spec.layout}")
-    return spec, images
+    return spec, check_image_ids(images, f"dataset {name}")

@@ -120,6 +120,14 @@ def describe_difference(key: str, old, new) -> str:
     return f"{key}: {_describe(old)} there, {_describe(new)} now"
 
 
+def moved_data(old, new) -> bool:
+    """Two data identities of the same files read from another folder: equal but for `image_root`
+    (the pairs' or label files' SHA-256 and the counts agree)."""
+    return (isinstance(old, dict) and isinstance(new, dict) and old.get("image_root") != new.get("image_root")
+            and {k: v for k, v in old.items() if k != "image_root"} == {k: v for k, v in new.items()
+                                                                          if k != "image_root"})
+
+
 def check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
     """Refuse a folder written by another config (naming what differs); with `force_new` discard its
     results (records, summaries, tables, saved pictures) first. Then write this config."""
@@ -136,6 +144,13 @@ def check_config(run_dir: Path, config: EvalConfig, force_new: bool) -> None:
         old = {k: v for k, v in old.items() if k not in NOT_IDENTITY} if isinstance(old, dict) else old
         if isinstance(old, dict):  # a field added since the folder was written, unused now (null), is no difference
             new = {k: v for k, v in new.items() if k in old or v is not None}
+            if moved_data(old.get("data"), new.get("data")):  # the same files read from another place
+                if config.heatmaps:
+                    raise RunFolderError(f"the data of run folder {run_dir} was read from {old['data']['image_root']} "
+                                         f"and is now at {new['data']['image_root']}; its heatmap cache is keyed by the "
+                                         "images' folder: move the data back, or use another --out")
+                config.data = {**config.data, "image_root": old["data"]["image_root"]}  # the identity it began with
+                new["data"] = old["data"]
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             shown = "; ".join(describe_difference(k, old.get(k), new.get(k)) for k in diff[:3])

@@ -36,14 +36,27 @@ REQUIRED = ("image_id", "method", "state", "windows", "forward_seconds", "method
 
 
 def segmentation_identity(images) -> dict:
-    """What the run's data is: the images' folder, a SHA-256 over every (image id, image file, label file)
-    and the count (another split, data root or --limit never resumes these records)."""
+    """What the run's data is: the images' folder, a SHA-256 over every (image id, image file name and size,
+    SHA-256 of its label file's bytes) and the count. Another split, --limit, annotation file or label
+    folder (the same image names with other labels) never resumes these records; the same files read from
+    another place are the same data (`check_config` accepts moved data)."""
+    from camloc.run.files import file_sha256
+
     digest = hashlib.sha256()
+    labels: dict[str, str | None] = {}
     for item in images:
-        digest.update(json.dumps([item.image_id, os.path.basename(item.path), os.path.basename(item.label_path)])
-                      .encode() + b"\n")
+        if item.label_path not in labels:  # coco-object: one instances JSON for every image
+            labels[item.label_path] = file_sha256(item.label_path) if os.path.isfile(item.label_path) else None
+        size = os.path.getsize(item.path) if os.path.isfile(item.path) else None
+        digest.update(json.dumps([item.image_id, os.path.basename(item.path), size,
+                                  os.path.basename(item.label_path), labels[item.label_path]]).encode() + b"\n")
     folders = [os.path.dirname(os.path.abspath(item.path)) for item in images]
     return {"image_root": os.path.commonpath(folders), "images_sha256": digest.hexdigest(), "n_images": len(images)}
+
+
+def prediction_path(run_dir: Path, method: str, image_id) -> Path:
+    """Where `--save-predictions` writes an image's class map (ids are checked plain file names)."""
+    return run_dir / "predictions" / method.replace("+", "p") / f"{image_id}.png"
 
 
 def segment_batch(model, specs, options, batch, queries, owner, names, settings) -> list[dict]:
@@ -95,7 +108,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
         _check_methods(resolve_methods(config.methods, family_hint(config.model), config.model))
     device = rank_device(device)
     run_dir = prepare_out_dir(run_dir)
-    where = {k: v for k, v in (data_options or {}).items() if v}
+    where = _data_options(run_dir, config, data_options, force_new)
     spec, images = load_seg_dataset(config.dataset, data_root=where.get("data_root_dir"), split=config.split,
                                     image_dir=where.get("image_dir"), ann_file=where.get("ann_file"),
                                     limit=config.limit)
@@ -106,6 +119,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                           "on voc21, context60 or coco-object")
     config.ovseg = settings.to_json()
     config.data = segmentation_identity(images)
+    config.data_sources = _sources(where)
     config.split = config.split or spec.default_split
     if model is None:
         model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
@@ -129,17 +143,25 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
             done |= {(str(r["image_id"]), r["method"]) for r in read_jsonl(path, repair=path == records_path,
                                                                             required=REQUIRED)}
         mine = images[rank::world]
-        work = [(item, [m for m in config.methods if (item.image_id, m) not in done]) for item in mine]
-        work = [(item, todo) for item, todo in work if todo]
+        # per image: the methods still to record, and (--save-predictions, also given only now) those whose
+        # class map is not saved yet: a resumed image is segmented again to write it, its record kept
+        work = [(item, [m for m in config.methods if (item.image_id, m) not in done],
+                 [m for m in config.methods if save_predictions
+                  and not prediction_path(run_dir, m, item.image_id).is_file()]) for item in mine]
+        work = [(item, todo, draw) for item, todo, draw in work if todo or draw]
         options = {**config.options, "chunk_size": "auto"}
         n_new = 0
         compute_started = time.perf_counter()
         with open(records_path, "a") as handle, progress_bar(progress, len(work)) as bar:
             for start in range(0, len(work), batch_size):
                 chunk = work[start:start + batch_size]
-                batch = [(item, *_image_and_label(item)) for item, _ in chunk]
-                for (item, todo), (_, _, label), result in zip(chunk, batch, segment_batch(
+                batch = [(item, *_image_and_label(item)) for item, _, _ in chunk]
+                for (item, todo, draw), (_, _, label), result in zip(chunk, batch, segment_batch(
                         model, specs, options, batch, queries, owner, names, settings)):
+                    for method in draw:
+                        path = prediction_path(run_dir, method, item.image_id)
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        Image.fromarray(result[method][0].numpy().astype(np.uint8)).save(path)
                     records = []
                     for method in todo:
                         pred, windows, forward, own = result[method]
@@ -149,10 +171,6 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                             raise DataError(f"label map {item.label_path or item.image_id}: {exc}; is it the "
                                             f"{config.dataset} layout camloc reads (`camloc data verify "
                                             f"{config.dataset}`)?") from None
-                        if save_predictions:
-                            folder = run_dir / "predictions" / method.replace("+", "p")
-                            folder.mkdir(parents=True, exist_ok=True)
-                            Image.fromarray(pred.numpy().astype(np.uint8)).save(folder / f"{item.image_id}.png")
                         records.append({"image_id": item.image_id, "method": method, "state": state.to_record(),
                                         "windows": windows, "forward_seconds": round(forward, 6),
                                         "method_seconds": round(own, 6)})
@@ -166,6 +184,35 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                                extra={"device": device_description(model.device), "versions": package_versions(),
                                       "git_commit": git_commit(), "timings": timings})
     return summary
+
+
+def _data_options(run_dir: Path, config: EvalConfig, given: dict | None, force_new: bool) -> dict:
+    """The data options given, or, on a resume of the same dataset and split given none, where that run
+    read its data (its config.json's `data_sources`)."""
+    from camloc.datasets.segmentation import SEG_DATASETS
+    from camloc.run.identity import CONFIG, recorded_data_options
+
+    given = {k: v for k, v in (given or {}).items() if v}
+    path = run_dir / CONFIG
+    if given or force_new or not path.is_file() or config.dataset not in SEG_DATASETS:
+        return given
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return given  # check_config names the broken file
+    split = config.split or SEG_DATASETS[config.dataset].default_split
+    if not isinstance(previous, dict) or (previous.get("dataset"), previous.get("split")) != (config.dataset, split):
+        return given
+    return recorded_data_options(run_dir, previous)
+
+
+def _sources(where: dict) -> dict:
+    """Where an ovseg run read its data (absolute): what a resume given no data option reads."""
+    from camloc.datasets.registry import data_root
+
+    absolute = lambda v: os.path.abspath(v) if v else None  # noqa: E731
+    return {"data_root": absolute(str(data_root(where.get("data_root_dir")))),
+            "ann_file": absolute(where.get("ann_file")), "image_dir": absolute(where.get("image_dir"))}
 
 
 def _image_and_label(item) -> tuple:
