@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from camloc.cams.options import count_or_auto, parse_method_options  # noqa: E402
+from camloc.cams.options import check_seed, count_or_auto, parse_method_options, whole_number  # noqa: E402
 from camloc.errors import ImageError, OptionError  # noqa: E402
 from camloc.evaluators.boxes import box_from_heatmap, check_threshold  # noqa: E402
 from camloc.models.clip_model import ClipModel  # noqa: E402
@@ -47,10 +47,25 @@ def _model(model: ClipModel | str) -> ClipModel:
 
 
 def _prompts(prompts: str | Sequence[str]) -> list[str]:
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise OptionError("prompts must be a text or a non-empty list of texts")
     return prompts
+
+
+def _methods(methods: str | Sequence[str]) -> str | list[str]:
+    if isinstance(methods, str):
+        return methods
+    if not isinstance(methods, (list, tuple)) or not methods or not all(isinstance(m, str) for m in methods):
+        raise OptionError(f"methods must be a method name, a comma list, 'all' or a list of names, got {methods!r}")
+    return list(methods)
+
+
+def _shard(shard) -> tuple[int, int]:
+    if not (isinstance(shard, (list, tuple)) and len(shard) == 2):
+        raise OptionError(f"shard must be (rank, world), got {shard!r}")
+    world = whole_number(shard[1], "the shard's world size", 1)
+    return whole_number(shard[0], "the shard's rank", 0, world - 1), world
 
 
 def _input_image(model: ClipModel, tensor: torch.Tensor) -> tuple[Image.Image, torch.Tensor]:
@@ -88,6 +103,13 @@ def as_image(model: ClipModel, image: ImageLike, exif_transpose: bool = False) -
             array = array[..., :3]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3) or array.size == 0:
             raise ImageError(f"an image array must be (H, W) or (H, W, 3), got shape {image.shape}")
+        if array.dtype.kind in "iu" and array.dtype != np.uint8:  # integers: 0..255 as uint8 holds them
+            if array.min() < 0 or array.max() > 255:
+                raise ImageError(f"an integer image array must hold values in 0..255, got {array.min()}.."
+                                 f"{array.max()} ({array.dtype})")
+            array = array.astype(np.uint8)
+        if array.dtype == bool or array.dtype.kind not in "iuf":
+            raise ImageError(f"an image array must hold uint8 0..255 or floats in [0, 1], got {array.dtype}")
         if array.dtype != np.uint8:
             if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
                 raise ImageError("a float image array must hold values in [0, 1] (or pass uint8 0..255)")
@@ -175,9 +197,10 @@ def explain(model: ClipModel | str, image: ImageLike | Sequence[ImageLike], prom
     if not images:
         raise OptionError("image is an empty list")
     prompts = _prompts(prompts)
+    methods = _methods(methods)
     threshold = check_threshold(threshold)
     options = {**parse_method_options(method_options), "chunk_size": count_or_auto(chunk_size, "--chunk-size"),
-               "seed": int(seed)}
+               "seed": check_seed(seed)}
     compile = check_compile(compile)
     model = _model(model)
     specs = resolve_methods(list(methods) if not isinstance(methods, str) else methods, model.family, model.name)
@@ -235,6 +258,7 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
     `save_heatmaps` keeps each pair's native map under out/heatmaps for `rescore`, stored as `heatmap_dtype`
     (float32, exactly the maps the records come from; float16 at half the size, rescored to within its
     rounding). The records are the same with or without it."""
+    from camloc.cams.options import SEED_MAX
     from camloc.evaluators.iou import CONVENTIONS
     from camloc.evaluators.protocols import parse_protocols
     from camloc.models.encoder import check_compile
@@ -243,6 +267,10 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
 
     if iou not in CONVENTIONS:
         raise OptionError(f"--iou {iou!r} is not one of {', '.join(CONVENTIONS)}")
+    methods, seed, shard = _methods(methods), check_seed(seed), _shard(shard)
+    limit = whole_number(limit, "--limit", 1, optional=True)
+    subset_seed = whole_number(subset_seed, "--subset-seed", 0, SEED_MAX, optional=True)
+    per_class = whole_number(per_class, "--per-class", 1)
     names = [p.strip() for p in (protocols.split(",") if isinstance(protocols, str) else protocols) if p.strip()]
     if "ovseg" in names:
         if set(names) - {"ovseg", "box"}:
@@ -312,6 +340,9 @@ def sanity(model: ClipModel | str, dataset: str = "demo", methods: str | Sequenc
     from camloc.models.encoder import check_compile
     from camloc.run.sanity import run_sanity
 
+    methods, seed = _methods(methods), check_seed(seed)
+    limit = whole_number(limit, "--limit", 1, optional=True)
+    subset_seed = whole_number(subset_seed, "--subset-seed", 0, 2**32 - 1, optional=True)
     model = _model(model)
     model.encoder.configure(check_compile(compile))
     options = {**parse_method_options(method_options), "chunk_size": count_or_auto(chunk_size, "--chunk-size")}

@@ -142,3 +142,147 @@ def test_f17_verify_refuses_a_label_map_of_another_size(tmp_path):
     write_label(voc / "SegmentationClass" / "2007_000042.png", np.zeros((40, 64), np.uint8))
     result = runner.invoke(app, ["data", "verify", "voc21", "--data-root", str(tmp_path)])
     assert result.exit_code == 2 and "is 64x40, but its image" in result.stderr
+
+
+# --- F2: every numeric option, fuzzed --------------------------------------------------------------
+
+FUZZ = ["nan", "inf", "-inf", "-1", "1e30"]
+
+
+def numeric_flags(command: str) -> list[str]:
+    """The numeric options of a command, read from its signature (the method options included)."""
+    import inspect
+
+    for registered in app.registered_commands:
+        if (registered.name or registered.callback.__name__.replace("_cmd", "").replace("_", "-")) == command:
+            return [p.default.param_decls[0] for p in inspect.signature(registered.callback).parameters.values()
+                    if hasattr(p.default, "param_decls") and any(t in str(p.annotation) for t in ("float", "int"))]
+    raise AssertionError(f"no command {command}")
+
+
+def method_using(flag: str) -> str:
+    from camloc.cams.registry import METHODS, list_methods
+
+    name = flag[2:].replace("-", "_")
+    return next((m for m in list_methods("*", "vit") if name in METHODS[m].params and not METHODS[m].needs),
+                "proxyclip" if name.startswith("proxy") else "gradcam")
+
+
+def settles(result, where) -> None:
+    """One line and exit 2 (click's own usage errors included), or a run that ended well."""
+    assert result.exit_code in (0, 2), (where, result.exit_code, result.output)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
+        (where, repr(result.exception))
+    assert "Traceback" not in result.output, where
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    write_voc(root, stems=("2007_000033",))
+    return root
+
+
+def test_explain_method_options_fuzz(tmp_path):
+    flags = [f for f in numeric_flags("explain") if f not in ("--topk",)]
+    assert "--proxy-beta" in flags and "--cls-lambda" in flags and "--lrp-gamma-linear" in flags
+    for flag in flags:
+        method = method_using(flag)
+        extra = ["--proxy-model", "vit_small_patch8_224.dino:random"] if method == "proxyclip" else []
+        for value in FUZZ:
+            maps = tmp_path / "maps.npz"
+            maps.unlink(missing_ok=True)
+            result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--prompt",
+                                         "a dog", "--method", method, "--model", "tiny-vit-mh", flag, value,
+                                         "--save-heatmap", str(maps), *extra])
+            settles(result, (flag, value))
+            if result.exit_code == 0:  # a valid run: finite maps that are not constant
+                with np.load(maps) as data:
+                    heatmaps = data[method]
+                assert np.isfinite(heatmaps).all() and heatmaps.max() > heatmaps.min(), (flag, value)
+            elif "Usage" not in result.output:
+                assert result.stderr.count("\n") == 1 and flag in result.stderr, (flag, value, result.stderr)
+
+
+def test_eval_sanity_and_search_numeric_options_fuzz(tmp_path, voc):
+    method_flags = {f for f in numeric_flags("explain")}
+    base = {"eval": ["eval", "--model", "tiny-vit", "--method", "gradcam", "--dataset", "demo", "--limit", "1",
+                     "--no-progress", "--protocols", "box,pointing,maxboxacc"],
+            "sanity": ["sanity", "--model", "tiny-vit", "--method", "gradcam", "--dataset", "demo", "--limit", "1"],
+            "threshold-search": ["threshold-search", "--model", "tiny-vit", "--method", "gradcam", "--limit", "1",
+                                 "--no-progress", "--workers", "1"]}
+    for command, args in base.items():
+        flags = [f for f in numeric_flags(command) if f not in method_flags]
+        assert flags, command
+        for flag in flags:
+            run = list(args)
+            if flag.startswith("--ovseg"):
+                run = ["eval", "--model", "tiny-vit", "--method", "sclip", "--dataset", "voc21", "--data-root",
+                       str(voc), "--protocols", "ovseg", "--no-progress", *SMALL[2:]] if flag == "--ovseg-short-side" \
+                    else ["eval", "--model", "tiny-vit", "--method", "sclip", "--dataset", "voc21", "--data-root",
+                          str(voc), "--protocols", "ovseg", "--no-progress", *[a for a in SMALL if a != flag]]
+                run = [a for i, a in enumerate(run) if not (run[i - 1:i] == [flag])]
+            elif flag.startswith("--faith"):
+                run = [*args[:-1], "box,deletion-rise"]
+            elif flag.startswith("--grid") and command == "threshold-search":
+                pass
+            for value in FUZZ:
+                out = tmp_path / f"{command}{flag}{value}".replace("-", "_")
+                result = runner.invoke(app, [*run, "--out", str(out), flag, value])
+                settles(result, (command, flag, value))
+                if result.exit_code == 0 and (out / "summary.json").is_file():
+                    summary = json.loads((out / "summary.json").read_text())
+                    assert "nan" not in json.dumps(summary["methods"]).lower(), (command, flag, value)
+
+
+# --- F7, F12: the Python API and seeds ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    import camloc
+
+    return camloc.load_model("tiny-vit", device="cpu")
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, m, tmp: c.explain(m, "tests/golden/chelsea_small.png", None),
+    lambda c, m, tmp: c.explain(m, "tests/golden/chelsea_small.png", "cat", None),
+    lambda c, m, tmp: c.explain(m, "tests/golden/chelsea_small.png", "cat", seed="a"),
+    lambda c, m, tmp: c.explain(m, "tests/golden/chelsea_small.png", "cat", "rise", seed=-1, rise_masks=8),
+    lambda c, m, tmp: c.explain(m, "tests/golden/chelsea_small.png", "cat", "rise", seed=2**32, rise_masks=8),
+    lambda c, m, tmp: c.explain(m, np.full((8, 8, 3), 300, np.int64), "cat"),
+    lambda c, m, tmp: c.evaluate(m, "demo", "gradcam", out=tmp / "a", limit="2"),
+    lambda c, m, tmp: c.evaluate(m, "demo", None, out=tmp / "b"),
+    lambda c, m, tmp: c.evaluate(m, "demo", "gradcam", out=tmp / "c", seed=-1),
+    lambda c, m, tmp: c.evaluate(m, "demo", "gradcam", out=tmp / "d", shard=(-1, 2)),
+    lambda c, m, tmp: c.evaluate(m, "demo", "gradcam", out=tmp / "e", shard=(2, 2)),
+    lambda c, m, tmp: c.evaluate(m, "demo", "gradcam", out=tmp / "f", subset_seed="x", limit=1),
+    lambda c, m, tmp: c.sanity(m, "demo", "gradcam", out=tmp / "g", seed=-5),
+    lambda c, m, tmp: c.sanity(m, "demo", "gradcam", out=tmp / "h", limit=0),
+])
+def test_f12_the_python_api_raises_camloc_errors_on_bad_arguments(call, tiny, tmp_path):
+    import camloc
+    from camloc.errors import CamlocError
+
+    with pytest.raises(CamlocError):
+        call(camloc, tiny, tmp_path)
+
+
+def test_f12_an_integer_array_in_0_255_is_an_image(tiny):
+    import camloc
+
+    array = np.asarray(Image.open("tests/golden/chelsea_small.png").convert("RGB"))
+    a = camloc.explain(tiny, array.astype(np.int64), "cat")
+    b = camloc.explain(tiny, array, "cat")
+    np.testing.assert_array_equal(a.maps["gradcam"], b.maps["gradcam"])
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_f7_a_seed_outside_numpys_range_is_one_line(tmp_path, seed):
+    for args in (["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--method", "rise", "--rise-masks",
+                  "8", "--model", "tiny-vit"],
+                 ["eval", "--model", "tiny-vit", "--method", "gradcam", "--protocols", "box,deletion-eclip",
+                  "--limit", "1", "--out", str(tmp_path / "run"), "--no-progress"]):
+        result = runner.invoke(app, [*args, "--seed", seed])
+        assert result.exit_code == 2 and "--seed" in result.stderr and "0 and 4294967295" in result.stderr, \
+            result.output

@@ -39,7 +39,7 @@ from torch.autograd import Function
 
 from camloc.cams.context import CamContext
 from camloc.cams.hila import latent_pool_attention
-from camloc.cams.options import at_least, method_option, one_of
+from camloc.cams.options import between, method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError
 from camloc.models.families import BlockAccess
@@ -51,9 +51,9 @@ LRP_ATTENTION = method_option("lrp_attention", str, "attnlrp", "AttnLRP: the rul
 
 GAMMA_LINEAR = method_option("lrp_gamma_linear", float, 0.0, "AttnLRP: the Gamma rule's gamma on the linear layers "
                              "outside attention (MLPs, heads; 0 = LRP-0; lxt's ViT example tries 0-1).",
-                             at_least("--lrp-gamma-linear", 0))
+                             between("--lrp-gamma-linear", 0, 1000))
 GAMMA_CONV = method_option("lrp_gamma_conv", float, 0.0, "AttnLRP: the Gamma rule's gamma on the patch convolution "
-                           "(0 = LRP-0; lxt's ViT example tries 0.1-100).", at_least("--lrp-gamma-conv", 0))
+                           "(0 = LRP-0; lxt's ViT example tries 0.1-100).", between("--lrp-gamma-conv", 0, 1000))
 
 ACTIVATIONS = frozenset({"GELU", "QuickGELU", "SiLU", "GELUTanh", "ReLU"})
 PASS_THROUGH = frozenset({"Identity", "Dropout", "DropPath", "PatchDropout", "LayerScale", "RotaryEmbeddingCat",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from camloc.cams.clip_es import background_words, word_list
 from camloc.cams.context import CamContext
 from camloc.cams.dense import DENSE_FAMILIES, square_grid
-from camloc.cams.options import between, method_option, positive
+from camloc.cams.options import between, method_option
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError
 from camloc.models.families import dense_tokens
@@ -39,7 +39,7 @@ BACKGROUND = method_option("cliper_background", str, "background", "CLIPer: comm
                            "softmax beside the prompts and their mean (the reference's ADE20K and PASCAL-Context "
                            "word; its VOC list has 25; empty = none), scored as written.", word_list)
 SCALE = method_option("cliper_scale", float, 100.0, "CLIPer: logit scale of its softmax over the prompts (the "
-                      "reference's 100).", positive("--cliper-scale"))
+                      "reference's 100).", between("--cliper-scale", 0, 1000, low_open=True))
 THRESHOLD = method_option("cliper_threshold", float, 0.2, "CLIPer: the last level's scores below this fraction of "
                           "their per-prompt maximum are zeroed before the attention propagates them (the "
                           "reference's 0.2).", between("--cliper-threshold", 0, 1))

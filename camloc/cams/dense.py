@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.options import at_least, method_option, one_of, positive
+from camloc.cams.options import at_least, between, method_option, one_of, positive
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
 from camloc.models.families import BlockAccess, dense_tokens  # noqa: F401  (BlockAccess: re-exported for tests)
@@ -87,7 +87,7 @@ CLS_LAMBDA = method_option("cls_lambda", float, 0.0, "MaskCLIP, SCLIP, ClearCLIP
                            "cosine of the path's own class token with each prompt to every patch's (SegEarth-OV's "
                            "global-bias removal with a negative value, e.g. -0.3; 0 = off). A per-prompt constant: it "
                            "changes which prompt wins a pixel (--protocols ovseg, ResCLIP's feedback), not a "
-                           "min-max normalised map.")
+                           "min-max normalised map.", between("--cls-lambda", -1, 1))
 
 DENSE_FAMILIES = frozenset({"vit", "vit-avg", "timm-vit"})
 
@@ -111,6 +111,9 @@ def similarity_attention(similarity: torch.Tensor, beta: float, gamma: float) ->
     """An attention from a patch similarity S: softmax over each row of (S - beta mean(S)) gamma with its
     negative entries -inf (ProxyCLIP's proxy attention; SC-CLIP's with beta 1, gamma 3)."""
     logits = (similarity - similarity.mean() * beta) * gamma
+    if bool((logits < 0).all(dim=-1).any()):  # softmax over nothing: NaN rows, a constant map
+        raise OptionError(f"beta {beta:g} masks every similarity of some patch (beta x the mean similarity "
+                          f"{float(similarity.mean()):.3g} exceeds its largest): use a smaller --proxy-beta")
     return torch.softmax(logits.masked_fill(logits < 0, float("-inf")), dim=-1)
 
 

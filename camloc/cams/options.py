@@ -6,6 +6,7 @@ method's option touches only that method's module.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,9 +53,11 @@ class MethodOption:
                 raise OptionError(f"{self.flag} {value!r} must be {'an integer' if self.kind is int else 'a number'}")
             try:
                 value = self.kind(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise OptionError(f"{self.flag} {value!r} must be "
                                   f"{'an integer' if self.kind is int else 'a number'}") from None
+            if not math.isfinite(value):
+                raise OptionError(f"{self.flag} must be a finite number, got {value}")
         else:
             value = value if isinstance(value, (str, list, tuple)) else str(value)
         return self.check(value) if self.check else value
@@ -149,6 +152,29 @@ def count_or_auto(value, flag: str) -> int | str:
     if size < 1 or isinstance(value, bool):
         raise OptionError(f"{flag} {value!r} must be a positive number or auto")
     return size
+
+
+SEED_MAX = 2**32 - 1
+"""Seeds feed NumPy's and torch's generators: 0..2**32-1."""
+
+
+def whole_number(value, flag: str, low: int = 0, high: int | None = None, optional: bool = False) -> int | None:
+    """A count, index or seed given on the command line or from Python: an integer (not a bool, float or
+    text) in [low, high]; None passes when `optional`."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+            hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0 and "int" in str(value.dtype)):
+        raise OptionError(f"{flag} must be a whole number, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f"{low} or more"
+        raise OptionError(f"{flag} must be {span}, got {value}")
+    return value
+
+
+def check_seed(value, flag: str = "--seed") -> int:
+    return whole_number(value, flag, 0, SEED_MAX)
 
 
 def one_of(flag: str, choices: tuple[str, ...]) -> Callable:

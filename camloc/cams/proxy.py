@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
 from camloc.cams.dense import similarity_attention, square_grid
-from camloc.cams.options import method_option, positive
+from camloc.cams.options import between, method_option
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError, OptionError
 from camloc.models.families import dense_tokens
@@ -56,9 +56,9 @@ PROXY_MODEL = method_option("proxy_model", str, "", "ProxyCLIP: the vision found
                             "vit_base_patch14_reg4_dinov2.lvd142m; NAME:random[@SEED] for seeded random weights). "
                             "Required for proxyclip; its weights' SHA-256 is recorded in the run.", _name)
 PROXY_BETA = method_option("proxy_beta", float, 1.2, "ProxyCLIP: the proxy similarity's mean is subtracted "
-                           "beta times (the reference's 1.2).", positive("--proxy-beta"))
+                           "beta times (the reference's 1.2).", between("--proxy-beta", 0, 1000, low_open=True))
 PROXY_GAMMA = method_option("proxy_gamma", float, 3.0, "ProxyCLIP: the proxy similarity's temperature gamma (the "
-                            "reference's 3.0).", positive("--proxy-gamma"))
+                            "reference's 3.0).", between("--proxy-gamma", 0, 1000, low_open=True))
 
 _LOADED: dict[tuple, tuple] = {}
 

@@ -67,8 +67,8 @@ def parse_protocols(value) -> list[str]:
 def check_parameters(tolerance: float, interval: float) -> None:
     from camloc.errors import OptionError
 
-    if not tolerance >= 0:
-        raise OptionError(f"--pointing-tolerance must be 0 or more pixels, got {tolerance}")
+    if not 0 <= tolerance < float("inf"):
+        raise OptionError(f"--pointing-tolerance must be a finite number of 0 or more pixels, got {tolerance}")
     if not 0 < interval < 1:
         raise OptionError(f"--cam-curve-interval must be in (0, 1), got {interval}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 
 from camloc.cams import CamContext
 from camloc.cams.context import share_batch

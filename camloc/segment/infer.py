@@ -99,9 +99,16 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
     if settings.stride > settings.crop:
         raise OptionError(f"--ovseg-stride {settings.stride} is larger than --ovseg-crop {settings.crop}: pixels "
                           "between the windows would get no logits")
-    if not 0 <= settings.bg_threshold <= 1 or settings.logit_scale <= 0 or settings.pamr_steps < 0:
-        raise OptionError("--ovseg-bg-threshold must lie in [0, 1], --ovseg-logit-scale be positive and "
-                          "--ovseg-pamr 0 or more")
+    if not 0 <= settings.bg_threshold <= 1:
+        raise OptionError(f"--ovseg-bg-threshold must lie in [0, 1], got {settings.bg_threshold}")
+    if not 0 < settings.logit_scale <= 1000:
+        raise OptionError(f"--ovseg-logit-scale must be in (0, 1000] (the presets' 40 or 50; CLIP's own 100), got "
+                          f"{settings.logit_scale}")
+    if settings.area_threshold is not None and not 0 <= settings.area_threshold <= 1:
+        raise OptionError(f"--ovseg-area-threshold is a fraction of the foreground in [0, 1], got "
+                          f"{settings.area_threshold}")
+    if settings.pamr_steps < 0:
+        raise OptionError(f"--ovseg-pamr must be 0 or more steps, got {settings.pamr_steps}")
     templates(settings.templates)
     return settings
 
