@@ -276,6 +276,19 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
         if set(names) - {"ovseg", "box"}:
             raise OptionError("--protocols ovseg runs on its own (a segmentation dataset scored per pixel over all "
                               "its classes); run the pair protocols in another run")
+        unused = [flag for flag, value, default in (
+            ("--classes", classes, None), ("--subset-seed", subset_seed, None), ("--prompt-template", prompt_template, "{}"),
+            ("--threshold", threshold, "otsu"), ("--iou", iou, "gscorecam"), ("--per-class", per_class, 100),
+            ("--include-stuff", include_stuff, False), ("--ade-extent", ade_extent, None),
+            ("--pointing-tolerance", pointing_tolerance, 15.0), ("--cam-curve-interval", cam_curve_interval, 0.01),
+            ("--faith-steps", faith_steps, 224), ("--faith-baseline", faith_baseline, None),
+            ("--faith-score", faith_score, "softmax"), ("--road-percentiles", road_percentiles, None),
+            ("--save-heatmaps", save_heatmaps, False), ("--heatmap-dtype", heatmap_dtype, "float32"),
+            ("--save-vis", save_vis, 0), ("--skip-missing", skip_missing, False)) if value != default]
+        if unused:
+            raise OptionError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect under --protocols "
+                              "ovseg (every class of the dataset is scored at every pixel, its names as the --ovseg-* "
+                              "settings say); drop " + ("it" if len(unused) == 1 else "them"))
         return _evaluate_ovseg(model, dataset, methods, out, limit=limit, split=split, data_root=data_root,
                                ann_file=ann_file, image_dir=image_dir, seed=seed, device=device, precision=precision,
                                cache_dir=cache_dir, image_batch=image_batch, force_new=force_new, progress=progress,
@@ -388,6 +401,7 @@ def _evaluate_ovseg(model, dataset, methods, out, *, limit, split, data_root, an
 
     loaded = model if isinstance(model, ClipModel) else None
     known = {"preset", "short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold",
+             "normalisation", "position_resize",
              "pamr_steps", "pamr_dilations", "templates"}
     unknown = sorted(set(ovseg) - known)
     if unknown:

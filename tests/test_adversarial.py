@@ -286,3 +286,17 @@ def test_f7_a_seed_outside_numpys_range_is_one_line(tmp_path, seed):
         result = runner.invoke(app, [*args, "--seed", seed])
         assert result.exit_code == 2 and "--seed" in result.stderr and "0 and 4294967295" in result.stderr, \
             result.output
+
+
+@pytest.mark.parametrize("extra", [["--classes", "cat"], ["--subset-seed", "3"], ["--prompt-template", "a {}."],
+                                   ["--threshold", "0.5"], ["--faith-steps", "10"], ["--save-heatmaps"],
+                                   ["--pointing-tolerance", "3"]])
+def test_f3_options_ovseg_does_not_use_are_refused(tmp_path, voc, extra):
+    result = ovseg(voc, tmp_path / "run", *extra)
+    assert result.exit_code == 2 and extra[0] in result.stderr and "no effect under --protocols ovseg" in result.stderr
+
+
+def test_f3_save_predictions_on_a_box_run_is_refused(tmp_path):
+    result = runner.invoke(app, ["eval", "--model", "tiny-vit", "--method", "gradcam", "--limit", "1", "--out",
+                                 str(tmp_path / "r"), "--save-predictions"])
+    assert result.exit_code == 2 and "--save-predictions belong to --protocols ovseg" in result.stderr

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -482,3 +483,53 @@ def test_ade150_class_file_follows_the_official_label_order():
     for label, names in official.items():
         expected = names[1] if label == 90 else names[0]
         assert classes[label - 1] == [expected.replace(" ", "")], label
+
+
+def sclip_interpolate_pos_encoding(positional_embedding, patch_size, w, h):
+    """The SCLIP/NACLIP harness's position resize, written out (wangf3014/SCLIP clip/model.py at 961a11a,
+    `VisionTransformer.interpolate_pos_encoding`; sinahmr/NACLIP clip/model.py the same): w, h are the
+    input's dims -2 and -1; the patch table is scaled bicubically by ((w // p + 0.1) / sqrt(N), ...)."""
+    import math
+
+    n = positional_embedding.shape[0] - 1
+    g = int(math.sqrt(n))
+    patches = positional_embedding[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    out = F.interpolate(patches, scale_factor=((w // patch_size + 0.1) / math.sqrt(n),
+                                                (h // patch_size + 0.1) / math.sqrt(n)), mode="bicubic")
+    out = out.permute(0, 2, 3, 1).reshape(-1, positional_embedding.shape[-1])
+    return torch.cat([positional_embedding[:1], out])
+
+
+@pytest.mark.parametrize("crop", [448, 336, 160])
+def test_sclip_preset_resizes_positions_as_the_harness_does(crop):
+    """On a random 14 x 14 table (ViT-B/16's) the harness's scale-factor resize differs from an exact-size
+    resize by up to 7 % of the range at crop 448; the sclip preset follows the harness exactly."""
+    from camloc.segment.infer import resized_positions
+
+    table = torch.randn(1 + 14 * 14, 32, generator=torch.Generator().manual_seed(0))
+    n = crop // 16
+    reference = sclip_interpolate_pos_encoding(table, 16, crop, crop)
+    torch.testing.assert_close(resized_positions(table, 14, n, n, "sclip"), reference, rtol=0, atol=1e-6)
+    exact = resized_positions(table, 14, n, n, "size")
+    assert (exact - reference).abs().max() > 0.01  # the two ways differ: the preset has to pick the harness's
+
+
+def test_sclip_preset_normalises_with_the_harness_constants(tmp_path):
+    """SCLIP's data preprocessor: CLIP's mean/std x 255 rounded to 3 decimals, on the 0-255 image."""
+    from camloc.models import ClipModel
+    from camloc.segment.infer import resized_input
+
+    model = ClipModel.load("tiny-vit")
+    image = Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8))
+    rgb = cv2.resize(np.asarray(image), rescaled_size(50, 40, 34), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    expected = (rgb - np.array([122.771, 116.746, 104.094], np.float32)) / np.array([68.501, 66.632, 70.323],
+                                                                                   np.float32)
+    got = resized_input(model, image, 34, "harness").permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    full = resized_input(model, image, 34, "model").permute(1, 2, 0).numpy()
+    assert np.abs(full - expected).max() > 1e-5  # the full constants differ in the 5th decimal
+    write_ade150(tmp_path / "data", sizes=((64, 64),))
+    assert _ovseg(tmp_path / "data", tmp_path / "run", *SMALL, methods="sclip").exit_code == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["ovseg"]
+    assert recorded["normalisation"] == "harness" and recorded["pixel_mean"] == [122.771, 116.746, 104.094]
+    assert recorded["position_resize"] == "sclip"

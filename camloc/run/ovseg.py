@@ -68,7 +68,7 @@ def segment_batch(model, specs, options, batch, queries, owner, names, settings)
     prepared = [image_windows(model, image, settings) for _, image, _ in batch]
     windows = torch.cat([w for _, w, _ in prepared])
     timings: dict = {}
-    with at_input_size(model, settings.crop):
+    with at_input_size(model, settings.crop, settings.position_resize):
         grids = window_grids(model, specs, options, windows, queries, names, timings)
     out, first = [], 0
     for (_, _, label), (x, _, boxes) in zip(batch, prepared):
@@ -98,7 +98,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     from camloc.run.progress import progress_bar
     from camloc.run.provenance import device_description, git_commit, package_versions
     from camloc.run.sharding import rank_device, records_name
-    from camloc.segment.infer import query_features, resolve_settings
+    from camloc.segment.infer import pixel_constants, query_features, resolve_settings
 
     started = time.perf_counter()
     rank, world = shard
@@ -124,6 +124,8 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     if model is None:
         model = ClipModel.load(config.model, device=device, precision=config.precision, cache_dir=cache_dir)
     config.precision = model.precision
+    mean, std = pixel_constants(model, settings.normalisation)
+    config.ovseg = {**config.ovseg, "pixel_mean": list(mean), "pixel_std": list(std)}  # as applied, 0-255 scale
     specs = resolve_methods(config.methods, model.family, model.name)
     _check_methods(specs)
     config.methods = [s.name for s in specs]

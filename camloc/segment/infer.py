@@ -58,6 +58,14 @@ class OvsegSettings:
     pamr_steps: int
     pamr_dilations: tuple[int, ...]
     templates: str
+    normalisation: str = "model"
+    """`harness`: SCLIP's data preprocessor's constants, CLIP's mean and std x 255 rounded to 3 decimals on
+    the 0-255 image (every SCLIP-derived harness copies them; used where the model's own constants round to
+    them, i.e. OpenAI-normalised models); `model`: the model's exact constants."""
+    position_resize: str = "size"
+    """How a ViT's position embeddings are resized for crops other than its input size: `sclip` (the
+    SCLIP/NACLIP harness's `interpolate_pos_encoding`: bicubic by scale factor (n + 0.1) / g per side, DINO's
+    recipe) or `size` (bicubic to exactly n x n)."""
 
     def to_json(self) -> dict:
         return {**asdict(self), "pamr_dilations": list(self.pamr_dilations)}
@@ -67,12 +75,14 @@ PRESETS = {
     # SCLIP's harness (wangf3014/SCLIP, clip_segmentor.py defaults and configs/cfg_*.py at 57fa9aa): short side
     # 336, crop 224, stride 112, logit scale 40, no background threshold, PAMR off; per-dataset exceptions below.
     "sclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
-              "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80"},
+              "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
+              "normalisation": "harness", "position_resize": "sclip"},
     # TCL / CLIP-DINOiser's protocol (img_scale (2048, 448), slide crop 448, stride 224;
     # wysoczanska/clip_dinoiser segmentation/configs/_base_/datasets/*.py); logit scale and templates as sclip's
     # (they change only thresholds and the synonym merge, not an argmax over single names).
     "tcl": {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 40.0, "bg_threshold": 0.0,
-            "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80"},
+            "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
+            "normalisation": "model", "position_resize": "size"},
 }
 SCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of SCLIP at 57fa9aa
     "voc21": {"logit_scale": 65.0, "bg_threshold": 0.1, "area_threshold": 0.1},
@@ -109,8 +119,31 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
                           f"{settings.area_threshold}")
     if settings.pamr_steps < 0:
         raise OptionError(f"--ovseg-pamr must be 0 or more steps, got {settings.pamr_steps}")
+    if settings.normalisation not in ("harness", "model"):
+        raise OptionError(f"ovseg normalisation {settings.normalisation!r} is not one of harness, model")
+    if settings.position_resize not in POSITION_RESIZES:
+        raise OptionError(f"ovseg position_resize {settings.position_resize!r} is not one of "
+                          f"{', '.join(POSITION_RESIZES)}")
     templates(settings.templates)
     return settings
+
+
+HARNESS_MEAN = (122.771, 116.746, 104.094)
+HARNESS_STD = (68.501, 66.632, 70.323)
+"""SCLIP's `SegDataPreProcessor(mean=..., std=..., rgb_to_bgr=True)` (wangf3014/SCLIP clip_segmentor.py at
+d84d4ab; NACLIP's naclip.py at 8865082 the same): OpenAI CLIP's constants x 255, rounded to 3 decimals."""
+POSITION_RESIZES = ("sclip", "size")
+
+
+def pixel_constants(model, normalisation: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) on the 0-255 image: the harness's rounded constants where the model's own round to
+    them, else the model's exact constants x 255."""
+    mean = tuple(255 * v for v in model.backend.mean)
+    std = tuple(255 * v for v in model.backend.std)
+    if normalisation == "harness" and (tuple(round(v, 3) for v in mean), tuple(round(v, 3) for v in std)) == (
+            HARNESS_MEAN, HARNESS_STD):
+        return HARNESS_MEAN, HARNESS_STD
+    return mean, std
 
 
 def query_features(model, classes: list[list[str]], template_set: str) -> tuple[torch.Tensor, list[int], list[str]]:
@@ -128,8 +161,23 @@ def query_features(model, classes: list[list[str]], template_set: str) -> tuple[
     return torch.stack(features), owner, names
 
 
+def resized_positions(table: torch.Tensor, grid: int, rows: int, cols: int, how: str) -> torch.Tensor:
+    """A (1 + g*g, D) position table (class token first) for a rows x cols patch grid: `sclip` scales by
+    ((rows + 0.1) / g, (cols + 0.1) / g) as the SCLIP/NACLIP harness does (the sampling positions follow the
+    scale factor, not the size), `size` resizes to exactly rows x cols; both bicubic, corners not aligned."""
+    patches = table[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    if how == "sclip":
+        patches = F.interpolate(patches, scale_factor=((rows + 0.1) / grid, (cols + 0.1) / grid), mode="bicubic",
+                                align_corners=False)
+    else:
+        patches = F.interpolate(patches, size=(rows, cols), mode="bicubic", align_corners=False)
+    if patches.shape[-2:] != (rows, cols):
+        raise ValueError(f"position grid {tuple(patches.shape[-2:])}, expected {(rows, cols)}")
+    return torch.cat([table[:1], patches.permute(0, 2, 3, 1).reshape(rows * cols, -1)])
+
+
 @contextlib.contextmanager
-def at_input_size(model, size: int):
+def at_input_size(model, size: int, how: str = "size"):
     """Run the image tower on size x size inputs: a ViT's position embeddings interpolated bicubically to
     the new patch grid for the duration (the class token's kept), as the sliding-window harnesses do for
     crops larger than the model's input. The model's own size needs nothing."""
@@ -147,10 +195,7 @@ def at_input_size(model, size: int):
     original = visual.positional_embedding
     grid = int(round((original.shape[0] - 1) ** 0.5))
     new = size // patch
-    table = original.detach().float()
-    patches = table[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches, size=(new, new), mode="bicubic", align_corners=False)
-    resized = torch.cat([table[:1], patches.permute(0, 2, 3, 1).reshape(new * new, -1)]).to(original.dtype)
+    resized = resized_positions(original.detach().float(), grid, new, new, how).to(original.dtype)
     visual.positional_embedding = torch.nn.Parameter(resized, requires_grad=False)
     input_size = model.input_size
     model.input_size = size
@@ -161,14 +206,14 @@ def at_input_size(model, size: int):
         model.input_size = input_size
 
 
-def resized_input(model, image: Image.Image, short_side: int) -> torch.Tensor:
-    """(3, H', W') normalised image at the protocol's scale (OpenCV bilinear on the 8-bit RGB, as mmcv)."""
+def resized_input(model, image: Image.Image, short_side: int, normalisation: str = "model") -> torch.Tensor:
+    """(3, H', W') normalised image at the protocol's scale (OpenCV bilinear on the 8-bit RGB, as mmcv), then
+    (x - mean) / std on the 0-255 values in float32 (`pixel_constants`), as mmseg's data preprocessor."""
     width, height = rescaled_size(*image.size, short_side)
     rgb = cv2.resize(np.asarray(image.convert("RGB")), (width, height), interpolation=cv2.INTER_LINEAR)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
-    mean = torch.tensor(model.backend.mean).view(3, 1, 1)
-    std = torch.tensor(model.backend.std).view(3, 1, 1)
-    return (x - mean) / std
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float()
+    mean, std = pixel_constants(model, normalisation)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 def window_grids(model, methods: list, options: dict, windows: torch.Tensor, queries: torch.Tensor,
@@ -232,7 +277,7 @@ def predict(logits: torch.Tensor, owner: list[int], settings: OvsegSettings) -> 
 
 def image_windows(model, image: Image.Image, settings: OvsegSettings) -> tuple:
     """(the resized normalised image (3, H', W'), its windows (n, 3, C, C), their boxes)."""
-    x = resized_input(model, image, settings.short_side)
+    x = resized_input(model, image, settings.short_side, settings.normalisation)
     height, width = x.shape[-2:]
     if min(height, width) < settings.crop:
         raise OptionError(f"--ovseg-short-side {settings.short_side} gives a {width}x{height} image, smaller than "
