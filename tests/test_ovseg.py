@@ -184,8 +184,24 @@ def test_presets_and_their_dataset_exceptions():
     assert resolve_settings("voc21", logit_scale=30.0).logit_scale == 30.0
     with pytest.raises(OptionError, match="--ovseg-stride 300 is larger than --ovseg-crop 224"):
         resolve_settings("ade20k-150", stride=300)
-    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, tcl"):
+    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, naclip, tcl"):
         resolve_settings("ade20k-150", "x")
+
+
+# NACLIP's configs (sinahmr/NACLIP configs/cfg_*.py: voc21 at 8865082, the rest at cbb720d; naclip.py defaults at
+# 8865082), recorded here as read, per dataset: (short side, logit scale, prob_thd, area_thd, PAMR steps)
+NACLIP_CONFIGS = {"voc21": (336, 40.0, 0.1, None, 10), "voc20": (336, 40.0, 0.0, None, 10),
+                  "context60": (336, 40.0, 0.1, None, 10), "context59": (336, 40.0, 0.0, None, 10),
+                  "coco-object": (336, 40.0, 0.1, None, 10), "coco-stuff-171": (448, 40.0, 0.0, None, 10),
+                  "cityscapes": (560, 40.0, 0.0, None, 10), "ade20k-150": (336, 40.0, 0.0, None, 10)}
+
+
+@pytest.mark.parametrize("dataset", sorted(NACLIP_CONFIGS))
+def test_the_naclip_preset_holds_naclips_own_configs(dataset):
+    s = resolve_settings(dataset, "naclip")
+    assert (s.short_side, s.logit_scale, s.bg_threshold, s.area_threshold, s.pamr_steps) == NACLIP_CONFIGS[dataset]
+    assert (s.crop, s.stride, s.pamr_dilations, s.normalisation, s.position_resize) == (224, 112, (8, 16), "harness",
+                                                                                        "sclip")
 
 
 # --- end to end ----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def eval_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     save_heatmaps: bool = typer.Option(False, "--save-heatmaps", help="Also store each pair's native-resolution heatmap under OUT/heatmaps, for re-scoring without the model (the records are the same either way)."),
     heatmap_dtype: str = typer.Option("float32", "--heatmap-dtype", help="--save-heatmaps: float32 (rescore reproduces the run exactly) or float16 (half the disk; rescored values within its rounding)."),
-    ovseg_preset: str = typer.Option("sclip", "--ovseg-preset", help="--protocols ovseg: sclip (short side 336, crop 224, stride 112, logit scale 40, SCLIP's per-dataset exceptions) or tcl (448, 448, 224); the options below override it."),
+    ovseg_preset: str = typer.Option("sclip", "--ovseg-preset", help="--protocols ovseg: sclip (short side 336, crop 224, stride 112, logit scale 40, SCLIP's per-dataset exceptions, its harness's normalisation and position resize), naclip (the same geometry, NACLIP's per-dataset values, PAMR 10 steps) or tcl (448, 448, 224); the options below override it."),
     ovseg_short_side: Optional[int] = typer.Option(None, "--ovseg-short-side", help="--protocols ovseg: resize so the short side is this (long side at most 2048)."),
     ovseg_crop: Optional[int] = typer.Option(None, "--ovseg-crop", help="--protocols ovseg: sliding-window crop (a ViT's position embeddings are resized for crops other than its input size)."),
     ovseg_stride: Optional[int] = typer.Option(None, "--ovseg-stride", help="--protocols ovseg: sliding-window stride."),

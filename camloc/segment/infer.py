@@ -77,6 +77,11 @@ PRESETS = {
     "sclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
               "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
               "normalisation": "harness", "position_resize": "sclip"},
+    # NACLIP's harness (sinahmr/NACLIP naclip.py at 8865082: SCLIP's wrapper with PAMR on by default, 10 steps at
+    # dilations 8 and 16; its eval.py `--pamr off` gives 0: set --ovseg-pamr 0 for the paper's "without PAMR").
+    "naclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
+               "area_threshold": None, "pamr_steps": 10, "pamr_dilations": (8, 16), "templates": "imagenet80",
+               "normalisation": "harness", "position_resize": "sclip"},
     # TCL / CLIP-DINOiser's protocol (img_scale (2048, 448), slide crop 448, stride 224;
     # wysoczanska/clip_dinoiser segmentation/configs/_base_/datasets/*.py); logit scale and templates as sclip's
     # (they change only thresholds and the synonym merge, not an argmax over single names).
@@ -91,6 +96,14 @@ SCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of SCLIP at 57fa9aa
     "coco-stuff-171": {"short_side": 448},
     "cityscapes": {"short_side": 560},
 }
+NACLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of NACLIP (voc21 at 8865082, the others at cbb720d): no area
+    "voc21": {"bg_threshold": 0.1},  # threshold and logit scale 40 everywhere, unlike SCLIP's voc21/context60/coco-object
+    "context60": {"bg_threshold": 0.1},
+    "coco-object": {"bg_threshold": 0.1},
+    "coco-stuff-171": {"short_side": 448},
+    "cityscapes": {"short_side": 560},
+}
+EXCEPTIONS = {"sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS}
 
 
 def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSettings:
@@ -99,8 +112,7 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
     if preset not in PRESETS:
         raise OptionError(f"--ovseg-preset {preset!r} is not one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
-    if preset == "sclip":
-        values.update(SCLIP_EXCEPTIONS.get(dataset, {}))
+    values.update(EXCEPTIONS.get(preset, {}).get(dataset, {}))
     values.update({k: v for k, v in given.items() if v is not None})
     settings = OvsegSettings(preset=preset, **{**values, "pamr_dilations": tuple(values["pamr_dilations"])})
     for name in ("short_side", "crop", "stride"):
