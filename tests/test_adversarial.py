@@ -300,3 +300,36 @@ def test_f3_save_predictions_on_a_box_run_is_refused(tmp_path):
     result = runner.invoke(app, ["eval", "--model", "tiny-vit", "--method", "gradcam", "--limit", "1", "--out",
                                  str(tmp_path / "r"), "--save-predictions"])
     assert result.exit_code == 2 and "--save-predictions belong to --protocols ovseg" in result.stderr
+
+
+def test_f13_an_image_too_narrow_for_a_window_is_skipped_and_named(tmp_path):
+    voc = write_voc(tmp_path, stems=("2007_000033", "2007_000042", "2007_000061"))
+    Image.fromarray(np.full((3, 700, 3), 90, np.uint8)).save(voc / "JPEGImages" / "2007_000042.jpg")
+    write_label(voc / "SegmentationClass" / "2007_000042.png", np.zeros((3, 700), np.uint8))
+    result = ovseg(tmp_path, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "skipped image 2007_000042: 700x3 px is 2048x9 at the protocol's scale" in " ".join(result.stderr.split())
+    assert "complete false" in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["complete"] is False and summary["methods"]["sclip"]["n_images"] == 2
+    assert [s["image_id"] for s in summary["faults"]["skipped_images"]] == ["2007_000042"]
+    report = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert report.exit_code == 2 and "--allow-incomplete" in report.stderr
+
+
+def test_f15_f16_all_dense_methods_under_ovseg_and_the_background_class_named(tmp_path):
+    import csv
+
+    from camloc.cams.registry import METHODS, list_methods
+
+    write_voc(tmp_path, stems=("2007_000033",))
+    result = ovseg(tmp_path, tmp_path / "run", "--method", "all")  # the last --method wins
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    dense = [m for m in list_methods("*", "vit") if METHODS[m].segments and not METHODS[m].needs]
+    assert list(summary["methods"]) == dense and {"cliptrase", "scclip", "cliper", "resclip"} <= set(dense)
+    rows = list(csv.DictReader((tmp_path / "run" / "ovseg_classes.csv").open()))
+    assert rows[0]["class"] == "background" and rows[1]["class"] == "aeroplane"
+    box = runner.invoke(app, ["eval", "--dataset", "voc21", "--method", "gradcam", "--model", "tiny-vit", "--out",
+                              str(tmp_path / "box"), "--data-root", str(tmp_path)])
+    assert box.exit_code == 2 and "voc21 is a segmentation dataset: run it with --protocols ovseg" in box.stderr

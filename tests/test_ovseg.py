@@ -371,8 +371,16 @@ def test_report_shows_the_ovseg_table(tmp_path):
     demo = tmp_path / "demo"
     assert runner.invoke(app, ["eval", "--model", "tiny-rn", "--method", "gradcam", "--out", str(demo),
                                "--no-progress"]).exit_code == 0
-    mixed = runner.invoke(app, ["report", str(tmp_path / "a"), str(demo)])
-    assert mixed.exit_code == 2 and "is an ovseg run" in mixed.stderr
+    # both kinds: a table of each, and the HTML page with both (issue 30 F14: the page was written, then exit 2)
+    mixed = runner.invoke(app, ["report", str(tmp_path / "a"), str(demo), "--format", "csv", "--html",
+                                str(tmp_path / "mixed.html")])
+    assert mixed.exit_code == 0, mixed.output
+    assert "pair protocols:\nmodel,dataset" in mixed.stdout and "\novseg:\nmodel,method,ade20k-150" in mixed.stdout
+    assert "open-vocabulary segmentation (mIoU)" in (tmp_path / "mixed.html").read_text()
+    # a layout that cannot hold both is refused before anything is written
+    refused = runner.invoke(app, ["report", str(tmp_path / "a"), str(demo), "--layout", "s3", "--html",
+                                  str(tmp_path / "s3.html")])
+    assert refused.exit_code == 2 and "is an ovseg run" in refused.stderr and not (tmp_path / "s3.html").exists()
     page = runner.invoke(app, ["report", str(tmp_path / "a"), "--html", str(tmp_path / "r.html"), "--format", "csv"])
     assert page.exit_code == 0 and "open-vocabulary segmentation (mIoU)" in (tmp_path / "r.html").read_text()
 

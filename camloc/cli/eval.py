@@ -127,6 +127,15 @@ def eval_cmd(
             continue
         typer.echo((run_dir / "table.md").read_text().rstrip())
         if summary.get("kind") == "ovseg":
+            from rich.markup import escape
+
+            from camloc.cli.common import err_console
+
+            for item in summary.get("faults", {}).get("skipped_images", [])[:10]:
+                err_console.print(f"[yellow]skipped[/] image {escape(str(item['image_id']))}: {escape(item['reason'])}")
+            if not summary.get("complete"):
+                err_console.print("[yellow]note:[/] the table covers the images segmented so far, not the whole "
+                                  "dataset (summary.json: complete false)")
             t = summary["timings"]
             typer.echo(f"{summary['n_images']} images x {len(methods_run)} methods; {t['records_this_invocation']} "
                        f"new records, {t['resumed_records']} resumed; wrote {run_dir}/ ovseg records, summary.json, "

@@ -24,26 +24,35 @@ def report_cmd(
 ) -> None:
     """Merge run folders into one table (records are merged, so shards combine exactly)."""
     from camloc.cli.common import err_console
-    from camloc.report.tables import build_report, render
-    from camloc.run.files import atomic_write_text
+    from camloc.report.tables import _kind, build_report, render
 
+    ovseg = [d for d in run_dirs if d.is_dir() and _kind(d) == "ovseg"]
+    pairs = [d for d in run_dirs if d not in ovseg]
+    both = layout == "long" and ovseg and pairs  # a table of each kind
+    tabled = pairs if both else run_dirs
+    if layout in ("long", "s3"):  # eval runs; threshold-search folders are named, not silently left out
+        searches = [d for d in tabled if d.is_dir() and _kind(d) == "threshold-search"]
+        if searches and len(searches) < len(tabled):
+            tabled = [d for d in tabled if d not in searches]
+            err_console.print(f"[yellow]note:[/] {len(searches)} threshold-search folder(s) ({searches[0]}, ...) are "
+                              f"not in the {layout} table of eval runs: report them with --layout s1"
+                              + (" (the HTML page has both)" if html_out is not None else ""))
+    parts = [("pair protocols", tabled, layout), ("ovseg", ovseg, "ovseg")] if both else [(None, tabled, layout)]
     skipped: list = []
+    tables = [(title, render(build_report(dirs, kind, compare_paper, skip_bad_records, skipped, allow_incomplete),
+                             fmt)) for title, dirs, kind in parts]  # every table is built before anything is written
     if html_out is not None:
         from camloc.report.html import write_html_report
 
         typer.echo(f"wrote {write_html_report(run_dirs, html_out, compare_paper, skip_bad_records, allow_incomplete)}")
+    text = tables[0][1] if len(tables) == 1 else "\n".join(f"{title}:\n{body.rstrip()}\n" for title, body in tables)
+    _emit(text, out, skipped)
 
-    from camloc.report.tables import _kind
 
-    tabled = run_dirs
-    if layout in ("long", "s3"):  # eval runs; threshold-search folders are named, not silently left out
-        searches = [d for d in run_dirs if d.is_dir() and _kind(d) == "threshold-search"]
-        if searches and len(searches) < len(run_dirs):
-            tabled = [d for d in run_dirs if d not in searches]
-            err_console.print(f"[yellow]note:[/] {len(searches)} threshold-search folder(s) ({searches[0]}, ...) are "
-                              f"not in the {layout} table of eval runs: report them with --layout s1"
-                              + (" (the HTML page has both)" if html_out is not None else ""))
-    text = render(build_report(tabled, layout, compare_paper, skip_bad_records, skipped, allow_incomplete), fmt)
+def _emit(text: str, out: Path | None, skipped: list) -> None:
+    from camloc.cli.common import err_console
+    from camloc.run.files import atomic_write_text
+
     for path, line, problem in skipped[:5]:
         err_console.print(f"[yellow]skipped[/] {path} line {line}: {problem}")
     if skipped:

@@ -172,7 +172,13 @@ def load_dataset(
     _load_builtin_datasets()
     spec = DATASETS.get(name)
     if spec is None:
-        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+        from camloc.datasets.segmentation import SEG_DATASETS
+
+        if name in SEG_DATASETS:
+            raise DataError(f"{name} is a segmentation dataset: run it with --protocols ovseg (the pair protocols "
+                            f"read {', '.join(DATASETS)})")
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)} (and, with --protocols "
+                        f"ovseg, {', '.join(SEG_DATASETS)})")
     check_prompt_template(prompt_template)
     if per_class < 1:
         raise OptionError(f"--per-class must be at least 1, got {per_class}")

@@ -105,7 +105,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     given = dict(config.ovseg or {})
     settings = resolve_settings(config.dataset, **given)
     if family_hint(config.model):
-        _check_methods(resolve_methods(config.methods, family_hint(config.model), config.model))
+        _check_methods(_ovseg_methods(config.methods, family_hint(config.model), config.model))
     device = rank_device(device)
     run_dir = prepare_out_dir(run_dir)
     where = _data_options(run_dir, config, data_options, force_new)
@@ -126,7 +126,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     config.precision = model.precision
     mean, std = pixel_constants(model, settings.normalisation)
     config.ovseg = {**config.ovseg, "pixel_mean": list(mean), "pixel_std": list(std)}  # as applied, 0-255 scale
-    specs = resolve_methods(config.methods, model.family, model.name)
+    specs = _ovseg_methods(config.methods, model.family, model.name)
     _check_methods(specs)
     config.methods = [s.name for s in specs]
     from camloc.cams.options import default_options
@@ -153,11 +153,22 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
         work = [(item, todo, draw) for item, todo, draw in work if todo or draw]
         options = {**config.options, "chunk_size": "auto"}
         n_new = 0
+        skipped: list[dict] = []
         compute_started = time.perf_counter()
         with open(records_path, "a") as handle, progress_bar(progress, len(work)) as bar:
             for start in range(0, len(work), batch_size):
-                chunk = work[start:start + batch_size]
-                batch = [(item, *_image_and_label(item)) for item, _, _ in chunk]
+                chunk, batch = [], []
+                for entry in work[start:start + batch_size]:
+                    image, label = _image_and_label(entry[0])
+                    reason = too_small(image.size, settings)
+                    if reason:  # no window fits it at this scale (the harness cannot segment it either)
+                        skipped.append({"image_id": entry[0].image_id, "path": entry[0].path, "reason": reason})
+                        bar.advance(1)
+                        continue
+                    chunk.append(entry)
+                    batch.append((entry[0], image, label))
+                if not batch:
+                    continue
                 for (item, todo, draw), (_, _, label), result in zip(chunk, batch, segment_batch(
                         model, specs, options, batch, queries, owner, names, settings)):
                     for method in draw:
@@ -184,7 +195,8 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                    "records_this_invocation": n_new, "resumed_records": len(done), "image_batch": batch_size}
         summary = finish_ovseg(run_dir, config, classes, len(images), (rank, world),
                                extra={"device": device_description(model.device), "versions": package_versions(),
-                                      "git_commit": git_commit(), "timings": timings})
+                                      "git_commit": git_commit(), "timings": timings,
+                                      "faults": {"skipped_images": skipped}})
     return summary
 
 
@@ -217,6 +229,19 @@ def _sources(where: dict) -> dict:
             "ann_file": absolute(where.get("ann_file")), "image_dir": absolute(where.get("image_dir"))}
 
 
+def too_small(size: tuple[int, int], settings) -> str:
+    """Why an image of `size` (W, H) cannot be segmented with these settings ("" when it can): at the
+    protocol's scale (short side S, long side at most 2048) its short side must hold a whole crop."""
+    from camloc.segment.windows import rescaled_size
+
+    width, height = rescaled_size(*size, settings.short_side)
+    if min(width, height) >= settings.crop:
+        return ""
+    return (f"{size[0]}x{size[1]} px is {width}x{height} at the protocol's scale (short side {settings.short_side}, long "
+            f"side at most 2048), narrower than one {settings.crop} px window: skipped, and the run is incomplete "
+            "without it")
+
+
 def _image_and_label(item) -> tuple:
     """The image and its label map, which must be of the image's size (a label of another image would be
     scored against this one's prediction, resized to it)."""
@@ -230,12 +255,24 @@ def _image_and_label(item) -> tuple:
 
 
 def _check_methods(specs) -> None:
+    from camloc.cams.registry import METHODS, list_methods
+
     wrong = [s.name for s in specs if not s.segments]
     if wrong:
+        dense = ", ".join(m for m in list_methods() if METHODS[m].segments)
         raise OptionError(f"--protocols ovseg scores every class of the dataset at every pixel, which only the "
-                          f"one-forward dense methods do (maskclip, sclip, clearclip, naclip, gem, clipsurgery); "
-                          f"{', '.join(wrong)} would cost one pass per class: leave {'it' if len(wrong) == 1 else 'them'} "
-                          "out")
+                          f"one-forward dense methods do ({dense}); {', '.join(wrong)} would cost one pass per class: "
+                          f"leave {'it' if len(wrong) == 1 else 'them'} out")
+
+
+def _ovseg_methods(methods, family, name):
+    """`resolve_methods` for ovseg: `all` is every dense method the model's family runs (those needing a
+    second model, ProxyCLIP's proxy, only when named)."""
+    from camloc.cams.registry import resolve_methods
+
+    if methods in ("all", ["all"]):
+        return [s for s in resolve_methods("all", family, name) if s.segments]
+    return resolve_methods(methods, family, name)
 
 
 def method_results(run_dir: Path, methods: list[str], n_classes: int) -> tuple[dict, dict]:
@@ -263,6 +300,15 @@ def method_results(run_dir: Path, methods: list[str], n_classes: int) -> tuple[d
     return states, totals
 
 
+def class_label(dataset: str, index: int, names: list[str]) -> str:
+    """A class's name in tables: its first synonym, or "background" for class 0 of a dataset with a
+    background class (whose queries are a list of stuff words: voc21's and coco-object's begin with "sky")."""
+    from camloc.datasets.segmentation import SEG_DATASETS
+
+    spec = SEG_DATASETS.get(dataset)
+    return "background" if index == 0 and spec is not None and spec.background else names[0]
+
+
 def finish_ovseg(run_dir: Path, config: EvalConfig, classes: list[list[str]], n_images: int,
                  shard: tuple[int, int], extra: dict) -> dict:
     import pandas as pd
@@ -277,7 +323,8 @@ def finish_ovseg(run_dir: Path, config: EvalConfig, classes: list[list[str]], n_
         rows.append({"model": config.model, "dataset": config.dataset, "method": method, "n_images": t["images"],
                      "miou": result["miou"], "macc": result["macc"], "aacc": result["aacc"], **speed})
         iou, acc = states[method].per_class()
-        class_rows += [{"method": method, "class_index": i, "class": names[0], "iou": iou[i], "acc": acc[i]}
+        class_rows += [{"method": method, "class_index": i, "class": class_label(config.dataset, i, names),
+                        "iou": iou[i], "acc": acc[i]}
                        for i, names in enumerate(classes)]
     complete = all(t["images"] == n_images for t in totals.values())
     summary = {"kind": "ovseg", "config": config.to_json(), "model": config.model, "dataset": config.dataset,
