@@ -346,7 +346,7 @@ def test_scclip_equals_the_reference_written_out(model, chelsea):
 
 
 def cliper_reference(model, image, prompts, background=("background",), scale=100.0, threshold=0.2,
-                     copy_per_level=False):
+                     copy_per_level=False, commit="0bfad0d"):
     """linsun449/cliper.code at 0bfad0d, `CLIPer.forward` with attn_type="fused-attn", fuse_feature=True, on the
     clip package's sequence-first blocks: the blocks before the last through nn.MultiheadAttention with their
     per-head weights summed, every level through the last block's `custom_attn` with the sum divided in place
@@ -392,32 +392,52 @@ def cliper_reference(model, image, prompts, background=("background",), scale=10
         seg = (scale * feats @ texts.t()).softmax(dim=-1)[:, 1:, :len(prompts)]
         seg_last = seg[-1]
         seg_last[seg_last < seg_last.amax(0, keepdim=True) * threshold] = 0
-        seg = weights.mean(0)[1:, 1:] @ seg_last + seg[:-1].mean(0)
+        if commit == "0bfad0d":
+            seg = weights.mean(0)[1:, 1:] @ seg_last + seg[:-1].mean(0)
+        else:  # 85fbe81, modified_clip/model.py `forward` (select_layer -1, no sliding window): the prompts' maps as
+            # rows, multiplied by the attention from the right, plus the mean of every level (the last one zeroed
+            # in place above, through the view)
+            seg_last = seg_last.T @ weights.mean(0)[1:, 1:]
+            seg = (seg_last + seg.transpose(-1, -2).mean(0)).T
     g = int(round((n - 1) ** 0.5))
     return seg.T.reshape(len(prompts), g, g)
 
 
-def test_cliper_equals_the_reference_written_out(model, chelsea):
-    kind, maps = compute_raw(model, chelsea, PROMPTS, ["cliper"])["cliper"]
+@pytest.mark.parametrize("commit", ["85fbe81", "0bfad0d"])
+def test_cliper_equals_the_reference_written_out(model, chelsea, commit):
+    base = {"cliper_variant": commit}
+    kind, maps = compute_raw(model, chelsea, PROMPTS, ["cliper"], base)["cliper"]
     assert kind == "resize_minmax"
-    torch.testing.assert_close(maps, cliper_reference(model, chelsea, PROMPTS), rtol=1e-5, atol=1e-5)
-    options = {"cliper_background": "sky,wall", "cliper_scale": 40.0, "cliper_threshold": 0.5}
+    torch.testing.assert_close(maps, cliper_reference(model, chelsea, PROMPTS, commit=commit), rtol=1e-5, atol=1e-5)
+    options = {**base, "cliper_background": "sky,wall", "cliper_scale": 40.0, "cliper_threshold": 0.5}
     _, other = compute_raw(model, chelsea, PROMPTS, ["cliper"], options)["cliper"]
-    want = cliper_reference(model, chelsea, PROMPTS, ("sky", "wall"), 40.0, 0.5)
+    want = cliper_reference(model, chelsea, PROMPTS, ("sky", "wall"), 40.0, 0.5, commit=commit)
     torch.testing.assert_close(other, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(other, maps, atol=1e-3)
     # a background word equal to a prompt is left out (it would split the prompt's own probability)
-    _, same = compute_raw(model, chelsea, PROMPTS, ["cliper"], {"cliper_background": "background,grass"})["cliper"]
+    _, same = compute_raw(model, chelsea, PROMPTS, ["cliper"], {**base, "cliper_background": "background,grass"})[
+        "cliper"]
     torch.testing.assert_close(same, maps)
-    _, none = compute_raw(model, chelsea, PROMPTS, ["cliper"], {"cliper_background": ""})["cliper"]
-    torch.testing.assert_close(none, cliper_reference(model, chelsea, PROMPTS, ()), rtol=1e-5, atol=1e-5)
+    _, none = compute_raw(model, chelsea, PROMPTS, ["cliper"], {**base, "cliper_background": ""})["cliper"]
+    torch.testing.assert_close(none, cliper_reference(model, chelsea, PROMPTS, (), commit=commit), rtol=1e-5,
+                               atol=1e-5)
 
 
-def test_cliper_keeps_the_references_in_place_rounds(model, chelsea):
+def test_cliper_follows_the_newest_commit_by_default(model, chelsea):
+    """The two commits give other maps; the default is 85fbe81 (issue 30: camloc followed 0bfad0d only)."""
+    _, default = compute_raw(model, chelsea, PROMPTS, ["cliper"])["cliper"]
+    _, old = compute_raw(model, chelsea, PROMPTS, ["cliper"], {"cliper_variant": "0bfad0d"})["cliper"]
+    torch.testing.assert_close(default, cliper_reference(model, chelsea, PROMPTS, commit="85fbe81"), rtol=1e-5,
+                               atol=1e-5)
+    assert not torch.allclose(default, old, atol=1e-3)
+
+
+@pytest.mark.parametrize("commit", ["85fbe81", "0bfad0d"])
+def test_cliper_keeps_the_references_in_place_rounds(model, chelsea, commit):
     """The reference divides the summed attention in place, once more per level: a copy per level (one round
     each) gives another map, so the written-out reference above does test the rounds."""
-    _, maps = compute_raw(model, chelsea, PROMPTS, ["cliper"])["cliper"]
-    want = cliper_reference(model, chelsea, PROMPTS, copy_per_level=True)
+    _, maps = compute_raw(model, chelsea, PROMPTS, ["cliper"], {"cliper_variant": commit})["cliper"]
+    want = cliper_reference(model, chelsea, PROMPTS, copy_per_level=True, commit=commit)
     assert not torch.allclose(maps, want, atol=1e-4)
 
 
@@ -426,4 +446,6 @@ def test_cliper_options_are_checked(chelsea):
     result = runner.invoke(app, base + ["--cliper-threshold", "1.5"])
     assert result.exit_code == 2 and "--cliper-threshold must be in [0, 1]" in result.stderr
     result = runner.invoke(app, base + ["--cliper-scale", "0"])
-    assert result.exit_code == 2 and "--cliper-scale must be positive" in result.stderr
+    assert result.exit_code == 2 and "--cliper-scale must be in (0, 1000]" in result.stderr
+    result = runner.invoke(app, base + ["--cliper-variant", "c05fa41"])
+    assert result.exit_code == 2 and "--cliper-variant 'c05fa41' is not one of 85fbe81, 0bfad0d" in result.stderr

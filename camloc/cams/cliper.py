@@ -1,7 +1,15 @@
 """CLIPer's CLIP-only stage (Sun et al., ICCV 2025, "CLIPer: hierarchically improving spatial representation of
 CLIP for open-vocabulary semantic segmentation"; linsun449/cliper.code `modified_clip/model.py` and
-`ovs/pipeline.py` at 0bfad0d, read only: the repository has no licence), its "early-layer fusion", from the
-image's one forward of a d-block ViT:
+`ovs/pipeline.py`, read only: the repository has no licence), its "early-layer fusion", from the image's one
+forward of a d-block ViT. Two versions of the official code, `--cliper-variant`:
+
+- `85fbe81` (the default; the newest commit of the repository camloc has read): step 3 below, except that the
+  last level's scores are zeroed in place, so the mean runs over ALL levels including the zeroed last one, and
+  the propagation multiplies by the attention transposed: map = A_mean^T @ S_d + mean(S_1..S_d). Its threshold
+  is a config value (`attention_thr`: 0.2 in its configs read here; `--cliper-threshold`). Its sliding-window
+  fusion (`sliding_crop_size`, 0 = off in its configs) is not here.
+- `0bfad0d` (the code of the paper's release, as camloc first followed it): as written below.
+
 
 1. A = the sum over blocks 1..d-1 of their own attention probabilities, per head.
 2. The feature levels: ln_1(x_i), the normalised input of each block i < d, and the last block's input x_d.
@@ -30,7 +38,7 @@ import torch.nn.functional as F
 from camloc.cams.clip_es import background_words, word_list
 from camloc.cams.context import CamContext
 from camloc.cams.dense import DENSE_FAMILIES, square_grid
-from camloc.cams.options import between, method_option
+from camloc.cams.options import between, method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError
 from camloc.models.families import dense_tokens
@@ -40,6 +48,11 @@ BACKGROUND = method_option("cliper_background", str, "background", "CLIPer: comm
                            "word; its VOC list has 25; empty = none), scored as written.", word_list)
 SCALE = method_option("cliper_scale", float, 100.0, "CLIPer: logit scale of its softmax over the prompts (the "
                       "reference's 100).", between("--cliper-scale", 0, 1000, low_open=True))
+VARIANTS = ("85fbe81", "0bfad0d")
+VARIANT = method_option("cliper_variant", str, "85fbe81", "CLIPer: which commit of the official code to follow: 85fbe81 "
+                        "(the newest read: the last level zeroed in place, the mean over all levels, the attention "
+                        "transposed in the propagation) or 0bfad0d (the paper's release).",
+                        one_of("--cliper-variant", VARIANTS))
 THRESHOLD = method_option("cliper_threshold", float, 0.2, "CLIPer: the last level's scores below this fraction of "
                           "their per-prompt maximum are zeroed before the attention propagates them (the "
                           "reference's 0.2).", between("--cliper-threshold", 0, 1))
@@ -54,12 +67,13 @@ def fused_attention(summed: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("cliper", segments=True, shares_forward=True, prompt_coupled=True, families=DENSE_FAMILIES,
-                 postprocess="resize_minmax", params=("cliper_background", "cliper_scale", "cliper_threshold"),
+                 postprocess="resize_minmax", params=("cliper_background", "cliper_scale", "cliper_threshold", "cliper_variant"),
                  description="CLIPer (Sun et al. 2025), CLIP-only stage: every block's normalised input through the "
                              "last block with the summed attention, scores propagated; one forward.")
 def cliper(ctx: CamContext) -> torch.Tensor:
     scale = float(ctx.options.get("cliper_scale", SCALE.default))
     threshold = float(ctx.options.get("cliper_threshold", THRESHOLD.default))
+    variant = ctx.options.get("cliper_variant", VARIANT.default)
     words = list(background_words(ctx, BACKGROUND))
     depth, prefix = ctx.depth, ctx.model.family.prefix
     if depth < 2:
@@ -91,4 +105,7 @@ def cliper(ctx: CamContext) -> torch.Tensor:
         final = scores[-1]
         final = final.masked_fill(final < final.amax(dim=0, keepdim=True) * threshold, 0)
         propagate = attention[0].mean(dim=0)[prefix:, prefix:]
-        return square_grid(propagate @ final + scores[:-1].mean(dim=0))
+        if variant == "0bfad0d":
+            return square_grid(propagate @ final + scores[:-1].mean(dim=0))
+        levels_mean = (scores[:-1].sum(dim=0) + final) / len(scores)  # the zeroed last level counts too
+        return square_grid(propagate.T @ final + levels_mean)
