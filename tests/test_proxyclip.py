@@ -1,4 +1,4 @@
-"""ProxyCLIP against its reference written out (mc-lan/ProxyCLIP at 05c3c18: `forward_feature` with a DINO
+"""ProxyCLIP against its reference written out (mc-lan/ProxyCLIP `proxyclip_segmentor.py` at 05c3c18 and `open_clip/transformer.py` at f2919bb: `forward_feature` with a DINO
 proxy and `VisionTransformer.custom_attn`), with a random-init timm DINO ViT-S/8 as the proxy (its 12 x 12
 grid against the CLIP model's 6 x 6, so the values are resized), and the option checks."""
 import pytest

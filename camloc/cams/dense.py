@@ -23,7 +23,7 @@ image forward gives every prompt's map (no gradients, no masked forwards).
   attention probabilities are softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d)) (correlative
   self-attention); the block keeps its residual and FFN.
 - `cliptrase` (Shao et al., ECCV 2024, "Explore the potential of CLIP for training-free open vocabulary semantic
-  segmentation"; leaves162/CLIPtrase, MIT, `clip_utils/model.py` and `attn2.py` at 8fb4d74): the last block's
+  segmentation"; leaves162/CLIPtrase, MIT (LICENSE as of 8815df1), `clip_utils/model.py` and `attn2.py` at 8fb4d74): the last block's
   attention is softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d)) + softmax(v v^T / sqrt(d)) (its
   `self_qk_weight` path), the block's residual and FFN kept. The reference then clusters the patches
   (DBSCAN on the second-to-last block's q/k/v self-similarity minus the class row) and gives each cluster its

@@ -1,6 +1,6 @@
 """ProxyCLIP (Lan et al., ECCV 2024, "ProxyCLIP: proxy attention improves CLIP for open-vocabulary
-segmentation"; mc-lan/ProxyCLIP `proxyclip_segmentor.py` and `open_clip/transformer.py` at 05c3c18,
-read, not copied: its licence is NTU S-Lab 1.0): CLIP's last block is replaced by an attention whose
+segmentation"; mc-lan/ProxyCLIP `proxyclip_segmentor.py` at 05c3c18 and `open_clip/transformer.py` at f2919bb,
+read, not copied: no LICENSE file, its README names the NTU S-Lab License 1.0): CLIP's last block is replaced by an attention whose
 weights come from a vision foundation model (`--proxy-model`, a timm ViT such as DINO's
 `vit_base_patch8_224.dino` or DINOv2's `vit_base_patch14_reg4_dinov2.lvd142m`):
 

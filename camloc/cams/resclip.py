@@ -1,5 +1,5 @@
 """ResCLIP (Yang et al., CVPR 2025, "ResCLIP: residual attention for training-free dense vision-language
-inference"; yvhangyang/ResCLIP, MIT, `clip/model.py` at 6b082d9), a plug-in on the dense family's
+inference"; yvhangyang/ResCLIP `clip/model.py` at 6b082d9, read only: that commit has no LICENSE file, an MIT one was added at 1f39a42), a plug-in on the dense family's
 last-block variants (`--resclip-base`: NACLIP, the reference's default `resclip` strategy, SCLIP or
 ClearCLIP), with its two parts (`--resclip-parts`):
 
