@@ -333,3 +333,25 @@ def test_f15_f16_all_dense_methods_under_ovseg_and_the_background_class_named(tm
     box = runner.invoke(app, ["eval", "--dataset", "voc21", "--method", "gradcam", "--model", "tiny-vit", "--out",
                               str(tmp_path / "box"), "--data-root", str(tmp_path)])
     assert box.exit_code == 2 and "voc21 is a segmentation dataset: run it with --protocols ovseg" in box.stderr
+
+
+def test_f11_a_box_run_resumes_on_its_moved_data_and_refuses_when_it_caches_maps(tmp_path):
+    from test_protocols import coco_with_polygons
+
+    ann, images = coco_with_polygons(tmp_path / "data")
+
+    def run(out, a, i, *extra):
+        return runner.invoke(app, ["eval", "--method", "gradcam", "--model", "tiny-rn", "--ann-file", str(a),
+                                   "--image-dir", str(i), "--out", str(out), "--no-progress", "--limit", "2", *extra])
+
+    assert run(tmp_path / "run", ann, images).exit_code == 0
+    assert run(tmp_path / "cached", ann, images, "--save-heatmaps").exit_code == 0
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    ann, images = tmp_path / "moved" / ann.name, tmp_path / "moved" / images.name
+    moved = run(tmp_path / "run", ann, images)
+    assert moved.exit_code == 0 and "0 new records, 2 resumed" in moved.output, moved.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["image_root"] == str(tmp_path / "data" / "images")  # the identity it began with
+    assert config["data_sources"]["image_dir"] == str(images)                 # where the data is now
+    cached = run(tmp_path / "cached", ann, images, "--save-heatmaps")
+    assert cached.exit_code == 2 and "heatmap cache is keyed by the images' folder" in cached.stderr
