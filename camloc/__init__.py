@@ -17,7 +17,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 _EXPORTS = {
     "load_model": "camloc.api", "explain": "camloc.api", "evaluate": "camloc.api", "Explanation": "camloc.api",
     "list_methods": "camloc.api", "list_models": "camloc.api", "list_datasets": "camloc.api",
-    "rescore": "camloc.api", "report_table": "camloc.api", "sanity": "camloc.api",
+    "rescore": "camloc.api", "report_table": "camloc.api", "sanity": "camloc.api", "wrap_model": "camloc.api",
     "box_from_heatmap": "camloc.evaluators.boxes", "iou": ("camloc.evaluators.iou", "box_iou"),
     "best_iou": "camloc.evaluators.iou", "mask_iou": "camloc.evaluators.protocols",
     "pointing_hit": "camloc.evaluators.protocols", "energy_pointing": "camloc.evaluators.protocols",

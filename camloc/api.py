@@ -42,8 +42,25 @@ def load_model(name: str, device: str = "auto", precision: str = "auto",
     return ClipModel.load(str(name), device=device, precision=precision, cache_dir=cache_dir)
 
 
-def _model(model: ClipModel | str) -> ClipModel:
-    return model if isinstance(model, ClipModel) else load_model(model)
+def _model(model, device: str = "auto", precision: str = "auto") -> ClipModel:
+    """A ClipModel of any model argument: a name or path is loaded, a model object wrapped (`wrap_model`)."""
+    if isinstance(model, ClipModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(model, device, precision)
+    return wrap_model(model, device=device, precision=precision)
+
+
+def wrap_model(obj, *, tokenizer=None, mean=None, std=None, name: str | None = None, device: str = "auto",
+               precision: str = "auto") -> ClipModel:
+    """A CLIP model already in memory (an open_clip model, a transformers `CLIPModel`, the clip package's `CLIP`)
+    as a ClipModel: its tokenizer and normalisation found from the object where the library allows, else given
+    (`tokenizer`: list[str] -> token ids; `mean`, `std`: the image normalisation). The object is copied, never
+    changed; runs record its class and state_dict SHA-256. Every function taking a model also takes the
+    object itself (wrapped with the defaults)."""
+    from camloc.models.wrap import wrap_model as wrap
+
+    return wrap(obj, tokenizer=tokenizer, mean=mean, std=std, name=name, device=device, precision=precision)
 
 
 def _prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -298,7 +315,7 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
         raise OptionError("the --ovseg-* options and --save-predictions belong to --protocols ovseg")
     if save_vis < 0:
         raise OptionError(f"--save-vis must be 0 or more pairs per group, got {save_vis}")
-    loaded = model if isinstance(model, ClipModel) else None
+    loaded = None if isinstance(model, (str, Path)) else _model(model, device, precision)
     config = EvalConfig(
         model=loaded.name if loaded else str(model), methods=[methods] if isinstance(methods, str) else list(methods),
         dataset=dataset, limit=limit, classes=list(classes) if classes else None, subset_seed=subset_seed,
@@ -399,7 +416,7 @@ def _evaluate_ovseg(model, dataset, methods, out, *, limit, split, data_root, an
     from camloc.run.identity import EvalConfig
     from camloc.run.ovseg import run_ovseg
 
-    loaded = model if isinstance(model, ClipModel) else None
+    loaded = None if isinstance(model, (str, Path)) else _model(model, device, precision)
     known = {"preset", "short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold",
              "normalisation", "position_resize",
              "pamr_steps", "pamr_dilations", "templates"}

@@ -304,7 +304,7 @@ C2_CASES = {
         _options("--model", "tiny-vit", "--method", "hilacam", "--start-layer", "-9"), "--start-layer -9 is outside"),
     "--prompt-template with two {}": (_options("--prompt-template", "a {} of a {}"), "exactly one {}"),
     "--prompt-template with a named field": (_options("--prompt-template", "a {name}"), "exactly one {}"),
-    "--subset-seed -1": (_options("--subset-seed", "-1"), "--subset-seed must be 0 or more"),
+    "--subset-seed -1": (_options("--subset-seed", "-1"), "--subset-seed must be between 0 and 4294967295"),
     "--save-vis -1": (_options("--save-vis", "-1"), "--save-vis must be 0 or more"),
     "--ade-extent on coco": (_options("--ade-extent", "amodal"), "--ade-extent applies to ade20k-scenes only"),
 }

@@ -123,6 +123,24 @@ class CamContext:
     def adopt_pass(self, raw: torch.Tensor, features: torch.Tensor, block_inputs: list | None) -> None:
         """Take this image's share of a batched `encoder_pass` (`share_batch`)."""
         self.__dict__["_pass"] = (raw, features, block_inputs)
+        self.batched = True
+
+    batched = False
+    """Whether the forward is this image's share of a batched one (`share_batch`)."""
+
+    def alone(self) -> "CamContext":
+        """This context, or, when its forward came from a batch, a context of the same image, prompts (and
+        text features) and options with a forward of its own (`MethodSpec.unbatched`); made once."""
+        if not self.batched:
+            return self
+        if "_alone" not in self.__dict__:
+            own = CamContext.__new__(CamContext)
+            own.__dict__.update({k: v for k, v in self.__dict__.items()
+                                 if k in ("model", "prompts", "raw_size", "input", "options", "methods", "chunk_size",
+                                          "text_features")})
+            own._masked, own._gradient_passes, own.oom_retries, own.rise_forwards = {}, {}, 0, 0
+            self.__dict__["_alone"] = own
+        return self.__dict__["_alone"]
 
     def block_inputs(self, first: int, embedding: bool = False):
         """A ViT tower's blocks and the batch-first (1, N, D) input of every block from `first` on, from the

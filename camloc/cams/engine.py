@@ -33,7 +33,13 @@ def compute_raw(model: ClipModel, image: Image.Image, prompts: list[str], method
     else:
         specs = resolve_methods(methods, model.family, model.name)
     ctx = context or CamContext(model, image, prompts, options, methods=[s.name for s in specs])
-    return {spec.name: (spec.postprocess, spec.compute(ctx)) for spec in specs}
+    return {spec.name: (spec.postprocess, run_method(spec, ctx)) for spec in specs}
+
+
+def run_method(spec: MethodSpec, ctx: CamContext):
+    """`spec.compute` on the image's context, or on its unbatched twin for a method whose maps must not see a
+    batch's rounding (`MethodSpec.unbatched`)."""
+    return spec.compute(ctx.alone() if spec.unbatched else ctx)
 
 
 def compute_heatmaps(

@@ -44,6 +44,11 @@ class MethodSpec:
     weights: Callable[..., dict] | None = None
     """`weights(model, options) -> dict`: the identity of a second model the method loads (ProxyCLIP's proxy:
     name, seed, state_dict SHA-256), recorded in the run's weights under the method's name."""
+    unbatched: bool = False
+    """The map has hard cuts on values of the forward (SC-CLIP's outlier choice and similarity threshold), which
+    a batched forward's float rounding can flip: the method then reads a forward of its image alone, so its
+    maps never depend on `--image-batch` or on ovseg's window batching (one extra forward per image when
+    batched)."""
     shares_forward: bool = False
     """Reads the image's one encoder forward (target activations, embedding, ViT block inputs), which
     `share_batch` computes for several images in one batch (eval's `--image-batch`)."""

@@ -236,6 +236,7 @@ def window_grids(model, methods: list, options: dict, windows: torch.Tensor, que
     import time
 
     from camloc.cams.context import CamContext, share_batch
+    from camloc.cams.engine import run_method
 
     def sync():
         if model.device.type == "cuda":
@@ -257,7 +258,7 @@ def window_grids(model, methods: list, options: dict, windows: torch.Tensor, que
     grids = {}
     for spec in methods:
         t0 = time.perf_counter()
-        grids[spec.name] = torch.stack([spec.compute(ctx).float() for ctx in contexts])
+        grids[spec.name] = torch.stack([run_method(spec, ctx).float() for ctx in contexts])
         sync()
         if timings is not None:
             timings[spec.name] = time.perf_counter() - t0
