@@ -24,6 +24,9 @@ _EXPORTS = {
     "MaxBoxAcc": "camloc.evaluators.protocols", "PxAP": "camloc.evaluators.protocols",
     "SegmentationState": "camloc.evaluators.segmentation",
     "ClipModel": "camloc.models.clip_model", "errors": ("camloc.errors", None),
+    # the author surface of a method of one's own (docs/methods.md)
+    "register_method": "camloc.cams.registry", "method_option": "camloc.cams.options",
+    "CamContext": "camloc.cams.context", "MethodSpec": "camloc.cams.registry", "load_plugin": "camloc.plugins",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -30,6 +30,7 @@ from camloc.cams.options import check_seed, count_or_auto, parse_method_options,
 from camloc.errors import ImageError, OptionError  # noqa: E402
 from camloc.evaluators.boxes import box_from_heatmap, check_threshold  # noqa: E402
 from camloc.models.clip_model import ClipModel  # noqa: E402
+from camloc.plugins import load_plugin, load_plugins  # noqa: E402,F401  (load_plugin: camloc.load_plugin)
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
@@ -193,7 +194,7 @@ class Explanation:
 def explain(model: ClipModel | str, image: ImageLike | Sequence[ImageLike], prompts: str | Sequence[str],
             methods: str | Sequence[str] = ("gradcam",), *, threshold: str | float = "otsu", seed: int = 0,
             chunk_size: int | str = "auto", compile: str = "auto", exif_transpose: bool = False,
-            **method_options) -> Explanation | list[Explanation]:
+            plugins: Sequence[str] | None = None, **method_options) -> Explanation | list[Explanation]:
     """Maps of `image` for each prompt and method (`camloc list methods`, a comma list, or "all").
 
     `image`: a path, a PIL image, an (H, W, 3) array (uint8, or float in [0, 1]), or a tensor the model
@@ -209,6 +210,7 @@ def explain(model: ClipModel | str, image: ImageLike | Sequence[ImageLike], prom
     from camloc.cams.registry import check_method_options, resolve_options
     from camloc.models.encoder import check_compile
 
+    load_plugins(plugins)
     many = isinstance(image, (list, tuple))
     images = list(image) if many else [image]
     if not images:
@@ -256,7 +258,7 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
              shard: tuple[int, int] = (0, 1), ovseg: dict | None = None, save_predictions: bool = False,
              faith_steps: int = 224, faith_baseline: str | None = None, faith_score: str = "softmax",
              road_percentiles: str | Sequence[float] | None = None, faith_batch: int = 64,
-             **method_options) -> dict:
+             plugins: Sequence[str] | None = None, **method_options) -> dict:
     """`camloc eval`: evaluate `methods` on `dataset` into the run folder `out` (resumable: a second call
     computes only what is missing; another config is refused). Returns the run's summary (summary.json).
     A loaded `ClipModel` is used as it is (its device and precision); a name is loaded like `load_model`.
@@ -282,6 +284,7 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
     from camloc.run.eval import run_eval
     from camloc.run.identity import EvalConfig
 
+    load_plugins(plugins)
     if iou not in CONVENTIONS:
         raise OptionError(f"--iou {iou!r} is not one of {', '.join(CONVENTIONS)}")
     methods, seed, shard = _methods(methods), check_seed(seed), _shard(shard)
@@ -359,7 +362,8 @@ def sanity(model: ClipModel | str, dataset: str = "demo", methods: str | Sequenc
            prompt_template: str = "{}", subset_seed: int | None = None, data_root: str | Path | None = None,
            ann_file: str | Path | None = None, image_dir: str | Path | None = None, seed: int = 0,
            flag_spearman: float | None = None, chunk_size: int | str = "auto", compile: str = "auto",
-           force_new: bool = False, progress: bool = False, **method_options) -> dict:
+           force_new: bool = False, progress: bool = False, plugins: Sequence[str] | None = None,
+           **method_options) -> dict:
     """`camloc sanity`: the model-randomisation check (Adebayo et al. 2018) of `methods` on `dataset`'s
     pairs, into the folder `out` (sanity.json, sanity.csv, sanity.md). The image tower is re-drawn stage
     by stage (head, blocks top-down, stem; `camloc.models.cascade`, seeded by `seed`) and each map is
@@ -370,6 +374,7 @@ def sanity(model: ClipModel | str, dataset: str = "demo", methods: str | Sequenc
     from camloc.models.encoder import check_compile
     from camloc.run.sanity import run_sanity
 
+    load_plugins(plugins)
     methods, seed = _methods(methods), check_seed(seed)
     limit = whole_number(limit, "--limit", 1, optional=True)
     subset_seed = whole_number(subset_seed, "--subset-seed", 0, 2**32 - 1, optional=True)

@@ -14,9 +14,9 @@ DATASET_KEYS = {"dataset", "split", "limit", "classes", "prompt_template", "per_
 EVAL_KEYS = DATASET_KEYS | {"models", "methods", "out", "threshold", "iou", "precision", "seed", "device",
                             "chunk_size", "image_batch", "compile", "save_heatmaps", "heatmap_dtype", "options", "max_pixels", "protocols",
                             "pointing_tolerance", "cam_curve_interval", "faith_steps", "faith_baseline", "faith_score",
-                            "road_percentiles", "faith_batch"}
+                            "road_percentiles", "faith_batch", "plugins"}
 SEARCH_KEYS = {"runs", "train", "val", "grid", "out", "options", "iou", "precision", "seed", "device", "chunk_size",
-               "compile", "workers"}
+               "compile", "workers", "plugins"}
 RUN_KEYS = {"model", "methods"}
 GRID_KEYS = {"start", "stop", "step"}
 
@@ -50,7 +50,14 @@ def load_config(path: str | Path, section: str) -> dict:
         for part in ("train", "val"):
             _check(table.get(part, {}), DATASET_KEYS, f"[threshold_search.{part}]", path)
         _check(table.get("grid", {}), GRID_KEYS, "[threshold_search.grid]", path)
-    from camloc.cams.options import all_options  # the methods' own option table
+    plugins = table.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise OptionError(f"config {path}: [{section}] plugins must be a list of files or module names")
+    from camloc.plugins import load_plugins
+
+    load_plugins([str(path.parent / p) if p.endswith(".py") and not Path(p).is_absolute() else p
+                  for p in plugins])  # a file is found beside the config
+    from camloc.cams.options import all_options  # the methods' own option table, a plug-in's included
 
     _check(table.get("options", {}), set(all_options()), f"[{section}.options]", path)
     return table

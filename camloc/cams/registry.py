@@ -49,6 +49,9 @@ class MethodSpec:
     a batched forward's float rounding can flip: the method then reads a forward of its image alone, so its
     maps never depend on `--image-batch` or on ovseg's window batching (one extra forward per image when
     batched)."""
+    origin: dict | None = None
+    """Where a method from outside camloc comes from (`camloc.plugins.origin_of`: module, file SHA-256,
+    distribution); None for camloc's own. Part of the run identity and the heatmap-cache key."""
     shares_forward: bool = False
     """Reads the image's one encoder forward (target activations, embedding, ViT block inputs), which
     `share_batch` computes for several images in one batch (eval's `--image-batch`)."""
@@ -63,8 +66,14 @@ def register_method(name: str, **spec_fields) -> Callable:
     def decorate(fn: Callable) -> Callable:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        description = spec_fields.pop("description", None) or (fn.__doc__ or "").strip().splitlines()[0]
-        METHODS[name] = MethodSpec(name=name, compute=fn, description=description, **spec_fields)
+        if not name or name != name.strip() or "," in name or name == "all":
+            raise ValueError(f"method name {name!r}: a non-empty name without commas or spaces around it, not 'all'")
+        doc = (fn.__doc__ or "").strip()
+        description = spec_fields.pop("description", None) or (doc.splitlines()[0] if doc else name)
+        from camloc.plugins import origin_of
+
+        METHODS[name] = MethodSpec(name=name, compute=fn, description=description, origin=origin_of(fn),
+                                   **spec_fields)
         return fn
 
     return decorate

@@ -42,14 +42,15 @@ def list_cmd(
     what: Listable = typer.Argument(..., help="models, methods or datasets"),
     pattern: str = typer.Argument("*", help="models: a glob on the name, e.g. 'ViT-B-16*'."),
     backend: str = typer.Option("openai", "--backend", help="models: openai (the clip package) or open_clip (its pretrained pairs)."),
+    plugin: list[str] = typer.Option([], "--plugin", help="methods: a plug-in to load first (a .py file or a module name); repeatable."),
 ) -> None:
     """List the models, methods or datasets camloc knows."""
     from camloc.cli.common import reports_errors
 
-    reports_errors(_list)(what, pattern, backend)
+    reports_errors(_list)(what, pattern, backend, plugin)
 
 
-def _list(what: "Listable", pattern: str, backend: str) -> None:
+def _list(what: "Listable", pattern: str, backend: str, plugin: list[str] | None = None) -> None:
     from fnmatch import fnmatch
 
     from camloc.errors import OptionError
@@ -74,12 +75,17 @@ def _list(what: "Listable", pattern: str, backend: str) -> None:
             typer.echo(f"{name:22s} {spec.family:4s} input {spec.input_size:4d}  {kind}")
     elif what is Listable.methods:
         from camloc.cams.registry import METHODS, list_methods
+        from camloc.plugins import load_plugins
 
+        load_plugins(plugin)
         for name in list_methods():
             spec = METHODS[name]
             families = "all" if len(spec.families) == 5 else ",".join(sorted(spec.families))
             needs = f" (needs {spec.needs}; not in --method all)" if spec.needs else ""
-            typer.echo(f"{name:14s} {families:20s} {spec.description}{needs}")
+            origin = spec.origin
+            source = "" if origin is None else (
+                f" [plug-in: {origin.get('distribution') or origin.get('file') or origin['module']}]")
+            typer.echo(f"{name:14s} {families:20s} {spec.description}{needs}{source}")
         typer.echo("families: rn (ModifiedResNet), vit (class-token ViT), vit-avg, timm-vit (SigLIP, EVA02, PE-Core "
                    "trunks), convnext. On convnext the head average-pools the target, so the gradients are spatially "
                    "uniform and GradCAM++, XGradCAM and LayerCAM reduce to CAM-style channel weightings.")

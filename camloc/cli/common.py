@@ -72,11 +72,44 @@ def method_typer_options() -> dict:
             for name, o in all_options().items()}
 
 
+PluginOption = typer.Option([], "--plugin", help="A plug-in to load first: a .py file or a module name; repeatable (also $CAMLOC_PLUGINS, comma-separated, and installed packages' camloc.plugins entry points). Its source is part of the run's identity.")
+MethodOptionOption = typer.Option([], "--method-option", help="NAME=VALUE: any method option by its name, a plug-in's included; repeatable.")
+
+
+def method_option_pairs(pairs: list[str]) -> dict:
+    """`--method-option NAME=VALUE` pairs -> {name: value}, each checked and converted by its option."""
+    from camloc.cams.options import OPTIONS, all_options
+    from camloc.errors import OptionError
+
+    known = all_options()
+    out = {}
+    for pair in pairs or []:
+        name, sep, value = str(pair).partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if not sep or not name:
+            raise OptionError(f"--method-option {pair!r} must be NAME=VALUE")
+        if name not in known:
+            raise OptionError(f"--method-option {name}: no method declares it; the options are: {', '.join(known)}")
+        option = OPTIONS[name]
+        if option.kind is bool:
+            words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                     "off": False}
+            if value.strip().lower() not in words:
+                raise OptionError(f"--method-option {name}={value}: {option.flag} is a switch, true or false")
+            value = words[value.strip().lower()]
+        out[name] = option.parse(value)
+    return out
+
+
 class with_method_options:
-    """Give a typer command the methods' options, placed before its `chunk_size` option: they reach the
-    command as one dict, its `method_values` parameter (name -> value as given on the command line).
-    The signature is read from the option table when typer builds the command (each invocation), so
-    an option declared by any method module is there, with no edit here."""
+    """Give a typer command the methods' options, placed before its `chunk_size` option, and `--plugin` /
+    `--method-option`: plug-ins are loaded before anything else runs, and the options reach the command as
+    one dict, its `method_values` parameter (name -> value; a `--method-option` pair wins), with the pairs
+    alone in `method_extra` where the command takes it. The signature is read from the option table when
+    typer builds the command, so an option declared by any of camloc's method modules is a flag of its own;
+    a plug-in's options (loaded after the command line is read) are given with `--method-option`."""
+
+    HIDDEN = ("method_values", "method_extra")
 
     def __init__(self, command):
         self.command = command
@@ -85,16 +118,26 @@ class with_method_options:
     @property
     def __signature__(self) -> inspect.Signature:
         signature = inspect.signature(self.command)
-        params = [p for name, p in signature.parameters.items() if name != "method_values"]
+        params = [p for name, p in signature.parameters.items() if name not in self.HIDDEN]
         at = next(i for i, p in enumerate(params) if p.name == "chunk_size")
         added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=kind)
                  for name, (kind, option) in method_typer_options().items()]
+        added += [inspect.Parameter("plugin", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=PluginOption,
+                                    annotation=list[str]),
+                  inspect.Parameter("method_option", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    default=MethodOptionOption, annotation=list[str])]
         return signature.replace(parameters=params[:at] + added + params[at:])
 
     def __call__(self, **kwargs):
         from camloc.cams.options import all_options
+        from camloc.plugins import load_plugins
 
+        load_plugins(kwargs.pop("plugin", None) or [])
+        extra = method_option_pairs(kwargs.pop("method_option", None) or [])
         values = {name: kwargs.pop(name) for name in all_options() if name in kwargs}
+        values.update(extra)
+        if "method_extra" in inspect.signature(self.command).parameters:
+            kwargs["method_extra"] = extra
         return self.command(**kwargs, method_values=values)
 
 

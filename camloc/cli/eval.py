@@ -73,6 +73,7 @@ def eval_cmd(
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
     method_values: dict | None = None,
+    method_extra: dict | None = None,
 ) -> None:
     """Evaluate CAM methods on a dataset: pairs.jsonl, summary.json, table.csv, table.md in --out."""
     from camloc.api import evaluate
@@ -92,7 +93,7 @@ def eval_cmd(
     for name, value in (("--model", models), ("--method", methods), ("--out", out_dir)):
         if not value:
             raise OptionError(f"{name} is required (on the command line or in the --config file)")
-    options = setting.method_options()
+    options = {**setting.method_options(), **(method_extra or {})}
     ovseg = {"preset": ovseg_preset, "short_side": ovseg_short_side, "crop": ovseg_crop, "stride": ovseg_stride,
              "logit_scale": ovseg_logit_scale, "bg_threshold": ovseg_bg_threshold,
              "area_threshold": ovseg_area_threshold, "pamr_steps": ovseg_pamr, "templates": ovseg_templates}

@@ -41,6 +41,7 @@ def threshold_search_cmd(
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,
     method_values: dict | None = None,
+    method_extra: dict | None = None,
 ) -> None:
     """Grid-search one binarisation threshold on the train subset, compare it with Otsu on val (Table S1)."""
     from camloc.config import Settings, load_config
@@ -78,7 +79,7 @@ def threshold_search_cmd(
     for param, key in (("grid_start", "start"), ("grid_stop", "stop"), ("grid_step", "step")):
         if param in given or key not in grid:
             grid[key] = values[param]
-    options = setting.method_options()
+    options = {**setting.method_options(), **(method_extra or {})}
     search = SearchConfig(runs=runs, train=train, val=val, grid=grid, options=options, iou=setting("iou"),
                           precision=setting("precision"))
     rank_world = start_shard(shard)

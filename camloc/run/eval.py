@@ -26,8 +26,9 @@ from camloc.models.specs import family_hint
 from camloc.run.faithfulness import wants_faithfulness
 from camloc.run.files import RECORD_FIELDS, folder_lock, prepare_out_dir, read_jsonl, record_files
 from camloc.run.finish import finish_run
+from camloc.plugins import load_recorded, run_plugins
 from camloc.run.heatmap_cache import HeatmapCache, check_heatmap_dtype, dataset_key
-from camloc.run.identity import EvalConfig, check_config, resume_data_options
+from camloc.run.identity import EvalConfig, check_config, recorded_plugins, resume_data_options
 from camloc.run.pipeline import check_images, pending, resolve_image_batch, run_pipeline
 from camloc.run.progress import progress_bar
 from camloc.run.provenance import device_description
@@ -74,6 +75,7 @@ def run_eval(
     device = rank_device(device)
     run_dir = prepare_out_dir(run_dir)
     torch.manual_seed(config.seed)
+    load_recorded(recorded_plugins(run_dir, force_new))  # a resume or a shard: the run's own plug-ins
     if family_hint(config.model):  # fail on a bad method before any weights are fetched
         resolve_methods(config.methods, family_hint(config.model), config.model)
     config.protocols = parse_protocols(config.protocols)
@@ -108,6 +110,7 @@ def run_eval(
         config.options = {**config.options, "seed": config.seed}
     check_method_options(model, config.methods, config.options)
     config.weights = run_weights(model, config.methods, config.options)
+    config.plugins = run_plugins(config.methods)
     image_batch = resolve_image_batch(image_batch, config.methods)
     model.encoder.configure(compile)
     if "clipsurgery" in config.methods and config.options.get("contrast") == "labels":

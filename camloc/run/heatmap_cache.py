@@ -58,7 +58,9 @@ def method_key(method: str, options: dict, precision: str) -> str:
     list_methods()  # make sure the registry is filled (and every option declared)
     params = "".join(f"-{p}={_param(options[p])}" for p in METHODS[method].params
                      if p in options and (p not in OPTIONS or OPTIONS[p].cache_key))
-    return _safe(f"{method}{params}-{precision}")
+    origin = METHODS[method].origin  # a plug-in's maps are keyed by its source: an edited file never reuses them
+    source = f"-src{origin['sha256'][:12]}" if origin else ""
+    return _safe(f"{method}{params}{source}-{precision}")
 
 
 def _param(value) -> str:

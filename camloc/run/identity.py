@@ -53,6 +53,9 @@ class EvalConfig:
     ovseg: dict | None = None
     """`--protocols ovseg`: every inference setting (preset, short side, crop, stride, logit scale,
     thresholds, PAMR, templates), resolved for the dataset; None for the pair protocols."""
+    plugins: dict | None = None
+    """{method: its source} for the methods that come from plug-ins (`camloc.plugins`: module, file SHA-256,
+    distribution); None when every method is camloc's own."""
     faith: dict | None = None
     """The faithfulness protocols' settings (`FaithSettings`: steps, baselines, score, ROAD percentiles and
     noise, Grad-ECLIP steps) when one of them is selected; None otherwise."""
@@ -118,6 +121,18 @@ def describe_difference(key: str, old, new) -> str:
         inner = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         return ", ".join(f"{key}.{k}: {_describe(old.get(k))} there, {_describe(new.get(k))} now" for k in inner[:3])
     return f"{key}: {_describe(old)} there, {_describe(new)} now"
+
+
+def recorded_plugins(run_dir: Path, force_new: bool = False) -> dict | None:
+    """The plug-ins a run folder's config.json records (None without one, or with --force-new)."""
+    path = Path(run_dir) / CONFIG
+    if force_new or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # check_config names the broken file
+    return data.get("plugins") if isinstance(data, dict) else None
 
 
 def moved_data(old, new) -> bool:

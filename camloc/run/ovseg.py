@@ -100,8 +100,12 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     from camloc.run.sharding import rank_device, records_name
     from camloc.segment.infer import pixel_constants, query_features, resolve_settings
 
+    from camloc.plugins import load_recorded
+    from camloc.run.identity import recorded_plugins
+
     started = time.perf_counter()
     rank, world = shard
+    load_recorded(recorded_plugins(Path(run_dir), force_new))  # a resume or a shard: the run's own plug-ins
     given = dict(config.ovseg or {})
     settings = resolve_settings(config.dataset, **given)
     if family_hint(config.model):
@@ -134,6 +138,9 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     config.options = resolve_options(model, {**default_options(), **config.options})
     check_method_options(model, config.methods, config.options)
     config.weights = run_weights(model, config.methods, config.options)
+    from camloc.plugins import run_plugins
+
+    config.plugins = run_plugins(config.methods)
     batch_size = 1 if image_batch == "auto" else int(image_batch)
     lock = ".lock" if world == 1 else f".lock.rank{rank:03d}-of-{world:03d}"
     with folder_lock(run_dir, lock):

@@ -58,6 +58,13 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
     started = time.perf_counter()
     run_dir, rank, world = Path(run_dir), *shard
     source = source_config(run_dir)
+    from camloc.plugins import load_recorded, run_plugins
+
+    load_recorded(source.plugins)  # the plug-ins whose maps are cached, as the run recorded them
+    if run_plugins(source.methods) != source.plugins:
+        raise RunFolderError(f"{run_dir} was made with plug-in methods whose source differs from the code loaded now "
+                             f"({', '.join(sorted(source.plugins or {}))}): the cached maps are the old code's; "
+                             "load the same plug-in files, or rerun the evaluation")
     if "ovseg" in (source.protocols or []):
         raise OptionError(f"{run_dir} is an ovseg run: its records already hold the segmentation metric's counts, "
                           "which `camloc report` merges; rescore scores the saved heatmaps of pair runs")

@@ -22,6 +22,7 @@ from camloc.cams import CamContext, resolve_methods
 from camloc.cams.engine import compute_raw
 from camloc.cams.postprocess import native_to_raw, to_native
 from camloc.cams.registry import check_method_options, resolve_options, run_weights
+from camloc.plugins import run_plugins
 from camloc.datasets import load_dataset
 from camloc.errors import DataError, OptionError, RunFolderError
 from camloc.evaluators.sanity import DEFAULT_FLAG_SPEARMAN, flagged, spearman, ssim, stage_summary
@@ -120,7 +121,8 @@ def run_sanity(model: ClipModel, dataset: str, methods, out: str | Path, *, limi
             "subset_seed": subset_seed, "data_sources": sources, "seed": int(seed),
             "options": {k: v for k, v in options.items() if k != "chunk_size"}, "map_size": model.input_size,
             "redraw": REDRAW, "flag_spearman": flag_spearman, "device": device_description(model.device),
-            "precision": model.precision, "weights": run_weights(model, names, options), "versions": package_versions(),
+            "precision": model.precision, "weights": run_weights(model, names, options),
+            "plugins": run_plugins(names), "versions": package_versions(),
             "git_commit": git_commit(),
             "stages": [{"name": s.name, "parameters": list(s.parameters)} for s in stages],
             "pairs": [{"image_id": p.image_id, "category_id": p.category_id, "prompt": p.prompt} for p in pairs],

@@ -1,0 +1,146 @@
+"""Plug-in methods (issue 31): a single file through `--plugin`, an installed package through its entry point,
+their source in the run's identity (an edited file is refused), every command and protocol, shards."""
+import json
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import camloc
+from camloc.cli.app import app
+
+runner = CliRunner()
+
+PLUGIN = textwrap.dedent('''
+    """A plug-in method for the tests: LayerCAM with the positive gradients raised to a power (1 = LayerCAM)."""
+    import camloc
+
+    POWER = camloc.method_option("mine_power", float, 1.0, "mine: the positive gradients' exponent (1 = LayerCAM).")
+
+
+    @camloc.register_method("mine", shares_forward=True, uses_gradients=True, params=("mine_power",),
+                            description="test plug-in: sum_c relu(G_c)^k A_c")
+    def mine(ctx):
+        k = float(ctx.options.get("mine_power", POWER.default))
+        return (ctx.gradients.clamp_min(0) ** k * ctx.activations).sum(dim=1)
+''')
+
+
+@pytest.fixture(autouse=True)
+def clean_registry(monkeypatch):
+    """Each test starts from camloc's own methods and options, and leaves them so (other tests count them)."""
+    import camloc.plugins as plugins
+    from camloc.cams.options import OPTIONS, all_options
+    from camloc.cams.registry import METHODS
+
+    all_options()
+    methods, options = dict(METHODS), dict(OPTIONS)
+    monkeypatch.setattr(plugins, "_LOADED", {})
+    monkeypatch.setattr(plugins, "_DEFAULTS_LOADED", False)
+    monkeypatch.delenv(plugins.ENV, raising=False)
+    yield
+    METHODS.clear(), METHODS.update(methods)
+    OPTIONS.clear(), OPTIONS.update(options)
+
+
+def _records(folder):
+    rows = [json.loads(line) for p in sorted(folder.glob("pairs*.jsonl")) for line in p.read_text().splitlines()]
+    return sorted(rows, key=lambda r: (r["image_id"], r["category_id"], r["method"]))
+
+
+def test_a_single_file_plugin_runs_everywhere_and_its_edit_is_refused(tmp_path):
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(PLUGIN)
+    out = tmp_path / "run"
+    args = ["eval", "--plugin", str(plugin), "--method", "mine,layercam", "--model", "tiny-vit", "--protocols",
+            "box,mask-iou,pointing", "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = _records(out)
+    mine = [{k: v for k, v in r.items() if k != "method"} for r in rows if r["method"] == "mine"]
+    layercam = [{k: v for k, v in r.items() if k != "method"} for r in rows if r["method"] == "layercam"]
+    assert mine == layercam and len(mine) == len(rows) // 2 > 0  # power 1 is LayerCAM: every protocol's value, exactly
+    config = json.loads((out / "config.json").read_text())
+    assert list(config["plugins"]) == ["mine"] and config["plugins"]["mine"]["file"] == str(plugin.resolve())
+    heatmaps = runner.invoke(app, [*args[:-3], "--out", str(tmp_path / "cached"), "--no-progress", "--save-heatmaps"])
+    assert heatmaps.exit_code == 0
+    assert any("src" in p.name for p in (tmp_path / "cached" / "heatmaps").rglob("mine*"))  # the cache keys the source
+    # explain (with a plug-in option) and sanity
+    explain = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--plugin",
+                                  str(plugin), "--method", "mine", "--model", "tiny-vit", "--method-option",
+                                  "mine_power=2", "--json"])
+    assert explain.exit_code == 0, explain.output
+    sanity = runner.invoke(app, ["sanity", "--plugin", str(plugin), "--method", "mine", "--model", "tiny-vit",
+                                 "--limit", "1", "--out", str(tmp_path / "sanity")])
+    assert sanity.exit_code == 0, sanity.output
+    assert json.loads((tmp_path / "sanity" / "sanity.json").read_text())["plugins"]["mine"]["sha256"]
+    listed = runner.invoke(app, ["list", "methods", "--plugin", str(plugin)])
+    assert f"[plug-in: {plugin.resolve()}]" in listed.stdout
+    # the same command after an edit of the plug-in: refused in one line, nothing appended
+    plugin.write_text(PLUGIN.replace("1 = LayerCAM).", "1 = LayerCAM; edited)."))
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "differs in: plugins" in again.stderr, again.output
+    assert len(again.stderr.strip().splitlines()) == 1 and _records(out) == rows
+    # a resume without --plugin reads the run's own plug-in (here: the edited file, so refused the same way)
+    resumed = runner.invoke(app, [a for a in args if a not in ("--plugin", str(plugin))])
+    assert resumed.exit_code == 2 and "differs in: plugins" in resumed.stderr
+
+
+def test_a_plugin_that_cannot_load_is_one_line_naming_it(tmp_path):
+    cases = {"clash.py": PLUGIN.replace('"mine"', '"gradcam"'), "broken.py": "def (:\n",
+             "option.py": PLUGIN.replace('"mine_power"', '"topk"'), "fails.py": "raise RuntimeError('no GPU here')\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        result = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--plugin",
+                                     str(tmp_path / name), "--model", "tiny-vit"])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and name in lines[0], (name, result.output)
+    from camloc.cams.registry import METHODS
+
+    assert "mine" not in METHODS  # nothing half-registered stays
+    missing = runner.invoke(app, ["explain", "tests/golden/chelsea_small.png", "--prompt", "cat", "--plugin",
+                                  str(tmp_path / "nothere.py"), "--model", "tiny-vit"])
+    assert missing.exit_code == 2 and "no such file" in missing.stderr
+
+
+def test_an_installed_package_is_found_by_its_entry_point(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "camloc_mine").mkdir(parents=True)
+    (site / "camloc_mine" / "__init__.py").write_text(PLUGIN)
+    dist = site / "camloc_mine-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: camloc-mine\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[camloc.plugins]\nmine = camloc_mine\n")
+    (dist / "top_level.txt").write_text("camloc_mine\n")
+    monkeypatch.syspath_prepend(str(site))
+    result = runner.invoke(app, ["eval", "--method", "mine", "--model", "tiny-vit", "--limit", "2", "--out",
+                                 str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    origin = json.loads((tmp_path / "run" / "config.json").read_text())["plugins"]["mine"]
+    assert origin["module"] == "camloc_mine" and origin["distribution"] == "camloc-mine 0.1"
+
+
+def test_shards_with_a_plugin_merge_to_the_one_process_table(tmp_path):
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(PLUGIN)
+    base = ["eval", "--plugin", str(plugin), "--method", "mine", "--model", "tiny-vit", "--no-progress",
+            "--method-option", "mine_power=2"]
+    assert runner.invoke(app, [*base, "--out", str(tmp_path / "one")]).exit_code == 0
+    for rank in ("0/2", "1/2"):
+        result = runner.invoke(app, [*base, "--out", str(tmp_path / "two"), "--shard", rank])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "two" / "table.csv").read_text() == (tmp_path / "one" / "table.csv").read_text()
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["options"]["mine_power"] == 2.0
+
+
+def test_a_method_registered_from_python_carries_its_source(tmp_path):
+    @camloc.register_method("inline", shares_forward=True, uses_gradients=True, description="inline test method")
+    def inline(ctx):
+        return (ctx.gradients.clamp_min(0) * ctx.activations).sum(dim=1)
+
+    summary = camloc.evaluate("tiny-vit", "demo", ["inline"], out=tmp_path / "run", limit=1)
+    origin = json.loads((tmp_path / "run" / "config.json").read_text())["plugins"]["inline"]
+    assert origin["module"] == __name__ and len(origin["sha256"]) == 64
+    assert np.isfinite(summary["methods"]["inline"]["mean_iou"])
