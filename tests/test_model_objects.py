@@ -19,7 +19,7 @@ def _same_maps(a, b, methods=METHODS):
 
 
 def test_an_open_clip_model_object_explains_and_evaluates_as_its_file_does(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("open_clip")
     from camloc.models import open_clip_backend
 
     obj, _, _, _, _ = open_clip_backend.load("open_clip:camloc-tiny-vit:random@3")  # any open_clip model object
@@ -77,7 +77,7 @@ def test_objects_camloc_cannot_read_are_one_clear_error():
         camloc.wrap_model(torch.nn.Linear(2, 2))
     with pytest.raises(ModelError, match="must be a name, a path, a camloc ClipModel or a CLIP model object"):
         camloc.explain(42, "tests/golden/chelsea_small.png", "cat")
-    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("open_clip")
     from camloc.models import open_clip_backend
 
     obj, *_ = open_clip_backend.load("open_clip:camloc-tiny-vit:random")

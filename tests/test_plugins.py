@@ -1,7 +1,6 @@
 """Plug-in methods (issue 31): a single file through `--plugin`, an installed package through its entry point,
 their source in the run's identity (an edited file is refused), every command and protocol, shards."""
 import json
-import shutil
 import textwrap
 
 import numpy as np

@@ -91,7 +91,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
               image_batch: int | str = "auto", shard: tuple[int, int] = (0, 1), save_predictions: bool = False,
               model=None) -> dict:
     """Segment `config.dataset` with `config.methods` into `run_dir`, resuming what is there."""
-    from camloc.cams.registry import check_method_options, resolve_methods, resolve_options, run_weights
+    from camloc.cams.registry import check_method_options, resolve_options, run_weights
     from camloc.datasets.segmentation import load_seg_dataset
     from camloc.models import ClipModel
     from camloc.models.specs import family_hint
