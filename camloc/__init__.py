@@ -27,6 +27,7 @@ _EXPORTS = {
     # the author surface of a method of one's own (docs/methods.md)
     "register_method": "camloc.cams.registry", "method_option": "camloc.cams.options",
     "CamContext": "camloc.cams.context", "MethodSpec": "camloc.cams.registry", "load_plugin": "camloc.plugins",
+    "register_dataset": "camloc.datasets.registry",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -423,7 +423,7 @@ def _evaluate_ovseg(model, dataset, methods, out, *, limit, split, data_root, an
 
     loaded = None if isinstance(model, (str, Path)) else _model(model, device, precision)
     known = {"preset", "short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold",
-             "normalisation", "position_resize",
+             "normalisation", "position_resize", "reduce_zero_label", "ignore_index", "background",
              "pamr_steps", "pamr_dilations", "templates"}
     unknown = sorted(set(ovseg) - known)
     if unknown:

@@ -94,12 +94,19 @@ def load_plugin(spec: str) -> str:
         name, old_digest, methods, options = _LOADED[key]
         if old_digest == digest:
             return name
+        from camloc.datasets.registry import DATASETS
+
         for method in methods:  # edited since: its registrations are replaced
             METHODS.pop(method, None)
+            if method.startswith("dataset:"):
+                DATASETS.pop(method.removeprefix("dataset:"), None)
         for option in options:
             OPTIONS.pop(option, None)
         sys.modules.pop(name, None)
-    before_methods, before_options = set(METHODS), set(OPTIONS)
+    from camloc.datasets.registry import DATASETS, _load_builtin_datasets
+
+    _load_builtin_datasets()
+    before_methods, before_options, before_datasets = set(METHODS), set(OPTIONS), set(DATASETS)
     try:
         if is_file:
             name = "camloc_plugin_" + hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -116,25 +123,29 @@ def load_plugin(spec: str) -> str:
     except OptionError:
         raise
     except ValueError as exc:  # the registries' "registered twice" / "declared twice"
-        _forget(set(METHODS) - before_methods, set(OPTIONS) - before_options)
+        _forget(set(METHODS) - before_methods, set(OPTIONS) - before_options, set(DATASETS) - before_datasets)
         raise OptionError(f"plugin {spec}: {exc}: pick another name") from None
     except Exception as exc:
-        _forget(set(METHODS) - before_methods, set(OPTIONS) - before_options)
+        _forget(set(METHODS) - before_methods, set(OPTIONS) - before_options, set(DATASETS) - before_datasets)
         raise OptionError(f"plugin {spec} could not be imported ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    _LOADED[key] = (name, digest, set(METHODS) - before_methods, set(OPTIONS) - before_options)
+    added = (set(METHODS) - before_methods) | {f"dataset:{d}" for d in set(DATASETS) - before_datasets}
+    _LOADED[key] = (name, digest, added, set(OPTIONS) - before_options)  # all forgotten again on a reload
     return name
 
 
-def _forget(methods: set, options: set) -> None:
+def _forget(methods: set, options: set, datasets: set = frozenset()) -> None:
     """Undo a failed plug-in's registrations, so nothing half-loaded stays."""
     from camloc.cams.options import OPTIONS
     from camloc.cams.registry import METHODS
+    from camloc.datasets.registry import DATASETS
 
     for method in methods:
         METHODS.pop(method, None)
     for option in options:
         OPTIONS.pop(option, None)
+    for dataset in datasets:
+        DATASETS.pop(dataset, None)
 
 
 def load_recorded(plugins: dict | None) -> None:
@@ -143,8 +154,11 @@ def load_recorded(plugins: dict | None) -> None:
     still the same code is the identity check's to say."""
     from camloc.cams.registry import METHODS
 
+    from camloc.datasets.registry import DATASETS
+
     for method, origin in (plugins or {}).items():
-        if method in METHODS or not isinstance(origin, dict):
+        name = method.removeprefix("dataset:")
+        if (name in DATASETS if method.startswith("dataset:") else method in METHODS) or not isinstance(origin, dict):
             continue
         where = origin.get("file") if origin.get("file") and os.path.isfile(origin["file"]) else None
         if where is None and origin.get("module") and not origin["module"].startswith("camloc_plugin_"):
@@ -189,10 +203,14 @@ def load_plugins(specs=None) -> None:
             load_plugin(spec)
 
 
-def run_plugins(methods: list[str]) -> dict | None:
-    """{method: its origin} of the run's methods that come from outside camloc (None when none does): part
-    of the run's identity."""
+def run_plugins(methods: list[str], dataset: str | None = None) -> dict | None:
+    """{method: its origin} of the run's methods that come from outside camloc, and {"dataset:NAME": its
+    origin} for a plug-in's dataset (None when everything is camloc's own): part of the run's identity."""
     from camloc.cams.registry import METHODS
+    from camloc.datasets.registry import DATASETS
 
     found = {m: METHODS[m].origin for m in methods if m in METHODS and METHODS[m].origin}
+    spec = DATASETS.get(dataset) if dataset else None
+    if spec is not None and spec.origin:
+        found[f"dataset:{dataset}"] = spec.origin
     return found or None

@@ -33,15 +33,17 @@ def clean_registry(monkeypatch):
     import camloc.plugins as plugins
     from camloc.cams.options import OPTIONS, all_options
     from camloc.cams.registry import METHODS
+    from camloc.datasets.registry import DATASETS, list_datasets
 
-    all_options()
-    methods, options = dict(METHODS), dict(OPTIONS)
+    all_options(), list_datasets()
+    methods, options, datasets = dict(METHODS), dict(OPTIONS), dict(DATASETS)
     monkeypatch.setattr(plugins, "_LOADED", {})
     monkeypatch.setattr(plugins, "_DEFAULTS_LOADED", False)
     monkeypatch.delenv(plugins.ENV, raising=False)
     yield
     METHODS.clear(), METHODS.update(methods)
     OPTIONS.clear(), OPTIONS.update(options)
+    DATASETS.clear(), DATASETS.update(datasets)
 
 
 def _records(folder):
@@ -143,3 +145,34 @@ def test_a_method_registered_from_python_carries_its_source(tmp_path):
     origin = json.loads((tmp_path / "run" / "config.json").read_text())["plugins"]["inline"]
     assert origin["module"] == __name__ and len(origin["sha256"]) == 64
     assert np.isfinite(summary["methods"]["inline"]["mean_iou"])
+
+
+def test_a_plugin_dataset_is_recorded_and_evaluated(tmp_path):
+    plugin = tmp_path / "boxes.py"
+    plugin.write_text(textwrap.dedent('''
+        """A plug-in dataset: the demo set's first two images."""
+        import camloc
+        from camloc.datasets.coco_format import load_coco_pairs
+        from camloc.datasets.registry import DEMO_DIR
+
+
+        @camloc.register_dataset("two-demo", "the demo set's first two images", layout="inside camloc")
+        def two_demo(opts):
+            return load_coco_pairs(DEMO_DIR / "instances_demo.json", DEMO_DIR / "images", opts.prompt_template)[:2]
+    '''))
+    result = runner.invoke(app, ["eval", "--plugin", str(plugin), "--dataset", "two-demo", "--method", "gradcam",
+                                 "--model", "tiny-rn", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["plugins"]["dataset:two-demo"]["file"] == str(plugin.resolve()) and config["data"]["n_images"] == 2
+    clash = tmp_path / "clash.py"
+    clash.write_text(plugin.read_text().replace('"two-demo"', '"coco"'))
+    refused = runner.invoke(app, ["eval", "--plugin", str(clash), "--method", "gradcam", "--model", "tiny-rn",
+                                  "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "dataset 'coco' registered twice" in refused.stderr
+
+
+def test_the_public_author_surface():
+    for name in ("register_method", "method_option", "CamContext", "MethodSpec", "load_plugin", "register_dataset",
+                 "wrap_model"):
+        assert getattr(camloc, name) is not None, name

@@ -41,6 +41,8 @@ def verify_cmd(
     image_dir: Optional[Path] = ImageDirOption,
     include_stuff: bool = IncludeStuffOption,
     ade_extent: Optional[str] = AdeExtentOption,
+    seg_reduce_zero_label: bool = typer.Option(False, "--seg-reduce-zero-label", help="seg-folder: label 0 ignored, the others lowered by 1."),
+    seg_ignore_index: Optional[int] = typer.Option(None, "--seg-ignore-index", help="seg-folder: this label value is ignored."),
 ) -> None:
     """Check a dataset's layout: count images, pairs and missing image files; say how to obtain it."""
     from camloc.datasets import DATASETS, count_pairs, list_datasets, load_dataset
@@ -49,7 +51,9 @@ def verify_cmd(
     from camloc.run.finish import mean_coverage
 
     if dataset in SEG_DATASETS:
-        return _verify_segmentation(dataset, split, data_root, ann_file, image_dir)
+        folder = {k: v for k, v in (("reduce_zero_label", seg_reduce_zero_label), ("ignore_index", seg_ignore_index))
+                  if v not in (None, False)}
+        return _verify_segmentation(dataset, split, data_root, ann_file, image_dir, folder)
     if dataset not in list_datasets():
         raise OptionError(f"unknown dataset {dataset!r}; valid datasets: {', '.join([*DATASETS, *SEG_DATASETS])}")
     spec = DATASETS[dataset]
@@ -72,7 +76,7 @@ def verify_cmd(
     typer.echo("ok")
 
 
-def _verify_segmentation(dataset, split, data_root, ann_file, image_dir) -> None:
+def _verify_segmentation(dataset, split, data_root, ann_file, image_dir, folder: dict | None = None) -> None:
     """A segmentation dataset (`--protocols ovseg`): images, label maps present, and each label map's values
     within the dataset's classes or 255 and of its image's size (the first 20 read)."""
     import numpy as np
@@ -80,9 +84,9 @@ def _verify_segmentation(dataset, split, data_root, ann_file, image_dir) -> None
     from camloc.datasets.segmentation import SEG_DATASETS, load_seg_dataset
     from camloc.errors import DataError
 
-    spec = SEG_DATASETS[dataset]
-    typer.echo(f"{dataset}: expected layout: {spec.layout}")
-    _, images = load_seg_dataset(dataset, data_root=data_root, split=split, image_dir=image_dir, ann_file=ann_file)
+    typer.echo(f"{dataset}: expected layout: {SEG_DATASETS[dataset].layout}")
+    spec, images = load_seg_dataset(dataset, data_root=data_root, split=split, image_dir=image_dir, ann_file=ann_file,
+                                    **(folder or {}))
     missing = [item.path for item in images if not Path(item.path).is_file()]
     no_label = [item.label_path for item in images if item.label_path and not Path(item.label_path).is_file()]
     n_classes = len(spec.classes())

@@ -30,6 +30,20 @@ def coco(opts: DataOptions) -> list[ImagePairs]:
     return load_coco_pairs(ann, images, opts.prompt_template, refuse_stuff=not opts.include_stuff, stats=opts.stats)
 
 
+@register_dataset("coco-format", "your own boxes: any COCO-format JSON (--ann-file) and its images (--image-dir), "
+                  "every category id (stuff ids too); tables name it coco-format:<file name>",
+                  layout="--ann-file FILE.json --image-dir FOLDER (file_name relative to it)",
+                  obtain="your own data, in COCO's detection format")
+def coco_format(opts: DataOptions) -> list[ImagePairs]:
+    from camloc.errors import OptionError
+
+    if opts.ann_file is None or opts.image_dir is None:
+        raise OptionError("--dataset coco-format reads your own data: give --ann-file (the COCO-format JSON) and "
+                          "--image-dir (the folder its file_name entries are relative to)")
+    opts.reads(opts.ann_file, opts.image_dir)
+    return load_coco_pairs(opts.ann_file, opts.image_dir, opts.prompt_template, refuse_stuff=False, stats=opts.stats)
+
+
 def balanced_draw(image_ids_per_category: dict[int, list[int]], per_class: int, seed: int) -> dict[int, set[int]]:
     """Draw `per_class` images per category (all of them when fewer), each category from its own
     generator seeded with (seed, category id): adding or removing a category changes no other draw.

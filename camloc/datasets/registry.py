@@ -64,6 +64,8 @@ class DatasetSpec:
     """The dataset's own top folders under the data root: a --data-root naming one is taken as its parent."""
     note: Callable[[list[ImagePairs]], str] | None = None
     """`camloc data verify`: a line about what was found (e.g. which release or split it is)."""
+    origin: dict | None = None
+    """Where a dataset from a plug-in comes from (`camloc.plugins.origin_of`); None for camloc's own."""
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -73,10 +75,28 @@ def register_dataset(name: str, description: str, layout: str = "", obtain: str 
                      default_split: str | None = None, folders: tuple[str, ...] = (),
                      note: Callable[[list[ImagePairs]], str] | None = None) -> Callable:
     def decorate(fn: Callable) -> Callable:
-        DATASETS[name] = DatasetSpec(name, fn, description, layout, obtain, default_split, folders, note)
+        from camloc.datasets.segmentation import SEG_DATASETS
+
+        if name in DATASETS or name in SEG_DATASETS:
+            raise ValueError(f"dataset {name!r} registered twice")
+        from camloc.plugins import origin_of
+
+        DATASETS[name] = DatasetSpec(name, fn, description, layout, obtain, default_split, folders, note,
+                                     origin_of(fn))
         return fn
 
     return decorate
+
+
+NAMED_BY_SOURCE = {"coco-format", "seg-folder"}
+"""Datasets of one's own: their identity records the annotation file's or folder's name (`data["name"]`), and
+tables show it, as `coco-format:instances_mine.json`."""
+
+
+def dataset_label(dataset: str, data: dict | None) -> str:
+    """The dataset's name in tables: its registered name, with the file or folder of a dataset of one's own."""
+    name = (data or {}).get("name") if dataset in NAMED_BY_SOURCE else None
+    return f"{dataset}:{name}" if name else dataset
 
 
 def resolved_split(name: str, split: str | None) -> str | None:

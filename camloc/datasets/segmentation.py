@@ -247,16 +247,68 @@ def coco_object(root, split, image_dir, ann_file):
             for i in sorted(coco.imgs)]
 
 
+FOLDER_OPTIONS = {"reduce_zero_label": False, "ignore_index": None, "background": False}
+"""`seg-folder`'s reading options (`--seg-reduce-zero-label`, `--seg-ignore-index`, `--seg-background`), as
+mmsegmentation's custom datasets have them; recorded in the run's `ovseg` settings."""
+
+
+def _folder_labels(path: Path, reduce_zero_label: bool, ignore_index: int | None) -> np.ndarray:
+    label = _png(path)
+    if ignore_index is not None and ignore_index != IGNORE:
+        label = np.where(label == ignore_index, IGNORE, label).astype(np.uint8)
+    return _reduce_zero(label) if reduce_zero_label else label
+
+
+@register_seg_dataset("seg-folder", "classes.txt", "your own segmentation folder: images/, labels/ (8-bit class "
+                      "index PNGs) and classes.txt; tables name it seg-folder:<folder name>",
+                      "<data-root>/images/*.jpg|png, <data-root>/labels/<stem>.png, <data-root>/classes.txt (one class "
+                      "per line, synonyms separated by ', ')", "")
+def seg_folder(root: Path, split: str, image_dir: Path | None, ann_file: Path | None, reduce_zero_label: bool = False,
+               ignore_index: int | None = None) -> list[SegImage]:
+    images_dir = image_dir or root / "images"
+    labels_dir = root / "labels"
+    for what, where in (("image folder", images_dir), ("label folder", labels_dir)):
+        if not where.is_dir():
+            raise DataError(f"seg-folder: the {what} {where} does not exist; --data-root is a folder holding images/, "
+                            "labels/ and classes.txt")
+    if not (ann_file or root / "classes.txt").is_file():
+        raise DataError(f"seg-folder: {ann_file or root / 'classes.txt'} does not exist: one class name per line, in "
+                        "the order of the label values (synonyms separated by ', ')")
+    paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return [SegImage(p.stem, str(p), lambda q=labels_dir / f"{p.stem}.png": _folder_labels(q, reduce_zero_label,
+                                                                                          ignore_index),
+                     str(labels_dir / f"{p.stem}.png")) for p in paths]
+
+
 def load_seg_dataset(name: str, data_root: str | Path | None = None, split: str | None = None,
                      image_dir: str | Path | None = None, ann_file: str | Path | None = None,
-                     limit: int | None = None) -> tuple[SegDatasetSpec, list[SegImage]]:
+                     limit: int | None = None, **folder: object) -> tuple[SegDatasetSpec, list[SegImage]]:
+    """A segmentation dataset's spec and images. `seg-folder` takes `FOLDER_OPTIONS` (refused elsewhere), and
+    its spec's class file and background flag come from the folder and the options."""
+    from dataclasses import replace
+
     from camloc.datasets.registry import data_root as default_root
 
     spec = SEG_DATASETS.get(name)
     if spec is None:
         raise OptionError(f"--protocols ovseg needs a segmentation dataset: {', '.join(SEG_DATASETS)} (got {name!r})")
-    images = spec.build(default_root(data_root), split or spec.default_split,
-                        Path(image_dir) if image_dir else None, Path(ann_file) if ann_file else None)
+    given = {k: v for k, v in folder.items() if v != FOLDER_OPTIONS.get(k)}
+    unknown = sorted(set(folder) - set(FOLDER_OPTIONS))
+    if unknown or (given and name != "seg-folder"):
+        flags = ", ".join("--seg-" + k.replace("_", "-") for k in (unknown or given))
+        raise OptionError(f"{flags} read your own segmentation folder (--dataset seg-folder), not {name}")
+    root = default_root(data_root)
+    if name == "seg-folder":
+        ignore = folder.get("ignore_index")
+        if ignore is not None and not (isinstance(ignore, int) and 0 <= ignore <= 255):
+            raise OptionError(f"--seg-ignore-index must be a label value 0..255, got {ignore!r}")
+        spec = replace(spec, classes_file=str(Path(ann_file or root / "classes.txt").resolve()),
+                       background=bool(folder.get("background", False)))
+        images = spec.build(root, split, Path(image_dir) if image_dir else None, Path(ann_file) if ann_file else None,
+                            bool(folder.get("reduce_zero_label", False)), ignore)
+    else:
+        images = spec.build(root, split or spec.default_split,
+                            Path(image_dir) if image_dir else None, Path(ann_file) if ann_file else None)
     if limit is not None:
         if limit < 1:
             raise OptionError(f"--limit must be at least 1, got {limit}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from camloc.datasets.registry import dataset_label
 from camloc.errors import OptionError, RunFolderError
 from camloc.evaluators import meters_by
 from camloc.evaluators.meter import record_key
@@ -120,7 +121,8 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
         identity = group["identity"]
         meters = meters_by(group["records"].values(), group=lambda r: (r["model"], r["method"]))
         for (model, method), meter in meters.items():
-            rows.append({"model": model, "dataset": identity.get("dataset"), "method": method,
+            rows.append({"model": model, "dataset": dataset_label(identity.get("dataset"), identity.get("data")),
+                         "method": method,
                          **{k: _shown(k, identity.get(k)) for k in differing}, **meter.compute()})
     order = {name: i for i, name in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (str(r["model"]), str(r["dataset"]), *(str(r[k]) for k in differing),
@@ -269,7 +271,7 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
     for group in groups.values():
         identity = group["identity"]
         n_images = (identity.get("data") or {}).get("n_images")
-        n_classes = len(SEG_DATASETS[identity["dataset"]].classes())
+        n_classes = (identity.get("ovseg") or {}).get("n_classes") or len(SEG_DATASETS[identity["dataset"]].classes())
         for method in group["methods"]:
             state = SegmentationState.empty(n_classes)
             count = 0
@@ -281,13 +283,14 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
                 raise RunFolderError(f"{identity['model']} {method} on {identity['dataset']}: {count} of {n_images} "
                                      "images segmented (a shard still running?); pass --allow-incomplete to report it")
             rows.append({"model": identity["model"], "method": method,
-                         **{k: _shown(k, identity.get(k)) for k in differing}, "dataset": identity["dataset"],
+                         **{k: _shown(k, identity.get(k)) for k in differing},
+                         "dataset": dataset_label(identity["dataset"], identity.get("data")),
                          "miou": state.result()["miou"]})
     long = pd.DataFrame(rows)
     index = ["model", "method", *differing]
     table = long.pivot_table(index=index, columns="dataset", values="miou", aggfunc="first", dropna=False)
     table = table.reindex(pd.MultiIndex.from_frame(long[index].drop_duplicates()))  # rows in the runs' method order
-    order = [d for d in SEG_DATASETS if d in table.columns]
+    order = [d for d in SEG_DATASETS if d in table.columns] + sorted(c for c in table.columns if c not in SEG_DATASETS)
     table = table[order]
     if len(order) > 1:
         table["mean"] = table[order].mean(axis=1, skipna=False)

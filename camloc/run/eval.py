@@ -17,6 +17,7 @@ from camloc.cams.options import default_options
 from camloc.cams.registry import check_method_options, resolve_options, run_weights
 from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
 from camloc.datasets.records import data_identity
+from camloc.datasets.registry import NAMED_BY_SOURCE
 from camloc.errors import OptionError, RunFolderError
 from camloc.evaluators.faithfulness import FaithSettings
 from camloc.evaluators.meter import record_key
@@ -97,6 +98,8 @@ def run_eval(
                           ade_extent=config.ade_extent or "visible", issues=issues, sources=sources,
                           **resume_data_options(run_dir, config, data_options, force_new))
     config.data = data_identity(images)
+    if config.dataset in NAMED_BY_SOURCE and sources.get("ann_file"):
+        config.data["name"] = Path(sources["ann_file"]).name
     config.data_sources = sources
     mine = check_images(assign_images(images, rank, world), skip_missing, config.dataset)
     if model is None:
@@ -110,7 +113,7 @@ def run_eval(
         config.options = {**config.options, "seed": config.seed}
     check_method_options(model, config.methods, config.options)
     config.weights = run_weights(model, config.methods, config.options)
-    config.plugins = run_plugins(config.methods)
+    config.plugins = run_plugins(config.methods, config.dataset)
     image_batch = resolve_image_batch(image_batch, config.methods)
     model.encoder.configure(compile)
     if "clipsurgery" in config.methods and config.options.get("contrast") == "labels":

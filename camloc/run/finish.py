@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from camloc.datasets import ImagePairs, count_pairs
+from camloc.datasets.registry import dataset_label
 from camloc.errors import RunFolderError
 from camloc.evaluators import LocalizationMeter, meters_by
 from camloc.evaluators.meter import record_key
@@ -45,11 +46,12 @@ def finish_run(run_dir: Path, config: EvalConfig, model_name: str, images: list[
         meter = meters.get(method, LocalizationMeter())
         result = meter.compute()
         per_method[method] = {**result, "per_class": meter.compute_per_class()}
-        rows.append({"model": model_name, "dataset": config.dataset, "method": method, **result})
+        rows.append({"model": model_name, "dataset": dataset_label(config.dataset, config.data), "method": method,
+                     **result})
     summary = {
         "config": config.to_json(),
         "model": model_name,
-        "dataset": config.dataset,
+        "dataset": dataset_label(config.dataset, config.data),
         "n_images": len(images),
         "n_pairs": count_pairs(images),
         "complete": len({record_key(r) for r in records}) == count_pairs(images) * len(config.methods),

@@ -27,6 +27,7 @@ from camloc.errors import DataError, OptionError, RunFolderError
 from camloc.evaluators.segmentation import SegmentationState
 from camloc.run.files import (append_jsonl, atomic_write_text, folder_lock, prepare_out_dir, read_jsonl, record_files,
                               write_json)
+from camloc.datasets.registry import dataset_label
 from camloc.run.identity import SUMMARY, EvalConfig, check_config
 
 RECORDS = "ovseg"
@@ -107,6 +108,10 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     rank, world = shard
     load_recorded(recorded_plugins(Path(run_dir), force_new))  # a resume or a shard: the run's own plug-ins
     given = dict(config.ovseg or {})
+    from camloc.datasets.segmentation import FOLDER_OPTIONS
+
+    folder = {k: given.pop(k) for k in list(given) if k in FOLDER_OPTIONS}
+    given = {k: v for k, v in given.items() if k not in ("pixel_mean", "pixel_std", "n_classes")}  # recorded, not set
     settings = resolve_settings(config.dataset, **given)
     if family_hint(config.model):
         _check_methods(_ovseg_methods(config.methods, family_hint(config.model), config.model))
@@ -115,14 +120,17 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     where = _data_options(run_dir, config, data_options, force_new)
     spec, images = load_seg_dataset(config.dataset, data_root=where.get("data_root_dir"), split=config.split,
                                     image_dir=where.get("image_dir"), ann_file=where.get("ann_file"),
-                                    limit=config.limit)
+                                    limit=config.limit, **folder)
     classes = spec.classes()
     if not spec.background and (settings.bg_threshold > 0 or settings.area_threshold is not None):
         raise OptionError(f"{config.dataset} has no background class (its class 0 is {classes[0][0]!r}): "
                           "--ovseg-bg-threshold and --ovseg-area-threshold would turn pixels into that class; use them "
                           "on voc21, context60 or coco-object")
-    config.ovseg = settings.to_json()
+    config.ovseg = {**settings.to_json(), "n_classes": len(classes),
+                    **({k: folder.get(k, v) for k, v in FOLDER_OPTIONS.items()} if config.dataset == "seg-folder" else {})}
     config.data = segmentation_identity(images)
+    if config.dataset == "seg-folder":  # a folder of one's own: tables show its name
+        config.data["name"] = Path(config.data["image_root"]).parent.name or "seg-folder"
     config.data_sources = _sources(where)
     config.split = config.split or spec.default_split
     if model is None:
@@ -200,7 +208,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
         timings = {"load_seconds": round(compute_started - started, 3),
                    "compute_seconds": round(time.perf_counter() - compute_started, 3),
                    "records_this_invocation": n_new, "resumed_records": len(done), "image_batch": batch_size}
-        summary = finish_ovseg(run_dir, config, classes, len(images), (rank, world),
+        summary = finish_ovseg(run_dir, config, classes, len(images), (rank, world), spec.background,
                                extra={"device": device_description(model.device), "versions": package_versions(),
                                       "git_commit": git_commit(), "timings": timings,
                                       "faults": {"skipped_images": skipped}})
@@ -307,17 +315,8 @@ def method_results(run_dir: Path, methods: list[str], n_classes: int) -> tuple[d
     return states, totals
 
 
-def class_label(dataset: str, index: int, names: list[str]) -> str:
-    """A class's name in tables: its first synonym, or "background" for class 0 of a dataset with a
-    background class (whose queries are a list of stuff words: voc21's and coco-object's begin with "sky")."""
-    from camloc.datasets.segmentation import SEG_DATASETS
-
-    spec = SEG_DATASETS.get(dataset)
-    return "background" if index == 0 and spec is not None and spec.background else names[0]
-
-
 def finish_ovseg(run_dir: Path, config: EvalConfig, classes: list[list[str]], n_images: int,
-                 shard: tuple[int, int], extra: dict) -> dict:
+                 shard: tuple[int, int], background: bool, extra: dict) -> dict:
     import pandas as pd
 
     states, totals = method_results(run_dir, config.methods, len(classes))
@@ -327,14 +326,16 @@ def finish_ovseg(run_dir: Path, config: EvalConfig, classes: list[list[str]], n_
         speed = {"images_per_second": round(t["images"] / t["seconds"], 4) if t["seconds"] else None,
                  "windows_per_second": round(t["windows"] / t["seconds"], 4) if t["seconds"] else None}
         per_method[method] = {**result, "n_images": t["images"], "windows": t["windows"], **speed}
-        rows.append({"model": config.model, "dataset": config.dataset, "method": method, "n_images": t["images"],
+        rows.append({"model": config.model, "dataset": dataset_label(config.dataset, config.data), "method": method,
+                     "n_images": t["images"],
                      "miou": result["miou"], "macc": result["macc"], "aacc": result["aacc"], **speed})
         iou, acc = states[method].per_class()
-        class_rows += [{"method": method, "class_index": i, "class": class_label(config.dataset, i, names),
+        class_rows += [{"method": method, "class_index": i, "class": "background" if i == 0 and background else names[0],
                         "iou": iou[i], "acc": acc[i]}
                        for i, names in enumerate(classes)]
     complete = all(t["images"] == n_images for t in totals.values())
-    summary = {"kind": "ovseg", "config": config.to_json(), "model": config.model, "dataset": config.dataset,
+    summary = {"kind": "ovseg", "config": config.to_json(), "model": config.model,
+               "dataset": dataset_label(config.dataset, config.data),
                "n_images": n_images, "complete": complete, "shard": list(shard), "seed": config.seed,
                "precision": config.precision, **extra, "methods": per_method}
     rank, world = shard

@@ -99,6 +99,8 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
                         f"{(source.data or {}).get('n_pairs')} pairs); give the same --data-root, --ann-file and "
                         "--image-dir as that run, or none to read the data where that run read it")
     config.data = identity
+    if (source.data or {}).get("name"):  # a dataset of one's own keeps its file's name (tables show it)
+        config.data["name"] = source.data["name"]
     config.data_sources = sources
 
     def seen_as(path: str) -> str:
