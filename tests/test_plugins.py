@@ -1,6 +1,8 @@
 """Plug-in methods (issue 31): a single file through `--plugin`, an installed package through its entry point,
 their source in the run's identity (an edited file is refused), every command and protocol, shards."""
 import json
+import shutil
+from pathlib import Path
 import textwrap
 
 import numpy as np
@@ -176,3 +178,72 @@ def test_the_public_author_surface():
     for name in ("register_method", "method_option", "CamContext", "MethodSpec", "load_plugin", "register_dataset",
                  "wrap_model"):
         assert getattr(camloc, name) is not None, name
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "plugins"
+
+
+def test_the_example_single_file_plugin_equals_layercam_at_power_one(tmp_path):
+    image = "tests/golden/chelsea_small.png"
+    ex = camloc.explain("tiny-vit", image, ["a cat", "a dog"], ["powercam", "layercam"],
+                        plugins=[str(EXAMPLES / "powercam.py")])
+    np.testing.assert_array_equal(ex.maps["powercam"], ex.maps["layercam"])
+    squared = camloc.explain("tiny-vit", image, ["a cat", "a dog"], ["powercam"], powercam_power=2.0)
+    assert not np.allclose(squared.maps["powercam"], ex.maps["powercam"], atol=1e-3)
+    bad = runner.invoke(app, ["explain", image, "--prompt", "cat", "--plugin", str(EXAMPLES / "powercam.py"),
+                              "--method", "powercam", "--model", "tiny-vit", "--method-option", "powercam_power=50"])
+    assert bad.exit_code == 2 and "--powercam-power must be in [0.1, 10]" in bad.stderr
+
+
+def test_the_example_package_is_found_by_the_entry_point_it_declares(tmp_path, monkeypatch):
+    """Installed as pip would (its package on the path, a dist-info with the entry points of its pyproject)."""
+    import tomllib
+
+    project = tomllib.loads((EXAMPLES / "camloc-powercam" / "pyproject.toml").read_text())["project"]
+    site = tmp_path / "site"
+    shutil.copytree(EXAMPLES / "camloc-powercam" / "camloc_powercam", site / "camloc_powercam")
+    dist = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    entries = project["entry-points"]["camloc.plugins"]
+    (dist / "entry_points.txt").write_text("[camloc.plugins]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()))
+    (dist / "top_level.txt").write_text("camloc_powercam\n")
+    monkeypatch.syspath_prepend(str(site))
+    listed = runner.invoke(app, ["list", "methods"])
+    assert "powercam" in listed.stdout and "[plug-in: camloc-powercam 0.1.0]" in listed.stdout, listed.output
+
+
+def test_no_builtin_method_module_reads_a_private_name():
+    """The built-ins are written against the author surface a plug-in has (docs/methods.md)."""
+    import ast
+
+    from camloc.cams.registry import INFRASTRUCTURE
+
+    found = []
+    for path in sorted((Path(camloc.__file__).parent / "cams").glob("*.py")):
+        if path.stem in INFRASTRUCTURE or path.stem.startswith("_"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("camloc"):
+                found += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in ("ctx", "context", "model")):
+                found.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert found == []
+
+
+def test_the_readme_table_list_methods_and_docs_methods_agree():
+    import re
+
+    from camloc.cams.registry import list_methods
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("| method | families | gradients |"):]
+    table = table[:table.index("\n\n")]
+    in_readme = [n.strip() for line in table.splitlines()[2:] for n in line.split("|")[1].split(",")]
+    docs = (root / "docs" / "methods.md").read_text()
+    in_docs = re.findall(r"^\| `([^`]+)` \|", docs[docs.index("## The built-in methods"):], flags=re.M)
+    listed = [line.split()[0] for line in runner.invoke(app, ["list", "methods"]).stdout.splitlines()
+              if line and not line.startswith("families:")]
+    assert in_readme == in_docs == listed == list_methods()

@@ -120,6 +120,12 @@ class CamContext:
         """`encoder_pass` of this image: (raw target output, embedding (1, E), block inputs or None)."""
         return encoder_pass(self.model.visual, self.model.family, self.input)
 
+    @property
+    def target_output(self) -> torch.Tensor:
+        """The target layer's output from the image's one forward, as the tower lays it out (a ResNet's
+        (1, C, h, w); a timm trunk's last block output (1, N, D)). Free: the forward is shared."""
+        return self._pass[0]
+
     def adopt_pass(self, raw: torch.Tensor, features: torch.Tensor, block_inputs: list | None) -> None:
         """Take this image's share of a batched `encoder_pass` (`share_batch`)."""
         self.__dict__["_pass"] = (raw, features, block_inputs)

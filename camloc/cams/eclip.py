@@ -128,7 +128,7 @@ def _pool_eclip(ctx: CamContext) -> torch.Tensor:
     pool = trunk.attn_pool
     if getattr(pool, "latent_len", 1) != 1:
         raise OptionError("grad-eclip: attention pools with several latent queries are not supported")
-    last, _, _ = ctx._pass  # the target layer of timm trunks: the last block's output (1, N, D)
+    last = ctx.target_output  # the target layer of timm trunks: the last block's output (1, N, D)
     with torch.no_grad():
         q, k, v, _, out = latent_pool_attention(pool, trunk.norm(last))  # out: (1, 1, D)
         q, k, v = _heads_cat(q), _heads_cat(k), _heads_cat(v)

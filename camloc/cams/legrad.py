@@ -117,7 +117,7 @@ def _legrad_pool(ctx: CamContext, used: list[int]) -> torch.Tensor:
     threshold = float(ctx.options.get("legrad_correction", CORRECTION.default))
     n_prompts = len(ctx.prompts)
     _, inputs = ctx.block_inputs(0)
-    last, _, _ = ctx._pass
+    last = ctx.target_output
     outputs = {i: inputs[i + 1] if i + 1 < len(inputs) else last for i in used}
     text = ctx.text_features.float()
     empty = ctx.model.text_features([EMPTY_PROMPT]).float()[0] if threshold < 1 else None

@@ -77,9 +77,9 @@ def load_proxy(name: str, size: int, device: torch.device):
     if not timm.is_model(arch):
         raise OptionError(f"--proxy-model {name}: timm has no model {arch!r} (see timm.list_models('*dino*'))")
     if seed is None:
-        from camloc.models.open_clip_backend import _offline
+        from camloc.models.open_clip_backend import hub_offline
 
-        _offline()  # HF_HUB_OFFLINE set after huggingface_hub was imported still counts
+        hub_offline()  # HF_HUB_OFFLINE set after huggingface_hub was imported still counts
     try:
         with torch.random.fork_rng(devices=[]):  # random weights: drawn from the seed, never from the run's RNG
             torch.manual_seed(seed or 0)

@@ -86,7 +86,7 @@ def load(name: str, cache_dir: str | Path | None = None):
     cache = str(cache_dir) if cache_dir else None
     info: dict = {"backend": "open_clip", "arch": arch, "weights": weights}
     if weights == "hf-hub":
-        _offline()
+        hub_offline()
         try:
             model = open_clip.create_model(arch, cache_dir=cache)
         except Exception as exc:
@@ -151,7 +151,7 @@ def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
         arch = quick
         info["arch"] = arch
     repo = cfg.get("hf_hub") or cfg.get("url") or "?"
-    offline = _offline()
+    offline = hub_offline()
     try:
         if offline and not cfg.get("hf_hub"):
             raise OSError("offline, and this tag is downloaded from a URL, not the hub")
@@ -168,7 +168,7 @@ def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
     return arch, model, info
 
 
-def _offline() -> bool:  # also used by ProxyCLIP's proxy loading
+def hubhub_offline() -> bool:  # also used by ProxyCLIP's proxy loading
     """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set now. huggingface_hub reads it once, at
     import: set later (a notebook, a test), it would be ignored and the download would wait on the
     network; camloc passes the current value on."""
