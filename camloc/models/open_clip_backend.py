@@ -168,7 +168,7 @@ def _pretrained(open_clip, arch: str, tag: str, cache: str | None, info: dict):
     return arch, model, info
 
 
-def hubhub_offline() -> bool:  # also used by ProxyCLIP's proxy loading
+def hub_offline() -> bool:  # also used by ProxyCLIP's proxy loading
     """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set now. huggingface_hub reads it once, at
     import: set later (a notebook, a test), it would be ignored and the download would wait on the
     network; camloc passes the current value on."""
