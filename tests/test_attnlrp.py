@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.layers.mlp import GluMlp, SwiGLU
 from typer.testing import CliRunner
 
-from camloc.cams.attnlrp import lrp_rules
+from camloc.methods.attnlrp import lrp_rules
 from camloc.cams.engine import compute_raw
 from camloc.cli.app import app
 from camloc.errors import ModelError

@@ -193,7 +193,7 @@ def test_resclip_options_are_checked(model, tmp_path):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sfr_attention_equals_the_references_on_mixed_labels(seed):
     """The path check and the decay only act where patches of one prompt are separated by another's."""
-    from camloc.cams.resclip import sfr_attention
+    from camloc.methods.resclip import sfr_attention
 
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 3, (6, 6), generator=generator)

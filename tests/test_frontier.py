@@ -11,7 +11,7 @@ from conftest import counting_forwards
 from typer.testing import CliRunner
 
 from camloc.cams import CamContext, compute_heatmaps
-from camloc.cams.rise import RiseMasks, draw_grids, upsampling_matrix
+from camloc.methods.rise import RiseMasks, draw_grids, upsampling_matrix
 from camloc.cli.app import app
 from camloc.models import ClipModel
 from camloc.models.loading import random_state_dict
@@ -156,7 +156,7 @@ def test_legrad_on_open_clips_batch_first_blocks(chelsea):
 
 
 def test_legrad_runs_one_batched_backward_for_all_prompts_and_blocks(models, chelsea, monkeypatch):
-    import camloc.cams.legrad as legrad_module
+    import camloc.methods.legrad as legrad_module
 
     calls = []
     real = torch.autograd.grad
@@ -209,7 +209,7 @@ def test_the_block_access_reduces_to_the_models_own_forward(build, chelsea):
     """With the last block's attention recombined as the original (softmax(q k^T / sqrt(d)) v, out_proj,
     residual, FFN), ln_post and proj on the class token give `encode_image`: for OpenAI's sequence-first
     and open_clip's batch-first blocks alike, so a layout mistake in the dense family fails loudly."""
-    from camloc.cams.dense import BlockAccess
+    from camloc.methods.dense import BlockAccess
 
     model = tiny_vit_mh(build)
     ctx = CamContext(model, chelsea, ["cat"])
@@ -327,7 +327,7 @@ def naclip_window_by_convolution(g: int, std: float) -> torch.Tensor:
 def test_sclip_clearclip_and_naclip_follow_their_recipes(model, models, chelsea):
     """No reference output could be run for these two (their packages need mmseg): the formula is
     checked on the stored model instead, written out on the clip package's own blocks."""
-    from camloc.cams.dense import neighbourhood
+    from camloc.methods.dense import neighbourhood
 
     m = models[model]
     got = _compute(m, chelsea, PROMPTS, "clearclip")

@@ -6,7 +6,7 @@ import torch
 from conftest import PREFIX, golden
 
 from camloc.cams import CamContext, compute_heatmaps
-from camloc.cams.gradient import gradcam, gradcam_plus_plus, layercam, xgradcam
+from camloc.methods.gradient import gradcam, gradcam_plus_plus, layercam, xgradcam
 from camloc.cams.postprocess import grid_maps_to_raw
 
 GRADIENT_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam"]

@@ -230,7 +230,7 @@ def test_hilacam_on_timm_trunks_reads_their_own_attention(chelsea):
     """timm's unfused attention (switched on for the pass) gives the probabilities softmax(q k^T / sqrt(d))
     of each block, recomputed here from the block's own q and k; the attention-pool query's
     probabilities likewise; and P prompts in one pass equal P single-prompt passes."""
-    from camloc.cams.hila import attention_probs_and_scores
+    from camloc.methods.hila import attention_probs_and_scores
 
     model = ClipModel.load("open_clip:camloc-tiny-mapvit:random", device="cpu")
     trunk = model.visual.trunk

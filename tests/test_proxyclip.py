@@ -22,7 +22,7 @@ def model():
 
 
 def proxyclip_reference(model, image, prompts, beta=1.2, gamma=3.0):
-    from camloc.cams.proxy import load_proxy
+    from camloc.methods.proxy import load_proxy
 
     proxy, _, _ = load_proxy(PROXY, model.input_size, torch.device("cpu"))
     visual = model.visual
@@ -108,7 +108,7 @@ def test_a_random_proxy_is_seeded_and_its_weights_are_recorded(tmp_path, monkeyp
     while the run identity said the runs were the same); config.json records its state_dict's SHA-256."""
     import json
 
-    import camloc.cams.proxy as proxy
+    import camloc.methods.proxy as proxy
 
     def run(out, name):
         monkeypatch.setattr(proxy, "_LOADED", {})  # a fresh process: the proxy is built again

@@ -156,7 +156,7 @@ def test_chunk_size_does_not_change_results(tiny_rn, chelsea):
 
 
 def test_groupcam_internals_and_chunk_grouping(tiny_rn, chelsea):
-    from camloc.cams.score import group_labels
+    from camloc.methods.score import group_labels
 
     ctx = CamContext(tiny_rn, chelsea, ["cat"])
     weighted = (ctx.gradients.mean(dim=(2, 3))[:, :, None, None] * ctx.activations)[0].numpy()

@@ -400,9 +400,9 @@ def test_help_texts_keep_their_brackets():
 
 
 def test_topk_warning_once_per_run(tmp_path, monkeypatch):
-    import camloc.cams.score
+    import camloc.methods.score
 
-    monkeypatch.setattr(camloc.cams.score, "_CAPPED", set())
+    monkeypatch.setattr(camloc.methods.score, "_CAPPED", set())
     with pytest.warns(UserWarning) as caught:
         run_eval(EvalConfig(model="tiny-rn", methods=["gscorecam"], options={"topk": 10**6, "grouping": "kmeans",
                                                                             "start_layer": 0}),

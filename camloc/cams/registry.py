@@ -170,7 +170,7 @@ def check_method_options(model, methods: list[str], options: dict) -> None:
         if needs and not options.get(needs.lstrip("-").replace("-", "_")):
             raise OptionError(f"method {name!r} needs {needs} (see `camloc explain --help`)")
     if "hilacam" in methods:
-        from camloc.cams.hila import attention_blocks
+        from camloc.methods.hila import attention_blocks
 
         depth = len(attention_blocks(model.visual))
         start = int(options.get("start_layer", 0))
@@ -179,18 +179,15 @@ def check_method_options(model, methods: list[str], options: dict) -> None:
                               f"or -1..-{depth} to count from the last block")
 
 
-INFRASTRUCTURE = {"context", "engine", "masked", "options", "postprocess", "registry"}
-"""The modules of camloc.cams that hold no method; every other module there is a method module."""
-
-
 def _load_builtin_methods() -> None:
-    """Import every method module of camloc.cams (running their @register_method and method_option
-    declarations): a new method is one new module, listed nowhere else."""
+    """Import every module of `camloc.methods` (running their @register_method and method_option declarations):
+    a new built-in method is one new module there, listed nowhere else. The engine (`camloc.cams`) holds no
+    method."""
     import importlib
     import pkgutil
 
-    import camloc.cams
+    import camloc.methods
 
-    for info in pkgutil.iter_modules(camloc.cams.__path__):
-        if info.name not in INFRASTRUCTURE and not info.name.startswith("_"):
-            importlib.import_module(f"camloc.cams.{info.name}")
+    for info in pkgutil.iter_modules(camloc.methods.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"camloc.methods.{info.name}")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.dense import NACLIP_STD, last_block_variant
+from camloc.methods.dense import NACLIP_STD, last_block_variant
 from camloc.cams.options import between, method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from camloc.cams.context import CamContext, GradientTarget
-from camloc.cams.gradient import weighted_sum
+from camloc.methods.gradient import weighted_sum
 from camloc.cams.options import MethodOption, method_option
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError

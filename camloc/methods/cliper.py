@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from camloc.cams.clip_es import background_words, word_list
+from camloc.methods.clip_es import background_words, word_list
 from camloc.cams.context import CamContext
-from camloc.cams.dense import DENSE_FAMILIES, square_grid
+from camloc.methods.dense import DENSE_FAMILIES, square_grid
 from camloc.cams.options import between, method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError

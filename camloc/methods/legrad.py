@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.hila import capturing_attention, latent_pool_with_probs
+from camloc.methods.hila import capturing_attention, latent_pool_with_probs
 from camloc.cams.options import at_least, between, method_option
 from camloc.cams.postprocess import minmax_
 from camloc.cams.registry import register_method

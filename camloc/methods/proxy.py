@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.dense import similarity_attention, square_grid
+from camloc.methods.dense import similarity_attention, square_grid
 from camloc.cams.options import between, method_option
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError, OptionError

@@ -121,7 +121,7 @@ def _pool_eclip(ctx: CamContext) -> torch.Tensor:
     query's attention output as the differentiated point, the pool's values of each token, and
     w(i) = minmax cos(proj(q_latent), proj(k_i)); the tokens are the last block's output (the image's one
     forward) after the trunk's norm, as the model pools them."""
-    from camloc.cams.hila import latent_pool_attention
+    from camloc.methods.hila import latent_pool_attention
 
     visual, family = ctx.model.visual, ctx.model.family
     trunk = visual.trunk

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from camloc.cams.context import CamContext
-from camloc.cams.gradient import weighted_sum
+from camloc.methods.gradient import weighted_sum
 from camloc.cams.masked import REUSE_MIN_RANGE, encode_in_chunks
 from camloc.cams.options import method_option, one_of
 from camloc.cams.registry import default_topk, register_method

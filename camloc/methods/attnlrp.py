@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from camloc.cams.context import CamContext
-from camloc.cams.hila import latent_pool_attention
+from camloc.methods.hila import latent_pool_attention
 from camloc.cams.options import between, method_option, one_of
 from camloc.cams.registry import register_method
 from camloc.errors import ModelError
