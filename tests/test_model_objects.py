@@ -44,7 +44,7 @@ def test_an_open_clip_model_object_explains_and_evaluates_as_its_file_does(tmp_p
     assert camloc.wrap_model(obj, device="cpu").name != wrapped.name
 
 
-def test_a_clip_package_model_object_equals_the_named_model():
+def test_a_clip_package_model_object_equals_the_named_model(tmp_path):
     from camloc.models.loading import build_from_state_dict, random_state_dict
     from camloc.models.specs import ALL_SPECS
 
@@ -54,6 +54,9 @@ def test_a_clip_package_model_object_equals_the_named_model():
                camloc.explain("tiny-vit", image, ["a cat", "a dog"], METHODS))
     model = camloc.wrap_model(obj, device="cpu")
     assert model.backend.info["class"] == "clip.model.CLIP" and model.family.name == "vit"
+    ours = camloc.evaluate(obj, "demo", ["gradcam", "sclip"], out=tmp_path / "obj", device="cpu")
+    named = camloc.evaluate("tiny-vit", "demo", ["gradcam", "sclip"], out=tmp_path / "named", device="cpu")
+    assert ours["methods"]["gradcam"] == named["methods"]["gradcam"] and ours["methods"]["sclip"] == named["methods"]["sclip"]
 
 
 def test_a_transformers_clip_model_object_equals_its_folder(tmp_path):
@@ -70,6 +73,9 @@ def test_a_transformers_clip_model_object_equals_its_folder(tmp_path):
     _same_maps(camloc.explain(obj, image, ["a cat"], METHODS), camloc.explain(str(tmp_path / "hf"), image, ["a cat"],
                                                                               METHODS))
     assert camloc.wrap_model(obj, device="cpu").backend.info["class"].endswith("CLIPModel")
+    ours = camloc.evaluate(obj, "demo", ["gradcam"], out=tmp_path / "obj", device="cpu", limit=3)
+    folder = camloc.evaluate(str(tmp_path / "hf"), "demo", ["gradcam"], out=tmp_path / "folder", device="cpu", limit=3)
+    assert ours["methods"]["gradcam"]["mean_iou"] == folder["methods"]["gradcam"]["mean_iou"]
 
 
 def test_objects_camloc_cannot_read_are_one_clear_error():

@@ -247,3 +247,35 @@ def test_the_readme_table_list_methods_and_docs_methods_agree():
     listed = [line.split()[0] for line in runner.invoke(app, ["list", "methods"]).stdout.splitlines()
               if line and not line.startswith("families:")]
     assert in_readme == in_docs == listed == list_methods()
+
+
+def test_threshold_search_and_rescore_run_a_plugin_method(tmp_path):
+    import camloc.plugins as plugins
+    from camloc.cams.registry import METHODS
+
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(PLUGIN)
+    search = runner.invoke(app, ["threshold-search", "--plugin", str(plugin), "--model", "tiny-vit", "--method",
+                                 "mine", "--train-dataset", "demo", "--val-dataset", "demo", "--limit", "2",
+                                 "--workers", "1", "--no-progress", "--out", str(tmp_path / "s1")])
+    assert search.exit_code == 0, search.output
+    assert "mine" in (tmp_path / "s1" / "table_s1.csv").read_text()
+    run = tmp_path / "run"
+    made = runner.invoke(app, ["eval", "--plugin", str(plugin), "--method", "mine", "--model", "tiny-vit",
+                               "--limit", "2", "--save-heatmaps", "--out", str(run), "--no-progress"])
+    assert made.exit_code == 0, made.output
+    from camloc.cams.options import OPTIONS
+
+    def fresh_process():  # as a new `camloc` process starts: the plug-in not loaded
+        METHODS.pop("mine"), OPTIONS.pop("mine_power")
+        plugins._LOADED.clear()
+
+    fresh_process()  # rescore loads the plug-in the run recorded, with no --plugin
+    again = runner.invoke(app, ["rescore", str(run), "--protocols", "box,pointing", "--out", str(tmp_path / "re"),
+                                "--no-progress"])
+    assert again.exit_code == 0, again.output
+    plugin.write_text(PLUGIN.replace("(1 = LayerCAM)", "(1 = LayerCAM, edited)"))
+    fresh_process()
+    stale = runner.invoke(app, ["rescore", str(run), "--protocols", "box,pointing", "--out", str(tmp_path / "re2"),
+                                "--no-progress"])
+    assert stale.exit_code == 2 and "plug-in methods whose source differs" in stale.stderr
