@@ -181,16 +181,17 @@ def test_the_public_author_surface():
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "plugins"
+POWERCAM = EXAMPLES / "camloc-powercam" / "camloc_powercam" / "powercam.py"
 
 
 def test_the_example_single_file_plugin_equals_layercam_at_power_one(tmp_path):
     image = "tests/golden/chelsea_small.png"
     ex = camloc.explain("tiny-vit", image, ["a cat", "a dog"], ["powercam", "layercam"],
-                        plugins=[str(EXAMPLES / "powercam.py")])
+                        plugins=[str(POWERCAM)])
     np.testing.assert_array_equal(ex.maps["powercam"], ex.maps["layercam"])
     squared = camloc.explain("tiny-vit", image, ["a cat", "a dog"], ["powercam"], powercam_power=2.0)
     assert not np.allclose(squared.maps["powercam"], ex.maps["powercam"], atol=1e-3)
-    bad = runner.invoke(app, ["explain", image, "--prompt", "cat", "--plugin", str(EXAMPLES / "powercam.py"),
+    bad = runner.invoke(app, ["explain", image, "--prompt", "cat", "--plugin", str(POWERCAM),
                               "--method", "powercam", "--model", "tiny-vit", "--method-option", "powercam_power=50"])
     assert bad.exit_code == 2 and "--powercam-power must be in [0.1, 10]" in bad.stderr
 
@@ -279,3 +280,18 @@ def test_threshold_search_and_rescore_run_a_plugin_method(tmp_path):
     stale = runner.invoke(app, ["rescore", str(run), "--protocols", "box,pointing", "--out", str(tmp_path / "re2"),
                                 "--no-progress"])
     assert stale.exit_code == 2 and "plug-in methods whose source differs" in stale.stderr
+
+
+def test_the_readme_plugin_command(tmp_path, monkeypatch):
+    """The README's plug-in command, as written (run from the repository root)."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("camloc eval --plugin "))
+    monkeypatch.chdir(root)
+    args = shlex.split(line)[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "mine")
+    result = runner.invoke(app, [*args, "--limit", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "powercam" in (tmp_path / "mine" / "table.md").read_text()

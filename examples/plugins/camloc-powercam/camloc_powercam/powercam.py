@@ -1,6 +1,7 @@
 """PowerCAM, a camloc plug-in method in one file: LayerCAM with the positive gradients raised to a power.
 
-    camloc eval --plugin examples/plugins/powercam.py --method powercam,layercam --model tiny-vit \
+    camloc eval --plugin examples/plugins/camloc-powercam/camloc_powercam/powercam.py \
+        --method powercam,layercam --model tiny-vit \
         --out runs/powercam --method-option powercam_power=2
 
 M_p = sum_c relu(G_pc)^k * A_c (element-wise over the grid). k = 1 is LayerCAM exactly (Jiang et al. 2021); a
