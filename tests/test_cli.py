@@ -134,3 +134,25 @@ def test_refused_inputs_on_the_command_line(tmp_path):
            "2 now, n_pairs 1 there, 2 now; limit: 1 there, 2 now)" in other.output
     assert "--force-new" in other.output
     assert runner.invoke(app, args[:-2] + ["2", "--no-progress", "--force-new"]).exit_code == 0
+
+
+def test_the_option_manifest_is_the_live_option_table():
+    """The command line builds its method flags from camloc/cams/options.json without importing a method; after
+    an option is added or changed, `python -m camloc.cams.manifest` writes it again."""
+    from camloc.cams.manifest import live_table, read
+
+    assert read() == json.loads(json.dumps(live_table())), "run: python -m camloc.cams.manifest"
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["eval", "--help"], ["explain", "--help"],
+                                  ["sanity", "--help"], ["threshold-search", "--help"], ["eval"],
+                                  ["eval", "--model", "tiny-rn", "--method", "gradcam"]])
+def test_help_version_and_usage_errors_import_no_torch(argv):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom camloc.cli.app import main\nsys.argv = ['camloc', *%r]\ntry:\n    main()\n"
+            "except SystemExit:\n    pass\nprint(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'cv2', 'numpy', 'open_clip', 'pandas', 'matplotlib'}))" % (argv,))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", (argv, done.stdout[-300:], done.stderr[-300:])

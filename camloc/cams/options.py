@@ -29,6 +29,8 @@ class MethodOption:
     cache_key: bool = True
     """Whether the option changes maps: then it is part of the heatmap-cache key of every method that
     lists it in its `params` (and, like every option, of the run identity)."""
+    module: str = ""
+    """The module that declared it (camloc's own, or a plug-in's)."""
 
     @property
     def flag(self) -> str:
@@ -73,7 +75,9 @@ def method_option(name: str, kind: type, default, help: str, check: Callable | N
         raise ValueError(f"method option {name!r} declared twice")
     if kind not in KINDS:
         raise ValueError(f"method option {name!r}: kind must be one of int, float, str, bool, Path")
-    option = MethodOption(name, kind, default, help, check, cache_key)
+    import sys
+
+    option = MethodOption(name, kind, default, help, check, cache_key, sys._getframe(1).f_globals.get("__name__", ""))
     OPTIONS[name] = option
     return option
 

@@ -10,7 +10,9 @@ from camloc import __version__
 
 app = typer.Typer(
     name="camloc",
-    help="Where is CLIP looking? Zero-shot localization benchmarks for CAM methods on OpenAI CLIP.",
+    help="Where is CLIP looking? Localization maps of 25 methods (CAMs, RISE, LeGrad, AttnLRP, the dense family) on "
+         "OpenAI, open_clip and Hugging Face CLIP models, scored as boxes, masks, points, segmentation, faithfulness "
+         "and sanity checks from one engine; your own methods, data and models as plug-ins.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -28,7 +30,7 @@ def _version(value: bool) -> None:
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """Where is CLIP looking? Zero-shot localization benchmarks for CAM methods on OpenAI CLIP."""
+    """Where is CLIP looking? Localization maps of CLIP models, scored under every protocol of the field."""
 
 
 class Listable(str, Enum):

@@ -63,13 +63,19 @@ def comma_list(value):
 
 
 def method_typer_options() -> dict:
-    """The methods' options (`camloc.cams.options`, declared by each method's own module) as typer
-    options: parameter name -> (annotation, typer.Option)."""
-    from camloc.cams.options import all_options
+    """The built-in methods' options as typer options: parameter name -> (annotation, typer.Option), read from
+    their manifest (`camloc.cams.manifest`, kept equal to the live table by a test) so that building the command
+    line imports no method (and no torch); each shown under its methods' help panel."""
+    from camloc.cams.manifest import KINDS, read
 
-    kinds = {Path: Optional[Path]}
-    return {name: (kinds.get(o.kind, o.kind), typer.Option(o.default, o.flag, help=o.help))
-            for name, o in all_options().items()}
+    out = {}
+    for o in read():
+        kind = KINDS[o["kind"]]
+        panel = "Method options" + (f": {', '.join(o['methods'])}" if o["methods"] else "")
+        out[o["name"]] = (Optional[Path] if kind is Path else kind,
+                          typer.Option(o["default"], "--" + o["name"].replace("_", "-"), help=o["help"],
+                                       rich_help_panel=panel))
+    return out
 
 
 PluginOption = typer.Option([], "--plugin", help="A plug-in to load first: a .py file or a module name; repeatable (also $CAMLOC_PLUGINS, comma-separated, and installed packages' camloc.plugins entry points). Its source is part of the run's identity.")
@@ -78,12 +84,15 @@ MethodOptionOption = typer.Option([], "--method-option", help="NAME=VALUE: any m
 
 def method_option_pairs(pairs: list[str]) -> dict:
     """`--method-option NAME=VALUE` pairs -> {name: value}, each checked and converted by its option."""
-    from camloc.cams.options import OPTIONS, all_options
     from camloc.errors import OptionError
+
+    if not pairs:
+        return {}
+    from camloc.cams.options import OPTIONS, all_options
 
     known = all_options()
     out = {}
-    for pair in pairs or []:
+    for pair in pairs:
         name, sep, value = str(pair).partition("=")
         name = name.strip().lstrip("-").replace("-", "_")
         if not sep or not name:
@@ -129,12 +138,11 @@ class with_method_options:
         return signature.replace(parameters=params[:at] + added + params[at:])
 
     def __call__(self, **kwargs):
-        from camloc.cams.options import all_options
         from camloc.plugins import load_plugins
 
         load_plugins(kwargs.pop("plugin", None) or [])
         extra = method_option_pairs(kwargs.pop("method_option", None) or [])
-        values = {name: kwargs.pop(name) for name in all_options() if name in kwargs}
+        values = {name: kwargs.pop(name) for name in method_typer_options() if name in kwargs}
         values.update(extra)
         if "method_extra" in inspect.signature(self.command).parameters:
             kwargs["method_extra"] = extra

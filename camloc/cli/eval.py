@@ -79,12 +79,8 @@ def eval_cmd(
     method_extra: dict | None = None,
 ) -> None:
     """Evaluate CAM methods on a dataset: pairs.jsonl, summary.json, table.csv, table.md in --out."""
-    from camloc.api import evaluate
     from camloc.config import Settings, load_config
     from camloc.errors import OptionError
-    from camloc.models.preprocess import set_max_pixels
-    from camloc.run.heatmap_cache import model_key
-    from camloc.run.sharding import start_shard
 
     file = load_config(config, "eval") if config else {}
     setting = Settings(ctx, file)
@@ -96,6 +92,11 @@ def eval_cmd(
     for name, value in (("--model", models), ("--method", methods), ("--out", out_dir)):
         if not value:
             raise OptionError(f"{name} is required (on the command line or in the --config file)")
+    from camloc.api import evaluate  # the heavy imports (torch) only once the command can run
+    from camloc.models.preprocess import set_max_pixels
+    from camloc.run.heatmap_cache import model_key
+    from camloc.run.sharding import start_shard
+
     options = {**setting.method_options(), **(method_extra or {})}
     ovseg = {"preset": ovseg_preset, "short_side": ovseg_short_side, "crop": ovseg_crop, "stride": ovseg_stride,
              "logit_scale": ovseg_logit_scale, "bg_threshold": ovseg_bg_threshold,

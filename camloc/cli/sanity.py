@@ -10,7 +10,7 @@ from camloc.cli.app import app
 from camloc.cli.common import (AnnFileOption, CacheOption, ChunkOption, CompileOption, DataRootOption, DeviceOption,
                                ImageDirOption, MaxPixelsOption, ModelOption, PrecisionOption, SplitOption,
                                SubsetSeedOption, comma_list, reports_errors, with_method_options)
-from camloc.evaluators.sanity import DEFAULT_FLAG_SPEARMAN
+from camloc.defaults import DEFAULT_FLAG_SPEARMAN
 
 
 @app.command()

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-DEFAULT_FLAG_SPEARMAN = 0.5
+from camloc.defaults import DEFAULT_FLAG_SPEARMAN  # noqa: E402,F401  (re-exported)
 
 
 def _constant(a: np.ndarray) -> bool:
