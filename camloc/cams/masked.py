@@ -34,7 +34,7 @@ class MaskedEmbeddings:
     """Image embeddings of `x * mask_c` for channels c of one image (one mask variant), filled lazily.
 
     Rows are L2-normalised fp32; a NaN mask (constant channel under ScoreCAM) gives a NaN row without
-    running the encoder, and its score becomes 0 (spec §3).
+    running the encoder, and its score becomes 0 (docs/protocol.md §3).
     """
 
     def __init__(self, ctx: "CamContext", eps: float | None):

@@ -1,4 +1,4 @@
-"""Map post-processing shared by the methods (spec §3)."""
+"""Map post-processing shared by the methods (docs/protocol.md §3)."""
 from __future__ import annotations
 
 import cv2
@@ -50,7 +50,7 @@ def to_native(kind: str, maps: torch.Tensor) -> np.ndarray:
 
 
 def native_to_raw(kind: str, native: np.ndarray, raw_size: tuple[int, int]) -> np.ndarray:
-    """Native maps (P, h, w) -> raw-size heatmaps (P, H, W) float32 (spec §3): OpenCV INTER_LINEAR
+    """Native maps (P, h, w) -> raw-size heatmaps (P, H, W) float32 (docs/protocol.md §3): OpenCV INTER_LINEAR
     resize to (W, H), then `grid`: relu and min-max (eps 1e-8); `resize_minmax`: min-max without eps;
     `resize`: nothing more. Deterministic, so cached native maps re-derive the same raw maps."""
     raw = resize_maps(np.asarray(native, dtype=np.float32), raw_size)

@@ -24,7 +24,7 @@ class MethodSpec:
     masked_forwards: bool = False
     """Scores masked copies of the image (the score family)."""
     postprocess: str = "grid"
-    """`grid`: the spec's two-stage relu/min-max around the resize to raw size (spec §3)."""
+    """`grid`: the spec's two-stage relu/min-max around the resize to raw size (docs/protocol.md §3)."""
     description: str = ""
     prompt_coupled: bool = False
     """A prompt's map depends on the image's other prompts (a softmax or a contrast over them): runs
@@ -139,7 +139,7 @@ def resolve_methods(names: str | list[str], family, model_name: str = "the model
 
 
 def default_topk(model) -> int:
-    """gScoreCAM's k when --topk is auto: 300 (the paper's, spec §3) for OpenAI models and for the
+    """gScoreCAM's k when --topk is auto: 300 (the paper's, docs/protocol.md §3) for OpenAI models and for the
     2048-3072-channel ResNets and ConvNeXts; 100 for open_clip transformers (the gScoreCAM authors'
     advice for 768-channel ViTs, gScoreCAM issue #4)."""
     if model.backend.name == "openai" or model.family.name in ("rn", "convnext"):

@@ -1,4 +1,4 @@
-"""ADE20K scenes (spec §6, appendix Table S3): the ten scene classes, from either release.
+"""ADE20K scenes (docs/protocol.md §6, appendix Table S3): the ten scene classes, from either release.
 
 Ground truth is the class's VISIBLE extent in both releases by default, so the two agree:
 - Full ADE20K (ADE20K_2021_17_01): per-image JSON (`annotation.imsize` = [H, W, C], `object[].name`

@@ -1,4 +1,4 @@
-"""COCO 2017 (spec §6): val2017 for evaluation, and a class-balanced train2017 subset for the
+"""COCO 2017 (docs/protocol.md §6): val2017 for evaluation, and a class-balanced train2017 subset for the
 threshold search (100 images per category drawn with a fixed, recorded seed)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Pairs from a COCO-format instances file (pycocotools): every (image, category) with at least one
-non-crowd annotation; its non-crowd boxes, converted from [x, y, w, h] to [x1, y1, x2, y2] (spec §5-6).
+non-crowd annotation; its non-crowd boxes, converted from [x, y, w, h] to [x1, y1, x2, y2] (docs/protocol.md §5-6).
 Used by COCO, PartImageNet and the demo set.
 
 The file is checked before pycocotools indexes it, so a malformed file is one error naming the file

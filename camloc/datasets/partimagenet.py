@@ -1,4 +1,4 @@
-"""PartImageNet (spec §6): the official COCO-style split JSON (category ids start at 0, part names
+"""PartImageNet (docs/protocol.md §6): the official COCO-style split JSON (category ids start at 0, part names
 such as "Quadruped Head" as prompts), images under images/<split>/<wnid>/<file>."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pair record every dataset yields (spec §5: one pair = an image and a class present in it)."""
+"""The pair record every dataset yields (docs/protocol.md §5: one pair = an image and a class present in it)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace

@@ -55,7 +55,7 @@ class DatasetSpec:
     build: Callable[[DataOptions], list[ImagePairs]]
     description: str
     layout: str
-    """The expected files under the data root (README and `camloc data verify`)."""
+    """The expected files under the data root (docs/datasets.md and `camloc data verify`)."""
     obtain: str
     """How to get the data."""
     default_split: str | None = None

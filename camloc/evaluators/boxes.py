@@ -1,4 +1,4 @@
-"""Heatmap -> box: Algorithm 1 of the gScoreCAM appendix (spec §4)."""
+"""Heatmap -> box: Algorithm 1 of the gScoreCAM appendix (docs/protocol.md §4)."""
 from __future__ import annotations
 
 from typing import Union

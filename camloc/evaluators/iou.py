@@ -1,4 +1,4 @@
-"""Box IoU under the two conventions of spec §5."""
+"""Box IoU under the two conventions of docs/protocol.md §5."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -31,5 +31,5 @@ def box_iou(a: Sequence[float], b: Sequence[float], convention: str = "gscorecam
 
 
 def best_iou(box: Sequence[float], gt_boxes: Sequence[Sequence[float]], convention: str = "gscorecam") -> float:
-    """Pair IoU: the max over the ground-truth boxes of the class (spec §5); 0 with no ground truth."""
+    """Pair IoU: the max over the ground-truth boxes of the class (docs/protocol.md §5); 0 with no ground truth."""
     return max((box_iou(box, gt, convention) for gt in gt_boxes), default=0.0)

@@ -36,7 +36,7 @@ class _Sums:
 
 class LocalizationMeter:
     """Mean IoU (micro, over pairs), accuracy@0.3/0.5/0.7 (fraction of pairs with IoU >= t), and the
-    same per class (spec §5). `a + b` equals one meter updated with both streams of pairs."""
+    same per class (docs/protocol.md §5). `a + b` equals one meter updated with both streams of pairs."""
 
     def __init__(self) -> None:
         from camloc.evaluators.protocols import ProtocolSums

@@ -1,6 +1,6 @@
-"""The gradient family (spec §3): a few lines each on the shared A (C, h, w) and G (P, C, h, w).
+"""The gradient family (docs/protocol.md §3): a few lines each on the shared A (C, h, w) and G (P, C, h, w).
 
-On ViT, G is the class-token gradient (P, C, 1, 1), broadcast over the grid (spec §1); camloc applies
+On ViT, G is the class-token gradient (P, C, 1, 1), broadcast over the grid (docs/protocol.md §1); camloc applies
 that rule to LayerCAM too, where the original implementation gave all-zero ViT maps.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""HilaCAM (Chefer et al. 2021, "Generic attention-model explainability") on every ViT family (spec §3).
+"""HilaCAM (Chefer et al. 2021, "Generic attention-model explainability") on every ViT family (docs/protocol.md §3).
 
 Attention probabilities, still in the graph, from each block of the encoder:
 - the `clip` package's and open_clip's own blocks (`nn.MultiheadAttention`): a pre-hook asks for

@@ -1,4 +1,4 @@
-"""The score family (spec §3): ScoreCAM, gScoreCAM (+ -abs) and GroupCAM.
+"""The score family (docs/protocol.md §3): ScoreCAM, gScoreCAM (+ -abs) and GroupCAM.
 
 Channel weights come from CLIP scores of masked copies of the image. Masked embeddings are shared
 across prompts (one matrix product scores them all) and, where exact enough, across methods.

@@ -157,7 +157,7 @@ def fold_batchnorm(visual: torch.nn.Module) -> int:
 class ClipModel:
     """A CLIP model ready for CAMs: encoders on `device` in `precision`, scores always in fp32.
 
-    Score of image x for prompt p (spec §1): `s_p(x) = exp(logit_scale) * cos(f(x), t_p) + logit_bias`, the
+    Score of image x for prompt p (docs/protocol.md §1): `s_p(x) = exp(logit_scale) * cos(f(x), t_p) + logit_bias`, the
     model's own logit: `logit_bias` is SigLIP's learnt bias of its sigmoid loss (0 for CLIP models, which
     have none). Gradient methods and softmaxes over channels or prompts do not see a constant bias;
     gScoreCAM (its top-k scores beside zeros), GroupCAM and RISE do, so it is part of the score and, where

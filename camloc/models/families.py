@@ -1,5 +1,5 @@
 """Model families as data: where the CAM target layer is, how its output becomes a (C, h, w) grid,
-the part of the image encoder after it (the "head"), and how gradients map onto the grid (spec §1).
+the part of the image encoder after it (the "head"), and how gradients map onto the grid (docs/protocol.md §1).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ VIT = Family(
     target_layer=lambda visual: visual.transformer.resblocks[-1],
     to_grid=_vit_tokens_to_grid,
     head=_vit_head,
-    # The embedding reads only the class token, so patch-token gradients are exactly zero (spec §1):
+    # The embedding reads only the class token, so patch-token gradients are exactly zero (docs/protocol.md §1):
     # use the class-token gradient (B, D) as (B, D, 1, 1), broadcast over the grid.
     grad_to_grid=lambda g: g[0][:, :, None, None],
     batch_dim=1,

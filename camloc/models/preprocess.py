@@ -1,4 +1,4 @@
-"""Image loading and the spec's "squash" preprocessing (spec §2)."""
+"""Image loading and the spec's "squash" preprocessing (docs/protocol.md §2)."""
 from __future__ import annotations
 
 from pathlib import Path

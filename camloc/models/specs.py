@@ -2,8 +2,8 @@
 
 `clip_args = (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers)`.
-The official entries are those of OpenAI's released checkpoints (spec §1); the tiny entries are the
-random-init models of the golden fixtures (`../shared/golden/README.md` §2).
+The official entries are those of OpenAI's released checkpoints (docs/protocol.md §1); the tiny entries are the
+random-init models of the golden fixtures (`tests/golden/README.md` §2).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ OFFICIAL_SPECS: dict[str, ModelSpec] = {
 TINY_SPECS: dict[str, ModelSpec] = {
     "tiny-rn": ModelSpec("tiny-rn", (64, 128, (1, 1, 1, 1), 8, None, *_TEXT, 64, 1, 1), seed=6),
     "tiny-vit": ModelSpec("tiny-vit", (64, 64, 2, 64, 16, *_TEXT, 64, 1, 1), seed=16),
-    # the frontier fixtures' multi-head ViT (../shared/golden-frontier §2): width 128, 2 heads, 3 blocks, 96 px
+    # the frontier fixtures' multi-head ViT (tests/golden-frontier/README.md §2): width 128, 2 heads, 3 blocks, 96 px
     "tiny-vit-mh": ModelSpec("tiny-vit-mh", (64, 96, 3, 128, 16, *_TEXT, 64, 1, 1), seed=17),
 }
 

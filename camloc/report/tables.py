@@ -21,7 +21,7 @@ from camloc.run.threshold_search import DISPLAY, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
                 "gscorecam-abs", "hilacam", "rise"]  # the appendix's column order, then the later methods
-# Appendix values as printed (spec §7). Table S1: (single value, Otsu), mean IoU as fractions.
+# Appendix values as printed (docs/protocol.md §7). Table S1: (single value, Otsu), mean IoU as fractions.
 PAPER_S1 = {
     ("RN50x16", "gradcam"): (0.1195, 0.1156), ("RN50x16", "gradcam++"): (0.0903, 0.0968),
     ("RN50x16", "xgradcam"): (0.0685, 0.0560), ("RN50x16", "groupcam"): (0.0558, 0.0452),

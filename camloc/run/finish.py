@@ -17,7 +17,7 @@ TABLE_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3",
 
 
 def mean_coverage(images: list[ImagePairs]) -> float | None:
-    """Mean fraction of the image the pair's class covers (spec §6), over pairs that have masks."""
+    """Mean fraction of the image the pair's class covers (docs/protocol.md §6), over pairs that have masks."""
     values = [p.coverage for item in images for p in item.pairs if p.coverage is not None]
     return sum(values) / len(values) if values else None
 
