@@ -77,10 +77,21 @@ def draw_boxes(ax, box: list[int], gt_boxes: list[list[float]] | None, gt_lw: fl
 
 def _figure(figsize: tuple[float, float], rows: int, cols: int):
     """A matplotlib Figure and its (rows, cols) axes, outside pyplot (no global state, no backend switch:
-    it displays in a notebook and saves anywhere)."""
+    it saves anywhere), which a notebook shows as a picture (`_repr_png_`)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, layout="constrained")
+    class ShownFigure(Figure):
+        """A Figure a notebook displays inline: `fig` as a cell's last line shows the picture, in a fresh kernel
+        too (a Figure made outside pyplot otherwise shows as its text repr)."""
+
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=80)
+            return buffer.getvalue()
+
+    fig = ShownFigure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
