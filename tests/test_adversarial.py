@@ -355,3 +355,23 @@ def test_f11_a_box_run_resumes_on_its_moved_data_and_refuses_when_it_caches_maps
     assert config["data_sources"]["image_dir"] == str(images)                 # where the data is now
     cached = run(tmp_path / "cached", ann, images, "--save-heatmaps")
     assert cached.exit_code == 2 and "heatmap cache is keyed by the images' folder" in cached.stderr
+
+
+def test_data_verify_takes_the_names_data_download_takes(tmp_path):
+    write_voc(tmp_path)
+    result = runner.invoke(app, ["data", "verify", "voc2012", "--data-root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "voc2012 -> voc21" in result.stdout and "voc2012 -> voc20" in result.stdout
+    assert result.stdout.count("\nok") + result.stdout.startswith("ok") == 2
+
+
+def test_summary_says_when_it_finished_and_each_mean_iou_s_interval(tmp_path):
+    import re
+
+    result = runner.invoke(app, ["eval", "--model", "tiny-rn", "--method", "gradcam", "--limit", "3", "--out",
+                                 str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", summary["finished_at"])
+    low, high = summary["methods"]["gradcam"]["mean_iou_ci95"]
+    assert low <= summary["methods"]["gradcam"]["mean_iou"] <= high

@@ -93,3 +93,21 @@ def test_meter_merge_equals_meter_of_union():
     merged = parts[2] + parts[0] + parts[1]
     assert merged.compute() == whole.compute()  # exactly, in any order
     assert merged.compute_per_class() == whole.compute_per_class()
+
+
+def test_the_mean_ious_interval_by_hand_and_after_a_merge():
+    from camloc.evaluators.meter import LocalizationMeter
+
+    ious = [0.1, 0.5, 0.9, 0.3]
+    one, a, b = LocalizationMeter(), LocalizationMeter(), LocalizationMeter()
+    for i, v in enumerate(ious):
+        one.update(v, "x")
+        (a if i % 2 else b).update(v, "x")
+    mean = sum(ious) / 4
+    s = (sum((v - mean) ** 2 for v in ious) / 3) ** 0.5
+    low, high = one.compute()["mean_iou_ci95"]
+    assert low == pytest.approx(mean - 1.96 * s / 2) and high == pytest.approx(mean + 1.96 * s / 2)
+    assert (a + b).compute()["mean_iou_ci95"] == one.compute()["mean_iou_ci95"]
+    single = LocalizationMeter()
+    single.update(0.4, "x")
+    assert single.compute()["mean_iou_ci95"] is None

@@ -31,6 +31,10 @@ def download_cmd(
         typer.echo(f"{path.name}: ready (sha256 in {path.name}.sha256), extracted into {root}")
 
 
+DOWNLOAD_VERIFIES = {"voc2012": ("voc21", "voc20"), "ade20k-sceneparsing": ("ade20k-150",)}
+"""`camloc data download` names that are not dataset names: `data verify` checks the datasets they give."""
+
+
 @data_app.command("verify")
 @reports_errors
 def verify_cmd(
@@ -50,6 +54,12 @@ def verify_cmd(
     from camloc.errors import CamlocError, DataError, OptionError
     from camloc.run.finish import mean_coverage
 
+    if dataset in DOWNLOAD_VERIFIES:  # the name `camloc data download` takes: verify what it gave
+        for name in DOWNLOAD_VERIFIES[dataset]:
+            typer.echo(f"{dataset} -> {name}")
+            verify_cmd(name, split, data_root, ann_file, image_dir, include_stuff, ade_extent, seg_reduce_zero_label,
+                       seg_ignore_index)
+        return
     if dataset in SEG_DATASETS:
         folder = {k: v for k, v in (("reduce_zero_label", seg_reduce_zero_label), ("ignore_index", seg_ignore_index))
                   if v not in (None, False)}

@@ -12,17 +12,20 @@ THRESHOLDS = (0.3, 0.5, 0.7)
 class _Sums:
     n: int = 0
     iou_sum: Fraction = Fraction(0)  # exact: merged shards equal one run bit for bit, in any order
+    iou_sq_sum: Fraction = Fraction(0)
     hits: dict[float, int] = field(default_factory=lambda: {t: 0 for t in THRESHOLDS})
 
     def add(self, iou: float) -> None:
         self.n += 1
         self.iou_sum += Fraction(iou)
+        self.iou_sq_sum += Fraction(iou) ** 2
         for t in THRESHOLDS:
             self.hits[t] += iou >= t
 
     def __iadd__(self, other: "_Sums") -> "_Sums":
         self.n += other.n
         self.iou_sum += other.iou_sum
+        self.iou_sq_sum += other.iou_sq_sum
         for t in THRESHOLDS:
             self.hits[t] += other.hits[t]
         return self
@@ -31,7 +34,19 @@ class _Sums:
         out = {"n_pairs": self.n, "mean_iou": float(self.iou_sum / self.n) if self.n else float("nan")}
         for t in THRESHOLDS:
             out[f"acc@{t}"] = self.hits[t] / self.n if self.n else float("nan")
+        out["mean_iou_ci95"] = self.interval()
         return out
+
+    def interval(self) -> list[float] | None:
+        """The mean IoU's 95 % interval over pairs, mean +- 1.96 s / sqrt(n) with s the pairs' sample standard
+        deviation (a normal approximation, computed from exact sums, so shards merge to the same interval);
+        None for fewer than 2 pairs."""
+        if self.n < 2:
+            return None
+        mean = self.iou_sum / self.n
+        variance = max(float((self.iou_sq_sum - self.n * mean * mean) / (self.n - 1)), 0.0)
+        half = 1.96 * (variance / self.n) ** 0.5
+        return [float(mean) - half, float(mean) + half]
 
 
 class LocalizationMeter:

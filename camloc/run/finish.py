@@ -31,6 +31,13 @@ def write_tables(run_dir: Path, rows: list[dict]) -> None:
     atomic_write_text(run_dir / "table.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
 
 
+def finished_at() -> str:
+    """When a summary was written: UTC, ISO 8601 to the second."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def finish_run(run_dir: Path, config: EvalConfig, model_name: str, images: list[ImagePairs], shard: tuple[int, int],
                skip_bad_records: bool, *, device: str, timings: dict, faults: dict) -> tuple[dict, list[dict]]:
     """Summary and tables of a run folder from every records file in it (all shards). A shard that
@@ -62,6 +69,7 @@ def finish_run(run_dir: Path, config: EvalConfig, model_name: str, images: list[
         "precision": config.precision,
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "finished_at": finished_at(),
         "timings": timings,
         "faults": {**faults, "bad_record_lines": [{"file": f, "line": n, "problem": why} for f, n, why in bad]},
         "methods": per_method,

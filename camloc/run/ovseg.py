@@ -334,7 +334,9 @@ def finish_ovseg(run_dir: Path, config: EvalConfig, classes: list[list[str]], n_
                         "iou": iou[i], "acc": acc[i]}
                        for i, names in enumerate(classes)]
     complete = all(t["images"] == n_images for t in totals.values())
-    summary = {"kind": "ovseg", "config": config.to_json(), "model": config.model,
+    from camloc.run.finish import finished_at
+
+    summary = {"kind": "ovseg", "finished_at": finished_at(), "config": config.to_json(), "model": config.model,
                "dataset": dataset_label(config.dataset, config.data),
                "n_images": n_images, "complete": complete, "shard": list(shard), "seed": config.seed,
                "precision": config.precision, **extra, "methods": per_method}
