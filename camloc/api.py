@@ -182,7 +182,7 @@ class Explanation:
             rows = [(f"{m}\n'{text}'", self.maps[m][i]) for i, text in enumerate(self.prompts) for m in self.maps]
             return pipeline_figure(self.image, rows, path, threshold=self.threshold, gt_boxes=gt_boxes)
         return comparison_figure(self.image, self.prompts, self.maps, path, threshold=self.threshold,
-                                 gt_boxes=gt_boxes)
+                                 gt_boxes=gt_boxes, scores=[float(s) for s in self.scores])
 
     def to_dict(self) -> list[dict]:
         """Boxes and scores per prompt (what `camloc explain --json` prints under `results`)."""

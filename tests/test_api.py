@@ -73,7 +73,10 @@ def test_a_list_of_images_is_batched_like_image_batch(models):
 def test_plot_returns_a_figure_and_writes_one(models, tmp_path):
     ex = camloc.explain(models["tiny-rn"], IMAGE, ["cat", "dog"], ["gradcam", "layercam"])
     fig = ex.plot()
-    assert type(fig).__name__ == "Figure" and len(fig.axes) >= 2 * 3  # 2 prompts x (input + 2 methods) + colour bar
+    from matplotlib.figure import Figure
+
+    assert isinstance(fig, Figure) and len(fig.axes) >= 2 * 3  # 2 prompts x (input + 2 methods) + colour bar
+    assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"  # what a notebook shows
     assert ex.plot("pipeline", path=tmp_path / "p.png") is None and (tmp_path / "p.png").stat().st_size > 1000
 
 

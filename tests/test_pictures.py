@@ -110,3 +110,28 @@ def test_html_report_of_the_smoke_sweep_renders_in_headless_chromium(vis_run, tm
         assert im.size == (1200, 2000)
         colors = im.convert("L").getextrema()
         assert colors[0] < 100 and colors[1] > 200  # something was drawn, not a blank page
+
+
+def test_explain_all_methods_wraps_and_keeps_full_image_boxes_visible():
+    """25 methods: rows of at most 6 panels (the figure was one 5,200 px strip), the prompt's score in its label,
+    and a box covering the whole image drawn inside the frame."""
+    import camloc
+    from camloc.report.figures import PANELS_PER_ROW
+
+    ex = camloc.explain("tiny-vit", "tests/golden/chelsea_small.png", ["cat", "a dog"], "all")
+    fig = ex.plot()
+    width = fig.get_size_inches()[0] * 80  # the dpi figures are written at
+    assert len(ex.maps) >= 24 and width <= 1500
+    panels = [ax for ax in fig.axes if ax.get_title() in ex.maps]
+    assert len(panels) == 2 * len(ex.maps)
+    rows = {round(ax.get_position().y0, 3) for ax in panels}
+    assert len(rows) == 2 * -(-len(ex.maps) // PANELS_PER_ROW)
+    assert "score" in fig.axes[0].get_ylabel()
+    from matplotlib.figure import Figure
+
+    from camloc.report.figures import draw_boxes
+
+    ax = Figure().subplots()
+    draw_boxes(ax, [0, 0, 160, 100], None, 1.5, size=(160, 100))
+    (x, y), w, h = ax.patches[0].get_xy(), ax.patches[0].get_width(), ax.patches[0].get_height()
+    assert 0 < x and 0 < y and x + w < 160 and y + h < 100

@@ -66,13 +66,24 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np.nd
     return (alpha * colored + (1 - alpha) * image).astype(np.uint8)
 
 
-def draw_boxes(ax, box: list[int], gt_boxes: list[list[float]] | None, gt_lw: float) -> None:
-    """On a matplotlib axis: the ground truth (white, dashed) and the predicted box (green)."""
+def draw_boxes(ax, box: list[int], gt_boxes: list[list[float]] | None, gt_lw: float,
+               size: tuple[int, int] | None = None) -> None:
+    """On a matplotlib axis: the ground truth (white, dashed) and the predicted box (green). With the image's
+    `size` (W, H), a box edge on the image's border is drawn just inside it, so a box covering the whole image
+    stays visible instead of hiding under the frame."""
     from matplotlib.patches import Rectangle
 
+    def inside(b):
+        if size is None:
+            return b
+        inset = 0.008 * max(size)
+        return [max(b[0], inset), max(b[1], inset), min(b[2], size[0] - inset), min(b[3], size[1] - inset)]
+
     for gt in gt_boxes or []:
-        ax.add_patch(Rectangle((gt[0], gt[1]), gt[2] - gt[0], gt[3] - gt[1], fill=False, ec="white", lw=gt_lw, ls="--"))
-    ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=2))
+        g = inside(gt)
+        ax.add_patch(Rectangle((g[0], g[1]), g[2] - g[0], g[3] - g[1], fill=False, ec="white", lw=gt_lw, ls="--"))
+    b = inside(box)
+    ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=2))
 
 
 def _figure(figsize: tuple[float, float], rows: int, cols: int):
@@ -137,12 +148,16 @@ def pipeline_figure(
         if _constant(heatmap):
             axes[r][1].set_xlabel("constant map: no localisation", fontsize=8, color="red")
         ax = axes[r][-1]
-        draw_boxes(ax, box, gt_boxes, gt_lw=2)
+        draw_boxes(ax, box, gt_boxes, gt_lw=2, size=image.size)
         ax.set_xlabel(_box_label(box, gt_boxes), fontsize=8)
     _colorbar(fig, axes)
     _legend(fig, bool(gt_boxes))
     fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))
     return _finish(fig, path)
+
+
+PANELS_PER_ROW = 6
+"""`comparison_figure`: at most this many method panels in a row; more methods wrap onto further rows."""
 
 
 def comparison_figure(
@@ -152,11 +167,13 @@ def comparison_figure(
     path: str | Path | None = None,
     threshold="otsu",
     gt_boxes: list[list[float]] | None = None,
+    scores: list[float] | None = None,
 ):
-    """Methods side by side (appendix Figs. S4-S10): rows = prompts, columns = input then one
-    heatmap overlay per method with its box (green) and the ground truth (white, dashed); legend,
-    colour bar, IoUs with `gt_boxes`, constant maps flagged. Written to `path`, or returned as a
-    matplotlib Figure when `path` is None."""
+    """Methods side by side (appendix Figs. S4-S10): a row group per prompt, the input first, then one heatmap
+    overlay per method with its box (green) and the ground truth (white, dashed), at most `PANELS_PER_ROW` panels
+    a row (24 methods wrap onto 4 rows, not one strip); the prompt's score in its group's label; legend, colour
+    bar, IoUs with `gt_boxes`, constant maps flagged. Written to `path`, or returned as a matplotlib Figure when
+    `path` is None."""
     from camloc.evaluators import box_from_heatmap
 
     rgb = np.asarray(image.convert("RGB"))
@@ -165,24 +182,32 @@ def comparison_figure(
     small = _small(rgb, scale)
     extent = (0, width, height, 0)
     methods = list(heatmaps)
-    cols = 1 + len(methods)
-    fig, axes = _figure((2.6 * cols, 2.4 * len(prompts) + 0.5), len(prompts), cols)
-    for r, prompt in enumerate(prompts):
-        axes[r][0].imshow(small, extent=extent)
-        axes[r][0].set_ylabel(f"'{prompt}'", fontsize=9)
-        for c, method in enumerate(methods, start=1):
-            heatmap = heatmaps[method][r]
+    per_row = min(PANELS_PER_ROW, max(1, len(methods)))
+    group = -(-len(methods) // per_row)  # rows per prompt
+    cols = 1 + per_row
+    rows = group * len(prompts)
+    fig, axes = _figure((2.6 * cols, 2.4 * rows + 0.5), rows, cols)
+    for p, prompt in enumerate(prompts):
+        first = p * group
+        axes[first][0].imshow(small, extent=extent)
+        label = f"'{prompt}'" + (f"\nscore {scores[p]:.2f}" if scores is not None else "")
+        axes[first][0].set_ylabel(label, fontsize=9)
+        for k in range(1, group):
+            axes[first + k][0].axis("off")
+        for i, method in enumerate(methods):
+            heatmap = heatmaps[method][p]
             box = box_from_heatmap(heatmap, threshold)
-            ax = axes[r][c]
+            ax = axes[first + i // per_row][1 + i % per_row]
             ax.imshow(overlay(small, _small(heatmap.astype(np.float32), scale)), extent=extent)
-            draw_boxes(ax, box, gt_boxes, gt_lw=1.5)
+            draw_boxes(ax, box, gt_boxes, gt_lw=1.5, size=(width, height))
             if gt_boxes:
                 ax.set_xlabel(_box_label(box, gt_boxes).split("  ")[-1], fontsize=8)
             if _constant(heatmap):
                 ax.set_xlabel("constant map", fontsize=8, color="red")
-            if r == 0:
-                ax.set_title(method, fontsize=10)
-        for ax in axes[r]:
+            ax.set_title(method, fontsize=10)
+        for i in range(len(methods), group * per_row):  # the last row's empty places
+            axes[first + i // per_row][1 + i % per_row].axis("off")
+        for ax in axes[first:first + group].ravel():
             ax.set_xticks([]), ax.set_yticks([])
     axes[0][0].set_title("input", fontsize=10)
     _colorbar(fig, axes[:, 1:])
