@@ -324,3 +324,16 @@ def test_sharded_threshold_search_splits_the_maps_and_the_last_shard_searches(tm
     assert 0 < computed[0] < 18 and sum(computed) == 18  # each pair's maps computed once, by one shard
     pd.testing.assert_frame_equal(pd.read_csv(out / "table_s1.csv"), pd.read_csv(tmp_path / "whole" / "table_s1.csv"))
     assert json.loads((out / "summary.json").read_text())["complete"] is True
+
+
+def test_report_shows_only_what_differs_between_runs(tmp_path):
+    """Two runs that differ in one nested option: the table's column holds that entry, not the whole dict."""
+    for topk in ("10", "20"):
+        result = runner.invoke(app, ["eval", "--model", "tiny-rn", "--method", "gscorecam", "--limit", "2",
+                                     "--topk", topk, "--out", str(tmp_path / topk), "--no-progress"])
+        assert result.exit_code == 0, result.output
+    table = runner.invoke(app, ["report", str(tmp_path / "10"), str(tmp_path / "20"), "--format", "csv"])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.strip().splitlines()
+    assert lines[0].startswith("model,dataset,method,options,") and "topk=10" in lines[1] and "topk=20" in lines[2]
+    assert max(len(line) for line in lines) < 200  # no 40-key dict in a cell

@@ -56,11 +56,30 @@ IDENTITY_SHOWN = ["model", "dataset"]
 reported runs becomes a column too (`long_table`)."""
 
 
-def _shown(key: str, value) -> str:
-    """A compact cell for an identity field (the data identity as its folder and hash)."""
+def _short(value, width: int = 24) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _shown(key: str, value, subkeys: list[str] | None = None) -> str:
+    """A compact cell for an identity field that differs between the reported runs: a dict shows only its
+    entries that differ (`subkeys`), each value cut short; the data identity as its folder's name and hash."""
     if key == "data" and isinstance(value, dict):
-        return f"{value.get('image_root')} ({str(value.get('pairs_sha256'))[:10]})"
-    return value if isinstance(value, (str, int, float)) or value is None else json.dumps(value, sort_keys=True)
+        return f"{Path(str(value.get('image_root'))).name} ({str(value.get('pairs_sha256') or value.get('images_sha256'))[:8]})"
+    if isinstance(value, dict):
+        keys = subkeys if subkeys is not None else sorted(value)
+        return "; ".join(f"{k}={_short(value.get(k))}" for k in keys) or "-"
+    return value if isinstance(value, (str, int, float)) or value is None else _short(value, 40)
+
+
+def differing_subkeys(identities: list[dict], key: str) -> list[str] | None:
+    """The entries of a dict-valued identity field that differ between the identities (None when the field is
+    not a dict in all of them)."""
+    values = [i.get(key) for i in identities]
+    if not all(isinstance(v, dict) for v in values):
+        return None
+    names = sorted({k for v in values for k in v})
+    return [k for k in names if len({json.dumps(v.get(k), sort_keys=True) for v in values}) > 1]
 
 
 def _identity(run_dir: Path) -> dict:
@@ -116,6 +135,7 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
     fields = sorted({k for i in identities for k in i})
     differing = [k for k in fields if k not in IDENTITY_SHOWN
                  and len({json.dumps(i.get(k), sort_keys=True) for i in identities}) > 1]
+    subkeys = {k: differing_subkeys(identities, k) for k in differing}
     rows = []
     for group in groups.values():
         identity = group["identity"]
@@ -123,7 +143,7 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
         for (model, method), meter in meters.items():
             rows.append({"model": model, "dataset": dataset_label(identity.get("dataset"), identity.get("data")),
                          "method": method,
-                         **{k: _shown(k, identity.get(k)) for k in differing}, **meter.compute()})
+                         **{k: _shown(k, identity.get(k), subkeys.get(k)) for k in differing}, **meter.compute()})
     order = {name: i for i, name in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (str(r["model"]), str(r["dataset"]), *(str(r[k]) for k in differing),
                              order.get(r["method"], 99), r["method"]))
@@ -283,7 +303,8 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
                 raise RunFolderError(f"{identity['model']} {method} on {identity['dataset']}: {count} of {n_images} "
                                      "images segmented (a shard still running?); pass --allow-incomplete to report it")
             rows.append({"model": identity["model"], "method": method,
-                         **{k: _shown(k, identity.get(k)) for k in differing},
+                         **{k: _shown(k, identity.get(k), differing_subkeys([g["identity"] for g in groups.values()], k))
+                            for k in differing},
                          "dataset": dataset_label(identity["dataset"], identity.get("data")),
                          "miou": state.result()["miou"]})
     long = pd.DataFrame(rows)
