@@ -337,3 +337,25 @@ def test_report_shows_only_what_differs_between_runs(tmp_path):
     lines = table.stdout.strip().splitlines()
     assert lines[0].startswith("model,dataset,method,options,") and "topk=10" in lines[1] and "topk=20" in lines[2]
     assert max(len(line) for line in lines) < 200  # no 40-key dict in a cell
+
+
+def test_results_smoke_is_a_fresh_run(tmp_path, monkeypatch):
+    """results/smoke (written by results/smoke/regenerate.sh) holds today's numbers: a fresh run of the smoke
+    config's eval table equals the committed one (4 decimals), method for method."""
+    import csv
+
+    monkeypatch.chdir(REPO)
+    result = runner.invoke(app, ["eval", "--config", "configs/smoke.toml", "--out", str(tmp_path / "eval"),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    table = runner.invoke(app, ["report", *sorted(str(p) for p in (tmp_path / "eval").iterdir()), "--layout", "long",
+                                "--format", "csv"])
+    assert table.exit_code == 0, table.output
+
+    def rows(text):
+        return [{k: (f"{float(v):.4f}" if re.fullmatch(r"-?\d+\.\d+(e-?\d+)?", v or "") else v) for k, v in r.items()}
+                for r in csv.DictReader(text.splitlines())]
+
+    fresh = rows(table.stdout)
+    committed = rows((REPO / "results" / "smoke" / "table_long.csv").read_text())
+    assert len(fresh) >= 40 and fresh == committed, "results/smoke is stale: results/smoke/regenerate.sh"
