@@ -27,12 +27,13 @@ import sys
 from pathlib import Path
 
 from camloc.errors import OptionError
+from camloc.run.files import file_sha256
 
 ENV = "CAMLOC_PLUGINS"
 GROUP = "camloc.plugins"
 _LOADED: dict[str, tuple] = {}
-"""spec (a file's resolved path, or a module name) -> (module name, the file's SHA-256, the methods and options
-it registered)."""
+"""spec (a file's resolved path, or a module name) -> (module name, the file's SHA-256, the methods, options and
+datasets it registered)."""
 _DEFAULTS_LOADED = False
 
 
@@ -49,7 +50,7 @@ def origin_of(fn) -> dict | None:
         path = None
     if path and os.path.isfile(path):
         origin["file"] = os.path.abspath(path)
-        origin["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        origin["sha256"] = file_sha256(path)
     else:
         try:
             source = inspect.getsource(fn)
@@ -69,10 +70,6 @@ def origin_of(fn) -> dict | None:
     return origin
 
 
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_plugin(spec: str) -> str:
     """Import one plug-in (a .py file or a module name); returns the module name it was imported as. A file
     already loaded is loaded again only if its bytes changed (a notebook's edit): the methods and options it
@@ -89,19 +86,12 @@ def load_plugin(spec: str) -> str:
     if is_file and not path.is_file():
         raise OptionError(f"--plugin {spec}: no such file")
     key = str(path.resolve()) if is_file else spec
-    digest = _file_sha(path) if is_file else None
+    digest = file_sha256(path) if is_file else None
     if key in _LOADED:
-        name, old_digest, methods, options = _LOADED[key]
+        name, old_digest, *registered = _LOADED[key]
         if old_digest == digest:
             return name
-        from camloc.datasets.registry import DATASETS
-
-        for method in methods:  # edited since: its registrations are replaced
-            METHODS.pop(method, None)
-            if method.startswith("dataset:"):
-                DATASETS.pop(method.removeprefix("dataset:"), None)
-        for option in options:
-            OPTIONS.pop(option, None)
+        _forget(*registered)  # edited since: its registrations are replaced
         sys.modules.pop(name, None)
     from camloc.datasets.registry import DATASETS, _load_builtin_datasets
 
@@ -129,8 +119,8 @@ def load_plugin(spec: str) -> str:
         _forget(set(METHODS) - before_methods, set(OPTIONS) - before_options, set(DATASETS) - before_datasets)
         raise OptionError(f"plugin {spec} could not be imported ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    added = (set(METHODS) - before_methods) | {f"dataset:{d}" for d in set(DATASETS) - before_datasets}
-    _LOADED[key] = (name, digest, added, set(OPTIONS) - before_options)  # all forgotten again on a reload
+    _LOADED[key] = (name, digest, set(METHODS) - before_methods, set(OPTIONS) - before_options,
+                    set(DATASETS) - before_datasets)  # all forgotten again on a reload
     return name
 
 
@@ -153,7 +143,6 @@ def load_recorded(plugins: dict | None) -> None:
     yet: a resume, a shard or a rescore reads the run's own plug-ins without `--plugin`. Whether they are
     still the same code is the identity check's to say."""
     from camloc.cams.registry import METHODS
-
     from camloc.datasets.registry import DATASETS
 
     for method, origin in (plugins or {}).items():
@@ -196,7 +185,7 @@ def load_default_plugins() -> None:
 def load_plugins(specs=None) -> None:
     """The given plug-ins (a list, a comma list or None) and the default ones."""
     if isinstance(specs, str):
-        specs = [s for s in specs.split(",")]
+        specs = specs.split(",")
     load_default_plugins()
     for spec in specs or []:
         if str(spec).strip():

@@ -124,15 +124,12 @@ def _download_official(name: str, cache_dir: Path) -> Path:
     except Exception as exc:
         found = "did not find it"
         if target.is_file():  # the clip package checks the file against the SHA-256 in its URL first
-            import hashlib
+            from camloc.run.files import file_sha256
 
             expected = url.split("/")[-2]
-            digest = hashlib.sha256()
-            with open(target, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-            if digest.hexdigest() != expected:
-                found = (f"the file there failed the clip package's SHA-256 check (it has {digest.hexdigest()[:12]}..., "
+            actual = file_sha256(target)
+            if actual != expected:
+                found = (f"the file there failed the clip package's SHA-256 check (it has {actual[:12]}..., "
                          f"the release {expected[:12]}...: truncated or corrupt; delete it)")
             else:
                 found = "the file there passed the SHA-256 check"

@@ -14,7 +14,6 @@ and benchmarks; they are random-init only.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -67,11 +66,9 @@ def file_sha256(path: Path) -> str:
     target = Path(os.path.realpath(path))
     if len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name) and target.parent.name == "blobs":
         return target.name
-    digest = hashlib.sha256()
-    with open(target, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from camloc.run.files import file_sha256 as computed
+
+    return computed(target)
 
 
 def _is_file_spec(weights: str) -> bool:

@@ -88,9 +88,11 @@ def recorded_data_options(run_dir: Path, config: dict | EvalConfig | None) -> di
                                                       ("image_dir", "image_dir")) if sources.get(key)}
 
 
-def resume_data_options(run_dir: Path, config: EvalConfig, data_options: dict | None, force_new: bool) -> dict:
+def resume_data_options(run_dir: Path, config: EvalConfig, data_options: dict | None, force_new: bool,
+                        split: str | None = None) -> dict:
     """The data options of an eval: those given, or, when none is given and `run_dir` already holds a run
-    of the same dataset and split (a resume), the ones that run recorded."""
+    of the same dataset and split (a resume), the ones that run recorded. `split`: the split the run reads
+    when the config leaves it to the dataset's default (ovseg records the resolved one)."""
     given = {k: v for k, v in (data_options or {}).items() if v}
     path = run_dir / CONFIG
     if given or force_new or not path.is_file():
@@ -100,7 +102,7 @@ def resume_data_options(run_dir: Path, config: EvalConfig, data_options: dict | 
     except json.JSONDecodeError:
         return given  # check_config names the broken file
     if not isinstance(previous, dict) or (previous.get("dataset"), previous.get("split")) != (config.dataset,
-                                                                                             config.split):
+                                                                                             split or config.split):
         return given
     return recorded_data_options(run_dir, previous)
 

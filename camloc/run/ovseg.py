@@ -117,7 +117,11 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
         _check_methods(_ovseg_methods(config.methods, family_hint(config.model), config.model))
     device = rank_device(device)
     run_dir = prepare_out_dir(run_dir)
-    where = _data_options(run_dir, config, data_options, force_new)
+    from camloc.datasets.segmentation import SEG_DATASETS
+    from camloc.run.identity import resume_data_options
+
+    default = SEG_DATASETS[config.dataset].default_split if config.dataset in SEG_DATASETS else None
+    where = resume_data_options(run_dir, config, data_options, force_new, config.split or default)
     spec, images = load_seg_dataset(config.dataset, data_root=where.get("data_root_dir"), split=config.split,
                                     image_dir=where.get("image_dir"), ann_file=where.get("ann_file"),
                                     limit=config.limit, **folder)
@@ -213,26 +217,6 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                                       "git_commit": git_commit(), "timings": timings,
                                       "faults": {"skipped_images": skipped}})
     return summary
-
-
-def _data_options(run_dir: Path, config: EvalConfig, given: dict | None, force_new: bool) -> dict:
-    """The data options given, or, on a resume of the same dataset and split given none, where that run
-    read its data (its config.json's `data_sources`)."""
-    from camloc.datasets.segmentation import SEG_DATASETS
-    from camloc.run.identity import CONFIG, recorded_data_options
-
-    given = {k: v for k, v in (given or {}).items() if v}
-    path = run_dir / CONFIG
-    if given or force_new or not path.is_file() or config.dataset not in SEG_DATASETS:
-        return given
-    try:
-        previous = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return given  # check_config names the broken file
-    split = config.split or SEG_DATASETS[config.dataset].default_split
-    if not isinstance(previous, dict) or (previous.get("dataset"), previous.get("split")) != (config.dataset, split):
-        return given
-    return recorded_data_options(run_dir, previous)
 
 
 def _sources(where: dict) -> dict:
