@@ -296,15 +296,12 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
         if set(names) - {"ovseg", "box"}:
             raise OptionError("--protocols ovseg runs on its own (a segmentation dataset scored per pixel over all "
                               "its classes); run the pair protocols in another run")
-        unused = [flag for flag, value, default in (
-            ("--classes", classes, None), ("--subset-seed", subset_seed, None), ("--prompt-template", prompt_template, "{}"),
-            ("--threshold", threshold, "otsu"), ("--iou", iou, "gscorecam"), ("--per-class", per_class, 100),
-            ("--include-stuff", include_stuff, False), ("--ade-extent", ade_extent, None),
-            ("--pointing-tolerance", pointing_tolerance, 15.0), ("--cam-curve-interval", cam_curve_interval, 0.01),
-            ("--faith-steps", faith_steps, 224), ("--faith-baseline", faith_baseline, None),
-            ("--faith-score", faith_score, "softmax"), ("--road-percentiles", road_percentiles, None),
-            ("--save-heatmaps", save_heatmaps, False), ("--heatmap-dtype", heatmap_dtype, "float32"),
-            ("--save-vis", save_vis, 0), ("--skip-missing", skip_missing, False)) if value != default]
+        unused = _given(evaluate, dict(
+            classes=classes, subset_seed=subset_seed, prompt_template=prompt_template, threshold=threshold, iou=iou,
+            per_class=per_class, include_stuff=include_stuff, ade_extent=ade_extent,
+            pointing_tolerance=pointing_tolerance, cam_curve_interval=cam_curve_interval, faith_steps=faith_steps,
+            faith_baseline=faith_baseline, faith_score=faith_score, road_percentiles=road_percentiles,
+            save_heatmaps=save_heatmaps, heatmap_dtype=heatmap_dtype, save_vis=save_vis, skip_missing=skip_missing))
         if unused:
             raise OptionError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect under --protocols "
                               "ovseg (every class of the dataset is scored at every pixel, its names as the --ovseg-* "
@@ -340,6 +337,15 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
                     skip_missing=skip_missing, skip_bad_records=skip_bad_records, model=loaded)
 
 
+def _given(fn, values: dict) -> list[str]:
+    """The command-line flags of the keyword arguments in `values` that differ from `fn`'s own defaults (options
+    given where they have no effect are refused, never ignored)."""
+    import inspect
+
+    defaults = inspect.signature(fn).parameters
+    return ["--" + name.replace("_", "-") for name, value in values.items() if value != defaults[name].default]
+
+
 def _faith_settings(protocols: list[str], steps, baseline, score, percentiles) -> dict | None:
     """The recorded faithfulness settings, or None without a faithfulness protocol (where a faithfulness
     option given is an error: it would be silently unused)."""
@@ -348,9 +354,8 @@ def _faith_settings(protocols: list[str], steps, baseline, score, percentiles) -
 
     if wants_faithfulness(protocols):
         return FaithSettings.resolve(steps, baseline, score, percentiles).to_dict()
-    given = [name for name, value, default in (("--faith-steps", steps, 224), ("--faith-baseline", baseline, None),
-                                               ("--faith-score", score, "softmax"),
-                                               ("--road-percentiles", percentiles, None)) if value != default]
+    given = _given(evaluate, dict(faith_steps=steps, faith_baseline=baseline, faith_score=score,
+                                  road_percentiles=percentiles))
     if given:
         raise OptionError(f"{', '.join(given)} belong to the faithfulness protocols (deletion-rise, insertion-rise, "
                           "deletion-eclip, road); add one to --protocols or drop the option")
