@@ -106,7 +106,7 @@ def test_evaluate_writes_what_camloc_eval_writes(tmp_path):
     assert runner.invoke(app, args).exit_code == 0
     summary = camloc.evaluate("tiny-rn", "demo", ["gradcam", "maskclip"], out=tmp_path / "api",
                               protocols="box,mask-iou,pointing")
-    assert summary["complete"] and summary["n_pairs"] == 9
+    assert summary["complete"] and summary["n_pairs"] == 13
 
     def records(folder):
         return sorted((json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()),
@@ -200,4 +200,4 @@ def test_rescore_and_report_from_python(tmp_path):
     table = camloc.report_table([tmp_path / "run"])
     cli = runner.invoke(app, ["report", str(tmp_path / "run"), "--format", "csv"])
     assert cli.exit_code == 0 and table.to_csv(index=False, float_format="%.6f") == cli.stdout
-    assert list(table["method"]) == ["gradcam"] and table["n_pairs"].tolist() == [9]
+    assert list(table["method"]) == ["gradcam"] and table["n_pairs"].tolist() == [13]

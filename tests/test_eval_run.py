@@ -38,8 +38,8 @@ def reference_run(tmp_path_factory):
 
 def test_demo_set_is_shipped():
     images = load_dataset("demo")
-    assert len(images) >= 6
-    assert count_pairs(images) == 9
+    assert len(images) == 10
+    assert count_pairs(images) == 13
     assert all(os.path.exists(item.path) for item in images)
     coffee = next(i for i in images if i.path.endswith("coffee.jpg"))
     assert [p.category for p in coffee.pairs] == ["cup", "spoon", "dining table"]
@@ -51,7 +51,7 @@ def test_run_folder_contents(reference_run):
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "pairs.jsonl", "summary.json", "table.csv",
                                                           "table.md"]
     records = _records(run_dir)
-    assert len(records) == 9 * len(METHODS) and len(set(map(tuple, _keys(records)))) == len(records)
+    assert len(records) == 13 * len(METHODS) and len(set(map(tuple, _keys(records)))) == len(records)
     for key in ["image_id", "file_name", "category", "prompt", "model", "method", "box", "gt_boxes", "iou"]:
         assert key in records[0]
     saved = json.loads((run_dir / "summary.json").read_text())
@@ -62,9 +62,9 @@ def test_run_folder_contents(reference_run):
     for method in METHODS:
         mine = [r["iou"] for r in records if r["method"] == method]
         row = table[table["method"] == method].iloc[0]
-        assert row["n_pairs"] == 9 == saved["methods"][method]["n_pairs"]
-        assert row["mean_iou"] == pytest.approx(sum(mine) / 9, abs=1e-6)
-        assert row["acc@0.5"] == pytest.approx(sum(i >= 0.5 for i in mine) / 9)
+        assert row["n_pairs"] == 13 == saved["methods"][method]["n_pairs"]
+        assert row["mean_iou"] == pytest.approx(sum(mine) / 13, abs=1e-6)
+        assert row["acc@0.5"] == pytest.approx(sum(i >= 0.5 for i in mine) / 13)
     assert "| gradcam " in (run_dir / "table.md").read_text()
 
 
@@ -144,10 +144,10 @@ def test_run_folder_of_another_config_is_refused(reference_run, tmp_path):
     # config, and a later run with another threshold resumed the old records
     assert json.loads((tmp_path / "config.json").read_text())["threshold"] == 0.5
     records = _records(tmp_path)
-    assert len(records) == 9 * len(METHODS) and all(r["threshold"] == 0.5 for r in records)
+    assert len(records) == 13 * len(METHODS) and all(r["threshold"] == 0.5 for r in records)
     assert not (tmp_path / "vis").exists()  # pictures of the discarded results go too
     again = run_eval(_config(threshold=0.5), tmp_path, device="cpu", progress=False)
-    assert again["timings"]["resumed_records"] == 9 * len(METHODS)
+    assert again["timings"]["resumed_records"] == 13 * len(METHODS)
     with pytest.raises(CamlocError, match="differs in: threshold"):
         run_eval(_config(threshold=0.3), tmp_path, device="cpu", progress=False)
 

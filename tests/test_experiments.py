@@ -151,7 +151,7 @@ def test_smoke_threshold_search_and_rerun_without_the_model(tmp_path, monkeypatc
     assert len(curves) == 10 * 20
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     first = json.loads((out / "summary.json").read_text())
-    assert first["models_loaded"] == 2 and first["pairs_computed"] == 18
+    assert first["models_loaded"] == 2 and first["pairs_computed"] == 26
     sources = json.loads((out / "config.json").read_text())["data_sources"]  # where each split was read from
     assert set(sources) == {"train", "val"} and all(Path(v).is_absolute() for s in sources.values()
                                                     for v in s.values() if v)
@@ -208,9 +208,9 @@ def test_report_merges_shards_exactly_and_formats(tmp_path):
     single = pd.read_csv(whole / "table.csv")
     assert list(merged["method"]) == ["gradcam", "layercam"]
     np.testing.assert_allclose(merged["mean_iou"], single["mean_iou"], atol=1e-6)
-    assert list(merged["n_pairs"]) == [9, 9]
+    assert list(merged["n_pairs"]) == [13, 13]
     both = build_report([whole, tmp_path / "shard0"], "long")  # overlapping folders: each pair counted once
-    assert list(both["n_pairs"]) == [9, 9]
+    assert list(both["n_pairs"]) == [13, 13]
     s3 = build_report([whole], "s3")
     assert list(s3.columns) == ["model", "GradCAM", "LayerCAM"]
     assert "\\begin{tabular}" in render(s3, "latex") and render(s3, "csv").startswith("model,GradCAM")
@@ -321,7 +321,7 @@ def test_sharded_threshold_search_splits_the_maps_and_the_last_shard_searches(tm
     second = runner.invoke(app, [*args, "--out", str(out), "--shard", "1/2"])
     assert second.exit_code == 0, second.output
     computed = [int(re.search(r"(\d+) heatmaps computed", r.output).group(1)) for r in (first, second)]
-    assert 0 < computed[0] < 18 and sum(computed) == 18  # each pair's maps computed once, by one shard
+    assert 0 < computed[0] < 26 and sum(computed) == 26  # each pair's maps computed once, by one shard
     pd.testing.assert_frame_equal(pd.read_csv(out / "table_s1.csv"), pd.read_csv(tmp_path / "whole" / "table_s1.csv"))
     assert json.loads((out / "summary.json").read_text())["complete"] is True
 

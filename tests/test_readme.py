@@ -1,5 +1,7 @@
 """The README's commands and Python, run as written (outputs redirected into a temporary folder), so the front
 page cannot go stale."""
+import csv
+import math
 import re
 import shlex
 from pathlib import Path
@@ -38,6 +40,13 @@ def test_the_readme_commands_run(tmp_path, monkeypatch):
         ran.append(argv[0])
     assert ran.count("eval") >= 3 and {"explain", "report"} <= set(ran)
     assert (tmp_path / "explain.png").stat().st_size > 10_000 and (tmp_path / "report.html").is_file()
+    # the demo's masks and demo-seg give a number in every protocol's every column
+    box = list(csv.DictReader(open(tmp_path / "demo-vit" / "table.csv")))
+    for column in ("mean_iou", "mask_iou", "pointing", "energy_pointing", "maxboxacc_v2", "pxap"):
+        assert all(math.isfinite(float(row[column])) for row in box), column
+    assert {row["n_mask"] for row in box} == {"13"}
+    seg = list(csv.DictReader(open(tmp_path / "demo-seg" / "table.csv")))
+    assert len(seg) == 2 and all(0 < float(row["miou"]) <= 1 and row["n_images"] == "10" for row in seg)
 
 
 def test_the_readme_python_runs(monkeypatch):

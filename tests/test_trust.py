@@ -407,7 +407,7 @@ def test_topk_warning_once_per_run(tmp_path, monkeypatch):
         run_eval(EvalConfig(model="tiny-rn", methods=["gscorecam"], options={"topk": 10**6, "grouping": "kmeans",
                                                                             "start_layer": 0}),
                  tmp_path, device="cpu", progress=False)
-    assert sum("exceeds the" in str(w.message) for w in caught) == 1  # 9 pairs on 6 images: was once per image
+    assert sum("exceeds the" in str(w.message) for w in caught) == 1  # 13 pairs on 10 images: was once per image
 
 
 def test_explain_out_without_suffix_and_huge_images(tmp_path):

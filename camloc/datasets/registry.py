@@ -152,7 +152,7 @@ def _empty_reason(name: str, stats: dict, counts: dict, classes) -> str:
     return f"{source} has no (image, class) pair with a box"
 
 
-@register_dataset("demo", "6 public-domain/CC0 photos shipped with camloc, hand-drawn COCO-format boxes",
+@register_dataset("demo", "10 public-domain/CC0 images shipped with camloc: 13 pairs, boxes and masks checked by eye",
                   layout="inside the package: camloc/datasets/demo/", obtain="ships with camloc")
 def demo(opts: DataOptions) -> list[ImagePairs]:
     from camloc.datasets.coco_format import load_coco_pairs

@@ -15,6 +15,8 @@ Each label map is turned into class indices 0..K-1 with 255 = ignore, as mmsegme
 - `coco-stuff-171`: COCO-Stuff 164k's official `stuffthingmaps_trainval2017/<split>/*.png` (value = COCO-Stuff id
   - 1, 255 unlabelled) mapped to the 171 train ids in id order (the 80 things, then the 91 stuff classes; the
   mapping of mmseg's coco_stuff.py), or mmseg's converted `annotations/<split>/*_labelTrainIds.png` as they are.
+- `demo-seg`: the demo photos (`camloc/datasets/demo/`) with label maps painted from their masks as coco-object's
+  are: background 0, the 11 demo classes 1..11 in category id order.
 - `coco-object`: the 80 COCO things + background made from the instances JSON (`annotations/instances_<split>.json`
   beside `<split>/`): background 0 where no instance is, each non-crowd instance's mask painted with its class
   (1..80 in the JSON's category order) in annotation order, crowd regions 255.
@@ -232,8 +234,13 @@ def coco_object(root, split, image_dir, ann_file):
     if len(categories) != 80:
         raise DataError(f"coco-object numbers the 80 COCO thing categories 1..80 in id order, and {ann} lists "
                         f"{len(categories)} categories; use the official instances_<split>.json")
-    order = {c: i + 1 for i, c in enumerate(categories)}
-    folder = image_dir or root / split
+    return _painted(coco, ann, image_dir or root / split)
+
+
+def _painted(coco, ann: Path, folder: Path) -> list[SegImage]:
+    """Label maps painted from a COCO instances file: 0 where no instance is, each non-crowd instance's mask
+    with its category's place in id order (1..K), crowd regions 255, in annotation order."""
+    order = {c: i + 1 for i, c in enumerate(sorted(coco.getCatIds()))}
 
     def label(image_id):
         info = coco.imgs[image_id]
@@ -245,6 +252,17 @@ def coco_object(root, split, image_dir, ann_file):
 
     return [SegImage(str(i), str(folder / coco.imgs[i]["file_name"]), lambda i=i: label(i), str(ann))
             for i in sorted(coco.imgs)]
+
+
+@register_seg_dataset("demo-seg", "demo-seg.txt", "the demo set's 10 photos as a segmentation set: background + its "
+                      "11 classes, painted from its masks (ships with camloc)", "inside the package: "
+                      "camloc/datasets/demo/", "", background=True)
+def demo_seg(root, split, image_dir, ann_file):
+    from camloc.datasets.coco_format import open_coco
+    from camloc.datasets.registry import DEMO_DIR
+
+    ann = ann_file or DEMO_DIR / "instances_demo.json"
+    return _painted(open_coco(ann), ann, image_dir or DEMO_DIR / "images")
 
 
 FOLDER_OPTIONS = {"reduce_zero_label": False, "ignore_index": None, "background": False}
