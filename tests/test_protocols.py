@@ -264,6 +264,8 @@ def _eval(out, ann, images, *extra):
 
 def _records(run_dir):
     rows = [json.loads(line) for p in sorted(Path(run_dir).glob("pairs*.jsonl")) for line in p.read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds", None)  # wall time: the one field two runs never share
     return sorted(rows, key=lambda r: (r["image_id"], r["category_id"], r["method"]))
 
 

@@ -65,7 +65,7 @@ def test_two_workers_merge_to_the_single_process_result(tmp_path):
     files = record_files(shared)
     assert [f.name for f in files] == ["pairs.rank000-of-002.jsonl", "pairs.rank001-of-002.jsonl"]
     keys = [(r["image_id"], r["category_id"], r["method"]) for f in files for r in map(json.loads, f.read_text().splitlines())]
-    assert len(keys) == len(set(keys)) == 9 * 3  # every pair once, across the two shards
+    assert len(keys) == len(set(keys)) == 13 * 3  # every pair once, across the two shards
     assert all(f.read_text() for f in files)  # both ranks did work
     merged = CliRunner().invoke(app, ["report", str(shared), "--format", "csv"])
     one = CliRunner().invoke(app, ["report", str(tmp_path / "single"), "--format", "csv"])

@@ -351,7 +351,7 @@ def test_symlinked_images_are_accepted_and_odd_paths_are_named(tmp_path):
     target = images / "camera.jpg"
     target.rename(elsewhere / "camera.jpg")
     target.symlink_to(elsewhere / "camera.jpg")
-    assert len(load_dataset("coco", ann_file=ann, image_dir=images)) == 6
+    assert len(load_dataset("coco", ann_file=ann, image_dir=images)) == 10
     explain = ["explain", "--prompt", "cat", "--method", "gradcam", "--model", "tiny-rn"]
     _one_line_error(runner.invoke(app, [*explain[:1], str(tmp_path), *explain[1:]]), "is a folder, not an image file")
     _one_line_error(runner.invoke(app, [*explain[:1], "https://example.com/cat.jpg", *explain[1:]]),
@@ -486,11 +486,11 @@ def test_threshold_search_cache_is_not_reused_for_another_data_root(tmp_path):
     demo_copy(tmp_path / "a")
     demo_copy(tmp_path / "b", lambda d: d["annotations"][0]["bbox"].__setitem__(0, 10))
     first = search(tmp_path / "a")
-    assert first["pairs_computed"] == 9
+    assert first["pairs_computed"] == 13
     assert search(tmp_path / "a")["pairs_computed"] == 0
     (tmp_path / "b" / "images" / "astronaut.jpg").write_bytes((DEMO_DIR / "images" / "camera.jpg").read_bytes())
     second = search(tmp_path / "b")
-    assert second["pairs_computed"] == 9  # another folder: its own maps
+    assert second["pairs_computed"] == 13  # another folder: its own maps
     assert json.loads((out / "config.json").read_text())["data"]["train"]["image_root"] == str(tmp_path / "b" / "images")
 
 

@@ -10,8 +10,9 @@ batching for the one-forward methods); every method then runs on its own image's
 """
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from PIL import Image
@@ -21,6 +22,96 @@ from camloc.errors import OptionError
 from camloc.models.clip_model import ClipModel
 from camloc.models.families import (BlockAccess, block_access, check_block_access, dense_tokens, encoder_pass,
                                     has_blocks, tokens_to_grid, vit_blocks)
+
+class Ledger:
+    """Where an image's device time went, when timing is asked for (`compute_raw(..., seconds=)`): each
+    shared value's own computing time (exclusive of the shared values it reads in turn), the shared values
+    it was computed from, and the methods that read it (directly or through another shared value), so
+    that shared work is split evenly between its readers instead of charged to the first one
+    (`method_seconds`)."""
+
+    def __init__(self) -> None:
+        self.method: str | None = None
+        self.costs: dict[str, float] = {}
+        self.readers: dict[str, set] = defaultdict(set)
+        self.sources: dict[str, set] = defaultdict(set)
+        self._frames: list[list] = []  # [name, time of inner shared values] of the values being computed
+
+    def compute(self, name: str, fn, device):
+        self._frames.append([name, 0.0])
+        started = time.perf_counter()
+        try:
+            value = fn()
+            synchronize(device)
+        finally:
+            elapsed = time.perf_counter() - started
+            _, inner = self._frames.pop()
+        self.costs[name] = elapsed - inner
+        if self._frames:
+            self._frames[-1][1] += elapsed
+        return value
+
+    def read(self, name: str) -> None:
+        if self._frames and self._frames[-1][0] != name:
+            self.sources[self._frames[-1][0]].add(name)
+        if self.method is None:
+            return
+        todo = [name]
+        while todo:  # the value and everything it was computed from
+            current = todo.pop()
+            if self.method not in self.readers[current]:
+                self.readers[current].add(self.method)
+                todo.extend(self.sources.get(current, ()))
+
+    def shared_during(self, names_before: set) -> float:
+        """The shared values' time computed since `names_before` were the computed ones."""
+        return sum(cost for name, cost in self.costs.items() if name not in names_before)
+
+    def method_seconds(self, own: dict[str, float]) -> dict[str, float]:
+        """Each method's seconds: its own (shared computing taken out) plus an even share of every shared
+        value it read; a shared value no method read (computed ahead, e.g. a batched forward) is split over
+        all of them."""
+        out = dict(own)
+        for name, cost in self.costs.items():
+            readers = [m for m in self.readers.get(name, ()) if m in out] or list(out)
+            for m in readers:
+                out[m] += cost / len(readers)
+        return out
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a clock read after a CUDA launch measures nothing otherwise)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class shared:
+    """A value of one image computed at most once and shared by the methods (a cached property; a data
+    descriptor, so that every read is seen: with a `Ledger` on the context, the computing is timed and
+    the reading method noted)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, ctx, owner=None):
+        if ctx is None:
+            return self
+        values, ledger = ctx.__dict__, ctx.__dict__.get("ledger")
+        if self.name not in values:
+            values[self.name] = (self.fn(ctx) if ledger is None
+                                 else ledger.compute(self.name, lambda: self.fn(ctx), ctx.model.device))
+        if ledger is not None:
+            ledger.read(self.name)
+        return values[self.name]
+
+    def __set__(self, ctx, value) -> None:
+        ctx.__dict__[self.name] = value
+
 
 CPU_CHUNK = 16  # the fastest per image on 2 cores for 224-288 px inputs
 CPU_CHUNK_LARGE = 8  # 336-448 px inputs (RN50x16, RN50x64, ViT-L/14@336px): keeps a CAM's extra memory < 1 GB
@@ -110,12 +201,12 @@ class CamContext:
         """Masked images encoded so far for this image."""
         return sum(store.forwards for store in self._masked.values())
 
-    @cached_property
+    @shared
     def text_features(self) -> torch.Tensor:
         """(P, E) normalised fp32."""
         return self.model.text_features(self.prompts)
 
-    @cached_property
+    @shared
     def _pass(self) -> tuple:
         """`encoder_pass` of this image: (raw target output, embedding (1, E), block inputs or None)."""
         return encoder_pass(self.model.visual, self.model.family, self.input)
@@ -171,19 +262,19 @@ class CamContext:
             self.model._block_access_checked = True
         return block_access(self.model.visual, index % self.depth)
 
-    @cached_property
+    @shared
     def activations(self) -> torch.Tensor:
         """A: target activations (C, h, w), fp32."""
         raw, _, _ = self._pass
         return self.model.family.to_grid(raw)[0].float()
 
-    @cached_property
+    @shared
     def image_scores(self) -> torch.Tensor:
         """s_p(x) of the unmasked image, (P,) fp32."""
         _, features, _ = self._pass
         return self.model.scores(features, self.text_features)[0]
 
-    @cached_property
+    @shared
     def gradients(self) -> torch.Tensor:
         """G = d s_p / d A for all P prompts: (P, C, h, w), or (P, C, 1, 1) on ViT (class token), fp32."""
         raw, _, _ = self._pass
@@ -204,10 +295,15 @@ class CamContext:
         the default configuration is `activations` and `gradients`. All P prompts: one batched backward."""
         if target == GradientTarget():
             return self.activations, self.gradients
+        ledger, name = self.__dict__.get("ledger"), f"gradient_pass {target}"
         if target not in self._gradient_passes:
             if (target.layer, target.pooling) != ("last-ln1", "patch-mean"):
                 raise ValueError(f"unsupported gradient target {target}")
-            self._gradient_passes[target] = self._last_ln1_pass(target.background)
+            compute = lambda: self._last_ln1_pass(target.background)  # noqa: E731
+            self._gradient_passes[target] = compute() if ledger is None else ledger.compute(name, compute,
+                                                                                            self.model.device)
+        if ledger is not None:
+            ledger.read(name)
         return self._gradient_passes[target]
 
     def _last_ln1_pass(self, background: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,12 @@
 """The CAM engine: one image, P prompts, several methods, shared work."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from PIL import Image
 
-from camloc.cams.context import CamContext
+from camloc.cams.context import CamContext, Ledger, synchronize
 from camloc.cams.postprocess import native_to_raw, to_native
 from camloc.cams.registry import MethodSpec, resolve_methods
 from camloc.models.clip_model import ClipModel
@@ -17,23 +19,40 @@ def compute_native(
     methods: str | list[str] | list[MethodSpec],
     options: dict | None = None,
     context: CamContext | None = None,
+    seconds: dict | None = None,
 ) -> dict[str, tuple[str, np.ndarray]]:
     """{method: (post-processing kind, (P, h, w) normalised maps at the method's native resolution)}.
-    `native_to_raw(kind, maps, image.size)` gives the raw-size heatmaps."""
-    raw = compute_raw(model, image, prompts, methods, options, context)
+    `native_to_raw(kind, maps, image.size)` gives the raw-size heatmaps; `seconds` (a dict) gets each
+    method's time on the device (`compute_raw`)."""
+    raw = compute_raw(model, image, prompts, methods, options, context, seconds)
     return {name: (kind, to_native(kind, maps)) for name, (kind, maps) in raw.items()}
 
 
 def compute_raw(model: ClipModel, image: Image.Image, prompts: list[str], methods, options: dict | None = None,
-                context: CamContext | None = None) -> dict:
+                context: CamContext | None = None, seconds: dict | None = None) -> dict:
     """{method: (post-processing kind, (P, h, w) maps exactly as the method computes them, before any
-    post-processing, as a tensor on the model's device)}: what `explain --native` saves."""
+    post-processing, as a tensor on the model's device)}: what `explain --native` saves. `seconds` (a dict)
+    gets each method's device time on the image, the device synchronised before each clock read: its own
+    work plus an even share of every value it reads that the methods share (the encoder forward, text
+    features, gradients; `Ledger`)."""
     if methods and isinstance(methods, list) and isinstance(methods[0], MethodSpec):
         specs = methods
     else:
         specs = resolve_methods(methods, model.family, model.name)
     ctx = context or CamContext(model, image, prompts, options, methods=[s.name for s in specs])
-    return {spec.name: (spec.postprocess, run_method(spec, ctx)) for spec in specs}
+    if seconds is None:
+        return {spec.name: (spec.postprocess, run_method(spec, ctx)) for spec in specs}
+    ledger = ctx.__dict__.setdefault("ledger", Ledger())
+    out, own = {}, {}
+    for spec in specs:
+        ledger.method, computed = spec.name, set(ledger.costs)
+        started = time.perf_counter()
+        out[spec.name] = (spec.postprocess, run_method(spec, ctx))
+        synchronize(model.device)
+        own[spec.name] = time.perf_counter() - started - ledger.shared_during(computed)
+    ledger.method = None
+    seconds.update(ledger.method_seconds(own))
+    return out
 
 
 def run_method(spec: MethodSpec, ctx: CamContext):

@@ -102,12 +102,12 @@ def _check_complete(group: dict, allow_incomplete: bool) -> None:
                              "report what is there")
 
 
-def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | None = None,
-               allow_incomplete: bool = False) -> pd.DataFrame:
-    """One row per (run identity, method) over every eval run given; each (pair, method) once. Runs
-    with the same identity (shards, resumed copies) merge; runs that differ in any identity field
-    (threshold, IoU convention, prompt template, precision, data, ...) never share a row: the fields
-    that differ are shown as columns. A pair scored differently by two runs of one identity is an error."""
+def eval_groups(run_dirs: list[Path], skip_bad: bool = False, skipped: list | None = None,
+                allow_incomplete: bool = False) -> list[dict]:
+    """The eval runs given, merged by identity: one group per identity (shards and resumed copies of one
+    run merge), each `{"identity", "records": {(model, image, category, method): record}, "methods",
+    "dirs"}`, each (pair, method) once. A pair scored differently by two runs of one identity is an
+    error; so is a group missing records (unless `allow_incomplete`)."""
     groups: dict[str, dict] = {}
     for run_dir in run_dirs:
         kind = _kind(run_dir)
@@ -131,13 +131,29 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
             group["where"].setdefault(key, run_dir)
     for group in groups.values():
         _check_complete(group, allow_incomplete)
-    identities = [g["identity"] for g in groups.values()]
+    return list(groups.values())
+
+
+def differing_fields(identities: list[dict], shown: list[str] = IDENTITY_SHOWN) -> dict[str, list[str] | None]:
+    """The identity fields (other than `shown`) whose values differ between the identities, each with the
+    entries that differ where it is a dict (`differing_subkeys`): what tells the runs apart."""
     fields = sorted({k for i in identities for k in i})
-    differing = [k for k in fields if k not in IDENTITY_SHOWN
+    differing = [k for k in fields if k not in shown
                  and len({json.dumps(i.get(k), sort_keys=True) for i in identities}) > 1]
-    subkeys = {k: differing_subkeys(identities, k) for k in differing}
+    return {k: differing_subkeys(identities, k) for k in differing}
+
+
+def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | None = None,
+               allow_incomplete: bool = False) -> pd.DataFrame:
+    """One row per (run identity, method) over every eval run given; each (pair, method) once. Runs
+    with the same identity (shards, resumed copies) merge; runs that differ in any identity field
+    (threshold, IoU convention, prompt template, precision, data, ...) never share a row: the fields
+    that differ are shown as columns. A pair scored differently by two runs of one identity is an error."""
+    groups = eval_groups(run_dirs, skip_bad, skipped, allow_incomplete)
+    subkeys = differing_fields([g["identity"] for g in groups])
+    differing = list(subkeys)
     rows = []
-    for group in groups.values():
+    for group in groups:
         identity = group["identity"]
         meters = meters_by(group["records"].values(), group=lambda r: (r["model"], r["method"]))
         for (model, method), meter in meters.items():
@@ -159,11 +175,12 @@ def _model_order(name: str) -> tuple:
     return (names.index(name), "") if name in names else (len(names), name)
 
 
-def s3_table(long: pd.DataFrame, compare_paper: bool = False) -> pd.DataFrame:
+def s3_table(long: pd.DataFrame, compare_paper: bool = False, display: bool = True) -> pd.DataFrame:
     """Table S3's layout: rows = models, columns = methods (appendix names and order), average IoU.
     Runs that differ in more than the model (dataset, threshold, ...) get one row each, with those
     fields as columns; two configs never share a cell. With `compare_paper` every model row is
-    followed by its "(paper)" and "(difference)" rows."""
+    followed by its "(paper)" and "(difference)" rows. `display=False` keeps the registry names as column
+    headers (the HTML report names methods one way everywhere)."""
     if long.empty:
         raise RunFolderError("no eval runs to report (give camloc eval run folders)")
     extra = [c for c in long.columns if c not in LONG_COLUMNS and c not in PROTOCOL_COLUMNS]
@@ -183,7 +200,7 @@ def s3_table(long: pd.DataFrame, compare_paper: bool = False) -> pd.DataFrame:
             paper = {m: PAPER_S3.get(model, {}).get(m, float("nan")) for m in methods}
             rows.append({**labels, "model": f"{model} (paper)", **paper})
             rows.append({**labels, "model": f"{model} (difference)", **{m: ours[m] - paper[m] for m in methods}})
-    return pd.DataFrame(rows).rename(columns={m: DISPLAY.get(m, m) for m in methods})
+    return pd.DataFrame(rows).rename(columns={m: DISPLAY.get(m, m) for m in methods} if display else {})
 
 
 def s1_table(run_dirs: list[Path], compare_paper: bool = False) -> pd.DataFrame:
@@ -260,13 +277,10 @@ def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper
     raise OptionError(f"--layout {layout!r} is not one of s1, s3, long, ovseg")
 
 
-def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFrame:
-    """The open-vocabulary segmentation table: rows (model, method), columns datasets, values mIoU
-    (fractions), and `mean` over the datasets when a row has them all. Runs of one identity (shards in
-    one folder, resumed copies) merge by their records, each (image, method) once; settings that differ
-    between runs other than the dataset (e.g. the preset) become row labels."""
-    from camloc.datasets.segmentation import SEG_DATASETS
-    from camloc.evaluators.segmentation import SegmentationState
+def ovseg_groups(dirs: list[Path]) -> list[dict]:
+    """The ovseg runs given, merged by identity: `{"identity", "records": {(image, method): record},
+    "methods"}`, each (image, method) once; an image counted differently by two runs of one identity is an
+    error."""
     from camloc.run.ovseg import REQUIRED
 
     groups: dict = {}
@@ -274,21 +288,34 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
         config = json.loads((d / "config.json").read_text())
         identity = {k: v for k, v in config.items() if k not in ("methods", "data_sources")}
         group = groups.setdefault(json.dumps(identity, sort_keys=True), {"identity": identity, "records": {},
-                                                                         "methods": []})
+                                                                         "methods": [], "dirs": []})
         group["methods"] += [m for m in config["methods"] if m not in group["methods"]]
+        group["dirs"].append(d)
         for path in record_files(d, RECORDS):
             for r in read_jsonl(path, required=REQUIRED):
                 key = (str(r["image_id"]), r["method"])
-                if key in group["records"] and group["records"][key] != r["state"]:
+                if key in group["records"] and group["records"][key]["state"] != r["state"]:
                     raise RunFolderError(f"image {key[0]} / {key[1]} is recorded with other counts in two runs of one "
                                          f"identity ({d}); they cannot be merged")
-                group["records"][key] = r["state"]
+                group["records"][key] = r
+    return list(groups.values())
+
+
+def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFrame:
+    """The open-vocabulary segmentation table: rows (model, method), columns datasets, values mIoU
+    (fractions), and `mean` over the datasets when a row has them all. Runs of one identity (shards in
+    one folder, resumed copies) merge by their records, each (image, method) once; settings that differ
+    between runs other than the dataset (e.g. the preset) become row labels."""
+    from camloc.datasets.segmentation import SEG_DATASETS
+    from camloc.evaluators.segmentation import SegmentationState
+
+    groups = ovseg_groups(dirs)
     shown = ["model", "dataset"]
-    differing = sorted({k for g in groups.values() for k in g["identity"]
+    differing = sorted({k for g in groups for k in g["identity"]
                         if k not in (*shown, "data", "weights") and
-                        len({json.dumps(h["identity"].get(k), sort_keys=True) for h in groups.values()}) > 1})
+                        len({json.dumps(h["identity"].get(k), sort_keys=True) for h in groups}) > 1})
     rows = []
-    for group in groups.values():
+    for group in groups:
         identity = group["identity"]
         n_images = (identity.get("data") or {}).get("n_images")
         n_classes = (identity.get("ovseg") or {}).get("n_classes") or len(SEG_DATASETS[identity["dataset"]].classes())
@@ -297,13 +324,13 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
             count = 0
             for (_, m), record in group["records"].items():
                 if m == method:
-                    state += SegmentationState.from_record(record)
+                    state += SegmentationState.from_record(record["state"])
                     count += 1
             if n_images is not None and count != n_images and not allow_incomplete:
                 raise RunFolderError(f"{identity['model']} {method} on {identity['dataset']}: {count} of {n_images} "
                                      "images segmented (a shard still running?); pass --allow-incomplete to report it")
             rows.append({"model": identity["model"], "method": method,
-                         **{k: _shown(k, identity.get(k), differing_subkeys([g["identity"] for g in groups.values()], k))
+                         **{k: _shown(k, identity.get(k), differing_subkeys([g["identity"] for g in groups], k))
                             for k in differing},
                          "dataset": dataset_label(identity["dataset"], identity.get("data")),
                          "miou": state.result()["miou"]})
@@ -320,4 +347,5 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
     return table
 
 
-__all__ = ["build_report", "render", "long_table", "ovseg_table", "s1_table", "s3_table"]
+__all__ = ["build_report", "differing_fields", "eval_groups", "long_table", "ovseg_groups", "ovseg_table", "render",
+           "s1_table", "s3_table"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
 from camloc.cams import CamContext
-from camloc.cams.context import share_batch
+from camloc.cams.context import Ledger, share_batch, synchronize
 from camloc.cams.engine import compute_native
 from camloc.cams.postprocess import native_to_raw
 from camloc.cams.registry import METHODS
@@ -67,11 +68,13 @@ def resolve_image_batch(value: int | str, methods: list[str]) -> int:
 
 
 def compute_images(model: ClipModel, batch: list[tuple], config: EvalConfig, runtime: dict | None = None,
-                   cache: HeatmapCache | None = None) -> list[tuple[dict, int]]:
+                   cache: HeatmapCache | None = None) -> list[tuple[dict, int, dict]]:
     """The device stage of a batch of images, each `(item, todo, image, host_input)`: native maps of each
-    image's pending (pair, method) combinations (stored in `cache` when given) and the CUDA out-of-memory
-    retries each needed. The images' encoder forwards run as one batch (`share_batch`); every method
-    then runs on its image's own context."""
+    image's pending (pair, method) combinations (stored in `cache` when given), the CUDA out-of-memory
+    retries each needed, and each method's device seconds on the image (its own work plus an even share of
+    the work it shares with others, the image's part of the batched forward included: `Ledger`). The
+    images' encoder forwards run as one batch (`share_batch`); every method then runs on its image's own
+    context."""
     contexts = []
     for item, todo, image, host_input in batch:
         pairs = [p for p in item.pairs if p.key in todo]
@@ -79,13 +82,21 @@ def compute_images(model: ClipModel, batch: list[tuple], config: EvalConfig, run
         contexts.append((pairs, methods, CamContext(model, image, image_prompts(item, pairs, methods),
                                                     {**config.options, **(runtime or {})}, methods=methods,
                                                     host_input=host_input)))
+    started = time.perf_counter()
     share_batch([ctx for _, _, ctx in contexts])
+    synchronize(model.device)
+    batched = [ctx for _, _, ctx in contexts if ctx.batched]
+    forward = (time.perf_counter() - started) / max(len(batched), 1)
     out = []
     for (item, _, image, _), (pairs, methods, ctx) in zip(batch, contexts):
-        native = compute_native(model, image, ctx.prompts, methods, context=ctx)
+        ctx.ledger = Ledger()
+        if ctx.batched:  # its share of the batched forward, split over the methods that read it
+            ctx.ledger.costs["_pass"] = forward
+        seconds: dict = {}
+        native = compute_native(model, image, ctx.prompts, methods, context=ctx, seconds=seconds)
         if cache is not None:
             cache.put_native(item, pairs, ctx.prompts, native, image.size)
-        out.append((native, ctx.oom_retries))
+        out.append((native, ctx.oom_retries, seconds))
     return out
 
 
@@ -100,11 +111,18 @@ def raw_heatmaps(item: ImagePairs, todo: dict, config: EvalConfig, native: dict,
 
 
 def image_records(model_name: str, item: ImagePairs, todo: dict, config: EvalConfig, native: dict | None,
-                  size: tuple[int, int], heatmap_of=None, extra: dict | None = None) -> list[dict]:
-    """The host stage of one image: raw-size heatmaps (unless given), then every protocol's values -> records."""
+                  size: tuple[int, int], heatmap_of=None, extra: dict | None = None,
+                  seconds: dict | None = None) -> list[dict]:
+    """The host stage of one image: raw-size heatmaps (unless given), then every protocol's values -> records,
+    each with its share of its method's model `seconds` on the image (split evenly over its pairs)."""
     pairs = [p for p in item.pairs if p.key in todo]
     heatmap_of = heatmap_of or raw_heatmaps(item, todo, config, native, size)
-    return pair_records(model_name, item, pairs, todo, config, heatmap_of, size, extra)
+    records = pair_records(model_name, item, pairs, todo, config, heatmap_of, size, extra)
+    if seconds:
+        counts = {m: sum(m in todo[p.key] for p in pairs) for m in seconds}
+        for record in records:
+            record["seconds"] = round(seconds[record["method"]] / counts[record["method"]], 6)
+    return records
 
 
 def pair_records(model_name: str, item: ImagePairs, pairs: list, todo: dict, config: EvalConfig, heatmap_of,
@@ -204,15 +222,15 @@ def run_pipeline(model: ClipModel, work: list, config: EvalConfig, handle, bar, 
                 batch.append((item, todo, image, host_input))
             if not batch:
                 continue
-            for (item, todo, image, host_input), (native, oom) in zip(batch, compute_images(model, batch, config,
-                                                                                             runtime, cache)):
+            for (item, todo, image, host_input), (native, oom, seconds) in zip(
+                    batch, compute_images(model, batch, config, runtime, cache)):
                 retries += oom
                 heatmap_of, extra = None, None
                 if wants_faithfulness(config.protocols):  # the model's forwards: on this thread
                     heatmap_of = raw_heatmaps(item, todo, config, native, image.size)
                     extra = image_faith_values(model, item, todo, config, image, host_input, heatmap_of, runtime)
                 boxes.append((item, todo, boxer.submit(image_records, model.name, item, todo, config, native,
-                                                       image.size, heatmap_of, extra)))
+                                                       image.size, heatmap_of, extra, seconds)))
             flush(block_until=host_workers)
         flush(block_until=0)
     return written, skipped, retries
