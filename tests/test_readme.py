@@ -61,3 +61,40 @@ def test_the_readme_names_only_pages_that_exist():
     for page in set(re.findall(r"`(docs/[a-z_-]+\.md)`", README)):
         assert (ROOT / page).is_file(), page
     assert len(README.splitlines()) < 200
+
+
+def test_the_docs_commands_name_real_commands_and_options():
+    """The docs' `camloc ...` lines are synopses (IMAGE, [--flag ...], a|b) or need real weights and datasets, so
+    they are not run; each names a command that exists and only options that command has (none can go stale
+    after a rename)."""
+    import click
+    import typer.main
+
+    group = typer.main.get_command(app)
+    context = click.Context(group)
+    checked = 0
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        text = page.read_text()
+        lines = [line for block in re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S)
+                 for line in block.splitlines()]
+        for line in lines:
+            for part in line.split("&&"):
+                words = part.split("#")[0].split()
+                if not words or words[0] != "camloc" or len(words) < 2:
+                    continue
+                command = group.get_command(context, words[1])
+                assert command is not None, (page.name, part)
+                rest = words[2:]
+                if hasattr(command, "list_commands"):  # a group (camloc data): its sub-commands
+                    names = rest[0].split("|") if rest else []
+                    subs = [command.get_command(context, n) for n in names]
+                    assert subs and all(subs), (page.name, part)
+                    options = {o for sub in subs for p in sub.params for o in (*p.opts, *p.secondary_opts)}
+                else:
+                    options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+                options |= {"--help"}
+                for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", " ".join(rest)):
+                    assert flag in options, f"docs/{page.name}: {part.strip()!r} names {flag}, which camloc " \
+                                            f"{words[1]} does not have"
+                checked += 1
+    assert checked >= 25

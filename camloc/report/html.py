@@ -24,7 +24,7 @@ from camloc.report.tables import (_kind, _shown, build_report, differing_fields,
 from camloc.run.files import atomic_write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1340px}
-table{border-collapse:collapse;margin:.6em 0;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+table{border-collapse:collapse;margin:.6em 0;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}
 th{background:#eee}td.m,th.m{text-align:left;white-space:nowrap}h2{border-bottom:2px solid #333;margin-top:1.6em}
 .scroll{overflow-x:auto;max-width:100%}.gallery img{margin:4px;border:1px solid #999}
 pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:12px}small,.note{color:#555}.note{font-size:13px}
@@ -132,8 +132,8 @@ def _board_table(result: dict, groups: list[str], colors: dict) -> str:
         for kind, group, metric in order:
             if kind == "rate":
                 value = row["rates"].get(group)
-                cells.append(f'<td class="rate" data-v="{"" if value is None else f"{value:.6g}"}">'
-                             f'{"" if value is None else f"{value:.3g}"}</td>')
+                shown = "" if value is None else f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+                cells.append(f'<td class="rate" data-v="{"" if value is None else f"{value:.6g}"}">{shown}</td>')
                 continue
             cell = row["cells"].get((group, metric))
             if not cell or cell["value"] is None:
@@ -277,6 +277,18 @@ def _details(run_dir: Path) -> str:
             + html.escape(json.dumps(provenance, indent=1)) + "</pre></details>")
 
 
+def _narrow(s3, methods: set[str]):
+    """Table S3 (rows models, columns methods) turned so that methods are rows when there are more than 12
+    of them (24 method columns would not fit the page)."""
+    columns = [c for c in s3.columns if c in methods]
+    if len(columns) <= 12:
+        return s3
+    labels = [c for c in s3.columns if c not in methods]
+    turned = s3[columns].T
+    turned.columns = [" · ".join(str(row[c]) for c in labels) for _, row in s3.iterrows()]
+    return turned.rename_axis("method").reset_index()
+
+
 def _table(frame) -> str:
     return '<div class="scroll">' + frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="") + "</div>"
 
@@ -320,7 +332,8 @@ def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper
     body.append("<h2>runs</h2>" + _runs_table(dirs, folder_labels))
     if groups:
         long = long_table(eval_dirs, skip_bad, None, allow_incomplete)
-        body.append("<h2>mean box IoU, Table S3 layout</h2>" + _table(s3_table(long, compare_paper, display=False)))
+        body.append("<h2>mean box IoU, Table S3 layout</h2>" + _table(_narrow(
+            s3_table(long, compare_paper, display=False), set(long["method"]))))
         body.append("<details><summary>every column of every eval run (the long table)</summary>"
                     + _table(long) + "</details>")
     if ovseg_dirs:
