@@ -1,5 +1,6 @@
 """The command line: --help everywhere, version, list, explain outputs, and clear errors."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -156,3 +157,32 @@ def test_help_version_and_usage_errors_import_no_torch(argv):
             "{'torch', 'cv2', 'numpy', 'open_clip', 'pandas', 'matplotlib'}))" % (argv,))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", (argv, done.stdout[-300:], done.stderr[-300:])
+
+
+def test_help_groups_each_methods_options_under_its_methods():
+    from typer.testing import CliRunner
+
+    from camloc.cli.app import app
+
+    text = CliRunner().invoke(app, ["eval", "--help"], terminal_width=120).output
+    sections = {}
+    for block in re.split(r"\n(?=\S[^\n]*:\n)", text):
+        title, _, body = block.partition(":\n")
+        sections[title.strip()] = body
+    assert "--legrad-layers" in sections["Method options: legrad"]
+    assert "--rise-masks" in sections["Method options: rise"]
+    assert "--legrad-layers" not in sections["Options"] and "--out" in sections["Options"]
+
+
+def test_warnings_and_the_progress_bar_share_one_console(capsys):
+    """rich prints a line given to the live bar's own console above the bar; a second console would write
+    into it. Units: eval counts pairs, ovseg images."""
+    from camloc.cli.common import _show_warning, err_console
+    from camloc.run.progress import progress_bar
+
+    with progress_bar(True, 3) as bar:
+        assert bar.progress.console is err_console
+        _show_warning("something to say", UserWarning, "x.py", 1)  # what warnings.warn calls on the command line
+        bar.advance(3)
+    assert "warning: something to say" in capsys.readouterr().err
+    assert progress_bar(True, 2, "ovseg", "images").progress.columns[3].text_format == "images"

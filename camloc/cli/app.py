@@ -4,11 +4,41 @@ from __future__ import annotations
 from enum import Enum
 
 import typer
+import typer.core
 
 import camloc.cli.common  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
 from camloc import __version__
 
-app = typer.Typer(
+class PanelCommand(typer.core.TyperCommand):
+    """A command whose plain-text help lists its options in sections by their help panel (each method's own
+    options under "Method options: <methods>"), without rich (help texts stay as written, and fast)."""
+
+    def format_options(self, ctx, formatter) -> None:
+        arguments, panels = [], {"Options": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append(record)
+            else:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        for title, records in panels.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+class _Typer(typer.Typer):
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", PanelCommand)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(
     name="camloc",
     help="Where is CLIP looking? Localization maps of 25 methods (CAMs, RISE, LeGrad, AttnLRP, the dense family) on "
          "OpenAI, open_clip and Hugging Face CLIP models, scored as boxes, masks, points, segmentation, faithfulness "

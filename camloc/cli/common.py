@@ -12,12 +12,10 @@ from typing import Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: busy-waiting threads crawl on small machines
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from camloc.errors import CamlocError
-
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+from camloc.run.progress import err_console  # the progress bars' console: warnings print above a running bar
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

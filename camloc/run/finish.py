@@ -44,6 +44,8 @@ def finish_run(run_dir: Path, config: EvalConfig, model_name: str, images: list[
     does not see every record keeps its view aside (`summary.rankRRR-of-NNN.json`); the summary of a
     complete view replaces summary.json and the tables. A method with no record at all is an error
     (after the summary is written, with the faults that explain it). Returns (summary, records)."""
+    from camloc.report.leaderboard import rate
+
     rank, world = shard
     bad: list = []
     records = read_run_records(run_dir, skip_bad_records, bad)
@@ -52,7 +54,8 @@ def finish_run(run_dir: Path, config: EvalConfig, model_name: str, images: list[
     for method in config.methods:
         meter = meters.get(method, LocalizationMeter())
         result = meter.compute()
-        per_method[method] = {**result, "per_class": meter.compute_per_class()}
+        per_method[method] = {**result, "per_class": meter.compute_per_class(),
+                              "pairs_per_second": rate([r for r in records if r["method"] == method])}
         rows.append({"model": model_name, "dataset": dataset_label(config.dataset, config.data), "method": method,
                      **result})
     summary = {

@@ -174,7 +174,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
         n_new = 0
         skipped: list[dict] = []
         compute_started = time.perf_counter()
-        with open(records_path, "a") as handle, progress_bar(progress, len(work)) as bar:
+        with open(records_path, "a") as handle, progress_bar(progress, len(work), "ovseg", "images") as bar:
             for start in range(0, len(work), batch_size):
                 chunk, batch = [], []
                 for entry in work[start:start + batch_size]:

@@ -97,7 +97,7 @@ def run_sanity(model: ClipModel, dataset: str, methods, out: str | Path, *, limi
         generator = torch.Generator().manual_seed(int(seed))
         per_pair = {m: [] for m in names}
         summaries = {m: [] for m in names}
-        with progress_bar(progress, len(pairs) * (len(stages) + 1), "sanity") as bar:
+        with progress_bar(progress, len(pairs) * (len(stages) + 1), "sanity", "maps") as bar:
             loaded = [(item, image, model.host_input(image)) for item in images
                       for image in (load_image(item.path),)]
             trained = _input_maps(model, loaded, specs, options, bar)

@@ -105,7 +105,7 @@ def fill_cache(model: LazyModel, cache: HeatmapCache, images: list[ImagePairs], 
     """Compute and store the native maps that are not cached yet; returns the pairs computed."""
     todo = [(item, missing) for item in images if (missing := uncached(cache, item, methods))]
     options = {**options, "contrast_prompts": dataset_prompts(images)}
-    with progress_bar(progress, sum(len(i.pairs) for i, _ in todo), "heatmaps") as bar:
+    with progress_bar(progress, sum(len(i.pairs) for i, _ in todo), "threshold-search") as bar:
         for item, missing in todo:
             image = load_image(item.path)
             prompts = list(dict.fromkeys(p.prompt for p in item.pairs))
