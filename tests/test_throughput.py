@@ -133,8 +133,8 @@ def test_a_batch_that_runs_out_of_memory_falls_back_to_one_image_at_a_time(tiny_
     monkeypatch.setattr(context, "encoder_pass", failing)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     got = compute_images(tiny_rn, batch, config)
-    assert batched == [3] and sum(oom for _, oom in got) == 1
-    for (want, _), (have, _) in zip(expected, got):  # batched (expected) vs one at a time: float rounding
+    assert batched == [3] and sum(oom for _, oom, _ in got) == 1
+    for (want, _, _), (have, _, _) in zip(expected, got):  # batched (expected) vs one at a time: float rounding
         np.testing.assert_allclose(have["gradcam"][1], want["gradcam"][1], atol=1e-5 * np.abs(want["gradcam"][1]).max())
 
 
