@@ -241,7 +241,7 @@ def block_input(model, image, index: int) -> torch.Tensor:
     return captured["x"]
 
 
-@pytest.mark.parametrize("method,options", [("maskclip", {}), ("sclip", {}), ("clearclip", {}), ("naclip", {}), ("gem", {"gem_blocks": 2}), ("clipsurgery", {"contrast": "empty"}),
+@pytest.mark.parametrize("method,options", [("maskclip", {}), ("sclip", {}), ("clearclip", {}), ("naclip", {}), ("gem", {"gem_blocks": 2}), ("clipsurgery", {"contrast": "empty"}), ("legrad", {}),
                                             ("rise", {"rise_masks": 8})])
 def test_p_prompts_cost_one_prompts_image_forwards(method, options, models, chelsea):
     model = models["tiny-vit-mh"]

@@ -43,12 +43,14 @@ def attention_blocks(visual) -> list:
 
 
 @contextlib.contextmanager
-def capturing_attention(visual, captured: list):
-    """While active, every block's attention probabilities (B*heads or B, heads, T, T) are appended to
-    `captured`, in the graph."""
+def capturing_attention(visual, captured: list, only: list[int] | None = None):
+    """While active, every block's (or the blocks `only`'s) attention probabilities (B*heads or B, heads, T, T)
+    are appended to `captured`, in the graph; the other blocks keep their fused attention."""
     handles, fused = [], []
     try:
-        for attn in attention_blocks(visual):
+        for index, attn in enumerate(attention_blocks(visual)):
+            if only is not None and index not in only:
+                continue
             if isinstance(attn, torch.nn.MultiheadAttention):
                 handles.append(attn.register_forward_pre_hook(_ask_for_weights, with_kwargs=True))
                 handles.append(attn.register_forward_hook(lambda m, a, out: captured.append(_softmax_base(out[1]))))

@@ -12,9 +12,12 @@ all query rows, class-token column dropped -> a (g, g) grid per prompt; the grid
 upsampled bilinearly by the patch size (align_corners=False) to the input size and min-max
 normalised without epsilon (postprocess `resize`: that n x n map is resized to the image).
 
-All P prompts run as one batch of P copies of the image and every block's gradient comes from ONE
-backward: each used block after the first reads its input as a fresh leaf, so s_l reaches only block
-l's own attention (the reference's per-layer gradient) while the forward values are unchanged.
+The blocks before the first used one are not run again: their output is the image's one forward's
+(`CamContext.block_inputs`, shared with the other methods), and only the K used blocks run, on P copies
+of that input, with their attention unfused and kept for the backward (the reference runs the whole
+tower on the P copies). Every block's gradient comes from ONE backward: each used block after the first
+reads its input as a fresh leaf, so s_l reaches only block l's own attention (the reference's per-layer
+gradient) while the forward values are unchanged.
 
 Attention-pool heads (SigLIP's "map"; WalBouss/LeGrad `compute_legrad_siglip`, wrapper.py at 8c2ca90,
 utils.py at c5c7b20): for each of the last K blocks, the block's output goes through the pool
@@ -39,7 +42,7 @@ from camloc.methods.hila import capturing_attention, latent_pool_with_probs
 from camloc.cams.options import at_least, between, method_option
 from camloc.cams.postprocess import minmax_
 from camloc.cams.registry import register_method
-from camloc.models.families import dense_tokens, has_blocks, vit_blocks
+from camloc.models.families import check_run_block, dense_tokens, has_blocks, run_block, vit_blocks
 
 LAYERS = method_option("legrad_layers", int, 2, "LeGrad: the last K blocks used (the reference's 2; 0 = every "
                        "block).", at_least("--legrad-layers", 0, " (0 = every block)"))
@@ -69,34 +72,30 @@ def legrad(ctx: CamContext) -> torch.Tensor:
     if family.pooling == "map":
         return _legrad_pool(ctx, used)
     n_prompts = len(ctx.prompts)
-    outputs: dict[int, torch.Tensor] = {}
-    handles = []
-    for i in used:
-        handles.append(blocks[i].register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out)))
-        if i > first:  # a fresh leaf: block i's score reaches only block i's own attention
-            handles.append(blocks[i].register_forward_pre_hook(
-                lambda m, args: (args[0].detach().requires_grad_(True), *args[1:])))
+    _, inputs = ctx.block_inputs(first)  # the image's one forward: only the used blocks run again
+    if not getattr(ctx.model, "_run_block_checked", False):
+        check_run_block(visual, family, ctx.block_inputs(0)[1])
+        ctx.model._run_block_checked = True
     captured: list[torch.Tensor] = []
-    x = ctx.input.expand(n_prompts, -1, -1, -1).clone().requires_grad_(True)
-    try:
-        with capturing_attention(visual, captured), torch.enable_grad():
-            visual(x)
-            text = ctx.text_features.to(torch.float32)
-            total = 0
-            for i in used:
-                tokens = outputs[i]
-                tokens = tokens.transpose(0, 1) if family.batch_dim == 1 else tokens  # -> (P, N, D)
-                if has_blocks(visual):
-                    pooled = visual.ln_post(tokens.mean(dim=1)) @ visual.proj
-                else:  # timm trunk: its norm, fc_norm and heads on the tokens' mean
-                    pooled = dense_tokens(visual, tokens.mean(dim=1, keepdim=True))[:, 0]
-                feature = pooled.float() / pooled.float().norm(dim=-1, keepdim=True)
-                total = total + (feature * text).sum()
-            probs = [captured[i] for i in used]
-            grads = torch.autograd.grad(total, probs)  # one batched backward for every block and prompt
-    finally:
-        for handle in handles:
-            handle.remove()
+    outputs: dict[int, torch.Tensor] = {}
+    x = inputs[0].expand(n_prompts, -1, -1).clone().requires_grad_(True)  # P copies of block `first`'s input
+    with capturing_attention(visual, captured, only=used), torch.enable_grad():
+        for i in used:
+            if i > first:  # a fresh leaf: block i's score reaches only block i's own attention
+                x = x.detach().requires_grad_(True)
+            x = outputs[i] = run_block(visual, family, i, x)
+        text = ctx.text_features.to(torch.float32)
+        total = 0
+        for i in used:
+            tokens = outputs[i]  # (P, N, D)
+            if has_blocks(visual):
+                pooled = visual.ln_post(tokens.mean(dim=1)) @ visual.proj
+            else:  # timm trunk: its norm, fc_norm and heads on the tokens' mean
+                pooled = dense_tokens(visual, tokens.mean(dim=1, keepdim=True))[:, 0]
+            feature = pooled.float() / pooled.float().norm(dim=-1, keepdim=True)
+            total = total + (feature * text).sum()
+        probs = captured
+        grads = torch.autograd.grad(total, probs)  # one batched backward for every block and prompt
     tokens_n = probs[0].shape[-1]
     grid = int(round((tokens_n - family.prefix) ** 0.5))
     total_grid = 0

@@ -305,6 +305,32 @@ def block_ropes(visual: nn.Module) -> list | None:
     return [embed] * len(trunk.blocks)
 
 
+def run_block(visual: nn.Module, family: Family, index: int, x: torch.Tensor) -> torch.Tensor:
+    """Block `index` of a ViT tower on batch-first tokens (B, N, D), called as the tower calls it (OpenAI's
+    sequence-first blocks on (N, B, D), a timm EVA block with its rotary embedding) -> batch-first output.
+    `check_run_block` tests it against the tower's own forward."""
+    block = vit_blocks(visual)[index]
+    if family.batch_dim == 1:
+        return block(x.transpose(0, 1)).transpose(0, 1)
+    ropes = block_ropes(visual)
+    return block(x) if ropes is None else block(x, rope=ropes[index])
+
+
+def check_run_block(visual: nn.Module, family: Family, inputs: list[torch.Tensor]) -> None:
+    """`run_block` of the second-to-last block on its input from the tower's forward (`encoder_pass`'s block
+    inputs) gives the last block's input, or a method that re-runs blocks would be silently wrong: refuse."""
+    if len(inputs) < 2:
+        return
+    with torch.no_grad():
+        ours = run_block(visual, family, len(inputs) - 2, inputs[-2]).float()
+    theirs = inputs[-1].float()
+    tolerance = 1e-4 if inputs[-1].dtype == torch.float32 else 1e-2
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=tolerance,
+                                                         atol=tolerance * float(theirs.abs().max())):
+        raise TypeError(f"{type(vit_blocks(visual)[-1]).__name__} blocks called one at a time do not reproduce the "
+                        "tower's forward (a block argument camloc does not pass?); this method cannot run on it")
+
+
 def block_access(visual: nn.Module, index: int) -> BlockAccess:
     """`BlockAccess` of block `index` of a ViT tower, with its rotary embedding where the trunk has one."""
     blocks = vit_blocks(visual)
