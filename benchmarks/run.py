@@ -350,7 +350,47 @@ def section_ovseg(model, image, args, device, report):
         out[method] = {"batched_s": batched, "one_at_a_time_s": single, "ratio": single / batched}
         print(f"{method:9s}: {len(boxes)} windows batched {batched:.3f} s, one at a time {single:.3f} s: "
               f"{single / batched:.2f}x ({len(boxes) / batched:.1f} windows/s)")
+    section_ovseg_image(model, image, args, device, report, settings, queries, names)
     return out
+
+
+def section_ovseg_image(model, image, args, device, report, settings, queries, names):
+    """One whole 683 x 512 image, 150 ADE20K classes, label map at the image's size: camloc (windows in one
+    batch, the label map without the softmax where no threshold needs it) against the reference harness's way
+    (one window at a time, stitch, resize, x logit scale, softmax, argmax), label maps checked identical."""
+    import torch.nn.functional as F
+
+    from camloc.cams.registry import resolve_methods
+    from camloc.segment.infer import _predict_softmax, finish_logits, image_windows, window_grids
+    from camloc.segment.windows import stitch
+
+    size = (683, 512)
+    x, windows, boxes = image_windows(model, image.resize(size), settings)
+    owner = list(range(len(names)))
+    out = report.setdefault(f"ovseg_image/{model.name}", {"size": list(size), "windows": len(boxes),
+                                                          "threads": torch.get_num_threads()})
+    print(f"\n## ovseg, one {size[0]} x {size[1]} image ({len(boxes)} windows, {len(names)} classes), "
+          f"{torch.get_num_threads()} torch thread(s): camloc vs a one-window loop with the harness's post-processing")
+    for method in ("sclip",):
+        specs = resolve_methods([method], model.family.name)
+
+        def ours():
+            grids = window_grids(model, specs, {}, windows, queries, names)[method]
+            return finish_logits(grids, boxes, x, size, owner, settings)
+
+        def loop():
+            grids = torch.cat([window_grids(model, specs, {}, windows[i:i + 1], queries, names)[method]
+                               for i in range(len(windows))])
+            canvas = stitch(grids.float().cpu(), boxes, x.shape[-2], x.shape[-1])
+            logits = F.interpolate(canvas[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
+            return _predict_softmax(logits, owner, settings)
+
+        same = bool(torch.equal(ours(), loop()))
+        t_ours = timed(ours, device, args.reps)[0]
+        t_loop = timed(loop, device, args.reps)[0]
+        out[method] = {"camloc_s": t_ours, "loop_s": t_loop, "ratio": t_loop / t_ours, "label_maps_equal": same}
+        print(f"{method:9s}: camloc {t_ours:.3f} s, one-window loop {t_loop:.3f} s: {t_loop / t_ours:.2f}x; "
+              f"label maps {'identical' if same else 'DIFFER'}")
 
 
 def main():

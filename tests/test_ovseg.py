@@ -557,3 +557,28 @@ def test_sclip_preset_normalises_with_the_harness_constants(tmp_path):
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())["ovseg"]
     assert recorded["normalisation"] == "harness" and recorded["pixel_mean"] == [122.771, 116.746, 104.094]
     assert recorded["position_resize"] == "sclip"
+
+
+def test_predict_without_thresholds_skips_the_softmax_and_keeps_the_harness_label_map():
+    """No background or area threshold: the argmax of the cosines (one top-2 pass) gives the softmax path's label
+    map, exact ties and near-ties included (those pixels take the softmax path), with synonyms merged too."""
+    import camloc.segment.infer as infer
+
+    settings = infer.OvsegSettings(preset="sclip", **infer.PRESETS["sclip"])
+    generator = torch.Generator().manual_seed(0)
+    for owner in (list(range(40)), [i // 2 for i in range(40)]):
+        logits = torch.randn(40, 60, 80, generator=generator) * 0.05 + 0.2
+        logits[:, :6, :6] = 0.3  # every class tied
+        logits[3, 20:30, 20:30] = logits[8, 20:30, 20:30] + 1e-8  # closer than the float32 softmax can tell
+        logits[5, 40:50, 40:50] = logits[9, 40:50, 40:50].max() + 2e-6  # just outside the tie band
+        calls = []
+        softmax = infer._predict_softmax
+        infer._predict_softmax = lambda *a: calls.append(a[0].shape) or softmax(*a)
+        try:
+            fast = infer.predict(logits, owner, settings)
+        finally:
+            infer._predict_softmax = softmax
+        assert torch.equal(fast, softmax(logits, owner, settings))
+        assert calls and calls[0][1] < 60 * 80 / 4  # only the near-tie pixels went through the softmax
+    with_threshold = infer.OvsegSettings(preset="sclip", **{**infer.PRESETS["sclip"], "bg_threshold": 0.1})
+    assert torch.equal(infer.predict(logits, owner, with_threshold), softmax(logits, owner, with_threshold))

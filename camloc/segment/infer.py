@@ -265,18 +265,50 @@ def window_grids(model, methods: list, options: dict, windows: torch.Tensor, que
     return grids
 
 
+TIE = 1e-6
+"""`predict`'s fast path: classes whose best cosines at a pixel lie within this of each other are decided by the
+harness's own softmax there (cosines lie in [-1, 1]; 1e-6 apart, the scaled softmax keeps their order with a
+relative margin of 1e-6 x the logit scale, far above float32 rounding)."""
+
+
 def predict(logits: torch.Tensor, owner: list[int], settings: OvsegSettings) -> torch.Tensor:
     """(Q, H, W) stitched cosines -> (H, W) int64 class map: x logit scale, softmax over the queries, max
-    over each class's queries, area threshold, argmax, background threshold (class 0)."""
+    over each class's queries, area threshold, argmax, background threshold (class 0).
+
+    With neither threshold (the sclip/naclip/tcl presets on ADE-150, VOC20, Context59, COCO-Stuff, Cityscapes)
+    the softmax changes nothing: at each pixel it is monotone in the cosines (one denominator, a positive
+    scale), so the class is the argmax of the cosines themselves, found in one pass without the scale, the
+    exponentials or the division. Only pixels where two classes are within `TIE` take the full path, so that
+    a tie the softmax's rounding makes is broken as the harness breaks it. The label maps are the full path's."""
+    n_classes = max(owner) + 1
+    if settings.area_threshold is not None or settings.bg_threshold > 0:
+        return _predict_softmax(logits, owner, settings)
+    per_class = _per_class(logits, owner, n_classes)
+    if n_classes < 2:
+        return torch.zeros(per_class.shape[1:], dtype=torch.int64, device=per_class.device)
+    values, indices = per_class.topk(2, dim=0)  # the best two classes: one pass over the queries
+    pred = indices[0].clone()
+    near = values[0] - values[1] < TIE
+    if near.any():
+        pred[near] = _predict_softmax(logits[:, near], owner, settings)
+    return pred
+
+
+def _per_class(scores: torch.Tensor, owner: list[int], n_classes: int) -> torch.Tensor:
+    """(Q, ...) -> (K, ...): each class's best query (its synonyms' maximum)."""
+    if n_classes == len(owner):
+        return scores
+    rows: dict[int, list[int]] = {}
+    for query, cls in enumerate(owner):
+        rows.setdefault(cls, []).append(query)
+    return torch.stack([scores[rows[c]].amax(dim=0) for c in range(n_classes)])
+
+
+def _predict_softmax(logits: torch.Tensor, owner: list[int], settings: OvsegSettings) -> torch.Tensor:
+    """`predict` as the harness computes it, on (Q, ...) cosines (the area threshold on (Q, H, W) only)."""
     probs = torch.softmax(logits * settings.logit_scale, dim=0)
     n_classes = max(owner) + 1
-    if n_classes != len(owner):
-        rows: dict[int, list[int]] = {}
-        for query, cls in enumerate(owner):
-            rows.setdefault(cls, []).append(query)
-        per_class = torch.stack([probs[rows[c]].amax(dim=0) for c in range(n_classes)])
-    else:
-        per_class = probs
+    per_class = _per_class(probs, owner, n_classes)
     if settings.area_threshold is not None:
         hard = F.one_hot(per_class.argmax(0), n_classes)  # (H, W, K)
         area = hard[..., 1:].sum(dim=(0, 1)).float()
