@@ -233,13 +233,14 @@ def explain(model: ClipModel | str, image: ImageLike | Sequence[ImageLike], prom
     share_batch(contexts)
     out = []
     for (pil, _), ctx in zip(loaded, contexts):
+        scores = ctx.image_scores.detach().float().cpu().numpy()  # first: the methods then share its forward
         raw = compute_raw(model, pil, prompts, specs, context=ctx)
         maps = {m: native_to_raw(kind, to_native(kind, t), pil.size) for m, (kind, t) in raw.items()}
         out.append(Explanation(
             image=pil, prompts=prompts, maps=maps,
             native={m: t.detach().float().cpu().numpy() for m, (_, t) in raw.items()},
             boxes={m: [box_from_heatmap(h[i], threshold) for i in range(len(prompts))] for m, h in maps.items()},
-            scores=ctx.image_scores.detach().float().cpu().numpy(), threshold=threshold, model=model.name,
+            scores=scores, threshold=threshold, model=model.name,
             options={k: v for k, v in options.items() if k != "chunk_size"}))
     return out if many else out[0]
 

@@ -49,9 +49,10 @@ def tiny_vit(tiny_models):
 
 @contextmanager
 def counting_forwards(model: ClipModel):
-    """The batch sizes of the image-tower forwards run inside the block."""
+    """The batch sizes of the image-tower forwards run inside the block (begun: a forward a method stops early
+    counts too)."""
     calls: list[int] = []
-    handle = model.visual.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    handle = model.visual.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     try:
         yield calls
     finally:

@@ -649,3 +649,18 @@ def test_resnet_forms_cost_one_forward_for_any_number_of_prompts(method, tiny_mo
     with counting_forwards(model) as calls:
         compute_heatmaps(model, chelsea, ["cat", "dog", "sofa", "tree", "sky", "grass", "rug", "a cat"], [method])
     assert calls == [1]
+
+
+def test_legrad_alone_stops_the_forward_at_its_first_block_with_the_same_maps(models, chelsea):
+    """LeGrad as the image's only method runs the tower up to its first block only (the blocks after it would
+    run twice); its maps are exactly those it makes from the image's full shared forward."""
+    from camloc.cams.engine import compute_raw
+
+    model = models["tiny-vit-mh"]
+    shared = CamContext(model, chelsea, ["cat", "dog"], methods=["legrad", "gradcam"])
+    with_gradcam = compute_raw(model, chelsea, ["cat", "dog"], ["legrad", "gradcam"], context=shared)["legrad"][1]
+    alone = CamContext(model, chelsea, ["cat", "dog"], methods=["legrad"])
+    with counting_forwards(model) as calls:
+        maps = compute_raw(model, chelsea, ["cat", "dog"], ["legrad"], context=alone)["legrad"][1]
+    assert "_pass" in shared.__dict__ and "_pass" not in alone.__dict__ and calls == [1]
+    assert torch.equal(maps, with_gradcam)

@@ -13,7 +13,9 @@ upsampled bilinearly by the patch size (align_corners=False) to the input size a
 normalised without epsilon (postprocess `resize`: that n x n map is resized to the image).
 
 The blocks before the first used one are not run again: their output is the image's one forward's
-(`CamContext.block_inputs`, shared with the other methods), and only the K used blocks run, on P copies
+(`CamContext.block_inputs`, shared with the other methods; when LeGrad is the image's only method and
+nothing has run that forward, a forward that stops at the first used block), and only the K used blocks run,
+on P copies
 of that input, with their attention unfused and kept for the backward (the reference runs the whole
 tower on the P copies). Every block's gradient comes from ONE backward: each used block after the first
 reads its input as a fresh leaf, so s_l reaches only block l's own attention (the reference's per-layer
@@ -42,7 +44,7 @@ from camloc.methods.hila import capturing_attention, latent_pool_with_probs
 from camloc.cams.options import at_least, between, method_option
 from camloc.cams.postprocess import minmax_
 from camloc.cams.registry import register_method
-from camloc.models.families import check_run_block, dense_tokens, has_blocks, run_block, vit_blocks
+from camloc.models.families import check_run_block, dense_tokens, forward_until, has_blocks, run_block, vit_blocks
 
 LAYERS = method_option("legrad_layers", int, 2, "LeGrad: the last K blocks used (the reference's 2; 0 = every "
                        "block).", at_least("--legrad-layers", 0, " (0 = every block)"))
@@ -72,13 +74,16 @@ def legrad(ctx: CamContext) -> torch.Tensor:
     if family.pooling == "map":
         return _legrad_pool(ctx, used)
     n_prompts = len(ctx.prompts)
-    _, inputs = ctx.block_inputs(first)  # the image's one forward: only the used blocks run again
     if not getattr(ctx.model, "_run_block_checked", False):
         check_run_block(visual, family, ctx.block_inputs(0)[1])
         ctx.model._run_block_checked = True
+    if "_pass" in ctx.__dict__ or not ctx.methods <= {"legrad"}:
+        start = ctx.block_inputs(first)[1][0]  # the image's one forward, shared: only the used blocks run again
+    else:  # LeGrad alone on the image: a forward that stops at its first block (the rest would run twice)
+        start = forward_until(visual, family, ctx.input, first)
     captured: list[torch.Tensor] = []
     outputs: dict[int, torch.Tensor] = {}
-    x = inputs[0].expand(n_prompts, -1, -1).clone().requires_grad_(True)  # P copies of block `first`'s input
+    x = start.expand(n_prompts, -1, -1).clone().requires_grad_(True)  # P copies of block `first`'s input
     with capturing_attention(visual, captured, only=used), torch.enable_grad():
         for i in used:
             if i > first:  # a fresh leaf: block i's score reaches only block i's own attention

@@ -316,6 +316,30 @@ def run_block(visual: nn.Module, family: Family, index: int, x: torch.Tensor) ->
     return block(x) if ropes is None else block(x, rope=ropes[index])
 
 
+class _Stop(Exception):
+    pass
+
+
+def forward_until(visual: nn.Module, family: Family, x: torch.Tensor, index: int) -> torch.Tensor:
+    """The batch-first input (B, N, D) of block `index` of a ViT tower: the tower's own forward, stopped there
+    (nothing differentiated), for a method that re-runs the blocks from there on anyway."""
+    captured = []
+
+    def stop(module, args):
+        captured.append(args[0])
+        raise _Stop
+
+    handle = vit_blocks(visual)[index].register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad():
+            visual(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0].transpose(0, 1) if family.batch_dim == 1 else captured[0]
+
+
 def check_run_block(visual: nn.Module, family: Family, inputs: list[torch.Tensor]) -> None:
     """`run_block` of the second-to-last block on its input from the tower's forward (`encoder_pass`'s block
     inputs) gives the last block's input, or a method that re-runs blocks would be silently wrong: refuse."""
