@@ -67,11 +67,9 @@ def test_the_docs_commands_name_real_commands_and_options():
     """The docs' `camloc ...` lines are synopses (IMAGE, [--flag ...], a|b) or need real weights and datasets, so
     they are not run; each names a command that exists and only options that command has (none can go stale
     after a rename)."""
-    import click
     import typer.main
 
     group = typer.main.get_command(app)
-    context = click.Context(group)
     checked = 0
     for page in sorted((ROOT / "docs").glob("*.md")):
         text = page.read_text()
@@ -82,12 +80,12 @@ def test_the_docs_commands_name_real_commands_and_options():
                 words = part.split("#")[0].split()
                 if not words or words[0] != "camloc" or len(words) < 2:
                     continue
-                command = group.get_command(context, words[1])
+                command = group.commands.get(words[1])
                 assert command is not None, (page.name, part)
                 rest = words[2:]
                 if hasattr(command, "list_commands"):  # a group (camloc data): its sub-commands
                     names = rest[0].split("|") if rest else []
-                    subs = [command.get_command(context, n) for n in names]
+                    subs = [command.commands.get(n) for n in names]
                     assert subs and all(subs), (page.name, part)
                     options = {o for sub in subs for p in sub.params for o in (*p.opts, *p.secondary_opts)}
                 else:
