@@ -2,6 +2,7 @@
 images, the best per column by each metric's direction, maps per second with shared work split between
 the methods that share it, and an HTML page that shows what differs between runs without dumping dicts."""
 import json
+import time
 from html.parser import HTMLParser
 
 import numpy as np
@@ -129,3 +130,27 @@ def test_shared_work_is_split_between_the_methods_that_read_it():
     assert ctx.ledger.readers["_pass"] == set(methods)
     assert {"_pass", "text_features", "gradients"} <= set(ctx.ledger.costs)
     assert json.dumps(seconds)  # plain floats: what the records carry
+
+
+def test_a_masked_embedding_store_is_split_between_the_methods_that_read_it():
+    """gScoreCAM and gScoreCAM-abs encode through one store of masked images: its time is theirs to share,
+    not the first one's (the second used to look twice as fast)."""
+    from PIL import Image
+
+    from camloc.api import load_model
+    from camloc.cams.context import CamContext
+    from camloc.cams.engine import compute_raw
+
+    model = load_model("tiny-rn", device="cpu")
+    image = Image.new("RGB", (64, 48), (120, 30, 200))
+    methods = ["scorecam", "gscorecam", "gscorecam-abs"]
+    ctx = CamContext(model, image, ["a", "b"], {"topk": 20}, methods=methods)
+    seconds = {}
+    started = time.perf_counter()
+    compute_raw(model, image, ["a", "b"], methods, context=ctx, seconds=seconds)
+    wall = time.perf_counter() - started
+    assert ctx.ledger.readers["masked 1e-06"] == {"gscorecam", "gscorecam-abs"}
+    assert "scorecam" in ctx.ledger.readers["masked None"] and ctx.ledger.costs["masked 1e-06"] > 0
+    # every second is counted once: the methods' seconds add up to no more than the call's own wall time (a
+    # store's time counted in the method that ran it AND shared out would exceed it by that time)
+    assert sum(seconds.values()) <= wall

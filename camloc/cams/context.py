@@ -25,16 +25,19 @@ from camloc.models.families import (BlockAccess, block_access, check_block_acces
 
 class Ledger:
     """Where an image's device time went, when timing is asked for (`compute_raw(..., seconds=)`): each
-    shared value's own computing time (exclusive of the shared values it reads in turn), the shared values
-    it was computed from, and the methods that read it (directly or through another shared value), so
-    that shared work is split evenly between its readers instead of charged to the first one
-    (`method_seconds`)."""
+    shared value's own computing time (exclusive of the shared values it reads in turn; summed when a value
+    grows in several steps, as a masked-embedding store does), the shared values it was computed from, and
+    the methods that read it (directly or through another shared value), so that shared work is split
+    evenly between its readers instead of charged to the first one (`method_seconds`)."""
 
     def __init__(self) -> None:
         self.method: str | None = None
         self.costs: dict[str, float] = {}
         self.readers: dict[str, set] = defaultdict(set)
         self.sources: dict[str, set] = defaultdict(set)
+        self.spent = 0.0
+        """Seconds spent computing shared values (outermost computations only): a method's own time is its
+        wall time less what this grew by while it ran."""
         self._frames: list[list] = []  # [name, time of inner shared values] of the values being computed
 
     def compute(self, name: str, fn, device):
@@ -46,9 +49,11 @@ class Ledger:
         finally:
             elapsed = time.perf_counter() - started
             _, inner = self._frames.pop()
-        self.costs[name] = elapsed - inner
+        self.costs[name] = self.costs.get(name, 0.0) + elapsed - inner
         if self._frames:
             self._frames[-1][1] += elapsed
+        else:
+            self.spent += elapsed
         return value
 
     def read(self, name: str) -> None:
@@ -62,10 +67,6 @@ class Ledger:
             if self.method not in self.readers[current]:
                 self.readers[current].add(self.method)
                 todo.extend(self.sources.get(current, ()))
-
-    def shared_during(self, names_before: set) -> float:
-        """The shared values' time computed since `names_before` were the computed ones."""
-        return sum(cost for name, cost in self.costs.items() if name not in names_before)
 
     def method_seconds(self, own: dict[str, float]) -> dict[str, float]:
         """Each method's seconds: its own (shared computing taken out) plus an even share of every shared
@@ -191,9 +192,13 @@ class CamContext:
         self.rise_forwards = 0  # masked images RISE encoded for this image (tests, benchmarks)
 
     def masked(self, eps: float | None) -> MaskedEmbeddings:
-        """The masked-embedding store of this image for one mask variant (ScoreCAM: None, gScoreCAM: 1e-6)."""
+        """The masked-embedding store of this image for one mask variant (ScoreCAM: None, gScoreCAM: 1e-6),
+        shared by the methods that ask for it (with a `Ledger`, its encoding time is split between them)."""
         if eps not in self._masked:
             self._masked[eps] = MaskedEmbeddings(self, eps)
+        ledger = self.__dict__.get("ledger")
+        if ledger is not None:
+            ledger.read(self._masked[eps].name)
         return self._masked[eps]
 
     @property

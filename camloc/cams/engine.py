@@ -45,11 +45,11 @@ def compute_raw(model: ClipModel, image: Image.Image, prompts: list[str], method
     ledger = ctx.__dict__.setdefault("ledger", Ledger())
     out, own = {}, {}
     for spec in specs:
-        ledger.method, computed = spec.name, set(ledger.costs)
+        ledger.method, spent = spec.name, ledger.spent
         started = time.perf_counter()
         out[spec.name] = (spec.postprocess, run_method(spec, ctx))
         synchronize(model.device)
-        own[spec.name] = time.perf_counter() - started - ledger.shared_during(computed)
+        own[spec.name] = time.perf_counter() - started - (ledger.spent - spent)
     ledger.method = None
     seconds.update(ledger.method_seconds(own))
     return out

@@ -55,8 +55,17 @@ class MaskedEmbeddings:
         """(len(channels), E) embeddings, encoding only the channels not seen before."""
         missing = channels[~self.have[channels]].unique()
         if missing.numel():
-            self._encode(missing)
+            ledger = self.ctx.__dict__.get("ledger")
+            if ledger is None:
+                self._encode(missing)
+            else:  # the store's encoding is shared work (`Ledger`)
+                ledger.compute(self.name, lambda: self._encode(missing), self.ctx.model.device)
+                ledger.read(self.name)
         return self.rows[channels]
+
+    @property
+    def name(self) -> str:
+        return f"masked {self.eps}"
 
     def scores(self, channels: torch.Tensor) -> torch.Tensor:
         """(len(channels), P) fp32 scores s_p(x * mask_c), NaN -> 0."""
