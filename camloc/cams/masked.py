@@ -60,7 +60,6 @@ class MaskedEmbeddings:
                 self._encode(missing)
             else:  # the store's encoding is shared work (`Ledger`)
                 ledger.compute(self.name, lambda: self._encode(missing), self.ctx.model.device)
-                ledger.read(self.name)
         return self.rows[channels]
 
     @property

@@ -19,8 +19,8 @@ import numpy as np
 from camloc.errors import RunFolderError
 from camloc.evaluators.meter import meters_by
 from camloc.report.leaderboard import board
-from camloc.report.tables import (_kind, _shown, build_report, differing_fields, eval_groups,
-                                  long_table, ovseg_groups, s3_table)
+from camloc.report.tables import (_kind, _shown, build_report, differing_fields, eval_groups, long_table_of,
+                                  ovseg_groups, ovseg_table_of, s3_table)
 from camloc.run.files import atomic_write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1340px}
@@ -305,8 +305,7 @@ def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper
     search_dirs = [d for d in dirs if kinds[d] == "threshold-search"]
     groups = eval_groups(eval_dirs, skip_bad, None, allow_incomplete) if eval_dirs else []
     segs = ovseg_groups(ovseg_dirs) if ovseg_dirs else []
-    if segs and not allow_incomplete:
-        build_report(ovseg_dirs, "ovseg")  # refuses unfinished ovseg runs, as the table does
+    ovseg = ovseg_table_of(segs, allow_incomplete) if segs else None  # refuses unfinished runs before any output
     eval_labels, seg_labels = _group_labels(groups, "eval"), _group_labels(segs, "ovseg")
     for labels in (eval_labels, seg_labels):  # two groups that differ only in a value cut short: number them
         seen: dict = {}
@@ -331,14 +330,13 @@ def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper
         body.append(leaderboard_html(result, colors))
     body.append("<h2>runs</h2>" + _runs_table(dirs, folder_labels))
     if groups:
-        long = long_table(eval_dirs, skip_bad, None, allow_incomplete)
+        long = long_table_of(groups)
         body.append("<h2>mean box IoU, Table S3 layout</h2>" + _table(_narrow(
             s3_table(long, compare_paper, display=False), set(long["method"]))))
         body.append("<details><summary>every column of every eval run (the long table)</summary>"
                     + _table(long) + "</details>")
-    if ovseg_dirs:
-        body.append("<h2>open-vocabulary segmentation (mIoU)</h2>" + _table(build_report(
-            ovseg_dirs, "ovseg", allow_incomplete=allow_incomplete)))
+    if ovseg is not None:
+        body.append("<h2>open-vocabulary segmentation (mIoU)</h2>" + _table(ovseg))
     for d in search_dirs:
         body.append(f"<h2>Table S1: {html.escape(str(d))}</h2>" + _table(build_report([d], "s1", compare_paper)))
         if (d / "curves.png").exists():

@@ -119,9 +119,6 @@ METRICS = [
     Metric("road_combined", "ROAD", True, "road", _road_stats, _road_value,
            "ROAD combined: (LeRF - MoRF) / 2"),
 ]
-MIOU = Metric("miou", "mIoU", True, "state", lambda r: np.concatenate([r["state"]["intersect"],
-                                                                        r["state"]["union"]]).astype(np.float64),
-              lambda sums: _miou_value(sums), "open-vocabulary segmentation: mean IoU over classes (merged counts)")
 
 
 def _miou_value(sums: np.ndarray) -> np.ndarray:
@@ -131,6 +128,11 @@ def _miou_value(sums: np.ndarray) -> np.ndarray:
         iou = np.where(union > 0, intersect / np.maximum(union, 1), np.nan)
     counted = (union > 0).sum(axis=1)
     return np.where(counted > 0, np.nansum(iou, axis=1) / np.maximum(counted, 1), np.nan)
+
+
+MIOU = Metric("miou", "mIoU", True, "state", lambda r: np.concatenate([r["state"]["intersect"],
+                                                                        r["state"]["union"]]).astype(np.float64),
+              _miou_value, "open-vocabulary segmentation: mean IoU over classes (merged counts)")
 
 
 def image_statistics(records, metric: Metric) -> tuple[list, np.ndarray]:

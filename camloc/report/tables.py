@@ -149,7 +149,11 @@ def long_table(run_dirs: list[Path], skip_bad: bool = False, skipped: list | Non
     with the same identity (shards, resumed copies) merge; runs that differ in any identity field
     (threshold, IoU convention, prompt template, precision, data, ...) never share a row: the fields
     that differ are shown as columns. A pair scored differently by two runs of one identity is an error."""
-    groups = eval_groups(run_dirs, skip_bad, skipped, allow_incomplete)
+    return long_table_of(eval_groups(run_dirs, skip_bad, skipped, allow_incomplete))
+
+
+def long_table_of(groups: list[dict]) -> pd.DataFrame:
+    """`long_table` of runs already merged by identity (`eval_groups`)."""
     subkeys = differing_fields([g["identity"] for g in groups])
     differing = list(subkeys)
     rows = []
@@ -306,14 +310,17 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
     (fractions), and `mean` over the datasets when a row has them all. Runs of one identity (shards in
     one folder, resumed copies) merge by their records, each (image, method) once; settings that differ
     between runs other than the dataset (e.g. the preset) become row labels."""
+    return ovseg_table_of(ovseg_groups(dirs), allow_incomplete)
+
+
+def ovseg_table_of(groups: list[dict], allow_incomplete: bool = False) -> pd.DataFrame:
+    """`ovseg_table` of runs already merged by identity (`ovseg_groups`); a run missing images is refused
+    unless `allow_incomplete`."""
     from camloc.datasets.segmentation import SEG_DATASETS
     from camloc.evaluators.segmentation import SegmentationState
 
-    groups = ovseg_groups(dirs)
-    shown = ["model", "dataset"]
-    differing = sorted({k for g in groups for k in g["identity"]
-                        if k not in (*shown, "data", "weights") and
-                        len({json.dumps(h["identity"].get(k), sort_keys=True) for h in groups}) > 1})
+    subkeys = differing_fields([g["identity"] for g in groups], ["model", "dataset", "data", "weights"])
+    differing = list(subkeys)
     rows = []
     for group in groups:
         identity = group["identity"]
@@ -330,8 +337,7 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
                 raise RunFolderError(f"{identity['model']} {method} on {identity['dataset']}: {count} of {n_images} "
                                      "images segmented (a shard still running?); pass --allow-incomplete to report it")
             rows.append({"model": identity["model"], "method": method,
-                         **{k: _shown(k, identity.get(k), differing_subkeys([g["identity"] for g in groups], k))
-                            for k in differing},
+                         **{k: _shown(k, identity.get(k), subkeys[k]) for k in differing},
                          "dataset": dataset_label(identity["dataset"], identity.get("data")),
                          "miou": state.result()["miou"]})
     long = pd.DataFrame(rows)
@@ -347,5 +353,5 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
     return table
 
 
-__all__ = ["build_report", "differing_fields", "eval_groups", "long_table", "ovseg_groups", "ovseg_table", "render",
-           "s1_table", "s3_table"]
+__all__ = ["build_report", "differing_fields", "eval_groups", "long_table", "long_table_of", "ovseg_groups",
+           "ovseg_table", "ovseg_table_of", "render", "s1_table", "s3_table"]

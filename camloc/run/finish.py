@@ -51,11 +51,14 @@ def finish_run(run_dir: Path, config: EvalConfig, model_name: str, images: list[
     records = read_run_records(run_dir, skip_bad_records, bad)
     meters = meters_by(records)
     rows, per_method = [], {}
+    by_method: dict[str, list] = {}
+    for record in records:
+        by_method.setdefault(record["method"], []).append(record)
     for method in config.methods:
         meter = meters.get(method, LocalizationMeter())
         result = meter.compute()
         per_method[method] = {**result, "per_class": meter.compute_per_class(),
-                              "pairs_per_second": rate([r for r in records if r["method"] == method])}
+                              "pairs_per_second": rate(by_method.get(method, []))}
         rows.append({"model": model_name, "dataset": dataset_label(config.dataset, config.data), "method": method,
                      **result})
     summary = {

@@ -235,12 +235,8 @@ def window_grids(model, methods: list, options: dict, windows: torch.Tensor, que
     of the shared forward ("forward") and of each method's own work are put there."""
     import time
 
-    from camloc.cams.context import CamContext, share_batch
+    from camloc.cams.context import CamContext, share_batch, synchronize
     from camloc.cams.engine import run_method
-
-    def sync():
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
 
     stand_in = Image.new("RGB", (windows.shape[-1], windows.shape[-2]))
     started = time.perf_counter()
@@ -252,14 +248,14 @@ def window_grids(model, methods: list, options: dict, windows: torch.Tensor, que
     share_batch(contexts)
     if len(contexts) == 1:
         contexts[0]._pass  # a lone window's own forward, so it is timed as the shared one
-    sync()
+    synchronize(model.device)
     if timings is not None:
         timings["forward"] = time.perf_counter() - started
     grids = {}
     for spec in methods:
         t0 = time.perf_counter()
         grids[spec.name] = torch.stack([run_method(spec, ctx).float() for ctx in contexts])
-        sync()
+        synchronize(model.device)
         if timings is not None:
             timings[spec.name] = time.perf_counter() - t0
     return grids
