@@ -664,3 +664,24 @@ def test_legrad_alone_stops_the_forward_at_its_first_block_with_the_same_maps(mo
         maps = compute_raw(model, chelsea, ["cat", "dog"], ["legrad"], context=alone)["legrad"][1]
     assert "_pass" in shared.__dict__ and "_pass" not in alone.__dict__ and calls == [1]
     assert torch.equal(maps, with_gradcam)
+
+
+@pytest.mark.parametrize("model,blocks", [("tiny-vit", 2), ("tiny-vit-mh", 3)])
+def test_gem_alone_runs_one_forward_stopped_at_its_first_block(model, blocks, models, chelsea):
+    """GEM as the image's only method runs the tower only up to its first block and carries the original path
+    itself (each block's q, k, v formed once for both paths): one begun forward, the same maps as from the
+    shared forward within float rounding, and gem-torch's maps."""
+    from camloc.cams.engine import compute_raw
+
+    clip = models[model]
+    options = {"gem_blocks": blocks}
+    compute_raw(clip, chelsea, GEM_PROMPTS, ["gem"], options)  # the block reading is checked once per model
+    shared = CamContext(clip, chelsea, GEM_PROMPTS, options, methods=["gem", "gradcam"])
+    with_gradcam = compute_raw(clip, chelsea, GEM_PROMPTS, ["gem", "gradcam"], options, context=shared)["gem"][1]
+    alone = CamContext(clip, chelsea, GEM_PROMPTS, options, methods=["gem"])
+    with counting_forwards(clip) as calls:
+        maps = compute_raw(clip, chelsea, GEM_PROMPTS, ["gem"], options, context=alone)["gem"][1]
+    assert "_pass" in shared.__dict__ and "_pass" not in alone.__dict__ and calls == [1]
+    torch.testing.assert_close(maps, with_gradcam, rtol=0, atol=1e-5)
+    suffix = {("tiny-vit", 2): "_depth3", ("tiny-vit-mh", 3): "_depth4"}[(model, blocks)]
+    np.testing.assert_allclose(maps.numpy(), fixture(f"{MODELS[model]}_gem{suffix}_grid.npy")[0], atol=1e-5, rtol=0)

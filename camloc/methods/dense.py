@@ -69,7 +69,7 @@ from camloc.cams.context import CamContext
 from camloc.cams.options import at_least, between, method_option, one_of, positive
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
-from camloc.models.families import BlockAccess, dense_tokens  # noqa: F401  (BlockAccess: re-exported for tests)
+from camloc.models.families import BlockAccess, dense_tokens, forward_until  # noqa: F401  (BlockAccess: re-exported for tests)
 
 CONTRASTS = ("none", "empty", "labels", "dataset")
 GEM_BLOCKS = method_option("gem_blocks", int, 6, "GEM: last blocks on the self-self path (gem-torch's default depth "
@@ -153,6 +153,8 @@ def rn_value_tokens(ctx: CamContext) -> torch.Tensor:
 
 
 def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterations: int) -> torch.Tensor:
+    """GEM's self-self attention of each of the stacked projections `s` (3, B, heads, N, d) over `values`
+    (B, heads, N, d): `iterations` normalised refinements, then the attention applied to the values."""
     for _ in range(iterations):
         s = F.normalize(s, dim=-1)
         s = torch.softmax(tau * s @ s.transpose(-2, -1), dim=-1) @ s
@@ -165,20 +167,32 @@ def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterati
                  description="GEM (Bousselham et al. 2024): self-self attention path over the last --gem-blocks "
                              "blocks; one forward.")
 def gem(ctx: CamContext) -> torch.Tensor:
+    """The path's q, k, v are the original path's. With the image's forward shared (another method reads it,
+    or it has run), they are formed again from its block inputs; GEM alone on the image runs the tower only
+    up to its first block (`forward_until`) and carries the original path itself through the other blocks,
+    forming each block's q, k, v once for both paths, as gem-torch does (the same maps within float
+    rounding: the tower's fused attention and camloc's recombination round differently)."""
     depth = ctx.depth
     n_blocks = int(ctx.options.get("gem_blocks", GEM_BLOCKS.default))
     iterations = int(ctx.options.get("gem_iterations", GEM_ITERATIONS.default))
     first = max(0, depth - n_blocks) if n_blocks > 0 else 0
-    blocks, inputs = ctx.block_inputs(first)
+    accesses = [ctx.block_access(index) for index in range(first, depth)]  # checks the reading once per model
+    shared = "_pass" in ctx.__dict__ or not ctx.methods <= {"gem"}
+    if shared:
+        inputs = ctx.block_inputs(first)[1]
+    else:
+        inputs = [forward_until(ctx.model.visual, ctx.model.family, ctx.input, first)]
     with torch.no_grad():
-        x_gem = inputs[0]
-        for index, x in zip(range(first, depth), inputs):
-            access = ctx.block_access(index)
+        x = x_gem = inputs[0]
+        for n, access in enumerate(accesses):
+            x = inputs[n] if shared else x
             y = access.ln_1(x)
             q, k, v = access.qkv(y)
             tau = y.norm(dim=-1).mean() * q.shape[-1] ** -0.5  # multiplies the logits
-            o = sum(_self_self(s, v, tau, iterations) for s in (v, k, q)) / 3
-            x_gem = x_gem + access.merge(o)
+            x_gem = x_gem + access.merge(_self_self(torch.stack((v, k, q)), v, tau, iterations).mean(dim=0))
+            if not shared and n + 1 < len(accesses):  # the original path, carried on by hand
+                x = x + access.ls_1(access.merge(F.scaled_dot_product_attention(q, k, v)))
+                x = x + access.ffn(x)
         return patch_similarity(ctx, x_gem)
 
 
