@@ -685,3 +685,72 @@ def test_gem_alone_runs_one_forward_stopped_at_its_first_block(model, blocks, mo
     torch.testing.assert_close(maps, with_gradcam, rtol=0, atol=1e-5)
     suffix = {("tiny-vit", 2): "_depth3", ("tiny-vit-mh", 3): "_depth4"}[(model, blocks)]
     np.testing.assert_allclose(maps.numpy(), fixture(f"{MODELS[model]}_gem{suffix}_grid.npy")[0], atol=1e-5, rtol=0)
+
+
+def test_a_forward_for_the_blocks_inputs_stops_before_the_last_block(models, chelsea):
+    """`encoder_pass(blocks_only=True)`: the same block inputs as the full forward, bit for bit, and the last
+    block, the head and the projection never run."""
+    from camloc.models.families import encoder_pass, vit_blocks
+
+    clip = models["tiny-vit-mh"]
+    x = clip.preprocess(chelsea)
+    _, _, full = encoder_pass(clip.visual, clip.family, x)
+    ran = []
+    handle = vit_blocks(clip.visual)[-1].register_forward_hook(lambda m, args, out: ran.append(1))
+    try:
+        raw, features, stopped = encoder_pass(clip.visual, clip.family, x, blocks_only=True)
+    finally:
+        handle.remove()
+    assert raw is None and features is None and ran == []
+    assert len(stopped) == len(full) and all(torch.equal(a, b) for a, b in zip(stopped, full))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_methods_reading_only_block_inputs_run_a_forward_stopped_there(model, models, chelsea):
+    """Each method declaring `block_inputs_only` reads nothing else of the image's forward: alone on an image it
+    runs one forward that stops before the last block (no full `_pass`), with the maps it makes from the full
+    forward shared with GradCAM (GEM alone carries its original path by hand: within float rounding)."""
+    from camloc.cams.engine import compute_raw
+    from camloc.cams.registry import METHODS, list_methods
+
+    clip = models[model]
+    options = {"proxy_model": "vit_small_patch8_224.dino:random"}
+    methods = [m for m in list_methods() if METHODS[m].block_inputs_only]
+    assert {"maskclip", "sclip", "naclip", "clearclip", "cliptrase", "resclip", "scclip", "cliper", "gem",
+            "proxyclip"} <= set(methods) and "clipsurgery" not in methods
+    compute_raw(clip, chelsea, PROMPTS, ["sclip"])  # the block reading is checked once per model (a full forward)
+    for method in methods:
+        alone = CamContext(clip, chelsea, PROMPTS, options, methods=[method])
+        with counting_forwards(clip) as calls:
+            maps = compute_raw(clip, chelsea, PROMPTS, [method], options, context=alone)[method][1]
+        assert "_pass" not in alone.__dict__ and calls == [1], method
+        both = CamContext(clip, chelsea, PROMPTS, options, methods=[method, "gradcam"])
+        want = compute_raw(clip, chelsea, PROMPTS, [method, "gradcam"], options, context=both)[method][1]
+        assert "_pass" in both.__dict__
+        if method == "gem":
+            torch.testing.assert_close(maps, want, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(maps, want), method
+
+
+def test_a_batch_of_block_input_readers_shares_one_stopped_forward(models, chelsea):
+    """`share_batch` of images whose methods all read block inputs only: one batched forward stopped before the
+    last block, each image's maps those of its own forward; with a method needing more in the group, the full
+    forward."""
+    from camloc.cams.context import share_batch
+    from camloc.cams.engine import compute_raw
+
+    clip = models["tiny-vit"]
+    images = [chelsea, chelsea.transpose(0)]
+    own = [compute_raw(clip, im, PROMPTS, ["sclip"])["sclip"][1] for im in images]
+    contexts = [CamContext(clip, im, PROMPTS, methods=["sclip"]) for im in images]
+    with counting_forwards(clip) as calls:
+        share_batch(contexts)
+    assert calls == [2] and all("_block_pass" in c.__dict__ and "_pass" not in c.__dict__ for c in contexts)
+    for im, ctx, want in zip(images, contexts, own):
+        torch.testing.assert_close(compute_raw(clip, im, PROMPTS, ["sclip"], context=ctx)["sclip"][1], want,
+                                   rtol=0, atol=1e-6)
+    mixed = [CamContext(clip, images[0], PROMPTS, methods=["sclip"]),
+             CamContext(clip, images[1], PROMPTS, methods=["gradcam"])]
+    share_batch(mixed)
+    assert all("_pass" in c.__dict__ for c in mixed)

@@ -222,9 +222,41 @@ class CamContext:
         (1, C, h, w); a timm trunk's last block output (1, N, D)). Free: the forward is shared."""
         return self._pass[0]
 
-    def adopt_pass(self, raw: torch.Tensor, features: torch.Tensor, block_inputs: list | None) -> None:
-        """Take this image's share of a batched `encoder_pass` (`share_batch`)."""
-        self.__dict__["_pass"] = (raw, features, block_inputs)
+    @shared
+    def _block_pass(self) -> list:
+        """The block inputs of `encoder_pass(blocks_only=True)` of this image (`blocks_only`)."""
+        return encoder_pass(self.model.visual, self.model.family, self.input, blocks_only=True)[2]
+
+    @property
+    def blocks_only(self) -> bool:
+        """Whether every method of this image reads only the ViT blocks' inputs of its forward
+        (`MethodSpec.block_inputs_only`): the forward then stops at the last block's input."""
+        from camloc.cams.registry import METHODS
+
+        return (bool(self.methods) and all(m in METHODS and METHODS[m].block_inputs_only for m in self.methods)
+                and bool(vit_blocks(self.model.visual)))
+
+    @property
+    def forward_name(self) -> str:
+        """The shared value that holds this image's forward: `_block_pass` where it stops early, else `_pass`."""
+        return "_block_pass" if self.blocks_only and "_pass" not in self.__dict__ else "_pass"
+
+    def forward(self) -> None:
+        """Run this image's forward now (what `block_inputs` or the other readers would start)."""
+        getattr(self, self.forward_name)
+
+    @property
+    def has_forward(self) -> bool:
+        """Whether this image's forward (either form) has run or been adopted."""
+        return "_pass" in self.__dict__ or "_block_pass" in self.__dict__
+
+    def adopt_pass(self, raw: torch.Tensor | None, features: torch.Tensor | None, block_inputs: list | None) -> None:
+        """Take this image's share of a batched `encoder_pass` (`share_batch`; without the raw output and the
+        embedding: of one stopped at the last block, `blocks_only`)."""
+        if raw is None:
+            self.__dict__["_block_pass"] = block_inputs
+        else:
+            self.__dict__["_pass"] = (raw, features, block_inputs)
         self.batched = True
 
     batched = False
@@ -247,7 +279,10 @@ class CamContext:
     def block_inputs(self, first: int, embedding: bool = False):
         """A ViT tower's blocks and the batch-first (1, N, D) input of every block from `first` on, from the
         image's one forward; with `embedding`, also the model's own image embedding (1, E)."""
-        _, features, inputs = self._pass
+        if embedding or self.forward_name == "_pass":
+            _, features, inputs = self._pass
+        else:
+            inputs = self._block_pass
         if inputs is None:
             raise ValueError(f"{type(self.model.visual).__name__} has no transformer blocks")
         blocks = vit_blocks(self.model.visual)
@@ -354,15 +389,18 @@ def share_batch(contexts: list["CamContext"]) -> None:
     gradient powers turns that float rounding into 5e-4 relative differences on tiny-vit.)"""
     from camloc.cams.registry import METHODS
 
-    group = [ctx for ctx in contexts if "_pass" not in ctx.__dict__
+    group = [ctx for ctx in contexts if not ctx.has_forward
              and any(METHODS[m].shares_forward for m in ctx.methods if m in METHODS)]
     if len(group) < 2:
         return
     family = group[0].model.family
+    blocks_only = all(ctx.blocks_only for ctx in group)  # else the stopped forwards run in the full one
     try:
-        raw, features, inputs = encoder_pass(group[0].model.visual, family, torch.cat([ctx.input for ctx in group]))
-        shares = [(raw.narrow(family.batch_dim, i, 1).clone(), features[i:i + 1].clone(),  # own copies, laid out
-                   None if inputs is None else [x[i:i + 1].clone() for x in inputs])  # as one image's forward's
+        raw, features, inputs = encoder_pass(group[0].model.visual, family, torch.cat([ctx.input for ctx in group]),
+                                             blocks_only=blocks_only)
+        shares = [(None if raw is None else raw.narrow(family.batch_dim, i, 1).clone(),  # own copies, laid out
+                   None if features is None else features[i:i + 1].clone(),  # as one image's forward's
+                   None if inputs is None else [x[i:i + 1].clone() for x in inputs])
                   for i in range(len(group))]
     except torch.cuda.OutOfMemoryError:  # each image then runs its own forward, as with --image-batch 1
         torch.cuda.empty_cache()

@@ -55,6 +55,10 @@ class MethodSpec:
     shares_forward: bool = False
     """Reads the image's one encoder forward (target activations, embedding, ViT block inputs), which
     `share_batch` computes for several images in one batch (eval's `--image-batch`)."""
+    block_inputs_only: bool = False
+    """Of that forward, reads only the ViT blocks' inputs (`CamContext.block_inputs` without the embedding):
+    when every method of an image says so, its forward stops at the last block's input (the last block, the
+    head and the projection would run for nothing; `CamContext.blocks_only`)."""
 
 
 METHODS: dict[str, MethodSpec] = {}

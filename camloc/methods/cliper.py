@@ -66,7 +66,7 @@ def fused_attention(summed: torch.Tensor) -> torch.Tensor:
     return a / a.sum(dim=-1, keepdim=True)
 
 
-@register_method("cliper", segments=True, shares_forward=True, prompt_coupled=True, families=DENSE_FAMILIES,
+@register_method("cliper", segments=True, shares_forward=True, block_inputs_only=True, prompt_coupled=True, families=DENSE_FAMILIES,
                  postprocess="resize_minmax", params=("cliper_background", "cliper_scale", "cliper_threshold", "cliper_variant"),
                  description="CLIPer (Sun et al. 2025), CLIP-only stage: every block's normalised input through the "
                              "last block with the summed attention, scores propagated; one forward.")

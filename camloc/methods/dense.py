@@ -123,7 +123,7 @@ def square_grid(similarity: torch.Tensor) -> torch.Tensor:
     return similarity.T.reshape(similarity.shape[1], grid, grid)
 
 
-@register_method("maskclip", segments=True, shares_forward=True, families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax",
+@register_method("maskclip", segments=True, shares_forward=True, block_inputs_only=True, families=DENSE_FAMILIES | {"rn"}, postprocess="resize_minmax",
                  params=("cls_lambda",),
                  description="MaskCLIP (Zhou et al. 2022): value path in the last block (ResNet: of the attention "
                              "pool), patch tokens vs prompts; one forward.")
@@ -163,7 +163,7 @@ def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterati
 
 
 @register_method("gem", segments=True, families=DENSE_FAMILIES, postprocess="resize_minmax", params=("gem_blocks", "gem_iterations", "cls_lambda"),
-                 shares_forward=True,
+                 shares_forward=True, block_inputs_only=True,
                  description="GEM (Bousselham et al. 2024): self-self attention path over the last --gem-blocks "
                              "blocks; one forward.")
 def gem(ctx: CamContext) -> torch.Tensor:
@@ -177,7 +177,7 @@ def gem(ctx: CamContext) -> torch.Tensor:
     iterations = int(ctx.options.get("gem_iterations", GEM_ITERATIONS.default))
     first = max(0, depth - n_blocks) if n_blocks > 0 else 0
     accesses = [ctx.block_access(index) for index in range(first, depth)]  # checks the reading once per model
-    shared = "_pass" in ctx.__dict__ or not ctx.methods <= {"gem"}
+    shared = ctx.has_forward or not ctx.methods <= {"gem"}
     if shared:
         inputs = ctx.block_inputs(first)[1]
     else:
@@ -232,7 +232,7 @@ def last_block_variant(ctx: CamContext, base: str, logits_hook=None, attention_h
         return patch_similarity(ctx, out)
 
 
-@register_method("sclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
+@register_method("sclip", segments=True, shares_forward=True, block_inputs_only=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
                  params=("cls_lambda",),
                  description="SCLIP (Wang et al. 2024): correlative self-attention (q-q + k-k) in the last block, "
                              "residual and FFN kept; one forward.")
@@ -240,7 +240,7 @@ def sclip(ctx: CamContext) -> torch.Tensor:
     return last_block_variant(ctx, "sclip")
 
 
-@register_method("cliptrase", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
+@register_method("cliptrase", segments=True, shares_forward=True, block_inputs_only=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
                  params=("cls_lambda",),
                  description="CLIPtrase (Shao et al. 2024): recalibrated self-correlation (q-q + k-k + v-v) in the last "
                              "block, residual and FFN kept; one forward (without the reference's DBSCAN cluster vote).")
@@ -248,7 +248,7 @@ def cliptrase(ctx: CamContext) -> torch.Tensor:
     return last_block_variant(ctx, "cliptrase")
 
 
-@register_method("clearclip", segments=True, shares_forward=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
+@register_method("clearclip", segments=True, shares_forward=True, block_inputs_only=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
                  params=("cls_lambda",),
                  description="ClearCLIP (Lan et al. 2024): query-query attention, last block without residual "
                              "and FFN; one forward.")
@@ -267,7 +267,7 @@ def neighbourhood(grid: int, std: float, prefix: int = 1) -> torch.Tensor:
 
 
 @register_method("naclip", segments=True, families=DENSE_FAMILIES, postprocess="resize_minmax", params=("naclip_std", "cls_lambda"),
-                 shares_forward=True,
+                 shares_forward=True, block_inputs_only=True,
                  description="NACLIP (Hajimiri et al. 2025): key-key attention plus a Gaussian neighbourhood "
                              "(--naclip-std), last block without residual and FFN; one forward.")
 def naclip(ctx: CamContext) -> torch.Tensor:

@@ -77,7 +77,7 @@ def legrad(ctx: CamContext) -> torch.Tensor:
     if not getattr(ctx.model, "_run_block_checked", False):
         check_run_block(visual, family, ctx.block_inputs(0)[1])
         ctx.model._run_block_checked = True
-    if "_pass" in ctx.__dict__ or not ctx.methods <= {"legrad"}:
+    if ctx.has_forward or not ctx.methods <= {"legrad"}:
         start = ctx.block_inputs(first)[1][0]  # the image's one forward, shared: only the used blocks run again
     else:  # LeGrad alone on the image: a forward that stops at its first block (the rest would run twice)
         start = forward_until(visual, family, ctx.input, first)

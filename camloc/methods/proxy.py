@@ -133,7 +133,7 @@ def proxy_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.
     return similarity_attention(f.T @ f, beta, gamma)
 
 
-@register_method("proxyclip", segments=True, shares_forward=True, needs="--proxy-model",
+@register_method("proxyclip", segments=True, shares_forward=True, block_inputs_only=True, needs="--proxy-model",
                  families=frozenset({"vit", "vit-avg", "timm-vit"}), postprocess="resize_minmax",
                  params=("proxy_model", "proxy_beta", "proxy_gamma"), weights=proxy_weights,
                  description="ProxyCLIP (Lan et al. 2024): CLIP's last-block values attended with a vision foundation "

@@ -183,7 +183,7 @@ def sfr_attention(labels: torch.Tensor, std: float, prefix: int) -> torch.Tensor
     return out
 
 
-@register_method("resclip", segments=True, shares_forward=True, prompt_coupled=True,
+@register_method("resclip", segments=True, shares_forward=True, block_inputs_only=True, prompt_coupled=True,
                  families=frozenset({"vit", "vit-avg", "timm-vit"}), postprocess="resize_minmax",
                  params=("resclip_base", "resclip_parts", "resclip_rcs_layers", "resclip_rcs_weights",
                          "resclip_sfr_weights", "resclip_sfr_threshold", "naclip_std", "cls_lambda"),

@@ -118,7 +118,7 @@ def _cosines(tokens: torch.Tensor) -> torch.Tensor:
     return t @ t.T
 
 
-@register_method("scclip", segments=True, shares_forward=True, unbatched=True, families=frozenset({"vit", "vit-avg", "timm-vit"}),
+@register_method("scclip", segments=True, shares_forward=True, block_inputs_only=True, unbatched=True, families=frozenset({"vit", "vit-avg", "timm-vit"}),
                  postprocess="resize_minmax", params=("scclip_layers", "scclip_beta", "scclip_res_cls"),
                  description="SC-CLIP (Bai et al. 2024): outlier tokens replaced, similarity aggregation, the last "
                              "block with a calibrated attention and multi-level fusion; one forward.")

@@ -432,22 +432,34 @@ def pool_value_path(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out + pool.mlp(pool.norm(out)) if pool.mlp is not None else out
 
 
-def encoder_pass(visual: nn.Module, family: Family, x: torch.Tensor) -> tuple:
+def encoder_pass(visual: nn.Module, family: Family, x: torch.Tensor, blocks_only: bool = False) -> tuple:
     """One forward of a batch `x` through the image tower, capturing what the one-forward methods read:
     (the target layer's raw output, the image embeddings (B, E), the batch-first input of every block
-    of a ViT tower (`vit_blocks`), or None for other towers). Nothing is differentiated."""
+    of a ViT tower (`vit_blocks`), or None for other towers). Nothing is differentiated. `blocks_only`
+    (a ViT tower): the forward stops at the last block's input, and the first two are None."""
     captured: list[torch.Tensor] = []
-    handles = [family.target_layer(visual).register_forward_hook(lambda m, args, out: captured.append(out))]
     inputs: dict[int, torch.Tensor] = {}
     blocks = vit_blocks(visual)
+    if blocks_only and not blocks:
+        raise ValueError(f"{type(visual).__name__} has no transformer blocks")
+    handles = [] if blocks_only else [family.target_layer(visual).register_forward_hook(
+        lambda m, args, out: captured.append(out))]
     handles += [block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
                 for i, block in enumerate(blocks)]
+    if blocks_only:
+        def stop(module, args):
+            raise _Stop
+
+        handles.append(blocks[-1].register_forward_pre_hook(stop))  # after the input's own hook
+    features = None
     try:
         with torch.no_grad():
             features = visual(x)
+    except _Stop:
+        pass
     finally:
         for handle in handles:
             handle.remove()
     seq_first = family.batch_dim == 1
     block_inputs = [inputs[i].transpose(0, 1) if seq_first else inputs[i] for i in range(len(blocks))] if blocks else None
-    return captured[-1].detach(), features, block_inputs
+    return (None if blocks_only else captured[-1].detach()), features, block_inputs

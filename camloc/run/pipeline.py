@@ -91,7 +91,7 @@ def compute_images(model: ClipModel, batch: list[tuple], config: EvalConfig, run
     for (item, _, image, _), (pairs, methods, ctx) in zip(batch, contexts):
         ctx.ledger = Ledger()
         if ctx.batched:  # its share of the batched forward, split over the methods that read it
-            ctx.ledger.costs["_pass"] = forward
+            ctx.ledger.costs[ctx.forward_name] = forward
         seconds: dict = {}
         native = compute_native(model, image, ctx.prompts, methods, context=ctx, seconds=seconds)
         if cache is not None:
