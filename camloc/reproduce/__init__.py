@@ -1,0 +1,326 @@
+"""`camloc reproduce`: a paper's table as a named preset (data, not code), run as ordinary camloc evaluations,
+and written with the published value, camloc's value and their difference in every cell.
+
+- `presets/<name>.toml`: the table's models, methods (with every option), datasets and protocol settings (an
+  ovseg preset and what differs from it, or the box protocol's threshold, IoU convention and prompt), the
+  tolerance beyond which a cell is flagged, the rough GPU time, and the record of official settings it must
+  hold (`official_configs.toml`, checked by the tests).
+- `published/<paper>.toml`: the published numbers, one table per key, with their unit and source; the reports'
+  `--compare-paper` reads the same files (`published_values`).
+
+Each (model, dataset) of a preset runs as one run folder `OUT/<model>/<dataset>` through `camloc.api.evaluate`:
+resumable, shardable (`--shard`, torchrun, SLURM) and checked against its identity like any other run. The
+table is written from whatever the folders hold: a run limited to some images (`--limit`), run with another model
+than the paper's, or still missing records (a shard not finished) makes the table partial, said in its title,
+and a partial table prints no difference."""
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from camloc.errors import OptionError, RunFolderError
+
+HERE = Path(__file__).resolve().parent
+PRESETS_DIR = HERE / "presets"
+PUBLISHED_DIR = HERE / "published"
+OFFICIAL_FILE = HERE / "official_configs.toml"
+
+WITH_BACKGROUND = ("voc21", "context60", "coco-object")
+WITHOUT_BACKGROUND = ("voc20", "context59", "coco-stuff-171", "cityscapes", "ade20k-150")
+MEANS = {"mean (with bg)": WITH_BACKGROUND, "mean (without bg)": WITHOUT_BACKGROUND,
+         "mean (8)": WITH_BACKGROUND + WITHOUT_BACKGROUND}
+"""The averages the field reports beside the eight-benchmark mean: the three datasets with a background class
+and the five without (CorrCLIP's and OV-Stitcher's split), each only where all its datasets are in the table."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    title: str
+    protocol: str
+    models: list[str]
+    methods: list[str]
+    datasets: list[str]
+    tolerance: float
+    gpu_hours: float
+    official: str
+    published: str | None = None
+    unpublished: str | None = None
+    ovseg: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def paper_table(self) -> tuple[str, str] | None:
+        if not self.published:
+            return None
+        paper, _, table = self.published.partition(":")
+        return paper, table
+
+
+def presets() -> dict[str, Preset]:
+    """Every preset, by name (the file's stem), in name order."""
+    out = {}
+    for path in sorted(PRESETS_DIR.glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        out[path.stem] = Preset(name=path.stem, title=data["title"], protocol=data["protocol"], models=data["models"],
+                                methods=data["methods"], datasets=data["datasets"],
+                                tolerance=float(data["tolerance"]), gpu_hours=float(data["gpu_hours"]),
+                                official=data["official"], published=data.get("published"),
+                                unpublished=data.get("unpublished"), ovseg=data.get("ovseg", {}),
+                                eval=data.get("eval", {}), options=data.get("options", {}))
+    return out
+
+
+def preset(name: str) -> Preset:
+    known = presets()
+    if name not in known:
+        raise OptionError(f"no reproduction preset {name!r}; `camloc reproduce list` shows {', '.join(known)}")
+    return known[name]
+
+
+def published_table(paper: str, table: str) -> dict:
+    """`published/<paper>.toml`'s table: {"title", "source", "unit", "values": {model: {method: {dataset: v}}},
+    "paper", ...} (a box table has one value per (model, method): stored under the dataset key "value")."""
+    path = PUBLISHED_DIR / f"{paper}.toml"
+    if not path.is_file():
+        raise OptionError(f"no published numbers for {paper!r} ({path} is missing)")
+    data = tomllib.loads(path.read_text())
+    if table not in data:
+        raise OptionError(f"{path.name} has no table {table!r}; it has {', '.join(k for k in data if k != 'paper')}")
+    return {"paper": data.get("paper", paper), **data[table]}
+
+
+def published_values(paper: str, table: str) -> dict:
+    """{model: {method: value}} of a published table (what `--compare-paper` puts beside a run)."""
+    return published_table(paper, table)["values"]
+
+
+def official_settings(name: str) -> dict:
+    """`official_configs.toml`'s record for `name`: {"source", "defaults", "datasets": {dataset: {...}}}."""
+    data = tomllib.loads(OFFICIAL_FILE.read_text())
+    if name not in data:
+        raise OptionError(f"{OFFICIAL_FILE.name} records no official settings named {name!r}")
+    return data[name]
+
+
+def listing() -> list[dict]:
+    """`camloc reproduce list`: one row per preset, with what it needs and where its numbers come from."""
+    rows = []
+    for p in presets().values():
+        source = (published_table(*p.paper_table)["source"] if p.paper_table
+                  else p.unpublished or "no published numbers recorded")
+        rows.append({"name": p.name, "title": p.title, "protocol": p.protocol, "models": ", ".join(p.models),
+                     "methods": ", ".join(p.methods), "datasets": ", ".join(p.datasets), "gpu_hours": p.gpu_hours,
+                     "settings": official_settings(p.official)["source"], "published": source})
+    return rows
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "-").replace(":", "-").replace("@", "-")
+
+
+def run_folder(out: Path, model: str, dataset: str) -> Path:
+    return Path(out) / _slug(model) / dataset
+
+
+def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = None, data: dict | None = None,
+               limit: int | None = None, methods: list[str] | None = None, datasets: list[str] | None = None,
+               models: list[str] | None = None, substitute_model: str | None = None, shard=(0, 1),
+               device: str = "auto", precision: str = "auto", image_batch="auto", progress: bool = False,
+               plugins=None) -> dict:
+    """Run a preset's evaluations (each (model, dataset) a run folder under `out`, resumed where it exists),
+    then write its table (`write_table`). `data` maps a dataset to its own data root (else `data_root`);
+    `methods`, `datasets`, `models` keep a subset of the preset's; `substitute_model` runs every model of the
+    preset as that one (a smoke test: the table is then partial and prints no difference)."""
+    from camloc.api import evaluate
+
+    p = preset(name)
+    chosen_methods = _subset(methods, p.methods, "--methods")
+    chosen_datasets = _subset(datasets, p.datasets, "--datasets")
+    chosen_models = _subset(models, p.models, "--models")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"preset": p.name, "substitute_model": substitute_model, "limit": limit}
+    marker = out / "reproduce.json"
+    if marker.is_file():
+        before = json.loads(marker.read_text())
+        if {k: before.get(k) for k in state} != state:
+            raise OptionError(f"{out} holds a reproduction of {before.get('preset')} (model "
+                              f"{before.get('substitute_model') or 'as published'}, limit {before.get('limit')}); "
+                              "use another --out for this one")
+    marker.write_text(json.dumps(state, indent=1) + "\n")
+    for model in chosen_models:
+        for dataset in chosen_datasets:
+            root = (data or {}).get(dataset, data_root)
+            common = dict(limit=limit, data_root=root, device=device, precision=precision, image_batch=image_batch,
+                          progress=progress, shard=shard, plugins=plugins, **p.options)
+            target = run_folder(out, model, dataset)
+            if p.protocol == "ovseg":
+                evaluate(substitute_model or model, dataset, chosen_methods, out=target, protocols="ovseg",
+                         ovseg=dict(p.ovseg), **common)
+            else:
+                evaluate(substitute_model or model, dataset, chosen_methods, out=target, protocols=p.protocol,
+                         threshold=p.eval.get("threshold", "otsu"), iou=p.eval.get("iou", "gscorecam"),
+                         prompt_template=p.eval.get("prompt_template", "{}"), **common)
+    return write_table(name, out)
+
+
+def _subset(given: list[str] | None, full: list[str], option: str) -> list[str]:
+    if not given:
+        return list(full)
+    unknown = [g for g in given if g not in full]
+    if unknown:
+        raise OptionError(f"{option} {', '.join(unknown)}: not in this preset (it has {', '.join(full)})")
+    return [f for f in full if f in given]
+
+
+def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
+    """{(model, method, dataset): (value in the published unit, complete)} from the run folders under `out`,
+    and the reasons the table is partial."""
+    from camloc.report.tables import eval_groups, long_table_of, ovseg_groups
+
+    values, reasons = {}, []
+    state = json.loads((out / "reproduce.json").read_text()) if (out / "reproduce.json").is_file() else {}
+    if state.get("substitute_model"):
+        reasons.append(f"run with {state['substitute_model']} in place of {', '.join(p.models)}")
+    if state.get("limit"):
+        reasons.append(f"the first {state['limit']} images of each dataset only (--limit {state['limit']})")
+    whole = not reasons  # a substitute model or a limit: no cell is the paper's setting
+    scale = 100.0 if p.protocol == "ovseg" else 1.0  # ovseg mIoU is stored as a fraction, published in percent
+    for model in p.models:
+        for dataset in p.datasets:
+            folder = run_folder(out, model, dataset)
+            if not (folder / "config.json").is_file():
+                reasons.append(f"{model} on {dataset} not run")
+                continue
+            config = json.loads((folder / "config.json").read_text())
+            if config.get("limit") != state.get("limit"):
+                reasons.append(f"{model} on {dataset}: run with --limit {config.get('limit')}")
+            if p.protocol == "ovseg":
+                [group] = ovseg_groups([folder])
+                reasons += [f"{model} {m} on {dataset} not run" for m in p.methods if m not in group["methods"]]
+                expected = (group["identity"].get("data") or {}).get("n_images")
+                for method in group["methods"]:
+                    from camloc.evaluators.segmentation import SegmentationState
+
+                    records = [r for (_, m), r in group["records"].items() if m == method]
+                    if not records:
+                        continue
+                    state_sum = SegmentationState.from_record(records[0]["state"])
+                    for r in records[1:]:
+                        state_sum += SegmentationState.from_record(r["state"])
+                    complete = whole and expected is not None and len(records) == expected
+                    if expected is not None and len(records) != expected:
+                        reasons.append(f"{model} {method} on {dataset}: {len(records)} of {expected} images")
+                    values[(model, method, dataset)] = (scale * state_sum.result()["miou"], complete)
+            else:
+                [group] = eval_groups([folder], allow_incomplete=True)
+                reasons += [f"{model} {m} on {dataset} not run" for m in p.methods if m not in group["methods"]]
+                expected = (group["identity"].get("data") or {}).get("n_pairs")
+                long = long_table_of([group])
+                for _, row in long.iterrows():
+                    complete = whole and expected is not None and int(row["n_pairs"]) == expected
+                    if expected is not None and int(row["n_pairs"]) != expected:
+                        reasons.append(f"{model} {row['method']} on {dataset}: {int(row['n_pairs'])} of {expected} pairs")
+                    values[(model, row["method"], dataset)] = (float(row["mean_iou"]), complete)
+    return values, reasons
+
+
+def reproduction_table(name: str, out: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, str, bool]:
+    """(long, wide, title, partial) of a preset's run folders under `out`.
+
+    long: one row per (model, method, column) with published, camloc, delta (None when partial or either side
+    is missing) and flagged (|delta| > the preset's tolerance); columns are the datasets and, where all theirs are
+    present, the with-background, without-background and eight-dataset means. wide: per (model, method) three
+    rows (published, camloc, delta) and one column per dataset or mean, as papers print them."""
+    p = preset(name)
+    out = Path(out)
+    if not out.is_dir():
+        raise RunFolderError(f"{out} does not exist: run `camloc reproduce {name} --out {out} ...` first")
+    measured, reasons = _measured(p, out)
+    published = published_table(*p.paper_table) if p.paper_table else None
+    columns = list(p.datasets) + [m for m, members in MEANS.items()
+                                  if p.protocol == "ovseg" and set(members) <= set(p.datasets)]
+    rows = []
+    for model in p.models:
+        for method in p.methods:
+            paper = ((published or {}).get("values", {}).get(model, {}).get(method, {}))
+            if not isinstance(paper, dict):
+                paper = {p.datasets[0]: paper}
+            for column in columns:
+                members = MEANS.get(column, (column,))
+                theirs = _mean([paper.get(d) for d in members])
+                runs = [measured.get((model, method, d), (None, False)) for d in members]
+                ours = _mean([value for value, _ in runs])
+                whole = all(complete for _, complete in runs)  # the paper's model on every image of each
+                delta = None if not whole or theirs is None or ours is None else ours - theirs
+                rows.append({"model": model, "method": method, "column": column, "published": theirs,
+                             "camloc": ours, "delta": delta,
+                             "flagged": bool(delta is not None and abs(delta) > p.tolerance + 1e-12)})
+    long = pd.DataFrame(rows, columns=["model", "method", "column", "published", "camloc", "delta", "flagged"])
+    wide_rows = []
+    for (model, method), part in long.groupby(["model", "method"], sort=False):
+        for kind in ("published", "camloc", "delta"):
+            wide_rows.append({"model": model, "method": method, "row": kind,
+                              **{r["column"]: _cell(r[kind], kind, r["flagged"]) for _, r in part.iterrows()}})
+    wide = pd.DataFrame(wide_rows, columns=["model", "method", "row"] + columns)
+    unit = (published or {}).get("unit", "percent" if p.protocol == "ovseg" else "fraction")
+    title = f"{name}: {p.title}"
+    if published:
+        title += f" — published: {published['source']}; unit: {_unit(p, unit)}; tolerance {p.tolerance:g}"
+    else:
+        title += f" — {p.unpublished or 'no published numbers recorded'}"
+    partial = bool(reasons)
+    if partial:
+        shown = "no differences printed" if long["delta"].isna().all() else "differences only where a cell's runs are whole"
+        title = f"PARTIAL ({shown}): " + "; ".join(dict.fromkeys(reasons)) + ". " + title
+    return long, wide, title, partial
+
+
+def _unit(p: Preset, unit: str) -> str:
+    if p.protocol == "ovseg":
+        return "mIoU (%)" if unit == "percent" else "mIoU"
+    return "mean box IoU"
+
+
+def _mean(values: list) -> float | None:
+    if not values or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def _cell(value, kind: str, flagged: bool):
+    if value is None:
+        return None
+    if kind == "delta":
+        return f"{value:+.2f}{' !' if flagged else ''}" if abs(value) >= 0.01 or value == 0 else f"{value:+.4f}{' !' if flagged else ''}"
+    return value
+
+
+def write_table(name: str, out: str | Path) -> dict:
+    """Write OUT/table.md, table.csv (the long form) and table.tex; returns {"title", "partial", "files",
+    "flagged"}."""
+    out = Path(out)
+    long, wide, title, partial = reproduction_table(name, out)
+    digits = 2 if preset(name).protocol == "ovseg" else 3
+    shown = wide.copy()
+    for column in shown.columns[3:]:
+        shown[column] = [("" if math.isnan(v) else f"{v:.{digits}f}") if isinstance(v, float) else ("" if v is None else v)
+                         for v in shown[column]]
+    markdown = f"**{title}**\n\n" + shown.to_markdown(index=False) + "\n"
+    flagged = long[long["flagged"]]
+    if len(flagged):
+        markdown += (f"\n! = the difference exceeds the preset's tolerance ({preset(name).tolerance:g}): "
+                     + ", ".join(f"{r.model} {r.method} {r.column}" for r in flagged.itertuples()) + "\n")
+    (out / "table.md").write_text(markdown)
+    long.to_csv(out / "table.csv", index=False)
+    latex = shown.to_latex(index=False, na_rep="--", caption=title.replace("_", r"\_").replace("%", r"\%"))
+    (out / "table.tex").write_text(latex)
+    return {"title": title, "partial": partial, "files": [str(out / f) for f in ("table.md", "table.csv", "table.tex")],
+            "flagged": len(flagged)}

@@ -1,0 +1,273 @@
+"""`camloc reproduce`: presets held against the official configs recorded with their sources, published numbers
+as data, and a preset run end to end on tiny models and test-made datasets in each official layout (partial
+titles, no differences printed for a partial run, shards merging to the one-process table)."""
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from camloc import reproduce
+from camloc.cli.app import app
+from camloc.datasets.segmentation import SEG_DATASETS
+from camloc.segment.infer import resolve_settings
+
+runner = CliRunner()
+REAL = Path(__file__).parent / "real-formats"
+CLASSES = Path(reproduce.__file__).resolve().parent.parent / "segment" / "classes"
+
+
+def _official_files() -> dict[str, str]:
+    """camloc's class file -> the harness file it copies (camloc/segment/classes/README.md's table)."""
+    rows = re.findall(r"^\| (\S+\.txt) \|.*\| (cls_\S+\.txt) \|$", (CLASSES / "README.md").read_text(), re.M)
+    return dict(rows)
+
+
+@pytest.mark.parametrize("name", sorted(reproduce.presets()))
+def test_every_preset_holds_the_official_settings_recorded_with_their_source(name):
+    p = reproduce.preset(name)
+    official = reproduce.official_settings(p.official)
+    assert re.search(r"(at [0-9a-f]{7}|appendix)", official["source"]), "the record names its commit or table"
+    defaults = official["defaults"]
+    if p.protocol == "ovseg":
+        assert set(p.datasets) == set(official["datasets"]), "every dataset's settings are recorded"
+        assert p.models == [defaults["model"]]
+        copies = _official_files()
+        for dataset in p.datasets:
+            want = {**defaults, "area_threshold": None, **official["datasets"][dataset]}
+            given = {k: v for k, v in p.ovseg.items() if k != "preset"}
+            s = resolve_settings(dataset, p.ovseg["preset"], **given)
+            got = {"short_side": s.short_side, "crop": s.crop, "stride": s.stride, "logit_scale": s.logit_scale,
+                   "bg_threshold": s.bg_threshold, "area_threshold": s.area_threshold, "pamr_steps": s.pamr_steps}
+            assert got == {k: want[k] for k in got}, dataset
+            assert (s.templates, s.normalisation, s.position_resize) == ("imagenet80", "harness", "sclip")
+            assert copies[SEG_DATASETS[dataset].classes_file] == want["classes"], dataset
+    else:
+        assert (p.eval["threshold"], p.eval["iou"], p.eval["prompt_template"]) == (
+            defaults["threshold"], defaults["iou"], defaults["prompt_template"])
+
+
+def test_published_numbers_are_data_with_their_source_and_the_printed_means_agree():
+    for path in sorted(reproduce.PUBLISHED_DIR.glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        for key, table in data.items():
+            if key == "paper":
+                continue
+            assert table["source"] and table["unit"] in ("percent", "fraction"), (path.name, key)
+            for model, methods in table["values"].items():
+                for method, values in methods.items():
+                    numbers = values.values() if isinstance(values, dict) else [values]
+                    assert all(isinstance(v, float) for v in numbers), (path.name, key, model, method)
+    naclip = reproduce.published_table("naclip", "main")
+    values = naclip["values"]["ViT-B/16"]["naclip"]
+    assert round(sum(values.values()) / 8, 2) == naclip["printed_mean"]  # the README's Avg is their mean
+    s1 = reproduce.published_table("gscorecam", "s1")
+    rows = [v for m in s1["values"].values() for v in m.values()]
+    assert round(sum(r["single"] for r in rows) / len(rows), 4) == s1["printed_mean"]["single"]
+    assert round(sum(r["otsu"] for r in rows) / len(rows), 4) == s1["printed_mean"]["otsu"]
+
+
+def test_reproduce_list_names_every_preset_and_its_sources():
+    result = runner.invoke(app, ["reproduce", "list"])
+    assert result.exit_code == 0, result.output
+    for name in reproduce.presets():
+        assert f"{name}: " in result.stdout
+    assert "wangf3014/SCLIP README.md at 5f69176" in result.stdout
+    assert "configs/cfg_<dataset>.py and configs/base_config.py at 57fa9aa" in result.stdout
+
+
+# --- the eight datasets in their official layouts, made here ---------------------------------------------
+
+def _photo(path, w, h, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+
+
+def _label(path, array, palette=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array.astype(np.uint8), mode="P" if palette else "L")
+    if palette:
+        image.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    image.save(path)
+
+
+def _blocks(h, w, a, b, border=None):
+    label = np.full((h, w), a, np.uint8)
+    label[h // 2:, w // 3:] = b
+    if border is not None:
+        label[h // 2, :] = border
+    return label
+
+
+SIZES = [(40, 30), (30, 44), (36, 36)]
+
+
+def write_eight(root: Path) -> Path:
+    """Three images each of VOC 2012, PASCAL-Context (VOC2010, mmseg's conversion), Cityscapes, COCO (val2017,
+    the instances JSON, the official stuffthingmaps) and ADEChallengeData2016, in their released layouts."""
+    voc = root / "VOCdevkit" / "VOC2012"
+    ctx = root / "VOCdevkit" / "VOC2010"
+    ids = []
+    for i, (w, h) in enumerate(SIZES):
+        stem = f"2008_00000{i}"
+        ids.append(stem)
+        _photo(voc / "JPEGImages" / f"{stem}.jpg", w, h, i)
+        _label(voc / "SegmentationClass" / f"{stem}.png", _blocks(h, w, 0, 15, 255), palette=True)
+        _photo(ctx / "JPEGImages" / f"{stem}.jpg", w, h, 10 + i)
+        _label(ctx / "SegmentationClassContext" / f"{stem}.png", _blocks(h, w, 0, 12 + i), palette=True)
+        city = root / "cityscapes"
+        name = f"frankfurt_00000{i}_000019"
+        _photo(city / "leftImg8bit" / "val" / "frankfurt" / f"{name}_leftImg8bit.png", w, h, 20 + i)
+        _label(city / "gtFine" / "val" / "frankfurt" / f"{name}_gtFine_labelTrainIds.png", _blocks(h, w, 0, 10, 255))
+        _photo(root / "val2017" / f"00000000013{i}.jpg", w, h, 30 + i)
+        # COCO-Stuff ids - 1: person (0), sky-other (156, train id 148), unlabelled 255
+        _label(root / "stuffthingmaps_trainval2017" / "val2017" / f"00000000013{i}.png", _blocks(h, w, 156, 0, 255))
+        ade = root / "ADEChallengeData2016"
+        _photo(ade / "images" / "validation" / f"ADE_val_0000000{i + 1}.jpg", w, h, 40 + i)
+        _label(ade / "annotations" / "validation" / f"ADE_val_0000000{i + 1}.png", _blocks(h, w, 3, 150, 0))
+    for folder, lists in ((voc, "Segmentation"), (ctx, "SegmentationContext")):
+        (folder / "ImageSets" / lists).mkdir(parents=True, exist_ok=True)
+        (folder / "ImageSets" / lists / "val.txt").write_text("\n".join(ids) + "\n")
+    thing_ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+    coco = {"images": [{"id": 130 + i, "file_name": f"00000000013{i}.jpg", "width": w, "height": h}
+                       for i, (w, h) in enumerate(SIZES)],
+            "categories": [{"id": c, "name": f"c{c}", "supercategory": "x"} for c in thing_ids],
+            "annotations": [{"id": i + 1, "image_id": 130 + i, "category_id": 1, "iscrowd": 0, "area": 100,
+                             "bbox": [2, 2, 10, 10], "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}
+                            for i in range(len(SIZES))]}
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
+    return root
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+    return write_eight(tmp_path_factory.mktemp("eight"))
+
+
+def _reproduce(name, out, data, *extra):
+    return runner.invoke(app, ["reproduce", name, "--data-root", str(data), "--out", str(out),
+                               "--substitute-model", "tiny-vit", "--no-progress", "--device", "cpu", *extra])
+
+
+def test_sclip_table2_runs_end_to_end_and_writes_a_partial_table(eight, tmp_path):
+    result = _reproduce("sclip-table2", tmp_path / "r", eight, "--limit", "2")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "r"
+    long = pd.read_csv(out / "table.csv")
+    columns = ["voc21", "context60", "coco-object", "voc20", "context59", "coco-stuff-171", "cityscapes",
+               "ade20k-150", "mean (with bg)", "mean (without bg)", "mean (8)"]
+    assert list(long["column"]) == columns and set(long["method"]) == {"sclip"}
+    assert long["published"].tolist()[:8] == [59.63, 31.74, 33.52, 81.54, 34.46, 22.77, 32.34, 16.45]
+    assert long["published"].iloc[10] == pytest.approx(39.05625)
+    assert long["delta"].isna().all() and not long["flagged"].any()  # partial: no difference is printed
+    markdown = (out / "table.md").read_text()
+    assert markdown.startswith("**PARTIAL (no differences printed): run with tiny-vit in place of ViT-B/16; ")
+    assert "the first 2 images of each dataset only (--limit 2)" in markdown
+    assert all(re.search(rf"\|\s*{row}\s*\|", markdown) for row in ("published", "camloc", "delta"))
+    assert "PARTIAL" in (out / "table.tex").read_text()
+    # camloc's column is each run's own mIoU, x 100
+    from camloc.report.tables import ovseg_table
+
+    for dataset in columns[:8]:
+        own = ovseg_table([out / "ViT-B-16" / dataset])
+        assert long.set_index("column").loc[dataset, "camloc"] == pytest.approx(100 * own[dataset].iloc[0], abs=1e-6)
+    eight_mean = long.set_index("column")["camloc"]
+    assert eight_mean["mean (8)"] == pytest.approx(eight_mean.iloc[:8].mean())
+    assert eight_mean["mean (with bg)"] == pytest.approx(eight_mean[["voc21", "context60", "coco-object"]].mean())
+
+
+def test_two_shards_merge_to_the_one_process_table(eight, tmp_path):
+    args = ["--limit", "2", "--datasets", "voc21,ade20k-150"]
+    one = _reproduce("sclip-table2", tmp_path / "one", eight, *args)
+    assert one.exit_code == 0, one.output
+    first = _reproduce("sclip-table2", tmp_path / "two", eight, *args, "--shard", "0/2")
+    assert first.exit_code == 0, first.output
+    assert "images" in (tmp_path / "two" / "table.md").read_text().split("**")[1]  # says what is missing
+    second = _reproduce("sclip-table2", tmp_path / "two", eight, *args, "--shard", "1/2")
+    assert second.exit_code == 0, second.output
+    a, b = pd.read_csv(tmp_path / "one" / "table.csv"), pd.read_csv(tmp_path / "two" / "table.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()
+    again = runner.invoke(app, ["reproduce", "sclip-table2", "--out", str(tmp_path / "two"), "--table-only"])
+    assert again.exit_code == 0 and (tmp_path / "two" / "table.md").read_text() == (
+        tmp_path / "one" / "table.md").read_text()
+
+
+def test_a_complete_run_prints_differences_and_flags_those_beyond_the_tolerance(eight, tmp_path, monkeypatch):
+    """A preset whose model is the one run and whose runs are whole: every cell present on both sides has a
+    difference, flagged beyond the tolerance; a dataset not run has neither."""
+    presets, published = tmp_path / "presets", tmp_path / "published"
+    presets.mkdir(), published.mkdir()
+    (presets / "tiny.toml").write_text(
+        'title = "tiny"\npublished = "tiny:t"\nprotocol = "ovseg"\nmodels = ["tiny-vit"]\nmethods = ["sclip", '
+        '"naclip"]\ndatasets = ["voc21", "voc20"]\ntolerance = 0.5\ngpu_hours = 0\nofficial = "sclip"\n'
+        '[ovseg]\npreset = "sclip"\n')
+    (published / "tiny.toml").write_text(
+        'paper = "tiny"\n[t]\nsource = "made here"\nunit = "percent"\n[t.values.tiny-vit.sclip]\nvoc21 = 10.0\n'
+        'voc20 = 20.0\n[t.values.tiny-vit.naclip]\nvoc21 = 0.0\n')
+    monkeypatch.setattr(reproduce, "PRESETS_DIR", presets)
+    monkeypatch.setattr(reproduce, "PUBLISHED_DIR", published)
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["reproduce", "tiny", "--data-root", str(eight), "--out", str(out), "--datasets",
+                                 "voc21", "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    long, wide, title, partial = reproduce.reproduction_table("tiny", out)
+    assert partial and title.startswith("PARTIAL (differences only where a cell's runs are whole): tiny-vit on "
+                                         "voc20 not run. tiny: tiny — published: made here")
+    cells = long.set_index(["method", "column"])
+    sclip = cells.loc[("sclip", "voc21")]
+    assert sclip["delta"] == pytest.approx(sclip["camloc"] - 10.0)
+    assert bool(sclip["flagged"]) == (abs(sclip["delta"]) > 0.5)
+    assert cells.loc[("naclip", "voc21"), "delta"] == pytest.approx(cells.loc[("naclip", "voc21"), "camloc"])
+    assert cells.loc[("sclip", "voc20"), ["camloc", "delta"]].isna().all()  # not run: no value, no difference
+    assert cells.loc[("naclip", "voc20"), "published"] != cells.loc[("naclip", "voc20"), "published"]  # NaN
+    markdown = (out / "table.md").read_text()
+    flagged = long[long["flagged"]]
+    assert ("! = the difference exceeds" in markdown) == (len(flagged) > 0)
+    rest = runner.invoke(app, ["reproduce", "tiny", "--data-root", str(eight), "--out", str(out), "--no-progress",
+                               "--device", "cpu"])  # resumes voc21, runs voc20
+    assert rest.exit_code == 0, rest.output
+    long, _, title, partial = reproduce.reproduction_table("tiny", out)
+    assert not partial and title == "tiny: tiny — published: made here; unit: mIoU (%); tolerance 0.5"
+    assert long.set_index(["method", "column"]).loc[("sclip", "voc20"), "delta"] == pytest.approx(
+        long.set_index(["method", "column"]).loc[("sclip", "voc20"), "camloc"] - 20.0)
+
+
+def test_a_box_preset_runs_end_to_end(tmp_path):
+    from test_datasets import write_ade_full
+
+    write_ade_full(tmp_path / "data")
+    result = runner.invoke(app, ["reproduce", "gscorecam-s3", "--data-root", str(tmp_path / "data"), "--out",
+                                 str(tmp_path / "r"), "--substitute-model", "tiny-rn", "--methods", "gradcam,layercam",
+                                 "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    long = pd.read_csv(tmp_path / "r" / "table.csv")
+    methods = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam"]
+    assert long[["model", "method"]].values.tolist() == [[m, x] for m in ("RN50x4", "RN50x16") for x in methods]
+    assert long["published"].tolist()[:7] == [0.073, 0.105, 0.112, 0.161, 0.068, 0.211, 0.198]
+    assert long["delta"].isna().all()
+    ran = long[long["method"].isin(["gradcam", "layercam"])]
+    assert ran["camloc"].notna().all() and long[~long.index.isin(ran.index)]["camloc"].isna().all()
+    from camloc.report.tables import long_table
+
+    own = long_table([tmp_path / "r" / "RN50x16" / "ade20k-scenes"]).set_index("method")["mean_iou"]
+    assert ran.set_index(["model", "method"]).loc[("RN50x16", "layercam"), "camloc"] == pytest.approx(own["layercam"])
+    markdown = (tmp_path / "r" / "table.md").read_text()
+    assert markdown.startswith("**PARTIAL (no differences printed): run with tiny-rn in place of RN50x4, RN50x16; ")
+    assert "RN50x16 scorecam on ade20k-scenes not run" in markdown
+
+
+def test_bad_input_is_one_line(tmp_path):
+    unknown = runner.invoke(app, ["reproduce", "sclip-table3", "--out", str(tmp_path)])
+    assert unknown.exit_code == 2 and "no reproduction preset 'sclip-table3'" in unknown.output
+    subset = runner.invoke(app, ["reproduce", "sclip-table2", "--out", str(tmp_path), "--datasets", "voc30"])
+    assert subset.exit_code == 2 and "--datasets voc30: not in this preset" in subset.output
+    missing = runner.invoke(app, ["reproduce", "sclip-table2", "--out", str(tmp_path / "none"), "--table-only"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
