@@ -172,6 +172,8 @@ def test_sclip_table2_runs_end_to_end_and_writes_a_partial_table(eight, tmp_path
     assert "the first 2 images of each dataset only (--limit 2)" in markdown
     assert all(re.search(rf"\|\s*{row}\s*\|", markdown) for row in ("published", "camloc", "delta"))
     assert "PARTIAL" in (out / "table.tex").read_text()
+    page = (out / "report.html").read_text()  # the report of the preset's runs opens with its table
+    assert page.index("reproduction: sclip-table2") < page.index("leaderboard") and "59.63" in page
     # camloc's column is each run's own mIoU, x 100
     from camloc.report.tables import ovseg_table
 
@@ -271,3 +273,11 @@ def test_bad_input_is_one_line(tmp_path):
     assert subset.exit_code == 2 and "--datasets voc30: not in this preset" in subset.output
     missing = runner.invoke(app, ["reproduce", "sclip-table2", "--out", str(tmp_path / "none"), "--table-only"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_the_box_preset_is_the_table_s3_config():
+    """gscorecam-s3 runs what configs/table_s3.toml (the documented `camloc eval --config` route) runs."""
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "configs" / "table_s3.toml").read_text())["eval"]
+    p = reproduce.preset("gscorecam-s3")
+    assert (p.models, p.methods, p.datasets) == (config["models"], config["methods"], [config["dataset"]])
+    assert (p.eval["threshold"], p.eval["iou"], p.options) == (config["threshold"], config["iou"], config["options"])

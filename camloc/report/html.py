@@ -294,7 +294,10 @@ def _table(frame) -> str:
 
 
 def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper: bool = False,
-                      skip_bad: bool = False, allow_incomplete: bool = False) -> Path:
+                      skip_bad: bool = False, allow_incomplete: bool = False,
+                      sections: list[tuple[str, str]] | None = None) -> Path:
+    """The HTML report of the run folders at `out`; `sections` ((title, HTML) pairs, e.g. `camloc reproduce`'s
+    table) come first, after the heading."""
     dirs = [Path(d) for d in run_dirs]
     for d in dirs:
         if not d.is_dir():
@@ -321,6 +324,8 @@ def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [f"<h1>camloc report</h1><p class=note>{len(dirs)} run folder(s), {len(methods)} method(s); "
             f"written {stamp}.</p>"]
+    for title, content in sections or []:
+        body.append(f"<h2>{html.escape(title)}</h2>{content}")
     if result["columns"]:
         body.append("<h2>leaderboard</h2><p class=note>Each cell: the metric over the run's pairs (mIoU over its "
                     "images for ovseg), below it the 95 % bootstrap interval over images (1000 resamples of the "

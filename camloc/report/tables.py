@@ -21,20 +21,23 @@ from camloc.run.threshold_search import DISPLAY, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
                 "gscorecam-abs", "hilacam", "rise"]  # the appendix's column order, then the later methods
-# Appendix values as printed (docs/protocol.md §7). Table S1: (single value, Otsu), mean IoU as fractions.
-PAPER_S1 = {
-    ("RN50x16", "gradcam"): (0.1195, 0.1156), ("RN50x16", "gradcam++"): (0.0903, 0.0968),
-    ("RN50x16", "xgradcam"): (0.0685, 0.0560), ("RN50x16", "groupcam"): (0.0558, 0.0452),
-    ("RN50x16", "layercam"): (0.0999, 0.0919), ("RN50x16", "scorecam"): (0.2074, 0.2043),
-    ("RN50x16", "gscorecam"): (0.2027, 0.2083), ("ViT-B/32", "hilacam"): (0.1333, 0.1282),
-    ("ViT-B/32", "scorecam"): (0.0960, 0.1021), ("ViT-B/32", "gscorecam"): (0.0940, 0.1010),
-}
-PAPER_S3 = {
-    "RN50x4": {"gradcam": 0.073, "gradcam++": 0.105, "xgradcam": 0.112, "groupcam": 0.161, "layercam": 0.068,
-               "gscorecam": 0.211, "scorecam": 0.198},
-    "RN50x16": {"gradcam": 0.141, "gradcam++": 0.102, "xgradcam": 0.078, "groupcam": 0.168, "layercam": 0.061,
-                "gscorecam": 0.216, "scorecam": 0.190},
-}
+
+
+def _paper_s1() -> dict:
+    """Table S1 as printed: {(model, method): (single value, Otsu)}, from camloc/reproduce/published/gscorecam.toml."""
+    from camloc.reproduce import published_values
+
+    return {(model, method): (v["single"], v["otsu"])
+            for model, methods in published_values("gscorecam", "s1").items() for method, v in methods.items()}
+
+
+def _paper_s3() -> dict:
+    """Table S3 as printed: {model: {method: mean IoU}}, from the same file."""
+    from camloc.reproduce import published_values
+
+    return published_values("gscorecam", "s3")
+
+
 LONG_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3", "acc@0.5", "acc@0.7"]
 
 
@@ -201,7 +204,7 @@ def s3_table(long: pd.DataFrame, compare_paper: bool = False, display: bool = Tr
         rows.append({**labels, **ours})
         if compare_paper:
             model = labels["model"]
-            paper = {m: PAPER_S3.get(model, {}).get(m, float("nan")) for m in methods}
+            paper = {m: _paper_s3().get(model, {}).get(m, float("nan")) for m in methods}
             rows.append({**labels, "model": f"{model} (paper)", **paper})
             rows.append({**labels, "model": f"{model} (difference)", **{m: ours[m] - paper[m] for m in methods}})
     return pd.DataFrame(rows).rename(columns={m: DISPLAY.get(m, m) for m in methods} if display else {})
@@ -231,12 +234,16 @@ def s1_table(run_dirs: list[Path], compare_paper: bool = False) -> pd.DataFrame:
                           "difference": 100 * full["difference"]})
     if compare_paper:
         nan = float("nan")
-        paper = [PAPER_S1.get((m, x), (nan, nan)) for m, x in zip(full["model"], full["method"])]
+        printed = _paper_s1()
+        paper = [printed.get((m, x), (nan, nan)) for m, x in zip(full["model"], full["method"])]
         table["paper single value"] = [100 * p[0] for p in paper]
         table["paper Otsu"] = [100 * p[1] for p in paper]
         table["paper difference"] = [100 * (p[1] - p[0]) for p in paper]
+        from camloc.reproduce import published_table
+
+        mean = published_table("gscorecam", "s1")["printed_mean"]  # the paper's printed Mean row
         table.loc[table["method"] == "Mean", ["paper single value", "paper Otsu", "paper difference"]] = [
-            11.67, 11.49, -0.18]  # the paper's printed Mean row
+            100 * mean["single"], 100 * mean["otsu"], round(100 * (mean["otsu"] - mean["single"]), 2)]
     return table
 
 

@@ -322,5 +322,20 @@ def write_table(name: str, out: str | Path) -> dict:
     long.to_csv(out / "table.csv", index=False)
     latex = shown.to_latex(index=False, na_rep="--", caption=title.replace("_", r"\_").replace("%", r"\%"))
     (out / "table.tex").write_text(latex)
-    return {"title": title, "partial": partial, "files": [str(out / f) for f in ("table.md", "table.csv", "table.tex")],
-            "flagged": len(flagged)}
+    files = [out / f for f in ("table.md", "table.csv", "table.tex")]
+    folders = [f for f in sorted(out.glob("*/*")) if (f / "config.json").is_file()]
+    if folders:  # the HTML report of the preset's runs, its table first
+        from camloc.report.html import _table, write_html_report
+
+        note = (f"<p class=note>{_escape(title)}</p>" + (f"<p class=note>! = beyond the tolerance: "
+                f"{_escape(', '.join(f'{r.model} {r.method} {r.column}' for r in flagged.itertuples()))}</p>"
+                if len(flagged) else ""))
+        files.append(write_html_report(folders, out / "report.html", allow_incomplete=True,
+                                       sections=[(f"reproduction: {name}", note + _table(shown))]))
+    return {"title": title, "partial": partial, "files": [str(f) for f in files], "flagged": len(flagged)}
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
