@@ -582,3 +582,89 @@ def test_predict_without_thresholds_skips_the_softmax_and_keeps_the_harness_labe
         assert calls and calls[0][1] < 60 * 80 / 4  # only the near-tie pixels went through the softmax
     with_threshold = infer.OvsegSettings(preset="sclip", **{**infer.PRESETS["sclip"], "bg_threshold": 0.1})
     assert torch.equal(infer.predict(logits, owner, with_threshold), softmax(logits, owner, with_threshold))
+
+
+# --- the large-vocabulary sets: ADE-847 and PASCAL-Context-459 as CAT-Seg prepares them ---------------------
+
+CATSEG = REAL / "cat-seg-classes"
+
+
+@pytest.mark.parametrize("dataset,official", [("ade847", "ade847.json"), ("context459", "pc459.json")])
+def test_large_vocabulary_class_files_follow_the_official_order(dataset, official):
+    """Line i of the class file is class index i of CAT-Seg's list (the real files, unchanged), its
+    comma-separated synonyms split as camloc splits every class file."""
+    from camloc.datasets.segmentation import SEG_DATASETS
+
+    names = json.loads((CATSEG / official).read_text())
+    classes = SEG_DATASETS[dataset].classes()
+    assert len(classes) == len(names) == {"ade847": 847, "context459": 459}[dataset]
+    from camloc.datasets.segmentation import CLASSES_DIR
+
+    assert (CLASSES_DIR / SEG_DATASETS[dataset].classes_file).read_text().splitlines() == names  # as published
+    assert classes == [[n.strip() for n in name.split(", ") if n.strip()] for name in names]
+    if dataset == "ade847":  # one name keeps the list's own stray space ("c p u , central processor"): stripped
+        assert classes[782][:3] == ["central processing unit", "cpu", "c p u"]
+        assert classes[0] == ["wall"] and classes[1] == ["building", "edifice"]
+        assert classes[846] == ["adding machine", "totalizer", "totaliser"]
+    else:
+        assert classes[0] == ["accordion"] and classes[430] == ["unknown"] and classes[458] == ["wool"]
+
+
+def _tif(path, label):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(label.astype(np.uint16)).save(path)
+
+
+def write_ade847(root, sizes=((40, 30), (32, 44))):
+    """ADE20K_2021_17_01 as CAT-Seg's prepare_ade20k_full.py leaves it (register_ade20k_847.py at dc295ee):
+    images_detectron2/validation/*.jpg, annotations_detectron2/validation/*.tif, 16-bit, 65535 = ignore."""
+    base = root / "ADE20K_2021_17_01"
+    for i, (w, h) in enumerate(sizes):
+        stem = f"ADE_val_0000000{i + 1}"
+        rng = np.random.default_rng(i)
+        (base / "images_detectron2" / "validation").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(
+            base / "images_detectron2" / "validation" / f"{stem}.jpg")
+        label = np.full((h, w), 2, np.uint16)  # sky
+        label[h // 2:, : w // 2] = 846  # the last class: a value no 8-bit map can hold
+        label[h // 2:, w // 2:] = 300
+        label[:3, :3] = 65535
+        _tif(base / "annotations_detectron2" / "validation" / f"{stem}.tif", label)
+    return root
+
+
+def test_ade847_and_context459_read_16_bit_labels_and_score_all_classes(tmp_path):
+    from camloc.datasets.segmentation import load_seg_dataset
+
+    write_ade847(tmp_path)
+    spec, items = load_seg_dataset("ade847", data_root=tmp_path)
+    label = items[0].label()
+    assert spec.ignore_index == 65535 and label.dtype == np.uint16 and label.shape == (30, 40)
+    assert set(np.unique(label).tolist()) == {2, 300, 846, 65535}
+    voc = tmp_path / "VOCdevkit" / "VOC2010"
+    _photo(voc / "JPEGImages" / "2008_000002.jpg", 5, 2)
+    _photo(voc / "JPEGImages" / "2008_000003.jpg", 5, 2)  # no label: not part of the set (detectron2's pairing)
+    _tif(voc / "annotations_detectron2" / "pc459_val" / "2008_000002.tif", np.array([[0, 430, 458, 12, 12]] * 2))
+    spec, [item] = load_seg_dataset("context459", data_root=tmp_path)
+    assert spec.ignore_index == 459 and item.image_id == "2008_000002"
+    assert item.label().tolist() == [[0, 430, 458, 12, 12]] * 2
+
+    verify = runner.invoke(app, ["data", "verify", "ade847", "--data-root", str(tmp_path)])
+    assert verify.exit_code == 0 and "images 2, classes 847" in verify.stdout
+    result = runner.invoke(app, ["eval", "--dataset", "ade847", "--data-root", str(tmp_path), "--protocols", "ovseg",
+                                 "--method", "sclip", "--model", "tiny-vit", "--out", str(tmp_path / "run"),
+                                 "--no-progress", "--save-predictions", "--ovseg-templates", "single", *SMALL])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "run" / "ovseg.jsonl").read_text().splitlines()]
+    for record in records:  # the counts are those of the saved 16-bit prediction against the label, ignore dropped
+        pred = np.asarray(Image.open(tmp_path / "run" / "predictions" / "sclip" / f"{record['image_id']}.png"))
+        label = next(i for i in items if i.image_id == record["image_id"]).label()
+        assert len(record["state"]["label"]) == 847 and pred.max() < 847
+        keep = label != 65535
+        assert record["state"]["label"] == np.bincount(label[keep].astype(np.int64), minlength=847).tolist()
+        assert record["state"]["pred"] == np.bincount(pred[keep].astype(np.int64), minlength=847).tolist()
+
+    _tif(tmp_path / "ADE20K_2021_17_01" / "annotations_detectron2" / "validation" / "ADE_val_00000001.tif",
+         np.full((30, 40), 900))
+    bad = runner.invoke(app, ["data", "verify", "ade847", "--data-root", str(tmp_path)])
+    assert bad.exit_code == 2 and "holds values [900] outside 0..846 and 65535" in bad.stderr

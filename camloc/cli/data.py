@@ -88,7 +88,7 @@ def verify_cmd(
 
 def _verify_segmentation(dataset, split, data_root, ann_file, image_dir, folder: dict | None = None) -> None:
     """A segmentation dataset (`--protocols ovseg`): images, label maps present, and each label map's values
-    within the dataset's classes or 255 and of its image's size (the first 20 read)."""
+    within the dataset's classes or its ignore index and of its image's size (the first 20 read)."""
     import numpy as np
 
     from camloc.datasets.segmentation import SEG_DATASETS, load_seg_dataset
@@ -115,8 +115,9 @@ def _verify_segmentation(dataset, split, data_root, ann_file, image_dir, folder:
             raise DataError(f"label map {item.label_path or item.image_id} is {label.shape[1]}x{label.shape[0]}, but "
                             f"its image {item.path} is {width}x{height}: they do not belong together")
         values = np.unique(label)
-        bad = values[(values >= n_classes) & (values != 255)]
+        bad = values[(values >= n_classes) & (values != spec.ignore_index)]
         if bad.size:
             raise DataError(f"label map {item.label_path or item.image_id} holds values {bad.tolist()[:5]} outside "
-                            f"0..{n_classes - 1} and 255: is it the {dataset} conversion camloc expects ({spec.layout})?")
+                            f"0..{n_classes - 1} and {spec.ignore_index}: is it the {dataset} conversion camloc "
+                            f"expects ({spec.layout})?")
     typer.echo("ok")

@@ -71,7 +71,7 @@ def eval_cmd(
     seg_reduce_zero_label: bool = typer.Option(False, "--seg-reduce-zero-label", help="--dataset seg-folder: label 0 is ignored and every other value lowered by 1 (mmseg's reduce_zero_label)."),
     seg_ignore_index: Optional[int] = typer.Option(None, "--seg-ignore-index", help="--dataset seg-folder: this label value is ignored (as 255 always is)."),
     seg_background: bool = typer.Option(False, "--seg-background", help="--dataset seg-folder: class 0 is a background class (the background and area thresholds apply to it)."),
-    save_predictions: bool = typer.Option(False, "--save-predictions", help="--protocols ovseg: write each image's class map as an 8-bit PNG under OUT/predictions/<method>/."),
+    save_predictions: bool = typer.Option(False, "--save-predictions", help="--protocols ovseg: write each image's class map as a PNG (8-bit; 16-bit beyond 256 classes) under OUT/predictions/<method>/."),
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     cache_dir: Optional[str] = CacheOption,

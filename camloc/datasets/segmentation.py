@@ -20,6 +20,13 @@ Each label map is turned into class indices 0..K-1 with 255 = ignore, as mmsegme
 - `coco-object`: the 80 COCO things + background made from the instances JSON (`annotations/instances_<split>.json`
   beside `<split>/`): background 0 where no instance is, each non-crowd instance's mask painted with its class
   (1..80 in the JSON's category order) in annotation order, crowd regions 255.
+- `ade847` and `context459`, the large-vocabulary sets, as CAT-Seg prepares them for detectron2 (cvlab-kaist/CAT-Seg
+  `cat_seg/data/datasets/register_ade20k_847.py` and `register_pascal_context.py` at dc295ee; `datasets/prepare_*.py`
+  make the files): 16-bit TIFF label maps of class indices, `ADE20K_2021_17_01/annotations_detectron2/validation/*.tif`
+  beside `images_detectron2/validation/*.jpg` (847 classes, ignore 65535) and `VOCdevkit/VOC2010/annotations_detectron2/
+  pc459_val/*.tif` beside `JPEGImages/` (459 classes, ignore 459, a value that never occurs: `unknown` is scored as a
+  class). Their class files are CAT-Seg's `ade847.json` and `pc459.json` in index order. These label maps keep their
+  16-bit values and their own ignore index (`SegDatasetSpec.ignore_index`).
 """
 from __future__ import annotations
 
@@ -41,7 +48,8 @@ class SegImage:
     image_id: str
     path: str
     label: Callable[[], np.ndarray]
-    """The label map (H, W) uint8 of class indices, 255 = ignore, read on demand."""
+    """The label map (H, W) of class indices (uint8 with 255 = ignore; uint16 with the dataset's own ignore index
+    for the large-vocabulary sets), read on demand."""
     label_path: str = ""
     """The file the label map is read from (coco-object: the instances JSON all its maps come from)."""
 
@@ -56,6 +64,8 @@ class SegDatasetSpec:
     build: Callable = field(repr=False, default=None)
     background: bool = False
     """Class 0 is a background class (the protocol's background threshold applies)."""
+    ignore_index: int = IGNORE
+    """The label value that is not scored (255, or 65535 / 459 for ade847 / context459)."""
 
     def classes(self) -> list[list[str]]:
         from camloc.segment.infer import read_classes
@@ -67,9 +77,10 @@ SEG_DATASETS: dict[str, SegDatasetSpec] = {}
 
 
 def register_seg_dataset(name: str, classes_file: str, description: str, layout: str, default_split: str,
-                         background: bool = False) -> Callable:
+                         background: bool = False, ignore_index: int = IGNORE) -> Callable:
     def decorate(fn):
-        SEG_DATASETS[name] = SegDatasetSpec(name, classes_file, description, layout, default_split, fn, background)
+        SEG_DATASETS[name] = SegDatasetSpec(name, classes_file, description, layout, default_split, fn, background,
+                                            ignore_index)
         return fn
 
     return decorate
@@ -252,6 +263,49 @@ def _painted(coco, ann: Path, folder: Path) -> list[SegImage]:
 
     return [SegImage(str(i), str(folder / coco.imgs[i]["file_name"]), lambda i=i: label(i), str(ann))
             for i in sorted(coco.imgs)]
+
+
+def _tif16(path: Path) -> np.ndarray:
+    """A 16-bit TIFF label map (CAT-Seg's detectron2 layout) as uint16 values, as they are in the file."""
+    if not path.is_file():
+        raise DataError(f"label map {path} does not exist")
+    values = np.asarray(Image.open(path))
+    if values.ndim != 2:
+        raise DataError(f"label map {path} has {values.shape[-1]} channels: camloc reads one class index per pixel "
+                        "(a 16-bit TIFF as CAT-Seg's prepare scripts write it)")
+    if values.dtype.kind not in "iu" or (values.size and (values.min() < 0 or values.max() > 65535)):
+        raise DataError(f"label map {path} holds {values.dtype} values: expected 16-bit class indices")
+    return values.astype(np.uint16)
+
+
+def _detectron2(images_dir: Path, labels_dir: Path, hint: str) -> list[SegImage]:
+    """detectron2's `load_sem_seg` pairing: every label file (*.tif) with the image of the same stem (*.jpg)."""
+    if not labels_dir.is_dir():
+        raise DataError(f"label folder {labels_dir} does not exist; {hint}")
+    return [SegImage(p.stem, str(images_dir / f"{p.stem}.jpg"), lambda p=p: _tif16(p), str(p))
+            for p in sorted(labels_dir.glob("*.tif"))]
+
+
+@register_seg_dataset("ade847", "ade847.txt", "ADE20K full release, 847 classes (CAT-Seg's conversion)",
+                      "<data-root>/ADE20K_2021_17_01/images_detectron2/<split>/*.jpg, "
+                      "annotations_detectron2/<split>/*.tif (16-bit, 65535 = ignore)", "validation",
+                      ignore_index=65535)
+def ade847(root, split, image_dir, ann_file):
+    base = root / "ADE20K_2021_17_01" if (root / "ADE20K_2021_17_01").is_dir() else root
+    return _detectron2(image_dir or base / "images_detectron2" / split, base / "annotations_detectron2" / split,
+                       "make it with CAT-Seg's datasets/prepare_ade20k_full.py from the ADE20K_2021_17_01 release, "
+                       "and pass --data-root (the folder holding ADE20K_2021_17_01)")
+
+
+@register_seg_dataset("context459", "context459.txt", "PASCAL-Context val, 459 classes (CAT-Seg's conversion)",
+                      "<data-root>/VOCdevkit/VOC2010/JPEGImages, annotations_detectron2/pc459_<split>/*.tif "
+                      "(16-bit, 0..458)", "val", ignore_index=459)
+def context459(root, split, image_dir, ann_file):
+    candidates = (root / "VOCdevkit" / "VOC2010", root / "VOC2010", root)
+    base = next((p for p in candidates if (p / "JPEGImages").is_dir()), candidates[0])
+    return _detectron2(image_dir or base / "JPEGImages", base / "annotations_detectron2" / f"pc459_{split}",
+                       "make it with CAT-Seg's datasets/prepare_pascal_context_459.py from VOC2010's trainval "
+                       ".mat files, and pass --data-root (the folder holding VOCdevkit)")
 
 
 @register_seg_dataset("demo-seg", "demo-seg.txt", "the demo set's 10 photos as a segmentation set: background + its "

@@ -5,7 +5,8 @@ Run folder: `config.json` (the identity, with every inference setting under `ovs
 record per (image, method): the image's per-class intersection / union / prediction / label counts, its
 window count and seconds; `ovseg.rankRRR-of-NNN.jsonl` per shard), `summary.json` (per method mIoU, mAcc,
 aAcc, images/s, windows/s), `table.csv`, `table.md`, `ovseg_classes.csv` (per-class IoU and Acc), and with
-`--save-predictions` every image's class map as an 8-bit PNG under `predictions/<method>/`. The records'
+`--save-predictions` every image's class map as a PNG under `predictions/<method>/` (8-bit; 16-bit beyond 256
+classes). The records'
 counts add up, so shards and resumed runs give the numbers of one process exactly.
 
 Timing: the methods share one encoder forward per window (all windows of `image_batch` images in one
@@ -193,12 +194,14 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                     for method in draw:
                         path = prediction_path(run_dir, method, item.image_id)
                         path.parent.mkdir(parents=True, exist_ok=True)
-                        Image.fromarray(result[method][0].numpy().astype(np.uint8)).save(path)
+                        Image.fromarray(result[method][0].numpy().astype(np.uint8 if len(classes) <= 256
+                                                                          else np.uint16)).save(path)
                     records = []
                     for method in todo:
                         pred, windows, forward, own = result[method]
                         try:
-                            state = SegmentationState.empty(len(classes)).add(pred.numpy(), label)
+                            state = SegmentationState.empty(len(classes)).add(pred.numpy(), label,
+                                                                              ignore_index=spec.ignore_index)
                         except ValueError as exc:
                             raise DataError(f"label map {item.label_path or item.image_id}: {exc}; is it the "
                                             f"{config.dataset} layout camloc reads (`camloc data verify "
