@@ -86,15 +86,21 @@ def register_seg_dataset(name: str, classes_file: str, description: str, layout:
     return decorate
 
 
-def _png(path: Path) -> np.ndarray:
-    """A label map's values as they are in the file (8-bit, palette or 16-bit), refused beyond 0..255: a
-    16-bit map's 263 read as uint8 would be class 7, silently."""
+def _one_channel(path: Path, kind: str) -> np.ndarray:
+    """A label file's values as they are (one class index per pixel), or one line naming the file."""
     if not path.is_file():
         raise DataError(f"label map {path} does not exist")
     values = np.asarray(Image.open(path))
     if values.ndim != 2:
         raise DataError(f"label map {path} has {values.shape[-1]} channels: camloc reads one class index per pixel "
-                        "(an 8-bit or palette PNG), not a colour image")
+                        f"({kind})")
+    return values
+
+
+def _png(path: Path) -> np.ndarray:
+    """A label map's values as they are in the file (8-bit, palette or 16-bit), refused beyond 0..255: a
+    16-bit map's 263 read as uint8 would be class 7, silently."""
+    values = _one_channel(path, "an 8-bit or palette PNG, not a colour image")
     if values.dtype != np.uint8:
         high = values[(values < 0) | (values > 255)]
         if high.size:
@@ -267,12 +273,7 @@ def _painted(coco, ann: Path, folder: Path) -> list[SegImage]:
 
 def _tif16(path: Path) -> np.ndarray:
     """A 16-bit TIFF label map (CAT-Seg's detectron2 layout) as uint16 values, as they are in the file."""
-    if not path.is_file():
-        raise DataError(f"label map {path} does not exist")
-    values = np.asarray(Image.open(path))
-    if values.ndim != 2:
-        raise DataError(f"label map {path} has {values.shape[-1]} channels: camloc reads one class index per pixel "
-                        "(a 16-bit TIFF as CAT-Seg's prepare scripts write it)")
+    values = _one_channel(path, "a 16-bit TIFF as CAT-Seg's prepare scripts write it")
     if values.dtype.kind not in "iu" or (values.size and (values.min() < 0 or values.max() > 65535)):
         raise DataError(f"label map {path} holds {values.dtype} values: expected 16-bit class indices")
     return values.astype(np.uint16)
