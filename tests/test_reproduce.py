@@ -271,6 +271,10 @@ def test_bad_input_is_one_line(tmp_path):
     assert unknown.exit_code == 2 and "no reproduction preset 'sclip-table3'" in unknown.output
     subset = runner.invoke(app, ["reproduce", "sclip-table2", "--out", str(tmp_path), "--datasets", "voc30"])
     assert subset.exit_code == 2 and "--datasets voc30: not in this preset" in subset.output
+    stray = runner.invoke(app, ["reproduce", "sclip-table2", "--out", str(tmp_path), "--data", "voc30=/x"])
+    assert stray.exit_code == 2 and "--data voc30: not a dataset of sclip-table2" in stray.output
+    shape = runner.invoke(app, ["reproduce", "sclip-table2", "--out", str(tmp_path), "--data", "voc21"])
+    assert shape.exit_code == 2 and "--data 'voc21': write DATASET=FOLDER" in shape.output
     missing = runner.invoke(app, ["reproduce", "sclip-table2", "--out", str(tmp_path / "none"), "--table-only"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
 

@@ -118,11 +118,11 @@ def test_a_batch_that_runs_out_of_memory_falls_back_to_one_image_at_a_time(tiny_
     real = context.encoder_pass
     batched = []
 
-    def failing(visual, family, x):
+    def failing(visual, family, x, **kwargs):
         if x.shape[0] > 1:
             batched.append(x.shape[0])
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(visual, family, x)
+        return real(visual, family, x, **kwargs)
 
     from camloc.datasets import load_dataset
 

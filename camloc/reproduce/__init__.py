@@ -144,6 +144,9 @@ def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = Non
     chosen_methods = _subset(methods, p.methods, "--methods")
     chosen_datasets = _subset(datasets, p.datasets, "--datasets")
     chosen_models = _subset(models, p.models, "--models")
+    stray = sorted(set(data or {}) - set(p.datasets))
+    if stray:
+        raise OptionError(f"--data {', '.join(stray)}: not a dataset of {name} (it has {', '.join(p.datasets)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {"preset": p.name, "substitute_model": substitute_model, "limit": limit}
