@@ -47,6 +47,9 @@ def test_every_preset_holds_the_official_settings_recorded_with_their_source(nam
             assert got == {k: want[k] for k in got}, dataset
             assert (s.templates, s.normalisation, s.position_resize) == ("imagenet80", "harness", "sclip")
             assert copies[SEG_DATASETS[dataset].classes_file] == want["classes"], dataset
+    elif p.protocol == "threshold-search":
+        assert (p.search["iou"], p.search["grid"], p.search["train"]["per_class"], p.search["val"]["split"]) == (
+            defaults["iou"], defaults["grid"], defaults["per_class"], defaults["val_split"])
     else:
         assert (p.eval["threshold"], p.eval["iou"], p.eval["prompt_template"]) == (
             defaults["threshold"], defaults["iou"], defaults["prompt_template"])
@@ -221,8 +224,8 @@ def test_a_complete_run_prints_differences_and_flags_those_beyond_the_tolerance(
                                  "voc21", "--no-progress", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     long, wide, title, partial = reproduce.reproduction_table("tiny", out)
-    assert partial and title.startswith("PARTIAL (differences only where a cell's runs are whole): tiny-vit on "
-                                         "voc20 not run. tiny: tiny — published: made here")
+    assert partial and title.startswith("PARTIAL (differences only where a cell's runs are whole): not run: tiny-vit "
+                                         "on voc20. tiny: tiny — published: made here")
     cells = long.set_index(["method", "column"])
     sclip = cells.loc[("sclip", "voc21")]
     assert sclip["delta"] == pytest.approx(sclip["camloc"] - 10.0)
@@ -263,7 +266,7 @@ def test_a_box_preset_runs_end_to_end(tmp_path):
     assert ran.set_index(["model", "method"]).loc[("RN50x16", "layercam"), "camloc"] == pytest.approx(own["layercam"])
     markdown = (tmp_path / "r" / "table.md").read_text()
     assert markdown.startswith("**PARTIAL (no differences printed): run with tiny-rn in place of RN50x4, RN50x16; ")
-    assert "RN50x16 scorecam on ade20k-scenes not run" in markdown
+    assert "not run: RN50x4 gradcam++ on ade20k-scenes, " in markdown
 
 
 def test_bad_input_is_one_line(tmp_path):
@@ -285,3 +288,38 @@ def test_the_box_preset_is_the_table_s3_config():
     p = reproduce.preset("gscorecam-s3")
     assert (p.models, p.methods, p.datasets) == (config["models"], config["methods"], [config["dataset"]])
     assert (p.eval["threshold"], p.eval["iou"], p.options) == (config["threshold"], config["iou"], config["options"])
+
+
+def test_the_threshold_search_preset_is_the_table_s1_config():
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "configs" / "table_s1.toml").read_text())
+    config = config["threshold_search"]
+    p = reproduce.preset("gscorecam-s1")
+    assert p.runs == config["runs"] and p.options == config["options"] and p.search["iou"] == config["iou"]
+    assert (p.search["grid"], p.search["train"], p.search["val"]) == (config["grid"], config["train"], config["val"])
+    assert p.rows == [(run["model"], m) for run in config["runs"] for m in run["methods"]]  # the appendix's rows
+
+
+def test_the_table_s1_preset_runs_the_threshold_search_end_to_end(tmp_path):
+    from test_datasets import write_coco
+
+    data = tmp_path / "data"
+    write_coco(data, "train2017")
+    write_coco(data, "val2017")
+    result = runner.invoke(app, ["reproduce", "gscorecam-s1", "--data-root", str(data), "--out", str(tmp_path / "r"),
+                                 "--substitute-model", "tiny-rn", "--models", "RN50x16", "--methods",
+                                 "gradcam,layercam", "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    long = pd.read_csv(tmp_path / "r" / "table.csv")
+    assert len(long) == 3 * 10 and list(long["column"][:3]) == ["single", "otsu", "difference"]
+    cells = long.set_index(["model", "method", "column"])
+    assert cells.loc[("RN50x16", "gradcam", "single"), "published"] == 0.1195
+    assert cells.loc[("RN50x16", "gradcam", "difference"), "published"] == pytest.approx(0.1156 - 0.1195)
+    summary = json.loads((tmp_path / "r" / "search" / "summary.json").read_text())
+    row = next(r for r in summary["rows"] if r["method"] == "layercam")
+    assert cells.loc[("RN50x16", "layercam", "otsu"), "camloc"] == pytest.approx(row["otsu"])
+    assert cells.loc[("RN50x16", "layercam", "difference"), "camloc"] == pytest.approx(row["otsu"] - row["single"])
+    assert cells.loc[("ViT-B/32", "hilacam", "single"), ["camloc", "delta"]].isna().all()
+    assert long["delta"].isna().all()
+    markdown = (tmp_path / "r" / "table.md").read_text()
+    assert markdown.startswith("**PARTIAL (no differences printed): run with tiny-rn in place of RN50x16, ViT-B/32")
+    assert "not run: RN50x16 gradcam++, RN50x16 xgradcam, " in markdown and "ViT-B/32 hilacam" in markdown

@@ -54,6 +54,16 @@ class Preset:
     ovseg: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)
+    """(model, methods) pairs where the methods differ by model (Table S1); else every model runs every method."""
+
+    @property
+    def rows(self) -> list[tuple[str, str]]:
+        """The table's (model, method) rows, in the preset's order."""
+        if self.runs:
+            return [(run["model"], method) for run in self.runs for method in run["methods"]]
+        return [(model, method) for model in self.models for method in self.methods]
 
     @property
     def paper_table(self) -> tuple[str, str] | None:
@@ -68,8 +78,11 @@ def presets() -> dict[str, Preset]:
     out = {}
     for path in sorted(PRESETS_DIR.glob("*.toml")):
         data = tomllib.loads(path.read_text())
-        out[path.stem] = Preset(name=path.stem, title=data["title"], protocol=data["protocol"], models=data["models"],
-                                methods=data["methods"], datasets=data["datasets"],
+        runs = data.get("runs", [])
+        models = data.get("models") or list(dict.fromkeys(run["model"] for run in runs))
+        methods = data.get("methods") or list(dict.fromkeys(m for run in runs for m in run["methods"]))
+        out[path.stem] = Preset(name=path.stem, title=data["title"], protocol=data["protocol"], models=models,
+                                methods=methods, datasets=data["datasets"], runs=runs, search=data.get("search", {}),
                                 tolerance=float(data["tolerance"]), gpu_hours=float(data["gpu_hours"]),
                                 official=data["official"], published=data.get("published"),
                                 unpublished=data.get("unpublished"), ovseg=data.get("ovseg", {}),
@@ -158,6 +171,10 @@ def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = Non
                               f"{before.get('substitute_model') or 'as published'}, limit {before.get('limit')}); "
                               "use another --out for this one")
     marker.write_text(json.dumps(state, indent=1) + "\n")
+    if p.protocol == "threshold-search":
+        _run_search(p, out, chosen_models, chosen_methods, data_root=data_root, data=data, limit=limit,
+                    substitute_model=substitute_model, shard=shard, device=device, progress=progress)
+        return write_table(name, out)
     for model in chosen_models:
         for dataset in chosen_datasets:
             root = (data or {}).get(dataset, data_root)
@@ -172,6 +189,48 @@ def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = Non
                          threshold=p.eval.get("threshold", "otsu"), iou=p.eval.get("iou", "gscorecam"),
                          prompt_template=p.eval.get("prompt_template", "{}"), **common)
     return write_table(name, out)
+
+
+def _run_search(p: Preset, out: Path, models: list[str], methods: list[str], *, data_root, data, limit,
+                substitute_model, shard, device, progress) -> None:
+    """Table S1's threshold search, one folder (`OUT/search`) for all its models, as `camloc threshold-search`."""
+    from camloc.run.threshold_search import SearchConfig, run_threshold_search
+
+    runs = [{"model": substitute_model or run["model"], "methods": [m for m in run["methods"] if m in methods]}
+            for run in p.runs if run["model"] in models]
+    runs = [run for run in runs if run["methods"]]
+    splits = {}
+    for part in ("train", "val"):
+        spec = dict(p.search[part])
+        root = (data or {}).get(spec["dataset"], data_root)
+        if root is not None:
+            spec["data_root"] = str(root)
+        if limit is not None:
+            spec["limit"] = limit
+        splits[part] = spec
+    config = SearchConfig(runs=runs, train=splits["train"], val=splits["val"], grid=dict(p.search["grid"]),
+                          options=dict(p.options), iou=p.search.get("iou", "gscorecam"))
+    run_threshold_search(config, out / "search", device=device, progress=progress, shard=shard)
+
+
+def _measured_search(p: Preset, out: Path, reasons: list[str], whole: bool, substitute: str | None) -> dict:
+    """{(model, method, column): (value, complete)} of the threshold search under OUT/search."""
+    summary_file = out / "search" / "summary.json"
+    if not summary_file.is_file():
+        reasons.append("the threshold search has not finished (no search/summary.json)")
+        return {}
+    summary = json.loads(summary_file.read_text())
+    values = {}
+    for row in summary.get("rows", []):
+        models = [m for m in p.models if substitute or m == row["model"]]
+        for model in models:
+            if (model, row["method"]) not in p.rows:
+                continue
+            for column in ("single", "otsu", "difference"):
+                values[(model, row["method"], column)] = (float(row[column]), whole)
+    reasons += [f"{model} {method} not run" for model, method in p.rows
+                if (model, method, "single") not in values]
+    return values
 
 
 def _subset(given: list[str] | None, full: list[str], option: str) -> list[str]:
@@ -195,6 +254,8 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
     if state.get("limit"):
         reasons.append(f"the first {state['limit']} images of each dataset only (--limit {state['limit']})")
     whole = not reasons  # a substitute model or a limit: no cell is the paper's setting
+    if p.protocol == "threshold-search":
+        return _measured_search(p, out, reasons, whole, state.get("substitute_model")), reasons
     scale = 100.0 if p.protocol == "ovseg" else 1.0  # ovseg mIoU is stored as a fraction, published in percent
     for model in p.models:
         for dataset in p.datasets:
@@ -240,32 +301,37 @@ def reproduction_table(name: str, out: str | Path) -> tuple[pd.DataFrame, pd.Dat
 
     long: one row per (model, method, column) with published, camloc, delta (None when partial or either side
     is missing) and flagged (|delta| > the preset's tolerance); columns are the datasets and, where all theirs are
-    present, the with-background, without-background and eight-dataset means. wide: per (model, method) three
-    rows (published, camloc, delta) and one column per dataset or mean, as papers print them."""
+    present, the with-background, without-background and eight-dataset means (Table S1: single value, Otsu and
+    their difference). wide: per (model, method) three rows (published, camloc, delta) and one column per dataset
+    or mean, as papers print them."""
     p = preset(name)
     out = Path(out)
     if not out.is_dir():
         raise RunFolderError(f"{out} does not exist: run `camloc reproduce {name} --out {out} ...` first")
     measured, reasons = _measured(p, out)
     published = published_table(*p.paper_table) if p.paper_table else None
-    columns = list(p.datasets) + [m for m, members in MEANS.items()
-                                  if p.protocol == "ovseg" and set(members) <= set(p.datasets)]
+    if p.protocol == "threshold-search":
+        columns = ["single", "otsu", "difference"]
+    else:
+        columns = list(p.datasets) + [m for m, members in MEANS.items()
+                                      if p.protocol == "ovseg" and set(members) <= set(p.datasets)]
     rows = []
-    for model in p.models:
-        for method in p.methods:
-            paper = ((published or {}).get("values", {}).get(model, {}).get(method, {}))
-            if not isinstance(paper, dict):
-                paper = {p.datasets[0]: paper}
-            for column in columns:
-                members = MEANS.get(column, (column,))
-                theirs = _mean([paper.get(d) for d in members])
-                runs = [measured.get((model, method, d), (None, False)) for d in members]
-                ours = _mean([value for value, _ in runs])
-                whole = all(complete for _, complete in runs)  # the paper's model on every image of each
-                delta = None if not whole or theirs is None or ours is None else ours - theirs
-                rows.append({"model": model, "method": method, "column": column, "published": theirs,
-                             "camloc": ours, "delta": delta,
-                             "flagged": bool(delta is not None and abs(delta) > p.tolerance + 1e-12)})
+    for model, method in p.rows:
+        paper = ((published or {}).get("values", {}).get(model, {}).get(method, {}))
+        if not isinstance(paper, dict):
+            paper = {p.datasets[0]: paper}
+        elif "single" in paper:  # Table S1: the difference is Otsu - single, as printed
+            paper = {**paper, "difference": paper["otsu"] - paper["single"]}
+        for column in columns:
+            members = MEANS.get(column, (column,))
+            theirs = _mean([paper.get(d) for d in members])
+            runs = [measured.get((model, method, d), (None, False)) for d in members]
+            ours = _mean([value for value, _ in runs])
+            whole = all(complete for _, complete in runs)  # the paper's model on every image of each
+            delta = None if not whole or theirs is None or ours is None else ours - theirs
+            rows.append({"model": model, "method": method, "column": column, "published": theirs,
+                         "camloc": ours, "delta": delta,
+                         "flagged": bool(delta is not None and abs(delta) > p.tolerance + 1e-12)})
     long = pd.DataFrame(rows, columns=["model", "method", "column", "published", "camloc", "delta", "flagged"])
     wide_rows = []
     for (model, method), part in long.groupby(["model", "method"], sort=False):
@@ -282,7 +348,10 @@ def reproduction_table(name: str, out: str | Path) -> tuple[pd.DataFrame, pd.Dat
     partial = bool(reasons)
     if partial:
         shown = "no differences printed" if long["delta"].isna().all() else "differences only where a cell's runs are whole"
-        title = f"PARTIAL ({shown}): " + "; ".join(dict.fromkeys(reasons)) + ". " + title
+        missing = [r[: -len(" not run")] for r in dict.fromkeys(reasons) if r.endswith(" not run")]
+        said = [r for r in dict.fromkeys(reasons) if not r.endswith(" not run")]
+        said += [f"not run: {', '.join(missing)}"] if missing else []
+        title = f"PARTIAL ({shown}): " + "; ".join(said) + ". " + title
     return long, wide, title, partial
 
 
@@ -311,7 +380,7 @@ def write_table(name: str, out: str | Path) -> dict:
     "flagged"}."""
     out = Path(out)
     long, wide, title, partial = reproduction_table(name, out)
-    digits = 2 if preset(name).protocol == "ovseg" else 3
+    digits = 2 if preset(name).protocol == "ovseg" else 4
     shown = wide.copy()
     for column in shown.columns[3:]:
         shown[column] = [("" if math.isnan(v) else f"{v:.{digits}f}") if isinstance(v, float) else ("" if v is None else v)
