@@ -1,0 +1,205 @@
+"""The explainability field's segmentation benchmarks, as mergeable states (shards and resumes add them up).
+
+- `ImagenetSegState`: ImageNet-Segmentation (Guillaumin et al.; 4,276 images, one foreground mask each) as
+  hila-chefer/Transformer-Explainability scores it (`baselines/ViT/imagenet_seg_eval.py` and `utils/metrices.py` at
+  6b4f311): the map at the model's input size, min-max normalised (a constant map, whose normalisation is 0/0, is
+  0 everywhere and all background); foreground where it exceeds its own mean; per image the pixel counts correct /
+  labelled and the 2-class (background, foreground) intersection and union, summed over the dataset; pixel
+  accuracy = sum correct / sum labelled, IoU per class = sum intersection / sum union, mIoU their mean (the
+  reference adds `np.spacing(1)` to each denominator, so does camloc); mAP = the mean over images of the average
+  precision of the two-channel scores (1 - R, R) against the one-hot mask, both channels pooled (sklearn's
+  `average_precision_score`, NaN -> 0); mF1 = the mean over images of the F1 of the binary foreground (sklearn's
+  `f1_score`, NaN -> 0).
+- `ImagenetSState`: ImageNet-S (LUSSeg; 50 / 300 / 919 classes, masks as RGB PNG with class id R + 256 G, 0 =
+  other, 1000 = ignore) as LUSSeg/ImageNet-S `evaluation/metric.py` and `evaluator.py` (at d8e3cd0 / 89bce0f)
+  accumulate it: per class the predicted, labelled and intersecting pixels summed over the dataset, IoU = TP / (T + P
+  - TP + 1e-10) for every class id 0..K (absent classes count as 0, as the reference's mean does); the mean
+  F-measure (beta = 0.3, foreground = id > 0); the image-level accuracy (the predicted class with the most pixels
+  is present in the mask); and IoU by object size: each class of an image falls in the bin of its share of the
+  image's pixels (ceil of the percentage: <= 5, <= 25, <= 50, > 50), its pixels and the image's "other" pixels are
+  counted into that bin's sums, and a bin's mIoU is over the classes labelled in it. Pixels labelled 1000 are dropped
+  from every count here (the evaluator files read here do not drop them themselves; its loader, `tools.py`, was not
+  available to read): the object-size shares are still of the whole image, as the reference counts them.
+
+Values are fractions in [0, 1] (the papers print percentages)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPACING = float(np.spacing(1, dtype=np.float64))
+SIZE_BINS = ("S", "MS", "ML", "L")
+"""ImageNet-S's object-size bins: <= 5 %, <= 25 %, <= 50 %, > 50 % of the image."""
+IMAGENET_S_IGNORE = 1000
+
+
+def normalised_map(heatmap: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1] in float32 as the reference does; a constant map (0/0) becomes 0 everywhere."""
+    r = np.asarray(heatmap, np.float32)
+    low, high = float(r.min()), float(r.max())
+    if not high > low:
+        return np.zeros_like(r)
+    return (r - np.float32(low)) / np.float32(high - low)
+
+
+@dataclass
+class ImagenetSegState:
+    """Sums over images of ImageNet-Segmentation's counts (see the module)."""
+
+    correct: int = 0
+    labeled: int = 0
+    intersect: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
+    union: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
+    ap_sum: float = 0.0
+    f1_sum: float = 0.0
+    images: int = 0
+
+    def add(self, heatmap: np.ndarray, mask: np.ndarray) -> "ImagenetSegState":
+        """One image: `heatmap` (H, W) at the model's input size (upsampled as the method's maps are), `mask`
+        (H, W) of 0 (background) and 1 (foreground) at the same size (resized with nearest neighbours)."""
+        from sklearn.metrics import average_precision_score, f1_score
+
+        heatmap, mask = np.asarray(heatmap), np.asarray(mask)
+        if heatmap.shape != mask.shape:
+            raise ValueError(f"map {heatmap.shape} and mask {mask.shape} differ in size")
+        values = set(np.unique(mask).tolist())
+        if not values <= {0, 1}:
+            raise ValueError(f"mask values must be 0 and 1, found {sorted(values)[:5]}")
+        r = normalised_map(heatmap)
+        constant = not float(np.asarray(heatmap, np.float32).max()) > float(np.asarray(heatmap, np.float32).min())
+        fg = np.zeros(r.shape, bool) if constant else r > r.mean(dtype=np.float32)
+        truth = mask.astype(bool)
+        self.correct += int((fg == truth).sum())
+        self.labeled += int(truth.size)
+        for c, (p, t) in enumerate(((~fg, ~truth), (fg, truth))):
+            inter = int((p & t).sum())
+            self.intersect[c] += inter
+            self.union[c] += int(p.sum()) + int(t.sum()) - inter
+        scores = np.zeros(2 * r.size, np.float32) if constant else np.concatenate([(1 - r).ravel(), r.ravel()])
+        target = np.concatenate([(~truth).ravel(), truth.ravel()]).astype(np.int64)
+        self.ap_sum += float(np.nan_to_num(average_precision_score(target, scores)))
+        self.f1_sum += float(np.nan_to_num(f1_score(truth.ravel().astype(np.int64), fg.ravel().astype(np.int64),
+                                                    zero_division=0)))
+        self.images += 1
+        return self
+
+    def __iadd__(self, other: "ImagenetSegState") -> "ImagenetSegState":
+        self.correct += other.correct
+        self.labeled += other.labeled
+        self.intersect += other.intersect
+        self.union += other.union
+        self.ap_sum += other.ap_sum
+        self.f1_sum += other.f1_sum
+        self.images += other.images
+        return self
+
+    def result(self) -> dict:
+        iou = self.intersect / (SPACING + self.union)
+        return {"pixel_accuracy": self.correct / (SPACING + self.labeled), "iou_background": float(iou[0]),
+                "iou_foreground": float(iou[1]), "miou": float(iou.mean()),
+                "map": self.ap_sum / self.images if self.images else float("nan"),
+                "mf1": self.f1_sum / self.images if self.images else float("nan"), "images": self.images}
+
+    def to_record(self) -> dict:
+        return {"correct": self.correct, "labeled": self.labeled, "intersect": self.intersect.tolist(),
+                "union": self.union.tolist(), "ap_sum": self.ap_sum, "f1_sum": self.f1_sum, "images": self.images}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "ImagenetSegState":
+        return cls(int(record["correct"]), int(record["labeled"]), np.asarray(record["intersect"], np.int64),
+                   np.asarray(record["union"], np.int64), float(record["ap_sum"]), float(record["f1_sum"]),
+                   int(record["images"]))
+
+
+@dataclass
+class ImagenetSState:
+    """Sums over images of ImageNet-S's counts for classes 0..`num_classes` (0 = other; see the module)."""
+
+    num_classes: int
+    pred: np.ndarray = None
+    label: np.ndarray = None
+    intersect: np.ndarray = None
+    sized: np.ndarray = None
+    """(4 bins, 3 counts: pred, label, intersect, K + 1 classes)."""
+    fmeasure_sum: float = 0.0
+    accuracy_sum: float = 0.0
+    images: int = 0
+
+    def __post_init__(self):
+        k = self.num_classes + 1
+        for name in ("pred", "label", "intersect"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(k, np.int64))
+        if self.sized is None:
+            self.sized = np.zeros((len(SIZE_BINS), 3, k), np.int64)
+
+    def _counts(self, p: np.ndarray, t: np.ndarray) -> np.ndarray:
+        k = self.num_classes + 1
+        return np.stack([np.bincount(p, minlength=k), np.bincount(t, minlength=k), np.bincount(p[p == t], minlength=k)])
+
+    def add(self, pred: np.ndarray, gt: np.ndarray, beta: float = 0.3) -> "ImagenetSState":
+        """One image: `pred` and `gt` (H, W) class ids 0..K (`gt` may hold 1000 = ignore)."""
+        pred, gt = np.asarray(pred).astype(np.int64), np.asarray(gt).astype(np.int64)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction {pred.shape} and label {gt.shape} differ in size")
+        k = self.num_classes + 1
+        keep = gt != IMAGENET_S_IGNORE
+        bad = np.unique(gt[keep][(gt[keep] < 0) | (gt[keep] >= k)])
+        if bad.size:
+            raise ValueError(f"label class ids must lie in 0..{k - 1} or be {IMAGENET_S_IGNORE}; found {bad[:5].tolist()}")
+        if pred.size and (pred.min() < 0 or pred.max() >= k):
+            raise ValueError(f"predicted class ids must lie in 0..{k - 1}")
+        p, t = pred[keep], gt[keep]
+        counts = self._counts(p, t)
+        self.pred += counts[0]
+        self.label += counts[1]
+        self.intersect += counts[2]
+        truth, output = t > 0, p > 0  # the F-measure of foreground (any class) against "other"
+        tp, n_true, n_pred = float((truth & output).sum()), float(truth.sum()), float(output.sum())
+        recall, precision = tp / (n_true + 1e-20), tp / (n_pred + 1e-20)
+        self.fmeasure_sum += (1 + beta) * precision * recall / (beta * precision + recall + 1e-20)
+        top = int(np.argmax(counts[0][1:])) + 1  # image-level accuracy: the most predicted class is present
+        self.accuracy_sum += float(counts[1][top] > 0 and counts[0][top] > 0)
+        whole = np.bincount(gt.ravel())  # shares of the whole image, the ignored pixels counted (as the reference)
+        bins: dict[int, list[int]] = {}
+        for c in np.unique(t[t > 0]):
+            share = math.ceil(100.0 * whole[c] / whole.sum())
+            bins.setdefault(0 if share <= 5 else 1 if share <= 25 else 2 if share <= 50 else 3, []).append(int(c))
+        for b, classes in bins.items():  # a bin's sums: its classes' pixels and the image's "other" pixels
+            chosen = (t == 0) | np.isin(t, classes)
+            self.sized[b] += self._counts(p[chosen], t[chosen])
+        self.images += 1
+        return self
+
+    def __iadd__(self, other: "ImagenetSState") -> "ImagenetSState":
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"ImageNet-S states of {self.num_classes} and {other.num_classes} classes cannot merge")
+        for name in ("pred", "label", "intersect", "sized"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.fmeasure_sum += other.fmeasure_sum
+        self.accuracy_sum += other.accuracy_sum
+        self.images += other.images
+        return self
+
+    def result(self) -> dict:
+        iou = self.intersect / (self.pred + self.label - self.intersect + 1e-10)
+        out = {"miou": float(iou.mean()), "fmeasure": self.fmeasure_sum / self.images if self.images else float("nan"),
+               "accuracy": self.accuracy_sum / self.images if self.images else float("nan"), "images": self.images}
+        for b, name in enumerate(SIZE_BINS):
+            p, t, i = self.sized[b]
+            present = t > 0
+            out[f"miou_{name}"] = float((i / (p + t - i + 1e-10))[present].mean()) if present.any() else float("nan")
+        return out
+
+    def to_record(self) -> dict:
+        return {"num_classes": self.num_classes, "pred": self.pred.tolist(), "label": self.label.tolist(),
+                "intersect": self.intersect.tolist(), "sized": self.sized.tolist(), "fmeasure_sum": self.fmeasure_sum,
+                "accuracy_sum": self.accuracy_sum, "images": self.images}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "ImagenetSState":
+        return cls(int(record["num_classes"]), *(np.asarray(record[k], np.int64) for k in
+                                                 ("pred", "label", "intersect", "sized")),
+                   float(record["fmeasure_sum"]), float(record["accuracy_sum"]), int(record["images"]))
