@@ -220,14 +220,24 @@ def _measured_search(p: Preset, out: Path, reasons: list[str], whole: bool, subs
         reasons.append("the threshold search has not finished (no search/summary.json)")
         return {}
     summary = json.loads(summary_file.read_text())
+    config = summary.get("config") or {}
+    keys = ("dataset", "per_class", "subset_seed", "split")
+    differ = [f"{k} {config.get(k)!r} (the preset's: {p.search[k]!r})" for k in ("iou", "grid") if config.get(k) != p.search[k]]
+    differ += [f"{part} {name} {(config.get(part) or {}).get(name)!r} (the preset's: {p.search[part].get(name)!r})"
+               for part in ("train", "val") for name in keys
+               if (config.get(part) or {}).get(name) != p.search[part].get(name)]
+    differ += [f"option {k} {(config.get('options') or {}).get(k)!r} (the preset's: {v!r})"
+               for k, v in p.options.items() if (config.get("options") or {}).get(k) != v]
+    if differ:
+        reasons.append(f"the threshold search was run with {'; '.join(differ)}")
     values = {}
     for row in summary.get("rows", []):
-        models = [m for m in p.models if substitute or m == row["model"]]
+        models = [m for m in p.models if (substitute or m) == row["model"]]
         for model in models:
             if (model, row["method"]) not in p.rows:
                 continue
             for column in ("single", "otsu", "difference"):
-                values[(model, row["method"], column)] = (float(row[column]), whole)
+                values[(model, row["method"], column)] = (float(row[column]), whole and not differ)
     reasons += [f"{model} {method} not run" for model, method in p.rows
                 if (model, method, "single") not in values]
     return values
@@ -240,6 +250,31 @@ def _subset(given: list[str] | None, full: list[str], option: str) -> list[str]:
     if unknown:
         raise OptionError(f"{option} {', '.join(unknown)}: not in this preset (it has {', '.join(full)})")
     return [f for f in full if f in given]
+
+
+def _mismatches(p: Preset, model: str, dataset: str, config: dict, state: dict) -> list[str]:
+    """What a run folder's config.json says that the preset (and this reproduction's model and limit) does not."""
+    out = []
+    want_model = state.get("substitute_model") or model
+    if config.get("model") != want_model:
+        out.append(f"model {config.get('model')} (the preset's: {want_model})")
+    if config.get("limit") != state.get("limit"):
+        out.append(f"--limit {config.get('limit')}")
+    options = config.get("options") or {}
+    out += [f"option {k} {options.get(k)!r} (the preset's: {v!r})" for k, v in p.options.items() if options.get(k) != v]
+    if p.protocol == "ovseg":
+        from camloc.segment.infer import resolve_settings
+
+        given = {k: v for k, v in p.ovseg.items() if k != "preset"}
+        want = resolve_settings(dataset, p.ovseg.get("preset", "sclip"), **given).to_json()
+        have = config.get("ovseg") or {}
+        out += [f"ovseg {k} {have.get(k)!r} (the preset's: {v!r})" for k, v in want.items() if have.get(k) != v]
+    else:
+        for key, name, default in (("threshold", "threshold", "otsu"), ("iou", "iou_convention", "gscorecam"),
+                                   ("prompt_template", "prompt_template", "{}")):
+            if config.get(name) != p.eval.get(key, default):
+                out.append(f"{name} {config.get(name)!r} (the preset's: {p.eval.get(key, default)!r})")
+    return out
 
 
 def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
@@ -264,8 +299,10 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
                 reasons.append(f"{model} on {dataset} not run")
                 continue
             config = json.loads((folder / "config.json").read_text())
-            if config.get("limit") != state.get("limit"):
-                reasons.append(f"{model} on {dataset}: run with --limit {config.get('limit')}")
+            differ = _mismatches(p, model, dataset, config, state)
+            if differ:  # a folder run otherwise (by hand, or before the preset changed) is never compared as the paper's
+                reasons.append(f"{model} on {dataset} was run with {'; '.join(differ)}")
+            folder_whole = whole and not differ
             if p.protocol == "ovseg":
                 [group] = ovseg_groups([folder])
                 reasons += [f"{model} {m} on {dataset} not run" for m in p.methods if m not in group["methods"]]
@@ -279,7 +316,7 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
                     state_sum = SegmentationState.from_record(records[0]["state"])
                     for r in records[1:]:
                         state_sum += SegmentationState.from_record(r["state"])
-                    complete = whole and expected is not None and len(records) == expected
+                    complete = folder_whole and expected is not None and len(records) == expected
                     if expected is not None and len(records) != expected:
                         reasons.append(f"{model} {method} on {dataset}: {len(records)} of {expected} images")
                     values[(model, method, dataset)] = (scale * state_sum.result()["miou"], complete)
@@ -289,7 +326,7 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
                 expected = (group["identity"].get("data") or {}).get("n_pairs")
                 long = long_table_of([group])
                 for _, row in long.iterrows():
-                    complete = whole and expected is not None and int(row["n_pairs"]) == expected
+                    complete = folder_whole and expected is not None and int(row["n_pairs"]) == expected
                     if expected is not None and int(row["n_pairs"]) != expected:
                         reasons.append(f"{model} {row['method']} on {dataset}: {int(row['n_pairs'])} of {expected} pairs")
                     values[(model, row["method"], dataset)] = (float(row["mean_iou"]), complete)
