@@ -337,3 +337,6 @@ def test_the_table_s1_preset_runs_the_threshold_search_end_to_end(tmp_path):
     markdown = (tmp_path / "r" / "table.md").read_text()
     assert markdown.startswith("**PARTIAL (no differences printed): run with tiny-rn in place of RN50x16, ViT-B/32")
     assert "not run: RN50x16 gradcam++, RN50x16 xgradcam, " in markdown and "ViT-B/32 hilacam" in markdown
+    page = (tmp_path / "r" / "report.html").read_text()  # the search's own Table S1 section follows the table
+    assert page.index("reproduction: gscorecam-s1") < page.index("Table S1: ")
+    assert "\\caption{PARTIAL" in (tmp_path / "r" / "table.tex").read_text()

@@ -280,6 +280,7 @@ def _mismatches(p: Preset, model: str, dataset: str, config: dict, state: dict) 
 def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
     """{(model, method, dataset): (value in the published unit, complete)} from the run folders under `out`,
     and the reasons the table is partial."""
+    from camloc.evaluators.segmentation import SegmentationState
     from camloc.report.tables import eval_groups, long_table_of, ovseg_groups
 
     values, reasons = {}, []
@@ -308,8 +309,6 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
                 reasons += [f"{model} {m} on {dataset} not run" for m in p.methods if m not in group["methods"]]
                 expected = (group["identity"].get("data") or {}).get("n_images")
                 for method in group["methods"]:
-                    from camloc.evaluators.segmentation import SegmentationState
-
                     records = [r for (_, m), r in group["records"].items() if m == method]
                     if not records:
                         continue
@@ -370,11 +369,12 @@ def reproduction_table(name: str, out: str | Path) -> tuple[pd.DataFrame, pd.Dat
                          "camloc": ours, "delta": delta,
                          "flagged": bool(delta is not None and abs(delta) > p.tolerance + 1e-12)})
     long = pd.DataFrame(rows, columns=["model", "method", "column", "published", "camloc", "delta", "flagged"])
+    digits = 2 if p.protocol == "ovseg" else 4  # mIoU points; box IoU fractions
     wide_rows = []
     for (model, method), part in long.groupby(["model", "method"], sort=False):
         for kind in ("published", "camloc", "delta"):
             wide_rows.append({"model": model, "method": method, "row": kind,
-                              **{r["column"]: _cell(r[kind], kind, r["flagged"]) for _, r in part.iterrows()}})
+                              **{r["column"]: _cell(r[kind], kind, r["flagged"], digits) for _, r in part.iterrows()}})
     wide = pd.DataFrame(wide_rows, columns=["model", "method", "row"] + columns)
     unit = (published or {}).get("unit", "percent" if p.protocol == "ovseg" else "fraction")
     title = f"{name}: {p.title}"
@@ -404,12 +404,19 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values)
 
 
-def _cell(value, kind: str, flagged: bool):
+def _cell(value, kind: str, flagged: bool, digits: int):
     if value is None:
         return None
-    if kind == "delta":
-        return f"{value:+.2f}{' !' if flagged else ''}" if abs(value) >= 0.01 or value == 0 else f"{value:+.4f}{' !' if flagged else ''}"
+    if kind == "delta":  # signed, with the flag beside it
+        return f"{value:+.{digits}f}{' !' if flagged else ''}"
     return value
+
+
+def _latex(text: str) -> str:
+    """`text` with LaTeX's special characters escaped (a caption)."""
+    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+               "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return "".join(special.get(c, c) for c in text)
 
 
 def write_table(name: str, out: str | Path) -> dict:
@@ -429,10 +436,11 @@ def write_table(name: str, out: str | Path) -> dict:
                      + ", ".join(f"{r.model} {r.method} {r.column}" for r in flagged.itertuples()) + "\n")
     (out / "table.md").write_text(markdown)
     long.to_csv(out / "table.csv", index=False)
-    latex = shown.to_latex(index=False, na_rep="--", caption=title.replace("_", r"\_").replace("%", r"\%"))
+    latex = shown.to_latex(index=False, na_rep="--", caption=_latex(title))
     (out / "table.tex").write_text(latex)
     files = [out / f for f in ("table.md", "table.csv", "table.tex")]
     folders = [f for f in sorted(out.glob("*/*")) if (f / "config.json").is_file()]
+    folders += [out / "search"] if (out / "search" / "table_s1.csv").is_file() else []  # Table S1's search
     if folders:  # the HTML report of the preset's runs, its table first
         from camloc.report.html import _table, write_html_report
 
