@@ -688,7 +688,7 @@ def test_gem_alone_runs_one_forward_stopped_at_its_first_block(model, blocks, mo
 
 
 def test_a_forward_for_the_blocks_inputs_stops_before_the_last_block(models, chelsea):
-    """`encoder_pass(blocks_only=True)`: the same block inputs as the full forward, bit for bit, and the last
+    """`encoder_pass(until=-1)`: the same block inputs as the full forward, bit for bit, and the last
     block, the head and the projection never run."""
     from camloc.models.families import encoder_pass, vit_blocks
 
@@ -698,7 +698,7 @@ def test_a_forward_for_the_blocks_inputs_stops_before_the_last_block(models, che
     ran = []
     handle = vit_blocks(clip.visual)[-1].register_forward_hook(lambda m, args, out: ran.append(1))
     try:
-        raw, features, stopped = encoder_pass(clip.visual, clip.family, x, blocks_only=True)
+        raw, features, stopped = encoder_pass(clip.visual, clip.family, x, until=-1)
     finally:
         handle.remove()
     assert raw is None and features is None and ran == []

@@ -224,8 +224,8 @@ class CamContext:
 
     @shared
     def _block_pass(self) -> list:
-        """The block inputs of `encoder_pass(blocks_only=True)` of this image (`blocks_only`)."""
-        return encoder_pass(self.model.visual, self.model.family, self.input, blocks_only=True)[2]
+        """The block inputs of this image's forward stopped at the last block's input (`blocks_only`)."""
+        return encoder_pass(self.model.visual, self.model.family, self.input, until=-1)[2]
 
     @property
     def blocks_only(self) -> bool:
@@ -249,6 +249,11 @@ class CamContext:
     def has_forward(self) -> bool:
         """Whether this image's forward (either form) has run or been adopted."""
         return "_pass" in self.__dict__ or "_block_pass" in self.__dict__
+
+    def owns_forward(self, method: str) -> bool:
+        """Whether `method` is this image's only method and no forward has run: it may then run the tower only
+        up to where its own work begins (`encoder_pass(until=...)`), as nothing else would read the rest."""
+        return not self.has_forward and self.methods <= {method}
 
     def adopt_pass(self, raw: torch.Tensor | None, features: torch.Tensor | None, block_inputs: list | None) -> None:
         """Take this image's share of a batched `encoder_pass` (`share_batch`; without the raw output and the
@@ -397,7 +402,7 @@ def share_batch(contexts: list["CamContext"]) -> None:
     blocks_only = all(ctx.blocks_only for ctx in group)  # else the stopped forwards run in the full one
     try:
         raw, features, inputs = encoder_pass(group[0].model.visual, family, torch.cat([ctx.input for ctx in group]),
-                                             blocks_only=blocks_only)
+                                             until=-1 if blocks_only else None)
         shares = [(None if raw is None else raw.narrow(family.batch_dim, i, 1).clone(),  # own copies, laid out
                    None if features is None else features[i:i + 1].clone(),  # as one image's forward's
                    None if inputs is None else [x[i:i + 1].clone() for x in inputs])

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from camloc.cli.app import app
-from camloc.cli.common import reports_errors
+from camloc.cli.common import DeviceOption, ImageBatchOption, PrecisionOption, reports_errors
 from camloc.errors import OptionError
 
 
@@ -29,9 +29,9 @@ def reproduce_cmd(
     substitute_model: Optional[str] = typer.Option(None, "--substitute-model", help="Run every model of the preset as this one (a smoke test, e.g. tiny-vit): the table is marked partial."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: this share of every run's images [default: from RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS, else 0/1]."),
     table_only: bool = typer.Option(False, "--table-only", help="Write the table from the run folders as they are; run nothing."),
-    device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto."),
-    precision: str = typer.Option("auto", "--precision", help="fp32, fp16, bf16, or auto."),
-    image_batch: str = typer.Option("auto", "--image-batch", help="Images (ovseg: windows) per device step, or auto."),
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    image_batch: str = ImageBatchOption,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run a paper's table as camloc evaluations and write it with published | camloc | delta per cell.

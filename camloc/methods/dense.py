@@ -69,7 +69,7 @@ from camloc.cams.context import CamContext
 from camloc.cams.options import at_least, between, method_option, one_of, positive
 from camloc.cams.registry import register_method
 from camloc.errors import OptionError
-from camloc.models.families import BlockAccess, dense_tokens, forward_until  # noqa: F401  (BlockAccess: re-exported for tests)
+from camloc.models.families import BlockAccess, dense_tokens, encoder_pass  # noqa: F401  (BlockAccess: re-exported for tests)
 
 CONTRASTS = ("none", "empty", "labels", "dataset")
 GEM_BLOCKS = method_option("gem_blocks", int, 6, "GEM: last blocks on the self-self path (gem-torch's default depth "
@@ -169,7 +169,7 @@ def _self_self(s: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, iterati
 def gem(ctx: CamContext) -> torch.Tensor:
     """The path's q, k, v are the original path's. With the image's forward shared (another method reads it,
     or it has run), they are formed again from its block inputs; GEM alone on the image runs the tower only
-    up to its first block (`forward_until`) and carries the original path itself through the other blocks,
+    up to its first block (`CamContext.owns_forward`) and carries the original path itself through the other blocks,
     forming each block's q, k, v once for both paths, as gem-torch does (the same maps within float
     rounding: the tower's fused attention and camloc's recombination round differently)."""
     depth = ctx.depth
@@ -177,11 +177,11 @@ def gem(ctx: CamContext) -> torch.Tensor:
     iterations = int(ctx.options.get("gem_iterations", GEM_ITERATIONS.default))
     first = max(0, depth - n_blocks) if n_blocks > 0 else 0
     accesses = [ctx.block_access(index) for index in range(first, depth)]  # checks the reading once per model
-    shared = ctx.has_forward or not ctx.methods <= {"gem"}
+    shared = not ctx.owns_forward("gem")
     if shared:
         inputs = ctx.block_inputs(first)[1]
     else:
-        inputs = [forward_until(ctx.model.visual, ctx.model.family, ctx.input, first)]
+        inputs = encoder_pass(ctx.model.visual, ctx.model.family, ctx.input, until=first)[2][-1:]
     with torch.no_grad():
         x = x_gem = inputs[0]
         for n, access in enumerate(accesses):

@@ -44,7 +44,8 @@ from camloc.methods.hila import capturing_attention, latent_pool_with_probs
 from camloc.cams.options import at_least, between, method_option
 from camloc.cams.postprocess import minmax_
 from camloc.cams.registry import register_method
-from camloc.models.families import check_run_block, dense_tokens, forward_until, has_blocks, run_block, vit_blocks
+from camloc.models.families import (check_run_block, dense_tokens, encoder_pass, has_blocks, run_block,
+                                    vit_blocks)
 
 LAYERS = method_option("legrad_layers", int, 2, "LeGrad: the last K blocks used (the reference's 2; 0 = every "
                        "block).", at_least("--legrad-layers", 0, " (0 = every block)"))
@@ -77,10 +78,10 @@ def legrad(ctx: CamContext) -> torch.Tensor:
     if not getattr(ctx.model, "_run_block_checked", False):
         check_run_block(visual, family, ctx.block_inputs(0)[1])
         ctx.model._run_block_checked = True
-    if ctx.has_forward or not ctx.methods <= {"legrad"}:
+    if ctx.owns_forward("legrad"):  # alone on the image: the forward stops at its first block (the rest would
+        start = encoder_pass(visual, family, ctx.input, until=first)[2][-1]  # run twice)
+    else:
         start = ctx.block_inputs(first)[1][0]  # the image's one forward, shared: only the used blocks run again
-    else:  # LeGrad alone on the image: a forward that stops at its first block (the rest would run twice)
-        start = forward_until(visual, family, ctx.input, first)
     captured: list[torch.Tensor] = []
     outputs: dict[int, torch.Tensor] = {}
     x = start.expand(n_prompts, -1, -1).clone().requires_grad_(True)  # P copies of block `first`'s input

@@ -320,26 +320,6 @@ class _Stop(Exception):
     pass
 
 
-def forward_until(visual: nn.Module, family: Family, x: torch.Tensor, index: int) -> torch.Tensor:
-    """The batch-first input (B, N, D) of block `index` of a ViT tower: the tower's own forward, stopped there
-    (nothing differentiated), for a method that re-runs the blocks from there on anyway."""
-    captured = []
-
-    def stop(module, args):
-        captured.append(args[0])
-        raise _Stop
-
-    handle = vit_blocks(visual)[index].register_forward_pre_hook(stop)
-    try:
-        with torch.no_grad():
-            visual(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured[0].transpose(0, 1) if family.batch_dim == 1 else captured[0]
-
-
 def check_run_block(visual: nn.Module, family: Family, inputs: list[torch.Tensor]) -> None:
     """`run_block` of the second-to-last block on its input from the tower's forward (`encoder_pass`'s block
     inputs) gives the last block's input, or a method that re-runs blocks would be silently wrong: refuse."""
@@ -432,25 +412,27 @@ def pool_value_path(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out + pool.mlp(pool.norm(out)) if pool.mlp is not None else out
 
 
-def encoder_pass(visual: nn.Module, family: Family, x: torch.Tensor, blocks_only: bool = False) -> tuple:
+def encoder_pass(visual: nn.Module, family: Family, x: torch.Tensor, until: int | None = None) -> tuple:
     """One forward of a batch `x` through the image tower, capturing what the one-forward methods read:
     (the target layer's raw output, the image embeddings (B, E), the batch-first input of every block
-    of a ViT tower (`vit_blocks`), or None for other towers). Nothing is differentiated. `blocks_only`
-    (a ViT tower): the forward stops at the last block's input, and the first two are None."""
+    of a ViT tower (`vit_blocks`), or None for other towers). Nothing is differentiated. With `until` (a block
+    index of a ViT tower, negative from the end) the forward stops at that block's input, for methods that run
+    the blocks from there on themselves: the first two are then None, and the block inputs end with that one."""
     captured: list[torch.Tensor] = []
     inputs: dict[int, torch.Tensor] = {}
     blocks = vit_blocks(visual)
-    if blocks_only and not blocks:
+    if until is not None and not blocks:
         raise ValueError(f"{type(visual).__name__} has no transformer blocks")
-    handles = [] if blocks_only else [family.target_layer(visual).register_forward_hook(
+    last = len(blocks) - 1 if until is None else until % len(blocks)
+    handles = [] if until is not None else [family.target_layer(visual).register_forward_hook(
         lambda m, args, out: captured.append(out))]
     handles += [block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
-                for i, block in enumerate(blocks)]
-    if blocks_only:
+                for i, block in enumerate(blocks[:last + 1])]
+    if until is not None:
         def stop(module, args):
             raise _Stop
 
-        handles.append(blocks[-1].register_forward_pre_hook(stop))  # after the input's own hook
+        handles.append(blocks[last].register_forward_pre_hook(stop))  # after the input's own hook
     features = None
     try:
         with torch.no_grad():
@@ -461,5 +443,5 @@ def encoder_pass(visual: nn.Module, family: Family, x: torch.Tensor, blocks_only
         for handle in handles:
             handle.remove()
     seq_first = family.batch_dim == 1
-    block_inputs = [inputs[i].transpose(0, 1) if seq_first else inputs[i] for i in range(len(blocks))] if blocks else None
-    return (None if blocks_only else captured[-1].detach()), features, block_inputs
+    block_inputs = [inputs[i].transpose(0, 1) if seq_first else inputs[i] for i in range(last + 1)] if blocks else None
+    return (None if until is not None else captured[-1].detach()), features, block_inputs

@@ -320,11 +320,27 @@ def ovseg_table(dirs: list[Path], allow_incomplete: bool = False) -> pd.DataFram
     return ovseg_table_of(ovseg_groups(dirs), allow_incomplete)
 
 
+def ovseg_method_states(group: dict) -> dict:
+    """{method: (its merged `SegmentationState`, the number of images its records cover)} of one ovseg run group
+    (`ovseg_groups`), in the group's method order."""
+    from camloc.datasets.segmentation import SEG_DATASETS
+    from camloc.evaluators.segmentation import SegmentationState
+
+    identity = group["identity"]
+    n_classes = (identity.get("ovseg") or {}).get("n_classes") or len(SEG_DATASETS[identity["dataset"]].classes())
+    out = {method: (SegmentationState.empty(n_classes), 0) for method in group["methods"]}
+    for (_, method), record in group["records"].items():
+        if method in out:
+            state, count = out[method]
+            state += SegmentationState.from_record(record["state"])
+            out[method] = (state, count + 1)
+    return out
+
+
 def ovseg_table_of(groups: list[dict], allow_incomplete: bool = False) -> pd.DataFrame:
     """`ovseg_table` of runs already merged by identity (`ovseg_groups`); a run missing images is refused
     unless `allow_incomplete`."""
     from camloc.datasets.segmentation import SEG_DATASETS
-    from camloc.evaluators.segmentation import SegmentationState
 
     subkeys = differing_fields([g["identity"] for g in groups], ["model", "dataset", "data", "weights"])
     differing = list(subkeys)
@@ -332,14 +348,7 @@ def ovseg_table_of(groups: list[dict], allow_incomplete: bool = False) -> pd.Dat
     for group in groups:
         identity = group["identity"]
         n_images = (identity.get("data") or {}).get("n_images")
-        n_classes = (identity.get("ovseg") or {}).get("n_classes") or len(SEG_DATASETS[identity["dataset"]].classes())
-        for method in group["methods"]:
-            state = SegmentationState.empty(n_classes)
-            count = 0
-            for (_, m), record in group["records"].items():
-                if m == method:
-                    state += SegmentationState.from_record(record["state"])
-                    count += 1
+        for method, (state, count) in ovseg_method_states(group).items():
             if n_images is not None and count != n_images and not allow_incomplete:
                 raise RunFolderError(f"{identity['model']} {method} on {identity['dataset']}: {count} of {n_images} "
                                      "images segmented (a shard still running?); pass --allow-incomplete to report it")
@@ -361,4 +370,4 @@ def ovseg_table_of(groups: list[dict], allow_incomplete: bool = False) -> pd.Dat
 
 
 __all__ = ["build_report", "differing_fields", "eval_groups", "long_table", "long_table_of", "ovseg_groups",
-           "ovseg_table", "ovseg_table_of", "render", "s1_table", "s3_table"]
+           "ovseg_method_states", "ovseg_table", "ovseg_table_of", "render", "s1_table", "s3_table"]

@@ -280,8 +280,7 @@ def _mismatches(p: Preset, model: str, dataset: str, config: dict, state: dict) 
 def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
     """{(model, method, dataset): (value in the published unit, complete)} from the run folders under `out`,
     and the reasons the table is partial."""
-    from camloc.evaluators.segmentation import SegmentationState
-    from camloc.report.tables import eval_groups, long_table_of, ovseg_groups
+    from camloc.report.tables import eval_groups, long_table_of, ovseg_groups, ovseg_method_states
 
     values, reasons = {}, []
     state = json.loads((out / "reproduce.json").read_text()) if (out / "reproduce.json").is_file() else {}
@@ -308,16 +307,12 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
                 [group] = ovseg_groups([folder])
                 reasons += [f"{model} {m} on {dataset} not run" for m in p.methods if m not in group["methods"]]
                 expected = (group["identity"].get("data") or {}).get("n_images")
-                for method in group["methods"]:
-                    records = [r for (_, m), r in group["records"].items() if m == method]
-                    if not records:
+                for method, (state_sum, count) in ovseg_method_states(group).items():
+                    if not count:
                         continue
-                    state_sum = SegmentationState.from_record(records[0]["state"])
-                    for r in records[1:]:
-                        state_sum += SegmentationState.from_record(r["state"])
-                    complete = folder_whole and expected is not None and len(records) == expected
-                    if expected is not None and len(records) != expected:
-                        reasons.append(f"{model} {method} on {dataset}: {len(records)} of {expected} images")
+                    complete = folder_whole and expected is not None and count == expected
+                    if expected is not None and count != expected:
+                        reasons.append(f"{model} {method} on {dataset}: {count} of {expected} images")
                     values[(model, method, dataset)] = (scale * state_sum.result()["miou"], complete)
             else:
                 [group] = eval_groups([folder], allow_incomplete=True)
@@ -423,8 +418,9 @@ def write_table(name: str, out: str | Path) -> dict:
     """Write OUT/table.md, table.csv (the long form) and table.tex; returns {"title", "partial", "files",
     "flagged"}."""
     out = Path(out)
+    p = preset(name)
     long, wide, title, partial = reproduction_table(name, out)
-    digits = 2 if preset(name).protocol == "ovseg" else 4
+    digits = 2 if p.protocol == "ovseg" else 4
     shown = wide.copy()
     for column in shown.columns[3:]:
         shown[column] = [("" if math.isnan(v) else f"{v:.{digits}f}") if isinstance(v, float) else ("" if v is None else v)
@@ -432,7 +428,7 @@ def write_table(name: str, out: str | Path) -> dict:
     markdown = f"**{title}**\n\n" + shown.to_markdown(index=False) + "\n"
     flagged = long[long["flagged"]]
     if len(flagged):
-        markdown += (f"\n! = the difference exceeds the preset's tolerance ({preset(name).tolerance:g}): "
+        markdown += (f"\n! = the difference exceeds the preset's tolerance ({p.tolerance:g}): "
                      + ", ".join(f"{r.model} {r.method} {r.column}" for r in flagged.itertuples()) + "\n")
     (out / "table.md").write_text(markdown)
     long.to_csv(out / "table.csv", index=False)
