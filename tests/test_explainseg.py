@@ -2,13 +2,19 @@
 the reference scripts' arithmetic written out here from their commits (hila-chefer/Transformer-Explainability
 `utils/metrices.py` and `baselines/ViT/imagenet_seg_eval.py` at 6b4f311; LUSSeg/ImageNet-S `evaluation/metric.py`
 at d8e3cd0 and `evaluator.py` at 89bce0f), on torch tensors as they run them."""
+import json
 import math
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score
+from typer.testing import CliRunner
 
+from camloc.cli.app import app
 from camloc.evaluators.explainseg import ImagenetSegState, ImagenetSState
 
 
@@ -189,15 +195,16 @@ def test_imagenet_s_equals_the_reference_arithmetic():
     assert (merged.intersect == state.intersect).all() and (merged.sized == state.sized).all()
 
 
-def write_gtsegs(path, images, masks):
+def write_gtsegs(path, images, masks, wnids=None):
     """A gtsegs_ijcv.mat in the layout Transformer-Explainability's data/Imagenet.py reads (no real copy could be
     had: its host is dead): /value/img, (N, 1) references to (C, W, H) arrays; /value/gt, (N, 1) references to 1 x 1
-    cells of references to (W, H) masks."""
+    cells of references to (W, H) masks; /value/target (as a public LeGrad evaluation script reads it), (N, 1)
+    references to the WordNet id's characters as uint16 (MATLAB's char)."""
     import h5py
 
     with h5py.File(path, "w") as f:
         refs = f.create_group("#refs#")
-        img_refs, gt_refs = [], []
+        img_refs, gt_refs, target_refs = [], [], []
         for i, (image, mask) in enumerate(zip(images, masks)):
             data = refs.create_dataset(f"img{i}", data=image.transpose((2, 1, 0)))
             m = refs.create_dataset(f"mask{i}", data=mask.transpose((1, 0)))
@@ -205,9 +212,14 @@ def write_gtsegs(path, images, masks):
             cell[0, 0] = m.ref
             img_refs.append(data.ref)
             gt_refs.append(cell.ref)
+            if wnids:
+                chars = np.array([ord(c) for c in wnids[i]], np.uint16).reshape(-1, 1)
+                target_refs.append(refs.create_dataset(f"target{i}", data=chars).ref)
         value = f.create_group("value")
         value.create_dataset("img", data=np.array(img_refs, dtype=h5py.ref_dtype).reshape(-1, 1))
         value.create_dataset("gt", data=np.array(gt_refs, dtype=h5py.ref_dtype).reshape(-1, 1))
+        if wnids:
+            value.create_dataset("target", data=np.array(target_refs, dtype=h5py.ref_dtype).reshape(-1, 1))
 
 
 def test_imagenet_segmentation_file_reads_images_and_masks(tmp_path):
@@ -246,3 +258,233 @@ def test_imagenet_s_masks_decode_r_plus_256_g(tmp_path):
     Image.fromarray(ids.astype(np.uint8)).save(tmp_path / "gray.png")
     with pytest.raises(DataError, match="is a L image"):
         imagenet_s_label(tmp_path / "gray.png")
+
+
+# --- the protocols in runs -------------------------------------------------------------------------------------------
+
+runner = CliRunner()
+SEG_WNIDS = ["n01440764", "n02123045", "n00007846"]  # tench, tabby cat (ImageNet-1k); person (WordNet only)
+
+
+def _blob_images(rng, sizes):
+    images, masks = [], []
+    for h, w in sizes:
+        image = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4: 3 * h // 4, w // 5: w // 2] = 1
+        image[mask > 0] = (image[mask > 0] // 2 + 120).astype(np.uint8)
+        images.append(image)
+        masks.append(mask)
+    return images, masks
+
+
+def _records(run_dir):
+    rows = [json.loads(line) for p in sorted(Path(run_dir).glob("pairs*.jsonl")) for line in p.read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds", None)
+    return sorted(rows, key=lambda r: (str(r["image_id"]), r["category_id"], r["method"]))
+
+
+def _eval(out, *args):
+    result = runner.invoke(app, ["eval", "--model", "tiny-rn", "--method", "gradcam,layercam", "--out", str(out),
+                                 "--no-progress", "--device", "cpu", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+
+
+def _same_up_to_batch_rounding(batched: dict, one: dict) -> None:
+    """A batched forward's maps differ from one image's by float rounding (~1e-6 of the range: oneDNN picks kernels
+    by batch size, tests/test_throughput.py), which can move a pixel across a map's mean: values within 1e-3."""
+    for method, values in one["methods"].items():
+        for key, value in values.items():
+            if key.startswith(("seg_", "imagenet_s_", "n_")) and value is not None:
+                assert batched["methods"][method][key] == pytest.approx(value, abs=1e-3), (method, key)
+
+
+def _chefer_by_hand(heatmaps, masks):
+    """ImageNet-Segmentation's sums written out with NumPy and sklearn, at 224 x 224."""
+    from sklearn.metrics import average_precision_score
+
+    inter, union, correct, labeled, aps = np.zeros(2), np.zeros(2), 0, 0, []
+    for h, m in zip(heatmaps, masks):
+        r = cv2.resize(h.astype(np.float32), (224, 224), interpolation=cv2.INTER_LINEAR)
+        t = cv2.resize(m.astype(np.uint8), (224, 224), interpolation=cv2.INTER_NEAREST) > 0
+        constant = r.max() == r.min()  # all background, scores 0 (the reference's 0/0 zeroed)
+        r = np.zeros_like(r) if constant else (r - r.min()) / (r.max() - r.min())
+        fg = r > r.mean() if not constant else np.zeros(r.shape, bool)
+        correct += (fg == t).sum()
+        labeled += t.size
+        for c, (a, b) in enumerate(((~fg, ~t), (fg, t))):
+            inter[c] += (a & b).sum()
+            union[c] += (a | b).sum()
+        scores = np.zeros(2 * r.size) if constant else np.concatenate([1 - r.ravel(), r.ravel()])  # NaN -> 0: both
+        aps.append(average_precision_score(np.concatenate([~t.ravel(), t.ravel()]), scores))
+    return {"seg_pixel_accuracy": correct / labeled, "seg_miou": float((inter / union).mean()),
+            "seg_map": float(np.mean(aps))}
+
+
+def _heatmaps(run_dir, method, dataset, **data):
+    from camloc.cams import compute_heatmaps
+    from camloc.datasets import load_dataset
+    from camloc.models import ClipModel, load_image
+
+    model = ClipModel.load("tiny-rn", device="cpu")
+    out = {}
+    for item in load_dataset(dataset, **data):
+        pair = item.pairs[0]
+        out[str(item.image_id)] = compute_heatmaps(model, load_image(item.path), [pair.prompt], [method])[method][0]
+    return out
+
+
+def test_imagenet_segmentation_runs_end_to_end_sharded_batched_and_rescored(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    images, masks = _blob_images(rng, [(40, 48), (52, 36), (40, 40)])
+    root = tmp_path / "data"
+    (root / "imagenet-seg").mkdir(parents=True)
+    write_gtsegs(root / "imagenet-seg" / "gtsegs_ijcv.mat", images, masks, SEG_WNIDS)
+    args = ["--dataset", "imagenet-seg", "--data-root", str(root), "--protocols", "chefer-seg,mask-iou"]
+    summary = _eval(tmp_path / "one", *args, "--save-heatmaps", "--image-batch", "1")
+    records = _records(tmp_path / "one")
+    assert [r["prompt"] for r in records if r["method"] == "gradcam"] == ["tench", "tabby cat", "person"]
+    assert {r["category_id"] for r in records} == {int(w[1:]) for w in SEG_WNIDS}
+    extracted = root / "imagenet-seg" / "gtsegs_ijcv_extracted"
+    assert np.array_equal(np.asarray(Image.open(extracted / "images" / "0001.png")), images[1])
+    for method in ("gradcam", "layercam"):
+        maps = _heatmaps(tmp_path / "one", method, "imagenet-seg", data_root_dir=root)
+        expected = _chefer_by_hand([maps[str(i)] for i in range(3)], masks)
+        got = summary["methods"][method]
+        assert got["n_seg"] == 3
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-6), (method, key)
+    # the extraction is done once: a second build reads the PNGs
+    stamp = (extracted / "index.json").stat().st_mtime_ns
+    # two shards give the same records and table; the extraction is not redone
+    _eval(tmp_path / "two", *args, "--shard", "0/2", "--image-batch", "1")
+    _eval(tmp_path / "two", *args, "--shard", "1/2", "--image-batch", "1")
+    assert (extracted / "index.json").stat().st_mtime_ns == stamp
+    assert _records(tmp_path / "two") == records
+    assert (tmp_path / "two" / "table.csv").read_text() == (tmp_path / "one" / "table.csv").read_text()
+    _same_up_to_batch_rounding(_eval(tmp_path / "batched", *args, "--image-batch", "4"), summary)
+    assert "seg_miou" in (tmp_path / "one" / "table.csv").read_text()
+    # rescored from the saved maps, without the model
+    result = runner.invoke(app, ["rescore", str(tmp_path / "one"), "--protocols", "chefer-seg,mask-iou", "--out",
+                                 str(tmp_path / "re"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert _records(tmp_path / "re") == records
+
+
+def _imagenet_s(root, k=50, layout="nested"):
+    """ImageNet-S-K's validation masks (R + 256 G PNGs) and a flat or nested image folder, test-made."""
+    from camloc.datasets.explainseg import imagenet_names
+
+    wnids = list(imagenet_names())[:k]
+    base = root / f"ImageNetS{k}"
+    (base / f"ImageNetS_categories_im{k}.txt").parent.mkdir(parents=True)
+    (base / f"ImageNetS_categories_im{k}.txt").write_text("\n".join(wnids) + "\n")
+    rng = np.random.default_rng(7)
+    images_dir = root / "imagenet-val"
+    labels = {}
+    for n, (wnid, size) in enumerate([(wnids[0], (30, 40)), (wnids[0], (36, 28)), (wnids[4], (32, 32)),
+                                      (wnids[9], (24, 30))]):
+        stem = f"ILSVRC2012_val_{n + 1:08d}"
+        h, w = size
+        label = np.zeros((h, w), np.int64)
+        c = wnids.index(wnid) + 1
+        label[h // 3: h - 2, 2: w // 2 + 3] = c
+        if n == 2:
+            label[: h // 4, w // 2:] = 7  # another class in the image
+        if n == 3:
+            label[:] = 0  # its own class is not labelled: no pair
+        (base / "validation-segmentation" / wnid).mkdir(parents=True, exist_ok=True)
+        rgb = np.stack([label % 256, label // 256, np.zeros_like(label)], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(base / "validation-segmentation" / wnid / f"{stem}.png")
+        image = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        folder = images_dir / wnid if layout == "nested" else images_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{stem}.JPEG", quality=95)
+        labels[stem] = (label, c)
+    return images_dir, labels
+
+
+def test_imagenet_s_runs_end_to_end_against_the_reference_arithmetic(tmp_path):
+    root = tmp_path / "data"
+    images_dir, labels = _imagenet_s(root, layout="flat")
+    args = ["--dataset", "imagenet-s50", "--data-root", str(root), "--image-dir", str(images_dir), "--protocols",
+            "imagenet-s,chefer-seg"]
+    summary = _eval(tmp_path / "one", *args, "--image-batch", "1")
+    records = _records(tmp_path / "one")
+    assert {r["image_id"] for r in records} == set(list(labels)[:3])  # the image without its class gives no pair
+    assert [r["prompt"] for r in records if r["method"] == "gradcam"] == ["tench", "tench", "hammerhead shark"]
+    varied = 0
+    for method in ("gradcam", "layercam"):
+        maps = _heatmaps(tmp_path / "one", method, "imagenet-s50", data_root_dir=root, image_dir=images_dir)
+        predicts, gts = [], []
+        for stem, heatmap in maps.items():
+            label, c = labels[stem]
+            varied += heatmap.max() > heatmap.min()  # a constant map predicts "other" everywhere
+            r = (heatmap - heatmap.min()) / max(heatmap.max() - heatmap.min(), 1e-30)
+            predicts.append(np.where(r > r.mean(), c, 0) if heatmap.max() > heatmap.min() else np.zeros_like(label))
+            gts.append(label)
+        miou, fmeasure, accuracy, sized = _lusseg([torch.tensor(p, dtype=torch.float32) for p in predicts],
+                                                  [torch.tensor(g, dtype=torch.float32) for g in gts], 51)
+        got = summary["methods"][method]
+        assert got["n_imagenet_s"] == 3
+        assert got["imagenet_s_miou"] == pytest.approx(miou, rel=1e-6)
+        assert got["imagenet_s_fmeasure"] == pytest.approx(fmeasure, rel=1e-6, abs=1e-12)
+        assert got["imagenet_s_accuracy"] == pytest.approx(accuracy)
+        for b, want in zip(("S", "MS", "ML", "L"), sized):
+            assert (got[f"imagenet_s_miou_{b}"] is None) if math.isnan(want) else (
+                got[f"imagenet_s_miou_{b}"] == pytest.approx(want, rel=1e-6)), b
+    assert varied >= 3
+    from camloc.report.leaderboard import METRICS, board
+    from camloc.report.tables import eval_groups
+
+    result = board(eval_groups([tmp_path / "one"]), [], lambda g: "run")
+    for metric in (m for m in METRICS if m.field in ("imagenet_s_state", "chefer_seg_state")):
+        for method, row in result["rows"].items():
+            value = row["cells"][("run", metric.column)]["value"]
+            assert value == pytest.approx(summary["methods"][method][metric.column], abs=1e-12), (method, metric.column)
+    _eval(tmp_path / "two", *args, "--shard", "0/2", "--image-batch", "1")
+    _eval(tmp_path / "two", *args, "--shard", "1/2", "--image-batch", "1")
+    assert _records(tmp_path / "two") == records
+    _same_up_to_batch_rounding(_eval(tmp_path / "batched", *args, "--image-batch", "3"), summary)
+    assert (tmp_path / "two" / "table.csv").read_text() == (tmp_path / "one" / "table.csv").read_text()
+    verify = runner.invoke(app, ["data", "verify", "imagenet-s50", "--data-root", str(root), "--image-dir",
+                                 str(images_dir)])
+    assert verify.exit_code == 0 and "images 3, pairs 3, missing image files 0" in verify.output, verify.output
+
+
+def test_imagenet_s_bad_files_are_one_line(tmp_path):
+    root = tmp_path / "data"
+    images_dir, labels = _imagenet_s(root)
+    args = ["eval", "--model", "tiny-rn", "--method", "gradcam", "--dataset", "imagenet-s50", "--data-root",
+            str(root), "--image-dir", str(images_dir), "--protocols", "imagenet-s", "--no-progress", "--device", "cpu"]
+    stem = next(iter(labels))
+    wnid = next(p.name for p in (root / "ImageNetS50" / "validation-segmentation").iterdir()
+                if (p / f"{stem}.png").exists())
+    image = images_dir / wnid / f"{stem}.JPEG"
+    Image.new("RGB", (12, 12)).save(image)  # an image of another size than its mask
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and f"{image}) is 12x12 pixels" in result.output and "Traceback" not in result.output
+    mask = root / "ImageNetS50" / "validation-segmentation" / wnid / f"{stem}.png"
+    Image.fromarray(np.full((4, 4, 3), [77, 0, 0], np.uint8)).save(mask)  # class 77 in ImageNet-S-50
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and f"ImageNet-S mask {mask} holds class ids [77]" in result.output
+    (root / "ImageNetS50" / "ImageNetS_categories_im50.txt").write_text("n01440764\n")
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "is not ImageNet-S-50's class file" in result.output
+    (root / "ImageNetS50" / "ImageNetS_categories_im50.txt").unlink()
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "get ImageNetS_categories_im50.txt from LUSSeg/ImageNet-S" in result.output
+
+
+def test_imagenet_segmentation_file_missing_or_without_classes_is_one_line(tmp_path):
+    args = ["eval", "--model", "tiny-rn", "--method", "gradcam", "--dataset", "imagenet-seg", "--data-root",
+            str(tmp_path), "--protocols", "chefer-seg", "--no-progress", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "camloc cannot download it" in result.output and "Traceback" not in result.output
+    images, masks = _blob_images(np.random.default_rng(0), [(20, 20)])
+    (tmp_path / "imagenet-seg").mkdir()
+    write_gtsegs(tmp_path / "imagenet-seg" / "gtsegs_ijcv.mat", images, masks)  # no /value/target
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "has no /value/target" in result.output

@@ -14,7 +14,8 @@ from camloc.report.leaderboard import METRICS, _ratio, board, bootstrap_interval
 from camloc.report.tables import eval_groups, long_table
 
 runner = CliRunner()
-PROTOCOLS = "box,mask-iou,pointing,maxboxacc,pxap,deletion-rise,insertion-rise,deletion-eclip,road"
+PROTOCOLS = "box,mask-iou,pointing,maxboxacc,pxap,chefer-seg,deletion-rise,insertion-rise,deletion-eclip,road"
+MEASURED = [m for m in METRICS if m.field != "imagenet_s_state"]  # imagenet-s needs label maps (tests/test_explainseg.py)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,8 @@ def test_leaderboard_values_equal_the_long_table_and_the_best_follows_the_direct
     long = long_table(dirs).set_index("method")
     groups = eval_groups(dirs)
     result = board(groups, [], lambda g: "otsu")
-    assert [c["metric"] for c in result["columns"]] == [m.column for m in METRICS]
-    for metric in METRICS:
+    assert [c["metric"] for c in result["columns"]] == [m.column for m in MEASURED]
+    for metric in MEASURED:
         values = {}
         for method, row in result["rows"].items():
             cell = row["cells"][("otsu", metric.column)]
@@ -95,10 +96,10 @@ def test_html_report_leads_with_the_leaderboard_and_shows_only_what_differs(runs
     groups = [text for attrs, text in parser.headers if attrs.get("class") == "group"]
     assert groups == ["tiny-vit · demo · threshold: otsu", "tiny-vit · demo · threshold: 0.5"]
     sortable = [attrs for attrs, _ in parser.headers if "data-col" in attrs]
-    assert len(sortable) == 2 * (1 + len(METRICS) + 1)  # a table per run (too wide beside each other): method,
+    assert len(sortable) == 2 * (1 + len(MEASURED) + 1)  # a table per run (too wide beside each other): method,
     # the run's metrics and its rate
     stars = [text for attrs, text in parser.cells if attrs.get("class") == "best"]
-    assert len(stars) >= 2 * len(METRICS) and all(text.startswith("★") for text in stars)
+    assert len(stars) >= 2 * len(MEASURED) and all(text.startswith("★") for text in stars)
     tips = {text: attrs.get("title") for attrs, text in parser.cells if attrs.get("class") == "m"}
     assert "GradCAM" in tips["gradcam"] and tips["legrad"]
     # the options and weights dicts differ in nothing here; no cell outside the folded config holds a dict

@@ -42,7 +42,7 @@ IncludeStuffOption = typer.Option(False, "--include-stuff", help="COCO: also eva
 AdeExtentOption = typer.Option(None, "--ade-extent", help="ade20k-scenes, full release: ground truth from the visible pixels (visible, the default) or the amodal JSON polygons (amodal).")
 MaxPixelsOption = typer.Option(None, "--max-pixels", help="Accept images up to this many pixels (Pillow refuses more than about 89 million as a decompression bomb).")
 SkipBadRecordsOption = typer.Option(False, "--skip-bad-records", help="Skip (and count) record lines that are not valid records instead of stopping.")
-ProtocolsOption = typer.Option("box", "--protocols", help="Comma list of box (always scored), mask-iou, pointing, maxboxacc, pxap, and the faithfulness protocols deletion-rise, insertion-rise, deletion-eclip, road (these run the model on perturbed images; see docs/protocols.md).")
+ProtocolsOption = typer.Option("box", "--protocols", help="Comma list of box (always scored), mask-iou, pointing, maxboxacc, pxap, chefer-seg, imagenet-s, and the faithfulness protocols deletion-rise, insertion-rise, deletion-eclip, road (these run the model on perturbed images; see docs/protocols.md).")
 FaithStepsOption = typer.Option(224, "--faith-steps", help="deletion-rise/insertion-rise: points of the curve besides the first (RISE: 224 at 224x224).")
 FaithBaselineOption = typer.Option(None, "--faith-baseline", help="deletion-rise/insertion-rise: what removed pixels become, zero (the normalisation's mean colour), blur or mean, for both curves [default: RISE's zero for deletion, blur for insertion].")
 FaithScoreOption = typer.Option("softmax", "--faith-score", help="deletion-rise/insertion-rise/road: softmax (probability of the prompt among the image's prompts) or cosine.")

@@ -41,6 +41,9 @@ class ImagePairs:
     """Lazily, the class masks of this image at its raw size: {category id: bool (H, W) array, or None
     where the dataset has no mask for that class}. None when the dataset has no masks at all. Never
     stored in the records: protocols that need masks call it once per image."""
+    labels: Callable[[], tuple] | None = field(default=None, compare=False, repr=False)
+    """Lazily, the image's label map and number of classes, `(int (H, W) array of class ids 0..K with 1000
+    ignored, K)`, for the `imagenet-s` protocol; None for datasets without one."""
 
     def with_pairs(self, pairs: list[Pair]) -> "ImagePairs":
         return replace(self, pairs=pairs)

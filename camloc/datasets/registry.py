@@ -248,4 +248,5 @@ def load_dataset(
 def _load_builtin_datasets() -> None:
     import camloc.datasets.ade20k  # noqa: F401
     import camloc.datasets.coco  # noqa: F401
+    import camloc.datasets.explainseg  # noqa: F401
     import camloc.datasets.partimagenet  # noqa: F401

@@ -21,6 +21,13 @@
   from every count here (the evaluator files read here do not drop them themselves; its loader, `tools.py`, was not
   available to read): the object-size shares are still of the whole image, as the reference counts them.
 
+As run protocols (`--protocols chefer-seg,imagenet-s`, one record per (image, class) pair; `chefer_seg_pair`,
+`imagenet_s_pair`):
+- `chefer-seg` scores a pair's raw-size map against its class mask after resizing both to SEG_SIZE x SEG_SIZE (the
+  map bilinearly, the mask by nearest neighbour), as the reference scores the model's 224 x 224 input.
+- `imagenet-s` predicts the pair's class where the pair's map (at the label map's size) exceeds its own mean (the
+  binarisation above) and "other" (0) elsewhere, and scores that prediction against the image's whole label map.
+
 Values are fractions in [0, 1] (the papers print percentages)."""
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ SPACING = float(np.spacing(1, dtype=np.float64))
 SIZE_BINS = ("S", "MS", "ML", "L")
 """ImageNet-S's object-size bins: <= 5 %, <= 25 %, <= 50 %, > 50 % of the image."""
 IMAGENET_S_IGNORE = 1000
+SEG_SIZE = 224
+"""The square size ImageNet-Segmentation's reference scores maps and masks at (its model input)."""
 
 
 def normalised_map(heatmap: np.ndarray) -> np.ndarray:
@@ -193,13 +202,51 @@ class ImagenetSState:
             out[f"miou_{name}"] = float((i / (p + t - i + 1e-10))[present].mean()) if present.any() else float("nan")
         return out
 
-    def to_record(self) -> dict:
-        return {"num_classes": self.num_classes, "pred": self.pred.tolist(), "label": self.label.tolist(),
-                "intersect": self.intersect.tolist(), "sized": self.sized.tolist(), "fmeasure_sum": self.fmeasure_sum,
-                "accuracy_sum": self.accuracy_sum, "images": self.images}
+    def to_record(self, sparse: bool = False) -> dict:
+        """The sums as JSON; `sparse`: only the class ids with a count (`ids`), as one image's record holds them."""
+        arrays = {"pred": self.pred, "label": self.label, "intersect": self.intersect, "sized": self.sized}
+        out: dict = {"num_classes": self.num_classes}
+        if sparse:
+            ids = np.flatnonzero(self.pred + self.label + self.intersect + self.sized.sum(axis=(0, 1)))
+            out["ids"] = ids.tolist()
+            arrays = {k: v[..., ids] for k, v in arrays.items()}
+        out.update({k: v.tolist() for k, v in arrays.items()})
+        return {**out, "fmeasure_sum": self.fmeasure_sum, "accuracy_sum": self.accuracy_sum, "images": self.images}
 
     @classmethod
     def from_record(cls, record: dict) -> "ImagenetSState":
-        return cls(int(record["num_classes"]), *(np.asarray(record[k], np.int64) for k in
-                                                 ("pred", "label", "intersect", "sized")),
-                   float(record["fmeasure_sum"]), float(record["accuracy_sum"]), int(record["images"]))
+        state = cls(int(record["num_classes"]))
+        ids = record.get("ids")
+        for name in ("pred", "label", "intersect", "sized"):
+            values = np.asarray(record[name], np.int64)
+            if ids is None:
+                getattr(state, name)[...] = values
+            elif len(ids):
+                getattr(state, name)[..., np.asarray(ids, np.int64)] = values
+        state.fmeasure_sum, state.accuracy_sum = float(record["fmeasure_sum"]), float(record["accuracy_sum"])
+        state.images = int(record["images"])
+        return state
+
+
+def chefer_seg_pair(heatmap: np.ndarray, mask: np.ndarray) -> dict:
+    """One pair's `chefer-seg` record: `ImagenetSegState` of the raw-size map and bool mask at SEG_SIZE squared."""
+    import cv2
+
+    h = np.nan_to_num(np.asarray(heatmap, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if h.shape != np.asarray(mask).shape:
+        raise ValueError(f"map {h.shape} and mask {np.asarray(mask).shape} differ in size")
+    small = cv2.resize(h, (SEG_SIZE, SEG_SIZE), interpolation=cv2.INTER_LINEAR)
+    truth = cv2.resize(np.asarray(mask, np.uint8), (SEG_SIZE, SEG_SIZE), interpolation=cv2.INTER_NEAREST)
+    return ImagenetSegState().add(small, (truth > 0).astype(np.uint8)).to_record()
+
+
+def imagenet_s_pair(heatmap: np.ndarray, labels: np.ndarray, class_id: int, num_classes: int) -> dict:
+    """One pair's `imagenet-s` record: the map's foreground (above its own mean after min-max) predicted as
+    `class_id`, the rest as other (0), scored against the image's label map (ids 0..K, 1000 ignored); sparse."""
+    h = np.nan_to_num(np.asarray(heatmap, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if h.shape != labels.shape:
+        raise ValueError(f"map {h.shape} and label map {labels.shape} differ in size")
+    r = normalised_map(h)
+    fg = r > r.mean(dtype=np.float32) if float(h.max()) > float(h.min()) else np.zeros(h.shape, bool)
+    pred = np.where(fg, int(class_id), 0)
+    return ImagenetSState(int(num_classes)).add(pred, labels).to_record(sparse=True)

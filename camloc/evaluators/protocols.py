@@ -30,6 +30,13 @@ addition; the summary holds the values):
   sum(precision[1:] * diff(recall)) over thresholds with a positive prediction. Pairs without a mask
   are not counted (`n_mask`).
 
+- `chefer-seg`: ImageNet-Segmentation's scoring (Transformer-Explainability's, `camloc.evaluators.explainseg`) on
+  any dataset with class masks: per pair the counts of the map binarised at its mean against the class mask at
+  224 x 224; pixel accuracy and the 2-class IoUs over the summed counts, mAP and mF1 over pairs.
+- `imagenet-s`: ImageNet-S's scoring (LUSSeg's) of the pair's class predicted where the map exceeds its mean,
+  against the image's label map: per-class IoU over the summed counts (0..K), F-measure, image accuracy and IoU by
+  object size; on the datasets with label maps (imagenet-s50/300/919).
+
 All values are fractions in [0, 1] (wsolevaluation prints percents).
 
 The faithfulness protocols (deletion-rise, insertion-rise, deletion-eclip, road) need the model's
@@ -43,10 +50,11 @@ import cv2
 import numpy as np
 
 from camloc.evaluators.boxes import binarize, heatmap_to_uint8
+from camloc.evaluators.explainseg import SIZE_BINS
 from camloc.evaluators.faithfulness import FAITH_COLUMNS, FAITH_PROTOCOLS, FaithSums
 
-PROTOCOLS = ("box", "mask-iou", "pointing", "maxboxacc", "pxap", *FAITH_PROTOCOLS)
-MASK_PROTOCOLS = {"mask-iou", "pointing", "pxap"}  # read the class mask where the dataset has one
+PROTOCOLS = ("box", "mask-iou", "pointing", "maxboxacc", "pxap", "chefer-seg", "imagenet-s", *FAITH_PROTOCOLS)
+MASK_PROTOCOLS = {"mask-iou", "pointing", "pxap", "chefer-seg"}  # read the class mask where the dataset has one
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 DEFAULT_TOLERANCE = 15
 DEFAULT_INTERVAL = 0.01  # wsolevaluation evaluation.py's --cam_curve_interval default
@@ -198,9 +206,13 @@ def pxap_from_histograms(fg: np.ndarray, bg: np.ndarray) -> float | None:
 
 
 def pair_values(protocols, heatmap: np.ndarray, mask: np.ndarray | None, gt_boxes: list[list[float]], threshold,
-                tolerance: float = DEFAULT_TOLERANCE, interval: float = DEFAULT_INTERVAL) -> dict:
+                tolerance: float = DEFAULT_TOLERANCE, interval: float = DEFAULT_INTERVAL,
+                labels: tuple[np.ndarray, int] | None = None, category_id: int | None = None) -> dict:
     """The record fields of the selected protocols (besides `box`) for one pair. A protocol that needs
-    a mask records None where the pair has none (pointing and energy fall back to the boxes)."""
+    a mask records None where the pair has none (pointing and energy fall back to the boxes); `imagenet-s`
+    reads `labels`, the image's (label map, number of classes), and records None without them."""
+    from camloc.evaluators.explainseg import chefer_seg_pair, imagenet_s_pair
+
     out: dict = {}
     if "mask-iou" in protocols:
         out["mask_iou"] = mask_iou(heatmap, mask, threshold) if mask is not None else None
@@ -211,6 +223,11 @@ def pair_values(protocols, heatmap: np.ndarray, mask: np.ndarray | None, gt_boxe
         out["maxboxacc_state"] = maxboxacc_state(heatmap, gt_boxes, interval)
     if "pxap" in protocols:
         out["pxap_state"] = pxap_state(heatmap, mask, interval) if mask is not None else None
+    if "chefer-seg" in protocols:
+        out["chefer_seg_state"] = chefer_seg_pair(heatmap, mask) if mask is not None else None
+    if "imagenet-s" in protocols:
+        out["imagenet_s_state"] = (imagenet_s_pair(heatmap, labels[0], category_id, labels[1])
+                                   if labels is not None else None)
     return out
 
 
@@ -228,9 +245,11 @@ class ProtocolSums:
         self.pxap_n = 0
         self.seen: set[str] = set()
         self.faith = FaithSums()
+        self.seg = ExplainSegSums()
 
     def add(self, record: dict) -> None:
         self.faith.add(record)
+        self.seg.add(record)
         if "mask_iou" in record:
             self.seen.add("mask-iou")
             if record["mask_iou"] is not None:
@@ -275,6 +294,7 @@ class ProtocolSums:
         self.pxap_n += other.pxap_n
         self.seen |= other.seen
         self.faith += other.faith
+        self.seg += other.seg
         return self
 
     def result(self) -> dict:
@@ -294,7 +314,91 @@ class ProtocolSums:
             out["pxap"] = pxap_from_histograms(self.pxap_fg, self.pxap_bg) if self.pxap_fg is not None else None
             out.setdefault("n_mask", self.pxap_n)
         out.update(self.faith.result())
+        out.update(self.seg.result())
         return out
+
+
+class ExplainSegSums:
+    """The `chefer-seg` and `imagenet-s` records' sums: integer counts, and the per-pair float terms (AP, F1,
+    F-measure) as exact fractions, so shards merged in any order give one run's values bit for bit."""
+
+    def __init__(self) -> None:
+        from camloc.evaluators.explainseg import ImagenetSegState
+
+        self.chefer = ImagenetSegState()
+        self.chefer_terms = [Fraction(0), Fraction(0)]  # AP, F1
+        self.chefer_seen = False
+        self.imagenet_s = None  # ImagenetSState, once a record with a state is added
+        self.imagenet_s_terms = [Fraction(0), Fraction(0)]  # F-measure, accuracy
+        self.imagenet_s_seen = False
+        self.missing = {"chefer-seg": 0, "imagenet-s": 0}
+
+    def add(self, record: dict) -> None:
+        from camloc.evaluators.explainseg import ImagenetSegState, ImagenetSState
+
+        if "chefer_seg_state" in record:
+            self.chefer_seen = True
+            if record["chefer_seg_state"] is None:
+                self.missing["chefer-seg"] += 1
+            else:
+                state = ImagenetSegState.from_record(record["chefer_seg_state"])
+                self.chefer_terms[0] += Fraction(state.ap_sum)
+                self.chefer_terms[1] += Fraction(state.f1_sum)
+                state.ap_sum = state.f1_sum = 0.0
+                self.chefer += state
+        if "imagenet_s_state" in record:
+            self.imagenet_s_seen = True
+            if record["imagenet_s_state"] is None:
+                self.missing["imagenet-s"] += 1
+            else:
+                state = ImagenetSState.from_record(record["imagenet_s_state"])
+                self.imagenet_s_terms[0] += Fraction(state.fmeasure_sum)
+                self.imagenet_s_terms[1] += Fraction(state.accuracy_sum)
+                state.fmeasure_sum = state.accuracy_sum = 0.0
+                self._add_imagenet_s(state)
+
+    def _add_imagenet_s(self, state) -> None:
+        if self.imagenet_s is None:
+            from camloc.evaluators.explainseg import ImagenetSState
+
+            self.imagenet_s = ImagenetSState(state.num_classes)
+        self.imagenet_s += state  # refuses another number of classes
+
+    def __iadd__(self, other: "ExplainSegSums") -> "ExplainSegSums":
+        self.chefer += other.chefer
+        self.chefer_seen |= other.chefer_seen
+        if other.imagenet_s is not None:
+            self._add_imagenet_s(other.imagenet_s)
+        self.imagenet_s_seen |= other.imagenet_s_seen
+        for mine, theirs in ((self.chefer_terms, other.chefer_terms), (self.imagenet_s_terms, other.imagenet_s_terms)):
+            mine[0] += theirs[0]
+            mine[1] += theirs[1]
+        for k in self.missing:
+            self.missing[k] += other.missing[k]
+        return self
+
+    def result(self) -> dict:
+        out: dict = {}
+        if self.chefer_seen:
+            n = self.chefer.images
+            values = self.chefer.result() if n else {}
+            out.update({"seg_pixel_accuracy": values.get("pixel_accuracy"), "seg_miou": values.get("miou"),
+                        "seg_map": float(self.chefer_terms[0] / n) if n else None,
+                        "seg_mf1": float(self.chefer_terms[1] / n) if n else None, "n_seg": n})
+        if self.imagenet_s_seen:
+            state = self.imagenet_s
+            n = state.images if state is not None else 0
+            values = state.result() if n else {}
+            out.update({"imagenet_s_miou": values.get("miou"),
+                        "imagenet_s_fmeasure": float(self.imagenet_s_terms[0] / n) if n else None,
+                        "imagenet_s_accuracy": float(self.imagenet_s_terms[1] / n) if n else None,
+                        **{f"imagenet_s_miou_{b}": _finite(values.get(f"miou_{b}")) for b in SIZE_BINS},
+                        "n_imagenet_s": n})
+        return out
+
+
+def _finite(value):
+    return None if value is None or value != value else value
 
 
 class _DatasetState:
@@ -347,5 +451,7 @@ class PxAP(_DatasetState):
 
 
 PROTOCOL_COLUMNS = ["mask_iou", "n_mask", "pointing", "energy_pointing", "boxacc@0.3", "boxacc@0.5", "boxacc@0.7",
-                    "maxboxacc_v2", "pxap", *FAITH_COLUMNS]
+                    "maxboxacc_v2", "pxap", "seg_pixel_accuracy", "seg_miou", "seg_map", "seg_mf1", "n_seg",
+                    "imagenet_s_miou", "imagenet_s_fmeasure", "imagenet_s_accuracy",
+                    *(f"imagenet_s_miou_{b}" for b in SIZE_BINS), "n_imagenet_s", *FAITH_COLUMNS]
 """Table columns of the protocols beyond `box`, in this order, where a run has them."""

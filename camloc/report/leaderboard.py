@@ -99,6 +99,33 @@ def _auc_of(name: str):
     return _mean_of(lambda r: None if r[name] is None else r[name]["auc"])
 
 
+def _chefer_stats(record: dict):
+    state = record["chefer_seg_state"]
+    return None if state is None else np.array([*state["intersect"], *state["union"]], np.float64)
+
+
+def _chefer_miou(sums: np.ndarray) -> np.ndarray:
+    from camloc.evaluators.explainseg import SPACING
+
+    return (sums[:, :2] / (SPACING + sums[:, 2:])).mean(axis=1)
+
+
+def _imagenet_s_stats(record: dict):
+    state = record["imagenet_s_state"]
+    if state is None:
+        return None
+    from camloc.evaluators.explainseg import ImagenetSState
+
+    full = ImagenetSState.from_record(state)
+    return np.concatenate([full.intersect, full.pred, full.label]).astype(np.float64)
+
+
+def _imagenet_s_miou(sums: np.ndarray) -> np.ndarray:
+    k = sums.shape[1] // 3
+    inter, pred, label = sums[:, :k], sums[:, k:2 * k], sums[:, 2 * k:]
+    return (inter / (pred + label - inter + 1e-10)).mean(axis=1)
+
+
 METRICS = [
     Metric("mean_iou", "box IoU", True, "iou", _mean_of(lambda r: r["iou"]), _ratio,
            "mean IoU of the Otsu box with the ground-truth box, over pairs"),
@@ -110,6 +137,14 @@ METRICS = [
            "wsolevaluation's MaxBoxAccV2: best-threshold box accuracy at IoU 0.3/0.5/0.7, averaged"),
     Metric("pxap", "PxAP", True, "pxap_state", _pxap_stats, _pxap_value,
            "wsolevaluation's pixel average precision over pairs with a mask"),
+    Metric("seg_miou", "ImageNet-Seg mIoU", True, "chefer_seg_state", _chefer_stats, _chefer_miou,
+           "ImageNet-Segmentation's scoring (Chefer et al.): mean of the background and foreground IoU of the map "
+           "binarised at its mean, counts summed over pairs"),
+    Metric("seg_map", "ImageNet-Seg mAP", True, "chefer_seg_state",
+           _mean_of(lambda r: None if r["chefer_seg_state"] is None else r["chefer_seg_state"]["ap_sum"]), _ratio,
+           "ImageNet-Segmentation's mAP: per pair the average precision of the map (both channels), averaged"),
+    Metric("imagenet_s_miou", "ImageNet-S mIoU", True, "imagenet_s_state", _imagenet_s_stats, _imagenet_s_miou,
+           "ImageNet-S's mIoU over classes 0..K of the map's class predicted above its mean (LUSSeg's counts)"),
     Metric("deletion_rise", "deletion ↓", False, "deletion_rise", _auc_of("deletion_rise"), _ratio,
            "RISE deletion AUC: lower is better"),
     Metric("insertion_rise", "insertion", True, "insertion_rise", _auc_of("insertion_rise"), _ratio,

@@ -132,6 +132,7 @@ def pair_records(model_name: str, item: ImagePairs, pairs: list, todo: dict, con
     once per image where a protocol needs them; `extra[(pair.key, method)]`: fields computed with the
     model (the faithfulness protocols). Shared by eval and rescore."""
     masks = item.masks() if item.masks is not None and MASK_PROTOCOLS & set(config.protocols) else {}
+    labels = item.labels() if item.labels is not None and "imagenet-s" in config.protocols else None
     records = []
     for pair in pairs:
         for method in todo[pair.key]:
@@ -144,7 +145,8 @@ def pair_records(model_name: str, item: ImagePairs, pairs: list, todo: dict, con
                 "box": [int(v) for v in box], "gt_boxes": pair.gt_boxes,
                 "iou": best_iou(box, pair.gt_boxes, config.iou_convention), "coverage": pair.coverage,
                 **pair_values(config.protocols, heatmap, masks.get(pair.category_id), pair.gt_boxes,
-                              config.threshold, config.pointing_tolerance, config.cam_curve_interval),
+                              config.threshold, config.pointing_tolerance, config.cam_curve_interval, labels,
+                              pair.category_id),
                 **((extra or {}).get((pair.key, method)) or {}),
             })
     return records
