@@ -15,6 +15,7 @@ from sklearn.metrics import average_precision_score, f1_score
 from typer.testing import CliRunner
 
 from camloc.cli.app import app
+from camloc.errors import CamlocError
 from camloc.evaluators.explainseg import ImagenetSegState, ImagenetSState
 
 
@@ -488,3 +489,24 @@ def test_imagenet_segmentation_file_missing_or_without_classes_is_one_line(tmp_p
     write_gtsegs(tmp_path / "imagenet-seg" / "gtsegs_ijcv.mat", images, masks)  # no /value/target
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "has no /value/target" in result.output
+
+
+def test_imagenet_s_919_class_file_is_read_and_every_class_has_a_clip_name(tmp_path):
+    """The real class file of ImageNet-S-919: 919 ids, every one an ImageNet-1k class camloc names, the five the
+    README says were merged absent, and `imagenet_s_categories` reads it (row i = id i + 1)."""
+    from camloc.datasets.explainseg import imagenet_names, imagenet_s_categories
+
+    real = Path(__file__).parent / "real-formats" / "imagenet-s" / "ImageNetS_categories_im919.txt"
+    wnids = imagenet_s_categories(real, 919)
+    assert len(wnids) == 919 and set(wnids) <= set(imagenet_names())
+    assert not {"n04356056", "n04493381", "n03642806", "n04008634", "n03887697"} & set(wnids)
+    assert wnids[0] == "n01532829" and imagenet_names()[wnids[0]] == "house finch"
+    with pytest.raises(CamlocError, match="is not ImageNet-S-50's class file"):
+        imagenet_s_categories(real, 50)
+
+
+def test_a_protocol_without_its_ground_truth_is_refused(tmp_path):
+    result = runner.invoke(app, ["eval", "--model", "tiny-rn", "--method", "gradcam", "--dataset", "demo",
+                                 "--protocols", "imagenet-s", "--out", str(tmp_path / "a"), "--no-progress"])
+    assert result.exit_code == 2 and "which demo does not have; run it on imagenet-s50" in result.output
+    assert not (tmp_path / "a" / "pairs.jsonl").exists()

@@ -52,6 +52,15 @@ SOURCES: dict[str, dict[str, list[Archive]]] = {
                     "4e443f8a2eca6b1dac8a6c57641b67dd40621a49"),
         ],
     },
+    # ImageNet-S validation masks (and its other annotation files) from LUSSeg's GitHub release, the URLs of
+    # LUSSeg/ImageNet-S datapreparation/datapreparation_anno.sh (at 780c2e7); no checksum or size is published
+    # (the hex part of each name is not documented as one), so camloc records the SHA-256 of what it fetched. The
+    # images are ImageNet-1k's: not downloadable here.
+    **{f"imagenet-s{k}": {"validation": [Archive(
+        f"https://github.com/UnsupervisedSemanticSegmentation/ImageNet-S/releases/download/ImageNet-S/{name}")]}
+       for k, name in ((50, "ImageNetS50-a0fe9d82231f9bc4787ee76e304dfa51.zip"),
+                       (300, "ImageNetS300-dd8e42e156bac415a35c3c239de297bf.zip"),
+                       (919, "ImageNetS919-5f7f58ae1003d21da9409a8576bf7680.zip"))},
     "ade20k-sceneparsing": {
         "validation": [
             Archive("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip", None,
