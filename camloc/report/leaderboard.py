@@ -137,10 +137,10 @@ METRICS = [
            "wsolevaluation's MaxBoxAccV2: best-threshold box accuracy at IoU 0.3/0.5/0.7, averaged"),
     Metric("pxap", "PxAP", True, "pxap_state", _pxap_stats, _pxap_value,
            "wsolevaluation's pixel average precision over pairs with a mask"),
-    Metric("seg_miou", "ImageNet-Seg mIoU", True, "chefer_seg_state", _chefer_stats, _chefer_miou,
+    Metric("seg_miou", "seg mIoU (Chefer)", True, "chefer_seg_state", _chefer_stats, _chefer_miou,
            "ImageNet-Segmentation's scoring (Chefer et al.): mean of the background and foreground IoU of the map "
            "binarised at its mean, counts summed over pairs"),
-    Metric("seg_map", "ImageNet-Seg mAP", True, "chefer_seg_state",
+    Metric("seg_map", "seg mAP (Chefer)", True, "chefer_seg_state",
            _mean_of(lambda r: None if r["chefer_seg_state"] is None else r["chefer_seg_state"]["ap_sum"]), _ratio,
            "ImageNet-Segmentation's mAP: per pair the average precision of the map (both channels), averaged"),
     Metric("imagenet_s_miou", "ImageNet-S mIoU", True, "imagenet_s_state", _imagenet_s_stats, _imagenet_s_miou,
