@@ -510,3 +510,52 @@ def test_a_protocol_without_its_ground_truth_is_refused(tmp_path):
                                  "--protocols", "imagenet-s", "--out", str(tmp_path / "a"), "--no-progress"])
     assert result.exit_code == 2 and "which demo does not have; run it on imagenet-s50" in result.output
     assert not (tmp_path / "a" / "pairs.jsonl").exists()
+
+
+def _reconstruction(heatmap, yes_points, no_points):
+    """The public reconstruction's compute_pointwise_miou written out: min-max with + 1e-8, > 0.5, points (y, x)
+    truncated and clipped, IoUs with + 1e-8."""
+    h = (heatmap - heatmap.min()) / (heatmap.max() - heatmap.min() + 1e-8)
+    pred = h > 0.5
+    H, W = h.shape
+    tp = fn = fp = tn = 0
+    for y, x in yes_points:
+        if pred[int(np.clip(y, 0, H - 1)), int(np.clip(x, 0, W - 1))]:
+            tp += 1
+        else:
+            fn += 1
+    for y, x in no_points:
+        if pred[int(np.clip(y, 0, H - 1)), int(np.clip(x, 0, W - 1))]:
+            fp += 1
+        else:
+            tn += 1
+    return (tp / (tp + fp + fn + 1e-8) + tn / (tn + fp + fn + 1e-8)) / 2
+
+
+def test_point_miou_by_hand_and_against_the_reconstruction():
+    from camloc.evaluators.explainseg import PointsState, point_counts, point_miou
+
+    heatmap = np.zeros((10, 10), np.float32)
+    heatmap[2:6, 2:6] = 1.0  # foreground: rows/cols 2..5
+    points = [(3.7, 2.2, True), (8.0, 8.0, True), (4.0, 4.0, False), (0.5, 9.9, False), (12.0, -3.0, False)]
+    # yes (3.7, 2.2) -> pixel (row 2, col 3): fg, tp; yes (8, 8): bg, fn; no (4, 4): fg, fp; no (0.5, 9.9) -> row 9,
+    # col 0: bg, tn; no (12, -3) clipped to row 0, col 9: bg, tn
+    counts = point_counts(heatmap, points)
+    assert counts.tolist() == [1, 1, 1, 2]
+    assert point_miou(counts) == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert point_counts(np.full((4, 4), 0.3), [(1, 1, True)]).tolist() == [0, 1, 0, 0]  # constant: all background
+    rng = np.random.default_rng(5)
+    state, pairs = PointsState(), []
+    for i in range(6):
+        h = rng.random((12, 9)).astype(np.float32)
+        pts = [(float(rng.uniform(-1, 10)), float(rng.uniform(-1, 13)), bool(rng.random() > 0.4)) for _ in range(7)]
+        state.add(h, pts, "cat" if i % 2 else "dog")
+        pairs.append(_reconstruction(h, [(y, x) for x, y, yes in pts if yes], [(y, x) for x, y, yes in pts if not yes]))
+    result = state.result()
+    assert result["p_miou_pair_mean"] == pytest.approx(np.mean(pairs), abs=1e-7)
+    assert result["pairs"] == 6 and result["classes"] == 2
+    expected = np.mean([point_miou(c) for c in state.per_class.values()])
+    assert result["p_miou_class_mean"] == pytest.approx(expected)
+    merged = PointsState(state.miou_sum / 2, 3, {"dog": state.per_class["dog"]})
+    merged += PointsState(state.miou_sum / 2, 3, {"cat": state.per_class["cat"]})
+    assert merged.result() == pytest.approx(result)
