@@ -29,6 +29,7 @@ from PIL import Image
 from camloc.datasets.records import ImagePairs, Pair
 from camloc.datasets.registry import DataOptions, register_dataset
 from camloc.errors import DataError
+from camloc.evaluators.explainseg import IMAGENET_S_IGNORE
 
 GTSEGS_FILE = "gtsegs_ijcv.mat"
 IMAGENET_SEG_ROOT = "imagenet-seg"
@@ -157,6 +158,10 @@ def _mask_png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path)) > 0
 
 
+def _foreground_masks(path: Path, category_id: int) -> dict:
+    return {category_id: _mask_png(path)}
+
+
 @register_dataset(
     "imagenet-seg", "ImageNet-Segmentation (Guillaumin et al.): 4,276 images, one foreground mask each, prompted by "
                     "the image's ImageNet class",
@@ -183,7 +188,7 @@ def imagenet_seg(opts: DataOptions) -> list[ImagePairs]:
         pair = Pair(i, item["file"], tuple(item["size"]), category_id, name, opts.prompt_template.format(name),
                     _boxes(mask), float(mask.mean()))
         images.append(ImagePairs(str(dest / "images" / item["file"]), i, [pair],
-                                 masks=functools.partial(lambda path, c: {c: _mask_png(path)}, mask_path, category_id)))
+                                 masks=functools.partial(_foreground_masks, mask_path, category_id)))
     return images
 
 
@@ -209,14 +214,21 @@ def imagenet_s_categories(path: Path, k: int) -> list[str]:
 def imagenet_s_labels(path: Path, k: int) -> np.ndarray:
     """An ImageNet-S mask's class ids, checked to lie in 0..K or be 1000."""
     label = imagenet_s_label(path)
-    bad = np.unique(label[(label > k) & (label != IGNORE_ID)])
+    bad = np.unique(label[(label > k) & (label != IMAGENET_S_IGNORE)])
     if bad.size:
-        raise DataError(f"ImageNet-S mask {path} holds class ids {bad[:5].tolist()}, outside 0..{k} and {IGNORE_ID}: "
+        raise DataError(f"ImageNet-S mask {path} holds class ids {bad[:5].tolist()}, outside 0..{k} and "
+                        f"{IMAGENET_S_IGNORE}: "
                         f"is it a mask of another ImageNet-S split than ImageNetS{k}?")
     return label
 
 
-IGNORE_ID = 1000
+
+def _class_masks(path: Path, k: int, category_id: int) -> dict:
+    return {category_id: imagenet_s_labels(path, k) == category_id}
+
+
+def _label_map(path: Path, k: int) -> tuple[np.ndarray, int]:
+    return imagenet_s_labels(path, k), k
 
 
 def _find_image(folder: Path, wnid: str, stem: str) -> Path:
@@ -256,8 +268,8 @@ def imagenet_s_pairs(opts: DataOptions, k: int) -> list[ImagePairs]:
             pair = Pair(png.stem, f"{folder.name}/{png.stem}.JPEG", (width, height), c, name,
                         opts.prompt_template.format(name), _boxes(mask), float(mask.mean()))
             images.append(ImagePairs(str(_find_image(image_dir, folder.name, png.stem)), png.stem, [pair],
-                                     masks=functools.partial(lambda path, c: {c: imagenet_s_labels(path, k) == c}, png, c),
-                                     labels=functools.partial(lambda path: (imagenet_s_labels(path, k), k), png)))
+                                     masks=functools.partial(_class_masks, png, k, c),
+                                     labels=functools.partial(_label_map, png, k)))
     if opts.stats is not None:
         opts.stats.update({"source": str(mask_dir), "images": len(images) + without,
                            "images_without_their_class": without})

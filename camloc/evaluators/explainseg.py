@@ -53,6 +53,15 @@ def normalised_map(heatmap: np.ndarray) -> np.ndarray:
     return (r - np.float32(low)) / np.float32(high - low)
 
 
+def mean_binarised(heatmap: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(the map min-max normalised, its foreground: strictly above its own mean, whether the map is constant).
+    A constant map is 0 everywhere and all background, as the reference's 0/0 after its NaN -> 0."""
+    h = np.asarray(heatmap, np.float32)
+    constant = not float(h.max()) > float(h.min())
+    r = normalised_map(h)
+    return r, np.zeros(r.shape, bool) if constant else r > r.mean(dtype=np.float32), constant
+
+
 @dataclass
 class ImagenetSegState:
     """Sums over images of ImageNet-Segmentation's counts (see the module)."""
@@ -76,9 +85,7 @@ class ImagenetSegState:
         values = set(np.unique(mask).tolist())
         if not values <= {0, 1}:
             raise ValueError(f"mask values must be 0 and 1, found {sorted(values)[:5]}")
-        r = normalised_map(heatmap)
-        constant = not float(np.asarray(heatmap, np.float32).max()) > float(np.asarray(heatmap, np.float32).min())
-        fg = np.zeros(r.shape, bool) if constant else r > r.mean(dtype=np.float32)
+        r, fg, constant = mean_binarised(heatmap)
         truth = mask.astype(bool)
         self.correct += int((fg == truth).sum())
         self.labeled += int(truth.size)
@@ -246,8 +253,7 @@ def imagenet_s_pair(heatmap: np.ndarray, labels: np.ndarray, class_id: int, num_
     h = np.nan_to_num(np.asarray(heatmap, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     if h.shape != labels.shape:
         raise ValueError(f"map {h.shape} and label map {labels.shape} differ in size")
-    r = normalised_map(h)
-    fg = r > r.mean(dtype=np.float32) if float(h.max()) > float(h.min()) else np.zeros(h.shape, bool)
+    _, fg, _ = mean_binarised(h)
     pred = np.where(fg, int(class_id), 0)
     return ImagenetSState(int(num_classes)).add(pred, labels).to_record(sparse=True)
 

@@ -331,16 +331,13 @@ class ExplainSegSums:
         self.imagenet_s = None  # ImagenetSState, once a record with a state is added
         self.imagenet_s_terms = [Fraction(0), Fraction(0)]  # F-measure, accuracy
         self.imagenet_s_seen = False
-        self.missing = {"chefer-seg": 0, "imagenet-s": 0}
 
     def add(self, record: dict) -> None:
         from camloc.evaluators.explainseg import ImagenetSegState, ImagenetSState
 
         if "chefer_seg_state" in record:
             self.chefer_seen = True
-            if record["chefer_seg_state"] is None:
-                self.missing["chefer-seg"] += 1
-            else:
+            if record["chefer_seg_state"] is not None:
                 state = ImagenetSegState.from_record(record["chefer_seg_state"])
                 self.chefer_terms[0] += Fraction(state.ap_sum)
                 self.chefer_terms[1] += Fraction(state.f1_sum)
@@ -348,9 +345,7 @@ class ExplainSegSums:
                 self.chefer += state
         if "imagenet_s_state" in record:
             self.imagenet_s_seen = True
-            if record["imagenet_s_state"] is None:
-                self.missing["imagenet-s"] += 1
-            else:
+            if record["imagenet_s_state"] is not None:
                 state = ImagenetSState.from_record(record["imagenet_s_state"])
                 self.imagenet_s_terms[0] += Fraction(state.fmeasure_sum)
                 self.imagenet_s_terms[1] += Fraction(state.accuracy_sum)
@@ -373,8 +368,6 @@ class ExplainSegSums:
         for mine, theirs in ((self.chefer_terms, other.chefer_terms), (self.imagenet_s_terms, other.imagenet_s_terms)):
             mine[0] += theirs[0]
             mine[1] += theirs[1]
-        for k in self.missing:
-            self.missing[k] += other.missing[k]
         return self
 
     def result(self) -> dict:
