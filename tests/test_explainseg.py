@@ -559,3 +559,15 @@ def test_point_miou_by_hand_and_against_the_reconstruction():
     merged = PointsState(state.miou_sum / 2, 3, {"dog": state.per_class["dog"]})
     merged += PointsState(state.miou_sum / 2, 3, {"cat": state.per_class["cat"]})
     assert merged.result() == pytest.approx(result)
+
+
+def test_rescore_refuses_a_protocol_without_its_ground_truth(tmp_path):
+    """The eval check's twin: rescoring a run with imagenet-s on data without label maps would print an empty
+    column with exit 0."""
+    args = ["--model", "tiny-rn", "--method", "gradcam", "--dataset", "demo", "--limit", "2", "--no-progress"]
+    result = runner.invoke(app, ["eval", *args, "--save-heatmaps", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["rescore", str(tmp_path / "run"), "--protocols", "imagenet-s", "--out",
+                                 str(tmp_path / "re"), "--no-progress"])
+    assert result.exit_code == 2 and "which demo does not have; run it on imagenet-s50" in result.output
+    assert not list((tmp_path / "re").glob("pairs*.jsonl"))

@@ -81,6 +81,18 @@ def check_parameters(tolerance: float, interval: float) -> None:
         raise OptionError(f"--cam-curve-interval must be in (0, 1), got {interval}")
 
 
+def check_ground_truth(protocols, images, dataset: str) -> None:
+    """Before eval or rescore scores anything: a protocol whose ground truth the dataset's images (`ImagePairs`)
+    do not have would give an empty column with exit 0, so it is a `CamlocError` instead."""
+    from camloc.errors import OptionError
+
+    if "imagenet-s" in protocols and not any(item.labels is not None for item in images):
+        raise OptionError(f"--protocols imagenet-s scores against an image's label map, which {dataset} does not have; "
+                          "run it on imagenet-s50, imagenet-s300 or imagenet-s919")
+    if "chefer-seg" in protocols and not any(item.masks is not None for item in images):
+        raise OptionError(f"--protocols chefer-seg scores against class masks, which {dataset} does not have")
+
+
 def cam_thresholds(interval: float = DEFAULT_INTERVAL) -> np.ndarray:
     """[0, interval, ..., < 1], as wsolevaluation's `np.arange(0, 1, interval)`."""
     return np.arange(0, 1, interval)

@@ -21,7 +21,7 @@ from camloc.datasets.registry import NAMED_BY_SOURCE
 from camloc.errors import OptionError, RunFolderError
 from camloc.evaluators.faithfulness import FaithSettings
 from camloc.evaluators.meter import record_key
-from camloc.evaluators.protocols import check_parameters, parse_protocols
+from camloc.evaluators.protocols import check_ground_truth, check_parameters, parse_protocols
 from camloc.models import ClipModel
 from camloc.models.specs import family_hint
 from camloc.run.faithfulness import wants_faithfulness
@@ -35,15 +35,6 @@ from camloc.run.progress import progress_bar
 from camloc.run.provenance import device_description
 from camloc.run.sharding import assign_images, process_group_ready, rank_device, records_name
 from camloc.run.vis import save_visualizations
-
-
-def check_protocol_data(protocols: list[str], images: list[ImagePairs], dataset: str) -> None:
-    """A protocol whose ground truth the dataset does not have would print an empty column: refuse it first."""
-    if "imagenet-s" in protocols and not any(item.labels is not None for item in images):
-        raise OptionError(f"--protocols imagenet-s scores against an image's label map, which {dataset} does not have; "
-                          "run it on imagenet-s50, imagenet-s300 or imagenet-s919")
-    if "chefer-seg" in protocols and not any(item.masks is not None for item in images):
-        raise OptionError(f"--protocols chefer-seg scores against class masks, which {dataset} does not have")
 
 
 def run_eval(
@@ -106,7 +97,7 @@ def run_eval(
                           per_class=config.per_class, include_stuff=config.include_stuff,
                           ade_extent=config.ade_extent or "visible", issues=issues, sources=sources,
                           **resume_data_options(run_dir, config, data_options, force_new))
-    check_protocol_data(config.protocols, images, config.dataset)
+    check_ground_truth(config.protocols, images, config.dataset)
     config.data = data_identity(images)
     if config.dataset in NAMED_BY_SOURCE and sources.get("ann_file"):
         config.data["name"] = Path(sources["ann_file"]).name

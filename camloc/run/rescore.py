@@ -20,7 +20,7 @@ from camloc.datasets.records import data_identity
 from camloc.errors import DataError, OptionError, RunFolderError
 from camloc.evaluators.faithfulness import FAITH_PROTOCOLS
 from camloc.evaluators.meter import record_key
-from camloc.evaluators.protocols import check_parameters, parse_protocols
+from camloc.evaluators.protocols import check_ground_truth, check_parameters, parse_protocols
 from camloc.run.files import (RECORD_FIELDS, append_jsonl, folder_lock, prepare_out_dir, read_jsonl, read_run_records,
                               record_files)
 from camloc.run.finish import finish_run
@@ -92,6 +92,7 @@ def run_rescore(run_dir: str | Path, out: str | Path, protocols, *, pointing_tol
                           prompt_template=source.prompt_template, subset_seed=source.subset_seed, split=source.split,
                           per_class=source.per_class, include_stuff=source.include_stuff,
                           ade_extent=source.ade_extent or "visible", sources=sources, **where)
+    check_ground_truth(config.protocols, images, source.dataset)
     identity = data_identity(images)
     if identity["pairs_sha256"] != (source.data or {}).get("pairs_sha256"):
         raise DataError(f"the data found now ({identity['image_root']}, {identity['n_pairs']} pairs) is not the data "
