@@ -286,10 +286,11 @@ def _records(run_dir):
     return sorted(rows, key=lambda r: (str(r["image_id"]), r["category_id"], r["method"]))
 
 
-def _eval(out, *args):
+def _eval(out, *args, note=None):
     result = runner.invoke(app, ["eval", "--model", "tiny-rn", "--method", "gradcam,layercam", "--out", str(out),
                                  "--no-progress", "--device", "cpu", *args])
     assert result.exit_code == 0, result.output
+    assert note is None or note in result.output, result.output
     return json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
 
 
@@ -412,9 +413,11 @@ def test_imagenet_s_runs_end_to_end_against_the_reference_arithmetic(tmp_path):
     images_dir, labels = _imagenet_s(root, layout="flat")
     args = ["--dataset", "imagenet-s50", "--data-root", str(root), "--image-dir", str(images_dir), "--protocols",
             "imagenet-s,chefer-seg"]
-    summary = _eval(tmp_path / "one", *args, "--image-batch", "1")
+    summary = _eval(tmp_path / "one", *args, "--image-batch", "1",
+                    note="1 images whose own class is not labelled in their mask left out (no pair to score)")
     records = _records(tmp_path / "one")
-    assert {r["image_id"] for r in records} == set(list(labels)[:3])  # the image without its class gives no pair
+    assert {r["image_id"] for r in records} == set(list(labels)[:3])  # the image without its class gives no pair,
+    assert summary["faults"]["images_without_their_class"] == 1  # and is counted, not silently dropped
     assert [r["prompt"] for r in records if r["method"] == "gradcam"] == ["tench", "tench", "hammerhead shark"]
     varied = 0
     for method in ("gradcam", "layercam"):

@@ -177,6 +177,8 @@ def _report_faults(faults: dict) -> None:
              if faults.get("degenerate_polygons") else "",
              f"{faults['occluded_instances']} scene instances with no visible pixel left out"
              if faults.get("occluded_instances") else "",
+             f"{faults['images_without_their_class']} images whose own class is not labelled in their mask left out "
+             "(no pair to score)" if faults.get("images_without_their_class") else "",
              f"{len(faults['bad_record_lines'])} bad record lines skipped (--skip-bad-records; listed in summary.json)"
              if faults.get("bad_record_lines") else "",
              f"{len(faults['empty_prompts'])} empty prompts" if faults.get("empty_prompts") else "",

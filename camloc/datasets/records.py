@@ -49,7 +49,7 @@ class ImagePairs:
         return replace(self, pairs=pairs)
 
 
-FAULT_COUNTS = ("degenerate_polygons", "occluded_instances")
+FAULT_COUNTS = ("degenerate_polygons", "occluded_instances", "images_without_their_class")
 """Counts a dataset builder may report (besides `sanitize_boxes`'), shown in the run's faults."""
 
 
