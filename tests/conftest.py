@@ -3,7 +3,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
+import threading
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +59,47 @@ def counting_forwards(model: ClipModel):
         yield calls
     finally:
         handle.remove()
+
+
+class RangeHandler(BaseHTTPRequestHandler):
+    """A file server that answers HTTP Range requests as Apache and S3 do (the download tests' server)."""
+
+    files: dict = {}
+    ranges: list = []
+
+    def do_GET(self):
+        data = self.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        header = self.headers.get("Range")
+        self.ranges.append(header)
+        if header:
+            start = int(header.split("=")[1].split("-")[0])
+            if start >= len(data):  # as Apache and S3 answer a range past the end: 416 with the size
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    RangeHandler.files, RangeHandler.ranges = {}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", RangeHandler
+    server.shutdown()

@@ -6,7 +6,7 @@ import json
 import shutil
 import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
+
+from conftest import RangeHandler
 
 from camloc.cli.app import app
 from camloc.datasets import count_pairs, load_dataset
@@ -402,47 +404,6 @@ def test_data_verify_counts_and_missing_files(tmp_path):
     assert absent.exit_code == 2 and "github.com/TACJu/PartImageNet" in absent.output
 
 
-class _RangeHandler(BaseHTTPRequestHandler):
-    files: dict = {}
-    ranges: list = []
-
-    def do_GET(self):
-        data = self.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        header = self.headers.get("Range")
-        self.ranges.append(header)
-        if header:
-            start = int(header.split("=")[1].split("-")[0])
-            if start >= len(data):  # as Apache and S3 answer a range past the end: 416 with the size
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _RangeHandler
-    server.shutdown()
-
-
 def _zip_bytes(files):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -562,7 +523,7 @@ def test_file_name_escaping_the_image_folder_is_refused(tmp_path):
         load_dataset("coco", data_root_dir=tmp_path)
 
 
-class _CutHandler(_RangeHandler):
+class _CutHandler(RangeHandler):
     """Sends the headers for the whole file, then only half of it and hangs up, on the first request."""
 
     cuts: list = []

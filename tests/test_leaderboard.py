@@ -15,7 +15,8 @@ from camloc.report.tables import eval_groups, long_table
 
 runner = CliRunner()
 PROTOCOLS = "box,mask-iou,pointing,maxboxacc,pxap,chefer-seg,deletion-rise,insertion-rise,deletion-eclip,road"
-MEASURED = [m for m in METRICS if m.field != "imagenet_s_state"]  # imagenet-s needs label maps (tests/test_explainseg.py)
+MEASURED = [m for m in METRICS if m.field not in ("imagenet_s_state", "points_counts")]  # imagenet-s needs label maps,
+# points needs point labels (tests/test_explainseg.py)
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,25 @@ app.add_typer(data_app, name="data")
 @data_app.command("download")
 @reports_errors
 def download_cmd(
-    dataset: str = typer.Argument(..., help="coco, ade20k-sceneparsing or voc2012 (VOC2012 trainval: the voc21 and voc20 segmentation datasets)."),
+    dataset: str = typer.Argument(..., help="coco, ade20k-sceneparsing, voc2012 (VOC2012 trainval: the voc21 and voc20 segmentation datasets), imagenet-s50, imagenet-s300, imagenet-s919 (masks only) or openimages-v7-points."),
     split: Optional[str] = typer.Option(None, "--split", help="coco: val2017 (default) or train2017."),
     data_root: Optional[Path] = DataRootOption,
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the published SHA-1 of each archive."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="openimages-v7-points: fetch the images of the first N annotated image ids (sorted) instead of all."),
 ) -> None:
     """Download (resumable) and extract a dataset with public direct URLs into the data root."""
     from camloc.datasets import data_root as resolve_root
-    from camloc.datasets.download import fetch_dataset
+    from camloc.datasets.download import fetch_dataset, fetch_openimages_points
+    from camloc.errors import OptionError
 
     root = resolve_root(data_root)
+    if dataset == "openimages-v7-points":
+        fetched, wanted = fetch_openimages_points(root, limit)
+        typer.echo(f"openimages-v7-points: point labels and class names in {root / 'openimages-v7'}; {wanted} images "
+                   f"wanted, {fetched} fetched now, all in {root / 'openimages-v7' / 'validation'}")
+        return
+    if limit is not None:
+        raise OptionError("--limit is for openimages-v7-points; the other datasets download as whole archives")
     for path in fetch_dataset(dataset, root, split, verify=verify):
         typer.echo(f"{path.name}: ready (sha256 in {path.name}.sha256), extracted into {root}")
 

@@ -179,6 +179,8 @@ def _report_faults(faults: dict) -> None:
              if faults.get("occluded_instances") else "",
              f"{faults['images_without_their_class']} images whose own class is not labelled in their mask left out "
              "(no pair to score)" if faults.get("images_without_their_class") else "",
+             f"{faults['images_not_found']} annotated images are not in the image folder and are left out (a partial "
+             "download?)" if faults.get("images_not_found") else "",
              f"{len(faults['bad_record_lines'])} bad record lines skipped (--skip-bad-records; listed in summary.json)"
              if faults.get("bad_record_lines") else "",
              f"{len(faults['empty_prompts'])} empty prompts" if faults.get("empty_prompts") else "",

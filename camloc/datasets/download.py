@@ -80,8 +80,10 @@ def file_digests(path: Path) -> tuple[str, str]:
     return sha1.hexdigest(), sha256.hexdigest()
 
 
-def download(archive: Archive, folder: Path, verify: bool = True, progress: bool = True, timeout: float = 60) -> Path:
-    """Fetch `archive` into `folder`, resuming a `.part` file left by an interrupted run (HTTP Range)."""
+def download(archive: Archive, folder: Path, verify: bool = True, progress: bool = True, timeout: float = 60,
+             record_sha256: bool = True) -> Path:
+    """Fetch `archive` into `folder`, resuming a `.part` file left by an interrupted run (HTTP Range); the SHA-256
+    of what was fetched is written beside it (`record_sha256`)."""
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / archive.file_name
     if dest.exists():
@@ -129,7 +131,8 @@ def download(archive: Archive, folder: Path, verify: bool = True, progress: bool
         raise DataError(f"{archive.file_name}: SHA-1 {sha1} differs from the published {archive.sha1}; moved it to "
                         f"{bad}; run again to download afresh (or pass --no-verify if the server's file changed)")
     part.rename(dest)
-    dest.with_name(dest.name + ".sha256").write_text(f"{sha256}  {dest.name}\n")
+    if record_sha256:
+        dest.with_name(dest.name + ".sha256").write_text(f"{sha256}  {dest.name}\n")
     return dest
 
 
@@ -208,3 +211,58 @@ def fetch_dataset(name: str, root: Path, split: str | None = None, verify: bool 
         extract(path, root)
         archives.append(path)
     return archives
+
+
+OPENIMAGES_POINTS = {
+    "points": "https://storage.googleapis.com/openimages/v7/oidv7-val-annotations-point-labels.csv",
+    "classes": "https://storage.googleapis.com/openimages/v7/oidv7-class-descriptions.csv",
+    "images": "https://open-images-dataset.s3.amazonaws.com/validation/{}.jpg",
+}
+"""Open Images V7's validation point labels and class names (the URLs of its download page), and its images as
+the official downloader.py fetches them (the `open-images-dataset` S3 bucket, `validation/<ImageId>.jpg`). No size or
+checksum of these copies is published (the image list's MD5 is of the original Flickr files): camloc records the
+SHA-256 of both CSV files it fetched."""
+
+
+def fetch_openimages_points(root: Path, limit: int | None = None, progress: bool = True, workers: int = 16,
+                            urls: dict | None = None) -> tuple[int, int]:
+    """`camloc data download openimages-v7-points`: both CSV files, then the images of the pairs (the first `limit`
+    image ids in sorted order, or all), several at a time, each resumable; images already there are kept. Returns
+    (images fetched now, images wanted). Images that failed are one `DataError` after the others are fetched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from camloc.datasets.openimages import CLASSES_FILE, POINTS_FILE, ROOT, images_with_yes_points, read_point_labels
+
+    urls = {**OPENIMAGES_POINTS, **(urls or {})}
+    if limit is not None and limit < 1:
+        raise OptionError(f"--limit must be at least 1, got {limit}")
+    base = root / ROOT
+    for key, name in (("points", POINTS_FILE), ("classes", CLASSES_FILE)):
+        path = download(Archive(urls[key]), base, progress=progress)
+        if path.name != name:
+            path.rename(base / name)
+    wanted = images_with_yes_points(read_point_labels(base / POINTS_FILE))
+    wanted = wanted[:limit] if limit is not None else wanted
+    folder = base / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in wanted if not (folder / f"{i}.jpg").is_file()]
+    failed: list[tuple[str, str]] = []
+
+    def fetch(image_id: str) -> None:
+        try:
+            download(Archive(urls["images"].format(image_id)), folder, progress=False, record_sha256=False)
+        except DataError as exc:
+            failed.append((image_id, str(exc)))
+
+    with Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress) as bar, ThreadPoolExecutor(workers) as pool:
+        task = bar.add_task("images", total=len(todo))
+        for _ in pool.map(fetch, todo):
+            bar.advance(task)
+    if failed:
+        image_id, why = sorted(failed)[0]
+        raise DataError(f"{len(failed)} of {len(todo)} images could not be fetched (first: {image_id}: {why}); the "
+                        f"others are in {folder}: run the same command again to fetch the rest")
+    return len(todo), len(wanted)

@@ -19,6 +19,10 @@ class Pair:
     """Ground-truth boxes [x1, y1, x2, y2] of this class in this image."""
     coverage: float | None = None
     """Fraction of the image the class covers (union of its instances), when the dataset has masks."""
+    points: list[list[float]] | None = None
+    """Point labels of this class in this image, `[x, y, yes]` in pixels of the raw image (yes = 1: the class is
+    there, 0: it is not), for the `points` protocol; None for datasets without points. A pair with points may have
+    no boxes: its box IoU is then not scored (`iou` None)."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -49,7 +53,7 @@ class ImagePairs:
         return replace(self, pairs=pairs)
 
 
-FAULT_COUNTS = ("degenerate_polygons", "occluded_instances", "images_without_their_class")
+FAULT_COUNTS = ("degenerate_polygons", "occluded_instances", "images_without_their_class", "images_not_found")
 """Counts a dataset builder may report (besides `sanitize_boxes`'), shown in the run's faults."""
 
 
@@ -64,8 +68,11 @@ def data_identity(images: list[ImagePairs]) -> dict:
     digest = hashlib.sha256()
     for item in images:
         for p in item.pairs:
-            digest.update(json.dumps([str(p.image_id), p.file_name, list(p.image_size), p.category_id, p.category,
-                                      p.prompt, p.gt_boxes, p.coverage]).encode() + b"\n")
+            fields = [str(p.image_id), p.file_name, list(p.image_size), p.category_id, p.category, p.prompt,
+                      p.gt_boxes, p.coverage]
+            if p.points is not None:  # only then: the hashes of datasets without points stay as they were
+                fields.append(p.points)
+            digest.update(json.dumps(fields).encode() + b"\n")
     folders = [os.path.dirname(os.path.abspath(item.path)) for item in images]
     return {"image_root": os.path.commonpath(folders) if folders else None, "pairs_sha256": digest.hexdigest(),
             "n_images": len(images), "n_pairs": count_pairs(images)}
@@ -84,7 +91,8 @@ def dataset_prompts(images: list[ImagePairs]) -> list[str]:
 def sanitize_boxes(images: list[ImagePairs]) -> tuple[list[ImagePairs], dict[str, int]]:
     """Ground truth that cannot be scored, handled deterministically: boxes reaching outside the image
     are clipped to it, empty boxes (after clipping) are dropped, and a pair left without boxes is
-    skipped. Returns the clean images and the counts of each."""
+    skipped, unless it has point labels (a box-less pair, scored by the `points` protocol). Returns the clean
+    images and the counts of each."""
     counts = {"clipped_boxes": 0, "dropped_boxes": 0, "skipped_pairs": 0}
     clean = []
     for item in images:
@@ -99,7 +107,7 @@ def sanitize_boxes(images: list[ImagePairs]) -> tuple[list[ImagePairs], dict[str
                     continue
                 counts["clipped_boxes"] += clipped != list(box)
                 boxes.append(clipped)
-            if not boxes:
+            if not boxes and pair.points is None:
                 counts["skipped_pairs"] += 1
                 continue
             pairs.append(pair if boxes == pair.gt_boxes else replace(pair, gt_boxes=boxes))

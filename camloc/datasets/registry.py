@@ -145,6 +145,8 @@ def _empty_reason(name: str, stats: dict, counts: dict, classes) -> str:
         return f"{source} has no annotations"
     if stats.get("annotations") and stats.get("crowd") == stats.get("annotations"):
         return f"all {stats['annotations']} annotations of {source} are crowd regions (iscrowd 1), which are not scored"
+    if stats.get("images_not_found") and stats.get("images_not_found") == stats.get("images"):
+        return f"none of the {stats['images']} annotated images is in the image folder (not downloaded?)"
     if counts.get("skipped_pairs"):
         return f"every pair's ground truth was empty or outside its image ({counts['dropped_boxes']} boxes dropped)"
     if classes:
@@ -249,4 +251,5 @@ def _load_builtin_datasets() -> None:
     import camloc.datasets.ade20k  # noqa: F401
     import camloc.datasets.coco  # noqa: F401
     import camloc.datasets.explainseg  # noqa: F401
+    import camloc.datasets.openimages  # noqa: F401
     import camloc.datasets.partimagenet  # noqa: F401

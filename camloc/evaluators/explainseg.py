@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -287,15 +288,20 @@ def point_miou(counts) -> float:
 class PointsState:
     """p-mIoU over (image, class) pairs, both averages (the papers do not say which they use): `pair_mean`, the
     mean over pairs of each pair's p-mIoU (the reconstruction's); `class_mean`, per class the counts summed over
-    its pairs, its p-mIoU from them, averaged over classes."""
+    its pairs, its p-mIoU from them, averaged over classes. The per-pair terms are summed as exact fractions, so
+    states merged in any order (shards, resumes) give one run's values bit for bit."""
 
-    miou_sum: float = 0.0
+    miou_sum: Fraction = Fraction(0)
     pairs: int = 0
     per_class: dict = field(default_factory=dict)
 
     def add(self, heatmap: np.ndarray, points, category) -> "PointsState":
-        counts = point_counts(heatmap, points)
-        self.miou_sum += point_miou(counts)
+        return self.add_counts(point_counts(heatmap, points), category)
+
+    def add_counts(self, counts, category) -> "PointsState":
+        """One pair's (tp, fn, fp, tn), as `point_counts` gives them and a run's record holds them."""
+        counts = np.asarray(counts, np.int64)
+        self.miou_sum += Fraction(point_miou(counts))
         self.pairs += 1
         self.per_class[category] = self.per_class.get(category, np.zeros(4, np.int64)) + counts
         return self
@@ -308,7 +314,7 @@ class PointsState:
         return self
 
     def result(self) -> dict:
-        classes = [point_miou(c) for c in self.per_class.values()]
-        return {"p_miou_pair_mean": self.miou_sum / self.pairs if self.pairs else float("nan"),
+        classes = [point_miou(self.per_class[c]) for c in sorted(self.per_class, key=str)]
+        return {"p_miou_pair_mean": float(self.miou_sum / self.pairs) if self.pairs else float("nan"),
                 "p_miou_class_mean": float(np.mean(classes)) if classes else float("nan"), "pairs": self.pairs,
                 "classes": len(classes)}

@@ -36,6 +36,11 @@ addition; the summary holds the values):
 - `imagenet-s`: ImageNet-S's scoring (LUSSeg's) of the pair's class predicted where the map exceeds its mean,
   against the image's label map: per-class IoU over the summed counts (0..K), F-measure, image accuracy and IoU by
   object size; on the datasets with label maps (imagenet-s50/300/919).
+- `points`: OpenImages V7 point labels' p-mIoU (`camloc.evaluators.explainseg.point_counts`): per pair the
+  counts (tp, fn, fp, tn) of its yes and no points inside and outside the map's foreground (min-max normalised,
+  > 0.5), stored as `points_counts`; p-mIoU as the mean over pairs (`p_miou_pair_mean`, the public
+  reconstruction's) and over classes of the summed counts (`p_miou_class_mean`); on datasets with point labels
+  (openimages-v7-points), whose pairs have no boxes (`iou` None: the box protocol is not scored there).
 
 All values are fractions in [0, 1] (wsolevaluation prints percents).
 
@@ -53,7 +58,8 @@ from camloc.evaluators.boxes import binarize, heatmap_to_uint8
 from camloc.evaluators.explainseg import SIZE_BINS
 from camloc.evaluators.faithfulness import FAITH_COLUMNS, FAITH_PROTOCOLS, FaithSums
 
-PROTOCOLS = ("box", "mask-iou", "pointing", "maxboxacc", "pxap", "chefer-seg", "imagenet-s", *FAITH_PROTOCOLS)
+PROTOCOLS = ("box", "mask-iou", "pointing", "maxboxacc", "pxap", "chefer-seg", "imagenet-s", "points",
+             *FAITH_PROTOCOLS)
 MASK_PROTOCOLS = {"mask-iou", "pointing", "pxap", "chefer-seg"}  # read the class mask where the dataset has one
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 DEFAULT_TOLERANCE = 15
@@ -91,6 +97,18 @@ def check_ground_truth(protocols, images, dataset: str) -> None:
                           "run it on imagenet-s50, imagenet-s300 or imagenet-s919")
     if "chefer-seg" in protocols and not any(item.masks is not None for item in images):
         raise OptionError(f"--protocols chefer-seg scores against class masks, which {dataset} does not have")
+    if "points" in protocols and not any(p.points is not None for item in images for p in item.pairs):
+        raise OptionError(f"--protocols points scores against point labels, which {dataset} does not have; run it on "
+                          "openimages-v7-points")
+    boxless = any(not p.gt_boxes for item in images for p in item.pairs)
+    if boxless and set(protocols) <= {"box"}:
+        raise OptionError(f"{dataset}'s pairs have point labels and no boxes, so the box protocol scores nothing there: "
+                          "add --protocols points")
+    if boxless and "maxboxacc" in protocols:
+        raise OptionError(f"--protocols maxboxacc scores boxes, and {dataset}'s pairs have none (point labels only)")
+    if boxless and "pointing" in protocols and not any(item.masks is not None for item in images):
+        raise OptionError(f"--protocols pointing needs boxes or masks, and {dataset}'s pairs have neither (point "
+                          "labels only): use --protocols points")
 
 
 def cam_thresholds(interval: float = DEFAULT_INTERVAL) -> np.ndarray:
@@ -219,11 +237,13 @@ def pxap_from_histograms(fg: np.ndarray, bg: np.ndarray) -> float | None:
 
 def pair_values(protocols, heatmap: np.ndarray, mask: np.ndarray | None, gt_boxes: list[list[float]], threshold,
                 tolerance: float = DEFAULT_TOLERANCE, interval: float = DEFAULT_INTERVAL,
-                labels: tuple[np.ndarray, int] | None = None, category_id: int | None = None) -> dict:
+                labels: tuple[np.ndarray, int] | None = None, category_id: int | None = None,
+                points: list | None = None) -> dict:
     """The record fields of the selected protocols (besides `box`) for one pair. A protocol that needs
     a mask records None where the pair has none (pointing and energy fall back to the boxes); `imagenet-s`
-    reads `labels`, the image's (label map, number of classes), and records None without them."""
-    from camloc.evaluators.explainseg import chefer_seg_pair, imagenet_s_pair
+    reads `labels`, the image's (label map, number of classes), and records None without them; `points` reads
+    the pair's point labels (`Pair.points`), None without them."""
+    from camloc.evaluators.explainseg import chefer_seg_pair, imagenet_s_pair, point_counts
 
     out: dict = {}
     if "mask-iou" in protocols:
@@ -240,6 +260,8 @@ def pair_values(protocols, heatmap: np.ndarray, mask: np.ndarray | None, gt_boxe
     if "imagenet-s" in protocols:
         out["imagenet_s_state"] = (imagenet_s_pair(heatmap, labels[0], category_id, labels[1])
                                    if labels is not None else None)
+    if "points" in protocols:
+        out["points_counts"] = point_counts(heatmap, points).tolist() if points is not None else None
     return out
 
 
@@ -258,10 +280,15 @@ class ProtocolSums:
         self.seen: set[str] = set()
         self.faith = FaithSums()
         self.seg = ExplainSegSums()
+        self.points = None  # PointsState, once a record of the points protocol is added
 
     def add(self, record: dict) -> None:
         self.faith.add(record)
         self.seg.add(record)
+        if "points_counts" in record:
+            self.seen.add("points")
+            if record["points_counts"] is not None:
+                self._points().add_counts(record["points_counts"], int(record["category_id"]))
         if "mask_iou" in record:
             self.seen.add("mask-iou")
             if record["mask_iou"] is not None:
@@ -307,7 +334,16 @@ class ProtocolSums:
         self.seen |= other.seen
         self.faith += other.faith
         self.seg += other.seg
+        if other.points is not None:
+            self._points().__iadd__(other.points)
         return self
+
+    def _points(self):
+        if self.points is None:
+            from camloc.evaluators.explainseg import PointsState
+
+            self.points = PointsState()
+        return self.points
 
     def result(self) -> dict:
         out: dict = {}
@@ -325,6 +361,10 @@ class ProtocolSums:
         if "pxap" in self.seen:
             out["pxap"] = pxap_from_histograms(self.pxap_fg, self.pxap_bg) if self.pxap_fg is not None else None
             out.setdefault("n_mask", self.pxap_n)
+        if "points" in self.seen:
+            values = self.points.result() if self.points is not None and self.points.pairs else {}
+            out.update({"p_miou_pair_mean": values.get("p_miou_pair_mean"),
+                        "p_miou_class_mean": values.get("p_miou_class_mean"), "n_points": values.get("pairs", 0)})
         out.update(self.faith.result())
         out.update(self.seg.result())
         return out
@@ -458,5 +498,6 @@ class PxAP(_DatasetState):
 PROTOCOL_COLUMNS = ["mask_iou", "n_mask", "pointing", "energy_pointing", "boxacc@0.3", "boxacc@0.5", "boxacc@0.7",
                     "maxboxacc_v2", "pxap", "seg_pixel_accuracy", "seg_miou", "seg_map", "seg_mf1", "n_seg",
                     "imagenet_s_miou", "imagenet_s_fmeasure", "imagenet_s_accuracy",
-                    *(f"imagenet_s_miou_{b}" for b in SIZE_BINS), "n_imagenet_s", *FAITH_COLUMNS]
+                    *(f"imagenet_s_miou_{b}" for b in SIZE_BINS), "n_imagenet_s", "p_miou_pair_mean",
+                    "p_miou_class_mean", "n_points", *FAITH_COLUMNS]
 """Table columns of the protocols beyond `box`, in this order, where a run has them."""

@@ -35,6 +35,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path | None = None, method_a: s
             raise RunFolderError(f"{run_a} and {run_b} disagree on image {key[0]} / category {key[1]} "
                                  f"({ra.get('file_name')} vs {rb.get('file_name')}, or other boxes): they were run on "
                                  "different data and cannot be compared pair by pair")
+    if any(r["iou"] is None for r in (*a.values(), *b.values())):
+        raise RunFolderError("compare ranks pairs by box IoU, and these runs' pairs have none (point labels only): "
+                             "compare their p-mIoU in `camloc report`")
     rows = [{"image_id": ra["image_id"], "file_name": ra["file_name"], "category": ra["category"],
              f"iou_{name_a}": ra["iou"], f"iou_{name_b}" if name_b != name_a else "iou_b": b[key]["iou"],
              "difference": ra["iou"] - b[key]["iou"]}

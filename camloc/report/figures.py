@@ -217,13 +217,20 @@ def comparison_figure(
 
 
 def pair_overlay(image: Image.Image, heatmap: np.ndarray, box: list[int], gt_boxes: list[list[float]],
-                 caption: str, path: str | Path, max_side: int = 320) -> None:
-    """One pair as a picture: heatmap overlay, ground truth (white), predicted box (green), a caption
+                 caption: str, path: str | Path, max_side: int = 320, points: list | None = None) -> None:
+    """One pair as a picture: heatmap overlay, ground truth (white), predicted box (green; not drawn for a pair with
+    point labels, whose ground truth is the points: yes points as white-ringed green dots, no points red), a caption
     strip underneath. Written with OpenCV (fast enough for hundreds per run)."""
     rgb = overlay(np.asarray(image.convert("RGB")), heatmap)
     for gt in gt_boxes:
         cv2.rectangle(rgb, (int(gt[0]), int(gt[1])), (int(gt[2]) - 1, int(gt[3]) - 1), (255, 255, 255), 2)
-    cv2.rectangle(rgb, (box[0], box[1]), (box[2] - 1, box[3] - 1), (0, 255, 0), 2)
+    if points is None:
+        cv2.rectangle(rgb, (box[0], box[1]), (box[2] - 1, box[3] - 1), (0, 255, 0), 2)
+    radius = max(3, round(max(rgb.shape[:2]) / 120))
+    for x, y, yes in points or []:
+        centre = (int(x), int(y))
+        cv2.circle(rgb, centre, radius + 2, (255, 255, 255), -1, cv2.LINE_AA)
+        cv2.circle(rgb, centre, radius, (0, 200, 0) if yes else (230, 0, 0), -1, cv2.LINE_AA)
     scale = max_side / max(rgb.shape[:2])
     if scale < 1:
         rgb = cv2.resize(rgb, (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)), interpolation=cv2.INTER_AREA)

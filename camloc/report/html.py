@@ -336,8 +336,9 @@ def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper
     body.append("<h2>runs</h2>" + _runs_table(dirs, folder_labels))
     if groups:
         long = long_table_of(groups)
-        body.append("<h2>mean box IoU, Table S3 layout</h2>" + _table(_narrow(
-            s3_table(long, compare_paper, display=False), set(long["method"]))))
+        if long["mean_iou"].notna().any():  # not for runs on point labels only: their pairs have no box IoU
+            body.append("<h2>mean box IoU, Table S3 layout</h2>" + _table(_narrow(
+                s3_table(long, compare_paper, display=False), set(long["method"]))))
         body.append("<details><summary>every column of every eval run (the long table)</summary>"
                     + _table(long) + "</details>")
     if ovseg is not None:
@@ -351,8 +352,9 @@ def write_html_report(run_dirs: list[str | Path], out: str | Path, compare_paper
         present = [m for m in methods if any(r["method"] == m for r in records)]
         title = label_of[id(group)]
         body.append(f"<h2>{html.escape(title)}</h2>")
-        body.append(_histograms(records, present, colors, title))
-        body.append("<h3>per-class mean box IoU</h3>" + _per_class(records, present, colors))
+        if any(r["iou"] is not None for r in records):  # box-less pairs (point labels) have no box IoU
+            body.append(_histograms(records, present, colors, title))
+            body.append("<h3>per-class mean box IoU</h3>" + _per_class(records, present, colors))
         body.append(_faith_plots(records, (group["identity"].get("faith") or {}).get("score"), colors))
     for d in eval_dirs:
         vis = sorted((d / "vis").rglob("*.jpg")) if (d / "vis").is_dir() else []

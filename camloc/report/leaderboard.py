@@ -32,6 +32,11 @@ class Metric:
     value: Callable[[np.ndarray], np.ndarray]
     """(B, k) summed statistics -> (B,) values (NaN where undefined)."""
     tip: str = ""
+    measured: Callable[[dict], bool] | None = None
+    """Whether a record counts as measuring it (default: it holds `field`)."""
+
+    def measures(self, record: dict) -> bool:
+        return self.measured(record) if self.measured is not None else self.field in record
 
 
 def _ratio(sums: np.ndarray) -> np.ndarray:
@@ -126,9 +131,17 @@ def _imagenet_s_miou(sums: np.ndarray) -> np.ndarray:
     return (inter / (pred + label - inter + 1e-10)).mean(axis=1)
 
 
+def _point_miou(record: dict):
+    from camloc.evaluators.explainseg import point_miou
+
+    counts = record["points_counts"]
+    return None if counts is None else point_miou(counts)
+
+
 METRICS = [
     Metric("mean_iou", "box IoU", True, "iou", _mean_of(lambda r: r["iou"]), _ratio,
-           "mean IoU of the Otsu box with the ground-truth box, over pairs"),
+           "mean IoU of the Otsu box with the ground-truth box, over pairs",
+           measured=lambda r: r.get("iou") is not None),  # a box-less pair (point labels only) has none
     Metric("mask_iou", "mask IoU", True, "mask_iou", _mean_of(lambda r: r["mask_iou"]), _ratio,
            "mean IoU of the thresholded map with the mask, over pairs with a mask"),
     Metric("pointing", "pointing", True, "pointing_hit", _mean_of(lambda r: r["pointing_hit"]), _ratio,
@@ -145,6 +158,9 @@ METRICS = [
            "ImageNet-Segmentation's mAP: per pair the average precision of the map (both channels), averaged"),
     Metric("imagenet_s_miou", "ImageNet-S mIoU", True, "imagenet_s_state", _imagenet_s_stats, _imagenet_s_miou,
            "ImageNet-S's mIoU over classes 0..K of the map's class predicted above its mean (LUSSeg's counts)"),
+    Metric("p_miou_pair_mean", "p-mIoU", True, "points_counts", _mean_of(_point_miou), _ratio,
+           "OpenImages V7 point labels: mean over pairs of the foreground/background IoU at the yes/no points of "
+           "the map above 0.5 (the public reconstruction's average; the per-class mean is in the tables)"),
     Metric("deletion_rise", "deletion ↓", False, "deletion_rise", _auc_of("deletion_rise"), _ratio,
            "RISE deletion AUC: lower is better"),
     Metric("insertion_rise", "insertion", True, "insertion_rise", _auc_of("insertion_rise"), _ratio,
@@ -213,7 +229,7 @@ def _weights(n: int, resamples: int, seed: int) -> np.ndarray:
 
 def metric_cell(records: list[dict], metric: Metric, resamples: int = RESAMPLES) -> dict | None:
     """{"value", "interval", "n_images"} of one method's records, or None where it did not measure it."""
-    if not any(metric.field in r for r in records):
+    if not any(metric.measures(r) for r in records):
         return None
     ids, stats = image_statistics(records, metric)
     if not ids:
@@ -246,7 +262,7 @@ def board(eval_groups: list[dict], ovseg_groups: list[dict], label, resamples: i
             for record in group["records"].values():
                 by_method.setdefault(record["method"], []).append(record)
             metrics = [MIOU] if kind == "ovseg" else METRICS
-            present = [m for m in metrics if any(m.field in r for rs in by_method.values() for r in rs)]
+            present = [m for m in metrics if any(m.measures(r) for rs in by_method.values() for r in rs)]
             columns += [{"group": name, "metric": m.column, "label": m.label, "higher": m.higher, "tip": m.tip}
                         for m in present]
             rates.append({"group": name, "unit": "images/s" if kind == "ovseg" else "pairs/s"})

@@ -105,6 +105,12 @@ def _check_complete(group: dict, allow_incomplete: bool) -> None:
                              "report what is there")
 
 
+def _scored(record: dict) -> tuple:
+    """What two records of one (pair, method) and one identity must agree on: the box IoU, and the point counts of
+    a box-less pair."""
+    return record["iou"], record.get("points_counts")
+
+
 def eval_groups(run_dirs: list[Path], skip_bad: bool = False, skipped: list | None = None,
                 allow_incomplete: bool = False) -> list[dict]:
     """The eval runs given, merged by identity: one group per identity (shards and resumed copies of one
@@ -126,7 +132,7 @@ def eval_groups(run_dirs: list[Path], skip_bad: bool = False, skipped: list | No
         group["dirs"].append(run_dir)
         for r in records:
             key = (r.get("model"), *record_key(r))
-            if key in group["records"] and group["records"][key]["iou"] != r["iou"]:
+            if key in group["records"] and _scored(group["records"][key]) != _scored(r):
                 raise RunFolderError(f"{group['where'][key]} and {run_dir} both hold image {key[1]} / category {key[2]} / "
                                      f"{key[3]} with the same config but different IoUs ({group['records'][key]['iou']} "
                                      f"vs {r['iou']}); report them separately")
@@ -190,6 +196,10 @@ def s3_table(long: pd.DataFrame, compare_paper: bool = False, display: bool = Tr
     headers (the HTML report names methods one way everywhere)."""
     if long.empty:
         raise RunFolderError("no eval runs to report (give camloc eval run folders)")
+    long = long[long["mean_iou"].notna()]  # runs on point labels (box-less pairs) have no box IoU
+    if long.empty:
+        raise RunFolderError("these runs have no box IoU (their pairs have point labels and no boxes): report them "
+                             "with --layout long")
     extra = [c for c in long.columns if c not in LONG_COLUMNS and c not in PROTOCOL_COLUMNS]
     index = ["model"] + (["dataset"] if long["dataset"].nunique() > 1 else []) + extra
     keyed = long.set_index(index + ["method"])["mean_iou"]

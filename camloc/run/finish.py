@@ -26,7 +26,9 @@ def write_tables(run_dir: Path, rows: list[dict]) -> None:
     """table.csv / table.md: one row per method; the columns of the protocols beyond box where present."""
     import pandas as pd
 
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS + [c for c in PROTOCOL_COLUMNS if any(c in r for r in rows)])
+    box = [c for c in TABLE_COLUMNS if c in ("model", "dataset", "method", "n_pairs")
+           or any(r.get(c) is not None for r in rows)]  # no box columns where no pair has a box (point labels)
+    table = pd.DataFrame(rows, columns=box + [c for c in PROTOCOL_COLUMNS if any(c in r for r in rows)])
     atomic_write_text(run_dir / "table.csv", table.to_csv(index=False, float_format="%.6f"))
     atomic_write_text(run_dir / "table.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
 

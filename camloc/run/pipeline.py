@@ -143,10 +143,13 @@ def pair_records(model_name: str, item: ImagePairs, pairs: list, todo: dict, con
                 "category_id": pair.category_id, "category": pair.category, "prompt": pair.prompt,
                 "model": model_name, "method": method, "threshold": config.threshold,
                 "box": [int(v) for v in box], "gt_boxes": pair.gt_boxes,
-                "iou": best_iou(box, pair.gt_boxes, config.iou_convention), "coverage": pair.coverage,
+                # a pair with point labels and no boxes (sanitize_boxes keeps no other box-less pair) has no IoU
+                "iou": best_iou(box, pair.gt_boxes, config.iou_convention) if pair.gt_boxes else None,
+                "coverage": pair.coverage,
+                **({"points": pair.points} if pair.points is not None else {}),
                 **pair_values(config.protocols, heatmap, masks.get(pair.category_id), pair.gt_boxes,
                               config.threshold, config.pointing_tolerance, config.cam_curve_interval, labels,
-                              pair.category_id),
+                              pair.category_id, pair.points),
                 **((extra or {}).get((pair.key, method)) or {}),
             })
     return records

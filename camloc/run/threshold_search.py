@@ -134,6 +134,11 @@ def _load(spec: dict, sources: dict | None = None) -> tuple[list[ImagePairs], st
                           image_dir=spec.get("image_dir"), per_class=spec.get("per_class", 100),
                           include_stuff=spec.get("include_stuff", False), ade_extent=spec.get("ade_extent", "visible"),
                           sources=sources)
+    if any(not p.gt_boxes for item in images for p in item.pairs):
+        from camloc.errors import OptionError
+
+        raise OptionError(f"threshold-search picks the threshold of the best box IoU, and {name}'s pairs have no boxes "
+                          "(point labels only)")
     return images, dataset_key(name, spec.get("split"), spec.get("prompt_template", "{}"), images)
 
 

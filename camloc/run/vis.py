@@ -10,11 +10,25 @@ from camloc.models import ClipModel, load_image
 from camloc.run.identity import EvalConfig
 
 
+def pair_score(record: dict) -> tuple[float, str] | None:
+    """What a pair is ranked by, and its name: the box IoU, or for a box-less pair (point labels) its p-mIoU; None
+    for a box-less pair without the points protocol."""
+    if record["iou"] is not None:
+        return record["iou"], "IoU"
+    if record.get("points_counts") is not None:
+        from camloc.evaluators.explainseg import point_miou
+
+        return point_miou(record["points_counts"]), "p-mIoU"
+    return None
+
+
 def pick_for_vis(records: list[dict], n: int, seed: int = 0) -> dict[str, list[dict]]:
-    """The n best, n worst and n random (seeded) records by IoU; best and worst exclude each other."""
+    """The n best, n worst and n random (seeded) records by IoU (p-mIoU for box-less pairs; pairs with neither are
+    not drawn); best and worst exclude each other."""
     import random
 
-    ranked = sorted(records, key=lambda r: (-r["iou"], str(r["image_id"]), r["category_id"]))
+    records = [r for r in records if pair_score(r) is not None]
+    ranked = sorted(records, key=lambda r: (-pair_score(r)[0], str(r["image_id"]), r["category_id"]))
     best = ranked[:n]
     worst = [r for r in reversed(ranked) if r not in best][:n]
     chosen = random.Random(seed).sample(ranked, min(n, len(ranked)))
@@ -42,5 +56,6 @@ def save_visualizations(model: ClipModel, images: list[ImagePairs], records: lis
                 prompts = prompts_of[str(r["image_id"])]
                 heatmap = compute_heatmaps(model, image, prompts, [method], options)[method][prompts.index(r["prompt"])]
                 name = f"{group}_{rank:02d}_{r['image_id']}_{r['category_id']}.jpg"
-                pair_overlay(image, heatmap, r["box"], r["gt_boxes"], f"{method} '{r['prompt']}' IoU {r['iou']:.3f}",
-                             folder / name)
+                value, what = pair_score(r)
+                pair_overlay(image, heatmap, r["box"], r["gt_boxes"], f"{method} '{r['prompt']}' {what} {value:.3f}",
+                             folder / name, points=r.get("points"))
