@@ -55,6 +55,19 @@ def test_every_preset_holds_the_official_settings_recorded_with_their_source(nam
             defaults["threshold"], defaults["iou"], defaults["prompt_template"])
 
 
+def test_the_scclip_preset_runs_the_official_method_settings():
+    """SC-CLIP's base_config.py layer indices and class-token weight are what camloc's scclip runs by default on
+    ViT-B/16's 12 blocks, and the preset overrides none of them."""
+    from camloc.methods.scclip import BETA, LAYERS, RES_CLS, resolve_layers
+
+    p = reproduce.preset("scclip")
+    method = reproduce.official_settings(p.official)["method"]
+    assert not p.options
+    assert resolve_layers(LAYERS.default, 12) == (method["pre_adjust_idx"], method["post_adjust_idx"],
+                                                  method["multi_start_idx"], method["multi_end_idx"])
+    assert RES_CLS.default == method["res_cls"] and BETA.default == 0.4
+
+
 def test_published_numbers_are_data_with_their_source_and_the_printed_means_agree():
     for path in sorted(reproduce.PUBLISHED_DIR.glob("*.toml")):
         data = tomllib.loads(path.read_text())

@@ -82,6 +82,12 @@ PRESETS = {
     "naclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
                "area_threshold": None, "pamr_steps": 10, "pamr_dilations": (8, 16), "templates": "imagenet80",
                "normalisation": "harness", "position_resize": "sclip"},
+    # SC-CLIP's harness (SuleBai/SC-CLIP scclip_segmentor.py SCCLIPForSegmentation defaults and configs/cfg_*.py at
+    # 74471da): SCLIP's wrapper and defaults, short side 336 on every dataset but Cityscapes (COCO-Stuff too, where
+    # SCLIP uses 448); its own per-dataset thresholds below.
+    "scclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
+               "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
+               "normalisation": "harness", "position_resize": "sclip"},
     # TCL / CLIP-DINOiser's protocol (img_scale (2048, 448), slide crop 448, stride 224;
     # wysoczanska/clip_dinoiser segmentation/configs/_base_/datasets/*.py); logit scale and templates as sclip's
     # (they change only thresholds and the synonym merge, not an argmax over single names).
@@ -103,7 +109,13 @@ NACLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of NACLIP (voc21 at 8865082, t
     "coco-stuff-171": {"short_side": 448},
     "cityscapes": {"short_side": 560},
 }
-EXCEPTIONS = {"sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS}
+SCCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of SC-CLIP at 74471da (voc21 and coco-object also at 0417ba9, the same
+    "voc21": {"logit_scale": 50.0, "bg_threshold": 0.15, "area_threshold": 0.1},  # values): ViT-B/16's lines
+    "context60": {"bg_threshold": 0.15},
+    "coco-object": {"logit_scale": 55.0, "bg_threshold": 0.35},
+    "cityscapes": {"short_side": 560},
+}
+EXCEPTIONS = {"sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS, "scclip": SCCLIP_EXCEPTIONS}
 
 
 def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSettings:
