@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from camloc import reproduce
 from camloc.cli.app import app
 from camloc.datasets.segmentation import SEG_DATASETS
+from camloc.errors import RunFolderError
 from camloc.segment.infer import resolve_settings
 
 runner = CliRunner()
@@ -198,6 +199,27 @@ def test_sclip_table2_runs_end_to_end_and_writes_a_partial_table(eight, tmp_path
         assert long.set_index("column").loc[dataset, "camloc"] == pytest.approx(100 * own[dataset].iloc[0], abs=1e-6)
     eight_mean = long.set_index("column")["camloc"]
     assert eight_mean["mean (8)"] == pytest.approx(eight_mean.iloc[:8].mean())
+    # `camloc report` on the eight run folders: one row (each dataset's preset values are the preset, not a
+    # difference between the runs), its mean the table's
+    folders = sorted((out / "ViT-B-16").iterdir())
+    report = ovseg_table(folders)
+    assert len(report) == 1 and list(report.columns[:2]) == ["model", "method"]
+    assert 100 * report["mean"].iloc[0] == pytest.approx(eight_mean["mean (8)"], abs=1e-6)
+    # a setting given beside the preset still parts the rows; two runs that differ only in their data are refused
+    import shutil
+
+    changed = tmp_path / "changed" / "voc21"
+    shutil.copytree(out / "ViT-B-16" / "voc21", changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["ovseg"]["logit_scale"] = 30.0
+    (changed / "config.json").write_text(json.dumps(config))
+    both = ovseg_table([*folders, changed])
+    assert len(both) == 2 and "logit_scale=30.0" in both["ovseg"].tolist()
+    config["ovseg"]["logit_scale"] = 65.0
+    config["data"] = {**config["data"], "images_sha256": "0" * 64}
+    (changed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunFolderError, match="differ only in their data"):
+        ovseg_table([*folders, changed])
     assert eight_mean["mean (with bg)"] == pytest.approx(eight_mean[["voc21", "context60", "coco-object"]].mean())
 
 

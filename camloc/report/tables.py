@@ -347,15 +347,40 @@ def ovseg_method_states(group: dict) -> dict:
     return out
 
 
+def as_requested(identity: dict) -> dict:
+    """An ovseg run's identity as a table row tells runs apart: its ovseg settings less those its preset gives its
+    dataset (SCLIP's logit scale 65 on VOC21 is the preset, not a difference from its ADE20K run), less what the
+    dataset or model decides (the number of classes, the pixel constants), and its split where it is the dataset's
+    default. One preset's runs on several datasets then share a row; a setting given on the command line still
+    shows."""
+    from camloc.datasets.segmentation import SEG_DATASETS
+    from camloc.errors import CamlocError
+    from camloc.segment.infer import resolve_settings
+
+    out = dict(identity)
+    ovseg = dict(identity.get("ovseg") or {})
+    try:
+        given = resolve_settings(identity.get("dataset"), ovseg.get("preset", "sclip")).to_json()
+    except CamlocError:
+        given = {}
+    out["ovseg"] = {k: v for k, v in ovseg.items() if k not in ("n_classes", "pixel_mean", "pixel_std")
+                    and (k == "preset" or json.dumps(v) != json.dumps(given.get(k, object.__name__)))}
+    spec = SEG_DATASETS.get(identity.get("dataset"))
+    if spec is not None and identity.get("split") == spec.default_split:
+        out.pop("split", None)
+    return out
+
+
 def ovseg_table_of(groups: list[dict], allow_incomplete: bool = False) -> pd.DataFrame:
     """`ovseg_table` of runs already merged by identity (`ovseg_groups`); a run missing images is refused
-    unless `allow_incomplete`."""
+    unless `allow_incomplete`, and two runs that would share a cell (they differ only in their data) are refused."""
     from camloc.datasets.segmentation import SEG_DATASETS
 
-    subkeys = differing_fields([g["identity"] for g in groups], ["model", "dataset", "data", "weights"])
+    requested = [as_requested(g["identity"]) for g in groups]
+    subkeys = differing_fields(requested, ["model", "dataset", "data", "weights"])
     differing = list(subkeys)
     rows = []
-    for group in groups:
+    for group, shown in zip(groups, requested):
         identity = group["identity"]
         n_images = (identity.get("data") or {}).get("n_images")
         for method, (state, count) in ovseg_method_states(group).items():
@@ -363,11 +388,16 @@ def ovseg_table_of(groups: list[dict], allow_incomplete: bool = False) -> pd.Dat
                 raise RunFolderError(f"{identity['model']} {method} on {identity['dataset']}: {count} of {n_images} "
                                      "images segmented (a shard still running?); pass --allow-incomplete to report it")
             rows.append({"model": identity["model"], "method": method,
-                         **{k: _shown(k, identity.get(k), subkeys[k]) for k in differing},
+                         **{k: _shown(k, shown.get(k), subkeys[k]) for k in differing},
                          "dataset": dataset_label(identity["dataset"], identity.get("data")),
                          "miou": state.result()["miou"]})
     long = pd.DataFrame(rows)
     index = ["model", "method", *differing]
+    clash = long[long.duplicated(index + ["dataset"], keep=False)]
+    if not clash.empty:
+        first = clash.iloc[0]
+        raise RunFolderError(f"two runs of {first['model']} {first['method']} on {first['dataset']} differ only in "
+                             "their data (another copy or subset of the dataset): report them separately")
     table = long.pivot_table(index=index, columns="dataset", values="miou", aggfunc="first", dropna=False)
     table = table.reindex(pd.MultiIndex.from_frame(long[index].drop_duplicates()))  # rows in the runs' method order
     order = [d for d in SEG_DATASETS if d in table.columns] + sorted(c for c in table.columns if c not in SEG_DATASETS)
