@@ -335,7 +335,8 @@ class ProtocolSums:
         self.faith += other.faith
         self.seg += other.seg
         if other.points is not None:
-            self._points().__iadd__(other.points)
+            points = self._points()
+            points += other.points
         return self
 
     def _points(self):

@@ -364,7 +364,7 @@ def as_requested(identity: dict) -> dict:
     except CamlocError:
         given = {}
     out["ovseg"] = {k: v for k, v in ovseg.items() if k not in ("n_classes", "pixel_mean", "pixel_std")
-                    and (k == "preset" or json.dumps(v) != json.dumps(given.get(k, object.__name__)))}
+                    and (k == "preset" or k not in given or json.dumps(v) != json.dumps(given[k]))}
     spec = SEG_DATASETS.get(identity.get("dataset"))
     if spec is not None and identity.get("split") == spec.default_split:
         out.pop("split", None)
@@ -373,7 +373,8 @@ def as_requested(identity: dict) -> dict:
 
 def ovseg_table_of(groups: list[dict], allow_incomplete: bool = False) -> pd.DataFrame:
     """`ovseg_table` of runs already merged by identity (`ovseg_groups`); a run missing images is refused
-    unless `allow_incomplete`, and two runs that would share a cell (they differ only in their data) are refused."""
+    unless `allow_incomplete`, and two runs that would share a cell (they differ only in their data or weights) are
+    refused."""
     from camloc.datasets.segmentation import SEG_DATASETS
 
     requested = [as_requested(g["identity"]) for g in groups]
@@ -397,7 +398,7 @@ def ovseg_table_of(groups: list[dict], allow_incomplete: bool = False) -> pd.Dat
     if not clash.empty:
         first = clash.iloc[0]
         raise RunFolderError(f"two runs of {first['model']} {first['method']} on {first['dataset']} differ only in "
-                             "their data (another copy or subset of the dataset): report them separately")
+                             "their data (another copy or subset of the dataset) or weights: report them separately")
     table = long.pivot_table(index=index, columns="dataset", values="miou", aggfunc="first", dropna=False)
     table = table.reindex(pd.MultiIndex.from_frame(long[index].drop_duplicates()))  # rows in the runs' method order
     order = [d for d in SEG_DATASETS if d in table.columns] + sorted(c for c in table.columns if c not in SEG_DATASETS)
