@@ -163,6 +163,8 @@ def test_points_run_end_to_end_against_the_reconstruction(tmp_path):
     assert result.exit_code == 0, result.output
     page = (tmp_path / "report.html").read_text()
     assert "p-mIoU" in page and "box IoU histograms" not in page and "Table S3 layout" not in page
+    result = runner.invoke(app, ["report", str(tmp_path / "one"), "--format", "csv"])
+    assert result.exit_code == 0 and "mean_iou" not in result.output and "p_miou_pair_mean" in result.output
     result = runner.invoke(app, ["report", str(tmp_path / "one"), "--layout", "s3"])
     assert result.exit_code == 2 and "have no box IoU" in result.output
     result = runner.invoke(app, ["compare", str(tmp_path / "one"), str(tmp_path / "two"), "--method-a", "gradcam",

@@ -286,7 +286,10 @@ def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper
         raise RunFolderError(f"{ovseg[0]} is an ovseg run (per-pixel segmentation): report ovseg runs on their own "
                              "(--layout ovseg), apart from the pair protocols' runs")
     if layout == "long":
-        return long_table(dirs, skip_bad, skipped, allow_incomplete)
+        long = long_table(dirs, skip_bad, skipped, allow_incomplete)
+        if long["mean_iou"].isna().all():  # runs on point labels only: no pair has a box, as in their table.csv
+            long = long.drop(columns=["mean_iou", "acc@0.3", "acc@0.5", "acc@0.7"])
+        return long
     if layout == "s3":
         return s3_table(long_table(dirs, skip_bad, skipped, allow_incomplete), compare_paper)
     if layout == "s1":
