@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from camloc.datasets.records import ImagePairs, Pair
 from camloc.datasets.registry import DataOptions, register_dataset
 from camloc.errors import DataError
@@ -133,20 +135,33 @@ def openimages_v7_points(opts: DataOptions) -> list[ImagePairs]:
     on_disk = {name[:-4] for name in os.listdir(image_dir) if name.endswith(".jpg")}
     wanted = images_with_yes_points(table)
     present = set(w for w in wanted if w in on_disk)
-    images = []
-    for image_id, rows in table[table["ImageId"].isin(present)].groupby("ImageId", sort=True):
+    rows = table[table["ImageId"].isin(present)]
+    rows = rows.iloc[np.lexsort((np.arange(len(rows)), rows["Label"].to_numpy(), rows["ImageId"].to_numpy()))]
+    # plain lists, walked once: a pandas groupby per image costs ~2 ms, minutes over the 36,702 validation images
+    ids, labels = rows["ImageId"].tolist(), rows["Label"].tolist()
+    xs, ys, answers = rows["X"].tolist(), rows["Y"].tolist(), rows["yes"].tolist()
+    images, start = [], 0
+    while start < len(ids):
+        end = start
+        while end < len(ids) and ids[end] == ids[start]:
+            end += 1
+        image_id = ids[start]
         path = str(image_dir / f"{image_id}.jpg")
         width, height = _image_size(path)
-        pairs = []
-        for label, points in rows.groupby("Label", sort=False):
-            if not points["yes"].any():  # only no points: the class is not in the image, no pair
-                continue
-            category_id, name = classes[label]
-            pairs.append(Pair(image_id, f"{image_id}.jpg", (width, height), category_id, name,
-                              opts.prompt_template.format(name), [], None,
-                              [[float(x) * width, float(y) * height, int(yes)]
-                               for x, y, yes in zip(points["X"], points["Y"], points["yes"])]))
+        pairs, first = [], start
+        while first < end:  # one run of rows per class (rows sorted by label, then file order)
+            last = first
+            while last < end and labels[last] == labels[first]:
+                last += 1
+            if any(answers[first:last]):  # only no points: the class is not in the image, no pair
+                category_id, name = classes[labels[first]]
+                pairs.append(Pair(image_id, f"{image_id}.jpg", (width, height), category_id, name,
+                                  opts.prompt_template.format(name), [], None,
+                                  [[float(xs[i]) * width, float(ys[i]) * height, int(answers[i])]
+                                   for i in range(first, last)]))
+            first = last
         images.append(ImagePairs(path, image_id, sorted(pairs, key=lambda p: p.category_id)))
+        start = end
     if opts.stats is not None:
         opts.stats.update({"source": str(points_file), "images": len(wanted),
                            "images_not_found": len(wanted) - len(present)})
