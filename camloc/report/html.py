@@ -194,7 +194,8 @@ def _histograms(records: list[dict], methods: list[str], colors: dict, title: st
     axes = np.atleast_1d(fig.subplots(rows, min(per_row, len(methods)), sharex=True, squeeze=False)).ravel()
     bins = np.linspace(0, 1, 21)
     for ax, method in zip(axes, methods):
-        ax.hist([r["iou"] for r in records if r["method"] == method], bins=bins, color=colors[method])
+        ax.hist([r["iou"] for r in records if r["method"] == method and r["iou"] is not None], bins=bins,
+                color=colors[method])  # box-less pairs (point labels) have no IoU
         ax.set_title(method, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes[len(methods):]:
