@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from camloc import reproduce
 from camloc.cli.app import app
 from camloc.datasets.segmentation import SEG_DATASETS
-from camloc.errors import RunFolderError
+from camloc.errors import OptionError, RunFolderError
 from camloc.segment.infer import resolve_settings
 
 runner = CliRunner()
@@ -221,6 +221,40 @@ def test_sclip_table2_runs_end_to_end_and_writes_a_partial_table(eight, tmp_path
     with pytest.raises(RunFolderError, match="differ only in their data"):
         ovseg_table([*folders, changed])
     assert eight_mean["mean (with bg)"] == pytest.approx(eight_mean[["voc21", "context60", "coco-object"]].mean())
+
+
+def test_a_preset_sets_options_by_dataset_and_its_precision(eight, tmp_path, monkeypatch):
+    """A harness whose method settings differ by dataset (ResCLIP's per-config weights) or that runs in another
+    precision (ClearCLIP's fp16): each run gets its dataset's options and the preset's precision, and a folder run
+    otherwise makes the table partial."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "by-dataset.toml").write_text(
+        'title = "options by dataset"\nprotocol = "ovseg"\nmodels = ["ViT-B/16"]\nmethods = ["sclip"]\n'
+        'datasets = ["voc21", "ade20k-150"]\ntolerance = 0.5\ngpu_hours = 0.1\nofficial = "sclip"\n'
+        'unpublished = "a test preset"\nprecision = "fp32"\n\n[ovseg]\npreset = "sclip"\n\n'
+        '[dataset_options.voc21]\ncls_lambda = 0.5\n')
+    monkeypatch.setattr(reproduce, "PRESETS_DIR", presets)
+    out = tmp_path / "r"
+    result = _reproduce("by-dataset", out, eight, "--limit", "1")
+    assert result.exit_code == 0, result.output
+    configs = {d: json.loads((out / "ViT-B-16" / d / "config.json").read_text()) for d in ("voc21", "ade20k-150")}
+    assert configs["voc21"]["options"]["cls_lambda"] == 0.5 and configs["ade20k-150"]["options"]["cls_lambda"] == 0.0
+    assert {c["precision"] for c in configs.values()} == {"fp32"}
+    assert "was run with" not in (out / "table.md").read_text()
+    # the ADE20K folder run with VOC21's option: named in the title, no difference printed for it
+    config = configs["ade20k-150"]
+    config["options"]["cls_lambda"] = 0.5
+    config["precision"] = "fp16"
+    (out / "ViT-B-16" / "ade20k-150" / "config.json").write_text(json.dumps(config))
+    result = _reproduce("by-dataset", out, eight, "--limit", "1", "--table-only")
+    assert result.exit_code == 0, result.output
+    assert ("ade20k-150 was run with option cls_lambda 0.5 (the preset's: 0.0); precision fp16 (the preset's: fp32)"
+            in (out / "table.md").read_text())
+    (presets / "bad.toml").write_text((presets / "by-dataset.toml").read_text().replace("dataset_options.voc21",
+                                                                                        "dataset_options.voc20"))
+    with pytest.raises(OptionError, match=r"bad.toml: \[dataset_options\] names voc20, not among its datasets"):
+        reproduce.presets()
 
 
 def test_two_shards_merge_to_the_one_process_table(eight, tmp_path):

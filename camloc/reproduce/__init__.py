@@ -57,6 +57,21 @@ class Preset:
     search: dict = field(default_factory=dict)
     runs: list = field(default_factory=list)
     """(model, methods) pairs where the methods differ by model (Table S1); else every model runs every method."""
+    dataset_options: dict = field(default_factory=dict)
+    """Method options that differ by dataset (`[dataset_options.DATASET]`), over `options` for that dataset's runs."""
+    precision: str | None = None
+    """The precision the paper's harness runs in (e.g. fp16), used unless --precision names another; None: camloc's
+    choice (auto)."""
+
+    def options_for(self, dataset: str) -> dict:
+        """The method options of this preset's runs on `dataset`: `options`, that dataset's own, and the default of
+        an option other datasets set and this one does not (so a run folder is held to it too)."""
+        varying = {k for values in self.dataset_options.values() for k in values} - set(self.options)
+        if varying:
+            from camloc.cams.options import default_options
+
+            defaults = default_options()
+        return {**{k: defaults[k] for k in sorted(varying)}, **self.options, **self.dataset_options.get(dataset, {})}
 
     @property
     def rows(self) -> list[tuple[str, str]]:
@@ -79,6 +94,9 @@ def presets() -> dict[str, Preset]:
     for path in sorted(PRESETS_DIR.glob("*.toml")):
         data = tomllib.loads(path.read_text())
         runs = data.get("runs", [])
+        stray = sorted(set(data.get("dataset_options", {})) - set(data["datasets"]))
+        if stray:
+            raise OptionError(f"{path.name}: [dataset_options] names {', '.join(stray)}, not among its datasets")
         models = data.get("models") or list(dict.fromkeys(run["model"] for run in runs))
         methods = data.get("methods") or list(dict.fromkeys(m for run in runs for m in run["methods"]))
         out[path.stem] = Preset(name=path.stem, title=data["title"], protocol=data["protocol"], models=models,
@@ -86,7 +104,8 @@ def presets() -> dict[str, Preset]:
                                 tolerance=float(data["tolerance"]), gpu_hours=float(data["gpu_hours"]),
                                 official=data["official"], published=data.get("published"),
                                 unpublished=data.get("unpublished"), ovseg=data.get("ovseg", {}),
-                                eval=data.get("eval", {}), options=data.get("options", {}))
+                                eval=data.get("eval", {}), options=data.get("options", {}),
+                                dataset_options=data.get("dataset_options", {}), precision=data.get("precision"))
     return out
 
 
@@ -178,8 +197,10 @@ def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = Non
     for model in chosen_models:
         for dataset in chosen_datasets:
             root = (data or {}).get(dataset, data_root)
-            common = dict(limit=limit, data_root=root, device=device, precision=precision, image_batch=image_batch,
-                          progress=progress, shard=shard, plugins=plugins, **p.options)
+            run_precision = p.precision if p.precision and precision == "auto" else precision
+            common = dict(limit=limit, data_root=root, device=device, precision=run_precision,
+                          image_batch=image_batch, progress=progress, shard=shard, plugins=plugins,
+                          **p.options_for(dataset))
             target = run_folder(out, model, dataset)
             if p.protocol == "ovseg":
                 evaluate(substitute_model or model, dataset, chosen_methods, out=target, protocols="ovseg",
@@ -261,7 +282,10 @@ def _mismatches(p: Preset, model: str, dataset: str, config: dict, state: dict) 
     if config.get("limit") != state.get("limit"):
         out.append(f"--limit {config.get('limit')}")
     options = config.get("options") or {}
-    out += [f"option {k} {options.get(k)!r} (the preset's: {v!r})" for k, v in p.options.items() if options.get(k) != v]
+    out += [f"option {k} {options.get(k)!r} (the preset's: {v!r})" for k, v in p.options_for(dataset).items()
+            if options.get(k) != v]
+    if p.precision and config.get("precision") != p.precision:
+        out.append(f"precision {config.get('precision')} (the preset's: {p.precision})")
     if p.protocol == "ovseg":
         from camloc.segment.infer import resolve_settings
 
