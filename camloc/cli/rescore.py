@@ -14,7 +14,7 @@ from camloc.cli.common import AnnFileOption, DataRootOption, ImageDirOption, Ski
 @reports_errors
 def rescore_cmd(
     run_dir: Path = typer.Argument(..., help="A camloc eval run folder made with --save-heatmaps."),
-    protocols: str = typer.Option(..., "--protocols", help="Comma list of box (always scored), mask-iou, pointing, maxboxacc, pxap, chefer-seg, imagenet-s."),
+    protocols: str = typer.Option(..., "--protocols", help="Comma list of box (always scored), mask-iou, pointing, maxboxacc, pxap, chefer-seg, imagenet-s, points."),
     out: Path = typer.Option(..., "--out", "-o", help="The new run folder (the source is never changed)."),
     pointing_tolerance: Optional[float] = typer.Option(None, "--pointing-tolerance", help="Pointing game tolerance in pixels [default: the source run's, 15]."),
     cam_curve_interval: Optional[float] = typer.Option(None, "--cam-curve-interval", help="MaxBoxAccV2/PxAP threshold step [default: the source run's, 0.01]."),

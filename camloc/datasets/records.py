@@ -82,6 +82,11 @@ def count_pairs(images: list[ImagePairs]) -> int:
     return sum(len(item.pairs) for item in images)
 
 
+def has_boxless_pairs(images: list[ImagePairs]) -> bool:
+    """Whether any pair has no box (only point-label pairs: `sanitize_boxes` skips every other box-less one)."""
+    return any(not p.gt_boxes for item in images for p in item.pairs)
+
+
 def dataset_prompts(images: list[ImagePairs]) -> list[str]:
     """Every prompt of the dataset (all shards), sorted: what runs warn about once, and CLIP Surgery's
     `--contrast dataset` set."""

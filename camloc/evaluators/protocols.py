@@ -100,7 +100,9 @@ def check_ground_truth(protocols, images, dataset: str) -> None:
     if "points" in protocols and not any(p.points is not None for item in images for p in item.pairs):
         raise OptionError(f"--protocols points scores against point labels, which {dataset} does not have; run it on "
                           "openimages-v7-points")
-    boxless = any(not p.gt_boxes for item in images for p in item.pairs)
+    from camloc.datasets.records import has_boxless_pairs
+
+    boxless = has_boxless_pairs(images)
     if boxless and set(protocols) <= {"box"}:
         raise OptionError(f"{dataset}'s pairs have point labels and no boxes, so the box protocol scores nothing there: "
                           "add --protocols points")

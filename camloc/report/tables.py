@@ -16,6 +16,7 @@ from camloc.evaluators import meters_by
 from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import PROTOCOL_COLUMNS
 from camloc.run.files import NOT_IDENTITY, read_jsonl, read_run_records, record_files
+from camloc.run.finish import without_unscored_box_columns
 from camloc.run.ovseg import RECORDS
 from camloc.run.threshold_search import DISPLAY, table_s1
 
@@ -134,8 +135,8 @@ def eval_groups(run_dirs: list[Path], skip_bad: bool = False, skipped: list | No
             key = (r.get("model"), *record_key(r))
             if key in group["records"] and _scored(group["records"][key]) != _scored(r):
                 raise RunFolderError(f"{group['where'][key]} and {run_dir} both hold image {key[1]} / category {key[2]} / "
-                                     f"{key[3]} with the same config but different IoUs ({group['records'][key]['iou']} "
-                                     f"vs {r['iou']}); report them separately")
+                                     f"{key[3]} with the same config but different IoUs or point counts "
+                                     f"({_scored(group['records'][key])} vs {_scored(r)}); report them separately")
             group["records"].setdefault(key, r)
             group["where"].setdefault(key, run_dir)
     for group in groups.values():
@@ -286,10 +287,7 @@ def build_report(run_dirs: list[str | Path], layout: str = "long", compare_paper
         raise RunFolderError(f"{ovseg[0]} is an ovseg run (per-pixel segmentation): report ovseg runs on their own "
                              "(--layout ovseg), apart from the pair protocols' runs")
     if layout == "long":
-        long = long_table(dirs, skip_bad, skipped, allow_incomplete)
-        if long["mean_iou"].isna().all():  # runs on point labels only: no pair has a box, as in their table.csv
-            long = long.drop(columns=["mean_iou", "acc@0.3", "acc@0.5", "acc@0.7"])
-        return long
+        return without_unscored_box_columns(long_table(dirs, skip_bad, skipped, allow_incomplete))
     if layout == "s3":
         return s3_table(long_table(dirs, skip_bad, skipped, allow_incomplete), compare_paper)
     if layout == "s1":

@@ -66,11 +66,10 @@ class Preset:
     def options_for(self, dataset: str) -> dict:
         """The method options of this preset's runs on `dataset`: `options`, that dataset's own, and the default of
         an option other datasets set and this one does not (so a run folder is held to it too)."""
-        varying = {k for values in self.dataset_options.values() for k in values} - set(self.options)
-        if varying:
-            from camloc.cams.options import default_options
+        from camloc.cams.options import default_options
 
-            defaults = default_options()
+        varying = {k for values in self.dataset_options.values() for k in values} - set(self.options)
+        defaults = default_options() if varying else {}
         return {**{k: defaults[k] for k in sorted(varying)}, **self.options, **self.dataset_options.get(dataset, {})}
 
     @property
@@ -247,8 +246,7 @@ def _measured_search(p: Preset, out: Path, reasons: list[str], whole: bool, subs
     differ += [f"{part} {name} {(config.get(part) or {}).get(name)!r} (the preset's: {p.search[part].get(name)!r})"
                for part in ("train", "val") for name in keys
                if (config.get(part) or {}).get(name) != p.search[part].get(name)]
-    differ += [f"option {k} {(config.get('options') or {}).get(k)!r} (the preset's: {v!r})"
-               for k, v in p.options.items() if (config.get("options") or {}).get(k) != v]
+    differ += _option_mismatches(p.options, config)
     if differ:
         reasons.append(f"the threshold search was run with {'; '.join(differ)}")
     values = {}
@@ -273,6 +271,12 @@ def _subset(given: list[str] | None, full: list[str], option: str) -> list[str]:
     return [f for f in full if f in given]
 
 
+def _option_mismatches(wanted: dict, config: dict) -> list[str]:
+    """The method options a run's config.json records otherwise than `wanted`."""
+    options = config.get("options") or {}
+    return [f"option {k} {options.get(k)!r} (the preset's: {v!r})" for k, v in wanted.items() if options.get(k) != v]
+
+
 def _mismatches(p: Preset, model: str, dataset: str, config: dict, state: dict) -> list[str]:
     """What a run folder's config.json says that the preset (and this reproduction's model and limit) does not."""
     out = []
@@ -281,9 +285,7 @@ def _mismatches(p: Preset, model: str, dataset: str, config: dict, state: dict) 
         out.append(f"model {config.get('model')} (the preset's: {want_model})")
     if config.get("limit") != state.get("limit"):
         out.append(f"--limit {config.get('limit')}")
-    options = config.get("options") or {}
-    out += [f"option {k} {options.get(k)!r} (the preset's: {v!r})" for k, v in p.options_for(dataset).items()
-            if options.get(k) != v]
+    out += _option_mismatches(p.options_for(dataset), config)
     if p.precision and config.get("precision") != p.precision:
         out.append(f"precision {config.get('precision')} (the preset's: {p.precision})")
     if p.protocol == "ovseg":

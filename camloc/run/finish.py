@@ -14,6 +14,13 @@ from camloc.run.identity import SUMMARY, EvalConfig
 from camloc.run.provenance import git_commit, package_versions
 
 TABLE_COLUMNS = ["model", "dataset", "method", "n_pairs", "mean_iou", "acc@0.3", "acc@0.5", "acc@0.7"]
+BOX_COLUMNS = TABLE_COLUMNS[4:]
+
+
+def without_unscored_box_columns(table):
+    """`table` (a DataFrame of method rows) without the box columns when no row has a box IoU (runs on point labels,
+    whose pairs have no boxes): blank columns would read as a result."""
+    return table.drop(columns=BOX_COLUMNS) if table["mean_iou"].isna().all() else table
 
 
 def mean_coverage(images: list[ImagePairs]) -> float | None:
@@ -26,9 +33,8 @@ def write_tables(run_dir: Path, rows: list[dict]) -> None:
     """table.csv / table.md: one row per method; the columns of the protocols beyond box where present."""
     import pandas as pd
 
-    box = [c for c in TABLE_COLUMNS if c in ("model", "dataset", "method", "n_pairs")
-           or any(r.get(c) is not None for r in rows)]  # no box columns where no pair has a box (point labels)
-    table = pd.DataFrame(rows, columns=box + [c for c in PROTOCOL_COLUMNS if any(c in r for r in rows)])
+    table = without_unscored_box_columns(pd.DataFrame(
+        rows, columns=TABLE_COLUMNS + [c for c in PROTOCOL_COLUMNS if any(c in r for r in rows)]))
     atomic_write_text(run_dir / "table.csv", table.to_csv(index=False, float_format="%.6f"))
     atomic_write_text(run_dir / "table.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
 

@@ -19,6 +19,7 @@ from camloc.cams.engine import compute_native
 from camloc.cams.options import default_options
 from camloc.cams.registry import check_method_options, resolve_methods, resolve_options
 from camloc.datasets import ImagePairs, count_pairs, dataset_prompts, load_dataset
+from camloc.datasets.records import has_boxless_pairs
 from camloc.datasets.records import data_identity
 from camloc.errors import RunFolderError
 from camloc.evaluators.threshold import Item, best_threshold, score_items, threshold_grid
@@ -134,7 +135,7 @@ def _load(spec: dict, sources: dict | None = None) -> tuple[list[ImagePairs], st
                           image_dir=spec.get("image_dir"), per_class=spec.get("per_class", 100),
                           include_stuff=spec.get("include_stuff", False), ade_extent=spec.get("ade_extent", "visible"),
                           sources=sources)
-    if any(not p.gt_boxes for item in images for p in item.pairs):
+    if has_boxless_pairs(images):
         from camloc.errors import OptionError
 
         raise OptionError(f"threshold-search picks the threshold of the best box IoU, and {name}'s pairs have no boxes "
