@@ -1,5 +1,6 @@
 """Open-vocabulary semantic segmentation: the mmseg metric, sliding windows, PAMR, prediction, and
 end-to-end runs of the dense methods."""
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -184,7 +185,7 @@ def test_presets_and_their_dataset_exceptions():
     assert resolve_settings("voc21", logit_scale=30.0).logit_scale == 30.0
     with pytest.raises(OptionError, match="--ovseg-stride 300 is larger than --ovseg-crop 224"):
         resolve_settings("ade20k-150", stride=300)
-    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, naclip, scclip, tcl"):
+    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, naclip, scclip, clearclip, tcl"):
         resolve_settings("ade20k-150", "x")
 
 
@@ -202,6 +203,31 @@ def test_the_naclip_preset_holds_naclips_own_configs(dataset):
     assert (s.short_side, s.logit_scale, s.bg_threshold, s.area_threshold, s.pamr_steps) == NACLIP_CONFIGS[dataset]
     assert (s.crop, s.stride, s.pamr_dilations, s.normalisation, s.position_resize) == (224, 112, (8, 16), "harness",
                                                                                         "sclip")
+
+
+# ClearCLIP's configs (mc-lan/ClearCLIP configs/cfg_*.py at fd05ce4; ClearCLIPSegmentation defaults at afe06b8:
+# slide_crop 448, slide_stride 224, logit_scale 50, prob_thd 0), recorded here as read: (short side, crop, stride,
+# prob_thd, class file). Its cls_voc21.txt has a bare "background" and one name a class.
+CLEARCLIP_CONFIGS = {"voc21": (448, 448, 224, 0.5, "voc21-clearclip.txt"), "context60": (448, 448, 224, 0.15, None),
+                     "coco-object": (448, 448, 224, 0.4, None), "voc20": (448, 448, 224, 0.0, None),
+                     "context59": (448, 448, 224, 0.0, None), "cityscapes": (448, 224, 224, 0.0, None)}
+
+
+@pytest.mark.parametrize("dataset", sorted(CLEARCLIP_CONFIGS))
+def test_the_clearclip_preset_holds_clearclips_own_configs(dataset):
+    s = resolve_settings(dataset, "clearclip")
+    assert (s.short_side, s.crop, s.stride, s.bg_threshold, s.classes) == CLEARCLIP_CONFIGS[dataset]
+    assert (s.logit_scale, s.area_threshold, s.pamr_steps, s.templates, s.normalisation, s.position_resize) == (
+        50.0, None, 0, "imagenet80", "harness", "sclip")
+
+
+def test_clearclips_voc21_names_are_its_own_file():
+    from camloc.segment.infer import class_file, read_classes
+
+    names = read_classes(class_file("voc21-clearclip.txt"))
+    assert [n for [n] in names] == ["background", "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat",
+                                    "chair", "cow", "table", "dog", "horse", "motorbike", "person", "pottedplant",
+                                    "sheep", "sofa", "train", "tvmonitor"]
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -383,6 +409,40 @@ def test_report_shows_the_ovseg_table(tmp_path):
     assert refused.exit_code == 2 and "is an ovseg run" in refused.stderr and not (tmp_path / "s3.html").exists()
     page = runner.invoke(app, ["report", str(tmp_path / "a"), "--html", str(tmp_path / "r.html"), "--format", "csv"])
     assert page.exit_code == 0 and "open-vocabulary segmentation (mIoU)" in (tmp_path / "r.html").read_text()
+
+
+def test_a_class_file_of_ones_own_replaces_the_datasets_and_joins_the_identity(tmp_path):
+    """--ovseg-classes: the same names as the dataset's file score the same; other names score otherwise; the file
+    and its SHA-256 are in the run's identity, so a folder never resumes with other names; a file with another
+    class count, or none, is one line."""
+    from camloc.datasets.segmentation import CLASSES_DIR
+
+    write_ade150(tmp_path / "data")
+    own = (CLASSES_DIR / "ade20k-150.txt").read_text()
+    same, other = tmp_path / "same.txt", tmp_path / "other.txt"
+    same.write_text(own)
+    other.write_text("\n".join(f"a {line}" for line in own.splitlines()) + "\n")
+    runs = {}
+    for name, extra in (("plain", ()), ("same", ("--ovseg-classes", str(same))), ("other", ("--ovseg-classes", str(other)))):
+        result = _ovseg(tmp_path / "data", tmp_path / name, *SMALL, *extra, methods="sclip", model="tiny-vit")
+        assert result.exit_code == 0, result.output
+        runs[name] = ({r["image_id"]: r["state"] for r in map(json.loads, (tmp_path / name / "ovseg.jsonl").open())},
+                      json.loads((tmp_path / name / "config.json").read_text())["ovseg"])
+    assert "classes" not in runs["plain"][1]  # runs without the setting keep their identity
+    assert runs["same"][0] == runs["plain"][0] and runs["other"][0] != runs["plain"][0]
+    assert runs["other"][1]["classes"] == str(other)
+    assert runs["other"][1]["classes_sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert _csv(tmp_path / "other" / "ovseg_classes.csv")[0]["class"] == "a wall"
+    other.write_text(own)  # the same path, other names: the folder is not resumed
+    again = _ovseg(tmp_path / "data", tmp_path / "other", *SMALL, "--ovseg-classes", str(other), methods="sclip")
+    assert again.exit_code == 2 and "differs in: ovseg" in again.stderr
+    other.write_text("wall\nfloor\n")
+    short = _ovseg(tmp_path / "data", tmp_path / "short", *SMALL, "--ovseg-classes", str(other), methods="sclip")
+    assert short.exit_code == 2 and f"has 2 classes, ade20k-150 has 150" in short.stderr
+    assert len(short.stderr.strip().splitlines()) == 1
+    missing = _ovseg(tmp_path / "data", tmp_path / "missing", *SMALL, "--ovseg-classes", str(tmp_path / "no.txt"),
+                     methods="sclip")
+    assert missing.exit_code == 2 and "no.txt: no such file" in missing.stderr
 
 
 # --- the datasets' layouts -----------------------------------------------------------------------

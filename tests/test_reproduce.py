@@ -1,6 +1,7 @@
 """`camloc reproduce`: presets held against the official configs recorded with their sources, published numbers
 as data, and a preset run end to end on tiny models and test-made datasets in each official layout (partial
 titles, no differences printed for a partial run, shards merging to the one-process table)."""
+import hashlib
 import json
 import re
 import tomllib
@@ -47,7 +48,8 @@ def test_every_preset_holds_the_official_settings_recorded_with_their_source(nam
                    "bg_threshold": s.bg_threshold, "area_threshold": s.area_threshold, "pamr_steps": s.pamr_steps}
             assert got == {k: want[k] for k in got}, dataset
             assert (s.templates, s.normalisation, s.position_resize) == ("imagenet80", "harness", "sclip")
-            assert copies[SEG_DATASETS[dataset].classes_file] == want["classes"], dataset
+            assert copies[s.classes or SEG_DATASETS[dataset].classes_file] == want["classes"], dataset
+        assert p.precision == defaults.get("precision"), "the harness's precision, where it records one"
     elif p.protocol == "threshold-search":
         assert (p.search["iou"], p.search["grid"], p.search["train"]["per_class"], p.search["val"]["split"]) == (
             defaults["iou"], defaults["grid"], defaults["per_class"], defaults["val_split"])
@@ -67,6 +69,20 @@ def test_the_scclip_preset_runs_the_official_method_settings():
     assert resolve_layers(LAYERS.default, 12) == (method["pre_adjust_idx"], method["post_adjust_idx"],
                                                   method["multi_start_idx"], method["multi_end_idx"])
     assert RES_CLS.default == method["res_cls"] and BETA.default == 0.4
+
+
+def test_the_clearclip_preset_runs_the_papers_attention_not_the_repositorys_default():
+    """ClearCLIP's base_config.py says model_type='vanilla' (q-k attention without residual or FFN); the paper's
+    method, which the preset runs, is custom_attn(model_type='ClearCLIP'): q-q attention, ignore_residual=True, no FFN.
+    camloc's clearclip is that, with no option left to set."""
+    from camloc.methods.dense import KEEPS_RESIDUAL, SELF_CORRELATION
+
+    p = reproduce.preset("clearclip")
+    method = reproduce.official_settings(p.official)["method"]
+    assert (method["model_type"], method["ignore_residual"]) == ("ClearCLIP", True)
+    assert method["repository_default_model_type"] == "vanilla" and "vanilla" in p.unpublished
+    assert SELF_CORRELATION["clearclip"] == ("q",) and "clearclip" not in KEEPS_RESIDUAL
+    assert p.methods == ["clearclip"] and not p.options and not p.dataset_options
 
 
 def test_published_numbers_are_data_with_their_source_and_the_printed_means_agree():
@@ -255,6 +271,37 @@ def test_a_preset_sets_options_by_dataset_and_its_precision(eight, tmp_path, mon
                                                                                         "dataset_options.voc20"))
     with pytest.raises(OptionError, match=r"bad.toml: \[dataset_options\] names voc20, not among its datasets"):
         reproduce.presets()
+
+
+def test_the_clearclip_preset_runs_its_own_voc21_names_and_reports_one_row(eight, tmp_path):
+    """The clearclip preset on the six datasets whose configs were read: VOC21 scores ClearCLIP's own class file
+    (recorded with its SHA-256), the others camloc's; fp32 on the CPU is named as a difference from the harness's
+    fp16; `camloc report` gives the six folders one row; a folder run with the dataset's own names is named."""
+    from camloc.datasets.segmentation import CLASSES_DIR
+    from camloc.report.tables import ovseg_table
+
+    out = tmp_path / "r"
+    result = _reproduce("clearclip", out, eight, "--limit", "1", "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    voc = json.loads((out / "ViT-B-16" / "voc21" / "config.json").read_text())["ovseg"]
+    assert voc["classes"] == "voc21-clearclip.txt" and voc["bg_threshold"] == 0.5
+    assert voc["classes_sha256"] == hashlib.sha256((CLASSES_DIR / "voc21-clearclip.txt").read_bytes()).hexdigest()
+    assert "classes" not in json.loads((out / "ViT-B-16" / "voc20" / "config.json").read_text())["ovseg"]
+    rows = pd.read_csv(out / "ViT-B-16" / "voc21" / "ovseg_classes.csv")
+    assert rows["class"].tolist()[-1] == "tvmonitor"
+    markdown = (out / "table.md").read_text()
+    assert "ViT-B/16 on voc21 was run with precision fp32 (the preset's: fp16)" in markdown
+    long = pd.read_csv(out / "table.csv")
+    assert list(long["column"]) == ["voc21", "context60", "coco-object", "voc20", "context59", "cityscapes",
+                                    "mean (with bg)"] and long["published"].isna().all()
+    report = ovseg_table(sorted((out / "ViT-B-16").iterdir()))
+    assert len(report) == 1 and "ovseg" not in report.columns
+    config_file = out / "ViT-B-16" / "voc21" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["ovseg"]["classes"], config["ovseg"]["classes_sha256"]
+    config_file.write_text(json.dumps(config))
+    assert _reproduce("clearclip", out, eight, "--limit", "1", "--precision", "fp32", "--table-only").exit_code == 0
+    assert "ovseg classes None (the preset's: 'voc21-clearclip.txt')" in (out / "table.md").read_text()
 
 
 def test_two_shards_merge_to_the_one_process_table(eight, tmp_path):

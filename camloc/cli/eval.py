@@ -59,7 +59,7 @@ def eval_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     save_heatmaps: bool = typer.Option(False, "--save-heatmaps", help="Also store each pair's native-resolution heatmap under OUT/heatmaps, for re-scoring without the model (the records are the same either way)."),
     heatmap_dtype: str = typer.Option("float32", "--heatmap-dtype", help="--save-heatmaps: float32 (rescore reproduces the run exactly) or float16 (half the disk; rescored values within its rounding)."),
-    ovseg_preset: str = typer.Option("sclip", "--ovseg-preset", help="--protocols ovseg: sclip (short side 336, crop 224, stride 112, logit scale 40, SCLIP's per-dataset exceptions, its harness's normalisation and position resize), naclip (the same geometry, NACLIP's per-dataset values, PAMR 10 steps), scclip (the same geometry, SC-CLIP's per-dataset values) or tcl (448, 448, 224); the options below override it."),
+    ovseg_preset: str = typer.Option("sclip", "--ovseg-preset", help="--protocols ovseg: sclip (short side 336, crop 224, stride 112, logit scale 40, SCLIP's per-dataset exceptions, its harness's normalisation and position resize), naclip (the same geometry, NACLIP's per-dataset values, PAMR 10 steps), scclip (the same geometry, SC-CLIP's per-dataset values), clearclip (448, 448, 224, logit scale 50, ClearCLIP's per-dataset values and VOC21 names) or tcl (448, 448, 224); the options below override it."),
     ovseg_short_side: Optional[int] = typer.Option(None, "--ovseg-short-side", help="--protocols ovseg: resize so the short side is this (long side at most 2048)."),
     ovseg_crop: Optional[int] = typer.Option(None, "--ovseg-crop", help="--protocols ovseg: sliding-window crop (a ViT's position embeddings are resized for crops other than its input size)."),
     ovseg_stride: Optional[int] = typer.Option(None, "--ovseg-stride", help="--protocols ovseg: sliding-window stride."),
@@ -68,6 +68,7 @@ def eval_cmd(
     ovseg_area_threshold: Optional[float] = typer.Option(None, "--ovseg-area-threshold", help="--protocols ovseg: classes predicted on less than this fraction of the foreground are suppressed."),
     ovseg_pamr: Optional[int] = typer.Option(None, "--ovseg-pamr", help="--protocols ovseg: PAMR refinement steps (0 = off; dilations 8 and 16)."),
     ovseg_templates: Optional[str] = typer.Option(None, "--ovseg-templates", help="--protocols ovseg: single (the class names as they are) or imagenet80 (CLIP's 80 ImageNet templates, averaged)."),
+    ovseg_classes: Optional[str] = typer.Option(None, "--ovseg-classes", help="--protocols ovseg: a class-name file in place of the dataset's (one class a line in its label order, synonyms separated by ', '; or a file of camloc/segment/classes by name); its SHA-256 joins the run's identity."),
     seg_reduce_zero_label: bool = typer.Option(False, "--seg-reduce-zero-label", help="--dataset seg-folder: label 0 is ignored and every other value lowered by 1 (mmseg's reduce_zero_label)."),
     seg_ignore_index: Optional[int] = typer.Option(None, "--seg-ignore-index", help="--dataset seg-folder: this label value is ignored (as 255 always is)."),
     seg_background: bool = typer.Option(False, "--seg-background", help="--dataset seg-folder: class 0 is a background class (the background and area thresholds apply to it)."),
@@ -101,7 +102,7 @@ def eval_cmd(
     ovseg = {"preset": ovseg_preset, "short_side": ovseg_short_side, "crop": ovseg_crop, "stride": ovseg_stride,
              "logit_scale": ovseg_logit_scale, "bg_threshold": ovseg_bg_threshold,
              "area_threshold": ovseg_area_threshold, "pamr_steps": ovseg_pamr, "templates": ovseg_templates,
-             "reduce_zero_label": seg_reduce_zero_label or None, "ignore_index": seg_ignore_index,
+             "classes": ovseg_classes, "reduce_zero_label": seg_reduce_zero_label or None, "ignore_index": seg_ignore_index,
              "background": seg_background or None}
     ovseg = {k: v for k, v in ovseg.items() if v is not None and (k != "preset" or "ovseg_preset" in given)}
     set_max_pixels(setting("max_pixels"))

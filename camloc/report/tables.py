@@ -364,7 +364,8 @@ def as_requested(identity: dict) -> dict:
         given = resolve_settings(identity.get("dataset"), ovseg.get("preset", "sclip")).to_json()
     except CamlocError:
         given = {}
-    out["ovseg"] = {k: v for k, v in ovseg.items() if k not in ("n_classes", "pixel_mean", "pixel_std")
+    recorded = ("n_classes", "pixel_mean", "pixel_std") + (("classes_sha256",) if "classes" in given else ())
+    out["ovseg"] = {k: v for k, v in ovseg.items() if k not in recorded  # a preset's own class file: its hash too
                     and (k == "preset" or k not in given or json.dumps(v) != json.dumps(given[k]))}
     spec = SEG_DATASETS.get(identity.get("dataset"))
     if spec is not None and identity.get("split") == spec.default_split:

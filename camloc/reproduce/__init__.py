@@ -293,8 +293,12 @@ def _mismatches(p: Preset, model: str, dataset: str, config: dict, state: dict) 
 
         given = {k: v for k, v in p.ovseg.items() if k != "preset"}
         want = resolve_settings(dataset, p.ovseg.get("preset", "sclip"), **given).to_json()
+        from camloc.run.ovseg import RECORDED
+
         have = config.get("ovseg") or {}
-        out += [f"ovseg {k} {have.get(k)!r} (the preset's: {v!r})" for k, v in want.items() if have.get(k) != v]
+        out += [f"ovseg {k} {have.get(k)!r} (the preset's: {want.get(k)!r})"
+                for k in list(want) + [k for k in have if k not in want and k not in RECORDED]
+                if have.get(k) != want.get(k)]  # a class file given beside the preset is a difference too
     else:
         for key, name, default in (("threshold", "threshold", "otsu"), ("iou", "iou_convention", "gscorecam"),
                                    ("prompt_template", "prompt_template", "{}")):

@@ -34,6 +34,9 @@ from camloc.run.identity import SUMMARY, EvalConfig, check_config
 RECORDS = "ovseg"
 TABLE_COLUMNS = ["model", "dataset", "method", "n_images", "miou", "macc", "aacc", "images_per_second",
                  "windows_per_second"]
+RECORDED = ("pixel_mean", "pixel_std", "n_classes", "classes_sha256")
+"""config.ovseg's fields that record what the run found (the model's pixel constants, the class count, the class
+file's SHA-256), not settings given to it."""
 REQUIRED = ("image_id", "method", "state", "windows", "forward_seconds", "method_seconds")
 
 
@@ -100,7 +103,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     from camloc.run.progress import progress_bar
     from camloc.run.provenance import device_description, git_commit, package_versions
     from camloc.run.sharding import rank_device, records_name
-    from camloc.segment.infer import pixel_constants, query_features, resolve_settings
+    from camloc.segment.infer import class_names, pixel_constants, query_features, resolve_settings
 
     from camloc.plugins import load_recorded
     from camloc.run.identity import recorded_plugins
@@ -112,7 +115,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     from camloc.datasets.segmentation import FOLDER_OPTIONS
 
     folder = {k: given.pop(k) for k in list(given) if k in FOLDER_OPTIONS}
-    given = {k: v for k, v in given.items() if k not in ("pixel_mean", "pixel_std", "n_classes")}  # recorded, not set
+    given = {k: v for k, v in given.items() if k not in RECORDED}  # recorded, not set
     settings = resolve_settings(config.dataset, **given)
     if family_hint(config.model):
         _check_methods(_ovseg_methods(config.methods, family_hint(config.model), config.model))
@@ -126,12 +129,13 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     spec, images = load_seg_dataset(config.dataset, data_root=where.get("data_root_dir"), split=config.split,
                                     image_dir=where.get("image_dir"), ann_file=where.get("ann_file"),
                                     limit=config.limit, **folder)
-    classes = spec.classes()
+    classes, classes_sha256 = class_names(settings, spec.classes(), config.dataset)
     if not spec.background and (settings.bg_threshold > 0 or settings.area_threshold is not None):
         raise OptionError(f"{config.dataset} has no background class (its class 0 is {classes[0][0]!r}): "
                           "--ovseg-bg-threshold and --ovseg-area-threshold would turn pixels into that class; use them "
                           "on voc21, context60 or coco-object")
-    config.ovseg = {**settings.to_json(), "n_classes": len(classes),
+    config.ovseg = {**settings.to_json(), **({"classes_sha256": classes_sha256} if classes_sha256 else {}),
+                    "n_classes": len(classes),
                     **({k: folder.get(k, v) for k, v in FOLDER_OPTIONS.items()} if config.dataset == "seg-folder" else {})}
     config.data = segmentation_identity(images)
     if config.dataset == "seg-folder":  # a folder of one's own: tables show its name

@@ -66,9 +66,46 @@ class OvsegSettings:
     """How a ViT's position embeddings are resized for crops other than its input size: `sclip` (the
     SCLIP/NACLIP harness's `interpolate_pos_encoding`: bicubic by scale factor (n + 0.1) / g per side, DINO's
     recipe) or `size` (bicubic to exactly n x n)."""
+    classes: str | None = None
+    """The class-name file: None = the dataset's own (camloc/segment/classes, SCLIP's lists); else a file of
+    camloc/segment/classes by name (a harness's own list, e.g. ClearCLIP's VOC21 names) or a path to one's own
+    (`--ovseg-classes`). Recorded only when given, with its SHA-256, so runs before the setting keep their
+    identity."""
 
     def to_json(self) -> dict:
-        return {**asdict(self), "pamr_dilations": list(self.pamr_dilations)}
+        out = {**asdict(self), "pamr_dilations": list(self.pamr_dilations)}
+        if self.classes is None:
+            del out["classes"]
+        return out
+
+
+def class_file(name: str) -> Path:
+    """The file an ovseg `classes` setting names: a file of camloc/segment/classes by its bare name, else a path."""
+    from camloc.datasets.segmentation import CLASSES_DIR
+
+    bundled = CLASSES_DIR / name
+    if "/" not in name and "\\" not in name and bundled.is_file():
+        return bundled
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise OptionError(f"--ovseg-classes {name}: no such file (one class a line in the dataset's label order, "
+                          "synonyms separated by ', '; or a file of camloc/segment/classes by name)")
+    return path
+
+
+def class_names(settings: "OvsegSettings", dataset_classes: list[list[str]], dataset: str) -> tuple[list, str | None]:
+    """(the class names an ovseg run scores, the SHA-256 of the file's text when `settings.classes` names one):
+    the dataset's own list, or the file given, which must have as many classes as the dataset."""
+    import hashlib
+
+    if settings.classes is None:
+        return dataset_classes, None
+    path = class_file(settings.classes)
+    given = read_classes(path)
+    if len(given) != len(dataset_classes):
+        raise OptionError(f"--ovseg-classes {settings.classes}: {path} has {len(given)} classes, {dataset} has "
+                          f"{len(dataset_classes)} (one line per class, in the dataset's label order)")
+    return given, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 PRESETS = {
@@ -88,6 +125,12 @@ PRESETS = {
     "scclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
                "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
                "normalisation": "harness", "position_resize": "sclip"},
+    # ClearCLIP's harness (mc-lan/ClearCLIP clearclip_segmentor.py ClearCLIPSegmentation defaults at afe06b8 and
+    # configs/cfg_*.py at fd05ce4): SCLIP's wrapper (its pixel constants and +0.1 position interpolation) at short
+    # side 448, crop 448, stride 224, logit scale 50; per-dataset values below (incl. its own VOC21 class names).
+    "clearclip": {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 50.0, "bg_threshold": 0.0,
+                  "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
+                  "normalisation": "harness", "position_resize": "sclip"},
     # TCL / CLIP-DINOiser's protocol (img_scale (2048, 448), slide crop 448, stride 224;
     # wysoczanska/clip_dinoiser segmentation/configs/_base_/datasets/*.py); logit scale and templates as sclip's
     # (they change only thresholds and the synonym merge, not an argmax over single names).
@@ -115,7 +158,14 @@ SCCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of SC-CLIP at 74471da (voc21 a
     "coco-object": {"logit_scale": 55.0, "bg_threshold": 0.35},
     "cityscapes": {"short_side": 560},
 }
-EXCEPTIONS = {"sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS, "scclip": SCCLIP_EXCEPTIONS}
+CLEARCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of ClearCLIP at fd05ce4 (prob_thd, Cityscapes' slide_crop 224 at
+    "voc21": {"bg_threshold": 0.5, "classes": "voc21-clearclip.txt"},  # the default stride 224); VOC21's cls file is
+    "context60": {"bg_threshold": 0.15},                                # its own ("background", single names)
+    "coco-object": {"bg_threshold": 0.4},
+    "cityscapes": {"crop": 224, "stride": 224},
+}
+EXCEPTIONS = {"sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS, "scclip": SCCLIP_EXCEPTIONS,
+              "clearclip": CLEARCLIP_EXCEPTIONS}
 
 
 def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSettings:
@@ -149,6 +199,8 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
         raise OptionError(f"ovseg position_resize {settings.position_resize!r} is not one of "
                           f"{', '.join(POSITION_RESIZES)}")
     templates(settings.templates)
+    if settings.classes is not None:
+        class_file(settings.classes)
     return settings
 
 
