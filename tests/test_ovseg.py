@@ -185,7 +185,7 @@ def test_presets_and_their_dataset_exceptions():
     assert resolve_settings("voc21", logit_scale=30.0).logit_scale == 30.0
     with pytest.raises(OptionError, match="--ovseg-stride 300 is larger than --ovseg-crop 224"):
         resolve_settings("ade20k-150", stride=300)
-    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, naclip, scclip, clearclip, tcl"):
+    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, naclip, scclip, clearclip, resclip, tcl"):
         resolve_settings("ade20k-150", "x")
 
 

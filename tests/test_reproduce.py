@@ -30,6 +30,16 @@ def _official_files() -> dict[str, str]:
     return dict(rows)
 
 
+METHOD_KEYS = {"temp_thd": "resclip_sfr_threshold", "attn_rcs_weights": "resclip_rcs_weights",
+               "attn_sfr_weights": "resclip_sfr_weights"}
+"""An official config's per-dataset method settings -> the camloc option that holds each (ResCLIP's)."""
+
+
+def _option_text(value):
+    """A recorded value as camloc's option records it ([2.0, 0.3] -> "2,0.3")."""
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, list) else value
+
+
 @pytest.mark.parametrize("name", sorted(reproduce.presets()))
 def test_every_preset_holds_the_official_settings_recorded_with_their_source(name):
     p = reproduce.preset(name)
@@ -49,6 +59,8 @@ def test_every_preset_holds_the_official_settings_recorded_with_their_source(nam
             assert got == {k: want[k] for k in got}, dataset
             assert (s.templates, s.normalisation, s.position_resize) == ("imagenet80", "harness", "sclip")
             assert copies[s.classes or SEG_DATASETS[dataset].classes_file] == want["classes"], dataset
+            method = {METHOD_KEYS[k]: _option_text(v) for k, v in want.items() if k in METHOD_KEYS}
+            assert {k: p.options_for(dataset).get(k) for k in method} == method, dataset
         assert p.precision == defaults.get("precision"), "the harness's precision, where it records one"
     elif p.protocol == "threshold-search":
         assert (p.search["iou"], p.search["grid"], p.search["train"]["per_class"], p.search["val"]["split"]) == (
@@ -83,6 +95,33 @@ def test_the_clearclip_preset_runs_the_papers_attention_not_the_repositorys_defa
     assert method["repository_default_model_type"] == "vanilla" and "vanilla" in p.unpublished
     assert SELF_CORRELATION["clearclip"] == ("q",) and "clearclip" not in KEEPS_RESIDUAL
     assert p.methods == ["clearclip"] and not p.options and not p.dataset_options
+
+
+def test_the_resclip_preset_runs_the_official_method_settings():
+    """ResCLIP's main results (test_all.sh wo_resi resclip 5): the 'resclip' attention is NACLIP's k-k logits with its
+    Gaussian term (std 5), no residual, RCS over blocks 6-9, SFR on; camloc's resclip defaults are that on 12 blocks,
+    and the preset sets only each config's temp_thd and weights. VOC21 and VOC20, segmented whole, are refused
+    by the ovseg preset rather than run otherwise."""
+    from camloc.methods import resclip
+    from camloc.methods.dense import NACLIP_STD
+
+    p = reproduce.preset("resclip")
+    official = reproduce.official_settings(p.official)
+    method = official["method"]
+    assert (method["arch"], method["attn_strategy"]) == ("wo_resi", "resclip") and resclip.BASE.default == "naclip"
+    assert method["gaussian_std"] == NACLIP_STD.default and resclip.PARTS.default == "rcs,sfr"
+    assert method["use_rcs"] and method["use_sfr"] and method["delete_same_entity"]
+
+    class Twelve:
+        depth = 12
+    first, last = 5 * Twelve.depth // 12 + 1, 9 * Twelve.depth // 12  # rcs_attention's `auto`
+    assert (resclip.RCS_LAYERS.default, f"{first}-{last}") == ("auto", method["rcs_blocks"])
+    assert not p.options and set(p.dataset_options) == set(p.datasets)
+    assert set(official["whole_image"]) == {"voc21", "voc20"} and not set(official["whole_image"]) & set(p.datasets)
+    for dataset in official["whole_image"]:
+        with pytest.raises(OptionError, match=f"resclip on {dataset}: the resclip harness segments this dataset's "
+                                              "images whole"):
+            resolve_settings(dataset, "resclip")
 
 
 def test_published_numbers_are_data_with_their_source_and_the_printed_means_agree():
@@ -302,6 +341,25 @@ def test_the_clearclip_preset_runs_its_own_voc21_names_and_reports_one_row(eight
     config_file.write_text(json.dumps(config))
     assert _reproduce("clearclip", out, eight, "--limit", "1", "--precision", "fp32", "--table-only").exit_code == 0
     assert "ovseg classes None (the preset's: 'voc21-clearclip.txt')" in (out / "table.md").read_text()
+
+
+def test_the_resclip_preset_gives_each_dataset_its_configs_weights(eight, tmp_path):
+    """Two of the resclip preset's datasets end to end: each run folder records its config's temp_thd and weights and
+    the preset's ovseg values (Cityscapes at short side 560), and the table holds them (only fp32, run here on the
+    CPU, is named)."""
+    out = tmp_path / "r"
+    result = _reproduce("resclip", out, eight, "--limit", "1", "--precision", "fp32",
+                        "--datasets", "coco-object,cityscapes")
+    assert result.exit_code == 0, result.output
+    configs = {d: json.loads((out / "ViT-B-16" / d / "config.json").read_text()) for d in ("coco-object", "cityscapes")}
+    assert {k: configs["cityscapes"]["options"][k] for k in ("resclip_sfr_threshold", "resclip_rcs_weights",
+                                                           "resclip_sfr_weights")} == {
+        "resclip_sfr_threshold": 0.1, "resclip_rcs_weights": "2,0.2", "resclip_sfr_weights": "2.1,0.6"}
+    assert configs["coco-object"]["options"]["resclip_rcs_weights"] == "2,0.4"
+    assert configs["cityscapes"]["ovseg"]["short_side"] == 560 and configs["coco-object"]["ovseg"]["bg_threshold"] == 0.1
+    markdown = (out / "table.md").read_text()
+    assert "coco-object was run with precision fp32 (the preset's: fp16)" in markdown
+    assert "was run with option" not in markdown and "not run: ViT-B/16 on context60" in markdown
 
 
 def test_two_shards_merge_to_the_one_process_table(eight, tmp_path):

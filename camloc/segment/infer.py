@@ -131,6 +131,12 @@ PRESETS = {
     "clearclip": {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 50.0, "bg_threshold": 0.0,
                   "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
                   "normalisation": "harness", "position_resize": "sclip"},
+    # ResCLIP's harness (yvhangyang/ResCLIP resclip_segmentor.py ResCLIPSegmentation defaults and configs/cfg_*.py at
+    # 6b082d9): SCLIP's wrapper and defaults, short side 336 on every dataset but Cityscapes (COCO-Stuff 336 too),
+    # no area threshold; VOC21 and VOC20 are segmented whole (slide_crop=0), which camloc does not run (below).
+    "resclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
+                "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
+                "normalisation": "harness", "position_resize": "sclip"},
     # TCL / CLIP-DINOiser's protocol (img_scale (2048, 448), slide crop 448, stride 224;
     # wysoczanska/clip_dinoiser segmentation/configs/_base_/datasets/*.py); logit scale and templates as sclip's
     # (they change only thresholds and the synonym merge, not an argmax over single names).
@@ -164,8 +170,16 @@ CLEARCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of ClearCLIP at fd05ce4 (pr
     "coco-object": {"bg_threshold": 0.4},
     "cityscapes": {"crop": 224, "stride": 224},
 }
+RESCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of ResCLIP at 6b082d9 (prob_thd; Resize (2048, 560) on Cityscapes)
+    "context60": {"bg_threshold": 0.1},
+    "coco-object": {"bg_threshold": 0.1},
+    "cityscapes": {"short_side": 560},
+}
 EXCEPTIONS = {"sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS, "scclip": SCCLIP_EXCEPTIONS,
-              "clearclip": CLEARCLIP_EXCEPTIONS}
+              "clearclip": CLEARCLIP_EXCEPTIONS, "resclip": RESCLIP_EXCEPTIONS}
+WHOLE_IMAGE = {("resclip", "voc21"), ("resclip", "voc20")}
+"""(preset, dataset) pairs whose harness segments the whole resized image in one forward (slide_crop=0): a
+non-square patch grid camloc's window engine does not run. The preset refuses them unless a crop is given."""
 
 
 def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSettings:
@@ -173,6 +187,10 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
     (None = not given)."""
     if preset not in PRESETS:
         raise OptionError(f"--ovseg-preset {preset!r} is not one of {', '.join(PRESETS)}")
+    if (preset, dataset) in WHOLE_IMAGE and given.get("crop") is None:
+        raise OptionError(f"--ovseg-preset {preset} on {dataset}: the {preset} harness segments this dataset's images "
+                          "whole (slide_crop=0, a non-square patch grid), which camloc does not run yet; give "
+                          "--ovseg-crop and --ovseg-stride to run sliding windows instead (not the harness's setting)")
     values = dict(PRESETS[preset])
     values.update(EXCEPTIONS.get(preset, {}).get(dataset, {}))
     values.update({k: v for k, v in given.items() if v is not None})
