@@ -185,7 +185,7 @@ def test_presets_and_their_dataset_exceptions():
     assert resolve_settings("voc21", logit_scale=30.0).logit_scale == 30.0
     with pytest.raises(OptionError, match="--ovseg-stride 300 is larger than --ovseg-crop 224"):
         resolve_settings("ade20k-150", stride=300)
-    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, naclip, scclip, clearclip, resclip, tcl"):
+    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, naclip, scclip, clearclip, resclip, proxyclip, tcl"):
         resolve_settings("ade20k-150", "x")
 
 
@@ -219,6 +219,37 @@ def test_the_clearclip_preset_holds_clearclips_own_configs(dataset):
     assert (s.short_side, s.crop, s.stride, s.bg_threshold, s.classes) == CLEARCLIP_CONFIGS[dataset]
     assert (s.logit_scale, s.area_threshold, s.pamr_steps, s.templates, s.normalisation, s.position_resize) == (
         50.0, None, 0, "imagenet80", "harness", "sclip")
+
+
+# ProxyCLIP's configs (mc-lan/ProxyCLIP configs/cfg_*.py at 05c3c18; ProxyCLIPSegmentation defaults: slide_crop 336,
+# slide_stride 112, logit_scale 40, prob_thd 0), recorded here as read: (short side, crop, stride, prob_thd, class file).
+PROXYCLIP_CONFIGS = {"voc21": (336, 336, 112, 0.2, "voc21-proxyclip.txt"), "context60": (336, 336, 112, 0.15, None),
+                     "coco-object": (336, 336, 112, 0.25, "coco-object-proxyclip.txt"),
+                     "coco-stuff-171": (336, 336, 112, 0.0, None), "cityscapes": (448, 224, 112, 0.0, None),
+                     "ade20k-150": (448, 336, 112, 0.0, None)}
+
+
+@pytest.mark.parametrize("dataset", sorted(PROXYCLIP_CONFIGS))
+def test_the_proxyclip_preset_holds_proxyclips_own_configs(dataset):
+    s = resolve_settings(dataset, "proxyclip")
+    assert (s.short_side, s.crop, s.stride, s.bg_threshold, s.classes) == PROXYCLIP_CONFIGS[dataset]
+    assert (s.logit_scale, s.area_threshold, s.pamr_steps, s.templates, s.normalisation, s.position_resize) == (
+        40.0, None, 0, "imagenet80", "harness", "sclip")
+    assert s.crop % 56 == 0  # the harness pads windows to multiples of 56: these never need it
+
+
+def test_proxyclips_class_files_are_its_own():
+    """ProxyCLIP's cls_voc21.txt and cls_coco_object.txt (at 05c3c18), "; " between synonyms, as read."""
+    from camloc.segment.infer import class_file, read_classes
+
+    voc = read_classes(class_file("voc21-proxyclip.txt"))
+    assert voc[0] == ("sky; wall; tree; wood; grass; road; sea; river; mountain; sands; desk; bed; building; cloud; lamp; "
+                      "door; window; wardrobe; ceiling; shelf; curtain; stair; floor; hill; rail; fence").split("; ")
+    assert [n for [n] in voc[1:]][13:] == ["motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+    coco = read_classes(class_file("coco-object-proxyclip.txt"))
+    assert coco[0] == ("sky; wall; tree; wood; grass; road; sea; river; mountain; sands; desk; bed; building; cloud; "
+                       "floor; hill; rail").split("; ")
+    assert coco[1] == ["person"] and coco[2:] == read_classes(class_file("coco-object.txt"))[2:] and len(coco) == 81
 
 
 def test_clearclips_voc21_names_are_its_own_file():

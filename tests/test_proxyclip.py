@@ -151,3 +151,63 @@ def test_state_dict_sha256_sees_names_values_and_dtypes():
     changed = {"w": a["w"].clone(), "b": a["b"]}
     changed["w"][1, 2] += 1e-6
     assert state_dict_sha256(a) != state_dict_sha256(changed)
+
+
+def dino_interpolate_pos_encoding(pos_embed, patch, w, h):
+    """DINO's VisionTransformer.interpolate_pos_encoding (facebookresearch/dino vision_transformer.py), as the
+    ProxyCLIP harness runs its torch-hub proxy on 336-pixel windows, written out: bicubic by the scale factor
+    (n + 0.1) / sqrt(N) per side."""
+    import math
+
+    n = pos_embed.shape[1] - 1
+    class_pos, patch_pos = pos_embed[:, 0], pos_embed[:, 1:]
+    w0, h0 = w // patch + 0.1, h // patch + 0.1
+    patch_pos = torch.nn.functional.interpolate(
+        patch_pos.reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), -1).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
+    return torch.cat((class_pos.unsqueeze(0), patch_pos.permute(0, 2, 3, 1).view(1, -1, pos_embed.shape[-1])), dim=1)
+
+
+def test_a_pretrained_proxy_at_a_harness_crop_has_dinos_own_position_resize(monkeypatch):
+    """Under an ovseg preset that resizes positions the harness's way (`sclip`), a pretrained proxy at a crop
+    other than its own size gets DINO's interpolate_pos_encoding (what ProxyCLIP's torch-hub DINO computes at 336
+    px), not timm's resize to exactly n x n; its other weights are the pretrained ones. "Pretrained" weights are
+    stood in for by a seeded draw (no download here)."""
+    import timm
+
+    from camloc.methods import proxy as proxy_module
+
+    real = timm.create_model
+
+    def seeded(arch, pretrained=False, **kwargs):  # the same "pretrained" weights at any size, timm's resize
+        torch.manual_seed(7)
+        return real(arch, pretrained=False, **kwargs) if not pretrained else _pretrained(real, arch, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", seeded)
+    monkeypatch.setattr(proxy_module, "_LOADED", {})
+    trained = seeded("vit_small_patch8_224.dino", pretrained=True, num_classes=0)
+    harness, _, _ = proxy_module.load_proxy("vit_small_patch8_224.dino", 336, torch.device("cpu"), "sclip")
+    want = dino_interpolate_pos_encoding(trained.pos_embed.detach(), 8, 336, 336)
+    assert harness.pos_embed.shape == (1, 1 + 42 * 42, 384)
+    assert torch.allclose(harness.pos_embed, want, atol=1e-6)
+    assert torch.equal(harness.blocks[0].attn.qkv.weight, trained.blocks[0].attn.qkv.weight)
+    sized, _, _ = proxy_module.load_proxy("vit_small_patch8_224.dino", 336, torch.device("cpu"), "size")
+    assert not torch.allclose(sized.pos_embed, want, atol=1e-4)  # timm's exact-size resize samples elsewhere
+    own, _, _ = proxy_module.load_proxy("vit_small_patch8_224.dino", 224, torch.device("cpu"), "sclip")
+    assert torch.equal(own.pos_embed, trained.pos_embed)
+
+
+def _pretrained(real, arch, img_size=None, **kwargs):
+    """A seeded model standing in for the pretrained one, at `img_size` through timm's own position resize."""
+    torch.manual_seed(7)
+    base = real(arch, pretrained=False, **kwargs)
+    if img_size is None or img_size == base.patch_embed.img_size[0]:
+        return base
+    from timm.layers import resample_abs_pos_embed
+
+    model = real(arch, pretrained=False, img_size=img_size, **kwargs)
+    state = base.state_dict()
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=model.patch_embed.grid_size,
+                                                num_prefix_tokens=1)
+    model.load_state_dict(state)
+    return model

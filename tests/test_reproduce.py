@@ -124,6 +124,17 @@ def test_the_resclip_preset_runs_the_official_method_settings():
             resolve_settings(dataset, "resclip")
 
 
+def test_the_proxyclip_preset_runs_the_official_method_settings():
+    """ProxyCLIP's base_config.py: DINO ViT-B/8 from torch hub (timm's vit_base_patch8_224.dino), beta 1.2, gamma 3.0:
+    the preset's proxy and camloc's defaults."""
+    from camloc.methods.proxy import PROXY_BETA, PROXY_GAMMA
+
+    p = reproduce.preset("proxyclip")
+    method = reproduce.official_settings(p.official)["method"]
+    assert p.options == {"proxy_model": method["proxy_model"]} and method["hub_model"] == "dino_vitb8"
+    assert (PROXY_BETA.default, PROXY_GAMMA.default) == (method["beta"], method["gamma"])
+
+
 def test_published_numbers_are_data_with_their_source_and_the_printed_means_agree():
     for path in sorted(reproduce.PUBLISHED_DIR.glob("*.toml")):
         data = tomllib.loads(path.read_text())
@@ -360,6 +371,34 @@ def test_the_resclip_preset_gives_each_dataset_its_configs_weights(eight, tmp_pa
     markdown = (out / "table.md").read_text()
     assert "coco-object was run with precision fp32 (the preset's: fp16)" in markdown
     assert "was run with option" not in markdown and "not run: ViT-B/16 on context60" in markdown
+
+
+def test_the_proxyclip_preset_runs_end_to_end_with_a_random_proxy(eight, tmp_path, monkeypatch):
+    """The proxyclip preset, its pretrained DINO swapped for a seeded random one (no download here): VOC21 and
+    COCO-Object score ProxyCLIP's own class files at crop 336 and their thresholds; the swapped proxy is named."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    text = (reproduce.PRESETS_DIR / "proxyclip.toml").read_text()
+    (presets / "proxyclip.toml").write_text(text.replace('"vit_base_patch8_224.dino"',
+                                                          '"vit_small_patch8_224.dino:random"'))
+    (presets / "proxyclip-as-published.toml").write_text(text)
+    monkeypatch.setattr(reproduce, "PRESETS_DIR", presets)
+    out = tmp_path / "r"
+    result = _reproduce("proxyclip", out, eight, "--limit", "1", "--precision", "fp32",
+                        "--datasets", "voc21,coco-object")
+    assert result.exit_code == 0, result.output
+    for dataset, classes, threshold in (("voc21", "voc21-proxyclip.txt", 0.2),
+                                        ("coco-object", "coco-object-proxyclip.txt", 0.25)):
+        config = json.loads((out / "ViT-B-16" / dataset / "config.json").read_text())
+        assert (config["ovseg"]["classes"], config["ovseg"]["bg_threshold"], config["ovseg"]["crop"]) == (
+            classes, threshold, 336)
+        assert config["options"]["proxy_model"] == "vit_small_patch8_224.dino:random"
+    # the same folders held to the published preset: the proxy is named, no difference is printed
+    (out / "reproduce.json").write_text((out / "reproduce.json").read_text().replace('"proxyclip"',
+                                                                                     '"proxyclip-as-published"'))
+    table = reproduce.write_table("proxyclip-as-published", out)
+    assert table["partial"] and ("option proxy_model 'vit_small_patch8_224.dino:random' (the preset's: "
+                                 "'vit_base_patch8_224.dino')") in table["title"]
 
 
 def test_two_shards_merge_to_the_one_process_table(eight, tmp_path):

@@ -63,9 +63,15 @@ PROXY_GAMMA = method_option("proxy_gamma", float, 3.0, "ProxyCLIP: the proxy sim
 _LOADED: dict[tuple, tuple] = {}
 
 
-def load_proxy(name: str, size: int, device: torch.device):
-    """(the timm model in eval mode on `device`, its mean, its std), built once per process."""
-    key = (name, size, str(device))
+def load_proxy(name: str, size: int, device: torch.device, how: str = "size", dtype: torch.dtype = torch.float32):
+    """(the timm model in eval mode on `device` in `dtype`, its mean, its std), built once per process.
+
+    At an input size other than the one it was trained at, a pretrained proxy's position embeddings are resized
+    `how` the ovseg harness resizes CLIP's (`camloc.segment.infer.resized_positions`): `sclip` is DINO's own
+    `interpolate_pos_encoding` (bicubic by the scale factor (n + 0.1) / g, what the ProxyCLIP harness runs through
+    torch hub), for proxies whose position table holds one class token; otherwise timm resizes them to exactly
+    n x n when it loads the weights. Random weights (`NAME:random`) are drawn at the size itself."""
+    key = (name, size, str(device), how, str(dtype))
     if key in _LOADED:
         return _LOADED[key]
     try:
@@ -83,7 +89,10 @@ def load_proxy(name: str, size: int, device: torch.device):
     try:
         with torch.random.fork_rng(devices=[]):  # random weights: drawn from the seed, never from the run's RNG
             torch.manual_seed(seed or 0)
-            proxy = timm.create_model(arch, pretrained=seed is None, num_classes=0, img_size=size)
+            if seed is None and how == "sclip":
+                proxy = _harness_resized(timm, arch, size)
+            else:
+                proxy = timm.create_model(arch, pretrained=seed is None, num_classes=0, img_size=size)
     except TypeError as exc:  # not a ViT that takes an input size
         raise OptionError(f"--proxy-model {name}: {exc}; give a timm ViT") from None
     except (OSError, RuntimeError, ValueError) as exc:
@@ -99,8 +108,29 @@ def load_proxy(name: str, size: int, device: torch.device):
     cfg = getattr(proxy, "pretrained_cfg", {}) or {}
     mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    _LOADED[key] = (proxy.eval().to(device), mean, std)
+    _LOADED[key] = (proxy.eval().to(device=device, dtype=dtype), mean, std)
     return _LOADED[key]
+
+
+def _harness_resized(timm, arch: str, size: int):
+    """The pretrained proxy at `size`, its position embeddings resized as DINO's `interpolate_pos_encoding` does
+    (one class token in the table); a proxy of another layout, or at its own size, as timm loads it."""
+    from camloc.segment.infer import resized_positions
+
+    trained = timm.create_model(arch, pretrained=True, num_classes=0)
+    grid = trained.patch_embed.grid_size
+    one_class_token = (getattr(trained, "pos_embed", None) is not None and trained.num_prefix_tokens == 1
+                       and not getattr(trained, "no_embed_class", False) and grid[0] == grid[1])
+    if not hasattr(trained, "patch_embed") or trained.patch_embed.img_size[0] == size or not one_class_token:
+        return trained if trained.patch_embed.img_size[0] == size else timm.create_model(
+            arch, pretrained=True, num_classes=0, img_size=size)
+    proxy = timm.create_model(arch, pretrained=False, num_classes=0, img_size=size)
+    state = trained.state_dict()
+    rows, cols = proxy.patch_embed.grid_size
+    state["pos_embed"] = resized_positions(state["pos_embed"][0].float(), grid[0], rows, cols, "sclip")[None].to(
+        state["pos_embed"].dtype)
+    proxy.load_state_dict(state)
+    return proxy
 
 
 def proxy_weights(model, options: dict) -> dict:
@@ -118,11 +148,13 @@ def proxy_weights(model, options: dict) -> dict:
 def proxy_features(ctx: CamContext, name: str) -> torch.Tensor:
     """The proxy's patch features of the image on its own grid: (C, H, W), fp32."""
     model = ctx.model
-    proxy, mean, std = load_proxy(name, model.input_size, ctx.input.device)
+    proxy, mean, std = load_proxy(name, model.input_size, ctx.input.device, getattr(model, "position_resize", "size"),
+                                  getattr(model, "dtype", torch.float32) if ctx.input.device.type == "cuda" else torch.float32)
     clip_mean = torch.tensor(model.backend.mean, dtype=torch.float32, device=ctx.input.device).view(1, 3, 1, 1)
     clip_std = torch.tensor(model.backend.std, dtype=torch.float32, device=ctx.input.device).view(1, 3, 1, 1)
     image = ctx.input.float() * clip_std + clip_mean
-    tokens = proxy.forward_features((image - mean) / std)[:, proxy.num_prefix_tokens:]
+    dtype = next(proxy.parameters()).dtype  # the CLIP model's precision on CUDA, as the harness halves its proxy
+    tokens = proxy.forward_features(((image - mean) / std).to(dtype))[:, proxy.num_prefix_tokens:]
     grid = proxy.patch_embed.grid_size
     return tokens[0].T.reshape(-1, *grid).float()
 

@@ -137,6 +137,12 @@ PRESETS = {
     "resclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
                 "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
                 "normalisation": "harness", "position_resize": "sclip"},
+    # ProxyCLIP's harness (mc-lan/ProxyCLIP proxyclip_segmentor.py ProxyCLIPSegmentation defaults and configs/cfg_*.py at
+    # 05c3c18): crop 336, stride 112, logit scale 40, SCLIP's pixel constants and +0.1 position interpolation (also
+    # for its DINO proxy); its own VOC21 and COCO-Object class names; per-dataset values below.
+    "proxyclip": {"short_side": 336, "crop": 336, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
+                  "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
+                  "normalisation": "harness", "position_resize": "sclip"},
     # TCL / CLIP-DINOiser's protocol (img_scale (2048, 448), slide crop 448, stride 224;
     # wysoczanska/clip_dinoiser segmentation/configs/_base_/datasets/*.py); logit scale and templates as sclip's
     # (they change only thresholds and the synonym merge, not an argmax over single names).
@@ -175,8 +181,15 @@ RESCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of ResCLIP at 6b082d9 (prob_t
     "coco-object": {"bg_threshold": 0.1},
     "cityscapes": {"short_side": 560},
 }
+PROXYCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of ProxyCLIP at 05c3c18 (prob_thd, Resize scale, Cityscapes'
+    "voc21": {"bg_threshold": 0.2, "classes": "voc21-proxyclip.txt"},              # slide_crop / slide_stride) and
+    "context60": {"bg_threshold": 0.15},                                           # its cls_voc21.txt and
+    "coco-object": {"bg_threshold": 0.25, "classes": "coco-object-proxyclip.txt"},  # cls_coco_object.txt
+    "cityscapes": {"short_side": 448, "crop": 224, "stride": 112},
+    "ade20k-150": {"short_side": 448},
+}
 EXCEPTIONS = {"sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS, "scclip": SCCLIP_EXCEPTIONS,
-              "clearclip": CLEARCLIP_EXCEPTIONS, "resclip": RESCLIP_EXCEPTIONS}
+              "clearclip": CLEARCLIP_EXCEPTIONS, "resclip": RESCLIP_EXCEPTIONS, "proxyclip": PROXYCLIP_EXCEPTIONS}
 WHOLE_IMAGE = {("resclip", "voc21"), ("resclip", "voc20")}
 """(preset, dataset) pairs whose harness segments the whole resized image in one forward (slide_crop=0): a
 non-square patch grid camloc's window engine does not run. The preset refuses them unless a crop is given."""
@@ -293,11 +306,13 @@ def at_input_size(model, size: int, how: str = "size"):
     visual.positional_embedding = torch.nn.Parameter(resized, requires_grad=False)
     input_size = model.input_size
     model.input_size = size
+    model.position_resize = how  # a second model resized with it (ProxyCLIP's proxy) reads this
     try:
         yield
     finally:
         visual.positional_embedding = original
         model.input_size = input_size
+        model.position_resize = "size"
 
 
 def resized_input(model, image: Image.Image, short_side: int, normalisation: str = "model") -> torch.Tensor:
