@@ -6,7 +6,10 @@ weights come from a vision foundation model (`--proxy-model`, a timm ViT such as
 
 - the proxy sees the same input, re-normalised from CLIP's mean and std to its own (timm's pretrained
   config), at the CLIP model's input size; its patch features F (the last block's tokens after its final
-  norm, prefix tokens dropped: what DINO's `get_intermediate_layers` gives) on its own grid H x W;
+  norm, prefix tokens dropped: what DINO's `get_intermediate_layers` gives) on its own grid H x W. Under an ovseg
+  harness preset (windows larger than the model's input, `position_resize` sclip) a pretrained proxy's position
+  embeddings are resized as DINO's `interpolate_pos_encoding` does, as the reference's torch-hub DINO is; on CUDA
+  the proxy runs in the CLIP model's precision (the reference halves it);
 - S = normalise(F)^T normalise(F), S <- (S - beta mean(S)) gamma (`--proxy-beta` 1.2, `--proxy-gamma` 3,
   the reference's defaults), entries below 0 set to -inf, softmax over each row: one attention for
   every head;
