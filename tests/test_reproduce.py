@@ -253,6 +253,10 @@ def test_sclip_table2_runs_end_to_end_and_writes_a_partial_table(eight, tmp_path
     markdown = (out / "table.md").read_text()
     assert markdown.startswith("**PARTIAL (no differences printed): run with tiny-vit in place of ViT-B/16; ")
     assert "the first 2 images of each dataset only (--limit 2)" in markdown
+    # SCLIP's harness runs in fp16 (clip.load on CUDA); on the CPU the preset runs fp32 and the table says so once
+    assert "every run was run with precision fp32 (the preset's: fp16)" in markdown
+    assert {json.loads((out / "ViT-B-16" / d / "config.json").read_text())["precision"] for d in
+            ("voc21", "ade20k-150")} == {"fp32"}
     assert all(re.search(rf"\|\s*{row}\s*\|", markdown) for row in ("published", "camloc", "delta"))
     assert "PARTIAL" in (out / "table.tex").read_text()
     page = (out / "report.html").read_text()  # the report of the preset's runs opens with its table
@@ -340,7 +344,7 @@ def test_the_clearclip_preset_runs_its_own_voc21_names_and_reports_one_row(eight
     rows = pd.read_csv(out / "ViT-B-16" / "voc21" / "ovseg_classes.csv")
     assert rows["class"].tolist()[-1] == "tvmonitor"
     markdown = (out / "table.md").read_text()
-    assert "ViT-B/16 on voc21 was run with precision fp32 (the preset's: fp16)" in markdown
+    assert "every run was run with precision fp32 (the preset's: fp16)" in markdown and "on voc21 was run" not in markdown
     long = pd.read_csv(out / "table.csv")
     assert list(long["column"]) == ["voc21", "context60", "coco-object", "voc20", "context59", "cityscapes",
                                     "mean (with bg)"] and long["published"].isna().all()
@@ -369,7 +373,7 @@ def test_the_resclip_preset_gives_each_dataset_its_configs_weights(eight, tmp_pa
     assert configs["coco-object"]["options"]["resclip_rcs_weights"] == "2,0.4"
     assert configs["cityscapes"]["ovseg"]["short_side"] == 560 and configs["coco-object"]["ovseg"]["bg_threshold"] == 0.1
     markdown = (out / "table.md").read_text()
-    assert "coco-object was run with precision fp32 (the preset's: fp16)" in markdown
+    assert "every run was run with precision fp32 (the preset's: fp16)" in markdown
     assert "was run with option" not in markdown and "not run: ViT-B/16 on context60" in markdown
 
 

@@ -193,10 +193,14 @@ def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = Non
         _run_search(p, out, chosen_models, chosen_methods, data_root=data_root, data=data, limit=limit,
                     substitute_model=substitute_model, shard=shard, device=device, progress=progress)
         return write_table(name, out)
+    run_precision = precision
+    if p.precision and precision == "auto":  # the harness's precision; fp16 is CUDA's, so a CPU run is fp32 (and the
+        from camloc.models.clip_model import resolve_device  # table names the difference)
+
+        run_precision = p.precision if p.precision == "fp32" or resolve_device(device).type == "cuda" else "fp32"
     for model in chosen_models:
         for dataset in chosen_datasets:
             root = (data or {}).get(dataset, data_root)
-            run_precision = p.precision if p.precision and precision == "auto" else precision
             common = dict(limit=limit, data_root=root, device=device, precision=run_precision,
                           image_batch=image_batch, progress=progress, shard=shard, plugins=plugins,
                           **p.options_for(dataset))
@@ -322,6 +326,7 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
     if p.protocol == "threshold-search":
         return _measured_search(p, out, reasons, whole, state.get("substitute_model")), reasons
     scale = 100.0 if p.protocol == "ovseg" else 1.0  # ovseg mIoU is stored as a fraction, published in percent
+    differing = {}
     for model in p.models:
         for dataset in p.datasets:
             folder = run_folder(out, model, dataset)
@@ -330,9 +335,8 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
                 continue
             config = json.loads((folder / "config.json").read_text())
             differ = _mismatches(p, model, dataset, config, state)
-            if differ:  # a folder run otherwise (by hand, or before the preset changed) is never compared as the paper's
-                reasons.append(f"{model} on {dataset} was run with {'; '.join(differ)}")
-            folder_whole = whole and not differ
+            differing[f"{model} on {dataset}"] = differ  # such a folder (run by hand, or before the preset
+            folder_whole = whole and not differ            # changed) is never compared as the paper's
             if p.protocol == "ovseg":
                 [group] = ovseg_groups([folder])
                 reasons += [f"{model} {m} on {dataset} not run" for m in p.methods if m not in group["methods"]]
@@ -354,7 +358,18 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
                     if expected is not None and int(row["n_pairs"]) != expected:
                         reasons.append(f"{model} {row['method']} on {dataset}: {int(row['n_pairs'])} of {expected} pairs")
                     values[(model, row["method"], dataset)] = (float(row["mean_iou"]), complete)
-    return values, reasons
+    return values, reasons + _differences(differing)
+
+
+def _differences(differing: dict[str, list[str]]) -> list[str]:
+    """The run folders' differences from the preset as reasons: one for what every folder shares (a CPU run's fp32),
+    then each folder's own."""
+    shared = [d for d in next(iter(differing.values()), []) if all(d in v for v in differing.values())]
+    out = [f"every run was run with {'; '.join(shared)}"] if shared and len(differing) > 1 else []
+    shared = shared if out else []
+    out += [f"{where} was run with {'; '.join(own)}" for where, differ in differing.items()
+            if (own := [d for d in differ if d not in shared])]
+    return out
 
 
 def reproduction_table(name: str, out: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, str, bool]:
