@@ -213,14 +213,6 @@ CLEARCLIP_CONFIGS = {"voc21": (448, 448, 224, 0.5, "voc21-clearclip.txt"), "cont
                      "context59": (448, 448, 224, 0.0, None), "cityscapes": (448, 224, 224, 0.0, None)}
 
 
-@pytest.mark.parametrize("dataset", sorted(CLEARCLIP_CONFIGS))
-def test_the_clearclip_preset_holds_clearclips_own_configs(dataset):
-    s = resolve_settings(dataset, "clearclip")
-    assert (s.short_side, s.crop, s.stride, s.bg_threshold, s.classes) == CLEARCLIP_CONFIGS[dataset]
-    assert (s.logit_scale, s.area_threshold, s.pamr_steps, s.templates, s.normalisation, s.position_resize) == (
-        50.0, None, 0, "imagenet80", "harness", "sclip")
-
-
 # ProxyCLIP's configs (mc-lan/ProxyCLIP configs/cfg_*.py at 05c3c18; ProxyCLIPSegmentation defaults: slide_crop 336,
 # slide_stride 112, logit_scale 40, prob_thd 0), recorded here as read: (short side, crop, stride, prob_thd, class file).
 PROXYCLIP_CONFIGS = {"voc21": (336, 336, 112, 0.2, "voc21-proxyclip.txt"), "context60": (336, 336, 112, 0.15, None),
@@ -229,13 +221,19 @@ PROXYCLIP_CONFIGS = {"voc21": (336, 336, 112, 0.2, "voc21-proxyclip.txt"), "cont
                      "ade20k-150": (448, 336, 112, 0.0, None)}
 
 
-@pytest.mark.parametrize("dataset", sorted(PROXYCLIP_CONFIGS))
-def test_the_proxyclip_preset_holds_proxyclips_own_configs(dataset):
-    s = resolve_settings(dataset, "proxyclip")
-    assert (s.short_side, s.crop, s.stride, s.bg_threshold, s.classes) == PROXYCLIP_CONFIGS[dataset]
+HARNESS_CONFIGS = {("clearclip", d): (v, 50.0) for d, v in CLEARCLIP_CONFIGS.items()}
+HARNESS_CONFIGS.update({("proxyclip", d): (v, 40.0) for d, v in PROXYCLIP_CONFIGS.items()})
+
+
+@pytest.mark.parametrize("preset, dataset", sorted(HARNESS_CONFIGS))
+def test_the_clearclip_and_proxyclip_presets_hold_their_own_configs(preset, dataset):
+    s = resolve_settings(dataset, preset)
+    want, logit_scale = HARNESS_CONFIGS[(preset, dataset)]
+    assert (s.short_side, s.crop, s.stride, s.bg_threshold, s.classes) == want
     assert (s.logit_scale, s.area_threshold, s.pamr_steps, s.templates, s.normalisation, s.position_resize) == (
-        40.0, None, 0, "imagenet80", "harness", "sclip")
-    assert s.crop % 56 == 0  # the harness pads windows to multiples of 56: these never need it
+        logit_scale, None, 0, "imagenet80", "harness", "sclip")
+    if preset == "proxyclip":
+        assert s.crop % 56 == 0  # the harness pads windows to multiples of 56: these never need it
 
 
 def test_proxyclips_class_files_are_its_own():

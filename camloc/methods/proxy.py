@@ -121,12 +121,13 @@ def _harness_resized(timm, arch: str, size: int):
     from camloc.segment.infer import resized_positions
 
     trained = timm.create_model(arch, pretrained=True, num_classes=0)
-    grid = trained.patch_embed.grid_size
-    one_class_token = (getattr(trained, "pos_embed", None) is not None and trained.num_prefix_tokens == 1
-                       and not getattr(trained, "no_embed_class", False) and grid[0] == grid[1])
-    if not hasattr(trained, "patch_embed") or trained.patch_embed.img_size[0] == size or not one_class_token:
-        return trained if trained.patch_embed.img_size[0] == size else timm.create_model(
-            arch, pretrained=True, num_classes=0, img_size=size)
+    embed = getattr(trained, "patch_embed", None)
+    if embed is None or embed.img_size[0] == size:
+        return trained  # not a ViT (refused by the caller), or at its own size
+    grid = embed.grid_size
+    if not (getattr(trained, "pos_embed", None) is not None and getattr(trained, "num_prefix_tokens", 0) == 1
+            and not getattr(trained, "no_embed_class", False) and grid[0] == grid[1]):
+        return timm.create_model(arch, pretrained=True, num_classes=0, img_size=size)  # timm's own resize
     proxy = timm.create_model(arch, pretrained=False, num_classes=0, img_size=size)
     state = trained.state_dict()
     rows, cols = proxy.patch_embed.grid_size

@@ -108,47 +108,38 @@ def class_names(settings: "OvsegSettings", dataset_classes: list[list[str]], dat
     return given, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+SCLIP_WRAPPER = {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
+                 "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
+                 "normalisation": "harness", "position_resize": "sclip"}
+"""SCLIP's harness (wangf3014/SCLIP, clip_segmentor.py defaults and configs/cfg_*.py at 57fa9aa): short side 336,
+crop 224, stride 112, logit scale 40, no background threshold, PAMR off, 80 templates, its pixel constants and +0.1
+position interpolation. The later harnesses copy its wrapper and change some of these."""
 PRESETS = {
-    # SCLIP's harness (wangf3014/SCLIP, clip_segmentor.py defaults and configs/cfg_*.py at 57fa9aa): short side
-    # 336, crop 224, stride 112, logit scale 40, no background threshold, PAMR off; per-dataset exceptions below.
-    "sclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
-              "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
-              "normalisation": "harness", "position_resize": "sclip"},
+    "sclip": SCLIP_WRAPPER,  # its per-dataset exceptions below
     # NACLIP's harness (sinahmr/NACLIP naclip.py at 8865082: SCLIP's wrapper with PAMR on by default, 10 steps at
     # dilations 8 and 16; its eval.py `--pamr off` gives 0: set --ovseg-pamr 0 for the paper's "without PAMR").
-    "naclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
-               "area_threshold": None, "pamr_steps": 10, "pamr_dilations": (8, 16), "templates": "imagenet80",
-               "normalisation": "harness", "position_resize": "sclip"},
+    "naclip": {**SCLIP_WRAPPER, "pamr_steps": 10},
     # SC-CLIP's harness (SuleBai/SC-CLIP scclip_segmentor.py SCCLIPForSegmentation defaults and configs/cfg_*.py at
     # 74471da): SCLIP's wrapper and defaults, short side 336 on every dataset but Cityscapes (COCO-Stuff too, where
     # SCLIP uses 448); its own per-dataset thresholds below.
-    "scclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
-               "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
-               "normalisation": "harness", "position_resize": "sclip"},
+    "scclip": SCLIP_WRAPPER,
     # ClearCLIP's harness (mc-lan/ClearCLIP clearclip_segmentor.py ClearCLIPSegmentation defaults at afe06b8 and
-    # configs/cfg_*.py at fd05ce4): SCLIP's wrapper (its pixel constants and +0.1 position interpolation) at short
-    # side 448, crop 448, stride 224, logit scale 50; per-dataset values below (incl. its own VOC21 class names).
-    "clearclip": {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 50.0, "bg_threshold": 0.0,
-                  "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
-                  "normalisation": "harness", "position_resize": "sclip"},
+    # configs/cfg_*.py at fd05ce4): SCLIP's wrapper at short side 448, crop 448, stride 224, logit scale 50;
+    # per-dataset values below (incl. its own VOC21 class names).
+    "clearclip": {**SCLIP_WRAPPER, "short_side": 448, "crop": 448, "stride": 224, "logit_scale": 50.0},
     # ResCLIP's harness (yvhangyang/ResCLIP resclip_segmentor.py ResCLIPSegmentation defaults and configs/cfg_*.py at
     # 6b082d9): SCLIP's wrapper and defaults, short side 336 on every dataset but Cityscapes (COCO-Stuff 336 too),
     # no area threshold; VOC21 and VOC20 are segmented whole (slide_crop=0), which camloc does not run (below).
-    "resclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
-                "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
-                "normalisation": "harness", "position_resize": "sclip"},
-    # ProxyCLIP's harness (mc-lan/ProxyCLIP proxyclip_segmentor.py ProxyCLIPSegmentation defaults and configs/cfg_*.py at
-    # 05c3c18): crop 336, stride 112, logit scale 40, SCLIP's pixel constants and +0.1 position interpolation (also
-    # for its DINO proxy); its own VOC21 and COCO-Object class names; per-dataset values below.
-    "proxyclip": {"short_side": 336, "crop": 336, "stride": 112, "logit_scale": 40.0, "bg_threshold": 0.0,
-                  "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
-                  "normalisation": "harness", "position_resize": "sclip"},
+    "resclip": SCLIP_WRAPPER,
+    # ProxyCLIP's harness (mc-lan/ProxyCLIP proxyclip_segmentor.py ProxyCLIPSegmentation defaults and configs/cfg_*.py
+    # at 05c3c18): SCLIP's wrapper at crop 336 (its DINO proxy's positions resized the same way); its own VOC21 and
+    # COCO-Object class names; per-dataset values below.
+    "proxyclip": {**SCLIP_WRAPPER, "crop": 336},
     # TCL / CLIP-DINOiser's protocol (img_scale (2048, 448), slide crop 448, stride 224;
     # wysoczanska/clip_dinoiser segmentation/configs/_base_/datasets/*.py); logit scale and templates as sclip's
     # (they change only thresholds and the synonym merge, not an argmax over single names).
-    "tcl": {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 40.0, "bg_threshold": 0.0,
-            "area_threshold": None, "pamr_steps": 0, "pamr_dilations": (8, 16), "templates": "imagenet80",
-            "normalisation": "model", "position_resize": "size"},
+    "tcl": {**SCLIP_WRAPPER, "short_side": 448, "crop": 448, "stride": 224, "normalisation": "model",
+            "position_resize": "size"},
 }
 SCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of SCLIP at 57fa9aa
     "voc21": {"logit_scale": 65.0, "bg_threshold": 0.1, "area_threshold": 0.1},
