@@ -154,11 +154,15 @@ def _group_labels(groups: list[dict], kind: str) -> dict[int, str]:
     """A short name per run group: model · dataset, then the identity fields that tell it from the others."""
     from camloc.datasets.registry import dataset_label
 
-    identities = [g["identity"] for g in groups]
+    if kind == "ovseg":  # what each run's preset gives its dataset is the preset, not a difference (`as_requested`)
+        from camloc.report.tables import as_requested
+
+        identities = [as_requested(g["identity"]) for g in groups]
+    else:
+        identities = [g["identity"] for g in groups]
     fields = differing_fields(identities, ["model", "dataset", "data"] if kind == "ovseg" else ["model", "dataset"])
     labels = {}
-    for i, group in enumerate(groups):
-        identity = group["identity"]
+    for i, identity in enumerate(identities):
         parts = [str(identity.get("model")), dataset_label(identity.get("dataset"), identity.get("data"))]
         parts += [f"{k}: {_shown(k, identity.get(k), sub)}" for k, sub in fields.items()]
         labels[i] = (" · ".join(parts) + (" (ovseg)" if kind == "ovseg" else ""))
