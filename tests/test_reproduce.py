@@ -501,6 +501,7 @@ def test_a_box_preset_runs_end_to_end(tmp_path):
     markdown = (tmp_path / "r" / "table.md").read_text()
     assert markdown.startswith("**PARTIAL (no differences printed): run with tiny-rn in place of RN50x4, RN50x16; ")
     assert "not run: RN50x4 gradcam++ on ade20k-scenes, " in markdown
+    assert "every run was run with precision fp32 (the preset's: fp16)" in markdown  # the CPU's, named
 
 
 def test_bad_input_is_one_line(tmp_path):
