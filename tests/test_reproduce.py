@@ -61,13 +61,13 @@ def test_every_preset_holds_the_official_settings_recorded_with_their_source(nam
             assert copies[s.classes or SEG_DATASETS[dataset].classes_file] == want["classes"], dataset
             method = {METHOD_KEYS[k]: _option_text(v) for k, v in want.items() if k in METHOD_KEYS}
             assert {k: p.options_for(dataset).get(k) for k in method} == method, dataset
-        assert p.precision == defaults.get("precision"), "the harness's precision, where it records one"
     elif p.protocol == "threshold-search":
         assert (p.search["iou"], p.search["grid"], p.search["train"]["per_class"], p.search["val"]["split"]) == (
             defaults["iou"], defaults["grid"], defaults["per_class"], defaults["val_split"])
     else:
         assert (p.eval["threshold"], p.eval["iou"], p.eval["prompt_template"]) == (
             defaults["threshold"], defaults["iou"], defaults["prompt_template"])
+    assert p.precision == defaults.get("precision"), "the harness's precision, where it records one"
 
 
 def test_the_scclip_preset_runs_the_official_method_settings():
@@ -558,6 +558,7 @@ def test_the_table_s1_preset_runs_the_threshold_search_end_to_end(tmp_path):
     markdown = (tmp_path / "r" / "table.md").read_text()
     assert markdown.startswith("**PARTIAL (no differences printed): run with tiny-rn in place of RN50x16, ViT-B/32")
     assert "not run: RN50x16 gradcam++, RN50x16 xgradcam, " in markdown and "ViT-B/32 hilacam" in markdown
+    assert "the threshold search was run with precision fp32 (the preset's: fp16)" in markdown  # the CPU's, named
     page = (tmp_path / "r" / "report.html").read_text()  # the search's own Table S1 section follows the table
     assert page.index("reproduction: gscorecam-s1") < page.index("Table S1: ")
     assert "\\caption{PARTIAL" in (tmp_path / "r" / "table.tex").read_text()

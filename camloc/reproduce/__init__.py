@@ -191,7 +191,8 @@ def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = Non
     marker.write_text(json.dumps(state, indent=1) + "\n")
     if p.protocol == "threshold-search":
         _run_search(p, out, chosen_models, chosen_methods, data_root=data_root, data=data, limit=limit,
-                    substitute_model=substitute_model, shard=shard, device=device, progress=progress)
+                    substitute_model=substitute_model, shard=shard, device=device, progress=progress,
+                    precision=precision)
         return write_table(name, out)
     run_precision = precision
     if p.precision and precision == "auto":  # the harness's precision; fp16 is CUDA's, so a CPU run is fp32 (and the
@@ -216,7 +217,7 @@ def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = Non
 
 
 def _run_search(p: Preset, out: Path, models: list[str], methods: list[str], *, data_root, data, limit,
-                substitute_model, shard, device, progress) -> None:
+                substitute_model, shard, device, progress, precision="auto") -> None:
     """Table S1's threshold search, one folder (`OUT/search`) for all its models, as `camloc threshold-search`."""
     from camloc.run.threshold_search import SearchConfig, run_threshold_search
 
@@ -233,7 +234,8 @@ def _run_search(p: Preset, out: Path, models: list[str], methods: list[str], *, 
             spec["limit"] = limit
         splits[part] = spec
     config = SearchConfig(runs=runs, train=splits["train"], val=splits["val"], grid=dict(p.search["grid"]),
-                          options=dict(p.options), iou=p.search.get("iou", "gscorecam"))
+                          options=dict(p.options), iou=p.search.get("iou", "gscorecam"),
+                          precision=precision)  # auto: fp16 on CUDA, the paper's (held below with the others)
     run_threshold_search(config, out / "search", device=device, progress=progress, shard=shard)
 
 
@@ -251,6 +253,8 @@ def _measured_search(p: Preset, out: Path, reasons: list[str], whole: bool, subs
                for part in ("train", "val") for name in keys
                if (config.get(part) or {}).get(name) != p.search[part].get(name)]
     differ += _option_mismatches(p.options, config)
+    if p.precision and summary.get("precision") != p.precision:
+        differ.append(f"precision {summary.get('precision')} (the preset's: {p.precision})")
     if differ:
         reasons.append(f"the threshold search was run with {'; '.join(differ)}")
     values = {}
