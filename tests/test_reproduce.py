@@ -161,6 +161,7 @@ def test_reproduce_list_names_every_preset_and_its_sources():
     for name in reproduce.presets():
         assert f"{name}: " in result.stdout
     assert "wangf3014/SCLIP README.md at 5f69176" in result.stdout
+    assert "about 1.5 GPU-hours at fp16" in result.stdout  # the harness's precision
     assert "configs/cfg_<dataset>.py and configs/base_config.py at 57fa9aa" in result.stdout
 
 
@@ -242,6 +243,7 @@ def _reproduce(name, out, data, *extra):
 def test_sclip_table2_runs_end_to_end_and_writes_a_partial_table(eight, tmp_path):
     result = _reproduce("sclip-table2", tmp_path / "r", eight, "--limit", "2")
     assert result.exit_code == 0, result.output
+    assert "note: sclip-table2 runs at fp16 on CUDA; on the CPU it runs fp32" in result.stderr
     out = tmp_path / "r"
     long = pd.read_csv(out / "table.csv")
     columns = ["voc21", "context60", "coco-object", "voc20", "context59", "coco-stuff-171", "cityscapes",

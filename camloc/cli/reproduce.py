@@ -43,7 +43,8 @@ def reproduce_cmd(
         for row in reproduce.listing():
             typer.echo(f"{row['name']}: {row['title']}")
             typer.echo(f"  {row['protocol']}; models {row['models']}; methods {row['methods']}; "
-                       f"datasets {row['datasets']}; about {row['gpu_hours']:g} GPU-hours")
+                       f"datasets {row['datasets']}; about {row['gpu_hours']:g} GPU-hour{'' if row['gpu_hours'] == 1 else 's'}"
+                       + (f" at {row['precision']}" if row["precision"] else ""))
             typer.echo(f"  settings: {row['settings']}")
             typer.echo(f"  published: {row['published']}")
         return
@@ -52,7 +53,13 @@ def reproduce_cmd(
     if table_only:
         result = reproduce.write_table(name, out)
     else:
+        from camloc.models.clip_model import resolve_device
         from camloc.run.sharding import resolve_shard
+
+        wanted = reproduce.preset(name).precision
+        if wanted not in (None, "fp32") and precision == "auto" and resolve_device(device).type != "cuda":
+            typer.echo(f"note: {name} runs at {wanted} on CUDA; on the CPU it runs fp32, and the table's title says so",
+                       err=True)
 
         roots = {}
         for item in data or []:

@@ -148,6 +148,7 @@ def listing() -> list[dict]:
                   else p.unpublished or "no published numbers recorded")
         rows.append({"name": p.name, "title": p.title, "protocol": p.protocol, "models": ", ".join(p.models),
                      "methods": ", ".join(p.methods), "datasets": ", ".join(p.datasets), "gpu_hours": p.gpu_hours,
+                     "precision": p.precision,
                      "settings": official_settings(p.official)["source"], "published": source})
     return rows
 
