@@ -267,7 +267,7 @@ def evaluate(model: ClipModel | str, dataset: str = "demo", methods: str | Seque
     `protocols="ovseg"` (alone) runs open-vocabulary semantic segmentation on a segmentation dataset
     (`camloc.datasets.segmentation`: ade20k-150, voc21, voc20, context60, context59, coco-stuff-171,
     coco-object, cityscapes) with the dense methods; `ovseg` holds its settings (preset, short_side, crop,
-    stride, logit_scale, bg_threshold, area_threshold, pamr_steps, templates, classes: `--ovseg-*`), and
+    stride, logit_scale, bg_threshold, area_threshold, pamr_steps, templates, classes, geometry: `--ovseg-*`), and
     `save_predictions` writes each image's class map under out/predictions/<method>/.
 
     The faithfulness protocols (deletion-rise, insertion-rise, deletion-eclip, road;
@@ -430,7 +430,7 @@ def _evaluate_ovseg(model, dataset, methods, out, *, limit, split, data_root, an
     loaded = None if isinstance(model, (str, Path)) else _model(model, device, precision)
     known = {"preset", "short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold",
              "normalisation", "position_resize", "reduce_zero_label", "ignore_index", "background",
-             "pamr_steps", "pamr_dilations", "templates", "classes"}
+             "pamr_steps", "pamr_dilations", "templates", "classes", "geometry"}
     unknown = sorted(set(ovseg) - known)
     if unknown:
         raise OptionError(f"unknown ovseg setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

@@ -474,6 +474,55 @@ def test_a_class_file_of_ones_own_replaces_the_datasets_and_joins_the_identity(t
     assert missing.exit_code == 2 and "no.txt: no such file" in missing.stderr
 
 
+def test_centre_crop_geometry_by_hand():
+    """`centre-crop`: a 40 x 30 image at short side 20 is 26 x 20 (torchvision's int(20 * 40 / 30)), its centre crop
+    starts at column round(6 / 2) = 3; the label is resized nearest (pixel centres) and cropped alike."""
+    from camloc.segment.infer import centre_cropped
+
+    image = Image.fromarray((np.arange(30 * 40 * 3) % 251).astype(np.uint8).reshape(30, 40, 3))
+    label = np.zeros((30, 40), np.uint8)
+    label[:, 20:] = 7
+    label[0, :] = 255
+    rgb, cut = centre_cropped(image, label, 20, 20)
+    assert np.array_equal(np.asarray(rgb), np.asarray(image.resize((26, 20), Image.BICUBIC).crop((3, 0, 23, 20))))
+    want = np.zeros((20, 20), np.uint8)
+    want[:, 10:] = 7  # resized column x' reads source column floor((x' + 0.5) * 40 / 26): 7 from x' = 13, i.e. 10
+    want[0, :] = 255  # resized row 0 reads source row floor(0.5 * 30 / 20) = 0
+    assert np.array_equal(cut, want) and cut.dtype == np.uint8
+    wide = label.astype(np.uint16) * 200  # 16-bit maps keep their values
+    assert np.array_equal(centre_cropped(image, wide, 20, 20)[1], want.astype(np.uint16) * 200)
+    with pytest.raises(OptionError, match="crop .30. is cut from the image resized to short side 20"):
+        resolve_settings("ade20k-150", geometry="centre-crop", short_side=20, crop=30, stride=30)
+    with pytest.raises(OptionError, match="--ovseg-geometry 'middle' is not one of slide, centre-crop"):
+        resolve_settings("ade20k-150", geometry="middle")
+
+
+def test_a_centre_crop_run_scores_only_the_crop(tmp_path):
+    """End to end: each image is one window, and its record counts exactly the labelled pixels of the centre crop of
+    its label (computed here with PIL); the geometry is in the run's identity, a sliding run's identity is as before."""
+    from camloc.datasets.segmentation import load_seg_dataset
+
+    write_ade150(tmp_path / "data")
+    crop = ["--ovseg-geometry", "centre-crop", "--ovseg-short-side", "48", "--ovseg-crop", "48", "--ovseg-stride", "48"]
+    result = _ovseg(tmp_path / "data", tmp_path / "cc", *crop, methods="sclip,maskclip")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "cc" / "config.json").read_text())["ovseg"]
+    assert config["geometry"] == "centre-crop"
+    _, images = load_seg_dataset("ade20k-150", data_root=tmp_path / "data")
+    records = [json.loads(line) for line in (tmp_path / "cc" / "ovseg.jsonl").open()]
+    assert {r["windows"] for r in records} == {1} and len(records) == 2 * len(images)
+    for item in images:
+        label = item.label()
+        h, w = label.shape
+        size = (48, int(48 * h / w)) if w < h else (int(48 * w / h), 48)  # torchvision's Resize(48) of a PIL image
+        left, top = int(round((size[0] - 48) / 2.0)), int(round((size[1] - 48) / 2.0))
+        cut = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST).crop((left, top, left + 48, top + 48)))
+        for r in (r for r in records if r["image_id"] == item.image_id):
+            assert sum(r["state"]["label"]) == int((cut != 255).sum())
+    plain = _ovseg(tmp_path / "data", tmp_path / "plain", *SMALL, methods="sclip")
+    assert plain.exit_code == 0 and "geometry" not in json.loads((tmp_path / "plain" / "config.json").read_text())["ovseg"]
+
+
 # --- the datasets' layouts -----------------------------------------------------------------------
 
 def _palette_png(path, label):

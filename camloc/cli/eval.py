@@ -68,6 +68,7 @@ def eval_cmd(
     ovseg_area_threshold: Optional[float] = typer.Option(None, "--ovseg-area-threshold", help="--protocols ovseg: classes predicted on less than this fraction of the foreground are suppressed."),
     ovseg_pamr: Optional[int] = typer.Option(None, "--ovseg-pamr", help="--protocols ovseg: PAMR refinement steps (0 = off; dilations 8 and 16)."),
     ovseg_templates: Optional[str] = typer.Option(None, "--ovseg-templates", help="--protocols ovseg: single (the class names as they are) or imagenet80 (CLIP's 80 ImageNet templates, averaged)."),
+    ovseg_geometry: Optional[str] = typer.Option(None, "--ovseg-geometry", help="--protocols ovseg: slide (resize to the short side, sliding windows: the mmseg harnesses) or centre-crop (resize to the short side, keep the centre crop x crop square of the image and of its label, one window: CLIPtrase's script)."),
     ovseg_classes: Optional[str] = typer.Option(None, "--ovseg-classes", help="--protocols ovseg: a class-name file in place of the dataset's (one class a line in its label order, synonyms separated by ', '; or a file of camloc/segment/classes by name); its SHA-256 joins the run's identity."),
     seg_reduce_zero_label: bool = typer.Option(False, "--seg-reduce-zero-label", help="--dataset seg-folder: label 0 is ignored and every other value lowered by 1 (mmseg's reduce_zero_label)."),
     seg_ignore_index: Optional[int] = typer.Option(None, "--seg-ignore-index", help="--dataset seg-folder: this label value is ignored (as 255 always is)."),
@@ -102,7 +103,7 @@ def eval_cmd(
     ovseg = {"preset": ovseg_preset, "short_side": ovseg_short_side, "crop": ovseg_crop, "stride": ovseg_stride,
              "logit_scale": ovseg_logit_scale, "bg_threshold": ovseg_bg_threshold,
              "area_threshold": ovseg_area_threshold, "pamr_steps": ovseg_pamr, "templates": ovseg_templates,
-             "classes": ovseg_classes, "reduce_zero_label": seg_reduce_zero_label or None, "ignore_index": seg_ignore_index,
+             "classes": ovseg_classes, "geometry": ovseg_geometry, "reduce_zero_label": seg_reduce_zero_label or None, "ignore_index": seg_ignore_index,
              "background": seg_background or None}
     ovseg = {k: v for k, v in ovseg.items() if v is not None and (k != "preset" or "ovseg_preset" in given)}
     set_max_pixels(setting("max_pixels"))

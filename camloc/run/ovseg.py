@@ -103,7 +103,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
     from camloc.run.progress import progress_bar
     from camloc.run.provenance import device_description, git_commit, package_versions
     from camloc.run.sharding import rank_device, records_name
-    from camloc.segment.infer import class_names, pixel_constants, query_features, resolve_settings
+    from camloc.segment.infer import centre_cropped, class_names, pixel_constants, query_features, resolve_settings
 
     from camloc.plugins import load_recorded
     from camloc.run.identity import recorded_plugins
@@ -184,6 +184,8 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                 chunk, batch = [], []
                 for entry in work[start:start + batch_size]:
                     image, label = _image_and_label(entry[0])
+                    if settings.geometry == "centre-crop":  # only the centre crop is segmented and scored
+                        image, label = centre_cropped(image, label, settings.short_side, settings.crop)
                     reason = too_small(image.size, settings)
                     if reason:  # no window fits it at this scale (the harness cannot segment it either)
                         skipped.append({"image_id": entry[0].image_id, "path": entry[0].path, "reason": reason})

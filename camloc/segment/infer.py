@@ -66,6 +66,11 @@ class OvsegSettings:
     """How a ViT's position embeddings are resized for crops other than its input size: `sclip` (the
     SCLIP/NACLIP harness's `interpolate_pos_encoding`: bicubic by scale factor (n + 0.1) / g per side, DINO's
     recipe) or `size` (bicubic to exactly n x n)."""
+    geometry: str = "slide"
+    """`slide`: the image resized to the short side (OpenCV bilinear, long side at most 2048) and segmented by
+    sliding windows (the mmseg harnesses); `centre-crop`: the image resized to the short side (PIL bicubic, as
+    torchvision's `Resize(S)`), its centre crop x crop square kept and segmented in one window, and the label map
+    likewise (nearest) so only the crop is scored (CLIPtrase's script). Recorded only when not `slide`."""
     classes: str | None = None
     """The class-name file: None = the dataset's own (camloc/segment/classes, SCLIP's lists); else a file of
     camloc/segment/classes by name (a harness's own list, e.g. ClearCLIP's VOC21 names) or a path to one's own
@@ -76,6 +81,8 @@ class OvsegSettings:
         out = {**asdict(self), "pamr_dilations": list(self.pamr_dilations)}
         if self.classes is None:
             del out["classes"]
+        if self.geometry == "slide":
+            del out["geometry"]
         return out
 
 
@@ -202,6 +209,11 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
     for name in ("short_side", "crop", "stride"):
         if getattr(settings, name) < 1:
             raise OptionError(f"--ovseg-{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    if settings.geometry not in GEOMETRIES:
+        raise OptionError(f"--ovseg-geometry {settings.geometry!r} is not one of {', '.join(GEOMETRIES)}")
+    if settings.geometry == "centre-crop" and settings.crop > settings.short_side:
+        raise OptionError(f"--ovseg-geometry centre-crop: the crop ({settings.crop}) is cut from the image resized to "
+                          f"short side {settings.short_side}; give a crop of at most the short side")
     if settings.stride > settings.crop:
         raise OptionError(f"--ovseg-stride {settings.stride} is larger than --ovseg-crop {settings.crop}: pixels "
                           "between the windows would get no logits")
@@ -231,6 +243,24 @@ HARNESS_STD = (68.501, 66.632, 70.323)
 """SCLIP's `SegDataPreProcessor(mean=..., std=..., rgb_to_bgr=True)` (wangf3014/SCLIP clip_segmentor.py at
 d84d4ab; NACLIP's naclip.py at 8865082 the same): OpenAI CLIP's constants x 255, rounded to 3 decimals."""
 POSITION_RESIZES = ("sclip", "size")
+GEOMETRIES = ("slide", "centre-crop")
+
+
+def centre_cropped(image: Image.Image, label: np.ndarray, short_side: int, crop: int) -> tuple[Image.Image, np.ndarray]:
+    """`centre-crop` geometry: the image resized so its short side is `short_side` (PIL bicubic, torchvision's
+    `Resize(short_side)` and its rounding of the long side) and its centre crop x crop square (torchvision's
+    `CenterCrop`); the label map likewise with nearest-neighbour resizing, its values kept (16-bit too)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import center_crop, resize
+
+    rgb = center_crop(resize(image.convert("RGB"), short_side, interpolation=InterpolationMode.BICUBIC), [crop])
+    top = int(label.max(initial=0))
+    if top > 65535 or label.min(initial=0) < 0:
+        raise OptionError(f"--ovseg-geometry centre-crop: label values {label.min()}..{top} do not fit a 16-bit map")
+    wide = label.dtype == np.uint16 or top > 255
+    plain = Image.fromarray(label.astype(np.uint16 if wide else np.uint8))  # "I;16" or "L"
+    cut = center_crop(resize(plain, short_side, interpolation=InterpolationMode.NEAREST), [crop])
+    return rgb, np.asarray(cut).astype(label.dtype)
 
 
 def pixel_constants(model, normalisation: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
