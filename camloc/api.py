@@ -430,7 +430,8 @@ def _evaluate_ovseg(model, dataset, methods, out, *, limit, split, data_root, an
     loaded = None if isinstance(model, (str, Path)) else _model(model, device, precision)
     known = {"preset", "short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold",
              "normalisation", "position_resize", "reduce_zero_label", "ignore_index", "background",
-             "pamr_steps", "pamr_dilations", "templates", "classes", "geometry"}
+             "pamr_steps", "pamr_dilations", "templates", "classes", "geometry", "cluster_vote",
+             "ignore_as_background"}
     unknown = sorted(set(ovseg) - known)
     if unknown:
         raise OptionError(f"unknown ovseg setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

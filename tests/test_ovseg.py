@@ -185,7 +185,7 @@ def test_presets_and_their_dataset_exceptions():
     assert resolve_settings("voc21", logit_scale=30.0).logit_scale == 30.0
     with pytest.raises(OptionError, match="--ovseg-stride 300 is larger than --ovseg-crop 224"):
         resolve_settings("ade20k-150", stride=300)
-    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, naclip, scclip, clearclip, resclip, proxyclip, tcl"):
+    with pytest.raises(OptionError, match="--ovseg-preset 'x' is not one of sclip, naclip, scclip, clearclip, resclip, proxyclip, cliptrase, tcl"):
         resolve_settings("ade20k-150", "x")
 
 
@@ -806,3 +806,87 @@ def test_ade847_and_context459_read_16_bit_labels_and_score_all_classes(tmp_path
          np.full((30, 40), 900))
     bad = runner.invoke(app, ["data", "verify", "ade847", "--data-root", str(tmp_path)])
     assert bad.exit_code == 2 and "holds values [900] outside 0..846 and 65535" in bad.stderr
+
+
+# --- CLIPtrase's harness ---------------------------------------------------------------------------
+
+def cliptrase_vote_reference(patch_preds, attn_weights, h, w, image_size, eps, min_samples):
+    """clip_self_correlation.py's cluster vote at 8fb4d74 (leaves162/CLIPtrase, MIT), written out on its own tensors:
+    attn_weights (hw + 1, hw + 1) with the class token first, patch_preds (n, n) in its class indices."""
+    from scipy.ndimage import median_filter
+    from sklearn.cluster import DBSCAN
+
+    cls_weights = attn_weights[0:1, 1:]
+    attn = attn_weights[1:, 1:] - cls_weights
+    attn[attn < 0] = 0
+    labels = torch.from_numpy(DBSCAN(eps=eps, min_samples=min_samples).fit_predict(attn.numpy()))
+    label_set = torch.unique(labels)
+    if label_set.shape[0] == 1 and label_set[0] == -1:
+        return patch_preds
+    if label_set[0] == -1:
+        label_set = label_set[1:]
+    maps = torch.stack([attn[labels == label_set[i]].mean(dim=0) for i in range(label_set.shape[0])])
+    maps = maps.reshape(maps.shape[0], h, w)
+    maps = F.interpolate(maps.unsqueeze(0), size=(4 * h, 4 * w), mode="bilinear", align_corners=False)[0].numpy()
+    for i in range(maps.shape[0]):
+        maps[i] = median_filter(maps[i], size=4 * 2 - 1)
+    maps = F.interpolate(torch.from_numpy(maps).unsqueeze(0), size=(image_size, image_size), mode="bilinear",
+                         align_corners=False)[0].argmax(dim=0)
+    patch_preds = patch_preds.clone()
+    for i in range(label_set.shape[0]):
+        unique_val, counts = torch.unique(patch_preds[maps == label_set[i]], return_counts=True)
+        if counts.shape[0] == 0:
+            continue
+        patch_preds[maps == label_set[i]] = unique_val[counts.argmax()]
+    return patch_preds
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_cluster_vote_equals_cliptrases_written_out(background):
+    """Three blocks of patches that resemble each other (plus noise) cluster; each cluster's pixels take its majority
+    class. With a background class, camloc's class 0 is the reference's last class: the maps agree after renaming,
+    ties included (the reference's background loses them)."""
+    from camloc.segment.cluster_vote import cluster_vote
+
+    rng = np.random.default_rng(3)
+    h = w = 6
+    groups = np.repeat([0, 1, 2], 12)  # 36 patches in three groups
+    features = rng.normal(size=(3, 16))[groups] + 0.05 * rng.normal(size=(36, 16))
+    tokens = np.vstack([features.mean(axis=0, keepdims=True) * 0.2, features])
+    unit = tokens / np.linalg.norm(tokens, axis=1, keepdims=True)
+    similarity = torch.from_numpy((unit @ unit.T).astype(np.float32))
+    pred = torch.from_numpy(rng.integers(0, 4, size=(24, 24)))
+    pred[:8] = 2  # a clear majority in the first group's rows
+    pred[8:10, :] = torch.tensor([0, 3] * 12)  # an exact tie between 0 and 3 somewhere
+    ours = cluster_vote(pred, similarity, (h, w), eps=0.5, min_samples=3, background=background)
+    if background:  # the reference's indices: classes 1..3 -> 0..2, background 0 -> 3
+        theirs = cliptrase_vote_reference(torch.where(pred == 0, 3, pred - 1), similarity, h, w, 24, 0.5, 3)
+        theirs = torch.where(theirs == 3, 0, theirs + 1)
+    else:
+        theirs = cliptrase_vote_reference(pred, similarity, h, w, 24, 0.5, 3)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, pred)  # the vote changed the map
+    assert len(torch.unique(ours)) <= 3  # one class per cluster
+
+
+def test_cliptrase_token_similarity_is_the_q_k_v_cosines_averaged():
+    """Block 11's `self_out_weight` weights (attn2.py): per head (cos qq + cos kk + cos vv) / 3, averaged over heads."""
+    from camloc.cams.context import CamContext
+    from camloc.models import ClipModel
+    from camloc.segment.cluster_vote import token_self_similarity
+
+    model = ClipModel.load("tiny-vit", device="cpu")
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    ctx = CamContext(model, image, ["cat"], {}, methods=["cliptrase"])
+    block = ctx.depth - 2
+    _, inputs = ctx.block_inputs(block)
+    access = ctx.block_access(block)
+    q, k, v = access.qkv(access.ln_1(inputs[0]))
+    want = 0
+    for head in range(q.shape[1]):
+        for t in (q, k, v):
+            x = t[0, head]
+            want = want + torch.cosine_similarity(x.unsqueeze(1), x.unsqueeze(0), dim=-1) / 3.0
+    want = want / q.shape[1]
+    got = token_self_similarity(ctx, block)
+    assert got.shape == (q.shape[2], q.shape[2]) and torch.allclose(got, want, atol=1e-5)

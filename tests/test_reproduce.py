@@ -26,13 +26,14 @@ CLASSES = Path(reproduce.__file__).resolve().parent.parent / "segment" / "classe
 
 def _official_files() -> dict[str, str]:
     """camloc's class file -> the harness file it copies (camloc/segment/classes/README.md's table)."""
-    rows = re.findall(r"^\| (\S+\.txt) \|.*\| (cls_\S+\.txt) \|$", (CLASSES / "README.md").read_text(), re.M)
+    rows = re.findall(r"^\| (\S+\.txt) \|.*\| (cls_\S+\.txt|dataset_cfg\.py:\S+) \|$", (CLASSES / "README.md").read_text(),
+                      re.M)
     return dict(rows)
 
 
 METHOD_KEYS = {"temp_thd": "resclip_sfr_threshold", "attn_rcs_weights": "resclip_rcs_weights",
-               "attn_sfr_weights": "resclip_sfr_weights"}
-"""An official config's per-dataset method settings -> the camloc option that holds each (ResCLIP's)."""
+               "attn_sfr_weights": "resclip_sfr_weights", "cls_weight": "cliptrase_cls_weight"}
+"""An official config's per-dataset method settings -> the camloc option that holds each (ResCLIP's, CLIPtrase's)."""
 
 
 def _option_text(value):
@@ -56,8 +57,11 @@ def test_every_preset_holds_the_official_settings_recorded_with_their_source(nam
             s = resolve_settings(dataset, p.ovseg["preset"], **given)
             got = {"short_side": s.short_side, "crop": s.crop, "stride": s.stride, "logit_scale": s.logit_scale,
                    "bg_threshold": s.bg_threshold, "area_threshold": s.area_threshold, "pamr_steps": s.pamr_steps}
-            assert got == {k: want[k] for k in got}, dataset
-            assert (s.templates, s.normalisation, s.position_resize) == ("imagenet80", "harness", "sclip")
+            got.update({k: v for k, v in s.to_json().items() if k in ("geometry", "cluster_vote", "ignore_as_background")})
+            assert got == {k: want.get(k, False) for k in got}, dataset  # a harness step it records, or none
+            assert (s.templates, s.normalisation, s.position_resize) == (
+                want.get("templates", "imagenet80"), want.get("normalisation", "harness"), "sclip")
+            assert not {"geometry", "cluster_vote", "ignore_as_background"} - set(got) & set(want), dataset
             assert copies[s.classes or SEG_DATASETS[dataset].classes_file] == want["classes"], dataset
             method = {METHOD_KEYS[k]: _option_text(v) for k, v in want.items() if k in METHOD_KEYS}
             assert {k: p.options_for(dataset).get(k) for k in method} == method, dataset
@@ -68,6 +72,7 @@ def test_every_preset_holds_the_official_settings_recorded_with_their_source(nam
         assert (p.eval["threshold"], p.eval["iou"], p.eval["prompt_template"]) == (
             defaults["threshold"], defaults["iou"], defaults["prompt_template"])
     assert p.precision == defaults.get("precision"), "the harness's precision, where it records one"
+    assert p.miou == defaults.get("miou", "mmseg"), "the paper's mIoU average"
 
 
 def test_the_scclip_preset_runs_the_official_method_settings():
@@ -408,6 +413,43 @@ def test_the_proxyclip_preset_runs_end_to_end_with_a_random_proxy(eight, tmp_pat
     table = reproduce.write_table("proxyclip-as-published", out)
     assert table["partial"] and ("option proxy_model 'vit_small_patch8_224.dino:random' (the preset's: "
                                  "'vit_base_patch8_224.dino')") in table["title"]
+
+
+def test_cliptrases_miou_averages_the_classes_in_the_ground_truth():
+    """configs/metric.py: IoU = I / (U + 0.01) over the classes with ground-truth pixels; a class only predicted is
+    left out (mmseg's IoUMetric counts it as 0), one neither predicted nor labelled too."""
+    from camloc.evaluators.segmentation import SegmentationState
+
+    state = SegmentationState(np.array([5, 0, 0]), np.array([10, 4, 0]), np.array([7, 4, 0]), np.array([8, 0, 0]))
+    assert reproduce.gt_classes_miou(state) == pytest.approx(5 / 10.01)
+    assert state.result()["miou"] == pytest.approx(0.25)
+
+
+def test_the_cliptrase_preset_runs_its_harness_end_to_end(eight, tmp_path):
+    """cliptrase-336 on two datasets: the centre crop, the cluster vote, its class lists, VOC21's label 255 as
+    background, VOC20's class-token product; the table's value is the folder's mIoU over the classes in the ground
+    truth, beside the README's number, with no precision difference on the CPU (the harness runs fp32)."""
+    from camloc.report.tables import ovseg_groups, ovseg_method_states
+
+    out = tmp_path / "r"
+    result = _reproduce("cliptrase-336", out, eight, "--limit", "1", "--datasets", "voc21,voc20")
+    assert result.exit_code == 0, result.output
+    assert "note:" not in result.stderr
+    configs = {d: json.loads((out / "ViT-B-16" / d / "config.json").read_text()) for d in ("voc21", "voc20")}
+    voc21 = configs["voc21"]["ovseg"]
+    assert (voc21["geometry"], voc21["cluster_vote"], voc21["ignore_as_background"], voc21["classes"]) == (
+        "centre-crop", [1.1, 7], True, "cliptrase-voc21.txt")
+    assert (configs["voc20"]["options"]["cliptrase_cls_weight"], configs["voc21"]["options"]["cliptrase_cls_weight"]) \
+        == (True, False)
+    assert {c["precision"] for c in configs.values()} == {"fp32"}
+    long = pd.read_csv(out / "table.csv").set_index("column")
+    assert long.loc["voc21", "published"] == 53.04 and long.loc["voc20", "published"] == 81.2
+    [group] = ovseg_groups([out / "ViT-B-16" / "voc21"])
+    state, _ = ovseg_method_states(group)["cliptrase"]
+    assert long.loc["voc21", "camloc"] == pytest.approx(100 * reproduce.gt_classes_miou(state))
+    assert state.label.sum() == 336 * 336  # VOC's boundary pixels scored as background: every pixel of the crop
+    markdown = (out / "table.md").read_text()
+    assert "mIoU (%) over the classes in the ground truth" in markdown and "precision" not in markdown
 
 
 def test_two_shards_merge_to_the_one_process_table(eight, tmp_path):

@@ -92,7 +92,7 @@ CLS_LAMBDA = method_option("cls_lambda", float, 0.0, "MaskCLIP, SCLIP, ClearCLIP
 DENSE_FAMILIES = frozenset({"vit", "vit-avg", "timm-vit"})
 
 
-def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
+def patch_similarity(ctx: CamContext, tokens: torch.Tensor, class_weighted: bool = False) -> torch.Tensor:
     """(1, N, D) tokens -> the rest of the tower per token (`dense_tokens`: ln_post and proj on OpenAI's
     layout) -> cosine of every patch token with every prompt (P, g, g), plus `--cls-lambda` times the
     path's own class token's (likyoo/SegEarth-OV `segearth_segmentor.py` at 1a8beee: `cls_token_lambda`)."""
@@ -104,6 +104,10 @@ def patch_similarity(ctx: CamContext, tokens: torch.Tensor) -> torch.Tensor:
         if prefix < 1:
             raise OptionError(f"--cls-lambda needs a class token, and {ctx.model.name} has none")
         similarity = similarity + weight * (F.normalize(dense[0], dim=-1) @ ctx.text_features.T)[None]
+    if class_weighted:  # CLIPtrase on VOC20: each prompt's patch logits times the class token's logit for it
+        if prefix < 1:
+            raise OptionError(f"--cliptrase-cls-weight needs a class token, and {ctx.model.name} has none")
+        similarity = similarity * (F.normalize(dense[0], dim=-1) @ ctx.text_features.T)[None]
     return square_grid(similarity)
 
 
@@ -202,7 +206,8 @@ KEEPS_RESIDUAL = frozenset({"sclip", "cliptrase"})
 """SCLIP and CLIPtrase keep the block's residual and FFN; ClearCLIP and NACLIP replace the block by its attention."""
 
 
-def last_block_variant(ctx: CamContext, base: str, logits_hook=None, attention_hook=None) -> torch.Tensor:
+def last_block_variant(ctx: CamContext, base: str, logits_hook=None, attention_hook=None,
+                       class_weighted: bool = False) -> torch.Tensor:
     """The last block with `base`'s attention (`SELF_CORRELATION`; NACLIP's Gaussian neighbourhood added to
     its logits): the patch-token similarity grid. `logits_hook` changes each logits matrix before its
     softmax (NACLIP: before the neighbourhood), `attention_hook` the summed attention (ResCLIP's SFR, RCS)."""
@@ -229,7 +234,7 @@ def last_block_variant(ctx: CamContext, base: str, logits_hook=None, attention_h
         if base in KEEPS_RESIDUAL:
             out = x + access.ls_1(out)
             out = out + access.ffn(out)
-        return patch_similarity(ctx, out)
+        return patch_similarity(ctx, out, class_weighted)
 
 
 @register_method("sclip", segments=True, shares_forward=True, block_inputs_only=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
@@ -240,12 +245,17 @@ def sclip(ctx: CamContext) -> torch.Tensor:
     return last_block_variant(ctx, "sclip")
 
 
+CLIPTRASE_CLS_WEIGHT = method_option("cliptrase_cls_weight", bool, False, "CLIPtrase: multiply each prompt's patch "
+                                     "cosines by the class token's cosine with it (the reference's VOC20 setting).")
+
+
 @register_method("cliptrase", segments=True, shares_forward=True, block_inputs_only=True, families=DENSE_FAMILIES, postprocess="resize_minmax",
-                 params=("cls_lambda",),
+                 params=("cls_lambda", "cliptrase_cls_weight"),
                  description="CLIPtrase (Shao et al. 2024): recalibrated self-correlation (q-q + k-k + v-v) in the last "
                              "block, residual and FFN kept; one forward (without the reference's DBSCAN cluster vote).")
 def cliptrase(ctx: CamContext) -> torch.Tensor:
-    return last_block_variant(ctx, "cliptrase")
+    return last_block_variant(ctx, "cliptrase",
+                              class_weighted=bool(ctx.options.get("cliptrase_cls_weight", CLIPTRASE_CLS_WEIGHT.default)))
 
 
 @register_method("clearclip", segments=True, shares_forward=True, block_inputs_only=True, families=DENSE_FAMILIES, postprocess="resize_minmax",

@@ -38,6 +38,18 @@ MEANS = {"mean (with bg)": WITH_BACKGROUND, "mean (without bg)": WITHOUT_BACKGRO
 and the five without (CorrCLIP's and OV-Stitcher's split), each only where all its datasets are in the table."""
 
 
+MIOU_CONVENTIONS = ("mmseg", "gt-classes")
+
+
+def gt_classes_miou(state) -> float:
+    """CLIPtrase's mIoU (configs/metric.py at 8fb4d74): intersection / (union + 0.01) averaged over the classes with
+    ground-truth pixels; classes only predicted are left out (mmseg's IoUMetric counts them as 0)."""
+    import numpy as np
+
+    present = state.label > 0
+    return float(np.mean(state.intersect[present] / (state.union[present] + 0.01))) if present.any() else math.nan
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -59,6 +71,9 @@ class Preset:
     """(model, methods) pairs where the methods differ by model (Table S1); else every model runs every method."""
     dataset_options: dict = field(default_factory=dict)
     """Method options that differ by dataset (`[dataset_options.DATASET]`), over `options` for that dataset's runs."""
+    miou: str = "mmseg"
+    """How the paper averages per-class IoU: `mmseg` (IoUMetric: every class with a union) or `gt-classes` (CLIPtrase's
+    configs/metric.py: the classes present in the ground truth, each IoU with 0.01 added to its union)."""
     precision: str | None = None
     """The precision the paper's harness runs in (e.g. fp16), used unless --precision names another; None: camloc's
     choice (auto)."""
@@ -104,7 +119,10 @@ def presets() -> dict[str, Preset]:
                                 official=data["official"], published=data.get("published"),
                                 unpublished=data.get("unpublished"), ovseg=data.get("ovseg", {}),
                                 eval=data.get("eval", {}), options=data.get("options", {}),
-                                dataset_options=data.get("dataset_options", {}), precision=data.get("precision"))
+                                dataset_options=data.get("dataset_options", {}), precision=data.get("precision"),
+                                miou=data.get("miou", "mmseg"))
+        if out[path.stem].miou not in MIOU_CONVENTIONS:
+            raise OptionError(f"{path.name}: miou {out[path.stem].miou!r} is not one of {', '.join(MIOU_CONVENTIONS)}")
     return out
 
 
@@ -352,7 +370,8 @@ def _measured(p: Preset, out: Path) -> tuple[dict, list[str]]:
                     complete = folder_whole and expected is not None and count == expected
                     if expected is not None and count != expected:
                         reasons.append(f"{model} {method} on {dataset}: {count} of {expected} images")
-                    values[(model, method, dataset)] = (scale * state_sum.result()["miou"], complete)
+                    miou = gt_classes_miou(state_sum) if p.miou == "gt-classes" else state_sum.result()["miou"]
+                    values[(model, method, dataset)] = (scale * miou, complete)
             else:
                 [group] = eval_groups([folder], allow_incomplete=True)
                 reasons += [f"{model} {m} on {dataset} not run" for m in p.methods if m not in group["methods"]]
@@ -439,7 +458,8 @@ def reproduction_table(name: str, out: str | Path) -> tuple[pd.DataFrame, pd.Dat
 
 def _unit(p: Preset, unit: str) -> str:
     if p.protocol == "ovseg":
-        return "mIoU (%)" if unit == "percent" else "mIoU"
+        which = " over the classes in the ground truth" if p.miou == "gt-classes" else ""
+        return ("mIoU (%)" if unit == "percent" else "mIoU") + which
     return "mean box IoU"
 
 

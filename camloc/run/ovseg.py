@@ -64,17 +64,19 @@ def prediction_path(run_dir: Path, method: str, image_id) -> Path:
     return run_dir / "predictions" / method.replace("+", "p") / f"{image_id}.png"
 
 
-def segment_batch(model, specs, options, batch, queries, owner, names, settings) -> list[dict]:
+def segment_batch(model, specs, options, batch, queries, owner, names, settings, background: bool = False) -> list[dict]:
     """Predictions of a batch of images [(item, image, label)]: every window of every image in ONE batched
     encoder forward, then each method per window, stitched per image. Returns per image {method: (class
     map, windows, the image's share of the forward's seconds, of the method's own seconds)}."""
+    from camloc.segment.cluster_vote import cluster_vote
     from camloc.segment.infer import at_input_size, finish_logits, image_windows, window_grids
 
     prepared = [image_windows(model, image, settings) for _, image, _ in batch]
     windows = torch.cat([w for _, w, _ in prepared])
     timings: dict = {}
+    similarity = [] if settings.cluster_vote else None
     with at_input_size(model, settings.crop, settings.position_resize):
-        grids = window_grids(model, specs, options, windows, queries, names, timings)
+        grids = window_grids(model, specs, options, windows, queries, names, timings, similarity)
     out, first = [], 0
     for (_, _, label), (x, _, boxes) in zip(batch, prepared):
         n = len(boxes)
@@ -84,6 +86,10 @@ def segment_batch(model, specs, options, batch, queries, owner, names, settings)
             t0 = time.perf_counter()
             pred = finish_logits(grids[spec.name][first:first + n], boxes, x, (label.shape[1], label.shape[0]),
                                  owner, settings)
+            if similarity is not None:  # CLIPtrase's vote over the image's one window
+                grid = grids[spec.name].shape[-2:]
+                pred = cluster_vote(pred, similarity[first], tuple(grid), *settings.cluster_vote,
+                                    prefix=model.family.prefix, background=background)
             own = timings[spec.name] * share + time.perf_counter() - t0
             per_method[spec.name] = (pred, n, timings["forward"] * share, own)
         first += n
@@ -130,6 +136,8 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                                     image_dir=where.get("image_dir"), ann_file=where.get("ann_file"),
                                     limit=config.limit, **folder)
     classes, classes_sha256 = class_names(settings, spec.classes(), config.dataset)
+    if not spec.background and settings.ignore_as_background:
+        raise OptionError(f"{config.dataset} has no background class: its ignored pixels cannot be scored as one")
     if not spec.background and (settings.bg_threshold > 0 or settings.area_threshold is not None):
         raise OptionError(f"{config.dataset} has no background class (its class 0 is {classes[0][0]!r}): "
                           "--ovseg-bg-threshold and --ovseg-area-threshold would turn pixels into that class; use them "
@@ -186,6 +194,8 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                     image, label = _image_and_label(entry[0])
                     if settings.geometry == "centre-crop":  # only the centre crop is segmented and scored
                         image, label = centre_cropped(image, label, settings.short_side, settings.crop)
+                    if settings.ignore_as_background:  # CLIPtrase's detectron2 labels: 255 is background there
+                        label = np.where(label == spec.ignore_index, 0, label).astype(label.dtype)
                     reason = too_small(image.size, settings)
                     if reason:  # no window fits it at this scale (the harness cannot segment it either)
                         skipped.append({"image_id": entry[0].image_id, "path": entry[0].path, "reason": reason})
@@ -196,7 +206,7 @@ def run_ovseg(config: EvalConfig, run_dir: str | Path, *, device: str = "auto", 
                 if not batch:
                     continue
                 for (item, todo, draw), (_, _, label), result in zip(chunk, batch, segment_batch(
-                        model, specs, options, batch, queries, owner, names, settings)):
+                        model, specs, options, batch, queries, owner, names, settings, spec.background)):
                     for method in draw:
                         path = prediction_path(run_dir, method, item.image_id)
                         path.parent.mkdir(parents=True, exist_ok=True)

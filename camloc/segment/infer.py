@@ -71,6 +71,12 @@ class OvsegSettings:
     sliding windows (the mmseg harnesses); `centre-crop`: the image resized to the short side (PIL bicubic, as
     torchvision's `Resize(S)`), its centre crop x crop square kept and segmented in one window, and the label map
     likewise (nearest) so only the crop is scored (CLIPtrase's script). Recorded only when not `slide`."""
+    cluster_vote: tuple | None = None
+    """(eps, min_samples): CLIPtrase's DBSCAN cluster vote over the class map (`camloc.segment.cluster_vote`), for the
+    `centre-crop` geometry's one window; None (not recorded) = off."""
+    ignore_as_background: bool = False
+    """The label's ignore value scored as the background class (CLIPtrase's detectron2 labels on VOC21, Context60:
+    label 255 is background there, VOC's boundary pixels included); recorded only when on."""
     classes: str | None = None
     """The class-name file: None = the dataset's own (camloc/segment/classes, SCLIP's lists); else a file of
     camloc/segment/classes by name (a harness's own list, e.g. ClearCLIP's VOC21 names) or a path to one's own
@@ -83,6 +89,11 @@ class OvsegSettings:
             del out["classes"]
         if self.geometry == "slide":
             del out["geometry"]
+        for name in ("cluster_vote", "ignore_as_background"):  # recorded only when on: older runs keep their identity
+            if not out[name]:
+                del out[name]
+            elif name == "cluster_vote":
+                out[name] = list(self.cluster_vote)
         return out
 
 
@@ -142,6 +153,12 @@ PRESETS = {
     # at 05c3c18): SCLIP's wrapper at crop 336 (its DINO proxy's positions resized the same way); its own VOC21 and
     # COCO-Object class names; per-dataset values below.
     "proxyclip": {**SCLIP_WRAPPER, "crop": 336},
+    # CLIPtrase's script (leaves162/CLIPtrase clip_self_correlation.py at 8fb4d74, its 336 px run): the centre
+    # 336 x 336 crop of the image resized to short side 336 (bicubic), one forward, CLIP's own pixel constants, the
+    # +0.1 position interpolation, the argmax of the logits (no thresholds), then its DBSCAN cluster vote (eps 1.1,
+    # min 7; 0.7 and 3 at 224 px); its own class lists (camloc/segment/classes/cliptrase-*.txt) below.
+    "cliptrase": {**SCLIP_WRAPPER, "geometry": "centre-crop", "crop": 336, "stride": 336, "normalisation": "model",
+                  "cluster_vote": (1.1, 7)},
     # TCL / CLIP-DINOiser's protocol (img_scale (2048, 448), slide crop 448, stride 224;
     # wysoczanska/clip_dinoiser segmentation/configs/_base_/datasets/*.py); logit scale and templates as sclip's
     # (they change only thresholds and the synonym merge, not an argmax over single names).
@@ -186,7 +203,11 @@ PROXYCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of ProxyCLIP at 05c3c18 (pr
     "cityscapes": {"short_side": 448, "crop": 224, "stride": 112},
     "ade20k-150": {"short_side": 448},
 }
-EXCEPTIONS = {"sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS, "scclip": SCCLIP_EXCEPTIONS,
+CLIPTRASE_EXCEPTIONS = {d: {"classes": f"cliptrase-{d}.txt"} for d in (  # configs/dataset_cfg.py's lists;
+    "voc20", "context59", "coco-stuff-171", "ade20k-150", "context459")}        # on VOC21 and Context60 its
+CLIPTRASE_EXCEPTIONS.update({d: {"classes": f"cliptrase-{d}.txt", "ignore_as_background": True}  # detectron2 label
+                             for d in ("voc21", "context60")})                                  # 255 is background
+EXCEPTIONS = {"cliptrase": CLIPTRASE_EXCEPTIONS, "sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS, "scclip": SCCLIP_EXCEPTIONS,
               "clearclip": CLEARCLIP_EXCEPTIONS, "resclip": RESCLIP_EXCEPTIONS, "proxyclip": PROXYCLIP_EXCEPTIONS}
 WHOLE_IMAGE = {("resclip", "voc21"), ("resclip", "voc20")}
 """(preset, dataset) pairs whose harness segments the whole resized image in one forward (slide_crop=0): a
@@ -205,7 +226,10 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
     values = dict(PRESETS[preset])
     values.update(EXCEPTIONS.get(preset, {}).get(dataset, {}))
     values.update({k: v for k, v in given.items() if v is not None})
-    settings = OvsegSettings(preset=preset, **{**values, "pamr_dilations": tuple(values["pamr_dilations"])})
+    vote = values.get("cluster_vote")
+    values = {**values, "pamr_dilations": tuple(values["pamr_dilations"]),
+              "cluster_vote": (float(vote[0]), int(vote[1])) if vote is not None else None}
+    settings = OvsegSettings(preset=preset, **values)
     for name in ("short_side", "crop", "stride"):
         if getattr(settings, name) < 1:
             raise OptionError(f"--ovseg-{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
@@ -214,6 +238,12 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
     if settings.geometry == "centre-crop" and settings.crop > settings.short_side:
         raise OptionError(f"--ovseg-geometry centre-crop: the crop ({settings.crop}) is cut from the image resized to "
                           f"short side {settings.short_side}; give a crop of at most the short side")
+    if settings.cluster_vote is not None:
+        vote = settings.cluster_vote
+        if (len(vote) != 2 or not float(vote[0]) > 0 or int(vote[1]) < 1 or int(vote[1]) != vote[1]
+                or settings.geometry != "centre-crop"):
+            raise OptionError(f"ovseg cluster_vote {list(vote)!r}: (eps > 0, min_samples >= 1), with the centre-crop "
+                              "geometry (one window an image, as CLIPtrase votes over a whole image)")
     if settings.stride > settings.crop:
         raise OptionError(f"--ovseg-stride {settings.stride} is larger than --ovseg-crop {settings.crop}: pixels "
                           "between the windows would get no logits")
@@ -347,7 +377,7 @@ def resized_input(model, image: Image.Image, short_side: int, normalisation: str
 
 
 def window_grids(model, methods: list, options: dict, windows: torch.Tensor, queries: torch.Tensor,
-                 names: list[str], timings: dict | None = None) -> dict[str, torch.Tensor]:
+                 names: list[str], timings: dict | None = None, similarity: list | None = None) -> dict[str, torch.Tensor]:
     """{method: (n, Q, g, g) patch-query cosine grids} of the windows (n, 3, C, C): their encoder forwards in
     one batch (`share_batch`), then each method on each window's own context. With `timings`, the seconds
     of the shared forward ("forward") and of each method's own work are put there."""
@@ -376,6 +406,10 @@ def window_grids(model, methods: list, options: dict, windows: torch.Tensor, que
         synchronize(model.device)
         if timings is not None:
             timings[spec.name] = time.perf_counter() - t0
+    if similarity is not None:  # the cluster vote's token self-similarity of each window (the encoder's, not a method's)
+        from camloc.segment.cluster_vote import token_self_similarity
+
+        similarity += [token_self_similarity(ctx, ctx.depth - 2) for ctx in contexts]
     return grids
 
 
