@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from camloc.cli.app import app
 from camloc.errors import OptionError
 from camloc.evaluators.segmentation import SegmentationState
-from camloc.segment.infer import OvsegSettings, predict, resolve_settings
+from camloc.segment.infer import OvsegSettings, centre_cropped, predict, resolve_settings
 from camloc.segment.pamr import pamr
 from camloc.segment.windows import rescaled_size, stitch, window_boxes
 
@@ -801,6 +801,19 @@ def test_ade847_and_context459_read_16_bit_labels_and_score_all_classes(tmp_path
         keep = label != 65535
         assert record["state"]["label"] == np.bincount(label[keep].astype(np.int64), minlength=847).tolist()
         assert record["state"]["pred"] == np.bincount(pred[keep].astype(np.int64), minlength=847).tolist()
+    # CLIPtrase's harness on the 16-bit maps: the centre crop keeps their values, one prompt a line, the vote runs
+    crop = runner.invoke(app, ["eval", "--dataset", "ade847", "--data-root", str(tmp_path), "--protocols", "ovseg",
+                               "--method", "cliptrase", "--model", "tiny-vit", "--out", str(tmp_path / "trase"),
+                               "--no-progress", "--ovseg-preset", "cliptrase", "--ovseg-templates", "single",
+                               "--ovseg-short-side", "32", "--ovseg-crop", "32", "--ovseg-stride", "32"])
+    assert crop.exit_code == 0, crop.output
+    config = json.loads((tmp_path / "trase" / "config.json").read_text())["ovseg"]
+    assert (config["classes"], config["geometry"], config["cluster_vote"]) == ("cliptrase-ade847.txt", "centre-crop",
+                                                                              [1.1, 7])
+    for record in map(json.loads, (tmp_path / "trase" / "ovseg.jsonl").read_text().splitlines()):
+        cut = centre_cropped(Image.new("RGB", (40, 30)), next(i for i in items if i.image_id == record["image_id"]).label(),
+                             32, 32)[1]
+        assert record["state"]["label"] == np.bincount(cut[cut != 65535].astype(np.int64), minlength=847).tolist()
 
     _tif(tmp_path / "ADE20K_2021_17_01" / "annotations_detectron2" / "validation" / "ADE_val_00000001.tif",
          np.full((30, 40), 900))

@@ -425,6 +425,19 @@ def test_cliptrases_miou_averages_the_classes_in_the_ground_truth():
     assert state.result()["miou"] == pytest.approx(0.25)
 
 
+def test_cliptrases_coco80_and_ade847_readings():
+    """COCO80: the 171 COCO-Stuff train ids with things 0..79 -> 1..80, 'banner' (80) and unlabelled (255) -> its
+    background 0, the other stuff not scored. ADE-847: one prompt a line, commas kept."""
+    from camloc.datasets.segmentation import COCO80_FROM_STUFF
+    from camloc.segment.infer import class_file, read_classes
+
+    assert COCO80_FROM_STUFF[[0, 79, 80, 81, 170, 255]].tolist() == [1, 80, 0, 255, 255, 0]
+    ade = read_classes(class_file("cliptrase-ade847.txt"))
+    assert len(ade) == 847 and ade[1] == ["building, edifice"] and ade[-1] == ["adding machine, totalizer, totaliser"]
+    coco = read_classes(class_file("cliptrase-coco80.txt"))
+    assert len(coco) == 81 and len(coco[0]) == 107 and coco[1] == ["person"] and coco[80] == ["toothbrush"]
+
+
 def test_the_cliptrase_preset_runs_its_harness_end_to_end(eight, tmp_path):
     """cliptrase-336 on two datasets: the centre crop, the cluster vote, its class lists, VOC21's label 255 as
     background, VOC20's class-token product; the table's value is the folder's mIoU over the classes in the ground
@@ -432,7 +445,7 @@ def test_the_cliptrase_preset_runs_its_harness_end_to_end(eight, tmp_path):
     from camloc.report.tables import ovseg_groups, ovseg_method_states
 
     out = tmp_path / "r"
-    result = _reproduce("cliptrase-336", out, eight, "--limit", "1", "--datasets", "voc21,voc20")
+    result = _reproduce("cliptrase-336", out, eight, "--limit", "1", "--datasets", "voc21,voc20,coco80-cliptrase")
     assert result.exit_code == 0, result.output
     assert "note:" not in result.stderr
     configs = {d: json.loads((out / "ViT-B-16" / d / "config.json").read_text()) for d in ("voc21", "voc20")}
@@ -450,6 +463,11 @@ def test_the_cliptrase_preset_runs_its_harness_end_to_end(eight, tmp_path):
     assert state.label.sum() == 336 * 336  # VOC's boundary pixels scored as background: every pixel of the crop
     markdown = (out / "table.md").read_text()
     assert "mIoU (%) over the classes in the ground truth" in markdown and "precision" not in markdown
+    # its COCO80: the COCO-Stuff labels (here person 0, sky-other 148, unlabelled 255) read as background + 80 things
+    [group] = ovseg_groups([out / "ViT-B-16" / "coco80-cliptrase"])
+    state, _ = ovseg_method_states(group)["cliptrase"]
+    assert len(state.label) == 81 and state.label[1] > 0 and state.label[0] > 0 and state.label[2:].sum() == 0
+    assert long.loc["coco80-cliptrase", "published"] == 44.84
 
 
 def test_two_shards_merge_to_the_one_process_table(eight, tmp_path):

@@ -217,6 +217,24 @@ STUFF_TRAIN_IDS[[k - 1 for k in range(1, 91) if k not in UNUSED_THING_IDS] + lis
 """stuffthingmaps value (COCO-Stuff id - 1) -> the 171 train ids in id order (mmseg's coco_stuff.py mapping); 255."""
 
 
+COCO80_FROM_STUFF = np.full(256, IGNORE, np.uint8)
+"""CLIPtrase's COCO-Object ("COCO80") read from the 171 COCO-Stuff train ids (clip_self_correlation.py at 8fb4d74 scores
+them with 81 classes: label 255 and label 80, the first stuff class, become its background, the other stuff ids
+81..170 fall outside its 81 classes and are not scored): things 0..79 -> 1..80, 80 and 255 -> 0, the rest ignored."""
+COCO80_FROM_STUFF[:80] = np.arange(1, 81)
+COCO80_FROM_STUFF[[80, 255]] = 0
+
+
+@register_seg_dataset("coco80-cliptrase", "cliptrase-coco80.txt", "COCO-Object as CLIPtrase's script reads it from "
+                      "COCO-Stuff 164k's labels (background + 80 things, stuff but 'banner' ignored)",
+                      "as coco-stuff-171", "val2017", background=True)
+def coco80_cliptrase(root, split, image_dir, ann_file):
+    from dataclasses import replace
+
+    return [replace(item, label=lambda item=item: COCO80_FROM_STUFF[item.label()])
+            for item in coco_stuff(root, split, image_dir, ann_file)]
+
+
 @register_seg_dataset("coco-stuff-171", "coco-stuff-171.txt", "COCO-Stuff 164k val2017, 171 classes",
                       "<data-root>/stuffthingmaps_trainval2017/<split>/*.png beside <data-root>/<split>/*.jpg (the "
                       "official stuffthingmaps), or mmseg's conversion <data-root>/coco_stuff164k/images/<split>/, "

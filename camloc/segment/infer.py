@@ -40,9 +40,17 @@ def templates(name: str) -> list[str]:
     raise OptionError(f"--ovseg-templates {name!r} is not one of {', '.join(TEMPLATE_SETS)}")
 
 
+ONE_PROMPT = "# one prompt a line"
+"""A class file's first line that keeps each line whole: one prompt per class, its commas part of the prompt
+("building, edifice"), as CLIPtrase's ADE-847 list is written."""
+
+
 def read_classes(path: Path) -> list[list[str]]:
-    """A class-name file: one class per line, synonyms separated by ", "."""
+    """A class-name file: one class per line, synonyms separated by ", " (or, after a first line `ONE_PROMPT`, each
+    line one prompt as it is)."""
     lines = [line.strip() for line in path.read_text().splitlines()]
+    if lines and lines[0] == ONE_PROMPT:
+        return [[line] for line in lines[1:] if line]
     return [[n.strip() for n in line.split(", ") if n.strip()] for line in lines if line]
 
 
@@ -204,9 +212,10 @@ PROXYCLIP_EXCEPTIONS = {  # configs/cfg_<dataset>.py of ProxyCLIP at 05c3c18 (pr
     "ade20k-150": {"short_side": 448},
 }
 CLIPTRASE_EXCEPTIONS = {d: {"classes": f"cliptrase-{d}.txt"} for d in (  # configs/dataset_cfg.py's lists;
-    "voc20", "context59", "coco-stuff-171", "ade20k-150", "context459")}        # on VOC21 and Context60 its
+    "voc20", "context59", "coco-stuff-171", "ade20k-150", "context459", "ade847")}  # on VOC21 and Context60 its
 CLIPTRASE_EXCEPTIONS.update({d: {"classes": f"cliptrase-{d}.txt", "ignore_as_background": True}  # detectron2 label
                              for d in ("voc21", "context60")})                                  # 255 is background
+CLIPTRASE_EXCEPTIONS["coco80-cliptrase"] = {"classes": "cliptrase-coco80.txt"}  # its reading of COCO-Stuff's labels
 EXCEPTIONS = {"cliptrase": CLIPTRASE_EXCEPTIONS, "sclip": SCLIP_EXCEPTIONS, "naclip": NACLIP_EXCEPTIONS, "scclip": SCCLIP_EXCEPTIONS,
               "clearclip": CLEARCLIP_EXCEPTIONS, "resclip": RESCLIP_EXCEPTIONS, "proxyclip": PROXYCLIP_EXCEPTIONS}
 WHOLE_IMAGE = {("resclip", "voc21"), ("resclip", "voc20")}
