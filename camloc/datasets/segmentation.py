@@ -217,6 +217,9 @@ STUFF_TRAIN_IDS[[k - 1 for k in range(1, 91) if k not in UNUSED_THING_IDS] + lis
 """stuffthingmaps value (COCO-Stuff id - 1) -> the 171 train ids in id order (mmseg's coco_stuff.py mapping); 255."""
 
 
+COCO_STUFF_LAYOUT = ("<data-root>/stuffthingmaps_trainval2017/<split>/*.png beside <data-root>/<split>/*.jpg (the "
+                     "official stuffthingmaps), or mmseg's conversion <data-root>/coco_stuff164k/images/<split>/, "
+                     "annotations/<split>/*_labelTrainIds.png")
 COCO80_FROM_STUFF = np.full(256, IGNORE, np.uint8)
 """CLIPtrase's COCO-Object ("COCO80") read from the 171 COCO-Stuff train ids (clip_self_correlation.py at 8fb4d74 scores
 them with 81 classes: label 255 and label 80, the first stuff class, become its background, the other stuff ids
@@ -227,7 +230,7 @@ COCO80_FROM_STUFF[[80, 255]] = 0
 
 @register_seg_dataset("coco80-cliptrase", "cliptrase-coco80.txt", "COCO-Object as CLIPtrase's script reads it from "
                       "COCO-Stuff 164k's labels (background + 80 things, stuff but 'banner' ignored)",
-                      "as coco-stuff-171", "val2017", background=True)
+                      COCO_STUFF_LAYOUT, "val2017", background=True)
 def coco80_cliptrase(root, split, image_dir, ann_file):
     from dataclasses import replace
 
@@ -235,10 +238,8 @@ def coco80_cliptrase(root, split, image_dir, ann_file):
             for item in coco_stuff(root, split, image_dir, ann_file)]
 
 
-@register_seg_dataset("coco-stuff-171", "coco-stuff-171.txt", "COCO-Stuff 164k val2017, 171 classes",
-                      "<data-root>/stuffthingmaps_trainval2017/<split>/*.png beside <data-root>/<split>/*.jpg (the "
-                      "official stuffthingmaps), or mmseg's conversion <data-root>/coco_stuff164k/images/<split>/, "
-                      "annotations/<split>/*_labelTrainIds.png", "val2017")
+@register_seg_dataset("coco-stuff-171", "coco-stuff-171.txt", "COCO-Stuff 164k val2017, 171 classes", COCO_STUFF_LAYOUT,
+                      "val2017")
 def coco_stuff(root, split, image_dir, ann_file):
     raw = root / "stuffthingmaps_trainval2017" / split
     if raw.is_dir():  # the official label maps: values are COCO-Stuff ids - 1, mapped to the 171 train ids
