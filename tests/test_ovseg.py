@@ -2,6 +2,7 @@
 end-to-end runs of the dense methods."""
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -903,3 +904,85 @@ def test_cliptrase_token_similarity_is_the_q_k_v_cosines_averaged():
     want = want / q.shape[1]
     got = token_self_similarity(ctx, block)
     assert got.shape == (q.shape[2], q.shape[2]) and torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_cliptrase_preset_equals_its_script_written_out_on_a_voc_image(tmp_path):
+    """One VOC21 image through `--ovseg-preset cliptrase` and through clip_self_correlation.py's steps written out
+    (leaves162/CLIPtrase at 8fb4d74) on the same tiny model: torchvision's Resize(336, bicubic) + CenterCrop on the
+    image and (nearest) on its detectron2 label (background and border 255 -> its background class, last), CLIP's
+    normalisation, the +0.1 position interpolation, vanilla blocks then the self_qk_weight block, the logits' argmax
+    at 336 px, the cluster vote over the first block's q/k/v cosines, and its confusion histogram: the run's
+    per-class counts are the script's, class for class."""
+    import sys
+
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    from camloc.datasets.segmentation import load_seg_dataset
+    from camloc.models import ClipModel
+    from camloc.segment.infer import query_features, read_classes, class_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_reproduce import write_eight
+
+    write_eight(tmp_path / "data")
+    from camloc.api import evaluate
+
+    vote = (2.0, 3)  # where DBSCAN finds clusters in this random model's similarities (1.1 / 7 finds none)
+    evaluate("tiny-vit", "voc21", ["cliptrase"], out=tmp_path / "run", protocols="ovseg", limit=1, device="cpu",
+             data_root=tmp_path / "data", ovseg={"preset": "cliptrase", "cluster_vote": list(vote)}, progress=False)
+    [record] = [json.loads(line) for line in (tmp_path / "run" / "ovseg.jsonl").open()]
+    _, [item] = load_seg_dataset("voc21", data_root=tmp_path / "data", limit=1)
+
+    n, model = 336, ClipModel.load("tiny-vit", device="cpu")
+    visual = model.visual
+    image = Compose([Resize(n, interpolation=InterpolationMode.BICUBIC), CenterCrop(n), ToTensor(),
+                     Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])(
+        Image.open(item.path).convert("RGB"))
+    raw = item.label()
+    d2 = np.where((raw == 0) | (raw == 255), 255, raw - 1).astype(np.uint8)  # detectron2's VOC: background 255
+    gts = np.asarray(Compose([Resize(n, interpolation=InterpolationMode.NEAREST), CenterCrop(n)])(Image.fromarray(d2)))
+    gts = np.where(gts == 255, 20, gts).astype(np.int64)  # gts[gts == 255] = C
+    with torch.no_grad():
+        x = visual.conv1(image[None]).flatten(2).permute(0, 2, 1)
+        x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1)
+        pos, g0 = visual.positional_embedding, int(math.sqrt(visual.positional_embedding.shape[0] - 1))
+        w0 = n // 16 + 0.1
+        grid_pos = F.interpolate(pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2), scale_factor=(w0 / g0, w0 / g0),
+                                 mode="bicubic")
+        x = visual.ln_pre(x + torch.cat([pos[[0]], grid_pos.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])])[None])
+        x = x.permute(1, 0, 2)
+        blocks = list(visual.transformer.resblocks)
+        inputs = []
+        for blk in blocks[:-1]:
+            inputs.append(x)
+            x = blk(x)
+        heads, dim = blocks[0].attn.num_heads, x.shape[-1]
+        hd = dim // heads
+
+        def qkv(blk, tokens):
+            return [t.contiguous().view(tokens.shape[0], heads, hd).transpose(0, 1)
+                    for t in F.linear(blk.ln_1(tokens), blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1)]
+        q, k, v = qkv(blocks[-2], inputs[-1])  # attn_weights[-2]: the second-to-last block's self_out_weight
+        cos = sum(torch.cosine_similarity(t.unsqueeze(2), t.unsqueeze(1), dim=-1) for t in (q, k, v)) / 3.0
+        similarity = cos.sum(dim=0) / heads
+        q, k, v = qkv(blocks[-1], x)
+        weights = sum(torch.softmax(torch.bmm(t * hd ** -0.5, t.transpose(1, 2)), dim=-1) for t in (q, k, v))
+        x = x + blocks[-1].attn.out_proj(torch.bmm(weights, v).transpose(0, 1).reshape(x.shape[0], 1, dim))
+        x = x + blocks[-1].mlp(blocks[-1].ln_2(x))
+        feats = visual.ln_post(x.permute(1, 0, 2)) @ visual.proj
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        classes = read_classes(class_file("cliptrase-voc21.txt"))
+        queries, owner, _ = query_features(model, classes, "imagenet80")
+        h = n // 16
+        logits = (feats[0, 1:] @ queries.T * 100).T.reshape(len(owner), h, h)
+        logits = F.interpolate(logits[None], size=(n, n), mode="bilinear", align_corners=False)[0]
+        ours_to_theirs = torch.tensor([20] + list(range(20)))  # camloc's background 0 is the script's class C = 20
+        preds = ours_to_theirs[torch.tensor(owner)[logits.argmax(dim=0)]]
+    voted = cliptrase_vote_reference(preds, similarity, h, h, n, *vote)
+    assert not torch.equal(voted, preds)  # the vote takes part
+    preds = voted
+    keep = (gts >= 0) & (gts < 21)
+    hist = np.bincount(21 * gts[keep] + preds.numpy()[keep], minlength=21 ** 2).reshape(21, 21)
+    state = {key: np.asarray(record["state"][key])[[*range(1, 21), 0]] for key in ("intersect", "label", "pred")}
+    assert state["intersect"].tolist() == np.diag(hist).tolist()
+    assert state["label"].tolist() == hist.sum(axis=1).tolist() and state["pred"].tolist() == hist.sum(axis=0).tolist()
