@@ -986,3 +986,16 @@ def test_the_cliptrase_preset_equals_its_script_written_out_on_a_voc_image(tmp_p
     state = {key: np.asarray(record["state"][key])[[*range(1, 21), 0]] for key in ("intersect", "label", "pred")}
     assert state["intersect"].tolist() == np.diag(hist).tolist()
     assert state["label"].tolist() == hist.sum(axis=1).tolist() and state["pred"].tolist() == hist.sum(axis=0).tolist()
+
+
+@pytest.mark.parametrize("vote", [[1.1, 7.5], [1.1], [1.1, 7, 3], [0, 7], ["x", 7]])
+def test_a_bad_cluster_vote_is_one_line_not_rounded(vote):
+    with pytest.raises(OptionError, match="cluster_vote"):
+        resolve_settings("voc20", "cliptrase", cluster_vote=vote)
+
+
+def test_the_cluster_vote_needs_a_class_token_and_says_so():
+    from camloc.segment.cluster_vote import cluster_vote
+
+    with pytest.raises(OptionError, match="class token"):
+        cluster_vote(torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4), (2, 2), 1.0, 1, prefix=0)

@@ -53,11 +53,11 @@ def reproduce_cmd(
     if table_only:
         result = reproduce.write_table(name, out)
     else:
-        from camloc.models.clip_model import resolve_device
         from camloc.run.sharding import resolve_shard
 
-        wanted = reproduce.preset(name).precision
-        if wanted not in (None, "fp32") and precision == "auto" and resolve_device(device).type != "cuda":
+        chosen = reproduce.preset(name)
+        wanted = chosen.precision
+        if wanted and reproduce.preset_precision(chosen, precision, device) not in (wanted, precision):
             typer.echo(f"note: {name} runs at {wanted} on CUDA; on the CPU it runs fp32, and the table's title says so",
                        err=True)
 

@@ -17,7 +17,7 @@ from camloc.evaluators.meter import record_key
 from camloc.evaluators.protocols import PROTOCOL_COLUMNS
 from camloc.run.files import NOT_IDENTITY, read_jsonl, read_run_records, record_files
 from camloc.run.finish import without_unscored_box_columns
-from camloc.run.ovseg import RECORDS
+from camloc.run.ovseg import RECORDED, RECORDS
 from camloc.run.threshold_search import DISPLAY, table_s1
 
 METHOD_ORDER = ["gradcam", "gradcam++", "xgradcam", "groupcam", "layercam", "gscorecam", "scorecam",
@@ -364,7 +364,7 @@ def as_requested(identity: dict) -> dict:
         given = resolve_settings(identity.get("dataset"), ovseg.get("preset", "sclip")).to_json()
     except CamlocError:
         given = {}
-    recorded = ("n_classes", "pixel_mean", "pixel_std") + (("classes_sha256",) if "classes" in given else ())
+    recorded = [k for k in RECORDED if k != "classes_sha256" or "classes" in given]
     out["ovseg"] = {k: v for k, v in ovseg.items() if k not in recorded  # a preset's own class file: its hash too
                     and (k == "preset" or k not in given or json.dumps(v) != json.dumps(given[k]))}
     spec = SEG_DATASETS.get(identity.get("dataset"))

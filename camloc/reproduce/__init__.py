@@ -213,11 +213,7 @@ def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = Non
                     substitute_model=substitute_model, shard=shard, device=device, progress=progress,
                     precision=precision)
         return write_table(name, out)
-    run_precision = precision
-    if p.precision and precision == "auto":  # the harness's precision; fp16 is CUDA's, so a CPU run is fp32 (and the
-        from camloc.models.clip_model import resolve_device  # table names the difference)
-
-        run_precision = p.precision if p.precision == "fp32" or resolve_device(device).type == "cuda" else "fp32"
+    run_precision = preset_precision(p, precision, device)
     for model in chosen_models:
         for dataset in chosen_datasets:
             root = (data or {}).get(dataset, data_root)
@@ -233,6 +229,16 @@ def run_preset(name: str, out: str | Path, *, data_root: str | Path | None = Non
                          threshold=p.eval.get("threshold", "otsu"), iou=p.eval.get("iou", "gscorecam"),
                          prompt_template=p.eval.get("prompt_template", "{}"), **common)
     return write_table(name, out)
+
+
+def preset_precision(p: Preset, precision: str, device: str) -> str:
+    """The precision a preset's evaluations run at: `--precision` when given, else the harness's (`p.precision`); fp16
+    is CUDA's, so on a CPU that is fp32 (and the table names the difference)."""
+    if not p.precision or precision != "auto":
+        return precision
+    from camloc.models.clip_model import resolve_device
+
+    return p.precision if p.precision == "fp32" or resolve_device(device).type == "cuda" else "fp32"
 
 
 def _run_search(p: Preset, out: Path, models: list[str], methods: list[str], *, data_root, data, limit,

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from camloc.errors import OptionError
+
 RATIO = 4
 """The reference's smoothing scale: cluster maps at 4 x the patch grid, median filter of size 2 x 4 - 1."""
 
@@ -46,7 +48,7 @@ def cluster_vote(pred: torch.Tensor, similarity: torch.Tensor, grid: tuple[int, 
 
     h, w = grid
     if prefix < 1:
-        raise ValueError("the cluster vote subtracts the class token's row; this model has no class token")
+        raise OptionError("ovseg cluster_vote subtracts the class token's row, and this model has no class token")
     rows = (similarity[prefix:, prefix:] - similarity[0:1, prefix:]).clamp(min=0).cpu()
     labels = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(rows.numpy())
     clusters = sorted(int(c) for c in np.unique(labels) if c >= 0)

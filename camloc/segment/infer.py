@@ -93,16 +93,14 @@ class OvsegSettings:
 
     def to_json(self) -> dict:
         out = {**asdict(self), "pamr_dilations": list(self.pamr_dilations)}
-        if self.classes is None:
-            del out["classes"]
-        if self.geometry == "slide":
-            del out["geometry"]
-        for name in ("cluster_vote", "ignore_as_background"):  # recorded only when on: older runs keep their identity
-            if not out[name]:
-                del out[name]
-            elif name == "cluster_vote":
-                out[name] = list(self.cluster_vote)
-        return out
+        if self.cluster_vote is not None:
+            out["cluster_vote"] = list(self.cluster_vote)  # as config.json reads back
+        return {k: v for k, v in out.items() if k not in RECORDED_WHEN_SET or v != RECORDED_WHEN_SET[k]}
+
+
+RECORDED_WHEN_SET = {"geometry": "slide", "cluster_vote": None, "ignore_as_background": False, "classes": None}
+"""Settings added after runs were recorded, written to `config.json` only when not these defaults, so those runs keep
+their identity."""
 
 
 def class_file(name: str) -> Path:
@@ -236,9 +234,15 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
     values.update(EXCEPTIONS.get(preset, {}).get(dataset, {}))
     values.update({k: v for k, v in given.items() if v is not None})
     vote = values.get("cluster_vote")
-    values = {**values, "pamr_dilations": tuple(values["pamr_dilations"]),
-              "cluster_vote": (float(vote[0]), int(vote[1])) if vote is not None else None}
-    settings = OvsegSettings(preset=preset, **values)
+    if vote is not None:  # checked as given: a count of 7.5 is an error, not 7
+        numbers = len(vote) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vote)
+        if not (numbers and vote[0] > 0 and vote[1] >= 1 and float(vote[1]).is_integer()
+                and values.get("geometry") == "centre-crop"):
+            raise OptionError(f"ovseg cluster_vote {list(vote)!r}: (eps > 0, min_samples a whole number >= 1), with the "
+                              "centre-crop geometry (one window an image, as CLIPtrase votes over a whole image)")
+        vote = (float(vote[0]), int(vote[1]))
+    settings = OvsegSettings(preset=preset, **{**values, "pamr_dilations": tuple(values["pamr_dilations"]),
+                                               "cluster_vote": vote})
     for name in ("short_side", "crop", "stride"):
         if getattr(settings, name) < 1:
             raise OptionError(f"--ovseg-{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
@@ -247,12 +251,6 @@ def resolve_settings(dataset: str, preset: str = "sclip", **given) -> OvsegSetti
     if settings.geometry == "centre-crop" and settings.crop > settings.short_side:
         raise OptionError(f"--ovseg-geometry centre-crop: the crop ({settings.crop}) is cut from the image resized to "
                           f"short side {settings.short_side}; give a crop of at most the short side")
-    if settings.cluster_vote is not None:
-        vote = settings.cluster_vote
-        if (len(vote) != 2 or not float(vote[0]) > 0 or int(vote[1]) < 1 or int(vote[1]) != vote[1]
-                or settings.geometry != "centre-crop"):
-            raise OptionError(f"ovseg cluster_vote {list(vote)!r}: (eps > 0, min_samples >= 1), with the centre-crop "
-                              "geometry (one window an image, as CLIPtrase votes over a whole image)")
     if settings.stride > settings.crop:
         raise OptionError(f"--ovseg-stride {settings.stride} is larger than --ovseg-crop {settings.crop}: pixels "
                           "between the windows would get no logits")
