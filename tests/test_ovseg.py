@@ -999,3 +999,30 @@ def test_the_cluster_vote_needs_a_class_token_and_says_so():
 
     with pytest.raises(OptionError, match="class token"):
         cluster_vote(torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4), (2, 2), 1.0, 1, prefix=0)
+
+
+def test_cliptrases_coco_lists_and_its_coco80_reading_follow_the_official_coco_stuff_labels():
+    """Against COCO-Stuff's own labels.txt (tests/real-formats/coco-stuff, nightrome/cocostuff): the 171 train ids
+    camloc reads are its used labels in id order, CLIPtrase's COCO-Stuff list names them in that order, its COCO80
+    things are train ids 0..79, and train id 80, which its COCO80 scores as background, is 'banner'."""
+    from camloc.datasets.segmentation import COCO80_FROM_STUFF, STUFF_TRAIN_IDS
+    from camloc.segment.infer import class_file, read_classes
+
+    labels = dict(line.split(": ", 1) for line in (REAL / "coco-stuff" / "labels.txt").read_text().splitlines())
+    by_train_id = {int(STUFF_TRAIN_IDS[png]): labels[str(png + 1)] for png in range(182) if STUFF_TRAIN_IDS[png] != 255}
+    names = [by_train_id[t] for t in range(171)]
+    assert [n for [n] in read_classes(class_file("cliptrase-coco-stuff-171.txt"))] == names
+    assert [n for [n] in read_classes(class_file("cliptrase-coco80.txt"))[1:]] == names[:80]
+    assert names[80] == "banner" and COCO80_FROM_STUFF[80] == 0 and COCO80_FROM_STUFF[79] == 80
+
+
+def test_cliptrases_ade150_list_is_the_official_names_in_order():
+    """Against ADE20K's own objectInfo150.txt (tests/real-formats/ade20k-sceneparsing): CLIPtrase's ADE-150 list is each
+    class's first official name, in label order; class 90 takes its second ("television receiver")."""
+    from camloc.segment.infer import class_file, read_classes
+
+    rows = (REAL / "ade20k-sceneparsing" / "objectInfo150.txt").read_text().splitlines()[1:]
+    official = [[n.strip() for n in row.split("\t")[-1].split(", ")] for row in rows]  # "bed " has its space there too
+    ours = [n for [n] in read_classes(class_file("cliptrase-ade20k-150.txt"))]
+    assert len(ours) == 150 and ours[89] == official[89][1]
+    assert [o for i, o in enumerate(ours) if i != 89] == [names[0] for i, names in enumerate(official) if i != 89]
